@@ -1,0 +1,651 @@
+//! sidenet custom resources (group `sidenet.io`, version `v1alpha1`).
+//!
+//! The same types are read from YAML files by the standalone controller and watched through the
+//! Kubernetes API in cluster mode. Every field's doc comment becomes its description in the
+//! generated schema, which is what `kubectl explain` shows.
+//!
+//! # Layout
+//!
+//! - [`Mesh`]: one community mesh: name, prefix, radio, encryption, routing, enrolment, policies.
+//! - [`MeshNode`]: one router or dongle host in a mesh.
+//! - [`HardwareProfile`]: the facts of one device model (radios, channels, ports, flash).
+//! - [`crd_documents`] / [`strict_schema`]: the generated CRDs and the JSON Schema used to
+//!   validate manifests (`cargo run -p sidenet-crds --bin crdgen` rewrites `crds/*.yaml`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every sidenet kind.
+pub const GROUP: &str = "sidenet.io";
+/// API version of every sidenet kind.
+pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` written in manifests.
+pub const API_VERSION: &str = "sidenet.io/v1alpha1";
+
+// ---------------------------------------------------------------------------------------------
+// Mesh
+// ---------------------------------------------------------------------------------------------
+
+/// A community mesh: the side-net neighbours join by name.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sidenet.io",
+    version = "v1alpha1",
+    kind = "Mesh",
+    plural = "meshes",
+    namespaced,
+    status = "MeshStatus",
+    shortname = "mesh",
+    doc = "A community wifi mesh: network name, IPv6 prefix, radio, encryption, routing, enrolment and policies.",
+    printcolumn(name = "Network", type_ = "string", json_path = ".spec.networkName"),
+    printcolumn(name = "Prefix", type_ = "string", json_path = ".spec.prefix"),
+    printcolumn(
+        name = "Enrolment",
+        type_ = "string",
+        json_path = ".spec.enrollment.mode"
+    ),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSpec {
+    /// The mesh name nodes join by. It is also the 802.11s mesh id and part of every MQTT topic:
+    /// lowercase letters, digits and '-', at most 32 characters.
+    pub network_name: String,
+    /// The mesh's IPv6 unique local prefix, a /48 inside fc00::/7 (e.g. fd5e:1d0e:7a00::/48).
+    /// Each node gets its own /64 from it.
+    pub prefix: String,
+    /// Radio settings shared by all nodes (nodes may override the channel and tx power).
+    pub radio: RadioSpec,
+    /// Link encryption of the mesh radio.
+    pub encryption: EncryptionSpec,
+    /// Routing protocol settings.
+    #[serde(default)]
+    pub routing: RoutingSpec,
+    /// How new nodes are admitted.
+    #[serde(default)]
+    pub enrollment: EnrollmentSpec,
+    /// Mesh policies. When no internet policy is listed, `noInternet` applies: traffic from the
+    /// side-net is never forwarded to an internet uplink.
+    #[serde(default)]
+    pub policies: Vec<Policy>,
+    /// How long a signed config stays valid, in seconds (default 30 days). The controller
+    /// re-signs configs before they expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_validity_seconds: Option<u64>,
+}
+
+/// Radio settings of a mesh.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RadioSpec {
+    /// ISO 3166-1 alpha-2 country code, which sets the regulatory domain (e.g. DE, US, GB).
+    pub country: String,
+    /// The band the mesh (802.11s) interface uses.
+    pub mesh_band: Band,
+    /// Channel and width per band. The entry for `meshBand` is required; other entries set the
+    /// local access point's channel on routers with a second radio.
+    pub channels: BandChannels,
+}
+
+/// A wifi band.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum Band {
+    /// 2.4 GHz.
+    #[serde(rename = "2g")]
+    TwoG,
+    /// 5 GHz.
+    #[serde(rename = "5g")]
+    FiveG,
+    /// 6 GHz.
+    #[serde(rename = "6g")]
+    SixG,
+}
+
+impl Band {
+    /// The band as written in manifests and UCI (`2g`, `5g`, `6g`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Band::TwoG => "2g",
+            Band::FiveG => "5g",
+            Band::SixG => "6g",
+        }
+    }
+}
+
+/// Channel settings per band.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct BandChannels {
+    /// 2.4 GHz channel settings.
+    #[serde(rename = "2g", default, skip_serializing_if = "Option::is_none")]
+    pub two_g: Option<ChannelSpec>,
+    /// 5 GHz channel settings.
+    #[serde(rename = "5g", default, skip_serializing_if = "Option::is_none")]
+    pub five_g: Option<ChannelSpec>,
+    /// 6 GHz channel settings.
+    #[serde(rename = "6g", default, skip_serializing_if = "Option::is_none")]
+    pub six_g: Option<ChannelSpec>,
+}
+
+impl BandChannels {
+    /// The settings of one band.
+    pub fn get(&self, band: Band) -> Option<&ChannelSpec> {
+        match band {
+            Band::TwoG => self.two_g.as_ref(),
+            Band::FiveG => self.five_g.as_ref(),
+            Band::SixG => self.six_g.as_ref(),
+        }
+    }
+}
+
+/// A channel and its width.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelSpec {
+    /// Primary channel number (e.g. 6 on 2.4 GHz, 36 on 5 GHz).
+    #[schemars(range(min = 1, max = 233))]
+    pub channel: u32,
+    /// Channel width in MHz: 20, 40, 80 or 160.
+    #[serde(default = "default_width")]
+    pub width: u32,
+}
+
+fn default_width() -> u32 {
+    20
+}
+
+/// Link encryption of the mesh radio.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// The mesh passphrase (WPA3-SAE), by reference to a Secret. In standalone mode the Secret
+    /// may be a manifest in the folder; if it does not exist, a random passphrase is generated
+    /// and kept in the state folder.
+    pub passphrase_secret_ref: SecretKeyRef,
+}
+
+/// A key in a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// Routing protocol settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// Routing protocol.
+    #[serde(default)]
+    pub protocol: RoutingProtocol,
+    /// Babel hello interval in seconds (default 4).
+    #[serde(default = "default_hello")]
+    #[schemars(range(min = 1, max = 60))]
+    pub hello_interval: u32,
+}
+
+impl Default for RoutingSpec {
+    fn default() -> Self {
+        Self {
+            protocol: RoutingProtocol::default(),
+            hello_interval: default_hello(),
+        }
+    }
+}
+
+fn default_hello() -> u32 {
+    4
+}
+
+/// A routing protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingProtocol {
+    /// Babel (RFC 8966), run by babeld.
+    #[default]
+    Babel,
+    /// B.A.T.M.A.N. advanced (layer 2), for OpenWrt nodes.
+    BatmanAdv,
+}
+
+/// How new nodes are admitted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollmentSpec {
+    /// `auto`: any node that proves its key joins. `approval`: nodes wait until an admin
+    /// approves them. `token`: nodes must present a valid single-use token.
+    #[serde(default)]
+    pub mode: EnrollmentMode,
+}
+
+/// Enrolment mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EnrollmentMode {
+    /// Any node that proves its key is enrolled.
+    Auto,
+    /// Nodes wait as pending until approved.
+    #[default]
+    Approval,
+    /// Nodes must present a valid single-use token.
+    Token,
+}
+
+impl EnrollmentMode {
+    /// As written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Approval => "approval",
+            Self::Token => "token",
+        }
+    }
+}
+
+/// One mesh policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// Policy type: `noInternet` (never forward side-net traffic to an internet uplink),
+    /// `allowInternet` (gateways listed in `nodes` may forward it), or `rateLimit`.
+    #[serde(rename = "type")]
+    pub type_: PolicyType,
+    /// Nodes (by MeshNode name or node id) the policy applies to; empty means all nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// For `rateLimit`: egress limit of side-net traffic per node, in kbit/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64))]
+    pub rate_kbit: Option<u64>,
+}
+
+/// Policy types.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyType {
+    /// Never forward side-net traffic to an internet uplink (the default).
+    NoInternet,
+    /// Let the listed gateway nodes forward side-net traffic to their uplink.
+    AllowInternet,
+    /// Limit each node's side-net egress rate.
+    RateLimit,
+}
+
+/// Observed state of a mesh.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshStatus {
+    /// Conditions (`Ready`, `Degraded`).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation last reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The mesh public key (base64) agents pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Enrolled nodes.
+    #[serde(default)]
+    pub nodes: u32,
+}
+
+/// A status condition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type (e.g. `Ready`).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason, CamelCase.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// Generation the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// MeshNode
+// ---------------------------------------------------------------------------------------------
+
+/// One router or dongle host in a mesh.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sidenet.io",
+    version = "v1alpha1",
+    kind = "MeshNode",
+    namespaced,
+    status = "MeshNodeStatus",
+    shortname = "mn",
+    doc = "A node of a mesh: identity, hardware profile, role, approval and per-node overrides.",
+    printcolumn(name = "Mesh", type_ = "string", json_path = ".spec.mesh"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeId"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Applied",
+        type_ = "integer",
+        json_path = ".status.appliedRevision"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredRevision"
+    ),
+    printcolumn(name = "Last Seen", type_ = "date", json_path = ".status.lastSeen"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeSpec {
+    /// Name of the Mesh this node belongs to (its `metadata.name`).
+    pub mesh: String,
+    /// Node id: derived from the node's public key (16 base32 characters). Shown by the agent
+    /// at start and in enrolment requests.
+    pub node_id: String,
+    /// The node's ed25519 public key (base64). Learnt at enrolment when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Name of the HardwareProfile of this device. When omitted, the profile is matched from the
+    /// board name the node reports at enrolment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_profile: Option<String>,
+    /// Role of the node.
+    #[serde(default)]
+    pub role: NodeRole,
+    /// Whether the node may receive configs (approval mode). Ignored in auto mode.
+    #[serde(default)]
+    pub approved: bool,
+    /// Per-node overrides of mesh settings.
+    #[serde(default)]
+    pub overrides: NodeOverrides,
+}
+
+/// Role of a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// A router with a mesh radio (and an access point where it has two radios).
+    #[default]
+    Router,
+    /// A host with a USB wifi dongle.
+    Dongle,
+    /// A node with an uplink that may act as the mesh gateway.
+    Gateway,
+}
+
+impl NodeRole {
+    /// As written in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Router => "router",
+            Self::Dongle => "dongle",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+/// Per-node overrides. Precedence: profile defaults, then mesh, then these.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeOverrides {
+    /// Mesh radio channel for this node (must be supported by its radio and allowed in the
+    /// mesh's country).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<u32>,
+    /// Mesh radio transmit power in dBm (at most the radio's maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_power: Option<u32>,
+    /// Hostname (a DNS label). Defaults to the MeshNode name or the name the node reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// Observed state of a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshNodeStatus {
+    /// `Pending` (awaiting approval), `Enrolled`, `Configuring`, `Ready`, `Failed`, `Offline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Revision the controller wants the node to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_revision: Option<u64>,
+    /// Revision the node reports running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<u64>,
+    /// When the node last reported (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// Addresses allocated to the node.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Conditions (`Enrolled`, `Approved`, `ConfigApplied`, `Drifted`, `Degraded`, `Ready`).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// HardwareProfile
+// ---------------------------------------------------------------------------------------------
+
+/// The facts of one device model.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sidenet.io",
+    version = "v1alpha1",
+    kind = "HardwareProfile",
+    shortname = "hwp",
+    doc = "A device model: board names, firmware family, CPU, radios with their channels and power, ports, flash and RAM.",
+    printcolumn(name = "Vendor", type_ = "string", json_path = ".spec.vendor"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(name = "Firmware", type_ = "string", json_path = ".spec.firmware"),
+    printcolumn(name = "Arch", type_ = "string", json_path = ".spec.cpuArch")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HardwareProfileSpec {
+    /// Manufacturer (e.g. TP-Link).
+    pub vendor: String,
+    /// Model name including hardware revision (e.g. Archer C7 v2).
+    pub model: String,
+    /// OpenWrt board names (`ubus call system board` → `board_name`) that identify this device.
+    #[serde(default)]
+    pub board_names: Vec<String>,
+    /// Firmware family, which selects the template set and the agent backend.
+    pub firmware: FirmwareFamily,
+    /// CPU architecture as `uname -m` prints it (mips, aarch64, armv7l, x86_64).
+    pub cpu_arch: String,
+    /// OpenWrt package architecture (e.g. mips_24kc), for OpenWrt devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_arch: Option<String>,
+    /// Radios.
+    #[serde(default)]
+    pub radios: Vec<RadioProfile>,
+    /// Ethernet ports.
+    #[serde(default)]
+    pub ethernet: Vec<EthernetPort>,
+    /// Flash size in MiB.
+    #[schemars(range(min = 1))]
+    pub flash_mb: u32,
+    /// RAM size in MiB.
+    #[schemars(range(min = 1))]
+    pub ram_mb: u32,
+}
+
+/// Firmware family.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareFamily {
+    /// OpenWrt (UCI configs, procd).
+    Openwrt,
+    /// Debian-like Linux (iproute2, babeld, systemd).
+    Linux,
+}
+
+impl FirmwareFamily {
+    /// As written in manifests and template folder names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Openwrt => "openwrt",
+            Self::Linux => "linux",
+        }
+    }
+}
+
+/// One radio of a device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RadioProfile {
+    /// Radio name (OpenWrt `wifi-device` section, e.g. radio0) or Linux interface (wlan0).
+    pub name: String,
+    /// Chipset (e.g. Qualcomm Atheros QCA9880).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chip: Option<String>,
+    /// Bands the radio can use.
+    pub bands: Vec<Band>,
+    /// Channels the radio supports (before regulatory limits).
+    pub channels: Vec<u32>,
+    /// Maximum transmit power in dBm.
+    pub max_tx_power: u32,
+    /// Supported HT modes (HT20, HT40, VHT80, HE80, ...).
+    pub htmodes: Vec<String>,
+    /// OpenWrt device path (`option path`), for OpenWrt devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Linux phy name (phy0), for Linux hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phy: Option<String>,
+    /// Whether the driver supports 802.11s mesh point mode.
+    #[serde(default = "yes")]
+    pub mesh_point: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// An ethernet port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EthernetPort {
+    /// Interface or switch port name (lan1, wan, eth0).
+    pub name: String,
+    /// `wan` (uplink) or `lan`.
+    pub role: PortRole,
+    /// Speed in Mbit/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed_mbps: Option<u32>,
+}
+
+/// Role of an ethernet port.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortRole {
+    /// Uplink to the internet.
+    Wan,
+    /// Local network.
+    Lan,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated artefacts
+// ---------------------------------------------------------------------------------------------
+
+/// The kinds this crate defines, with the file name of their generated CRD.
+pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
+    vec![
+        ("mesh.yaml", Mesh::crd()),
+        ("meshnode.yaml", MeshNode::crd()),
+        ("hardwareprofile.yaml", HardwareProfile::crd()),
+    ]
+}
+
+/// The generated CRD YAML documents, file name → contents.
+pub fn crd_documents() -> Result<BTreeMap<&'static str, String>, serde_yaml::Error> {
+    let mut out = BTreeMap::new();
+    for (file, crd) in crds() {
+        let yaml = serde_yaml::to_string(&crd)?;
+        out.insert(
+            file,
+            format!(
+                "# Generated by `cargo run -p sidenet-crds --bin crdgen`. Do not edit.\n{yaml}"
+            ),
+        );
+    }
+    Ok(out)
+}
+
+/// The openAPIV3Schema of a kind, made strict for client-side validation: every object that
+/// lists its properties refuses unknown ones (like `kubectl apply --validate=strict`), so a
+/// misspelt field is an error instead of being silently dropped.
+pub fn strict_schema(kind: &str) -> Option<serde_json::Value> {
+    let crd = crds()
+        .into_iter()
+        .map(|(_, c)| c)
+        .find(|c| c.spec.names.kind == kind)?;
+    let version = crd.spec.versions.into_iter().next()?;
+    let schema = version.schema?.open_api_v3_schema?;
+    let mut value = serde_json::to_value(schema).ok()?;
+    make_strict(&mut value, true);
+    Some(value)
+}
+
+fn make_strict(v: &mut serde_json::Value, top: bool) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let preserve = map
+                .get("x-kubernetes-preserve-unknown-fields")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false);
+            if map.contains_key("properties")
+                && !map.contains_key("additionalProperties")
+                && !preserve
+            {
+                if top {
+                    // metadata is validated by the loader; allow it and apiVersion/kind.
+                    if let Some(serde_json::Value::Object(props)) = map.get_mut("properties") {
+                        props
+                            .entry("metadata")
+                            .or_insert_with(|| serde_json::json!({"type": "object"}));
+                    }
+                }
+                map.insert(
+                    "additionalProperties".into(),
+                    serde_json::Value::Bool(false),
+                );
+            }
+            for (k, child) in map.iter_mut() {
+                if k == "metadata" {
+                    continue;
+                }
+                make_strict(child, false);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|c| make_strict(c, false)),
+        _ => {}
+    }
+}

@@ -1,0 +1,192 @@
+//! Message bodies. Each travels inside a signed [`crate::envelope`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::Revision;
+
+/// The controller's retained mesh announcement, signed by the mesh key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// Mesh name.
+    pub mesh: String,
+    /// The mesh public key (base64), the trust anchor agents pin.
+    pub key: String,
+    /// Enrolment mode: `auto`, `approval` or `token`.
+    pub enrollment: String,
+    /// The mesh's IPv6 ULA prefix.
+    pub prefix: String,
+    /// Controller software version.
+    pub controller: String,
+}
+
+/// One file of a node config, relative to the backend's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSpec {
+    /// Relative path (no `..`, not absolute), e.g. `etc/config/wireless`.
+    pub path: String,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// File contents.
+    pub content: String,
+}
+
+impl FileSpec {
+    /// Whether the path is a safe relative path (no `..`, no absolute path, no empty parts,
+    /// no control characters).
+    pub fn path_is_safe(&self) -> bool {
+        !self.path.is_empty()
+            && !self.path.starts_with('/')
+            && !self.path.chars().any(|c| c.is_control() || c == '\\')
+            && self
+                .path
+                .split('/')
+                .all(|p| !p.is_empty() && p != "." && p != "..")
+    }
+}
+
+/// A complete node config: what the agent applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// Mesh name.
+    pub mesh: String,
+    /// Node id.
+    pub node: String,
+    /// Hostname to set.
+    pub hostname: String,
+    /// Role: `router`, `dongle` or `gateway`.
+    pub role: String,
+    /// Hardware profile the config was rendered for.
+    pub profile: String,
+    /// Firmware family (`openwrt`, `linux`).
+    pub family: String,
+    /// The node's side-net prefix (a /64 of the mesh /48).
+    pub subnet: String,
+    /// Addresses to configure on the node (CIDR).
+    pub addresses: Vec<String>,
+    /// Rendered files.
+    pub files: Vec<FileSpec>,
+    /// Actions to run after the files are in place (e.g. `reload:network`).
+    pub actions: Vec<String>,
+}
+
+/// A node's request to join, signed by its own key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EnrollRequest {
+    /// The node's hostname.
+    pub hostname: String,
+    /// Board name as the device reports it (OpenWrt `board_name`), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub board: Option<String>,
+    /// Hardware profile the owner asked for, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Single-use enrolment token (token mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Agent backend (`files`, `linux`, `openwrt`).
+    pub backend: String,
+    /// Agent version.
+    pub agent_version: String,
+}
+
+/// Where the agent stands with its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyState {
+    /// Waiting for enrolment approval or a first config.
+    Pending,
+    /// Running the revision in `applied`.
+    Applied,
+    /// The last config could not be applied; running `applied` (the last good one).
+    Failed,
+}
+
+/// A refused or failed config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The revision that failed (if it could be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Revision>,
+    /// Why.
+    pub error: String,
+}
+
+/// A babel (or link-layer) neighbour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Neighbour {
+    /// Neighbour address.
+    pub address: String,
+    /// Interface.
+    pub interface: String,
+    /// Node id, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// A probe result towards one target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Target address.
+    pub target: String,
+    /// Median round-trip time in milliseconds, if any reply came back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Lost fraction, 0.0–1.0.
+    pub loss: f64,
+}
+
+/// A node's status report, signed by its own key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Apply state.
+    pub state: ApplyState,
+    /// The revision running now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Revision>,
+    /// SHA-256 (hex) of the applied config body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_sha256: Option<String>,
+    /// The last refused or failed config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+    /// Agent version.
+    pub agent_version: String,
+    /// Neighbours seen.
+    #[serde(default)]
+    pub neighbours: Vec<Neighbour>,
+    /// Probe results.
+    #[serde(default)]
+    pub probes: Vec<Probe>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(path: &str) -> FileSpec {
+        FileSpec {
+            path: path.into(),
+            mode: 0o644,
+            content: String::new(),
+        }
+    }
+
+    #[test]
+    fn file_paths_must_stay_under_root() {
+        assert!(f("etc/config/wireless").path_is_safe());
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../etc",
+            "etc/../../x",
+            "etc//x",
+            "./x",
+            "etc/\nx",
+            "a\\b",
+        ] {
+            assert!(!f(bad).path_is_safe(), "{bad:?} accepted");
+        }
+    }
+}

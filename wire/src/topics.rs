@@ -1,0 +1,101 @@
+//! The MQTT topic tree. Every topic lives under one versioned root.
+//!
+//! ```text
+//! sidenet/v1/{mesh}/announce                 retained, controller: mesh public key, signed
+//! sidenet/v1/{mesh}/enroll/{node}            agent → controller, signed by node key
+//! sidenet/v1/{mesh}/nodes/{node}/config      retained QoS1, controller → agent, signed by mesh key
+//! sidenet/v1/{mesh}/nodes/{node}/status      agent → controller, signed by node key
+//! sidenet/v1/{mesh}/nodes/{node}/online      last will: online / offline
+//! ```
+//!
+//! Callers validate names with [`crate::names`] first; these functions only format.
+
+/// The versioned root of every topic.
+pub const ROOT: &str = "sidenet/v1";
+
+/// The signed, retained mesh announcement.
+pub fn announce(mesh: &str) -> String {
+    format!("{ROOT}/{mesh}/announce")
+}
+
+/// Where a node asks to join.
+pub fn enroll(mesh: &str, node: &str) -> String {
+    format!("{ROOT}/{mesh}/enroll/{node}")
+}
+
+/// A node's retained config.
+pub fn config(mesh: &str, node: &str) -> String {
+    format!("{ROOT}/{mesh}/nodes/{node}/config")
+}
+
+/// A node's status reports.
+pub fn status(mesh: &str, node: &str) -> String {
+    format!("{ROOT}/{mesh}/nodes/{node}/status")
+}
+
+/// A node's presence (retained `online`, last will `offline`).
+pub fn online(mesh: &str, node: &str) -> String {
+    format!("{ROOT}/{mesh}/nodes/{node}/online")
+}
+
+/// Filters the controller subscribes to for one mesh.
+pub fn controller_filters(mesh: &str) -> [String; 3] {
+    [
+        format!("{ROOT}/{mesh}/enroll/+"),
+        format!("{ROOT}/{mesh}/nodes/+/status"),
+        format!("{ROOT}/{mesh}/nodes/+/online"),
+    ]
+}
+
+/// What a topic received by the controller is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// An enrolment request from `node`.
+    Enroll { mesh: &'a str, node: &'a str },
+    /// A status report from `node`.
+    Status { mesh: &'a str, node: &'a str },
+    /// A presence change of `node`.
+    Online { mesh: &'a str, node: &'a str },
+}
+
+/// Parses a topic the controller subscribed to. Returns `None` for anything else.
+pub fn parse(topic: &str) -> Option<Incoming<'_>> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [mesh, "enroll", node] => Some(Incoming::Enroll { mesh, node }),
+        [mesh, "nodes", node, "status"] => Some(Incoming::Status { mesh, node }),
+        [mesh, "nodes", node, "online"] => Some(Incoming::Online { mesh, node }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_parses() {
+        assert_eq!(
+            config("riverside", "abc"),
+            "sidenet/v1/riverside/nodes/abc/config"
+        );
+        assert_eq!(
+            parse(&status("m", "n")),
+            Some(Incoming::Status {
+                mesh: "m",
+                node: "n"
+            })
+        );
+        assert_eq!(
+            parse(&enroll("m", "n")),
+            Some(Incoming::Enroll {
+                mesh: "m",
+                node: "n"
+            })
+        );
+        assert_eq!(parse("sidenet/v1/m/nodes/n/config"), None);
+        assert_eq!(parse("other/v1/m/enroll/n"), None);
+        assert_eq!(parse("sidenet/v1/m/enroll/n/extra"), None);
+    }
+}
