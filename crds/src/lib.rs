@@ -59,8 +59,9 @@ pub const API_VERSION: &str = "sidenet.io/v1alpha1";
 #[serde(rename_all = "camelCase")]
 pub struct MeshSpec {
     /// The mesh name nodes join by. It is also the 802.11s mesh id and part of every MQTT topic:
-    /// lowercase letters, digits and '-', at most 32 characters.
-    pub network_name: String,
+    /// lowercase letters, digits and '-', at most 32 characters. Defaults to `metadata.name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_name: Option<String>,
     /// The mesh's IPv6 unique local prefix, a /48 inside fc00::/7 (e.g. fd5e:1d0e:7a00::/48).
     /// Each node gets its own /64 from it.
     pub prefix: String,

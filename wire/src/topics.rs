@@ -99,3 +99,57 @@ mod tests {
         assert_eq!(parse("sidenet/v1/m/enroll/n/extra"), None);
     }
 }
+
+/// Parses a broker URL `mqtt://host:port` (port defaults to 1883; `[v6]:port` works) into host
+/// and port.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| format!("broker URL {url:?} must start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(format!("broker URL {url:?} names no host"));
+    }
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("broker URL {url:?}: unclosed '['"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("broker URL {url:?}: port {p:?} is not a number"))?,
+        None => 1883,
+    };
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::parse_broker_url;
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1884"),
+            Ok(("127.0.0.1".into(), 1884))
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://broker"),
+            Ok(("broker".into(), 1883))
+        );
+        assert_eq!(
+            parse_broker_url("mqtt://[fd00::1]:1883"),
+            Ok(("fd00::1".into(), 1883))
+        );
+        assert!(parse_broker_url("http://x").is_err());
+        assert!(parse_broker_url("mqtt://x:abc").is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The admin protocol between `sidenetctl` and a running standalone controller.
+//!
+//! One JSON request per line over the Unix socket `STATE/admin.sock` (mode 0600: whoever can
+//! open it can administer the mesh, exactly like whoever can read the state folder), one JSON
+//! response per line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sidenet_wire::messages::NodeConfig;
+
+use crate::core::{Counters, StatusRow};
+
+/// File name of the socket in the state folder.
+pub const SOCKET: &str = "admin.sock";
+
+/// A request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Node table.
+    Status,
+    /// Approve a node by id or MeshNode name.
+    Approve {
+        /// Node id or MeshNode name.
+        node: String,
+    },
+    /// Create a single-use enrolment token.
+    Token {
+        /// Mesh network name.
+        mesh: String,
+        /// Validity in seconds.
+        ttl_s: u64,
+    },
+    /// What a node would receive, before signing.
+    Render {
+        /// Node id or MeshNode name.
+        node: String,
+    },
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    /// Node table, plus the current manifest problems (the controller keeps running on the
+    /// last good manifests while there are any).
+    Status {
+        /// Rows.
+        nodes: Vec<StatusRow>,
+        /// Manifest errors, one line each.
+        manifest_errors: Vec<String>,
+        /// Counters.
+        counters: Counters,
+        /// State epoch.
+        epoch: u64,
+    },
+    /// Approved; `published` configs were sent.
+    Approved {
+        /// Node id.
+        node: String,
+        /// Configs published as a result.
+        published: usize,
+    },
+    /// A new token (shown once; only its hash is stored).
+    Token {
+        /// The token.
+        token: String,
+        /// Expiry, Unix seconds.
+        expires: u64,
+    },
+    /// A rendered config.
+    Render {
+        /// The config.
+        config: Box<NodeConfig>,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Sends one request to the controller whose state folder is `state`.
+pub fn call(state: &Path, req: &Request) -> Result<Response, String> {
+    let path = state.join(SOCKET);
+    let stream = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach the controller at {}: {e} (is `sidenet-controller standalone --state {}` running?)",
+            path.display(),
+            state.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut w = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    line.push('\n');
+    w.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    BufReader::new(stream)
+        .read_line(&mut resp)
+        .map_err(|e| format!("no answer from the controller: {e}"))?;
+    serde_json::from_str(&resp).map_err(|e| format!("unreadable answer from the controller: {e}"))
+}

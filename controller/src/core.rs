@@ -1,0 +1,906 @@
+//! The reconcile core: manifests + enrolments + state → signed configs to publish.
+//!
+//! [`Controller`] is free of I/O except through its [`Store`] (the embedded database) and the
+//! [`Secrets`] it is given; MQTT, files and sockets belong to the adapters (`standalone`). Every
+//! method takes the current time and returns the messages to publish, so it is tested without a
+//! broker or a clock.
+//!
+//! Reconcile is level-triggered: for each node, compute the inputs' fingerprint; if it equals the
+//! one last published, nothing is rendered. Otherwise render, hash the body, and publish a new
+//! revision only if the body changed (or the signature is due for renewal).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sidenet_crds::{EnrollmentMode, HardwareProfile, Mesh, MeshNode, NodeRole, SecretKeyRef};
+use sidenet_wire::codec::sha256_hex;
+use sidenet_wire::envelope::{DEFAULT_MAX_ENVELOPE, Expect, seal};
+use sidenet_wire::keys::KeyPair;
+use sidenet_wire::messages::{Announce, ApplyState, EnrollRequest, NodeConfig, StatusReport};
+use sidenet_wire::topics::{self, Incoming};
+use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision};
+
+use crate::manifest::{ManifestSet, closest, network_name};
+use crate::render::{self, NodeInputs, Renderer};
+use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord};
+
+/// Default config validity: 30 days.
+pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
+/// Node messages older than this are refused.
+const NODE_MESSAGE_MAX_AGE: u64 = 24 * 3600;
+
+/// Secrets the core needs: mesh signing keys and passphrases. Standalone keeps them in the state
+/// folder; Kubernetes mode in Secrets.
+pub trait Secrets: Send {
+    /// The signing key of a mesh, created if missing.
+    fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String>;
+    /// A passphrase by reference, from the manifests' Secrets or created if missing.
+    fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String>;
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retained.
+    pub retain: bool,
+}
+
+/// Counters for tests, benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Configs rendered.
+    pub rendered: u64,
+    /// Configs signed and published.
+    pub published: u64,
+    /// Enrolments accepted.
+    pub enrolled: u64,
+    /// Enrolments refused.
+    pub refused: u64,
+    /// Messages refused (bad signature, replay, ...).
+    pub rejected_messages: u64,
+}
+
+/// Errors of the core.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A request named something unknown or invalid.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// One row of `sidenetctl status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRow {
+    /// Node id.
+    pub node: String,
+    /// MeshNode name, if any.
+    pub name: Option<String>,
+    /// Mesh network name.
+    pub mesh: String,
+    /// Hostname.
+    pub hostname: Option<String>,
+    /// Phase.
+    pub phase: String,
+    /// Why the node is not configured, if it is not.
+    pub reason: Option<String>,
+    /// Online (from the presence topic).
+    pub online: Option<bool>,
+    /// Desired revision.
+    pub desired: Option<Revision>,
+    /// Applied revision.
+    pub applied: Option<Revision>,
+    /// Last seen, Unix seconds.
+    pub last_seen: Option<u64>,
+    /// Allocated address.
+    pub address: Option<String>,
+    /// Last failure.
+    pub failure: Option<String>,
+}
+
+/// The controller core.
+pub struct Controller {
+    /// State.
+    pub store: Store,
+    /// Last good manifests.
+    pub set: ManifestSet,
+    /// Templates.
+    pub renderer: Renderer,
+    secrets: Box<dyn Secrets>,
+    keys: BTreeMap<String, KeyPair>,
+    /// Presence by node id.
+    pub online: BTreeMap<String, bool>,
+    /// Why nodes are not configured.
+    pub blocked: BTreeMap<String, String>,
+    /// Counters.
+    pub counters: Counters,
+    /// Controller version, announced.
+    pub version: String,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("epoch", &self.store.epoch)
+            .field("meshes", &self.set.meshes.len())
+            .field("nodes", &self.store.nodes.len())
+            .finish()
+    }
+}
+
+enum Desired<'a> {
+    Config {
+        mesh: &'a Mesh,
+        inputs: Box<NodeInputs<'a>>,
+    },
+    Pending(String),
+    Blocked(String),
+}
+
+impl Controller {
+    /// A controller over `store`, with no manifests yet.
+    pub fn new(store: Store, renderer: Renderer, secrets: Box<dyn Secrets>) -> Self {
+        Self {
+            store,
+            set: ManifestSet::default(),
+            renderer,
+            secrets,
+            keys: BTreeMap::new(),
+            online: BTreeMap::new(),
+            blocked: BTreeMap::new(),
+            counters: Counters::default(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    /// The signing key of a mesh (network name).
+    pub fn mesh_key(&mut self, network: &str) -> Result<KeyPair, CoreError> {
+        if let Some(k) = self.keys.get(network) {
+            return Ok(k.clone());
+        }
+        let k = self
+            .secrets
+            .mesh_key(network)
+            .map_err(|e| CoreError::Request(format!("signing key of mesh {network}: {e}")))?;
+        self.keys.insert(network.to_string(), k.clone());
+        Ok(k)
+    }
+
+    /// Replaces the manifests (already validated) and reconciles every node.
+    pub fn set_manifests(&mut self, set: ManifestSet, now: u64) -> Result<Vec<Publish>, CoreError> {
+        self.set = set;
+        let mut out = self.announcements(now)?;
+        out.extend(self.reconcile_all(now)?);
+        Ok(out)
+    }
+
+    /// Signed, retained announcements of every mesh.
+    pub fn announcements(&mut self, now: u64) -> Result<Vec<Publish>, CoreError> {
+        let meshes: Vec<Mesh> = self.set.meshes.values().cloned().collect();
+        let mut out = Vec::new();
+        for mesh in meshes {
+            let net = network_name(&mesh).to_string();
+            let key = self.mesh_key(&net)?;
+            let body = Announce {
+                mesh: net.clone(),
+                key: key.public().to_base64(),
+                enrollment: mesh.spec.enrollment.mode.as_str().into(),
+                prefix: mesh.spec.prefix.clone(),
+                controller: self.version.clone(),
+            };
+            let header = Header {
+                mesh: net.clone(),
+                node: None,
+                epoch: self.store.epoch,
+                rev: 0,
+                iat: now,
+                exp: now + validity(&mesh),
+                len: 0,
+                sha256: String::new(),
+            };
+            let payload = seal(
+                Kind::Announce,
+                header,
+                &serde_json::to_vec(&body).unwrap_or_default(),
+                &key,
+            );
+            out.push(Publish {
+                topic: topics::announce(&net),
+                payload,
+                retain: true,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every stored envelope, for republishing after (re)connecting to the broker.
+    pub fn stored_configs(&self) -> Vec<Publish> {
+        self.store
+            .envelopes
+            .iter()
+            .filter_map(|(node, env)| {
+                let mesh = self
+                    .store
+                    .nodes
+                    .get(node)
+                    .map(|n| n.mesh.clone())
+                    .or_else(|| {
+                        let m = self.set.nodes.get(node)?;
+                        self.set.mesh_of(m).map(|m| network_name(m).to_string())
+                    })?;
+                Some(Publish {
+                    topic: topics::config(&mesh, node),
+                    payload: env.clone(),
+                    retain: true,
+                })
+            })
+            .collect()
+    }
+
+    /// Node ids to consider: every MeshNode manifest and every enrolled node.
+    fn candidates(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.set.nodes.keys().cloned().collect();
+        ids.extend(self.store.nodes.keys().cloned());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Reconciles every node.
+    pub fn reconcile_all(&mut self, now: u64) -> Result<Vec<Publish>, CoreError> {
+        let ids = self.candidates();
+        self.reconcile(&ids, now)
+    }
+
+    /// Reconciles the given nodes; returns what to publish (already committed to the store).
+    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<Vec<Publish>, CoreError> {
+        let mut batch = Batch::default();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(p) = self.reconcile_one(id, now, &mut batch)? {
+                out.push(p);
+            }
+        }
+        self.store.commit(batch)?;
+        Ok(out)
+    }
+
+    fn mesh_for(&self, id: &str) -> Option<Mesh> {
+        if let Some(node) = self.set.nodes.get(id) {
+            return self.set.mesh_of(node).cloned();
+        }
+        let rec = self.store.nodes.get(id)?;
+        self.set.mesh_by_network(&rec.mesh).cloned()
+    }
+
+    fn reconcile_one(
+        &mut self,
+        id: &str,
+        now: u64,
+        batch: &mut Batch,
+    ) -> Result<Option<Publish>, CoreError> {
+        let Some(mesh) = self.mesh_for(id) else {
+            self.blocked
+                .insert(id.to_string(), "its mesh is not in the manifests".into());
+            return Ok(None);
+        };
+        let net = network_name(&mesh).to_string();
+        let passphrase = match self
+            .secrets
+            .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.blocked
+                    .insert(id.to_string(), format!("mesh passphrase: {e}"));
+                return Ok(None);
+            }
+        };
+        let Some(subnet_id) = self.store.subnet(batch, &net, id) else {
+            self.blocked.insert(
+                id.to_string(),
+                "the mesh prefix has no free /64 left".into(),
+            );
+            return Ok(None);
+        };
+        let set = &self.set;
+        let manifest = set.nodes.get(id);
+        let rec = self.store.nodes.get(id);
+        let desired = decide(set, &mesh, id, manifest, rec, subnet_id, &passphrase);
+        let (inputs, mesh_ref) = match desired {
+            Desired::Config { inputs, mesh } => (inputs, mesh),
+            Desired::Pending(r) | Desired::Blocked(r) => {
+                self.blocked.insert(id.to_string(), r);
+                return Ok(None);
+            }
+        };
+        let fingerprint = fingerprint(&self.renderer.fingerprint, &inputs, manifest);
+        let validity = validity(mesh_ref);
+        let prev = self.store.published.get(id).cloned();
+        let refresh_due = prev
+            .as_ref()
+            .is_some_and(|p| now >= p.iat + (p.exp.saturating_sub(p.iat)) / 2);
+        if let Some(p) = &prev
+            && p.input == fingerprint
+            && !refresh_due
+            && p.revision.epoch == self.store.epoch
+        {
+            self.blocked.remove(id);
+            return Ok(None);
+        }
+        let ctx = match render::context(&inputs) {
+            Ok(c) => c,
+            Err(e) => {
+                self.blocked.insert(id.to_string(), e.to_string());
+                return Ok(None);
+            }
+        };
+        let family = inputs.profile.spec.firmware.as_str();
+        let files = match self.renderer.render(family, &ctx) {
+            Ok(f) => f,
+            Err(e) => {
+                self.blocked.insert(id.to_string(), e.to_string());
+                return Ok(None);
+            }
+        };
+        self.counters.rendered += 1;
+        let mut actions: Vec<String> = Vec::new();
+        for f in &files {
+            for a in &f.actions {
+                if !actions.contains(a) {
+                    actions.push(a.clone());
+                }
+            }
+        }
+        let config = NodeConfig {
+            mesh: net.clone(),
+            node: id.to_string(),
+            hostname: ctx.node.hostname.clone(),
+            role: ctx.node.role.clone(),
+            profile: ctx.profile.name.clone(),
+            family: family.to_string(),
+            subnet: ctx.node.subnet.clone(),
+            addresses: vec![format!("{}/{}", ctx.node.address, ctx.node.prefix_len)],
+            files: files.into_iter().map(|f| f.file).collect(),
+            actions,
+        };
+        let body = serde_json::to_vec(&config).unwrap_or_default();
+        let sha = sha256_hex(&body);
+        self.blocked.remove(id);
+        if let Some(p) = &prev
+            && p.sha256 == sha
+            && !refresh_due
+            && p.revision.epoch == self.store.epoch
+        {
+            // Same content: remember the new fingerprint, publish nothing.
+            let mut p = p.clone();
+            p.input = fingerprint;
+            let env = self.store.envelopes.get(id).cloned().unwrap_or_default();
+            self.store.put_published(batch, id, p, env);
+            return Ok(None);
+        }
+        let revision = match &prev {
+            Some(p) if p.revision.epoch == self.store.epoch => Revision {
+                epoch: self.store.epoch,
+                rev: p.revision.rev + 1,
+            },
+            _ => Revision {
+                epoch: self.store.epoch,
+                rev: 1,
+            },
+        };
+        let key = self.mesh_key(&net)?;
+        let header = Header {
+            mesh: net.clone(),
+            node: Some(id.to_string()),
+            epoch: revision.epoch,
+            rev: revision.rev,
+            iat: now,
+            exp: now + validity,
+            len: 0,
+            sha256: String::new(),
+        };
+        let envelope = seal(Kind::Config, header, &body, &key);
+        self.store.put_published(
+            batch,
+            id,
+            Published {
+                revision,
+                sha256: sha,
+                input: fingerprint,
+                iat: now,
+                exp: now + validity,
+            },
+            envelope.clone(),
+        );
+        self.counters.published += 1;
+        tracing::info!(mesh = %net, node = %id, rev = revision.rev, "publishing config");
+        Ok(Some(Publish {
+            topic: topics::config(&net, id),
+            payload: envelope,
+            retain: true,
+        }))
+    }
+
+    /// Handles a message from the broker.
+    pub fn on_message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Publish>, CoreError> {
+        match topics::parse(topic) {
+            Some(Incoming::Enroll { mesh, node }) => {
+                let (mesh, node) = (mesh.to_string(), node.to_string());
+                self.on_enroll(&mesh, &node, payload, now)
+            }
+            Some(Incoming::Status { mesh, node }) => {
+                let (mesh, node) = (mesh.to_string(), node.to_string());
+                self.on_status(&mesh, &node, payload, now)?;
+                Ok(Vec::new())
+            }
+            Some(Incoming::Online { node, .. }) => {
+                let online = payload == b"online";
+                self.online.insert(node.to_string(), online);
+                Ok(Vec::new())
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn reject(&mut self, what: &str, node: &str, why: impl std::fmt::Display) {
+        self.counters.rejected_messages += 1;
+        tracing::warn!(node = %node, "refused {what}: {why}");
+    }
+
+    fn on_enroll(
+        &mut self,
+        mesh: &str,
+        node: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<Vec<Publish>, CoreError> {
+        let verified = match Envelope::parse(payload, 64 * 1024)
+            .and_then(|e| e.verify_self_signed(Kind::Enroll))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject("enrolment", node, e);
+                return Ok(Vec::new());
+            }
+        };
+        if verified.signer.node_id() != node {
+            self.reject(
+                "enrolment",
+                node,
+                format!("signed by the key of node {}", verified.signer.node_id()),
+            );
+            return Ok(Vec::new());
+        }
+        let last = self.store.nodes.get(node).and_then(|r| r.last_seq);
+        if let Err(e) = verified.check(&Expect {
+            mesh,
+            node: Some(node),
+            after: last,
+            now,
+        }) {
+            self.reject("enrolment", node, e);
+            return Ok(Vec::new());
+        }
+        if verified.header.iat + NODE_MESSAGE_MAX_AGE < now {
+            self.reject("enrolment", node, "too old");
+            return Ok(Vec::new());
+        }
+        let req: EnrollRequest = match verified.body_json() {
+            Ok(r) => r,
+            Err(e) => {
+                self.reject("enrolment", node, e);
+                return Ok(Vec::new());
+            }
+        };
+        let Some(m) = self.set.mesh_by_network(mesh).cloned() else {
+            self.reject("enrolment", node, format!("no mesh named {mesh}"));
+            return Ok(Vec::new());
+        };
+        let mut batch = Batch::default();
+        let existing = self.store.nodes.get(node).cloned();
+        let mut approved = existing.as_ref().is_some_and(|r| r.approved);
+        if m.spec.enrollment.mode == EnrollmentMode::Token && !approved {
+            let manifest_ok = self.set.nodes.get(node).is_some_and(|n| n.spec.approved);
+            if !manifest_ok {
+                let Some(token) = req.token.as_deref() else {
+                    self.counters.refused += 1;
+                    self.reject("enrolment", node, "this mesh needs an enrolment token");
+                    return Ok(Vec::new());
+                };
+                let hash = sha256_hex(token.as_bytes());
+                match self.store.tokens.get(&hash).cloned() {
+                    Some(t) if t.mesh == mesh && t.used_by.is_none() && t.expires > now => {
+                        let mut t = t;
+                        t.used_by = Some(node.to_string());
+                        self.store.put_token(&mut batch, &hash, t);
+                        approved = true;
+                    }
+                    Some(t) if t.used_by.is_some() => {
+                        self.counters.refused += 1;
+                        self.reject("enrolment", node, "token already used");
+                        return Ok(Vec::new());
+                    }
+                    _ => {
+                        self.counters.refused += 1;
+                        self.reject("enrolment", node, "invalid or expired token");
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+        }
+        let rec = NodeRecord {
+            mesh: mesh.to_string(),
+            public_key: verified.signer.to_base64(),
+            hostname: req.hostname.clone(),
+            board: req.board.clone(),
+            profile: req.profile.clone(),
+            backend: req.backend.clone(),
+            approved,
+            enrolled_at: existing.as_ref().map_or(now, |r| r.enrolled_at),
+            last_seen: Some(now),
+            last_seq: Some(verified.header.revision()),
+            ..existing.clone().unwrap_or_default()
+        };
+        if existing.is_none() {
+            self.counters.enrolled += 1;
+            tracing::info!(mesh = %mesh, node = %node, hostname = %req.hostname, "node enrolled");
+        }
+        self.store.put_node(&mut batch, node, rec);
+        self.store.commit(batch)?;
+        self.reconcile(&[node.to_string()], now)
+    }
+
+    fn on_status(
+        &mut self,
+        mesh: &str,
+        node: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), CoreError> {
+        let Some(rec) = self.store.nodes.get(node).cloned() else {
+            // Not enrolled: nothing to verify against.
+            return Ok(());
+        };
+        let Ok(key) = PublicKey::from_base64(&rec.public_key) else {
+            return Ok(());
+        };
+        let verified =
+            match Envelope::parse(payload, 64 * 1024).and_then(|e| e.verify(Kind::Status, &key)) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.reject("status", node, e);
+                    return Ok(());
+                }
+            };
+        if let Err(e) = verified.check(&Expect {
+            mesh,
+            node: Some(node),
+            after: rec.last_seq,
+            now,
+        }) {
+            self.reject("status", node, e);
+            return Ok(());
+        }
+        let report: StatusReport = match verified.body_json() {
+            Ok(r) => r,
+            Err(e) => {
+                self.reject("status", node, e);
+                return Ok(());
+            }
+        };
+        let mut rec = rec;
+        rec.last_seen = Some(now);
+        rec.last_seq = Some(verified.header.revision());
+        rec.applied = report.applied;
+        rec.applied_sha256 = report.applied_sha256.clone();
+        rec.state = Some(report.state);
+        if let Some(f) = &report.failure
+            && let Some(r) = f.revision
+            && !rec.failed_revisions.contains(&r)
+        {
+            rec.failed_revisions.push(r);
+        }
+        rec.failure = report.failure.clone();
+        rec.probes = report.probes.clone();
+        self.online.insert(node.to_string(), true);
+        let mut batch = Batch::default();
+        self.store.put_node(&mut batch, node, rec);
+        self.store.commit(batch)?;
+        Ok(())
+    }
+
+    /// Approves a node (by id or MeshNode name) and reconciles it.
+    pub fn approve(&mut self, who: &str, now: u64) -> Result<Vec<Publish>, CoreError> {
+        let id = self.resolve(who)?;
+        let Some(mut rec) = self.store.nodes.get(&id).cloned() else {
+            return Err(CoreError::Request(format!(
+                "node {id} has not enrolled yet; approve it once it shows as pending, or write a MeshNode with approved: true"
+            )));
+        };
+        rec.approved = true;
+        let mut batch = Batch::default();
+        self.store.put_node(&mut batch, &id, rec);
+        self.store.commit(batch)?;
+        self.reconcile(&[id], now)
+    }
+
+    /// Creates a single-use enrolment token for a mesh, valid for `ttl` seconds. Only its hash
+    /// is stored.
+    pub fn create_token(
+        &mut self,
+        mesh: &str,
+        token: &str,
+        ttl: u64,
+        now: u64,
+    ) -> Result<(), CoreError> {
+        if self.set.mesh_by_network(mesh).is_none() {
+            return Err(CoreError::Request(format!("no mesh named {mesh}")));
+        }
+        let mut batch = Batch::default();
+        self.store.put_token(
+            &mut batch,
+            &sha256_hex(token.as_bytes()),
+            TokenRecord {
+                mesh: mesh.to_string(),
+                created: now,
+                expires: now + ttl,
+                used_by: None,
+            },
+        );
+        self.store.commit(batch)?;
+        Ok(())
+    }
+
+    /// A node id from an id or a MeshNode name.
+    pub fn resolve(&self, who: &str) -> Result<String, CoreError> {
+        if self.store.nodes.contains_key(who) || self.set.nodes.contains_key(who) {
+            return Ok(who.to_string());
+        }
+        if let Some((id, _)) = self
+            .set
+            .nodes
+            .iter()
+            .find(|(_, n)| n.metadata.name.as_deref() == Some(who))
+        {
+            return Ok(id.clone());
+        }
+        let ids: Vec<&String> = self
+            .store
+            .nodes
+            .keys()
+            .chain(self.set.nodes.keys())
+            .collect();
+        Err(CoreError::Request(format!(
+            "no node {who:?}; closest: {}",
+            closest(who, ids.into_iter())
+        )))
+    }
+
+    /// The config a node would receive now, before signing.
+    pub fn preview(&mut self, who: &str) -> Result<NodeConfig, CoreError> {
+        let id = self.resolve(who)?;
+        let mesh = self.mesh_for(&id).ok_or_else(|| {
+            CoreError::Request(format!("node {id}: its mesh is not in the manifests"))
+        })?;
+        let net = network_name(&mesh).to_string();
+        let pass = self
+            .secrets
+            .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref)
+            .map_err(CoreError::Request)?;
+        let subnet = self
+            .store
+            .subnets
+            .get(&(net.clone(), id.clone()))
+            .copied()
+            .unwrap_or_else(|| crate::ipam::preferred(&net, &id).max(1));
+        let manifest = self.set.nodes.get(&id);
+        let rec = self.store.nodes.get(&id);
+        match decide(&self.set, &mesh, &id, manifest, rec, subnet, &pass) {
+            Desired::Config { inputs, .. } => {
+                build_config(&self.renderer, &inputs).map_err(CoreError::Request)
+            }
+            Desired::Pending(r) | Desired::Blocked(r) => Err(CoreError::Request(r)),
+        }
+    }
+
+    /// Status of every known node.
+    pub fn status(&self) -> Vec<StatusRow> {
+        self.candidates()
+            .into_iter()
+            .map(|id| {
+                let rec = self.store.nodes.get(&id);
+                let manifest = self.set.nodes.get(&id);
+                let published = self.store.published.get(&id);
+                let mesh = rec.map(|r| r.mesh.clone()).or_else(|| {
+                    manifest
+                        .and_then(|m| self.set.mesh_of(m))
+                        .map(|m| network_name(m).to_string())
+                });
+                let desired = published.map(|p| p.revision);
+                let applied = rec.and_then(|r| r.applied);
+                let reason = self.blocked.get(&id).cloned();
+                let online = self.online.get(&id).copied();
+                let phase = if let Some(r) = &reason {
+                    if r.starts_with("waiting for approval") {
+                        "Pending"
+                    } else {
+                        "Blocked"
+                    }
+                } else if rec.and_then(|r| r.state) == Some(ApplyState::Failed) {
+                    "Failed"
+                } else if online == Some(false) {
+                    "Offline"
+                } else if desired.is_some() && desired == applied {
+                    "Ready"
+                } else if rec.is_none() {
+                    "Declared"
+                } else {
+                    "Configuring"
+                };
+                let address = mesh.as_ref().and_then(|m| {
+                    let base = self
+                        .set
+                        .mesh_by_network(m)
+                        .and_then(|mm| crate::manifest::parse_ula48(&mm.spec.prefix).ok())?;
+                    let sid = self.store.subnets.get(&(m.clone(), id.clone()))?;
+                    Some(crate::ipam::node_address(base, *sid).to_string())
+                });
+                StatusRow {
+                    name: manifest.and_then(|m| m.metadata.name.clone()),
+                    mesh: mesh.unwrap_or_default(),
+                    hostname: rec.map(|r| r.hostname.clone()),
+                    phase: phase.to_string(),
+                    reason,
+                    online,
+                    desired,
+                    applied,
+                    last_seen: rec.and_then(|r| r.last_seen),
+                    address,
+                    failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
+                    node: id,
+                }
+            })
+            .collect()
+    }
+}
+
+fn validity(mesh: &Mesh) -> u64 {
+    mesh.spec
+        .config_validity_seconds
+        .unwrap_or(DEFAULT_VALIDITY)
+        .max(60)
+}
+
+fn approved(mesh: &Mesh, manifest: Option<&MeshNode>, rec: Option<&NodeRecord>) -> bool {
+    match mesh.spec.enrollment.mode {
+        EnrollmentMode::Auto => true,
+        EnrollmentMode::Approval | EnrollmentMode::Token => {
+            manifest.is_some_and(|m| m.spec.approved) || rec.is_some_and(|r| r.approved)
+        }
+    }
+}
+
+fn profile_for<'a>(
+    set: &'a ManifestSet,
+    id: &str,
+    manifest: Option<&MeshNode>,
+    rec: Option<&NodeRecord>,
+) -> Result<&'a HardwareProfile, String> {
+    let wanted = manifest
+        .and_then(|m| m.spec.hardware_profile.clone())
+        .or_else(|| rec.and_then(|r| r.profile.clone()));
+    if let Some(p) = wanted {
+        return set.profiles.get(&p).ok_or_else(|| {
+            format!(
+                "no HardwareProfile named {p:?}; closest: {}",
+                closest(&p, set.profiles.keys())
+            )
+        });
+    }
+    match rec.and_then(|r| r.board.clone()) {
+        Some(board) => set.profile_for_board(&board).ok_or_else(|| {
+            format!(
+                "board {board:?} has no profile; closest: {}",
+                closest(&board, set.profiles.keys())
+            )
+        }),
+        None => Err(format!(
+            "node {id} has no hardware profile: set spec.hardwareProfile in its MeshNode or start the agent with --profile"
+        )),
+    }
+}
+
+fn decide<'a>(
+    set: &'a ManifestSet,
+    mesh: &'a Mesh,
+    id: &'a str,
+    manifest: Option<&'a MeshNode>,
+    rec: Option<&'a NodeRecord>,
+    subnet_id: u16,
+    passphrase: &'a str,
+) -> Desired<'a> {
+    if !approved(mesh, manifest, rec) {
+        return Desired::Pending(format!(
+            "waiting for approval: `sidenetctl approve {id}` or a MeshNode with approved: true"
+        ));
+    }
+    let profile = match profile_for(set, id, manifest, rec) {
+        Ok(p) => p,
+        Err(e) => return Desired::Blocked(e),
+    };
+    let spec = manifest.map(|m| &m.spec);
+    Desired::Config {
+        mesh,
+        inputs: Box::new(NodeInputs {
+            mesh,
+            profile,
+            id,
+            name: manifest.and_then(|m| m.metadata.name.as_deref()),
+            reported_hostname: rec.map(|r| r.hostname.as_str()),
+            role: spec.map(|s| s.role).unwrap_or(NodeRole::Router),
+            channel: spec.and_then(|s| s.overrides.channel),
+            tx_power: spec.and_then(|s| s.overrides.tx_power),
+            hostname: spec.and_then(|s| s.overrides.hostname.as_deref()),
+            subnet_id,
+            passphrase,
+        }),
+    }
+}
+
+/// Renders the config for `inputs` (used by previews and `sidenetctl render`).
+pub fn build_config(renderer: &Renderer, inputs: &NodeInputs<'_>) -> Result<NodeConfig, String> {
+    let ctx = render::context(inputs).map_err(|e| e.to_string())?;
+    let family = inputs.profile.spec.firmware.as_str();
+    let files = renderer.render(family, &ctx).map_err(|e| e.to_string())?;
+    let mut actions: Vec<String> = Vec::new();
+    for f in &files {
+        for a in &f.actions {
+            if !actions.contains(a) {
+                actions.push(a.clone());
+            }
+        }
+    }
+    Ok(NodeConfig {
+        mesh: ctx.mesh.network_name.clone(),
+        node: inputs.id.to_string(),
+        hostname: ctx.node.hostname.clone(),
+        role: ctx.node.role.clone(),
+        profile: ctx.profile.name.clone(),
+        family: family.to_string(),
+        subnet: ctx.node.subnet.clone(),
+        addresses: vec![format!("{}/{}", ctx.node.address, ctx.node.prefix_len)],
+        files: files.into_iter().map(|f| f.file).collect(),
+        actions,
+    })
+}
+
+fn fingerprint(templates: &str, inputs: &NodeInputs<'_>, manifest: Option<&MeshNode>) -> String {
+    let doc = serde_json::json!({
+        "templates": templates,
+        "mesh": inputs.mesh.spec,
+        "meshName": inputs.mesh.metadata.name,
+        "profile": inputs.profile.spec,
+        "profileName": inputs.profile.metadata.name,
+        "node": manifest.map(|m| &m.spec),
+        "name": inputs.name,
+        "reported": inputs.reported_hostname,
+        "subnet": inputs.subnet_id,
+        "passphrase": sha256_hex(inputs.passphrase.as_bytes()),
+    });
+    sha256_hex(&serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+/// Size cap used when the controller parses node messages.
+pub const NODE_MESSAGE_CAP: usize = DEFAULT_MAX_ENVELOPE;

@@ -1,0 +1,474 @@
+//! Rendering node configs with minijinja.
+//!
+//! Templates live in one folder per firmware family (`templates/openwrt/`, `templates/linux/`),
+//! each with a `files.yaml` that lists which template becomes which file, its mode and the
+//! actions the agent runs after writing it. All templates are loaded and compiled at start-up;
+//! undefined variables are errors (strict), nothing is auto-escaped.
+//!
+//! Precedence of settings, one order everywhere: hardware profile defaults, then the Mesh, then
+//! the MeshNode's overrides.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
+use serde::{Deserialize, Serialize};
+use sidenet_crds::{Band, FirmwareFamily, HardwareProfile, Mesh, NodeRole, PolicyType, PortRole};
+use sidenet_wire::messages::FileSpec;
+
+use crate::manifest::{mesh_radio, network_name};
+use crate::regdb;
+
+/// Rendering failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// A template folder or file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `files.yaml` is malformed.
+    #[error("{path}: {message}")]
+    Index { path: PathBuf, message: String },
+    /// A template does not compile or does not render.
+    #[error("template {name}: {source:#}")]
+    Template {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+    /// No template set for a firmware family.
+    #[error("no templates for firmware family {0:?}")]
+    NoFamily(String),
+    /// The inputs cannot produce a config (no mesh radio, no mode for the width, ...).
+    #[error("{0}")]
+    Input(String),
+}
+
+/// One entry of a family's `files.yaml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Template file name in the family folder.
+    pub template: String,
+    /// Destination, relative to the device root.
+    pub path: String,
+    /// Unix mode, decimal.
+    pub mode: u32,
+    /// Actions to run after writing.
+    #[serde(default)]
+    pub actions: Vec<String>,
+}
+
+/// All templates, compiled.
+#[derive(Debug)]
+pub struct Renderer {
+    env: Environment<'static>,
+    families: BTreeMap<String, Vec<FileEntry>>,
+    /// SHA-256 over every template and index, so a template change re-renders everything.
+    pub fingerprint: String,
+}
+
+impl Renderer {
+    /// Loads every family folder under `dir`.
+    pub fn load(dir: &Path) -> Result<Self, RenderError> {
+        let io = |path: &Path, source| RenderError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(true)
+            .build()
+            .map_err(|source| RenderError::Template {
+                name: "(syntax)".into(),
+                source,
+            })?;
+        env.set_syntax(syntax);
+        let mut families = BTreeMap::new();
+        let mut all = Vec::new();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        entries.sort();
+        for fam_dir in entries {
+            let family = fam_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let index_path = fam_dir.join("files.yaml");
+            let index_text =
+                std::fs::read_to_string(&index_path).map_err(|e| io(&index_path, e))?;
+            all.extend_from_slice(index_text.as_bytes());
+            let files: Vec<FileEntry> =
+                serde_yaml::from_str(&index_text).map_err(|e| RenderError::Index {
+                    path: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            for f in &files {
+                let probe = FileSpec {
+                    path: f.path.clone(),
+                    mode: f.mode,
+                    content: String::new(),
+                };
+                if !probe.path_is_safe() {
+                    return Err(RenderError::Index {
+                        path: index_path.clone(),
+                        message: format!("path {:?} must be relative, without '..'", f.path),
+                    });
+                }
+                let tpath = fam_dir.join(&f.template);
+                let src = std::fs::read_to_string(&tpath).map_err(|e| io(&tpath, e))?;
+                all.extend_from_slice(src.as_bytes());
+                let name = format!("{family}/{}", f.template);
+                env.add_template_owned(name.clone(), src)
+                    .map_err(|source| RenderError::Template { name, source })?;
+            }
+            families.insert(family, files);
+        }
+        Ok(Self {
+            env,
+            families,
+            fingerprint: sidenet_wire::codec::sha256_hex(&all),
+        })
+    }
+
+    /// Renders every file of `family` with `ctx`.
+    pub fn render(&self, family: &str, ctx: &Context) -> Result<Vec<RenderedFile>, RenderError> {
+        let files = self
+            .families
+            .get(family)
+            .ok_or_else(|| RenderError::NoFamily(family.to_string()))?;
+        let value = minijinja::Value::from(minijinja::value::Serde(ctx));
+        files
+            .iter()
+            .map(|f| {
+                let name = format!("{family}/{}", f.template);
+                let tmpl =
+                    self.env
+                        .get_template(&name)
+                        .map_err(|source| RenderError::Template {
+                            name: name.clone(),
+                            source,
+                        })?;
+                let content = tmpl
+                    .render(&value)
+                    .map_err(|source| RenderError::Template { name, source })?;
+                Ok(RenderedFile {
+                    file: FileSpec {
+                        path: f.path.clone(),
+                        mode: f.mode,
+                        content,
+                    },
+                    actions: f.actions.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A rendered file with the actions it triggers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedFile {
+    /// The file.
+    pub file: FileSpec,
+    /// Actions after writing it.
+    pub actions: Vec<String>,
+}
+
+/// Everything templates can see.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Context {
+    /// Mesh-wide settings.
+    pub mesh: MeshCtx,
+    /// This node.
+    pub node: NodeCtx,
+    /// The device.
+    pub profile: ProfileCtx,
+    /// The radio that carries the side-net.
+    pub mesh_radio: RadioCtx,
+    /// The second radio serving the home network, if any.
+    pub ap_radio: Option<RadioCtx>,
+}
+
+/// Mesh-wide settings as templates see them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MeshCtx {
+    /// Mesh object name.
+    pub name: String,
+    /// Network name (802.11s mesh id).
+    pub network_name: String,
+    /// ULA /48.
+    pub prefix: String,
+    /// Country code.
+    pub country: String,
+    /// `babel` or `batman-adv`.
+    pub routing: String,
+    /// Babel hello interval, seconds.
+    pub hello_interval: u32,
+    /// SAE passphrase.
+    pub passphrase: String,
+    /// Egress limit in kbit/s.
+    pub rate_kbit: Option<u64>,
+    /// Whether this node may forward side-net traffic to its uplink.
+    pub internet: bool,
+}
+
+/// The node as templates see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeCtx {
+    /// Node id.
+    pub id: String,
+    /// MeshNode name, else the node id.
+    pub name: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Role.
+    pub role: String,
+    /// The node's /64.
+    pub subnet: String,
+    /// The node's address.
+    pub address: String,
+    /// Prefix length of `address`.
+    pub prefix_len: u8,
+}
+
+/// The device as templates see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProfileCtx {
+    /// Profile name.
+    pub name: String,
+    /// Vendor.
+    pub vendor: String,
+    /// Model.
+    pub model: String,
+    /// Firmware family.
+    pub firmware: String,
+    /// `uname -m`.
+    pub cpu_arch: String,
+    /// Uplink ports.
+    pub wan_ports: Vec<String>,
+    /// LAN ports.
+    pub lan_ports: Vec<String>,
+}
+
+/// A radio as templates see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RadioCtx {
+    /// wifi-device name or Linux interface.
+    pub name: String,
+    /// OpenWrt device path.
+    pub path: Option<String>,
+    /// Linux phy.
+    pub phy: Option<String>,
+    /// Band.
+    pub band: String,
+    /// Channel.
+    pub channel: u32,
+    /// Width in MHz.
+    pub width: u32,
+    /// HT mode.
+    pub htmode: String,
+    /// Transmit power in dBm, if set.
+    pub tx_power: Option<u32>,
+    /// Interface name to create for the mesh.
+    pub iface: String,
+}
+
+/// Inputs for one node's context.
+#[derive(Debug, Clone)]
+pub struct NodeInputs<'a> {
+    /// The mesh.
+    pub mesh: &'a Mesh,
+    /// The node's profile.
+    pub profile: &'a HardwareProfile,
+    /// Node id.
+    pub id: &'a str,
+    /// MeshNode name, if a manifest exists.
+    pub name: Option<&'a str>,
+    /// Hostname reported at enrolment.
+    pub reported_hostname: Option<&'a str>,
+    /// Role.
+    pub role: NodeRole,
+    /// Channel override.
+    pub channel: Option<u32>,
+    /// Tx power override.
+    pub tx_power: Option<u32>,
+    /// Hostname override.
+    pub hostname: Option<&'a str>,
+    /// Allocated subnet id.
+    pub subnet_id: u16,
+    /// Mesh passphrase.
+    pub passphrase: &'a str,
+}
+
+fn sanitize_hostname(h: &str) -> Option<String> {
+    let s: String = h
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let s = s.trim_matches('-').chars().take(63).collect::<String>();
+    let s = s.trim_end_matches('-').to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// Builds the template context for one node (defaults → mesh → node overrides).
+pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
+    let spec = &inp.mesh.spec;
+    let base = crate::manifest::parse_ula48(&spec.prefix).map_err(RenderError::Input)?;
+    let band = spec.radio.mesh_band;
+    let pname = inp.profile.metadata.name.clone().unwrap_or_default();
+    let radio = mesh_radio(&inp.profile.spec, band).ok_or_else(|| {
+        RenderError::Input(format!(
+            "HardwareProfile/{pname} has no 802.11s-capable radio on {}",
+            band.as_str()
+        ))
+    })?;
+    let chan =
+        spec.radio.channels.get(band).ok_or_else(|| {
+            RenderError::Input(format!("Mesh has no channel for {}", band.as_str()))
+        })?;
+    let channel = inp.channel.unwrap_or(chan.channel);
+    if !radio.channels.contains(&channel) {
+        return Err(RenderError::Input(format!(
+            "channel {channel} is not supported by radio {} of HardwareProfile/{pname}",
+            radio.name
+        )));
+    }
+    let width = chan.width;
+    let htmode = regdb::htmode(band, width, &radio.htmodes).ok_or_else(|| {
+        RenderError::Input(format!(
+            "radio {} of HardwareProfile/{pname} supports no mode for {width} MHz on {} (has {:?})",
+            radio.name,
+            band.as_str(),
+            radio.htmodes
+        ))
+    })?;
+    let tx_power = inp.tx_power.map(|p| p.min(radio.max_tx_power));
+    let linux = inp.profile.spec.firmware == FirmwareFamily::Linux;
+    let mesh_radio = RadioCtx {
+        name: radio.name.clone(),
+        path: radio.path.clone(),
+        phy: radio.phy.clone(),
+        band: band.as_str().into(),
+        channel,
+        width,
+        htmode,
+        tx_power,
+        iface: "mesh0".into(),
+    };
+    // The home AP: another radio with a band the mesh has channel settings for.
+    let ap_radio = inp
+        .profile
+        .spec
+        .radios
+        .iter()
+        .filter(|r| r.name != radio.name && !linux)
+        .find_map(|r| {
+            r.bands.iter().find_map(|b| {
+                let c = spec.radio.channels.get(*b)?;
+                let width = if *b == Band::TwoG {
+                    c.width.min(40)
+                } else {
+                    c.width
+                };
+                Some(RadioCtx {
+                    name: r.name.clone(),
+                    path: r.path.clone(),
+                    phy: r.phy.clone(),
+                    band: b.as_str().into(),
+                    channel: if r.channels.contains(&c.channel) {
+                        c.channel
+                    } else {
+                        *r.channels.first()?
+                    },
+                    width,
+                    htmode: regdb::htmode(*b, width, &r.htmodes)
+                        .or_else(|| regdb::htmode(*b, 20, &r.htmodes))?,
+                    tx_power: None,
+                    iface: "ap0".into(),
+                })
+            })
+        });
+    let applies = |nodes: &[String]| {
+        nodes.is_empty()
+            || nodes
+                .iter()
+                .any(|n| n == inp.id || Some(n.as_str()) == inp.name)
+    };
+    let internet = spec
+        .policies
+        .iter()
+        .any(|p| p.type_ == PolicyType::AllowInternet && applies(&p.nodes))
+        && !spec
+            .policies
+            .iter()
+            .any(|p| p.type_ == PolicyType::NoInternet && applies(&p.nodes));
+    let rate_kbit = spec
+        .policies
+        .iter()
+        .filter(|p| p.type_ == PolicyType::RateLimit && applies(&p.nodes))
+        .filter_map(|p| p.rate_kbit)
+        .min();
+    let hostname = inp
+        .hostname
+        .map(str::to_string)
+        .or_else(|| inp.name.and_then(sanitize_hostname))
+        .or_else(|| inp.reported_hostname.and_then(sanitize_hostname))
+        .unwrap_or_else(|| format!("sn-{}", &inp.id[..inp.id.len().min(8)]));
+    let ports = |role: PortRole| {
+        inp.profile
+            .spec
+            .ethernet
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>()
+    };
+    Ok(Context {
+        mesh: MeshCtx {
+            name: inp.mesh.metadata.name.clone().unwrap_or_default(),
+            network_name: network_name(inp.mesh).to_string(),
+            prefix: spec.prefix.clone(),
+            country: spec.radio.country.clone(),
+            routing: match spec.routing.protocol {
+                sidenet_crds::RoutingProtocol::Babel => "babel".into(),
+                sidenet_crds::RoutingProtocol::BatmanAdv => "batman-adv".into(),
+            },
+            hello_interval: spec.routing.hello_interval,
+            passphrase: inp.passphrase.to_string(),
+            rate_kbit,
+            internet,
+        },
+        node: NodeCtx {
+            id: inp.id.to_string(),
+            name: inp.name.unwrap_or(inp.id).to_string(),
+            hostname,
+            role: inp.role.as_str().into(),
+            subnet: format!("{}/64", crate::ipam::subnet(base, inp.subnet_id)),
+            address: crate::ipam::node_address(base, inp.subnet_id).to_string(),
+            prefix_len: 64,
+        },
+        profile: ProfileCtx {
+            name: pname,
+            vendor: inp.profile.spec.vendor.clone(),
+            model: inp.profile.spec.model.clone(),
+            firmware: inp.profile.spec.firmware.as_str().into(),
+            cpu_arch: inp.profile.spec.cpu_arch.clone(),
+            wan_ports: ports(PortRole::Wan),
+            lan_ports: ports(PortRole::Lan),
+        },
+        mesh_radio,
+        ap_radio,
+    })
+}

@@ -1,0 +1,480 @@
+//! Standalone mode: manifests from a folder, state in an embedded database, an embedded MQTT
+//! broker unless an external one is named, and an admin socket for `sidenetctl`.
+//!
+//! One task owns the [`Controller`]; the MQTT event loop, the admin socket and the folder watch
+//! talk to it over channels. Whenever the MQTT connection is (re)established, every announcement
+//! and every stored config is republished (retained), so a restarted broker converges again.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sidenet_crds::SecretKeyRef;
+use sidenet_wire::keys::KeyPair;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::admin::{self, Request, Response};
+use crate::core::{Controller, Publish, Secrets};
+use crate::manifest::{self, ManifestSet};
+use crate::render::Renderer;
+use crate::store::Store;
+
+/// Options of the standalone controller.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Manifest files and folders (watched).
+    pub manifests: Vec<PathBuf>,
+    /// Template folder.
+    pub templates: PathBuf,
+    /// State folder.
+    pub state: PathBuf,
+    /// External broker URL; `None` runs the embedded broker.
+    pub broker: Option<String>,
+    /// Listen address of the embedded broker.
+    pub listen: SocketAddr,
+    /// How often the manifest folder is checked.
+    pub poll: Duration,
+    /// How often configs are checked for renewal.
+    pub refresh: Duration,
+    /// Connection limit of the embedded broker.
+    pub max_connections: usize,
+}
+
+/// Standalone mode failed to start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum StandaloneError {
+    /// The state folder is unusable.
+    #[error("state folder {path}: {message}")]
+    State { path: PathBuf, message: String },
+    /// Templates are broken.
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The core failed.
+    #[error(transparent)]
+    Core(#[from] crate::core::CoreError),
+    /// The broker could not start.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    /// Bad broker URL.
+    #[error("{0}")]
+    Url(String),
+}
+
+/// Mesh keys and generated passphrases in the state folder, files of mode 0600.
+#[derive(Debug)]
+pub struct FsSecrets {
+    dir: PathBuf,
+}
+
+impl FsSecrets {
+    /// Secrets under `state`.
+    pub fn new(state: &Path) -> Self {
+        Self {
+            dir: state.to_path_buf(),
+        }
+    }
+}
+
+/// Writes `text` to `path` with mode 0600, atomically, refusing to replace an existing file.
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::hard_link(&tmp, path)?;
+    std::fs::remove_file(&tmp)
+}
+
+/// 32 random bytes from the operating system.
+pub fn random32() -> Result<[u8; 32], String> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(b)
+}
+
+impl Secrets for FsSecrets {
+    fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String> {
+        let path = self.dir.join("keys").join(format!("{network}.key"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                KeyPair::from_file_text(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = KeyPair::from_seed(&random32()?);
+                write_secret(&path, &key.to_file_text())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                tracing::info!(mesh = %network, key = %key.public(), "created mesh signing key");
+                Ok(key)
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String> {
+        if let Some(v) = set.secrets.get(&r.name).and_then(|s| s.get(&r.key)) {
+            return Ok(v.clone());
+        }
+        if set.secrets.contains_key(&r.name) {
+            return Err(format!("Secret/{} has no key {:?}", r.name, r.key));
+        }
+        let path = self
+            .dir
+            .join("secrets")
+            .join(format!("{}.{}", r.name, r.key));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(text.trim_end_matches('\n').to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let pass = sidenet_wire::codec::base32(&random32()?[..20]);
+                write_secret(&path, &format!("{pass}\n"))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                tracing::info!(secret = %r.name, "generated mesh passphrase in {}", path.display());
+                Ok(pass)
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+enum MqttEvent {
+    Connected,
+    Message(String, Vec<u8>),
+}
+
+type AdminCall = (Request, oneshot::Sender<Response>);
+
+/// Content hash of the manifest files (so edits, additions and removals are all noticed).
+fn manifest_texts(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
+    let files = manifest::collect_files(paths).map_err(|e| e.to_string())?;
+    files
+        .into_iter()
+        .map(|f| {
+            std::fs::read_to_string(&f)
+                .map(|t| (f.clone(), t))
+                .map_err(|e| format!("{}: cannot read: {e}", f.display()))
+        })
+        .collect()
+}
+
+fn texts_hash(texts: &[(PathBuf, String)]) -> String {
+    let mut all = Vec::new();
+    for (p, t) in texts {
+        all.extend_from_slice(p.to_string_lossy().as_bytes());
+        all.push(0);
+        all.extend_from_slice(t.as_bytes());
+        all.push(0);
+    }
+    sidenet_wire::codec::sha256_hex(&all)
+}
+
+/// Runs the standalone controller until `shutdown` completes.
+pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), StandaloneError> {
+    let state_err = |message: String| StandaloneError::State {
+        path: opts.state.clone(),
+        message,
+    };
+    std::fs::create_dir_all(&opts.state).map_err(|e| state_err(e.to_string()))?;
+    std::fs::set_permissions(&opts.state, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| state_err(e.to_string()))?;
+    let store = Store::open(&opts.state.join("sidenet.redb"), crate::now())?;
+    let renderer = Renderer::load(&opts.templates)?;
+    let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(&opts.state)));
+    tracing::info!(
+        epoch = ctl.store.epoch,
+        nodes = ctl.store.nodes.len(),
+        "state loaded"
+    );
+
+    let mut manifest_errors: Vec<String> = Vec::new();
+    let mut last_hash = String::new();
+    reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors);
+
+    let (host, port) = match &opts.broker {
+        Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
+        None => {
+            crate::broker::start(opts.listen, opts.max_connections)?;
+            tracing::info!("embedded MQTT broker listening on {}", opts.listen);
+            let host = if opts.listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                opts.listen.ip().to_string()
+            };
+            (host, opts.listen.port())
+        }
+    };
+    let mut mqtt = MqttOptions::new(
+        format!("sidenet-controller-{}", std::process::id()),
+        host,
+        port,
+    );
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+    mqtt.set_clean_session(true);
+    mqtt.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 20_000);
+    let (ev_tx, mut ev_rx) = mpsc::channel::<MqttEvent>(10_000);
+    let mqtt_task = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    if ev_tx.send(MqttEvent::Connected).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if ev_tx
+                        .send(MqttEvent::Message(p.topic.to_string(), p.payload.to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    });
+
+    let sock_path = opts.state.join(admin::SOCKET);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener =
+        UnixListener::bind(&sock_path).map_err(|e| state_err(format!("admin socket: {e}")))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| state_err(e.to_string()))?;
+    let (adm_tx, mut adm_rx) = mpsc::channel::<AdminCall>(64);
+    let admin_task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = adm_tx.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(r).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send((req, otx)).await.is_err() {
+                            return;
+                        }
+                        orx.await.unwrap_or(Response::Error {
+                            message: "controller stopped".into(),
+                        })
+                    }
+                    Err(e) => Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                };
+                let mut out = serde_json::to_string(&resp).unwrap_or_default();
+                out.push('\n');
+                let _ = w.write_all(out.as_bytes()).await;
+            });
+        }
+    });
+
+    let mut connected = false;
+    let mut poll = tokio::time::interval(opts.poll);
+    let mut refresh = tokio::time::interval(opts.refresh);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = poll.tick() => {
+                let out = reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors);
+                if connected { send(&client, out).await; }
+            }
+            _ = refresh.tick() => {
+                match ctl.reconcile_all(crate::now()) {
+                    Ok(out) => if connected { send(&client, out).await },
+                    Err(e) => tracing::error!("reconcile: {e}"),
+                }
+            }
+            Some(ev) = ev_rx.recv() => match ev {
+                MqttEvent::Connected => {
+                    tracing::info!("connected to MQTT broker; publishing announcements and configs");
+                    connected = true;
+                    for f in sidenet_wire::topics::controller_filters("+") {
+                        if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                            tracing::error!("subscribe: {e}");
+                        }
+                    }
+                    let mut out = ctl.announcements(crate::now()).unwrap_or_else(|e| {
+                        tracing::error!("announcements: {e}");
+                        Vec::new()
+                    });
+                    out.extend(ctl.stored_configs());
+                    send(&client, out).await;
+                }
+                MqttEvent::Message(topic, payload) => {
+                    match ctl.on_message(&topic, &payload, crate::now()) {
+                        Ok(out) => if connected { send(&client, out).await },
+                        Err(e) => tracing::error!("handling {topic}: {e}"),
+                    }
+                }
+            },
+            Some((req, reply)) = adm_rx.recv() => {
+                let (resp, out) = handle_admin(&mut ctl, req, &manifest_errors);
+                if connected { send(&client, out).await; }
+                let _ = reply.send(resp);
+            }
+        }
+    }
+    mqtt_task.abort();
+    admin_task.abort();
+    let _ = client.disconnect().await;
+    let _ = std::fs::remove_file(&sock_path);
+    Ok(())
+}
+
+fn reload(
+    opts: &Options,
+    ctl: &mut Controller,
+    last_hash: &mut String,
+    manifest_errors: &mut Vec<String>,
+) -> Vec<Publish> {
+    let texts = match manifest_texts(&opts.manifests) {
+        Ok(t) => t,
+        Err(e) => {
+            if manifest_errors.first() != Some(&e) {
+                tracing::error!("{e}; keeping the last good manifests");
+            }
+            *manifest_errors = vec![e];
+            return Vec::new();
+        }
+    };
+    let hash = texts_hash(&texts);
+    if hash == *last_hash {
+        return Vec::new();
+    }
+    *last_hash = hash;
+    match manifest::load_texts(&texts) {
+        Ok(set) => {
+            manifest_errors.clear();
+            tracing::info!(
+                meshes = set.meshes.len(),
+                nodes = set.nodes.len(),
+                profiles = set.profiles.len(),
+                "manifests loaded"
+            );
+            ctl.set_manifests(set, crate::now()).unwrap_or_else(|e| {
+                tracing::error!("reconcile: {e}");
+                Vec::new()
+            })
+        }
+        Err(errs) => {
+            for e in &errs.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!(
+                "{} manifest error(s); nothing changed, the last good configs stay published",
+                errs.0.len()
+            );
+            *manifest_errors = errs.0.iter().map(|e| e.to_string()).collect();
+            Vec::new()
+        }
+    }
+}
+
+fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> (Response, Vec<Publish>) {
+    let now = crate::now();
+    match req {
+        Request::Status => (
+            Response::Status {
+                nodes: ctl.status(),
+                manifest_errors: errors.to_vec(),
+                counters: ctl.counters,
+                epoch: ctl.store.epoch,
+            },
+            Vec::new(),
+        ),
+        Request::Approve { node } => match ctl.resolve(&node).and_then(|id| {
+            let out = ctl.approve(&id, now)?;
+            Ok((id, out))
+        }) {
+            Ok((id, out)) => (
+                Response::Approved {
+                    node: id,
+                    published: out.len(),
+                },
+                out,
+            ),
+            Err(e) => (
+                Response::Error {
+                    message: e.to_string(),
+                },
+                Vec::new(),
+            ),
+        },
+        Request::Token { mesh, ttl_s } => {
+            let token = match random32() {
+                Ok(b) => sidenet_wire::codec::base32(&b[..20]),
+                Err(message) => return (Response::Error { message }, Vec::new()),
+            };
+            match ctl.create_token(&mesh, &token, ttl_s, now) {
+                Ok(()) => (
+                    Response::Token {
+                        token,
+                        expires: now + ttl_s,
+                    },
+                    Vec::new(),
+                ),
+                Err(e) => (
+                    Response::Error {
+                        message: e.to_string(),
+                    },
+                    Vec::new(),
+                ),
+            }
+        }
+        Request::Render { node } => match ctl.preview(&node) {
+            Ok(config) => (
+                Response::Render {
+                    config: Box::new(config),
+                },
+                Vec::new(),
+            ),
+            Err(e) => (
+                Response::Error {
+                    message: e.to_string(),
+                },
+                Vec::new(),
+            ),
+        },
+    }
+}
+
+async fn send(client: &AsyncClient, out: Vec<Publish>) {
+    for p in out {
+        if let Err(e) = client
+            .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
+            .await
+        {
+            tracing::error!("publish {}: {e}", p.topic);
+        }
+    }
+}
