@@ -384,16 +384,24 @@ fn parse_file(
             let mut schema_errors: Vec<ManifestError> = v
                 .iter_errors(&value)
                 .map(|e| {
-                    let path = pointer_to_path(&e.instance_path().to_string());
-                    err(
-                        object.clone(),
-                        Some(if path.is_empty() {
-                            "(document)".into()
+                    let mut path = pointer_to_path(&e.instance_path().to_string());
+                    let mut message = describe_schema_error(&e);
+                    if let jsonschema::error::ValidationErrorKind::Required { property } = e.kind()
+                    {
+                        let prop = property.as_str().unwrap_or_default();
+                        path = if path.is_empty() {
+                            prop.to_string()
                         } else {
-                            path
-                        }),
-                        describe_schema_error(&e),
-                    )
+                            format!("{path}.{prop}")
+                        };
+                        message = "missing required field".into();
+                    }
+                    let field = if path.is_empty() {
+                        "(document)".into()
+                    } else {
+                        path
+                    };
+                    err(object.clone(), Some(field), message)
                 })
                 .collect();
             if !schema_errors.is_empty() {

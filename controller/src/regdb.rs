@@ -66,7 +66,7 @@ pub fn channel_allowed(country: &str, band: Band, channel: u32) -> Option<bool> 
         },
         Band::FiveG => {
             let low = matches!(channel, 36 | 40 | 44 | 48 | 52 | 56 | 60 | 64);
-            let mid = (100..=140).contains(&channel) && channel % 4 == 0;
+            let mid = (100..=140).contains(&channel) && channel.is_multiple_of(4);
             let ch144 = channel == 144;
             let high = matches!(channel, 149 | 153 | 157 | 161 | 165);
             match d {

@@ -12,6 +12,9 @@
 //! - [`crd_documents`] / [`strict_schema`]: the generated CRDs and the JSON Schema used to
 //!   validate manifests (`cargo run -p sidenet-crds --bin crdgen` rewrites `crds/*.yaml`).
 
+// kube-derive takes one `printcolumn(...)` per column, which this lint mistakes for repeats.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -629,9 +632,9 @@ fn make_strict(v: &mut serde_json::Value, top: bool) {
                 if top {
                     // metadata is validated by the loader; allow it and apiVersion/kind.
                     if let Some(serde_json::Value::Object(props)) = map.get_mut("properties") {
-                        props
-                            .entry("metadata")
-                            .or_insert_with(|| serde_json::json!({"type": "object"}));
+                        for k in ["metadata", "apiVersion", "kind"] {
+                            props.entry(k).or_insert_with(|| serde_json::json!({}));
+                        }
                     }
                 }
                 map.insert(

@@ -30,7 +30,7 @@ struct Args {
     /// Root folder the backend writes under.
     #[arg(long, env = "SIDENET_ROOT", default_value = "/")]
     root: PathBuf,
-    /// State folder (node key, pinned mesh key, journal). Default: ROOT/etc/sidenet.
+    /// State folder (node key, pinned mesh key, journal). Default: ROOT/etc/sidenet-agent.
     #[arg(long, env = "SIDENET_AGENT_STATE")]
     state: Option<PathBuf>,
     /// Hostname to report at enrolment (default: this machine's).
@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     let state = args
         .state
         .clone()
-        .unwrap_or_else(|| args.root.join("etc/sidenet"));
+        .unwrap_or_else(|| args.root.join("etc/sidenet-agent"));
     let opts = sidenet_agent::shell::Options {
         mesh: args.mesh,
         broker: args.broker,

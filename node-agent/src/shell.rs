@@ -130,7 +130,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut mqtt = MqttOptions::new(node.clone(), host, port);
     mqtt.set_keep_alive(Duration::from_secs(30));
     mqtt.set_clean_session(true);
-    mqtt.set_max_packet_size(opts.max_envelope + 1024, 64 * 1024);
+    // Accept packets well above the envelope cap, so an oversize config is refused by the
+    // verifier (and reported) instead of breaking the MQTT session in a reconnect loop.
+    mqtt.set_max_packet_size((opts.max_envelope * 4).max(4 << 20), 64 * 1024);
     mqtt.set_last_will(LastWill::new(
         topics::online(&opts.mesh, &node),
         "offline",

@@ -1,0 +1,579 @@
+//! End-to-end tests with real processes: the standalone controller (embedded broker or a real
+//! Mosquitto), several `sidenet-agent` processes on the files backend, and a rogue MQTT client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Proc, bin, free_port, repo, wait_for};
+use sidenet_controller::admin::{self, Request, Response};
+use sidenet_wire::keys::KeyPair;
+
+const LINUX: &str = "raspberrypi-4b-awus036acm";
+const OPENWRT: &str = "tplink-archer-c7-v2";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Agent {
+    proc: Proc,
+    root: PathBuf,
+    args: Vec<String>,
+}
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    port: u16,
+    broker: Option<String>,
+    ctl: Option<Proc>,
+    agents: Vec<Agent>,
+    _mosquitto: Option<Proc>,
+}
+
+impl Mesh {
+    /// A mesh from the example manifest, with `edit` applied to its text.
+    fn new(edit: impl Fn(String) -> String, mosquitto: bool) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        let text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap();
+        std::fs::write(dir.path().join("manifests/mesh.yaml"), edit(text)).unwrap();
+        let (mosq, broker, port) = if mosquitto {
+            let (p, port) = common::mosquitto(dir.path());
+            (Some(p), Some(format!("mqtt://127.0.0.1:{port}")), port)
+        } else {
+            (None, None, free_port())
+        };
+        let mut m = Mesh {
+            dir,
+            port,
+            broker,
+            ctl: None,
+            agents: Vec::new(),
+            _mosquitto: mosq,
+        };
+        m.start_controller();
+        m
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    fn start_controller(&mut self) {
+        let mut cmd = Command::new(bin("sidenet-controller"));
+        cmd.arg("standalone")
+            .arg("--manifests")
+            .arg(self.path("manifests"))
+            .arg("--profiles")
+            .arg(repo().join("hardware-profiles"))
+            .arg("--templates")
+            .arg(repo().join("templates"))
+            .arg("--state")
+            .arg(self.state())
+            .arg("--poll-ms")
+            .arg("100");
+        match &self.broker {
+            Some(b) => cmd.arg("--broker").arg(b),
+            None => cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.port)),
+        };
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.ctl = Some(Proc::spawn(
+            "controller",
+            &mut cmd,
+            &self.path(&format!("controller-{n}.log")),
+        ));
+        wait_for(
+            "the controller's admin socket",
+            WAIT,
+            || admin::call(&self.state(), &Request::Status).ok(),
+            || self.logs(),
+        );
+    }
+
+    fn broker_url(&self) -> String {
+        self.broker
+            .clone()
+            .unwrap_or_else(|| format!("mqtt://127.0.0.1:{}", self.port))
+    }
+
+    fn start_agent(&mut self, name: &str, profile: &str, extra: &[&str]) -> usize {
+        let root = self.path(name);
+        let mut args: Vec<String> = vec![
+            "--mesh".into(),
+            "riverside".into(),
+            "--broker".into(),
+            self.broker_url(),
+            "--root".into(),
+            root.display().to_string(),
+            "--profile".into(),
+            profile.into(),
+            "--hostname".into(),
+            name.into(),
+            "--status-interval".into(),
+            "2".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(
+            name,
+            Command::new(bin("sidenet-agent")).args(&args),
+            &self.path(&format!("{name}.log")),
+        );
+        self.agents.push(Agent { proc, root, args });
+        self.agents.len() - 1
+    }
+
+    fn restart_agent(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        a.proc.kill();
+        let name = a.proc.name.clone();
+        a.proc = Proc::spawn(
+            &name,
+            Command::new(bin("sidenet-agent")).args(&a.args),
+            &self.dir.path().join(format!("{name}-restarted.log")),
+        );
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Some(c) = &self.ctl {
+            s.push_str(&format!("--- controller\n{}\n", tail(&c.log_text())));
+        }
+        for a in &self.agents {
+            s.push_str(&format!(
+                "--- {}\n{}\n",
+                a.proc.name,
+                tail(&a.proc.log_text())
+            ));
+        }
+        s
+    }
+
+    fn status(&self) -> Response {
+        admin::call(&self.state(), &Request::Status).unwrap()
+    }
+
+    fn set_mesh(&self, edit: impl Fn(String) -> String) {
+        let p = self.path("manifests/mesh.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, edit(text)).unwrap();
+    }
+
+    fn wait_rev(&self, i: usize, rev: u64) {
+        let root = self.agents[i].root.clone();
+        wait_for(
+            &format!("{} to apply revision {rev}", self.agents[i].proc.name),
+            WAIT,
+            || (applied_rev(&root) == Some(rev)).then_some(()),
+            || self.logs(),
+        );
+    }
+
+    fn mesh_key(&self) -> KeyPair {
+        let text = std::fs::read_to_string(self.state().join("keys/riverside.key")).unwrap();
+        KeyPair::from_file_text(&text).unwrap()
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+fn applied_rev(root: &Path) -> Option<u64> {
+    let text = std::fs::read(root.join("etc/sidenet-agent/current.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v["revision"]["rev"].as_u64()
+}
+
+fn node_id(root: &Path) -> String {
+    let text = std::fs::read_to_string(root.join("etc/sidenet-agent/node.key")).unwrap();
+    KeyPair::from_file_text(&text).unwrap().public().node_id()
+}
+
+fn read(root: &Path, p: &str) -> String {
+    std::fs::read_to_string(root.join(p)).unwrap_or_default()
+}
+
+fn channel(c: u32) -> impl Fn(String) -> String {
+    move |t| {
+        let mut out = String::new();
+        let mut in_5g = false;
+        for line in t.lines() {
+            if line.trim_start().starts_with("5g:") {
+                in_5g = true;
+            }
+            if in_5g && line.trim_start().starts_with("channel:") {
+                out.push_str(&format!("        channel: {c}\n"));
+                in_5g = false;
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn mode(m: &'static str) -> impl Fn(String) -> String {
+    move |t| t.replace("mode: auto", &format!("mode: {m}"))
+}
+
+/// The files for a 5 GHz channel: 802.11s frequency on Linux, UCI channel on OpenWrt.
+fn assert_channel(m: &Mesh, ch: u32) {
+    let freq = 5000 + 5 * ch;
+    for a in &m.agents {
+        let linux = read(&a.root, "etc/sidenet/wpa_supplicant-mesh.conf");
+        let uci = read(&a.root, "etc/config/wireless");
+        assert!(
+            linux.contains(&format!("frequency={freq}"))
+                || uci.contains(&format!("option channel '{ch}'")),
+            "{}: channel {ch} not in its files:\n{linux}{uci}",
+            a.proc.name
+        );
+    }
+}
+
+fn run_loop(mosquitto: bool) {
+    let mut m = Mesh::new(|t| t, mosquitto);
+    m.start_agent("alpha", LINUX, &[]);
+    m.start_agent("bravo", LINUX, &[]);
+    m.start_agent("charlie", OPENWRT, &[]);
+    for i in 0..3 {
+        m.wait_rev(i, 1);
+    }
+    assert_channel(&m, 36);
+    // The OpenWrt node got UCI files, the Linux nodes their own set.
+    assert!(read(&m.agents[2].root, "etc/config/wireless").contains("option mesh_id 'riverside'"));
+    assert!(read(&m.agents[0].root, "etc/sidenet/babeld.conf").contains("fdfc:b395:f348::/48"));
+
+    m.set_mesh(channel(44));
+    for i in 0..3 {
+        m.wait_rev(i, 2);
+    }
+    assert_channel(&m, 44);
+
+    // The controller saw every acknowledgement.
+    wait_for(
+        "all three nodes Ready",
+        WAIT,
+        || match m.status() {
+            Response::Status { nodes, .. } => (nodes.len() == 3
+                && nodes
+                    .iter()
+                    .all(|n| n.phase == "Ready" && n.applied.map(|r| r.rev) == Some(2)))
+            .then_some(()),
+            _ => None,
+        },
+        || format!("{:?}\n{}", m.status(), m.logs()),
+    );
+}
+
+#[test]
+fn three_agents_embedded_broker() {
+    run_loop(false);
+}
+
+#[test]
+fn three_agents_mosquitto() {
+    run_loop(true);
+}
+
+/// A bad manifest changes nothing: the last good configs stay, the error is reported.
+#[test]
+fn bad_manifest_keeps_last_good() {
+    let mut m = Mesh::new(|t| t, false);
+    m.start_agent("alpha", LINUX, &[]);
+    m.wait_rev(0, 1);
+    m.set_mesh(|t| t.replace("prefix: fdfc:b395:f348::/48", "prefix: 2001:db8::/48"));
+    wait_for(
+        "the manifest error to be reported",
+        WAIT,
+        || match m.status() {
+            Response::Status {
+                manifest_errors, ..
+            } => manifest_errors
+                .iter()
+                .any(|e| e.contains("spec.prefix") && e.contains("mesh.yaml"))
+                .then_some(()),
+            _ => None,
+        },
+        || m.logs(),
+    );
+    // Fix it with a real change: exactly one new revision follows.
+    m.set_mesh(|t| t.replace("prefix: 2001:db8::/48", "prefix: fdfc:b395:f348::/48"));
+    m.set_mesh(channel(40));
+    m.wait_rev(0, 2);
+    assert_eq!(applied_rev(&m.agents[0].root), Some(2));
+}
+
+fn publish_raw(port: u16, topic: &str, payloads: Vec<Vec<u8>>) {
+    use rumqttc::{Client, MqttOptions, QoS};
+    let mut opts = MqttOptions::new(format!("rogue-{}", free_port()), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = Client::new(opts, 100);
+    let n = payloads.len();
+    for p in payloads {
+        client.publish(topic, QoS::AtLeastOnce, true, p).unwrap();
+    }
+    let mut acked = 0;
+    for ev in conn.iter() {
+        match ev {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                acked += 1;
+                if acked == n {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("rogue client: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+}
+
+/// Forged, replayed, misdirected, expired, truncated and oversize configs are all refused; the
+/// agent keeps its last good files and keeps working.
+#[test]
+fn tampered_configs_are_refused() {
+    use sidenet_wire::envelope::seal;
+    use sidenet_wire::{Header, Kind};
+    let mut m = Mesh::new(|t| t, false);
+    let a = m.start_agent("alpha", LINUX, &[]);
+    let b = m.start_agent("bravo", LINUX, &[]);
+    m.wait_rev(a, 1);
+    m.wait_rev(b, 1);
+    let rev1 = std::fs::read(m.agents[a].root.join("etc/sidenet-agent/current.env")).unwrap();
+    m.set_mesh(channel(44));
+    m.wait_rev(a, 2);
+    m.wait_rev(b, 2);
+    let root = m.agents[a].root.clone();
+    let good_files = read(&root, "etc/sidenet/wpa_supplicant-mesh.conf");
+    let id = node_id(&root);
+    let other = std::fs::read(m.agents[b].root.join("etc/sidenet-agent/current.env")).unwrap();
+    let key = m.mesh_key();
+    let now = sidenet_controller::now();
+    let body = br#"{"mesh":"riverside","node":"x","hostname":"evil","role":"router","profile":"p","family":"linux","subnet":"fd00::/64","addresses":[],"files":[{"path":"etc/hostname","mode":420,"content":"pwned"}],"actions":[]}"#;
+    let header = |mesh: &str, node: &str, rev: u64, exp: u64| Header {
+        mesh: mesh.into(),
+        node: Some(node.into()),
+        epoch: u64::MAX / 2,
+        rev,
+        iat: now,
+        exp,
+        len: 0,
+        sha256: String::new(),
+    };
+    let rogue = KeyPair::from_seed(&[0x42; 32]);
+    let mut truncated = seal(
+        Kind::Config,
+        header("riverside", &id, 99, now + 60),
+        body,
+        &key,
+    );
+    truncated.truncate(truncated.len() - 10);
+    let vectors: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "forged by a rogue key",
+            seal(
+                Kind::Config,
+                header("riverside", &id, 99, now + 60),
+                body,
+                &rogue,
+            ),
+        ),
+        ("replayed older revision", rev1),
+        ("another node's config", other),
+        (
+            "another mesh's config",
+            seal(
+                Kind::Config,
+                header("hillside", &id, 99, now + 60),
+                body,
+                &key,
+            ),
+        ),
+        (
+            "expired config",
+            seal(
+                Kind::Config,
+                header("riverside", &id, 99, now - 1),
+                body,
+                &key,
+            ),
+        ),
+        ("truncated envelope", truncated),
+        ("oversize payload", vec![b'S'; 300 * 1024]),
+        ("not an envelope", b"{\"hello\":1}".to_vec()),
+    ];
+    let topic = sidenet_wire::topics::config("riverside", &id);
+    let log_before = m.agents[a]
+        .proc
+        .log_text()
+        .matches("config refused")
+        .count();
+    let n = vectors.len();
+    publish_raw(
+        m.port,
+        &topic,
+        vectors.into_iter().map(|(_, v)| v).collect(),
+    );
+    wait_for(
+        "the agent to refuse every tampered config",
+        WAIT,
+        || {
+            let refused = m.agents[a]
+                .proc
+                .log_text()
+                .matches("config refused")
+                .count()
+                - log_before;
+            (refused >= n).then_some(())
+        },
+        || m.logs(),
+    );
+    assert!(m.agents[a].proc.alive(), "agent died:\n{}", m.logs());
+    assert_eq!(applied_rev(&root), Some(2));
+    assert_eq!(
+        read(&root, "etc/sidenet/wpa_supplicant-mesh.conf"),
+        good_files
+    );
+    assert_ne!(read(&root, "etc/hostname"), "pwned");
+    // Still working: the next real change applies.
+    m.set_mesh(channel(48));
+    m.wait_rev(a, 3);
+    assert!(read(&root, "etc/sidenet/wpa_supplicant-mesh.conf").contains("frequency=5240"));
+}
+
+#[test]
+fn approval_mode_waits_for_the_admin() {
+    let mut m = Mesh::new(mode("approval"), false);
+    let a = m.start_agent("alpha", LINUX, &[]);
+    let root = m.agents[a].root.clone();
+    wait_for(
+        "the node to show as pending",
+        WAIT,
+        || match m.status() {
+            Response::Status { nodes, .. } => nodes
+                .iter()
+                .find(|n| n.phase == "Pending")
+                .map(|n| n.node.clone()),
+            _ => None,
+        },
+        || m.logs(),
+    );
+    let id = node_id(&root);
+    // Pending: nothing was published for it and nothing applied.
+    match m.status() {
+        Response::Status { nodes, .. } => {
+            let n = nodes.iter().find(|n| n.node == id).unwrap();
+            assert_eq!(n.desired, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(applied_rev(&root), None);
+    let out = Command::new(bin("sidenetctl"))
+        .args(["approve", &id, "--state"])
+        .arg(m.state())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.wait_rev(a, 1);
+}
+
+#[test]
+fn token_mode_refuses_wrong_and_reused_tokens() {
+    let mut m = Mesh::new(mode("token"), false);
+    let out = Command::new(bin("sidenetctl"))
+        .args(["token", "--mesh", "riverside", "--state"])
+        .arg(m.state())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(token.len(), 32);
+    // Only the hash is stored.
+    let db = std::fs::read(m.state().join("sidenet.redb")).unwrap();
+    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()));
+
+    let wrong = m.start_agent(
+        "wrong",
+        LINUX,
+        &["--token", "aaaabbbbccccddddeeeeffffgggghhhh"],
+    );
+    let good = m.start_agent("good", LINUX, &["--token", &token]);
+    m.wait_rev(good, 1);
+    let reuse = m.start_agent("reuse", LINUX, &["--token", &token]);
+    wait_for(
+        "two refused enrolments",
+        WAIT,
+        || match m.status() {
+            Response::Status { counters, .. } => (counters.refused >= 2).then_some(()),
+            _ => None,
+        },
+        || m.logs(),
+    );
+    assert_eq!(applied_rev(&m.agents[wrong].root), None);
+    assert_eq!(applied_rev(&m.agents[reuse].root), None);
+    match m.status() {
+        Response::Status { nodes, .. } => {
+            assert_eq!(nodes.len(), 1, "{nodes:?}");
+            assert_eq!(nodes[0].node, node_id(&m.agents[good].root));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `kill -9` of the controller mid-run: revisions continue, never repeat, agents converge.
+#[test]
+fn controller_restart_keeps_revisions() {
+    let mut m = Mesh::new(|t| t, false);
+    m.start_agent("alpha", LINUX, &[]);
+    m.start_agent("charlie", OPENWRT, &[]);
+    m.wait_rev(0, 1);
+    m.wait_rev(1, 1);
+    m.ctl.as_mut().unwrap().kill();
+    // Change while the controller is down; the agents keep running on revision 1.
+    m.set_mesh(channel(44));
+    m.start_controller();
+    m.wait_rev(0, 2);
+    m.wait_rev(1, 2);
+    assert_channel(&m, 44);
+    // Kill again right after another change, before anyone could look.
+    m.set_mesh(channel(52));
+    m.ctl.as_mut().unwrap().kill();
+    m.start_controller();
+    m.wait_rev(0, 3);
+    m.wait_rev(1, 3);
+    assert_channel(&m, 52);
+    // An agent restarted from its disk state stays on the same revision.
+    m.restart_agent(0);
+    wait_for(
+        "the restarted agent to report revision 3",
+        WAIT,
+        || match m.status() {
+            Response::Status { nodes, .. } => nodes
+                .iter()
+                .all(|n| n.applied.map(|r| r.rev) == Some(3))
+                .then_some(()),
+            _ => None,
+        },
+        || m.logs(),
+    );
+    assert_eq!(applied_rev(&m.agents[0].root), Some(3));
+}
