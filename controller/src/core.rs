@@ -122,6 +122,8 @@ pub struct Controller {
     pub counters: Counters,
     /// Controller version, announced.
     pub version: String,
+    batch: Batch,
+    outbox: Vec<Publish>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -156,7 +158,19 @@ impl Controller {
             blocked: BTreeMap::new(),
             counters: Counters::default(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            batch: Batch::default(),
+            outbox: Vec::new(),
         }
+    }
+
+    /// Commits every pending state change in one durable transaction and hands out what may now
+    /// be published. Nothing is published before the revision it carries is on disk, so a crash
+    /// can never make the controller reuse a revision. If the commit fails, the in-memory state
+    /// is ahead of the disk: the caller must stop (the state is reloaded on restart).
+    pub fn flush(&mut self) -> Result<Vec<Publish>, CoreError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.store.commit(batch)?;
+        Ok(std::mem::take(&mut self.outbox))
     }
 
     /// The signing key of a mesh (network name).
@@ -173,11 +187,11 @@ impl Controller {
     }
 
     /// Replaces the manifests (already validated) and reconciles every node.
-    pub fn set_manifests(&mut self, set: ManifestSet, now: u64) -> Result<Vec<Publish>, CoreError> {
+    pub fn set_manifests(&mut self, set: ManifestSet, now: u64) -> Result<(), CoreError> {
         self.set = set;
-        let mut out = self.announcements(now)?;
-        out.extend(self.reconcile_all(now)?);
-        Ok(out)
+        let announcements = self.announcements(now)?;
+        self.outbox.extend(announcements);
+        self.reconcile_all(now)
     }
 
     /// Signed, retained announcements of every mesh.
@@ -220,27 +234,28 @@ impl Controller {
     }
 
     /// Every stored envelope, for republishing after (re)connecting to the broker.
-    pub fn stored_configs(&self) -> Vec<Publish> {
-        self.store
-            .envelopes
-            .iter()
+    pub fn stored_configs(&self) -> Result<Vec<Publish>, CoreError> {
+        Ok(self
+            .store
+            .envelopes()?
+            .into_iter()
             .filter_map(|(node, env)| {
                 let mesh = self
                     .store
                     .nodes
-                    .get(node)
+                    .get(&node)
                     .map(|n| n.mesh.clone())
                     .or_else(|| {
-                        let m = self.set.nodes.get(node)?;
+                        let m = self.set.nodes.get(&node)?;
                         self.set.mesh_of(m).map(|m| network_name(m).to_string())
                     })?;
                 Some(Publish {
-                    topic: topics::config(&mesh, node),
-                    payload: env.clone(),
+                    topic: topics::config(&mesh, &node),
+                    payload: env,
                     retain: true,
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// Node ids to consider: every MeshNode manifest and every enrolled node.
@@ -253,22 +268,27 @@ impl Controller {
     }
 
     /// Reconciles every node.
-    pub fn reconcile_all(&mut self, now: u64) -> Result<Vec<Publish>, CoreError> {
+    pub fn reconcile_all(&mut self, now: u64) -> Result<(), CoreError> {
         let ids = self.candidates();
         self.reconcile(&ids, now)
     }
 
-    /// Reconciles the given nodes; returns what to publish (already committed to the store).
-    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<Vec<Publish>, CoreError> {
+    /// Reconciles the given nodes; what to publish is handed out by [`Controller::flush`].
+    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
         let mut batch = Batch::default();
-        let mut out = Vec::new();
+        let mut result = Ok(());
         for id in ids {
-            if let Some(p) = self.reconcile_one(id, now, &mut batch)? {
-                out.push(p);
+            match self.reconcile_one(id, now, &mut batch) {
+                Ok(Some(p)) => self.outbox.push(p),
+                Ok(None) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
         }
-        self.store.commit(batch)?;
-        Ok(out)
+        self.batch.merge(batch);
+        result
     }
 
     fn mesh_for(&self, id: &str) -> Option<Mesh> {
@@ -381,8 +401,7 @@ impl Controller {
             // Same content: remember the new fingerprint, publish nothing.
             let mut p = p.clone();
             p.input = fingerprint;
-            let env = self.store.envelopes.get(id).cloned().unwrap_or_default();
-            self.store.put_published(batch, id, p, env);
+            self.store.put_published_record(batch, id, p);
             return Ok(None);
         }
         let revision = match &prev {
@@ -429,12 +448,7 @@ impl Controller {
     }
 
     /// Handles a message from the broker.
-    pub fn on_message(
-        &mut self,
-        topic: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<Vec<Publish>, CoreError> {
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) -> Result<(), CoreError> {
         match topics::parse(topic) {
             Some(Incoming::Enroll { mesh, node }) => {
                 let (mesh, node) = (mesh.to_string(), node.to_string());
@@ -442,15 +456,14 @@ impl Controller {
             }
             Some(Incoming::Status { mesh, node }) => {
                 let (mesh, node) = (mesh.to_string(), node.to_string());
-                self.on_status(&mesh, &node, payload, now)?;
-                Ok(Vec::new())
+                self.on_status(&mesh, &node, payload, now)
             }
             Some(Incoming::Online { node, .. }) => {
                 let online = payload == b"online";
                 self.online.insert(node.to_string(), online);
-                Ok(Vec::new())
+                Ok(())
             }
-            None => Ok(Vec::new()),
+            None => Ok(()),
         }
     }
 
@@ -465,14 +478,14 @@ impl Controller {
         node: &str,
         payload: &[u8],
         now: u64,
-    ) -> Result<Vec<Publish>, CoreError> {
+    ) -> Result<(), CoreError> {
         let verified = match Envelope::parse(payload, 64 * 1024)
             .and_then(|e| e.verify_self_signed(Kind::Enroll))
         {
             Ok(v) => v,
             Err(e) => {
                 self.reject("enrolment", node, e);
-                return Ok(Vec::new());
+                return Ok(());
             }
         };
         if verified.signer.node_id() != node {
@@ -481,7 +494,7 @@ impl Controller {
                 node,
                 format!("signed by the key of node {}", verified.signer.node_id()),
             );
-            return Ok(Vec::new());
+            return Ok(());
         }
         let last = self.store.nodes.get(node).and_then(|r| r.last_seq);
         if let Err(e) = verified.check(&Expect {
@@ -491,22 +504,22 @@ impl Controller {
             now,
         }) {
             self.reject("enrolment", node, e);
-            return Ok(Vec::new());
+            return Ok(());
         }
         if verified.header.iat + NODE_MESSAGE_MAX_AGE < now {
             self.reject("enrolment", node, "too old");
-            return Ok(Vec::new());
+            return Ok(());
         }
         let req: EnrollRequest = match verified.body_json() {
             Ok(r) => r,
             Err(e) => {
                 self.reject("enrolment", node, e);
-                return Ok(Vec::new());
+                return Ok(());
             }
         };
         let Some(m) = self.set.mesh_by_network(mesh).cloned() else {
             self.reject("enrolment", node, format!("no mesh named {mesh}"));
-            return Ok(Vec::new());
+            return Ok(());
         };
         let mut batch = Batch::default();
         let existing = self.store.nodes.get(node).cloned();
@@ -517,7 +530,7 @@ impl Controller {
                 let Some(token) = req.token.as_deref() else {
                     self.counters.refused += 1;
                     self.reject("enrolment", node, "this mesh needs an enrolment token");
-                    return Ok(Vec::new());
+                    return Ok(());
                 };
                 let hash = sha256_hex(token.as_bytes());
                 match self.store.tokens.get(&hash).cloned() {
@@ -530,12 +543,12 @@ impl Controller {
                     Some(t) if t.used_by.is_some() => {
                         self.counters.refused += 1;
                         self.reject("enrolment", node, "token already used");
-                        return Ok(Vec::new());
+                        return Ok(());
                     }
                     _ => {
                         self.counters.refused += 1;
                         self.reject("enrolment", node, "invalid or expired token");
-                        return Ok(Vec::new());
+                        return Ok(());
                     }
                 }
             }
@@ -558,7 +571,7 @@ impl Controller {
             tracing::info!(mesh = %mesh, node = %node, hostname = %req.hostname, "node enrolled");
         }
         self.store.put_node(&mut batch, node, rec);
-        self.store.commit(batch)?;
+        self.batch.merge(batch);
         self.reconcile(&[node.to_string()], now)
     }
 
@@ -617,12 +630,12 @@ impl Controller {
         self.online.insert(node.to_string(), true);
         let mut batch = Batch::default();
         self.store.put_node(&mut batch, node, rec);
-        self.store.commit(batch)?;
+        self.batch.merge(batch);
         Ok(())
     }
 
     /// Approves a node (by id or MeshNode name) and reconciles it.
-    pub fn approve(&mut self, who: &str, now: u64) -> Result<Vec<Publish>, CoreError> {
+    pub fn approve(&mut self, who: &str, now: u64) -> Result<(), CoreError> {
         let id = self.resolve(who)?;
         let Some(mut rec) = self.store.nodes.get(&id).cloned() else {
             return Err(CoreError::Request(format!(
@@ -632,7 +645,7 @@ impl Controller {
         rec.approved = true;
         let mut batch = Batch::default();
         self.store.put_node(&mut batch, &id, rec);
-        self.store.commit(batch)?;
+        self.batch.merge(batch);
         self.reconcile(&[id], now)
     }
 
@@ -659,7 +672,7 @@ impl Controller {
                 used_by: None,
             },
         );
-        self.store.commit(batch)?;
+        self.batch.merge(batch);
         Ok(())
     }
 

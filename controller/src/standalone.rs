@@ -206,6 +206,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut manifest_errors: Vec<String> = Vec::new();
     let mut last_hash = String::new();
     reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors);
+    // Nothing is connected yet: commit, and let the first connection publish everything.
+    ctl.flush()?;
 
     let (host, port) = match &opts.broker {
         Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
@@ -302,46 +304,62 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut refresh = tokio::time::interval(opts.refresh);
     tokio::pin!(shutdown);
     loop {
+        // Each turn handles one event (or a burst of MQTT messages), then commits every state
+        // change in one transaction and only then publishes.
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = poll.tick() => {
-                let out = reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors);
-                if connected { send(&client, out).await; }
-            }
+            _ = poll.tick() => reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors),
             _ = refresh.tick() => {
-                match ctl.reconcile_all(crate::now()) {
-                    Ok(out) => if connected { send(&client, out).await },
-                    Err(e) => tracing::error!("reconcile: {e}"),
+                if let Err(e) = ctl.reconcile_all(crate::now()) {
+                    tracing::error!("reconcile: {e}");
                 }
             }
-            Some(ev) = ev_rx.recv() => match ev {
-                MqttEvent::Connected => {
-                    tracing::info!("connected to MQTT broker; publishing announcements and configs");
-                    connected = true;
-                    for f in sidenet_wire::topics::controller_filters("+") {
-                        if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
-                            tracing::error!("subscribe: {e}");
+            Some(ev) = ev_rx.recv() => {
+                let mut ev = Some(ev);
+                let mut handled = 0;
+                while let Some(e) = ev.take() {
+                    match e {
+                        MqttEvent::Connected => {
+                            tracing::info!("connected to MQTT broker; publishing announcements and configs");
+                            connected = true;
+                            for f in sidenet_wire::topics::controller_filters("+") {
+                                if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                                    tracing::error!("subscribe: {e}");
+                                }
+                            }
+                            let mut out = ctl.announcements(crate::now())?;
+                            out.extend(ctl.stored_configs()?);
+                            send(&client, out).await;
+                        }
+                        MqttEvent::Message(topic, payload) => {
+                            if let Err(e) = ctl.on_message(&topic, &payload, crate::now()) {
+                                tracing::error!("handling {topic}: {e}");
+                            }
                         }
                     }
-                    let mut out = ctl.announcements(crate::now()).unwrap_or_else(|e| {
-                        tracing::error!("announcements: {e}");
-                        Vec::new()
-                    });
-                    out.extend(ctl.stored_configs());
-                    send(&client, out).await;
-                }
-                MqttEvent::Message(topic, payload) => {
-                    match ctl.on_message(&topic, &payload, crate::now()) {
-                        Ok(out) => if connected { send(&client, out).await },
-                        Err(e) => tracing::error!("handling {topic}: {e}"),
+                    handled += 1;
+                    if handled < 2000 {
+                        ev = ev_rx.try_recv().ok();
                     }
                 }
-            },
+            }
             Some((req, reply)) = adm_rx.recv() => {
-                let (resp, out) = handle_admin(&mut ctl, req, &manifest_errors);
+                let resp = handle_admin(&mut ctl, req, &manifest_errors);
+                // Commit before answering, so "approved" means it is on disk.
+                let out = ctl.flush()?;
+                let resp = match resp {
+                    Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
+                    other => other,
+                };
                 if connected { send(&client, out).await; }
                 let _ = reply.send(resp);
+                continue;
             }
+        }
+        // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
+        let out = ctl.flush()?;
+        if connected {
+            send(&client, out).await;
         }
     }
     mqtt_task.abort();
@@ -356,7 +374,7 @@ fn reload(
     ctl: &mut Controller,
     last_hash: &mut String,
     manifest_errors: &mut Vec<String>,
-) -> Vec<Publish> {
+) {
     let texts = match manifest_texts(&opts.manifests) {
         Ok(t) => t,
         Err(e) => {
@@ -364,12 +382,12 @@ fn reload(
                 tracing::error!("{e}; keeping the last good manifests");
             }
             *manifest_errors = vec![e];
-            return Vec::new();
+            return;
         }
     };
     let hash = texts_hash(&texts);
     if hash == *last_hash {
-        return Vec::new();
+        return;
     }
     *last_hash = hash;
     match manifest::load_texts(&texts) {
@@ -381,10 +399,9 @@ fn reload(
                 profiles = set.profiles.len(),
                 "manifests loaded"
             );
-            ctl.set_manifests(set, crate::now()).unwrap_or_else(|e| {
+            if let Err(e) = ctl.set_manifests(set, crate::now()) {
                 tracing::error!("reconcile: {e}");
-                Vec::new()
-            })
+            }
         }
         Err(errs) => {
             for e in &errs.0 {
@@ -395,75 +412,50 @@ fn reload(
                 errs.0.len()
             );
             *manifest_errors = errs.0.iter().map(|e| e.to_string()).collect();
-            Vec::new()
         }
     }
 }
 
-fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> (Response, Vec<Publish>) {
+fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> Response {
     let now = crate::now();
+    let fail = |e: &dyn std::fmt::Display| Response::Error {
+        message: e.to_string(),
+    };
     match req {
-        Request::Status => (
-            Response::Status {
-                nodes: ctl.status(),
-                manifest_errors: errors.to_vec(),
-                counters: ctl.counters,
-                epoch: ctl.store.epoch,
-            },
-            Vec::new(),
-        ),
+        Request::Status => Response::Status {
+            nodes: ctl.status(),
+            manifest_errors: errors.to_vec(),
+            counters: ctl.counters,
+            epoch: ctl.store.epoch,
+        },
         Request::Approve { node } => match ctl.resolve(&node).and_then(|id| {
-            let out = ctl.approve(&id, now)?;
-            Ok((id, out))
+            ctl.approve(&id, now)?;
+            Ok(id)
         }) {
-            Ok((id, out)) => (
-                Response::Approved {
-                    node: id,
-                    published: out.len(),
-                },
-                out,
-            ),
-            Err(e) => (
-                Response::Error {
-                    message: e.to_string(),
-                },
-                Vec::new(),
-            ),
+            Ok(id) => Response::Approved {
+                node: id,
+                published: 0,
+            },
+            Err(e) => fail(&e),
         },
         Request::Token { mesh, ttl_s } => {
             let token = match random32() {
                 Ok(b) => sidenet_wire::codec::base32(&b[..20]),
-                Err(message) => return (Response::Error { message }, Vec::new()),
+                Err(message) => return Response::Error { message },
             };
             match ctl.create_token(&mesh, &token, ttl_s, now) {
-                Ok(()) => (
-                    Response::Token {
-                        token,
-                        expires: now + ttl_s,
-                    },
-                    Vec::new(),
-                ),
-                Err(e) => (
-                    Response::Error {
-                        message: e.to_string(),
-                    },
-                    Vec::new(),
-                ),
+                Ok(()) => Response::Token {
+                    token,
+                    expires: now + ttl_s,
+                },
+                Err(e) => fail(&e),
             }
         }
         Request::Render { node } => match ctl.preview(&node) {
-            Ok(config) => (
-                Response::Render {
-                    config: Box::new(config),
-                },
-                Vec::new(),
-            ),
-            Err(e) => (
-                Response::Error {
-                    message: e.to_string(),
-                },
-                Vec::new(),
-            ),
+            Ok(config) => Response::Render {
+                config: Box::new(config),
+            },
+            Err(e) => fail(&e),
         },
     }
 }

@@ -135,8 +135,6 @@ pub struct Store {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Published configs.
     pub published: BTreeMap<String, Published>,
-    /// Published envelopes.
-    pub envelopes: BTreeMap<String, Vec<u8>>,
     /// Subnet allocations: (mesh, node) → id.
     pub subnets: BTreeMap<(String, String), u16>,
     /// Taken subnet ids per mesh.
@@ -149,12 +147,23 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct Batch {
     nodes: BTreeMap<String, Vec<u8>>,
-    published: BTreeMap<String, (Vec<u8>, Vec<u8>)>,
+    published: BTreeMap<String, (Vec<u8>, Option<Vec<u8>>)>,
     subnets: BTreeMap<String, String>,
     tokens: BTreeMap<String, Vec<u8>>,
 }
 
 impl Batch {
+    /// Takes over the changes of `other` (later writes win).
+    pub fn merge(&mut self, other: Batch) {
+        self.nodes.extend(other.nodes);
+        for (k, (rec, env)) in other.published {
+            let env = env.or_else(|| self.published.remove(&k).and_then(|(_, e)| e));
+            self.published.insert(k, (rec, env));
+        }
+        self.subnets.extend(other.subnets);
+        self.tokens.extend(other.tokens);
+    }
+
     /// Whether nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
@@ -214,7 +223,6 @@ impl Store {
             epoch,
             nodes: BTreeMap::new(),
             published: BTreeMap::new(),
-            envelopes: BTreeMap::new(),
             subnets: BTreeMap::new(),
             taken: BTreeMap::new(),
             tokens: BTreeMap::new(),
@@ -243,17 +251,6 @@ impl Store {
                 k.value().to_string(),
                 decode("published", k.value(), v.value())?,
             );
-        }
-        for row in read
-            .open_table(ENVELOPES)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = row.map_err(db_err)?;
-            store
-                .envelopes
-                .insert(k.value().to_string(), v.value().to_vec());
         }
         for row in read
             .open_table(SUBNETS)
@@ -301,7 +298,8 @@ impl Store {
         self.nodes.insert(id.to_string(), rec);
     }
 
-    /// Records a published config and its envelope.
+    /// Records a published config and its envelope (kept on disk only: envelopes are read back
+    /// just when republishing everything after a broker reconnect).
     pub fn put_published(
         &mut self,
         batch: &mut Batch,
@@ -311,13 +309,38 @@ impl Store {
     ) {
         batch.published.insert(
             id.to_string(),
-            (
-                serde_json::to_vec(&rec).unwrap_or_default(),
-                envelope.clone(),
-            ),
+            (serde_json::to_vec(&rec).unwrap_or_default(), Some(envelope)),
         );
         self.published.insert(id.to_string(), rec);
-        self.envelopes.insert(id.to_string(), envelope);
+    }
+
+    /// Updates a published record without touching its envelope.
+    pub fn put_published_record(&mut self, batch: &mut Batch, id: &str, rec: Published) {
+        let envelope = batch.published.remove(id).and_then(|(_, e)| e);
+        batch.published.insert(
+            id.to_string(),
+            (serde_json::to_vec(&rec).unwrap_or_default(), envelope),
+        );
+        self.published.insert(id.to_string(), rec);
+    }
+
+    /// Every stored envelope, by node id.
+    pub fn envelopes(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(ENVELOPES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The stored envelope of one node.
+    pub fn envelope(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(ENVELOPES).map_err(db_err)?;
+        Ok(table.get(id).map_err(db_err)?.map(|v| v.value().to_vec()))
     }
 
     /// The subnet of a node, allocating one if needed.
@@ -362,9 +385,11 @@ impl Store {
                 published
                     .insert(k.as_str(), rec.as_slice())
                     .map_err(db_err)?;
-                envelopes
-                    .insert(k.as_str(), env.as_slice())
-                    .map_err(db_err)?;
+                if let Some(env) = env {
+                    envelopes
+                        .insert(k.as_str(), env.as_slice())
+                        .map_err(db_err)?;
+                }
             }
             let mut subnets = txn.open_table(SUBNETS).map_err(db_err)?;
             for (k, v) in &batch.subnets {
@@ -421,7 +446,7 @@ mod tests {
         assert_eq!(s.epoch, 1000);
         assert_eq!(s.nodes.get("n1").map(|n| n.mesh.as_str()), Some("m"));
         assert_eq!(s.published.get("n1").map(|p| p.revision.rev), Some(3));
-        assert_eq!(s.envelopes.get("n1"), Some(&vec![1, 2, 3]));
+        assert_eq!(s.envelope("n1")?, Some(vec![1, 2, 3]));
         assert_eq!(s.subnets.len(), 1);
         Ok(())
     }
