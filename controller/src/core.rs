@@ -137,10 +137,7 @@ impl std::fmt::Debug for Controller {
 }
 
 enum Desired<'a> {
-    Config {
-        mesh: &'a Mesh,
-        inputs: Box<NodeInputs<'a>>,
-    },
+    Config { inputs: Box<NodeInputs<'a>> },
     Pending(String),
     Blocked(String),
 }
@@ -274,54 +271,109 @@ impl Controller {
     }
 
     /// Reconciles the given nodes; what to publish is handed out by [`Controller::flush`].
+    ///
+    /// Three phases: plan each node (sequential: approval, profile, subnet, fingerprint), render
+    /// and sign the ones whose inputs changed (in parallel, on every core), then record the new
+    /// revisions (sequential).
     pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
         let mut batch = Batch::default();
-        let mut result = Ok(());
+        let mut plans = Vec::new();
+        let mut cache = PlanCache::default();
         for id in ids {
-            match self.reconcile_one(id, now, &mut batch) {
-                Ok(Some(p)) => self.outbox.push(p),
+            match self.plan(id, now, &mut batch, &mut cache) {
+                Ok(Some(p)) => plans.push(p),
                 Ok(None) => {}
                 Err(e) => {
-                    result = Err(e);
-                    break;
+                    self.batch.merge(batch);
+                    return Err(e);
                 }
             }
         }
+        let results = self.render_plans(&plans, now);
+        let before = self.counters.published;
+        for (plan, result) in plans.into_iter().zip(results) {
+            self.record(plan, result, now, &mut batch);
+        }
+        let published = self.counters.published - before;
+        if published == 1 {
+            if let Some(p) = self.outbox.last() {
+                tracing::info!("publishing config {}", p.topic);
+            }
+        } else if published > 1 {
+            tracing::info!("publishing {published} configs");
+        }
         self.batch.merge(batch);
-        result
+        Ok(())
+    }
+
+    fn mesh_name_for(&self, id: &str) -> Option<String> {
+        if let Some(node) = self.set.nodes.get(id) {
+            return self.set.mesh_of(node).and_then(|m| m.metadata.name.clone());
+        }
+        let rec = self.store.nodes.get(id)?;
+        self.set
+            .mesh_by_network(&rec.mesh)
+            .and_then(|m| m.metadata.name.clone())
     }
 
     fn mesh_for(&self, id: &str) -> Option<Mesh> {
-        if let Some(node) = self.set.nodes.get(id) {
-            return self.set.mesh_of(node).cloned();
-        }
-        let rec = self.store.nodes.get(id)?;
-        self.set.mesh_by_network(&rec.mesh).cloned()
+        let name = self.mesh_name_for(id)?;
+        self.set.meshes.get(&name).cloned()
     }
 
-    fn reconcile_one(
+    /// Decides whether a node needs rendering. `None`: nothing to do (unchanged, pending or
+    /// blocked, with the reason kept in `self.blocked`).
+    fn plan(
         &mut self,
         id: &str,
         now: u64,
         batch: &mut Batch,
-    ) -> Result<Option<Publish>, CoreError> {
-        let Some(mesh) = self.mesh_for(id) else {
+        cache: &mut PlanCache,
+    ) -> Result<Option<Plan>, CoreError> {
+        let Some(mesh_name) = self.mesh_name_for(id) else {
             self.blocked
                 .insert(id.to_string(), "its mesh is not in the manifests".into());
             return Ok(None);
         };
-        let net = network_name(&mesh).to_string();
-        let passphrase = match self
-            .secrets
-            .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref)
-        {
-            Ok(p) => p,
+        let Some(mesh) = self.set.meshes.get(&mesh_name) else {
+            return Ok(None);
+        };
+        let net = network_name(mesh).to_string();
+        if !cache.meshes.contains_key(&mesh_name) {
+            let pass = self
+                .secrets
+                .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref);
+            let key = self.mesh_key(&net);
+            let mesh = self.set.meshes.get(&mesh_name).ok_or_else(|| {
+                CoreError::Request(format!("mesh {mesh_name} vanished during reconcile"))
+            })?;
+            let fp = sha256_hex(
+                &serde_json::to_vec(&(&mesh.metadata.name, &mesh.spec)).unwrap_or_default(),
+            );
+            cache.meshes.insert(
+                mesh_name.clone(),
+                (pass, key.map_err(|e| e.to_string()), fp),
+            );
+        }
+        let Some((pass, key, mesh_fp)) = cache.meshes.get(&mesh_name) else {
+            return Ok(None);
+        };
+        let passphrase = match pass {
+            Ok(p) => p.clone(),
             Err(e) => {
                 self.blocked
                     .insert(id.to_string(), format!("mesh passphrase: {e}"));
                 return Ok(None);
             }
         };
+        let key = match key {
+            Ok(k) => k.clone(),
+            Err(e) => {
+                self.blocked.insert(id.to_string(), e.clone());
+                return Ok(None);
+            }
+        };
+        let mesh_fp = mesh_fp.clone();
         let Some(subnet_id) = self.store.subnet(batch, &net, id) else {
             self.blocked.insert(
                 id.to_string(),
@@ -330,18 +382,35 @@ impl Controller {
             return Ok(None);
         };
         let set = &self.set;
+        let Some(mesh) = set.meshes.get(&mesh_name) else {
+            return Ok(None);
+        };
         let manifest = set.nodes.get(id);
         let rec = self.store.nodes.get(id);
-        let desired = decide(set, &mesh, id, manifest, rec, subnet_id, &passphrase);
-        let (inputs, mesh_ref) = match desired {
-            Desired::Config { inputs, mesh } => (inputs, mesh),
+        let inputs = match decide(set, mesh, id, manifest, rec, subnet_id, &passphrase) {
+            Desired::Config { inputs, .. } => inputs,
             Desired::Pending(r) | Desired::Blocked(r) => {
                 self.blocked.insert(id.to_string(), r);
                 return Ok(None);
             }
         };
-        let fingerprint = fingerprint(&self.renderer.fingerprint, &inputs, manifest);
-        let validity = validity(mesh_ref);
+        let profile_name = inputs.profile.metadata.name.clone().unwrap_or_default();
+        let profile_fp = cache
+            .profiles
+            .entry(profile_name.clone())
+            .or_insert_with(|| {
+                sha256_hex(&serde_json::to_vec(&inputs.profile.spec).unwrap_or_default())
+            })
+            .clone();
+        let fingerprint = fingerprint(
+            &self.renderer.fingerprint,
+            &mesh_fp,
+            &profile_fp,
+            &inputs,
+            manifest,
+        );
+        let owned = OwnedInputs::from(&inputs, &mesh_name, &profile_name);
+        let validity = validity(mesh);
         let prev = self.store.published.get(id).cloned();
         let refresh_due = prev
             .as_ref()
@@ -354,56 +423,6 @@ impl Controller {
             self.blocked.remove(id);
             return Ok(None);
         }
-        let ctx = match render::context(&inputs) {
-            Ok(c) => c,
-            Err(e) => {
-                self.blocked.insert(id.to_string(), e.to_string());
-                return Ok(None);
-            }
-        };
-        let family = inputs.profile.spec.firmware.as_str();
-        let files = match self.renderer.render(family, &ctx) {
-            Ok(f) => f,
-            Err(e) => {
-                self.blocked.insert(id.to_string(), e.to_string());
-                return Ok(None);
-            }
-        };
-        self.counters.rendered += 1;
-        let mut actions: Vec<String> = Vec::new();
-        for f in &files {
-            for a in &f.actions {
-                if !actions.contains(a) {
-                    actions.push(a.clone());
-                }
-            }
-        }
-        let config = NodeConfig {
-            mesh: net.clone(),
-            node: id.to_string(),
-            hostname: ctx.node.hostname.clone(),
-            role: ctx.node.role.clone(),
-            profile: ctx.profile.name.clone(),
-            family: family.to_string(),
-            subnet: ctx.node.subnet.clone(),
-            addresses: vec![format!("{}/{}", ctx.node.address, ctx.node.prefix_len)],
-            files: files.into_iter().map(|f| f.file).collect(),
-            actions,
-        };
-        let body = serde_json::to_vec(&config).unwrap_or_default();
-        let sha = sha256_hex(&body);
-        self.blocked.remove(id);
-        if let Some(p) = &prev
-            && p.sha256 == sha
-            && !refresh_due
-            && p.revision.epoch == self.store.epoch
-        {
-            // Same content: remember the new fingerprint, publish nothing.
-            let mut p = p.clone();
-            p.input = fingerprint;
-            self.store.put_published_record(batch, id, p);
-            return Ok(None);
-        }
         let revision = match &prev {
             Some(p) if p.revision.epoch == self.store.epoch => Revision {
                 epoch: self.store.epoch,
@@ -414,37 +433,101 @@ impl Controller {
                 rev: 1,
             },
         };
-        let key = self.mesh_key(&net)?;
-        let header = Header {
-            mesh: net.clone(),
-            node: Some(id.to_string()),
-            epoch: revision.epoch,
-            rev: revision.rev,
-            iat: now,
-            exp: now + validity,
-            len: 0,
-            sha256: String::new(),
+        Ok(Some(Plan {
+            id: id.to_string(),
+            net,
+            inputs: owned,
+            fingerprint,
+            prev,
+            refresh_due,
+            revision,
+            key,
+            validity,
+        }))
+    }
+
+    /// Renders and signs every plan, spread over the available cores.
+    fn render_plans(&self, plans: &[Plan], now: u64) -> Vec<Result<Rendered, String>> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(plans.len().div_ceil(64))
+            .max(1);
+        let (renderer, set, epoch) = (&self.renderer, &self.set, self.store.epoch);
+        let work = move |plans: &[Plan]| -> Vec<Result<Rendered, String>> {
+            plans
+                .iter()
+                .map(|p| render_and_seal(renderer, set, p, epoch, now))
+                .collect()
         };
-        let envelope = seal(Kind::Config, header, &body, &key);
+        if threads == 1 {
+            return work(plans);
+        }
+        let chunk = plans.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = plans
+                .chunks(chunk)
+                .map(|c| s.spawn(move || work(c)))
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![Err("render thread panicked".to_string())])
+                })
+                .collect()
+        })
+    }
+
+    /// Records the outcome of one plan: blocked, unchanged, or a new revision to publish.
+    fn record(
+        &mut self,
+        plan: Plan,
+        result: Result<Rendered, String>,
+        now: u64,
+        batch: &mut Batch,
+    ) {
+        let r = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.blocked.insert(plan.id, e);
+                return;
+            }
+        };
+        self.counters.rendered += 1;
+        self.blocked.remove(&plan.id);
+        if let Some(p) = &plan.prev
+            && p.sha256 == r.sha256
+            && !plan.refresh_due
+            && p.revision.epoch == self.store.epoch
+        {
+            // Same content: remember the new fingerprint, publish nothing.
+            let mut p = p.clone();
+            p.input = plan.fingerprint;
+            self.store.put_published_record(batch, &plan.id, p);
+            return;
+        }
+        let Some(envelope) = r.envelope else {
+            return;
+        };
         self.store.put_published(
             batch,
-            id,
+            &plan.id,
             Published {
-                revision,
-                sha256: sha,
-                input: fingerprint,
+                revision: plan.revision,
+                sha256: r.sha256,
+                input: plan.fingerprint,
                 iat: now,
-                exp: now + validity,
+                exp: now + plan.validity,
             },
             envelope.clone(),
         );
         self.counters.published += 1;
-        tracing::info!(mesh = %net, node = %id, rev = revision.rev, "publishing config");
-        Ok(Some(Publish {
-            topic: topics::config(&net, id),
+        tracing::debug!(mesh = %plan.net, node = %plan.id, rev = plan.revision.rev, "publishing config");
+        self.outbox.push(Publish {
+            topic: topics::config(&plan.net, &plan.id),
             payload: envelope,
             retain: true,
-        }))
+        });
     }
 
     /// Handles a message from the broker.
@@ -855,7 +938,6 @@ fn decide<'a>(
     };
     let spec = manifest.map(|m| &m.spec);
     Desired::Config {
-        mesh,
         inputs: Box::new(NodeInputs {
             mesh,
             profile,
@@ -899,12 +981,17 @@ pub fn build_config(renderer: &Renderer, inputs: &NodeInputs<'_>) -> Result<Node
     })
 }
 
-fn fingerprint(templates: &str, inputs: &NodeInputs<'_>, manifest: Option<&MeshNode>) -> String {
+fn fingerprint(
+    templates: &str,
+    mesh_fp: &str,
+    profile_fp: &str,
+    inputs: &NodeInputs<'_>,
+    manifest: Option<&MeshNode>,
+) -> String {
     let doc = serde_json::json!({
         "templates": templates,
-        "mesh": inputs.mesh.spec,
-        "meshName": inputs.mesh.metadata.name,
-        "profile": inputs.profile.spec,
+        "mesh": mesh_fp,
+        "profile": profile_fp,
         "profileName": inputs.profile.metadata.name,
         "node": manifest.map(|m| &m.spec),
         "name": inputs.name,
@@ -913,6 +1000,125 @@ fn fingerprint(templates: &str, inputs: &NodeInputs<'_>, manifest: Option<&MeshN
         "passphrase": sha256_hex(inputs.passphrase.as_bytes()),
     });
     sha256_hex(&serde_json::to_vec(&doc).unwrap_or_default())
+}
+
+type MeshMemo = (Result<String, String>, Result<KeyPair, String>, String);
+
+/// Per-reconcile memo of what is the same for every node of a mesh or profile.
+#[derive(Default)]
+struct PlanCache {
+    /// Mesh name → (passphrase, signing key, fingerprint of the Mesh spec).
+    meshes: BTreeMap<String, MeshMemo>,
+    profiles: BTreeMap<String, String>,
+}
+
+/// [`NodeInputs`] without borrows, so plans outlive the borrow of the manifest set.
+struct OwnedInputs {
+    mesh: String,
+    profile: String,
+    id: String,
+    name: Option<String>,
+    reported_hostname: Option<String>,
+    role: NodeRole,
+    channel: Option<u32>,
+    tx_power: Option<u32>,
+    hostname: Option<String>,
+    subnet_id: u16,
+    passphrase: String,
+}
+
+impl OwnedInputs {
+    fn from(i: &NodeInputs<'_>, mesh: &str, profile: &str) -> Self {
+        Self {
+            mesh: mesh.to_string(),
+            profile: profile.to_string(),
+            id: i.id.to_string(),
+            name: i.name.map(str::to_string),
+            reported_hostname: i.reported_hostname.map(str::to_string),
+            role: i.role,
+            channel: i.channel,
+            tx_power: i.tx_power,
+            hostname: i.hostname.map(str::to_string),
+            subnet_id: i.subnet_id,
+            passphrase: i.passphrase.to_string(),
+        }
+    }
+
+    fn borrow<'a>(&'a self, set: &'a ManifestSet) -> Option<NodeInputs<'a>> {
+        Some(NodeInputs {
+            mesh: set.meshes.get(&self.mesh)?,
+            profile: set.profiles.get(&self.profile)?,
+            id: &self.id,
+            name: self.name.as_deref(),
+            reported_hostname: self.reported_hostname.as_deref(),
+            role: self.role,
+            channel: self.channel,
+            tx_power: self.tx_power,
+            hostname: self.hostname.as_deref(),
+            subnet_id: self.subnet_id,
+            passphrase: &self.passphrase,
+        })
+    }
+}
+
+/// A node whose inputs changed: to be rendered and, if its content changed, signed.
+struct Plan {
+    id: String,
+    net: String,
+    inputs: OwnedInputs,
+    fingerprint: String,
+    prev: Option<Published>,
+    refresh_due: bool,
+    revision: Revision,
+    key: KeyPair,
+    validity: u64,
+}
+
+/// The result of rendering a plan.
+struct Rendered {
+    sha256: String,
+    /// `None` when the content did not change (nothing to sign).
+    envelope: Option<Vec<u8>>,
+}
+
+fn render_and_seal(
+    renderer: &Renderer,
+    set: &ManifestSet,
+    plan: &Plan,
+    epoch: u64,
+    now: u64,
+) -> Result<Rendered, String> {
+    let inputs = plan
+        .inputs
+        .borrow(set)
+        .ok_or_else(|| "its mesh or profile vanished".to_string())?;
+    let config = build_config(renderer, &inputs)?;
+    let body = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    let sha256 = sha256_hex(&body);
+    let unchanged = plan
+        .prev
+        .as_ref()
+        .is_some_and(|p| p.sha256 == sha256 && !plan.refresh_due && p.revision.epoch == epoch);
+    if unchanged {
+        return Ok(Rendered {
+            sha256,
+            envelope: None,
+        });
+    }
+    let header = Header {
+        mesh: plan.net.clone(),
+        node: Some(plan.id.clone()),
+        epoch: plan.revision.epoch,
+        rev: plan.revision.rev,
+        iat: now,
+        exp: now + plan.validity,
+        len: 0,
+        sha256: String::new(),
+    };
+    Ok(Rendered {
+        sha256,
+        envelope: Some(seal(Kind::Config, header, &body, &plan.key)),
+    })
 }
 
 /// Size cap used when the controller parses node messages.

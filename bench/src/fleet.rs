@@ -1,0 +1,271 @@
+//! The fleet simulator: N agents in one process, each with its own MQTT connection, its own key
+//! and the real agent core (signature checks, revision and expiry rules, config parsing). Only
+//! the final write to disk is replaced by an in-memory "applied" marker, so thousands of agents
+//! fit on a 2-core machine.
+//!
+//! Keys are derived from a seed (`SHA-256("sidenet-sim/SEED/i")`), so a second run with the same
+//! seed reuses the node identities of the first (re-connect instead of an enrolment storm).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use sidenet_agent::core::{Agent, Effect, Event, Settings};
+use sidenet_wire::codec::sha256;
+use sidenet_wire::keys::KeyPair;
+use sidenet_wire::messages::EnrollRequest;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Mesh network name.
+    pub mesh: String,
+    /// Number of agents.
+    pub nodes: usize,
+    /// Key seed (same seed, same node ids).
+    pub seed: u64,
+    /// Hardware profile the agents ask for.
+    pub profile: String,
+}
+
+/// A running fleet.
+#[derive(Debug)]
+pub struct Fleet {
+    applied: Arc<Vec<AtomicU64>>,
+    connected: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    /// Node ids, by agent index.
+    pub ids: Vec<String>,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The key of simulated agent `i`.
+pub fn key(seed: u64, i: usize) -> KeyPair {
+    KeyPair::from_seed(&sha256(format!("sidenet-sim/{seed}/{i}").as_bytes()))
+}
+
+impl Fleet {
+    /// Starts every agent; they connect, pin the mesh key on first use and enrol.
+    pub fn start(opts: &FleetOptions) -> Fleet {
+        let applied: Arc<Vec<AtomicU64>> =
+            Arc::new((0..opts.nodes).map(|_| AtomicU64::new(0)).collect());
+        let connected = Arc::new(AtomicUsize::new(0));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut ids = Vec::with_capacity(opts.nodes);
+        for i in 0..opts.nodes {
+            let k = key(opts.seed, i);
+            ids.push(k.public().node_id());
+            tasks.spawn(run_agent(
+                i,
+                k,
+                opts.clone(),
+                applied.clone(),
+                connected.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Fleet {
+            applied,
+            connected,
+            stop,
+            tasks,
+            ids,
+        }
+    }
+
+    /// Agents running revision `rev` or later.
+    pub fn at_least(&self, rev: u64) -> usize {
+        self.applied
+            .iter()
+            .filter(|a| a.load(Ordering::Relaxed) >= rev)
+            .count()
+    }
+
+    /// Agents with an MQTT session.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The revision agent `i` runs.
+    pub fn revision(&self, i: usize) -> u64 {
+        self.applied[i].load(Ordering::Relaxed)
+    }
+
+    /// The revision every agent runs now.
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.applied
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Agents running something newer than in `snapshot`.
+    pub fn past(&self, snapshot: &[u64]) -> usize {
+        self.applied
+            .iter()
+            .zip(snapshot)
+            .filter(|(a, s)| a.load(Ordering::Relaxed) > **s)
+            .count()
+    }
+
+    /// Waits until every agent runs revision `rev` or later; returns the time since `since`.
+    pub async fn wait_all(
+        &self,
+        rev: u64,
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let floor = vec![rev.saturating_sub(1); self.applied.len()];
+        self.wait_past(&floor, since, timeout).await
+    }
+
+    /// Waits until every agent runs something newer than in `snapshot`.
+    pub async fn wait_past(
+        &self,
+        snapshot: &[u64],
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
+        let deadline = since + timeout;
+        let mut last_report = Instant::now();
+        let rev = "a newer revision";
+        loop {
+            let n = self.past(snapshot);
+            if n == self.applied.len() {
+                return Ok(since.elapsed());
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "only {n} of {} agents reached revision {rev} within {timeout:?} ({} connected)",
+                    self.applied.len(),
+                    self.connected()
+                );
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                eprintln!(
+                    "  … {n}/{} agents at revision {rev}, {} connected",
+                    self.applied.len(),
+                    self.connected()
+                );
+                last_report = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every agent.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn run_agent(
+    i: usize,
+    key: KeyPair,
+    opts: FleetOptions,
+    applied: Arc<Vec<AtomicU64>>,
+    connected: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let settings = Settings {
+        mesh: opts.mesh.clone(),
+        max_envelope: sidenet_wire::envelope::DEFAULT_MAX_ENVELOPE,
+        enroll: EnrollRequest {
+            hostname: format!("sim-{i}"),
+            board: None,
+            profile: Some(opts.profile.clone()),
+            token: None,
+            backend: "memory".into(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        status_every: 600,
+        enroll_every: 10,
+    };
+    let node = key.public().node_id();
+    let mut agent = Agent::new(settings, key, None, None, now(), now());
+    let mut mo = MqttOptions::new(node, opts.host.clone(), opts.port);
+    mo.set_keep_alive(Duration::from_secs(120));
+    mo.set_clean_session(true);
+    mo.set_max_packet_size(1 << 20, 64 * 1024);
+    let (client, mut el) = AsyncClient::new(mo, 16);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut is_connected = false;
+    loop {
+        let ev = tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => Event::Tick,
+            r = el.poll() => match r {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    if !is_connected {
+                        connected.fetch_add(1, Ordering::Relaxed);
+                        is_connected = true;
+                    }
+                    Event::Connected
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => Event::Message {
+                    topic: p.topic.to_string(),
+                    payload: p.payload.to_vec(),
+                },
+                Ok(_) => continue,
+                Err(_) => {
+                    if is_connected {
+                        connected.fetch_sub(1, Ordering::Relaxed);
+                        is_connected = false;
+                    }
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            },
+        };
+        let mut queue = vec![ev];
+        while let Some(ev) = queue.pop() {
+            for effect in agent.handle(ev, now()) {
+                match effect {
+                    Effect::Subscribe(t) => {
+                        let _ = client.subscribe(t, QoS::AtLeastOnce).await;
+                    }
+                    Effect::Publish {
+                        topic,
+                        payload,
+                        retain,
+                    } => {
+                        let _ = client
+                            .publish(topic, QoS::AtLeastOnce, retain, payload)
+                            .await;
+                    }
+                    Effect::PinMeshKey(_) | Effect::Log(..) => {}
+                    Effect::Apply {
+                        revision, sha256, ..
+                    } => {
+                        applied[i].store(revision.rev, Ordering::Relaxed);
+                        queue.push(Event::Applied {
+                            revision,
+                            sha256,
+                            result: Ok(()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+}
