@@ -37,6 +37,12 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Where one config's time goes (single thread): context, templates, JSON, hash, signature.
+    Breakdown {
+        /// Configs to time.
+        #[arg(long, default_value_t = 5_000)]
+        nodes: usize,
+    },
     /// Render + sign configs on several threads and print configs/s.
     RenderSign {
         /// Configs to produce.
@@ -88,6 +94,11 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.cmd {
+        Cmd::Breakdown { nodes } => {
+            let b = breakdown(&PathBuf::from("."), nodes)?;
+            println!("{b}");
+            Ok(())
+        }
         Cmd::RenderSign { nodes, threads } => {
             let repo = PathBuf::from(".");
             let per_s = render_sign(&repo, nodes, threads)?;
@@ -225,6 +236,79 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
     }
     let _ = render::context; // the controller's own path (build_config) is what is measured
     Ok(nodes as f64 / secs)
+}
+
+/// Microseconds per config spent in each step of the controller's render + sign path.
+fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
+    let set = load_set(repo)?;
+    let renderer = Renderer::load(&repo.join("templates"))?;
+    let key = KeyPair::from_seed(&[7u8; 32]);
+    let mesh = set.meshes.get("riverside").context("example mesh")?;
+    let profile = set
+        .profiles
+        .get("tplink-archer-c7-v2")
+        .context("archer profile")?;
+    let ids: Vec<String> = (0..nodes).map(|i| format!("node{i:012}")).collect();
+    let mut t = [Duration::ZERO; 5];
+    let mut size = 0usize;
+    for (i, id) in ids.iter().enumerate() {
+        let inputs = NodeInputs {
+            mesh,
+            profile,
+            id,
+            name: None,
+            reported_hostname: Some("bench"),
+            role: NodeRole::Router,
+            channel: None,
+            tx_power: None,
+            hostname: None,
+            subnet_id: (i % 65_000 + 1) as u16,
+            passphrase: "bench passphrase",
+        };
+        let s0 = Instant::now();
+        let ctx = render::context(&inputs)?;
+        let s1 = Instant::now();
+        let files = renderer.render("openwrt", &ctx)?;
+        let s2 = Instant::now();
+        let body = serde_json::to_vec(&files.iter().map(|f| &f.file).collect::<Vec<_>>())?;
+        let s3 = Instant::now();
+        let digest = sidenet_wire::codec::sha256_hex(&body);
+        let s4 = Instant::now();
+        let env = seal(
+            Kind::Config,
+            Header {
+                mesh: "riverside".into(),
+                node: Some(id.clone()),
+                epoch: 1,
+                rev: 1,
+                iat: 1,
+                exp: 2,
+                len: 0,
+                sha256: digest,
+            },
+            &body,
+            &key,
+        );
+        let s5 = Instant::now();
+        size += env.len();
+        for (k, d) in [s1 - s0, s2 - s1, s3 - s2, s4 - s3, s5 - s4]
+            .into_iter()
+            .enumerate()
+        {
+            t[k] += d;
+        }
+    }
+    let us = |d: Duration| (d.as_secs_f64() * 1e6 / nodes as f64 * 10.0).round() / 10.0;
+    Ok(json!({
+        "configs": nodes,
+        "envelope_bytes": size / nodes.max(1),
+        "us_context": us(t[0]),
+        "us_templates": us(t[1]),
+        "us_json_body": us(t[2]),
+        "us_sha256_body": us(t[3]),
+        "us_seal_sign": us(t[4]),
+        "us_total": us(t.iter().sum()),
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,7 +806,13 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     let agent_bin = if smoke {
         sibling("sidenet-agent")?
     } else {
-        let p = repo.join("target/agent/sidenet-agent");
+        // target/release/sidenet-bench → target/agent/sidenet-agent
+        let exe = std::env::current_exe()?;
+        let p = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|t| t.join("agent/sidenet-agent"))
+            .context("no target folder")?;
         if !p.exists() {
             bail!(
                 "{} is missing: bench/run builds it with --profile agent",
@@ -741,7 +831,18 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out_dir)?;
     let json_text = serde_json::to_string_pretty(&r)?;
     std::fs::write(out_dir.join("benchmarks.json"), format!("{json_text}\n"))?;
-    std::fs::write(out_dir.join("benchmarks.md"), markdown(&r, cores))?;
+    // The generated table replaces what is between the markers; the analysis around it stays.
+    let md_path = out_dir.join("benchmarks.md");
+    let table = markdown(&r, cores);
+    let existing = std::fs::read_to_string(&md_path).unwrap_or_default();
+    let (begin, end) = ("<!-- results:begin -->", "<!-- results:end -->");
+    let text = match (existing.find(begin), existing.find(end)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{begin}\n{table}{}", &existing[..b], &existing[e..])
+        }
+        _ => format!("# Benchmarks\n\n{begin}\n{table}{end}\n"),
+    };
+    std::fs::write(&md_path, text)?;
     println!("{json_text}");
     Ok(())
 }
@@ -860,7 +961,7 @@ fn markdown(r: &BTreeMap<&str, Value>, cores: usize) -> String {
         ),
     ];
     let mut md = format!(
-        "# Benchmarks\n\nMeasured on {} with {cores} cores; controller, broker and the fleet simulator on the same machine. \
+        "Measured on {} with {cores} cores; controller, broker and the fleet simulator on the same machine. \
 Reproduce with `bench/run` (writes this file and `benchmarks.json`; about 10 minutes). Each figure is from one run.\n\n\
 | Measurement | Result | Target | |\n|---|---|---|---|\n",
         f("measured_at").as_str().unwrap_or("?")

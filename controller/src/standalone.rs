@@ -231,7 +231,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, 20_000);
+    // A short request queue: publishing 10,000 configs waits for the socket instead of holding
+    // every payload in memory at once.
+    let (client, mut eventloop) = AsyncClient::new(mqtt, 512);
     let (ev_tx, mut ev_rx) = mpsc::channel::<MqttEvent>(10_000);
     let mqtt_task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);

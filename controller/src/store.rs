@@ -189,7 +189,12 @@ impl Store {
     /// Opens (or creates) the database at `path`. A new database gets a new epoch: `now`, or one
     /// past `min_epoch` if that is later.
     pub fn open(path: &Path, now: u64) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(db_err)?;
+        // Everything the controller needs is mirrored in memory; a small page cache is enough
+        // (redb's default would let the cache grow to 1 GiB).
+        let db = redb::Builder::new()
+            .set_cache_size(16 << 20)
+            .create(path)
+            .map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
         let epoch;
         {
