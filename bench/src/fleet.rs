@@ -193,6 +193,7 @@ async fn run_agent(
             token: None,
             backend: "memory".into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            wireguard: None,
         },
         status_every: 600,
         enroll_every: 10,
@@ -263,6 +264,8 @@ async fn run_agent(
                             result: Ok(()),
                         });
                     }
+                    // Trial effects: this simulated agent has no trial (it confirms at once).
+                    _ => {}
                 }
             }
         }

@@ -102,6 +102,12 @@ pub struct StatusRow {
     pub address: Option<String>,
     /// Last failure.
     pub failure: Option<String>,
+    /// Babel neighbours the node last reported (one per WireGuard link that is up).
+    #[serde(default)]
+    pub neighbours: Vec<sidenet_wire::messages::Neighbour>,
+    /// The node's last pathfinder probe results (latency and loss per neighbour and gateway).
+    #[serde(default)]
+    pub probes: Vec<sidenet_wire::messages::Probe>,
 }
 
 /// The controller core.
@@ -124,6 +130,8 @@ pub struct Controller {
     pub version: String,
     batch: Batch,
     outbox: Vec<Publish>,
+    /// Links → nodes, for WireGuard neighbours.
+    pub peers: crate::peers::Index,
 }
 
 impl std::fmt::Debug for Controller {
@@ -145,6 +153,7 @@ enum Desired<'a> {
 impl Controller {
     /// A controller over `store`, with no manifests yet.
     pub fn new(store: Store, renderer: Renderer, secrets: Box<dyn Secrets>) -> Self {
+        let peers = crate::peers::Index::build(&store.nodes);
         Self {
             store,
             set: ManifestSet::default(),
@@ -157,6 +166,7 @@ impl Controller {
             version: env!("CARGO_PKG_VERSION").to_string(),
             batch: Batch::default(),
             outbox: Vec::new(),
+            peers,
         }
     }
 
@@ -204,6 +214,7 @@ impl Controller {
                 enrollment: mesh.spec.enrollment.mode.as_str().into(),
                 prefix: mesh.spec.prefix.clone(),
                 controller: self.version.clone(),
+                acks: true,
             };
             let header = Header {
                 mesh: net.clone(),
@@ -402,12 +413,20 @@ impl Controller {
                 sha256_hex(&serde_json::to_vec(&inputs.profile.spec).unwrap_or_default())
             })
             .clone();
-        let fingerprint = fingerprint(
-            &self.renderer.fingerprint,
-            &mesh_fp,
-            &profile_fp,
-            &inputs,
-            manifest,
+        let gateways = cache
+            .gateways
+            .entry(mesh_name.clone())
+            .or_insert_with(|| crate::peers::gateways(&self.store, set, mesh));
+        let dataplane = crate::peers::dataplane(&self.peers, &self.store, set, mesh, id, gateways);
+        let fingerprint = crate::peers::fingerprint(
+            fingerprint(
+                &self.renderer.fingerprint,
+                &mesh_fp,
+                &profile_fp,
+                &inputs,
+                manifest,
+            ),
+            &dataplane,
         );
         let owned = OwnedInputs::from(&inputs, &mesh_name, &profile_name);
         let validity = validity(mesh);
@@ -443,6 +462,7 @@ impl Controller {
             revision,
             key,
             validity,
+            dataplane,
         }))
     }
 
@@ -509,6 +529,14 @@ impl Controller {
         let Some(envelope) = r.envelope else {
             return;
         };
+        if crate::health::withhold(
+            plan.prev.as_ref(),
+            self.store.nodes.get(&plan.id),
+            &r.sha256,
+        ) {
+            // This body failed on the node: no new revision until the config changes.
+            return;
+        }
         self.store.put_published(
             batch,
             &plan.id,
@@ -647,6 +675,10 @@ impl Controller {
             enrolled_at: existing.as_ref().map_or(now, |r| r.enrolled_at),
             last_seen: Some(now),
             last_seq: Some(verified.header.revision()),
+            wireguard: req
+                .wireguard
+                .clone()
+                .or_else(|| existing.as_ref().and_then(|r| r.wireguard.clone())),
             ..existing.clone().unwrap_or_default()
         };
         if existing.is_none() {
@@ -655,7 +687,8 @@ impl Controller {
         }
         self.store.put_node(&mut batch, node, rec);
         self.batch.merge(batch);
-        self.reconcile(&[node.to_string()], now)
+        let affected = self.peers.replace(node, self.store.nodes.get(node));
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
     }
 
     fn on_status(
@@ -710,10 +743,27 @@ impl Controller {
         }
         rec.failure = report.failure.clone();
         rec.probes = report.probes.clone();
+        rec.neighbours = report.neighbours.clone();
+        let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;
+        if moved {
+            rec.wireguard = report.wireguard.clone();
+        }
         self.online.insert(node.to_string(), true);
         let mut batch = Batch::default();
         self.store.put_node(&mut batch, node, rec);
         self.batch.merge(batch);
+        if let Some(trial) = &report.trial
+            && crate::health::should_ack(self.store.published.get(node), self.store.epoch, trial)
+        {
+            let key = self.mesh_key(mesh)?;
+            let seq = verified.header.revision();
+            self.outbox
+                .push(crate::health::ack(&key, mesh, node, seq, trial, now));
+        }
+        if moved {
+            let affected = self.peers.replace(node, self.store.nodes.get(node));
+            self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)?;
+        }
         Ok(())
     }
 
@@ -805,7 +855,10 @@ impl Controller {
         let rec = self.store.nodes.get(&id);
         match decide(&self.set, &mesh, &id, manifest, rec, subnet, &pass) {
             Desired::Config { inputs, .. } => {
-                build_config(&self.renderer, &inputs).map_err(CoreError::Request)
+                let gw = crate::peers::gateways(&self.store, &self.set, &mesh);
+                let dp =
+                    crate::peers::dataplane(&self.peers, &self.store, &self.set, &mesh, &id, &gw);
+                build_config_with(&self.renderer, &inputs, Some(dp)).map_err(CoreError::Request)
             }
             Desired::Pending(r) | Desired::Blocked(r) => Err(CoreError::Request(r)),
         }
@@ -865,6 +918,8 @@ impl Controller {
                     last_seen: rec.and_then(|r| r.last_seen),
                     address,
                     failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
+                    neighbours: rec.map(|r| r.neighbours.clone()).unwrap_or_default(),
+                    probes: rec.map(|r| r.probes.clone()).unwrap_or_default(),
                     node: id,
                 }
             })
@@ -879,7 +934,7 @@ fn validity(mesh: &Mesh) -> u64 {
         .max(60)
 }
 
-fn approved(mesh: &Mesh, manifest: Option<&MeshNode>, rec: Option<&NodeRecord>) -> bool {
+pub(crate) fn approved(mesh: &Mesh, manifest: Option<&MeshNode>, rec: Option<&NodeRecord>) -> bool {
     match mesh.spec.enrollment.mode {
         EnrollmentMode::Auto => true,
         EnrollmentMode::Approval | EnrollmentMode::Token => {
@@ -956,7 +1011,19 @@ fn decide<'a>(
 
 /// Renders the config for `inputs` (used by previews and `sidenetctl render`).
 pub fn build_config(renderer: &Renderer, inputs: &NodeInputs<'_>) -> Result<NodeConfig, String> {
-    let ctx = render::context(inputs).map_err(|e| e.to_string())?;
+    build_config_with(renderer, inputs, None)
+}
+
+/// [`build_config`] with the node's WireGuard peers and gateways (else none).
+pub fn build_config_with(
+    renderer: &Renderer,
+    inputs: &NodeInputs<'_>,
+    dataplane: Option<crate::peers::Dataplane>,
+) -> Result<NodeConfig, String> {
+    let mut ctx = render::context(inputs).map_err(|e| e.to_string())?;
+    if let Some(dp) = dataplane {
+        ctx.dataplane = dp;
+    }
     let family = inputs.profile.spec.firmware.as_str();
     let files = renderer.render(family, &ctx).map_err(|e| e.to_string())?;
     let mut actions: Vec<String> = Vec::new();
@@ -1010,6 +1077,8 @@ struct PlanCache {
     /// Mesh name → (passphrase, signing key, fingerprint of the Mesh spec).
     meshes: BTreeMap<String, MeshMemo>,
     profiles: BTreeMap<String, String>,
+    /// Mesh name → its gateways.
+    gateways: BTreeMap<String, Vec<crate::peers::GatewayCtx>>,
 }
 
 /// [`NodeInputs`] without borrows, so plans outlive the borrow of the manifest set.
@@ -1072,6 +1141,7 @@ struct Plan {
     revision: Revision,
     key: KeyPair,
     validity: u64,
+    dataplane: crate::peers::Dataplane,
 }
 
 /// The result of rendering a plan.
@@ -1092,7 +1162,7 @@ fn render_and_seal(
         .inputs
         .borrow(set)
         .ok_or_else(|| "its mesh or profile vanished".to_string())?;
-    let config = build_config(renderer, &inputs)?;
+    let config = build_config_with(renderer, &inputs, Some(plan.dataplane.clone()))?;
     let body = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
     let sha256 = sha256_hex(&body);
     let unchanged = plan

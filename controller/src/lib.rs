@@ -9,6 +9,8 @@
 //! - [`render`]: minijinja templates × hardware profiles → files.
 //! - [`core`]: the reconcile core (no I/O but its state store): enrolment, approval, revisions,
 //!   signing, status.
+//! - [`peers`]: WireGuard neighbours (who links to whom), ports and link-local addresses.
+//! - [`health`]: acknowledging configs on trial, withholding failed revisions, link metrics.
 //! - [`store`]: the embedded database of the standalone controller.
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
@@ -16,8 +18,10 @@
 pub mod admin;
 pub mod broker;
 pub mod core;
+pub mod health;
 pub mod ipam;
 pub mod manifest;
+pub mod peers;
 pub mod regdb;
 pub mod render;
 pub mod standalone;

@@ -198,6 +198,8 @@ pub struct Context {
     pub mesh_radio: RadioCtx,
     /// The second radio serving the home network, if any.
     pub ap_radio: Option<RadioCtx>,
+    /// WireGuard neighbours, gateways and ports (see [`crate::peers`]).
+    pub dataplane: crate::peers::Dataplane,
 }
 
 /// Mesh-wide settings as templates see them.
@@ -470,5 +472,6 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         },
         mesh_radio,
         ap_radio,
+        dataplane: crate::peers::Dataplane::for_node(inp.id),
     })
 }

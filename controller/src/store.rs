@@ -19,7 +19,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sidenet_wire::Revision;
-use sidenet_wire::messages::{ApplyState, Failure, Probe};
+use sidenet_wire::messages::{ApplyState, Failure, Neighbour, Probe, WireguardInfo};
 
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
@@ -94,6 +94,12 @@ pub struct NodeRecord {
     /// Last probe results.
     #[serde(default)]
     pub probes: Vec<Probe>,
+    /// Babel neighbours the node last reported.
+    #[serde(default)]
+    pub neighbours: Vec<Neighbour>,
+    /// WireGuard public key and underlay endpoints (from enrolment and status).
+    #[serde(default)]
+    pub wireguard: Option<WireguardInfo>,
 }
 
 /// The last config published to a node.

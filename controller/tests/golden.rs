@@ -4,6 +4,10 @@
 //!
 //! The OpenWrt renders are also parsed back by OpenWISP's netjsonconfig (an independent
 //! implementation of the UCI format, installed by `scripts/test`).
+//!
+//! A second set, under `tests/golden/with-peers/`, renders one Linux and one OpenWrt profile for
+//! a gateway node with two WireGuard neighbours (one over IPv4, one over IPv6), another gateway
+//! to probe, and a mesh policy that lets it forward side-net traffic to its uplink.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,8 +18,9 @@ use std::path::{Path, PathBuf};
 
 use common::repo;
 use sidenet_controller::manifest::{self, ManifestSet};
+use sidenet_controller::peers::{self, Dataplane, GatewayCtx, PeerCtx};
 use sidenet_controller::render::{self, NodeInputs, Renderer};
-use sidenet_crds::NodeRole;
+use sidenet_crds::{NodeRole, Policy, PolicyType};
 
 const NODE: &str = "goldennode234567";
 const SUBNET: u16 = 0x1c2d;
@@ -29,9 +34,76 @@ fn set() -> ManifestSet {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn render_profile(set: &ManifestSet, renderer: &Renderer, profile: &str) -> Vec<(String, String)> {
+/// Profiles rendered a second time with WireGuard neighbours.
+const WITH_PEERS: [&str; 2] = ["raspberrypi-4b-awus036acm", "tplink-archer-c7-v2"];
+
+/// Two neighbours, a gateway to probe, and `allowInternet` for this node.
+fn sample_dataplane() -> Dataplane {
+    let mut dp = Dataplane::for_node(NODE);
+    let peer = |node: &str, name: &str, key: &str, host: &str, port: u16, link: &str| {
+        let endpoint = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        PeerCtx {
+            node: node.into(),
+            name: name.into(),
+            iface: peers::iface_for(node),
+            listen_port: 51837,
+            public_key: key.into(),
+            endpoint,
+            endpoint_host: host.into(),
+            endpoint_port: port,
+            link_local: peers::link_local(node).to_string(),
+            link: link.into(),
+        }
+    };
+    dp.peers = vec![
+        peer(
+            "peerbbbbbbbbbbbb",
+            "kitchen",
+            "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+            "10.0.1.2",
+            51990,
+            "10.0.1.0/24",
+        ),
+        peer(
+            "peercccccccccccc",
+            "attic",
+            "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=",
+            "2001:db8:5::2",
+            52011,
+            "2001:db8:5::/64",
+        ),
+    ];
+    dp.peers[1].listen_port = 52400;
+    dp.gateways = vec![GatewayCtx {
+        node: "gatewaydddddddddd".into(),
+        name: "corner-shop".into(),
+        address: "fdfc:b395:f348:1::1".into(),
+    }];
+    dp
+}
+
+fn render_variant(
+    set: &ManifestSet,
+    renderer: &Renderer,
+    profile: &str,
+    with_peers: bool,
+) -> Vec<(String, String)> {
     let p = set.profiles.get(profile).unwrap();
-    let mesh = mesh_for(set, profile);
+    let mut mesh = mesh_for(set, profile);
+    if with_peers {
+        mesh.spec
+            .policies
+            .retain(|p| p.type_ != PolicyType::NoInternet);
+        mesh.spec.policies.push(Policy {
+            type_: PolicyType::AllowInternet,
+            nodes: vec!["golden".into()],
+            rate_kbit: None,
+        });
+    }
     let inputs = NodeInputs {
         mesh: &mesh,
         profile: p,
@@ -45,7 +117,10 @@ fn render_profile(set: &ManifestSet, renderer: &Renderer, profile: &str) -> Vec<
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
     };
-    let ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
+    let mut ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
+    if with_peers {
+        ctx.dataplane = sample_dataplane();
+    }
     renderer
         .render(p.spec.firmware.as_str(), &ctx)
         .unwrap_or_else(|e| panic!("{profile}: {e}"))
@@ -95,9 +170,18 @@ fn every_profile_matches_its_golden_files() {
         set.profiles.len() >= 8,
         "expected at least 8 hardware profiles"
     );
-    for name in set.profiles.keys() {
-        for (path, content) in render_profile(&set, &renderer, name) {
-            let file = golden.join(name).join(&path);
+    let variants = set
+        .profiles
+        .keys()
+        .map(|n| (n.clone(), false, golden.join(n)))
+        .chain(
+            WITH_PEERS
+                .iter()
+                .map(|n| (n.to_string(), true, golden.join("with-peers").join(n))),
+        );
+    for (name, with_peers, dir) in variants {
+        for (path, content) in render_variant(&set, &renderer, &name, with_peers) {
+            let file = dir.join(&path);
             expected.insert(file.clone());
             if update {
                 std::fs::create_dir_all(file.parent().unwrap()).unwrap();
@@ -129,12 +213,24 @@ fn openwrt_renders_parse_back_with_netjsonconfig() {
     let renderer = Renderer::load(&repo().join("templates")).unwrap();
     let python = common::peer_python();
     let mut checked = 0;
-    for (name, p) in &set.profiles {
-        if p.spec.firmware != sidenet_crds::FirmwareFamily::Openwrt {
-            continue;
-        }
+    let openwrt = set
+        .profiles
+        .iter()
+        .filter(|(_, p)| p.spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
+        .map(|(n, _)| (n.clone(), false));
+    let with_peers = WITH_PEERS
+        .iter()
+        .filter(|n| set.profiles[**n].spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
+        .map(|n| (n.to_string(), true));
+    for (name, peers) in openwrt.chain(with_peers) {
+        let name = &name;
         let dir = tempfile::tempdir().unwrap();
-        for (path, content) in render_profile(&set, &renderer, name) {
+        for (path, content) in render_variant(&set, &renderer, name, peers) {
+            // What lands on the router: the agent fills in its WireGuard private key.
+            let content = content.replace(
+                "@sidenet-wireguard-private-key@",
+                "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=",
+            );
             let f = dir.path().join(path);
             std::fs::create_dir_all(f.parent().unwrap()).unwrap();
             std::fs::write(f, content).unwrap();
@@ -170,7 +266,19 @@ fn openwrt_renders_parse_back_with_netjsonconfig() {
         let ifaces = v["interfaces"].to_string() + &v["networks"].to_string();
         assert!(ifaces.contains("sidenet"), "{name}: {v}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains(PASSPHRASE));
+        if peers {
+            for link in ["sn_peerbbbbbbbb", "sn_peercccccccc"] {
+                assert!(
+                    ifaces.contains(link),
+                    "{name}: no WireGuard link {link}: {v}"
+                );
+            }
+            assert!(
+                v["zones"].to_string().contains("sidenet_radio"),
+                "{name}: {v}"
+            );
+        }
         checked += 1;
     }
-    assert!(checked >= 5, "only {checked} OpenWrt profiles checked");
+    assert!(checked >= 6, "only {checked} OpenWrt renders checked");
 }

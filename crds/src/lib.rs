@@ -9,6 +9,7 @@
 //! - [`Mesh`]: one community mesh: name, prefix, radio, encryption, routing, enrolment, policies.
 //! - [`MeshNode`]: one router or dongle host in a mesh.
 //! - [`HardwareProfile`]: the facts of one device model (radios, channels, ports, flash).
+//! - [`NodeProvision`]: hosts to install the agent on over SSH and enrol (`provision.rs`).
 //! - [`crd_documents`] / [`strict_schema`]: the generated CRDs and the JSON Schema used to
 //!   validate manifests (`cargo run -p sidenet-crds --bin crdgen` rewrites `crds/*.yaml`).
 
@@ -22,6 +23,9 @@ use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+mod provision;
+pub use provision::*;
 
 /// API group of every sidenet kind.
 pub const GROUP: &str = "sidenet.io";
@@ -451,6 +455,32 @@ pub struct MeshNodeStatus {
     /// Conditions (`Enrolled`, `Approved`, `ConfigApplied`, `Drifted`, `Degraded`, `Ready`).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The node's WireGuard links as it last reported them: babel's view and the pathfinder
+    /// probes' latency and loss.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkStatus>,
+}
+
+/// One WireGuard link of a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkStatus {
+    /// Node id of the neighbour at the other end.
+    pub peer: String,
+    /// The local WireGuard interface.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub interface: String,
+    /// Whether babel sees the neighbour on this link now.
+    pub up: bool,
+    /// Babel's cost of the link (65535: unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u32>,
+    /// Median round-trip time of the recent probes over the link, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Fraction of the recent probes over the link that got no answer (0 to 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,6 +615,7 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         ("mesh.yaml", Mesh::crd()),
         ("meshnode.yaml", MeshNode::crd()),
         ("hardwareprofile.yaml", HardwareProfile::crd()),
+        ("nodeprovision.yaml", NodeProvision::crd()),
     ]
 }
 

@@ -3,12 +3,24 @@
 //! The core decides; the shell (`shell.rs`) does: it connects to the broker, feeds messages and
 //! timer ticks in as [`Event`]s and carries out the returned [`Effect`]s (subscribe, publish,
 //! pin a key, apply a config). Nothing here touches the network, the disk or the clock.
+//!
+//! # Safe apply
+//!
+//! With a trial deadline set ([`Agent::enable_trial`]), an applied config is *on trial* until its
+//! health check passes: the controller acknowledged a status report naming it (a signed
+//! [`Ack`] bound to that report's sequence number: the round trip proves the node still reaches
+//! the controller), and, if the node had babel neighbours before and the new config has links,
+//! babel neighbours are back. Then the core asks for [`Effect::Confirm`]; past the deadline it
+//! asks for [`Effect::RollBack`], remembers the revision as failed (it is never tried again) and
+//! reports the failure. Configs that arrive meanwhile wait for the trial to end.
 
 use sidenet_wire::envelope::Expect;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{
-    Announce, ApplyState, EnrollRequest, Failure, NodeConfig, StatusReport,
+    Ack, Announce, ApplyState, EnrollRequest, Failure, NodeConfig, StatusReport, Trial,
 };
+
+use crate::backend::Observation;
 use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, topics};
 
 /// How long node messages stay valid (the controller refuses older ones).
@@ -16,6 +28,7 @@ const MESSAGE_VALIDITY: u64 = 600;
 
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Event {
     /// The MQTT session is up (again).
     Connected,
@@ -37,10 +50,31 @@ pub enum Event {
     },
     /// Periodic timer.
     Tick,
+    /// The MQTT session is down.
+    Disconnected,
+    /// What the backend and the prober see now.
+    Observed(Box<Observation>),
+    /// The journal confirmed a config on trial (or failed to).
+    Confirmed {
+        /// The revision.
+        revision: Revision,
+        /// `Err(reason)` if the confirmation could not be written.
+        result: Result<(), String>,
+    },
+    /// A config on trial was rolled back to the last good one.
+    RolledBack {
+        /// The revision undone.
+        revision: Revision,
+        /// Why it was rolled back.
+        reason: String,
+        /// `Err(reason)` if the rollback itself failed.
+        result: Result<(), String>,
+    },
 }
 
 /// Something to do.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Effect {
     /// Subscribe to a topic.
     Subscribe(String),
@@ -68,6 +102,19 @@ pub enum Effect {
     },
     /// Write a log line.
     Log(Level, String),
+    /// Confirm the config on trial. The shell answers with [`Event::Confirmed`].
+    Confirm {
+        /// Its revision.
+        revision: Revision,
+    },
+    /// Roll the config on trial back to the last good one and remember it as failed. The shell
+    /// answers with [`Event::RolledBack`].
+    RollBack {
+        /// Its revision.
+        revision: Revision,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Log level of [`Effect::Log`].
@@ -94,6 +141,30 @@ pub struct Settings {
     pub enroll_every: u64,
 }
 
+/// A config applied and being health-checked.
+#[derive(Debug, Clone, PartialEq)]
+struct TrialState {
+    revision: Revision,
+    sha256: String,
+    deadline: u64,
+    /// Status reports from this sequence number on may be acknowledged.
+    first_seq: u64,
+    acked: bool,
+    /// The node had babel neighbours before the apply.
+    had_neighbours: bool,
+    /// Confirm or rollback asked for.
+    decided: bool,
+}
+
+/// A verified config waiting for the current apply or trial to end.
+#[derive(Debug, Clone)]
+struct Queued {
+    revision: Revision,
+    sha256: String,
+    envelope: Vec<u8>,
+    config: Box<NodeConfig>,
+}
+
 /// The agent's decision state.
 #[derive(Debug)]
 pub struct Agent {
@@ -113,6 +184,11 @@ pub struct Agent {
     last_status: u64,
     last_enroll: Option<u64>,
     connected: bool,
+    trial_deadline: Option<u64>,
+    trial: Option<TrialState>,
+    queued: Option<Queued>,
+    observed: Observation,
+    controller_acks: bool,
 }
 
 impl Agent {
@@ -148,7 +224,34 @@ impl Agent {
             last_status: 0,
             last_enroll: None,
             connected: false,
+            trial_deadline: None,
+            trial: None,
+            queued: None,
+            observed: Observation::default(),
+            controller_acks: false,
         }
+    }
+
+    /// Puts every applied config on trial for `deadline_s` seconds (backends that change the
+    /// data plane). Without it, an applied config counts as confirmed at once.
+    pub fn enable_trial(&mut self, deadline_s: u64) {
+        self.trial_deadline = Some(deadline_s.max(1));
+    }
+
+    /// Revisions that failed before (persisted by the shell): they are never applied again.
+    pub fn set_failed(&mut self, failed: Vec<Revision>) {
+        self.failed = failed;
+    }
+
+    /// The revision on trial, if any.
+    pub fn on_trial(&self) -> Option<Revision> {
+        self.trial.as_ref().map(|t| t.revision)
+    }
+
+    /// Seeds the enrolment request's WireGuard identity (from the backend, at start).
+    pub fn set_wireguard(&mut self, wg: Option<sidenet_wire::messages::WireguardInfo>) {
+        self.settings.enroll.wireguard = wg.clone();
+        self.observed.wireguard = wg;
     }
 
     /// This node's id.
@@ -183,16 +286,23 @@ impl Agent {
                     payload: b"online".to_vec(),
                     retain: true,
                 });
+                out.push(Effect::Subscribe(topics::ack(
+                    &self.settings.mesh,
+                    &self.node,
+                )));
                 if self.mesh_key.is_some() {
                     self.enroll_if_needed(&mut out, true);
                 }
                 self.status(&mut out);
             }
+            Event::Disconnected => self.connected = false,
             Event::Message { topic, payload } => {
                 if topic == topics::announce(&self.settings.mesh) {
                     self.on_announce(&payload, &mut out);
                 } else if topic == topics::config(&self.settings.mesh, &self.node) {
                     self.on_config(&payload, &mut out);
+                } else if topic == topics::ack(&self.settings.mesh, &self.node) {
+                    self.on_ack(&payload, &mut out);
                 }
             }
             Event::Applied {
@@ -202,6 +312,29 @@ impl Agent {
             } => {
                 self.applying = None;
                 match result {
+                    Ok(()) if self.trial_deadline.is_some() => {
+                        let deadline = now + self.trial_deadline.unwrap_or(60);
+                        self.trial = Some(TrialState {
+                            revision,
+                            sha256,
+                            deadline,
+                            first_seq: self.seq + 1,
+                            acked: false,
+                            had_neighbours: !self.observed.neighbours.is_empty(),
+                            decided: false,
+                        });
+                        out.push(Effect::Log(
+                            Level::Info,
+                            format!(
+                                "applied revision {}; health check until the controller confirms (deadline {}s)",
+                                revision.rev,
+                                self.trial_deadline.unwrap_or(60)
+                            ),
+                        ));
+                        self.status(&mut out);
+                        self.evaluate(&mut out);
+                        return out;
+                    }
                     Ok(()) => {
                         self.applied = Some(revision);
                         self.applied_sha = Some(sha256);
@@ -227,19 +360,180 @@ impl Agent {
                     }
                 }
                 self.status(&mut out);
+                self.next(&mut out);
             }
             Event::Tick => {
                 if self.connected {
                     if self.mesh_key.is_some() {
                         self.enroll_if_needed(&mut out, false);
                     }
-                    if now >= self.last_status + self.settings.status_every {
+                    // While on trial, report every second until the controller acknowledges.
+                    let every = match &self.trial {
+                        Some(t) if !t.acked => 1,
+                        _ => self.settings.status_every,
+                    };
+                    if now >= self.last_status + every {
                         self.status(&mut out);
                     }
                 }
+                self.evaluate(&mut out);
+            }
+            Event::Observed(obs) => {
+                let changed = obs.neighbours != self.observed.neighbours
+                    || (obs.wireguard.is_some() && obs.wireguard != self.observed.wireguard);
+                let obs = *obs;
+                self.observed = Observation {
+                    wireguard: obs.wireguard.or_else(|| self.observed.wireguard.take()),
+                    ..obs
+                };
+                if changed {
+                    self.status(&mut out);
+                }
+                self.evaluate(&mut out);
+            }
+            Event::Confirmed { revision, result } => {
+                let Some(t) = self.trial.take_if(|t| t.revision == revision) else {
+                    return out;
+                };
+                match result {
+                    Ok(()) => {
+                        self.applied = Some(revision);
+                        self.applied_sha = Some(t.sha256);
+                        self.failure = None;
+                        out.push(Effect::Log(
+                            Level::Info,
+                            format!(
+                                "revision {} passed its health check: confirmed",
+                                revision.rev
+                            ),
+                        ));
+                        self.status(&mut out);
+                        self.next(&mut out);
+                    }
+                    Err(e) => {
+                        // Could not record it as good: undo it rather than run unconfirmed.
+                        let reason = format!("could not confirm: {e}");
+                        self.trial = Some(TrialState { decided: true, ..t });
+                        out.push(Effect::RollBack { revision, reason });
+                    }
+                }
+            }
+            Event::RolledBack {
+                revision,
+                reason,
+                result,
+            } => {
+                self.trial = None;
+                if !self.failed.contains(&revision) {
+                    self.failed.push(revision);
+                }
+                let error = match result {
+                    Ok(()) => format!("{reason}; rolled back to the last good config"),
+                    Err(e) => format!("{reason}; rollback failed: {e}"),
+                };
+                out.push(Effect::Log(
+                    Level::Warn,
+                    format!("revision {}: {error}", revision.rev),
+                ));
+                self.failure = Some(Failure {
+                    revision: Some(revision),
+                    error,
+                });
+                self.status(&mut out);
+                self.next(&mut out);
             }
         }
         out
+    }
+
+    /// Decides a trial: confirm once healthy, roll back past the deadline.
+    fn evaluate(&mut self, out: &mut Vec<Effect>) {
+        let Some(t) = self.trial.as_mut() else {
+            return;
+        };
+        if t.decided {
+            return;
+        }
+        let reached = if self.controller_acks {
+            t.acked
+        } else {
+            // A controller that does not acknowledge: the broker connection has to do.
+            self.connected
+        };
+        let neighbours_ok =
+            !t.had_neighbours || self.observed.links == 0 || !self.observed.neighbours.is_empty();
+        if reached && neighbours_ok {
+            t.decided = true;
+            out.push(Effect::Confirm {
+                revision: t.revision,
+            });
+        } else if self.now >= t.deadline {
+            t.decided = true;
+            let reason = if !reached {
+                "health check failed: the controller did not acknowledge the new config before the deadline (the node may be cut off from it)".to_string()
+            } else {
+                "health check failed: no babel neighbour came back before the deadline".to_string()
+            };
+            out.push(Effect::RollBack {
+                revision: t.revision,
+                reason,
+            });
+        }
+    }
+
+    /// Applies the config that arrived during an apply or trial, if it is still new.
+    fn next(&mut self, out: &mut Vec<Effect>) {
+        if self.applying.is_some() || self.trial.is_some() {
+            return;
+        }
+        let Some(q) = self.queued.take() else { return };
+        if self.applied.is_some_and(|a| q.revision <= a) || self.failed.contains(&q.revision) {
+            return;
+        }
+        self.applying = Some(q.revision);
+        out.push(Effect::Apply {
+            revision: q.revision,
+            sha256: q.sha256,
+            envelope: q.envelope,
+            config: q.config,
+        });
+    }
+
+    fn on_ack(&mut self, payload: &[u8], out: &mut Vec<Effect>) {
+        let (Some(mesh_key), Some(t)) = (self.mesh_key, self.trial.as_ref()) else {
+            return;
+        };
+        let checked = Envelope::parse(payload, 64 * 1024)
+            .and_then(|e| e.verify(Kind::Ack, &mesh_key))
+            .and_then(|v| {
+                v.check(&Expect {
+                    mesh: &self.settings.mesh,
+                    node: Some(&self.node),
+                    after: None,
+                    now: self.now,
+                })?;
+                let ack: Ack = v.body_json()?;
+                Ok((v.header.revision(), ack))
+            });
+        let (seq, ack) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                out.push(Effect::Log(
+                    Level::Warn,
+                    format!("ignored acknowledgement: {e}"),
+                ));
+                return;
+            }
+        };
+        // Only an answer to a report of this run, sent during this trial, naming this config.
+        let fresh = seq.epoch == self.seq_epoch && seq.rev >= t.first_seq && seq.rev <= self.seq;
+        if !fresh || ack.revision != t.revision || ack.sha256 != t.sha256 {
+            return;
+        }
+        if let Some(t) = self.trial.as_mut() {
+            t.acked = true;
+        }
+        self.evaluate(out);
     }
 
     fn next_header(&mut self) -> Header {
@@ -303,8 +597,13 @@ impl Agent {
             failure: self.failure.clone(),
             uptime_s: self.now.saturating_sub(self.started),
             agent_version: self.settings.enroll.agent_version.clone(),
-            neighbours: Vec::new(),
-            probes: Vec::new(),
+            neighbours: self.observed.neighbours.clone(),
+            probes: self.observed.probes.clone(),
+            wireguard: self.observed.wireguard.clone(),
+            trial: self.trial.as_ref().map(|t| Trial {
+                revision: t.revision,
+                sha256: t.sha256.clone(),
+            }),
         };
         let header = self.next_header();
         let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -334,6 +633,9 @@ impl Agent {
                 "ignored announcement for another mesh".into(),
             ));
             return;
+        }
+        if self.mesh_key.is_none_or(|k| k == verified.signer) {
+            self.controller_acks = verified.body_json::<Announce>().is_ok_and(|a| a.acks);
         }
         match self.mesh_key {
             Some(k) if k == verified.signer => {}
@@ -383,7 +685,8 @@ impl Agent {
             ));
             return;
         };
-        let after = match (self.applied, self.applying) {
+        let busy = self.applying.or(self.trial.as_ref().map(|t| t.revision));
+        let after = match (self.applied, busy) {
             (a, Some(b)) => Some(a.map_or(b, |a| a.max(b))),
             (a, None) => a,
         };
@@ -401,9 +704,7 @@ impl Agent {
             });
         let (revision, sha256, config) = match checked {
             Ok(x) => x,
-            Err(WireError::Stale { got, .. })
-                if Some(got) == self.applied || Some(got) == self.applying =>
-            {
+            Err(WireError::Stale { got, .. }) if Some(got) == self.applied || Some(got) == busy => {
                 // The retained copy of what we run: nothing to do.
                 return;
             }
@@ -438,6 +739,23 @@ impl Agent {
             self.status(out);
             return;
         }
+        if let Some(b) = busy {
+            // Applied when the current apply or trial ends (only the newest is kept).
+            out.push(Effect::Log(
+                Level::Info,
+                format!(
+                    "revision {} waits for revision {} to finish",
+                    revision.rev, b.rev
+                ),
+            ));
+            self.queued = Some(Queued {
+                revision,
+                sha256,
+                envelope: payload.to_vec(),
+                config: Box::new(config),
+            });
+            return;
+        }
         self.applying = Some(revision);
         out.push(Effect::Apply {
             revision,
@@ -445,5 +763,399 @@ impl Agent {
             envelope: payload.to_vec(),
             config: Box::new(config),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidenet_wire::messages::{Neighbour, StatusReport};
+
+    const MESH: &str = "m";
+    const T0: u64 = 1_900_000_000;
+
+    struct World {
+        mesh: KeyPair,
+        agent: Agent,
+    }
+
+    fn world(deadline: Option<u64>) -> World {
+        let mesh = KeyPair::from_seed(&[1; 32]);
+        let node = KeyPair::from_seed(&[2; 32]);
+        let mut agent = Agent::new(
+            Settings {
+                mesh: MESH.into(),
+                max_envelope: 1 << 20,
+                enroll: EnrollRequest::default(),
+                status_every: 60,
+                enroll_every: 15,
+            },
+            node,
+            Some(mesh.public()),
+            None,
+            7,
+            T0,
+        );
+        if let Some(d) = deadline {
+            agent.enable_trial(d);
+        }
+        let mut w = World { mesh, agent };
+        w.announce(true);
+        w.agent.handle(Event::Connected, T0);
+        w
+    }
+
+    impl World {
+        fn node(&self) -> String {
+            self.agent.node_id().to_string()
+        }
+
+        fn announce(&mut self, acks: bool) {
+            let body = Announce {
+                mesh: MESH.into(),
+                key: self.mesh.public().to_base64(),
+                enrollment: "auto".into(),
+                prefix: "fd00::/48".into(),
+                controller: "test".into(),
+                acks,
+            };
+            let env = sidenet_wire::envelope::seal(
+                Kind::Announce,
+                header(None, 1, 0),
+                &serde_json::to_vec(&body).unwrap_or_default(),
+                &self.mesh,
+            );
+            self.agent.handle(
+                Event::Message {
+                    topic: topics::announce(MESH),
+                    payload: env,
+                },
+                T0,
+            );
+        }
+
+        fn config(&mut self, rev: u64, now: u64) -> Vec<Effect> {
+            let body = NodeConfig {
+                mesh: MESH.into(),
+                node: self.node(),
+                hostname: format!("h{rev}"),
+                role: "router".into(),
+                profile: "p".into(),
+                family: "linux".into(),
+                subnet: "fd00:1::/64".into(),
+                addresses: vec![],
+                files: vec![],
+                actions: vec![],
+            };
+            let env = sidenet_wire::envelope::seal(
+                Kind::Config,
+                header(Some(self.node()), 1, rev),
+                &serde_json::to_vec(&body).unwrap_or_default(),
+                &self.mesh,
+            );
+            self.agent.handle(
+                Event::Message {
+                    topic: topics::config(MESH, &self.node()),
+                    payload: env,
+                },
+                now,
+            )
+        }
+
+        /// The controller's answer to `status` (an Effect::Publish of a status report).
+        fn ack_for(&self, status: &Effect, key: &KeyPair) -> Option<Vec<u8>> {
+            let Effect::Publish { payload, .. } = status else {
+                return None;
+            };
+            let v = Envelope::parse(payload, 1 << 20).ok()?;
+            let v = v.verify_self_signed(Kind::Status).ok()?;
+            let report: StatusReport = v.body_json().ok()?;
+            let trial = report.trial?;
+            let mut h = header(Some(self.node()), v.header.epoch, v.header.rev);
+            h.exp = T0 + 600;
+            Some(sidenet_wire::envelope::seal(
+                Kind::Ack,
+                h,
+                &serde_json::to_vec(&Ack {
+                    revision: trial.revision,
+                    sha256: trial.sha256,
+                })
+                .unwrap_or_default(),
+                key,
+            ))
+        }
+
+        fn deliver_ack(&mut self, payload: Vec<u8>, now: u64) -> Vec<Effect> {
+            self.agent.handle(
+                Event::Message {
+                    topic: topics::ack(MESH, &self.node()),
+                    payload,
+                },
+                now,
+            )
+        }
+    }
+
+    fn header(node: Option<String>, epoch: u64, rev: u64) -> Header {
+        Header {
+            mesh: MESH.into(),
+            node,
+            epoch,
+            rev,
+            iat: T0,
+            exp: T0 + 3600,
+            len: 0,
+            sha256: String::new(),
+        }
+    }
+
+    fn apply_of(effects: &[Effect]) -> Option<(Revision, String)> {
+        effects.iter().find_map(|e| match e {
+            Effect::Apply {
+                revision, sha256, ..
+            } => Some((*revision, sha256.clone())),
+            _ => None,
+        })
+    }
+
+    fn status_of(effects: &[Effect]) -> Option<&Effect> {
+        effects
+            .iter()
+            .find(|e| matches!(e, Effect::Publish { topic, .. } if topic.ends_with("/status")))
+    }
+
+    fn report(e: &Effect) -> Option<StatusReport> {
+        let Effect::Publish { payload, .. } = e else {
+            return None;
+        };
+        Envelope::parse(payload, 1 << 20)
+            .ok()?
+            .verify_self_signed(Kind::Status)
+            .ok()?
+            .body_json()
+            .ok()
+    }
+
+    #[test]
+    fn a_config_is_confirmed_only_after_the_controller_acknowledges_it() {
+        let mut w = world(Some(30));
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        let out = w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        assert_eq!(w.agent.on_trial(), Some(rev));
+        assert!(!out.iter().any(|e| matches!(e, Effect::Confirm { .. })));
+        let status = status_of(&out)
+            .cloned()
+            .unwrap_or(Effect::Log(Level::Info, String::new()));
+        let r = report(&status).map(|r| (r.applied, r.trial.map(|t| t.revision)));
+        assert_eq!(r, Some((None, Some(rev))));
+        // An acknowledgement signed by someone else does nothing.
+        let forged = w.ack_for(&status, &KeyPair::from_seed(&[9; 32]));
+        let out = w.deliver_ack(forged.unwrap_or_default(), T0 + 1);
+        assert!(!out.iter().any(|e| matches!(e, Effect::Confirm { .. })));
+        // The controller's does.
+        let ack = w.ack_for(&status, &KeyPair::from_seed(&[1; 32]));
+        let out = w.deliver_ack(ack.clone().unwrap_or_default(), T0 + 1);
+        assert!(out.contains(&Effect::Confirm { revision: rev }), "{out:?}");
+        let out = w.agent.handle(
+            Event::Confirmed {
+                revision: rev,
+                result: Ok(()),
+            },
+            T0 + 1,
+        );
+        assert_eq!(w.agent.applied(), Some(rev));
+        assert_eq!(w.agent.on_trial(), None);
+        let r = status_of(&out).and_then(report);
+        assert_eq!(r.map(|r| (r.applied, r.trial)), Some((Some(rev), None)));
+        // Replaying that acknowledgement for the next trial confirms nothing.
+        let (rev2, sha2) = apply_of(&w.config(2, T0 + 2)).unwrap_or_default();
+        w.agent.handle(
+            Event::Applied {
+                revision: rev2,
+                sha256: sha2,
+                result: Ok(()),
+            },
+            T0 + 2,
+        );
+        let out = w.deliver_ack(ack.unwrap_or_default(), T0 + 3);
+        assert!(!out.iter().any(|e| matches!(e, Effect::Confirm { .. })));
+    }
+
+    #[test]
+    fn no_acknowledgement_rolls_back_and_the_revision_is_never_retried() {
+        let mut w = world(Some(30));
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        // Reports go out every second while unacknowledged.
+        let out = w.agent.handle(Event::Tick, T0 + 1);
+        assert!(status_of(&out).is_some());
+        let out = w.agent.handle(Event::Tick, T0 + 29);
+        assert!(!out.iter().any(|e| matches!(e, Effect::RollBack { .. })));
+        let out = w.agent.handle(Event::Tick, T0 + 30);
+        let reason = out.iter().find_map(|e| match e {
+            Effect::RollBack { revision, reason } if *revision == rev => Some(reason.clone()),
+            _ => None,
+        });
+        assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.contains("did not acknowledge"))
+        );
+        let out = w.agent.handle(
+            Event::RolledBack {
+                revision: rev,
+                reason: reason.unwrap_or_default(),
+                result: Ok(()),
+            },
+            T0 + 30,
+        );
+        let r = status_of(&out).and_then(report);
+        assert_eq!(r.as_ref().map(|r| r.state), Some(ApplyState::Failed));
+        assert_eq!(
+            r.and_then(|r| r.failure).and_then(|f| f.revision),
+            Some(rev)
+        );
+        assert_eq!(w.agent.applied(), None);
+        // The retained config comes again (reconnect): not applied again.
+        assert_eq!(apply_of(&w.config(1, T0 + 31)), None);
+        // A new revision is.
+        assert!(apply_of(&w.config(2, T0 + 32)).is_some());
+    }
+
+    #[test]
+    fn lost_babel_neighbours_fail_the_health_check() {
+        let mut w = world(Some(10));
+        let neighbour = Neighbour {
+            address: "fe80::1".into(),
+            interface: "sn-x".into(),
+            node: None,
+            cost: Some(96),
+        };
+        let seen = |n: Vec<Neighbour>| {
+            Event::Observed(Box::new(Observation {
+                neighbours: n,
+                links: 1,
+                ..Default::default()
+            }))
+        };
+        w.agent.handle(seen(vec![neighbour.clone()]), T0);
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        let out = w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        let status = status_of(&out)
+            .cloned()
+            .unwrap_or(Effect::Log(Level::Info, String::new()));
+        // babeld restarted: no neighbour yet; the acknowledgement alone is not enough.
+        w.agent.handle(seen(vec![]), T0 + 1);
+        let ack = w.ack_for(&status, &KeyPair::from_seed(&[1; 32]));
+        let out = w.deliver_ack(ack.unwrap_or_default(), T0 + 1);
+        assert!(!out.iter().any(|e| matches!(e, Effect::Confirm { .. })));
+        // The neighbour comes back: confirmed.
+        let out = w.agent.handle(seen(vec![neighbour]), T0 + 3);
+        assert!(out.contains(&Effect::Confirm { revision: rev }));
+    }
+
+    #[test]
+    fn configs_arriving_during_a_trial_wait_for_it() {
+        let mut w = world(Some(30));
+        let (rev1, sha1) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        w.agent.handle(
+            Event::Applied {
+                revision: rev1,
+                sha256: sha1,
+                result: Ok(()),
+            },
+            T0,
+        );
+        assert_eq!(apply_of(&w.config(2, T0 + 1)), None);
+        assert_eq!(apply_of(&w.config(3, T0 + 1)), None);
+        w.agent.handle(Event::Tick, T0 + 30);
+        let out = w.agent.handle(
+            Event::RolledBack {
+                revision: rev1,
+                reason: "test".into(),
+                result: Ok(()),
+            },
+            T0 + 30,
+        );
+        // Only the newest waiting config is applied.
+        assert_eq!(apply_of(&out).map(|(r, _)| r.rev), Some(3));
+    }
+
+    #[test]
+    fn a_config_queued_during_a_trial_is_applied_after_the_confirmation() {
+        let mut w = world(Some(30));
+        let (rev1, sha1) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        let out = w.agent.handle(
+            Event::Applied {
+                revision: rev1,
+                sha256: sha1,
+                result: Ok(()),
+            },
+            T0,
+        );
+        let status = status_of(&out)
+            .cloned()
+            .unwrap_or(Effect::Log(Level::Info, String::new()));
+        assert_eq!(apply_of(&w.config(2, T0)), None);
+        let ack = w.ack_for(&status, &KeyPair::from_seed(&[1; 32]));
+        let out = w.deliver_ack(ack.unwrap_or_default(), T0 + 1);
+        assert!(out.contains(&Effect::Confirm { revision: rev1 }));
+        let out = w.agent.handle(
+            Event::Confirmed {
+                revision: rev1,
+                result: Ok(()),
+            },
+            T0 + 1,
+        );
+        assert_eq!(apply_of(&out).map(|(r, _)| r.rev), Some(2), "{out:?}");
+    }
+
+    #[test]
+    fn without_trial_an_apply_is_final_and_controllers_without_acks_are_served() {
+        let mut w = world(None);
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        assert_eq!(w.agent.applied(), Some(rev));
+        // Trial with a controller that does not acknowledge: the broker connection suffices.
+        let mut w = world(Some(30));
+        w.announce(false);
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        let out = w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        assert!(out.contains(&Effect::Confirm { revision: rev }));
     }
 }

@@ -1,18 +1,22 @@
-//! The `files` backend and the apply journal shared by every backend.
+//! The apply journal shared by every backend (and all the `files` backend does).
 //!
-//! Applying a config is a journalled, roll-forward operation that survives `kill -9` and power
-//! loss:
+//! A config is applied in phases, recorded in `STATE/journal.json` (written atomically), so that
+//! a crash, `kill -9` or power loss at any point leaves the node on exactly one signed revision:
 //!
-//! 1. every file is written into `STATE/staging/` and synced;
-//! 2. `STATE/journal.json` (revision, new and old file lists) is written atomically — from here on
-//!    the config *will* be applied, even across a crash;
-//! 3. each file is copied next to its destination and renamed over it (atomic per file);
-//! 4. files of the previous config that the new one no longer has are removed;
-//! 5. `STATE/current.env` (the verified envelope) and `STATE/current.json` are replaced
-//!    atomically, then the journal and staging are removed.
+//! 1. **stage**: every file of the new config is written into `STATE/staging/`, and every file
+//!    the apply will touch (new ones and the old config's) is copied into `STATE/backup/` (or
+//!    noted as absent). No journal yet: a crash here leaves the old config untouched.
+//! 2. **installing** (journal written): each file is renamed into place, files the new config
+//!    dropped are removed.
+//! 3. **applying**: the backend converges the system (addresses, WireGuard, babeld, firewall).
+//! 4. **trial**: the health check runs.
+//! 5. **committing** (journal rewritten): `STATE/current.env` (the verified envelope) and
+//!    `STATE/current.json` are replaced; then the journal, staging and backup are removed.
 //!
-//! On start, a journal left behind is rolled forward (steps 3–5), so the node ends on exactly one
-//! signed revision: the old one if the crash came before step 2, the new one otherwise.
+//! [`Applier::rollback`] restores every backed-up file and removes the ones that did not exist.
+//! On start, [`Applier::recover`] finishes a journal left behind: *committing* rolls forward (the
+//! new revision was confirmed), any earlier phase rolls back (it never was), and the caller then
+//! converges the system to whichever revision the files now hold.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -33,18 +37,68 @@ pub struct Current {
     pub files: Vec<String>,
 }
 
+/// Where an apply stands (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Files are being renamed into place.
+    Installing,
+    /// The backend converges the system.
+    Applying,
+    /// The health check runs.
+    Trial,
+    /// Confirmed: the last good config is being replaced. Journals of older agents, which
+    /// always rolled forward, read as this phase.
+    #[default]
+    Committing,
+}
+
+impl Phase {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Installing => "installing",
+            Self::Applying => "applying",
+            Self::Trial => "trial",
+            Self::Committing => "committing",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Journal {
+    #[serde(default)]
+    phase: Phase,
     revision: Revision,
     sha256: String,
     files: Vec<FileEntry>,
     old_files: Vec<String>,
+    /// What was at each touched path before (`mode: None`: nothing).
+    #[serde(default)]
+    backup: Vec<Backup>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct FileEntry {
     path: String,
     mode: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Backup {
+    path: String,
+    mode: Option<u32>,
+}
+
+/// What [`Applier::recover`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// No interrupted apply.
+    Clean,
+    /// A confirmed revision was finished.
+    RolledForward(Revision),
+    /// An unconfirmed revision was undone (interrupted in this phase).
+    RolledBack(Revision, Phase),
 }
 
 /// Apply failed.
@@ -88,6 +142,14 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     Ok(())
 }
 
+fn remove_if_exists(p: &Path) -> Result<(), ApplyError> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => ctx(Err(e), "remove", p),
+    }
+}
+
 /// The journal machinery over a device root and a state folder.
 #[derive(Debug, Clone)]
 pub struct Applier {
@@ -108,6 +170,14 @@ impl Applier {
         self.state.join("staging")
     }
 
+    fn backup_dir(&self) -> PathBuf {
+        self.state.join("backup")
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.state.join("journal.json")
+    }
+
     /// What is applied now, if anything.
     pub fn current(&self) -> Option<Current> {
         let text = std::fs::read(self.state.join("current.json")).ok()?;
@@ -119,25 +189,31 @@ impl Applier {
         std::fs::read(self.state.join("current.env")).ok()
     }
 
-    /// Rolls a journal left by an interrupted apply forward. Returns the revision it finished.
-    pub fn recover(&self) -> Result<Option<Revision>, ApplyError> {
-        let jpath = self.state.join("journal.json");
-        let Ok(text) = std::fs::read(&jpath) else {
-            // No journal: an apply that died before step 2 leaves only staging behind.
-            let _ = std::fs::remove_dir_all(self.staging());
-            return Ok(None);
-        };
-        let Ok(journal) = serde_json::from_slice::<Journal>(&text) else {
-            // A torn journal cannot exist (it is renamed into place), but be safe: drop it.
-            let _ = std::fs::remove_file(&jpath);
-            let _ = std::fs::remove_dir_all(self.staging());
-            return Ok(None);
-        };
-        self.finish(&journal)?;
-        Ok(Some(journal.revision))
+    fn journal(&self) -> Option<Journal> {
+        let text = std::fs::read(self.journal_path()).ok()?;
+        serde_json::from_slice(&text).ok()
     }
 
-    /// Applies `config` (already verified) as `revision`, keeping `envelope` as the last good.
+    /// The phase and revision of an apply in progress.
+    pub fn pending(&self) -> Option<(Phase, Revision)> {
+        self.journal().map(|j| (j.phase, j.revision))
+    }
+
+    fn write_journal(&self, j: &Journal) -> Result<(), ApplyError> {
+        let p = self.journal_path();
+        ctx(
+            write_atomic(&p, &serde_json::to_vec(j).unwrap_or_default(), 0o600),
+            "write",
+            &p,
+        )
+    }
+
+    fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(self.staging());
+        let _ = std::fs::remove_dir_all(self.backup_dir());
+    }
+
+    /// Applies and confirms `config` at once (backends without a health check).
     pub fn apply(
         &self,
         revision: Revision,
@@ -145,8 +221,29 @@ impl Applier {
         envelope: &[u8],
         config: &NodeConfig,
     ) -> Result<(), ApplyError> {
+        self.install(revision, sha256, envelope, config)?;
+        self.confirm().map(|_| ())
+    }
+
+    /// Stages `config` (already verified) with backups of what it replaces, then installs its
+    /// files (phases *stage* and *installing*; ends in *applying*).
+    pub fn install(
+        &self,
+        revision: Revision,
+        sha256: &str,
+        envelope: &[u8],
+        config: &NodeConfig,
+    ) -> Result<(), ApplyError> {
+        if self.journal().is_some() {
+            // Never stack applies: the caller finishes or rolls back the one in progress first.
+            return ctx(
+                Err(std::io::Error::other("an apply is already in progress")),
+                "journal",
+                &self.journal_path(),
+            );
+        }
+        self.cleanup();
         let staging = self.staging();
-        let _ = std::fs::remove_dir_all(&staging);
         ctx(std::fs::create_dir_all(&staging), "create", &staging)?;
         for f in &config.files {
             let p = staging.join(&f.path);
@@ -155,7 +252,35 @@ impl Applier {
         let env_path = staging.join(".envelope");
         ctx(write_atomic(&env_path, envelope, 0o600), "stage", &env_path)?;
         let old_files = self.current().map(|c| c.files).unwrap_or_default();
-        let journal = Journal {
+        let mut touched: Vec<&str> = config.files.iter().map(|f| f.path.as_str()).collect();
+        touched.extend(old_files.iter().map(String::as_str));
+        touched.sort_unstable();
+        touched.dedup();
+        let mut backup = Vec::new();
+        for path in touched {
+            let src = self.root.join(path);
+            match std::fs::read(&src) {
+                Ok(data) => {
+                    let mode = ctx(std::fs::metadata(&src), "stat", &src)?
+                        .permissions()
+                        .mode()
+                        & 0o7777;
+                    let dst = self.backup_dir().join(path);
+                    ctx(write_atomic(&dst, &data, mode), "back up", &dst)?;
+                    backup.push(Backup {
+                        path: path.to_string(),
+                        mode: Some(mode),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => backup.push(Backup {
+                    path: path.to_string(),
+                    mode: None,
+                }),
+                Err(e) => return ctx(Err(e), "read", &src),
+            }
+        }
+        let mut journal = Journal {
+            phase: Phase::Installing,
             revision,
             sha256: sha256.to_string(),
             files: config
@@ -167,21 +292,15 @@ impl Applier {
                 })
                 .collect(),
             old_files,
+            backup,
         };
-        let jpath = self.state.join("journal.json");
-        ctx(
-            write_atomic(
-                &jpath,
-                &serde_json::to_vec(&journal).unwrap_or_default(),
-                0o600,
-            ),
-            "write",
-            &jpath,
-        )?;
-        self.finish(&journal)
+        self.write_journal(&journal)?;
+        self.install_files(&journal)?;
+        journal.phase = Phase::Applying;
+        self.write_journal(&journal)
     }
 
-    fn finish(&self, journal: &Journal) -> Result<(), ApplyError> {
+    fn install_files(&self, journal: &Journal) -> Result<(), ApplyError> {
         let staging = self.staging();
         for f in &journal.files {
             let src = staging.join(&f.path);
@@ -191,15 +310,37 @@ impl Applier {
         }
         for old in &journal.old_files {
             if !journal.files.iter().any(|f| &f.path == old) {
-                let p = self.root.join(old);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return ctx(Err(e), "remove", &p),
-                }
+                remove_if_exists(&self.root.join(old))?;
             }
         }
-        let env_src = staging.join(".envelope");
+        Ok(())
+    }
+
+    /// Records that the apply in progress reached `phase` (applying → trial).
+    pub fn set_phase(&self, phase: Phase) -> Result<(), ApplyError> {
+        match self.journal() {
+            Some(mut j) => {
+                j.phase = phase;
+                self.write_journal(&j)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Confirms the apply in progress: its envelope becomes the last good one. Returns its
+    /// revision (`None` if nothing was in progress).
+    pub fn confirm(&self) -> Result<Option<Revision>, ApplyError> {
+        let Some(mut journal) = self.journal() else {
+            return Ok(None);
+        };
+        journal.phase = Phase::Committing;
+        self.write_journal(&journal)?;
+        self.commit(&journal)?;
+        Ok(Some(journal.revision))
+    }
+
+    fn commit(&self, journal: &Journal) -> Result<(), ApplyError> {
+        let env_src = self.staging().join(".envelope");
         let env = ctx(std::fs::read(&env_src), "read staged", &env_src)?;
         let env_dst = self.state.join("current.env");
         ctx(write_atomic(&env_dst, &env, 0o600), "write", &env_dst)?;
@@ -218,10 +359,58 @@ impl Applier {
             "write",
             &cpath,
         )?;
-        let jpath = self.state.join("journal.json");
+        let jpath = self.journal_path();
         ctx(std::fs::remove_file(&jpath), "remove", &jpath)?;
-        let _ = std::fs::remove_dir_all(&staging);
+        self.cleanup();
         Ok(())
+    }
+
+    /// Undoes the apply in progress: every touched file gets back its old content and mode, or
+    /// is removed if it did not exist. Returns the revision undone (`None` if nothing was in
+    /// progress). Safe to repeat after a crash half-way.
+    pub fn rollback(&self) -> Result<Option<Revision>, ApplyError> {
+        let Some(journal) = self.journal() else {
+            self.cleanup();
+            return Ok(None);
+        };
+        for b in &journal.backup {
+            let dst = self.root.join(&b.path);
+            match b.mode {
+                Some(mode) => {
+                    let src = self.backup_dir().join(&b.path);
+                    let data = ctx(std::fs::read(&src), "read backup", &src)?;
+                    ctx(write_atomic(&dst, &data, mode), "restore", &dst)?;
+                }
+                None => remove_if_exists(&dst)?,
+            }
+        }
+        let jpath = self.journal_path();
+        ctx(std::fs::remove_file(&jpath), "remove", &jpath)?;
+        self.cleanup();
+        Ok(Some(journal.revision))
+    }
+
+    /// Finishes an apply interrupted by a crash: rolls a confirmed one forward, any other back.
+    pub fn recover(&self) -> Result<Recovery, ApplyError> {
+        let jpath = self.journal_path();
+        if !jpath.exists() {
+            // No journal: an apply that died while staging leaves only staging and backup.
+            self.cleanup();
+            return Ok(Recovery::Clean);
+        }
+        let Some(journal) = self.journal() else {
+            // A torn journal cannot exist (it is renamed into place), but be safe: drop it.
+            let _ = std::fs::remove_file(&jpath);
+            self.cleanup();
+            return Ok(Recovery::Clean);
+        };
+        if journal.phase == Phase::Committing {
+            self.install_files(&journal)?;
+            self.commit(&journal)?;
+            return Ok(Recovery::RolledForward(journal.revision));
+        }
+        self.rollback()?;
+        Ok(Recovery::RolledBack(journal.revision, journal.phase))
     }
 }
 
@@ -251,6 +440,10 @@ mod tests {
         }
     }
 
+    fn read(root: &Path, p: &str) -> Option<String> {
+        std::fs::read_to_string(root.join(p)).ok()
+    }
+
     #[test]
     fn applies_replaces_and_removes() -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
@@ -263,19 +456,71 @@ mod tests {
             b"env1",
             &config(&[("etc/a", "one"), ("etc/b", "bee")]),
         )?;
-        assert_eq!(std::fs::read_to_string(root.path().join("etc/a"))?, "one");
+        assert_eq!(read(root.path(), "etc/a").as_deref(), Some("one"));
         let r2 = Revision { epoch: 1, rev: 2 };
         a.apply(r2, "s2", b"env2", &config(&[("etc/a", "two")]))?;
-        assert_eq!(std::fs::read_to_string(root.path().join("etc/a"))?, "two");
+        assert_eq!(read(root.path(), "etc/a").as_deref(), Some("two"));
         assert!(!root.path().join("etc/b").exists());
         assert_eq!(a.current().map(|c| c.revision), Some(r2));
         assert_eq!(a.current_envelope(), Some(b"env2".to_vec()));
         assert!(!state.path().join("journal.json").exists());
+        assert!(!state.path().join("backup").exists());
         Ok(())
     }
 
     #[test]
-    fn interrupted_apply_rolls_forward() -> Result<(), Box<dyn std::error::Error>> {
+    fn rollback_restores_content_modes_and_absence() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let state = tempfile::tempdir()?;
+        // A file that was there before sidenet, with its own mode.
+        write_atomic(&root.path().join("etc/config/network"), b"stock", 0o600)?;
+        let a = Applier::new(root.path(), state.path());
+        a.apply(
+            Revision { epoch: 1, rev: 1 },
+            "s1",
+            b"env1",
+            &config(&[("etc/a", "one"), ("etc/b", "bee")]),
+        )?;
+        let r2 = Revision { epoch: 1, rev: 2 };
+        a.install(
+            r2,
+            "s2",
+            b"env2",
+            &config(&[
+                ("etc/a", "two"),
+                ("etc/config/network", "ours"),
+                ("etc/c", "new"),
+            ]),
+        )?;
+        assert_eq!(a.pending(), Some((Phase::Applying, r2)));
+        assert_eq!(
+            read(root.path(), "etc/config/network").as_deref(),
+            Some("ours")
+        );
+        assert!(!root.path().join("etc/b").exists());
+        assert_eq!(a.rollback()?, Some(r2));
+        assert_eq!(read(root.path(), "etc/a").as_deref(), Some("one"));
+        assert_eq!(read(root.path(), "etc/b").as_deref(), Some("bee"));
+        assert!(!root.path().join("etc/c").exists());
+        assert_eq!(
+            read(root.path(), "etc/config/network").as_deref(),
+            Some("stock")
+        );
+        let mode = std::fs::metadata(root.path().join("etc/config/network"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(a.current().map(|c| c.revision.rev), Some(1));
+        assert_eq!(a.current_envelope(), Some(b"env1".to_vec()));
+        assert_eq!(a.pending(), None);
+        // Nothing in progress: a second rollback is a no-op.
+        assert_eq!(a.rollback()?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn recovery_rolls_back_unconfirmed_and_forward_confirmed()
+    -> Result<(), Box<dyn std::error::Error>> {
         let root = tempfile::tempdir()?;
         let state = tempfile::tempdir()?;
         let a = Applier::new(root.path(), state.path());
@@ -285,31 +530,86 @@ mod tests {
             b"env1",
             &config(&[("x", "old")]),
         )?;
-        // Simulate a crash right after the journal was written: stage + journal by hand.
+        for phase in [Phase::Installing, Phase::Applying, Phase::Trial] {
+            let r2 = Revision { epoch: 1, rev: 2 };
+            a.install(r2, "s2", b"env2", &config(&[("x", "new"), ("y", "why")]))?;
+            a.set_phase(phase)?;
+            assert_eq!(a.recover()?, Recovery::RolledBack(r2, phase));
+            assert_eq!(read(root.path(), "x").as_deref(), Some("old"));
+            assert!(!root.path().join("y").exists());
+            assert_eq!(a.current().map(|c| c.revision.rev), Some(1));
+        }
+        // Confirmed but interrupted while committing: rolled forward.
+        let r3 = Revision { epoch: 1, rev: 3 };
+        a.install(r3, "s3", b"env3", &config(&[("x", "newer")]))?;
+        a.set_phase(Phase::Committing)?;
+        assert_eq!(a.recover()?, Recovery::RolledForward(r3));
+        assert_eq!(read(root.path(), "x").as_deref(), Some("newer"));
+        assert_eq!(a.current().map(|c| c.revision), Some(r3));
+        assert_eq!(a.current_envelope(), Some(b"env3".to_vec()));
+        // Staging without a journal (crash while staging) is discarded; old config stays.
+        write_atomic(&state.path().join("staging/x"), b"newest", 0o644)?;
+        assert_eq!(a.recover()?, Recovery::Clean);
+        assert_eq!(read(root.path(), "x").as_deref(), Some("newer"));
+        assert!(!state.path().join("staging").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn journals_of_older_agents_roll_forward() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let state = tempfile::tempdir()?;
+        let a = Applier::new(root.path(), state.path());
+        a.apply(
+            Revision { epoch: 1, rev: 1 },
+            "s1",
+            b"env1",
+            &config(&[("x", "old")]),
+        )?;
+        // What the previous agent version wrote: no phase, no backup.
         let staging = state.path().join("staging");
         write_atomic(&staging.join("x"), b"new", 0o644)?;
         write_atomic(&staging.join(".envelope"), b"env2", 0o600)?;
-        let j = Journal {
-            revision: Revision { epoch: 1, rev: 2 },
-            sha256: "s2".into(),
-            files: vec![FileEntry {
-                path: "x".into(),
-                mode: 0o644,
-            }],
-            old_files: vec!["x".into()],
-        };
+        let old = serde_json::json!({
+            "revision": {"epoch": 1, "rev": 2},
+            "sha256": "s2",
+            "files": [{"path": "x", "mode": 420}],
+            "old_files": ["x"],
+        });
         write_atomic(
             &state.path().join("journal.json"),
-            &serde_json::to_vec(&j)?,
+            &serde_json::to_vec(&old)?,
             0o600,
         )?;
-        assert_eq!(a.recover()?, Some(Revision { epoch: 1, rev: 2 }));
-        assert_eq!(std::fs::read_to_string(root.path().join("x"))?, "new");
-        assert_eq!(a.current().map(|c| c.revision.rev), Some(2));
-        // Staging without a journal (crash before step 2) is discarded; old config stays.
-        write_atomic(&staging.join("x"), b"newer", 0o644)?;
-        assert_eq!(a.recover()?, None);
-        assert_eq!(std::fs::read_to_string(root.path().join("x"))?, "new");
+        assert_eq!(
+            a.recover()?,
+            Recovery::RolledForward(Revision { epoch: 1, rev: 2 })
+        );
+        assert_eq!(read(root.path(), "x").as_deref(), Some("new"));
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_to_stack_applies() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let state = tempfile::tempdir()?;
+        let a = Applier::new(root.path(), state.path());
+        a.install(
+            Revision { epoch: 1, rev: 1 },
+            "s1",
+            b"env1",
+            &config(&[("x", "one")]),
+        )?;
+        assert!(
+            a.install(
+                Revision { epoch: 1, rev: 2 },
+                "s2",
+                b"env2",
+                &config(&[("x", "two")])
+            )
+            .is_err()
+        );
+        assert_eq!(read(root.path(), "x").as_deref(), Some("one"));
         Ok(())
     }
 }

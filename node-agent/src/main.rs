@@ -4,32 +4,27 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Backend {
-    /// Write the rendered files under --root and nothing else.
-    Files,
-}
+use clap::Parser;
+use sidenet_agent::backend::Kind as Backend;
 
 #[derive(Debug, Parser)]
 #[command(name = "sidenet-agent", version, about = "sidenet node agent")]
 struct Args {
-    /// The mesh to join (its network name).
+    /// The mesh to join (its network name). Required, here or in --config.
     #[arg(long, env = "SIDENET_MESH")]
-    mesh: String,
-    /// MQTT broker URL.
-    #[arg(long, env = "SIDENET_BROKER", default_value = "mqtt://127.0.0.1:1883")]
-    broker: String,
+    mesh: Option<String>,
+    /// MQTT broker URL [default: mqtt://127.0.0.1:1883].
+    #[arg(long, env = "SIDENET_BROKER")]
+    broker: Option<String>,
     /// The mesh public key (base64) to pin; without it the first signed announcement is trusted.
     #[arg(long, env = "SIDENET_MESH_KEY")]
     mesh_key: Option<String>,
     /// How configs are applied.
     #[arg(long, value_enum, default_value = "files", env = "SIDENET_BACKEND")]
     backend: Backend,
-    /// Root folder the backend writes under.
-    #[arg(long, env = "SIDENET_ROOT", default_value = "/")]
-    root: PathBuf,
+    /// Root folder the backend writes under [default: /].
+    #[arg(long, env = "SIDENET_ROOT")]
+    root: Option<PathBuf>,
     /// State folder (node key, pinned mesh key, journal). Default: ROOT/etc/sidenet-agent.
     #[arg(long, env = "SIDENET_AGENT_STATE")]
     state: Option<PathBuf>,
@@ -45,6 +40,15 @@ struct Args {
     /// Single-use enrolment token (meshes in token mode).
     #[arg(long, env = "SIDENET_TOKEN")]
     token: Option<String>,
+    /// Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, meshKey,
+    /// root, state, hostname, board, profile, token. Options given on the command line or in
+    /// the environment take precedence.
+    #[arg(long, env = "SIDENET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the node id and public key as JSON and exit (creates the node key if there is
+    /// none yet).
+    #[arg(long)]
+    show_id: bool,
     /// Largest config accepted, in bytes.
     #[arg(long, default_value_t = sidenet_agent::shell::DEFAULT_MAX)]
     max_config_bytes: usize,
@@ -54,6 +58,61 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "SIDENET_LOG_JSON")]
     log_json: bool,
+    #[command(flatten)]
+    dataplane: sidenet_agent::backend::DataplaneArgs,
+}
+
+/// The bootstrap config file (`--config`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Bootstrap {
+    mesh: Option<String>,
+    broker: Option<String>,
+    mesh_key: Option<String>,
+    root: Option<PathBuf>,
+    state: Option<PathBuf>,
+    hostname: Option<String>,
+    board: Option<String>,
+    profile: Option<String>,
+    token: Option<String>,
+}
+
+impl Args {
+    /// Fills the options not given from the bootstrap config.
+    fn merge(&mut self, b: Bootstrap) {
+        fn fill<T>(slot: &mut Option<T>, v: Option<T>) {
+            if slot.is_none() {
+                *slot = v;
+            }
+        }
+        fill(&mut self.mesh, b.mesh);
+        fill(&mut self.broker, b.broker);
+        fill(&mut self.mesh_key, b.mesh_key);
+        fill(&mut self.root, b.root);
+        fill(&mut self.state, b.state);
+        fill(&mut self.hostname, b.hostname);
+        fill(&mut self.board, b.board);
+        fill(&mut self.profile, b.profile);
+        fill(&mut self.token, b.token);
+    }
+}
+
+fn read_bootstrap(path: &std::path::Path) -> Result<Bootstrap, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+/// `--show-id`: the node id and public key, as JSON on one line.
+fn show_id(state: &std::path::Path) -> Result<(), String> {
+    let st = sidenet_agent::state::State::open(state).map_err(|e| e.to_string())?;
+    let key = st.node_key().map_err(|e| e.to_string())?;
+    let line = serde_json::json!({
+        "node": key.public().node_id(),
+        "publicKey": key.public().to_base64(),
+    });
+    println!("{line}");
+    Ok(())
 }
 
 fn system_hostname() -> String {
@@ -78,7 +137,34 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(path) = args.config.clone() {
+        match read_bootstrap(&path) {
+            Ok(b) => args.merge(b),
+            Err(e) => {
+                eprintln!("sidenet-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| root.join("etc/sidenet-agent"));
+    if args.show_id {
+        return match show_id(&state) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidenet-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(mesh) = args.mesh.clone() else {
+        eprintln!("sidenet-agent: no mesh given: pass --mesh NAME (or mesh in --config)");
+        return ExitCode::from(2);
+    };
     // A level, not a filter expression: the regex engine behind filters would double the size of
     // a binary meant for 16 MB of flash.
     let level = match std::env::var("RUST_LOG").unwrap_or_default().as_str() {
@@ -96,17 +182,16 @@ fn main() -> ExitCode {
     } else {
         b.init();
     }
-    let Backend::Files = args.backend;
-    let state = args
-        .state
-        .clone()
-        .unwrap_or_else(|| args.root.join("etc/sidenet-agent"));
     let opts = sidenet_agent::shell::Options {
-        mesh: args.mesh,
-        broker: args.broker,
+        mesh,
+        broker: args
+            .broker
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into()),
         mesh_key: args.mesh_key,
-        root: args.root,
+        root,
         state,
+        backend: args.backend,
+        dataplane: args.dataplane,
         hostname: args.hostname.unwrap_or_else(system_hostname),
         board: args.board,
         profile: args.profile,

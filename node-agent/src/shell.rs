@@ -1,16 +1,21 @@
-//! The thin tokio/MQTT shell around [`crate::core::Agent`].
+//! The thin tokio/MQTT shell around [`crate::core::Agent`]: it feeds broker messages, ticks and
+//! observations of the data plane to the core and carries out its effects with the journal
+//! ([`crate::files`]), the backend ([`crate::backend`]) and the prober ([`crate::probe`]).
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event as MqttEvent, LastWill, MqttOptions, Packet, QoS};
 use sidenet_wire::envelope::DEFAULT_MAX_ENVELOPE;
-use sidenet_wire::messages::EnrollRequest;
-use sidenet_wire::{Envelope, Kind, PublicKey, topics};
+use sidenet_wire::messages::{EnrollRequest, NodeConfig};
+use sidenet_wire::{Envelope, Kind as EnvelopeKind, PublicKey, topics};
+use tokio::sync::watch;
 
+use crate::backend::{self, Backend, BackendError, Kind, SystemRunner};
 use crate::core::{Agent, Effect, Event, Level, Settings};
-use crate::files::Applier;
+use crate::files::{Applier, Phase, Recovery};
 use crate::state::{State, StateError};
 
 /// Options of the agent.
@@ -40,6 +45,10 @@ pub struct Options {
     pub status_every: u64,
     /// Longest reconnect backoff.
     pub max_backoff: Duration,
+    /// How configs are applied.
+    pub backend: Kind,
+    /// Data-plane options of the `linux` and `openwrt` backends.
+    pub dataplane: backend::DataplaneArgs,
 }
 
 /// The agent could not start.
@@ -51,6 +60,9 @@ pub enum AgentError {
     /// Journal recovery.
     #[error(transparent)]
     Apply(#[from] crate::files::ApplyError),
+    /// The backend could not start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
     /// Bad option.
     #[error("{0}")]
     Usage(String),
@@ -61,6 +73,41 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+type Shared = Arc<Mutex<Box<dyn Backend>>>;
+
+fn lock(b: &Shared) -> std::sync::MutexGuard<'_, Box<dyn Backend>> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` on the blocking pool (commands, disk), returning its result.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+}
+
+/// The last good config, if it still verifies against the pinned key.
+fn last_good(
+    applier: &Applier,
+    pinned: Option<PublicKey>,
+    max: usize,
+) -> Option<(sidenet_wire::Revision, String, NodeConfig)> {
+    let (cur, env, k) = (applier.current()?, applier.current_envelope()?, pinned?);
+    let verified = Envelope::parse(&env, max)
+        .and_then(|e| e.verify(EnvelopeKind::Config, &k))
+        .ok()
+        .filter(|v| v.header.revision() == cur.revision);
+    let Some(v) = verified else {
+        tracing::warn!("last good config does not verify against the pinned key; ignoring it");
+        return None;
+    };
+    let config: NodeConfig = v.body_json().ok()?;
+    Some((cur.revision, cur.sha256, config))
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -88,29 +135,40 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             }
         }
     }
+    let backend: Shared = Arc::new(Mutex::new(backend::open(
+        opts.backend,
+        &opts.dataplane,
+        &opts.root,
+        &opts.state,
+        Box::new(SystemRunner::default()),
+    )?));
+    let needs_trial = lock(&backend).needs_trial();
     let applier = Applier::new(&opts.root, &opts.state);
-    if let Some(r) = applier.recover()? {
-        tracing::info!(rev = r.rev, "finished an interrupted apply");
-    }
-    // The last good config counts only if it still verifies against the pinned key.
-    let applied = match (applier.current(), applier.current_envelope(), pinned) {
-        (Some(cur), Some(env), Some(k)) => {
-            let ok = Envelope::parse(&env, opts.max_envelope)
-                .and_then(|e| e.verify(Kind::Config, &k))
-                .is_ok_and(|v| v.header.revision() == cur.revision);
-            if ok {
-                Some((cur.revision, cur.sha256))
-            } else {
-                tracing::warn!(
-                    "last good config does not verify against the pinned key; ignoring it"
-                );
-                None
-            }
+    match applier.recover()? {
+        Recovery::Clean => {}
+        Recovery::RolledForward(r) => {
+            tracing::info!(rev = r.rev, "finished confirming an interrupted apply");
         }
-        _ => None,
-    };
+        Recovery::RolledBack(r, phase) => tracing::warn!(
+            rev = r.rev,
+            "an apply was interrupted while {}: rolled back to the last good config",
+            phase.as_str()
+        ),
+    }
+    let good = last_good(&applier, pinned, opts.max_envelope);
+    let mut last_config: Option<NodeConfig> = good.as_ref().map(|g| g.2.clone());
+    let applied = good.map(|(r, s, _)| (r, s));
+    // Converge to the last good config: after a reboot, a crash or a rollback on start.
+    {
+        let (b, cfg) = (backend.clone(), last_config.clone());
+        if let Err(e) =
+            blocking(move || lock(&b).converge(cfg.as_ref()).map_err(|e| e.to_string())).await
+        {
+            tracing::error!("bringing up the last good config: {e}");
+        }
+    }
     let seq_epoch = state.next_seq_epoch(now())?;
-    tracing::info!(node = %node, mesh = %opts.mesh, public_key = %key.public(), "sidenet agent starting");
+    tracing::info!(node = %node, mesh = %opts.mesh, public_key = %key.public(), backend = opts.backend.as_str(), "sidenet agent starting");
     let settings = Settings {
         mesh: opts.mesh.clone(),
         max_envelope: opts.max_envelope,
@@ -119,13 +177,32 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             board: opts.board.clone(),
             profile: opts.profile.clone(),
             token: opts.token.clone(),
-            backend: "files".into(),
+            backend: opts.backend.as_str().into(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            wireguard: None,
         },
         status_every: opts.status_every,
         enroll_every: 15,
     };
     let mut agent = Agent::new(settings, key, pinned, applied, seq_epoch, now());
+    agent.set_failed(state.failed());
+    if needs_trial {
+        agent.enable_trial(opts.dataplane.health_deadline);
+        let b = backend.clone();
+        let first = blocking(move || Ok(lock(&b).observe())).await;
+        agent.set_wireguard(first.ok().and_then(|o| o.wireguard));
+    }
+
+    // The prober answers and sends pathfinder probes along the converged config's plan.
+    let (plan_tx, plan_rx) = watch::channel(lock(&backend).probe_plan());
+    let probes: crate::probe::Results = Arc::default();
+    let prober = needs_trial.then(|| {
+        tokio::spawn(crate::probe::run(
+            plan_rx,
+            probes.clone(),
+            Duration::from_secs(opts.dataplane.probe_interval.max(1)),
+        ))
+    });
 
     let mut mqtt = MqttOptions::new(node.clone(), host, port);
     mqtt.set_keep_alive(Duration::from_secs(30));
@@ -142,36 +219,59 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(250);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut connected = false;
+    // The config on trial, kept to become the last good one when confirmed.
+    let mut trial_config: Option<NodeConfig> = None;
     tokio::pin!(shutdown);
     loop {
-        let event = tokio::select! {
+        let mut queue = Vec::new();
+        tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => Event::Tick,
-            ev = eventloop.poll() => match ev {
+            _ = tick.tick() => {
+                queue.push(Event::Tick);
+                if needs_trial {
+                    let b = backend.clone();
+                    if let Ok(mut obs) = blocking(move || Ok(lock(&b).observe())).await {
+                        obs.probes = probes.lock().map(|p| p.clone()).unwrap_or_default();
+                        queue.push(Event::Observed(Box::new(obs)));
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() => {
+                retry_at = None;
+            }
+            ev = eventloop.poll(), if retry_at.is_none() => match ev {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
+                    connected = true;
                     tracing::info!("connected to {}", opts.broker);
-                    Event::Connected
+                    queue.push(Event::Connected);
                 }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => Event::Message {
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => queue.push(Event::Message {
                     topic: p.topic.to_string(),
                     payload: p.payload.to_vec(),
-                },
-                Ok(_) => continue,
+                }),
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!("broker {}: {e}; retrying in {backoff:?} (running on the last good config)", opts.broker);
-                    // Keep the timer going while waiting, so the agent stays responsive.
-                    let wait = tokio::time::sleep(backoff);
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = wait => {}
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    // While a config is on trial, keep trying often: its confirmation needs
+                    // the round trip.
+                    let cap = if agent.on_trial().is_some() {
+                        Duration::from_secs(1)
+                    } else {
+                        opts.max_backoff
+                    };
+                    backoff = (backoff * 2).min(cap);
+                    if connected {
+                        connected = false;
+                        queue.push(Event::Disconnected);
                     }
-                    backoff = (backoff * 2).min(opts.max_backoff);
-                    continue;
                 }
             },
-        };
-        let mut queue = vec![event];
+        }
         while let Some(ev) = queue.pop() {
             for effect in agent.handle(ev, now()) {
                 match effect {
@@ -203,17 +303,82 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                         envelope,
                         config,
                     } => {
-                        let applier = applier.clone();
+                        let mut config = *config;
+                        let (applier, b, good) =
+                            (applier.clone(), backend.clone(), last_config.clone());
                         let sha = sha256.clone();
-                        let result = tokio::task::spawn_blocking(move || {
-                            applier.apply(revision, &sha, &envelope, &config)
+                        let result = blocking(move || {
+                            let mut b = lock(&b);
+                            b.prepare(&mut config).map_err(|e| e.to_string())?;
+                            applier
+                                .install(revision, &sha, &envelope, &config)
+                                .map_err(|e| {
+                                    let _ = applier.rollback();
+                                    e.to_string()
+                                })?;
+                            if let Err(e) = b.converge(Some(&config)) {
+                                // Undo at once: files back, system back to the last good.
+                                let _ = applier.rollback();
+                                if let Err(e2) = b.converge(good.as_ref()) {
+                                    tracing::error!("restoring the last good config: {e2}");
+                                }
+                                return Err(e.to_string());
+                            }
+                            if b.needs_trial() {
+                                applier.set_phase(Phase::Trial).map_err(|e| e.to_string())?;
+                            } else {
+                                applier.confirm().map_err(|e| e.to_string())?;
+                            }
+                            Ok(config)
                         })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        .await;
+                        let result = match result {
+                            Ok(config) => {
+                                if needs_trial {
+                                    trial_config = Some(config);
+                                } else {
+                                    last_config = Some(config);
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        };
+                        let _ = plan_tx.send(lock(&backend).probe_plan());
                         queue.push(Event::Applied {
                             revision,
                             sha256,
+                            result,
+                        });
+                    }
+                    Effect::Confirm { revision } => {
+                        let a = applier.clone();
+                        let result = blocking(move || a.confirm().map_err(|e| e.to_string()))
+                            .await
+                            .map(|_| ());
+                        if result.is_ok() {
+                            last_config = trial_config.take().or(last_config.take());
+                        }
+                        queue.push(Event::Confirmed { revision, result });
+                    }
+                    Effect::RollBack { revision, reason } => {
+                        tracing::warn!(rev = revision.rev, "{reason}; rolling back");
+                        let (a, b, good) = (applier.clone(), backend.clone(), last_config.clone());
+                        let result = blocking(move || {
+                            a.rollback().map_err(|e| e.to_string())?;
+                            lock(&b).converge(good.as_ref()).map_err(|e| e.to_string())
+                        })
+                        .await;
+                        trial_config = None;
+                        if let Err(e) = state.add_failed(revision) {
+                            tracing::error!("cannot record failed revision: {e}");
+                        }
+                        let _ = plan_tx.send(lock(&backend).probe_plan());
+                        // The path to the broker may be back: reconnect now.
+                        retry_at = None;
+                        backoff = Duration::from_millis(250);
+                        queue.push(Event::RolledBack {
+                            revision,
+                            reason,
                             result,
                         });
                     }
@@ -222,6 +387,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 }
             }
         }
+    }
+    if let Some(p) = prober {
+        p.abort();
     }
     let _ = client
         .publish(

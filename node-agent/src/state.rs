@@ -3,13 +3,17 @@
 //! - `node.key`: the node's ed25519 secret key (0600), generated on first start, never sent.
 //! - `mesh.pub`: the pinned mesh public key (given with `--mesh-key` or trusted on first use).
 //! - `seq-epoch`: grows on every start, so signed node messages can never be replayed.
-//! - `current.env`, `current.json`, `journal.json`, `staging/`: see [`crate::files`].
+//! - `failed.json`: revisions that failed their health check and were rolled back; they are
+//!   never applied again, even after a restart.
+//! - `wg.key`: the WireGuard private key (backends with a data plane; see [`crate::wgkey`]).
+//! - `current.env`, `current.json`, `journal.json`, `staging/`, `backup/`: see [`crate::files`].
+//! - `run/`: pid files, sockets and logs of the daemons the backend runs.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use sidenet_wire::PublicKey;
 use sidenet_wire::keys::KeyPair;
+use sidenet_wire::{PublicKey, Revision};
 
 use crate::files::write_atomic;
 
@@ -97,6 +101,26 @@ impl State {
     pub fn pin(&self, key: &PublicKey) -> Result<(), StateError> {
         let path = self.dir.join("mesh.pub");
         write_atomic(&path, format!("{key}\n").as_bytes(), 0o644).map_err(io(&path))
+    }
+
+    /// Revisions that failed on this node.
+    pub fn failed(&self) -> Vec<Revision> {
+        std::fs::read(self.dir.join("failed.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Remembers a failed revision (the last 64 are kept).
+    pub fn add_failed(&self, rev: Revision) -> Result<(), StateError> {
+        let mut all = self.failed();
+        if !all.contains(&rev) {
+            all.push(rev);
+        }
+        let skip = all.len().saturating_sub(64);
+        let all: Vec<Revision> = all.into_iter().skip(skip).collect();
+        let path = self.dir.join("failed.json");
+        write_atomic(&path, &serde_json::to_vec(&all).unwrap_or_default(), 0o600).map_err(io(&path))
     }
 
     /// The next message sequence epoch: one more than last time, and at least `now`.

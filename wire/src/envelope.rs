@@ -4,7 +4,7 @@
 //! offset  size  field
 //!      0     4  magic "SNET"
 //!      4     1  format version (1)
-//!      5     1  kind (1 announce, 2 config, 3 enroll, 4 status)
+//!      5     1  kind (1 announce, 2 config, 3 enroll, 4 status, 5 ack)
 //!      6     2  header length, big endian (at most 4096)
 //!      8    32  signer's ed25519 public key
 //!     40    64  ed25519 signature over bytes 0..40 followed by the header
@@ -51,6 +51,8 @@ pub enum Kind {
     Enroll = 3,
     /// A node's status report.
     Status = 4,
+    /// The controller's acknowledgement of a status report (confirms a config on trial).
+    Ack = 5,
 }
 
 impl Kind {
@@ -60,6 +62,7 @@ impl Kind {
             2 => Some(Self::Config),
             3 => Some(Self::Enroll),
             4 => Some(Self::Status),
+            5 => Some(Self::Ack),
             _ => None,
         }
     }

@@ -17,6 +17,10 @@ pub struct Announce {
     pub prefix: String,
     /// Controller software version.
     pub controller: String,
+    /// Whether the controller answers status reports of a config on trial with an [`Ack`].
+    /// Agents of a controller without it confirm a config on their local health check alone.
+    #[serde(default)]
+    pub acks: bool,
 }
 
 /// One file of a node config, relative to the backend's root.
@@ -87,6 +91,43 @@ pub struct EnrollRequest {
     pub backend: String,
     /// Agent version.
     pub agent_version: String,
+    /// WireGuard identity and underlay endpoints (backends that build WireGuard links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardInfo>,
+}
+
+/// A node's WireGuard identity and underlay endpoints, reported at enrolment and in every status
+/// report. The private key is generated on the node and never leaves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WireguardInfo {
+    /// The node's WireGuard public key (base64 of 32 bytes).
+    pub public_key: String,
+    /// Underlay addresses in CIDR form (`10.0.1.1/24`, `2001:db8:5::7/64`) on the interfaces
+    /// that carry the side-net. The controller makes two nodes WireGuard neighbours when they
+    /// have addresses in the same subnet (see `docs/dataplane.md`).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+}
+
+/// A config that is applied and being health-checked, not yet confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    /// Its revision.
+    pub revision: Revision,
+    /// SHA-256 (hex) of its body.
+    pub sha256: String,
+}
+
+/// The controller's acknowledgement of one status report that carried a [`Trial`], signed by the
+/// mesh key. The envelope header names the node and, as `epoch`/`rev`, the sequence number of
+/// the status report it answers, so an acknowledgement cannot be replayed to confirm another
+/// attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The revision on trial that the controller saw.
+    pub revision: Revision,
+    /// Its body hash.
+    pub sha256: String,
 }
 
 /// Where the agent stands with its config.
@@ -121,6 +162,9 @@ pub struct Neighbour {
     /// Node id, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Babel's cost of the link to this neighbour (lower is better; 65535 is unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<u32>,
 }
 
 /// A probe result towards one target.
@@ -133,6 +177,15 @@ pub struct Probe {
     pub rtt_ms: Option<f64>,
     /// Lost fraction, 0.0–1.0.
     pub loss: f64,
+    /// Node id of the target, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `neighbour` (over one WireGuard link) or `gateway` (across the side-net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Probes the loss and RTT are computed over.
+    #[serde(default)]
+    pub sent: u32,
 }
 
 /// A node's status report, signed by its own key.
@@ -159,6 +212,13 @@ pub struct StatusReport {
     /// Probe results.
     #[serde(default)]
     pub probes: Vec<Probe>,
+    /// WireGuard identity and underlay endpoints (they may change after enrolment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<WireguardInfo>,
+    /// A newer config applied and on trial (the node still counts `applied` as its last good
+    /// one). The controller answers with an [`Ack`]; without one the node rolls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial: Option<Trial>,
 }
 
 #[cfg(test)]

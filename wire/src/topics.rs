@@ -5,6 +5,7 @@
 //! sidenet/v1/{mesh}/enroll/{node}            agent → controller, signed by node key
 //! sidenet/v1/{mesh}/nodes/{node}/config      retained QoS1, controller → agent, signed by mesh key
 //! sidenet/v1/{mesh}/nodes/{node}/status      agent → controller, signed by node key
+//! sidenet/v1/{mesh}/nodes/{node}/ack         controller → agent, signed by mesh key
 //! sidenet/v1/{mesh}/nodes/{node}/online      last will: online / offline
 //! ```
 //!
@@ -31,6 +32,11 @@ pub fn config(mesh: &str, node: &str) -> String {
 /// A node's status reports.
 pub fn status(mesh: &str, node: &str) -> String {
     format!("{ROOT}/{mesh}/nodes/{node}/status")
+}
+
+/// The controller's acknowledgements of a node's status reports (not retained).
+pub fn ack(mesh: &str, node: &str) -> String {
+    format!("{ROOT}/{mesh}/nodes/{node}/ack")
 }
 
 /// A node's presence (retained `online`, last will `offline`).

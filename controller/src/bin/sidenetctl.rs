@@ -66,6 +66,13 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
+    /// Prometheus metrics of the running controller's nodes: presence, revisions, babel
+    /// neighbours and link costs, probe round-trip times and loss.
+    Metrics {
+        /// State folder of the running controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+    },
     /// Approve a pending node (approval mode).
     Approve {
         /// Node id or MeshNode name.
@@ -86,12 +93,83 @@ enum Cmd {
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
     },
+    /// Install the agent on routers over SSH and wait until they enrol.
+    Provision(Box<ProvisionArgs>),
     /// Generate an ed25519 key pair (secret written with mode 0600).
     Keygen {
         /// Where to write the secret key.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `sidenetctl provision`: an inventory file, or hosts given on the command line.
+#[derive(Debug, clap::Args)]
+struct ProvisionArgs {
+    /// Hosts for a one-off run, as [user@]host[:port] (log in with --identity or
+    /// --password-file).
+    hosts: Vec<String>,
+    /// Inventory file (YAML: mesh, broker, defaults, one row per host).
+    #[arg(short = 'i', long)]
+    inventory: Option<PathBuf>,
+    /// Mesh network name (overrides the inventory's).
+    #[arg(long)]
+    mesh: Option<String>,
+    /// Broker URL as the hosts reach it (overrides the inventory's).
+    #[arg(long)]
+    broker: Option<String>,
+    /// Private key file for hosts given on the command line.
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Password file for hosts given on the command line.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Hardware profile for hosts given on the command line (default: detect).
+    #[arg(long)]
+    hardware_profile: Option<String>,
+    /// Root the install paths are relative to, for hosts given on the command line.
+    #[arg(long, default_value = "/")]
+    root: String,
+    /// State folder of the running controller: mesh key, tokens, enrolment, known_hosts.
+    #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+    state: PathBuf,
+    /// Mesh public key (base64) the agents pin (default: from the state folder).
+    #[arg(long)]
+    mesh_key: Option<String>,
+    /// Pinned SSH host keys (default: STATE/known_hosts).
+    #[arg(long)]
+    known_hosts: Option<PathBuf>,
+    /// Pin the host key of a host seen for the first time (trust on first use). A changed key
+    /// always aborts that host.
+    #[arg(long)]
+    accept_new_host_keys: bool,
+    /// Agent binaries, one folder per architecture: AGENTS/<arch>/sidenet-agent.
+    #[arg(long, default_value = "dist")]
+    agents: PathBuf,
+    /// Hardware profile folder(s).
+    #[arg(long, default_value = "hardware-profiles", value_delimiter = ',')]
+    profiles: Vec<PathBuf>,
+    /// Templates folder with the install descriptors (FAMILY/install.yaml).
+    #[arg(long, default_value = "templates")]
+    templates: PathBuf,
+    /// Hosts worked on at once (default: the inventory's, else 4).
+    #[arg(long, short = 'p')]
+    parallel: Option<usize>,
+    /// Create a single-use enrolment token for every new node (meshes in token mode).
+    #[arg(long)]
+    tokens: bool,
+    /// Seconds to wait for each node to enrol.
+    #[arg(long, default_value_t = 120)]
+    enrol_timeout: u64,
+    /// Do not ask the controller whether nodes enrolled (it runs elsewhere).
+    #[arg(long)]
+    no_wait: bool,
+    /// SSH connect and per-operation timeout, in seconds.
+    #[arg(long, default_value_t = 30)]
+    ssh_timeout: u64,
+    /// Output format of the final report.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
 }
 
 fn main() -> ExitCode {
@@ -211,6 +289,15 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 other => Err(format!("unexpected answer: {other:?}")),
             }
         }
+        Cmd::Provision(p) => provision(*p),
+        Cmd::Metrics { state } => match admin::call(&state, &Request::Status)? {
+            Response::Status { nodes, .. } => {
+                print!("{}", sidenet_controller::health::prometheus(&nodes));
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        },
         Cmd::Keygen { out } => {
             let seed = sidenet_controller::standalone::random32()?;
             let key = KeyPair::from_seed(&seed);
@@ -327,5 +414,180 @@ fn print_table(rows: &[StatusRow]) {
         if let Some(f) = &r.failure {
             println!("  {}: last failure: {f}", r.node);
         }
+        for line in sidenet_controller::health::link_lines(r) {
+            println!("  {}: {line}", r.node);
+        }
+    }
+}
+
+/// The running controller, asked over its admin socket.
+struct AdminControl {
+    state: PathBuf,
+    tokens: bool,
+    wait: bool,
+}
+
+impl sidenet_provision::ControlPlane for AdminControl {
+    fn node_phase(&self, mesh: &str, node: &str) -> Result<Option<String>, String> {
+        if !self.wait {
+            return Ok(None);
+        }
+        match admin::call(&self.state, &Request::Status)? {
+            Response::Status { nodes, .. } => Ok(nodes
+                .into_iter()
+                .find(|n| n.node == node && n.mesh == mesh)
+                .map(|n| n.phase)),
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        }
+    }
+
+    fn enrolment_token(&self, mesh: &str) -> Result<Option<String>, String> {
+        if !self.tokens {
+            return Ok(None);
+        }
+        match admin::call(
+            &self.state,
+            &Request::Token {
+                mesh: mesh.to_string(),
+                ttl_s: 24 * 3600,
+            },
+        )? {
+            Response::Token { token, .. } => Ok(Some(token)),
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        }
+    }
+}
+
+/// `[user@]host[:port]`.
+fn parse_host(spec: &str) -> Result<(Option<String>, String, Option<u16>), String> {
+    let (user, rest) = match spec.split_once('@') {
+        Some((u, r)) => (Some(u.to_string()), r),
+        None => (None, spec),
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (
+            h.to_string(),
+            Some(
+                p.parse()
+                    .map_err(|_| format!("{spec:?}: port {p:?} is not a number"))?,
+            ),
+        ),
+        _ => (rest.to_string(), None),
+    };
+    if host.is_empty() {
+        return Err(format!("{spec:?}: no host"));
+    }
+    Ok((user, host, port))
+}
+
+fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
+    use sidenet_provision::plan::{Inventory, Row};
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+
+    let (mut inv, inv_path) = match &a.inventory {
+        Some(p) => (Inventory::load(p).map_err(|e| e.to_string())?, p.clone()),
+        None => (Inventory::default(), PathBuf::from("command line")),
+    };
+    for h in &a.hosts {
+        let (user, host, port) = parse_host(h)?;
+        inv.hosts.push(Row {
+            host: Some(host),
+            port,
+            user,
+            private_key_file: a.identity.clone(),
+            password_file: a.password_file.clone(),
+            hardware_profile: a.hardware_profile.clone(),
+            root: Some(a.root.clone()),
+            ..Row::default()
+        });
+    }
+    if inv.hosts.is_empty() {
+        return Err("no hosts: give an inventory (-i FILE) or hosts ([user@]host[:port])".into());
+    }
+    let targets = inv.targets(&inv_path).map_err(|e| e.to_string())?;
+    let mesh = a
+        .mesh
+        .clone()
+        .or(inv.mesh.clone())
+        .ok_or("no mesh: set mesh in the inventory or pass --mesh".to_string())?;
+    sidenet_wire::names::check_mesh_name(&mesh).map_err(|e| format!("mesh: {e}"))?;
+    let broker = a.broker.clone().or(inv.broker.clone()).ok_or(
+        "no broker: set broker in the inventory or pass --broker (the URL the routers reach)"
+            .to_string(),
+    )?;
+    sidenet_wire::topics::parse_broker_url(&broker).map_err(|e| format!("broker: {e}"))?;
+    let mesh_key = match &a.mesh_key {
+        Some(k) => sidenet_wire::PublicKey::from_base64(k)
+            .map_err(|e| format!("--mesh-key: {e}"))?
+            .to_base64(),
+        None => {
+            let path = a.state.join("keys").join(format!("{mesh}.key"));
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                format!(
+                    "no mesh key to pin: {}: {e} (run this where the controller's --state is, or pass --mesh-key)",
+                    path.display()
+                )
+            })?;
+            KeyPair::from_file_text(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .public()
+                .to_base64()
+        }
+    };
+    let set = manifest::load(&a.profiles).map_err(|e| e.to_string())?;
+    let settings = sidenet_provision::Settings {
+        mesh,
+        broker,
+        mesh_key,
+        agents: a.agents.clone(),
+        templates: a.templates.clone(),
+        known_hosts: a
+            .known_hosts
+            .clone()
+            .unwrap_or_else(|| a.state.join("known_hosts")),
+        trust_on_first_use: a.accept_new_host_keys,
+        parallelism: a.parallel.or(inv.parallelism).unwrap_or(4).max(1),
+        ssh_timeout: std::time::Duration::from_secs(a.ssh_timeout.max(1)),
+        enrol_timeout: std::time::Duration::from_secs(a.enrol_timeout),
+        wait_for_enrolment: !a.no_wait,
+    };
+    let control = Arc::new(AdminControl {
+        state: a.state.clone(),
+        tokens: a.tokens,
+        wait: !a.no_wait,
+    });
+    let ctx =
+        sidenet_provision::Context::new(settings, set.profiles.into_values().collect(), control)
+            .map_err(|e| e.to_string())?;
+    let progress: Arc<dyn sidenet_provision::Progress> =
+        if std::io::stderr().is_terminal() && matches!(a.output, Output::Table) {
+            Arc::new(sidenet_provision::report::Bars::new())
+        } else {
+            Arc::new(sidenet_provision::report::Lines::default())
+        };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let reports = rt.block_on(sidenet_provision::provision(
+        targets,
+        Arc::new(ctx),
+        progress,
+    ));
+    match a.output {
+        Output::Json => println!("{}", sidenet_provision::report::json(&reports)),
+        Output::Table => {
+            print!("{}", sidenet_provision::report::table(&reports));
+            println!("{}", sidenet_provision::report::summary(&reports));
+        }
+    }
+    if reports.iter().all(|r| r.ok()) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(ExitCode::FAILURE)
     }
 }

@@ -1,0 +1,658 @@
+//! WireGuard neighbours: which nodes build encrypted links to which, as a pure function of what
+//! the nodes reported (their WireGuard public key and underlay endpoints).
+//!
+//! # The neighbour rule
+//!
+//! Each agent reports the addresses (CIDR) of the interfaces that carry the side-net: the mesh
+//! radio, or wired links. The subnet of such an address is a *link*. Two nodes of the same mesh,
+//! both admitted (approved), are neighbours when they are on a common link. A node's WireGuard
+//! peer on that link is reached at the address the peer reported in that subnet.
+//!
+//! A link with more than [`MAX_LINK_PEERS`] + 1 members does not make everyone everyone's
+//! neighbour (a 10,000-node mesh on one layer-2 segment would otherwise give each node 10,000
+//! peers): members are ordered by node id and each keeps its two ring neighbours (so the link's
+//! peer graph stays connected) plus the members whose pair hash falls under a threshold, which
+//! gives between 5 and [`MAX_LINK_PEERS`] peers on average. Both tests are symmetric, so the two
+//! ends of a pair always agree without seeing each other's choice. The threshold only moves when
+//! the link's size crosses a power of two, so a node joining or leaving changes the peers of its
+//! own neighbourhood only. Computing one node's peers costs O(members of its links); the
+//! [`Index`] keeps links → members, updated when a node's report changes. When two nodes share
+//! several links, the first (in address order) carries their WireGuard link.
+//!
+//! Each node gets one WireGuard interface per peer (`sn-` + the peer's node id, cut to 15
+//! characters), a listen port per interface (from the pair, probing past collisions), and one
+//! link-local address derived from its own node id, used on all of its WireGuard interfaces
+//! (babel speaks link-local). Only public keys and endpoints travel: private keys never leave
+//! the nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+
+use serde::Serialize;
+use sidenet_crds::{Mesh, NodeRole};
+use sidenet_wire::codec::sha256;
+
+use crate::manifest::{ManifestSet, network_name};
+use crate::store::{NodeRecord, Store};
+
+/// Expected number of WireGuard peers a node gets on one large link.
+pub const MAX_LINK_PEERS: usize = 8;
+/// Listen ports are `WG_PORT_MIN..=WG_PORT_MAX`.
+pub const WG_PORT_MIN: u16 = 51821;
+/// See [`WG_PORT_MIN`].
+pub const WG_PORT_MAX: u16 = 52820;
+/// UDP port of the agents' pathfinder probe responder (on the side-net only).
+pub const PROBE_PORT: u16 = 6699;
+
+/// What a node's templates see of its data plane.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Dataplane {
+    /// This node's link-local address on every WireGuard interface (no prefix length; /64).
+    pub link_local: String,
+    /// Lowest WireGuard listen port.
+    pub wg_port_min: u16,
+    /// Highest WireGuard listen port.
+    pub wg_port_max: u16,
+    /// UDP port of the probe responder.
+    pub probe_port: u16,
+    /// WireGuard neighbours, by node id.
+    pub peers: Vec<PeerCtx>,
+    /// Mesh gateways (MeshNodes with role `gateway`) to probe across the side-net.
+    pub gateways: Vec<GatewayCtx>,
+}
+
+/// One WireGuard neighbour.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerCtx {
+    /// The peer's node id.
+    pub node: String,
+    /// MeshNode name, else the hostname it reported.
+    pub name: String,
+    /// Local interface name for the link (at most 15 characters).
+    pub iface: String,
+    /// Local listen port of that interface.
+    pub listen_port: u16,
+    /// The peer's WireGuard public key.
+    pub public_key: String,
+    /// Where the peer listens for this link: `ADDR:PORT` or `[ADDR]:PORT`.
+    pub endpoint: String,
+    /// The address part of `endpoint`.
+    pub endpoint_host: String,
+    /// The port part of `endpoint`.
+    pub endpoint_port: u16,
+    /// The peer's link-local address on its end of the link.
+    pub link_local: String,
+    /// The shared underlay subnet.
+    pub link: String,
+}
+
+/// A gateway to probe.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GatewayCtx {
+    /// Node id.
+    pub node: String,
+    /// MeshNode name.
+    pub name: String,
+    /// Its side-net address.
+    pub address: String,
+}
+
+impl Dataplane {
+    /// The parts that depend on the node alone (no peers, no gateways).
+    pub fn for_node(id: &str) -> Self {
+        Self {
+            link_local: link_local(id).to_string(),
+            wg_port_min: WG_PORT_MIN,
+            wg_port_max: WG_PORT_MAX,
+            probe_port: PROBE_PORT,
+            peers: Vec::new(),
+            gateways: Vec::new(),
+        }
+    }
+}
+
+/// The link-local address a node uses on its WireGuard interfaces: `fe80::` and 64 bits of
+/// SHA-256 over its node id.
+pub fn link_local(id: &str) -> Ipv6Addr {
+    let h = sha256(format!("sidenet-link-local\0{id}").as_bytes());
+    let mut b = [0u8; 16];
+    b[0] = 0xfe;
+    b[1] = 0x80;
+    b[8..].copy_from_slice(&h[..8]);
+    if b[8..].iter().all(|x| *x == 0) {
+        b[15] = 1;
+    }
+    Ipv6Addr::from(b)
+}
+
+/// The interface a node uses for its link to `peer`.
+pub fn iface_for(peer: &str) -> String {
+    format!("sn-{}", &peer[..peer.len().min(12)])
+}
+
+/// The subnet of a CIDR address (`10.0.1.7/24` → `10.0.1.0/24`) and the address itself.
+/// Link-local, loopback, unspecified and multicast addresses are not endpoints.
+pub fn link_of(cidr: &str) -> Option<(String, IpAddr)> {
+    let (addr, len) = cidr.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    match addr {
+        IpAddr::V4(a) => {
+            if len > 32 || a.is_loopback() || a.is_unspecified() || a.is_multicast() {
+                return None;
+            }
+            if a.is_link_local() {
+                return None;
+            }
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
+            Some((format!("{net}/{len}"), addr))
+        }
+        IpAddr::V6(a) => {
+            if len > 128 || a.is_loopback() || a.is_unspecified() || a.is_multicast() {
+                return None;
+            }
+            if a.segments()[0] & 0xffc0 == 0xfe80 {
+                return None;
+            }
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
+            let net = Ipv6Addr::from(u128::from(a) & mask);
+            Some((format!("{net}/{len}"), addr))
+        }
+    }
+}
+
+fn endpoint(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn hash64(parts: &[&str]) -> u64 {
+    let h = sha256(parts.join("\0").as_bytes());
+    u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+/// Symmetric pair hash: the same for (a, b) and (b, a).
+fn pair_hash(a: &str, b: &str) -> u64 {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    hash64(&["sidenet-pair", x, y])
+}
+
+type LinkKey = (String, String);
+
+/// Links → members, kept up to date as nodes report.
+#[derive(Debug, Clone, Default)]
+pub struct Index {
+    /// (mesh, subnet) → node → its address on that link.
+    links: BTreeMap<LinkKey, BTreeMap<String, IpAddr>>,
+    /// node → the links it is on.
+    of: BTreeMap<String, Vec<LinkKey>>,
+}
+
+impl Index {
+    /// An index over every node record.
+    pub fn build(nodes: &BTreeMap<String, NodeRecord>) -> Self {
+        let mut idx = Self::default();
+        for (id, rec) in nodes {
+            idx.insert(id, rec);
+        }
+        idx
+    }
+
+    fn insert(&mut self, id: &str, rec: &NodeRecord) {
+        let Some(wg) = &rec.wireguard else { return };
+        if wg.public_key.is_empty() {
+            return;
+        }
+        let mut keys = Vec::new();
+        for e in &wg.endpoints {
+            if let Some((subnet, addr)) = link_of(e) {
+                let key = (rec.mesh.clone(), subnet);
+                let members = self.links.entry(key.clone()).or_default();
+                // One address per node and link: the first one reported.
+                if members.contains_key(id) {
+                    continue;
+                }
+                members.insert(id.to_string(), addr);
+                keys.push(key);
+            }
+        }
+        if !keys.is_empty() {
+            keys.sort();
+            self.of.insert(id.to_string(), keys);
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        for key in self.of.remove(id).unwrap_or_default() {
+            if let Some(m) = self.links.get_mut(&key) {
+                m.remove(id);
+                if m.is_empty() {
+                    self.links.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Replaces what the index knows of `id` with `rec` (or forgets it). Returns every node
+    /// whose neighbours, ports or endpoints may have changed, to reconcile.
+    pub fn replace(&mut self, id: &str, rec: Option<&NodeRecord>) -> BTreeSet<String> {
+        let size = |idx: &Self, key: &LinkKey| idx.links.get(key).map_or(0, BTreeMap::len);
+        let old_keys = self.of.get(id).cloned().unwrap_or_default();
+        let before: Vec<(LinkKey, usize)> = old_keys
+            .iter()
+            .map(|k| (k.clone(), size(self, k)))
+            .collect();
+        let mut affected = self.around(id);
+        self.remove(id);
+        if let Some(rec) = rec {
+            self.insert(id, rec);
+        }
+        affected.extend(self.around(id));
+        let new_keys = self.of.get(id).cloned().unwrap_or_default();
+        let mut keys: Vec<LinkKey> = old_keys;
+        keys.extend(new_keys);
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let was = before
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map_or_else(|| size(self, &key).saturating_sub(1), |(_, n)| *n);
+            if bucket(was) != bucket(size(self, &key)) {
+                // The selection threshold of this link moved: anyone on it may see changes.
+                let members: Vec<String> = self
+                    .links
+                    .get(&key)
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                for m in members {
+                    affected.extend(self.around(&m));
+                }
+            }
+        }
+        affected
+    }
+
+    /// `id`, its neighbours, and theirs: a change of `id`'s neighbours changes its neighbours'
+    /// peer sets, and with them the listen ports their own neighbours connect to.
+    fn around(&self, id: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        out.insert(id.to_string());
+        for (peer, _) in self.neighbours(id) {
+            if out.insert(peer.clone()) {
+                out.extend(self.neighbours(&peer).into_iter().map(|(p, _)| p));
+            }
+        }
+        out
+    }
+
+    /// The neighbours of `id` with the link each is reached over: (peer, (mesh, subnet)).
+    /// Admission (approval) is not checked here.
+    pub fn neighbours(&self, id: &str) -> Vec<(String, LinkKey)> {
+        let mut out: BTreeMap<String, LinkKey> = BTreeMap::new();
+        for key in self.of.get(id).into_iter().flatten() {
+            let Some(members) = self.links.get(key) else {
+                continue;
+            };
+            for peer in select(id, members.keys()) {
+                out.entry(peer).or_insert_with(|| key.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    fn address(&self, id: &str, key: &LinkKey) -> Option<IpAddr> {
+        self.links.get(key)?.get(id).copied()
+    }
+
+    /// Number of links known.
+    pub fn links(&self) -> usize {
+        self.links.len()
+    }
+}
+
+/// Which selection regime a link of `n` members is in: everyone (0), or one threshold per power
+/// of two.
+fn bucket(n: usize) -> u32 {
+    if n <= MAX_LINK_PEERS + 1 {
+        0
+    } else {
+        (n - 3).next_power_of_two().trailing_zeros() + 1
+    }
+}
+
+/// The members of one link that `id` peers with (see the module docs).
+fn select<'a>(id: &str, members: impl Iterator<Item = &'a String> + Clone) -> Vec<String> {
+    let n = members.clone().count();
+    if n <= 1 || !members.clone().any(|m| m == id) {
+        return Vec::new();
+    }
+    if n - 1 <= MAX_LINK_PEERS {
+        return members.filter(|m| *m != id).cloned().collect();
+    }
+    let sorted: Vec<&String> = members.collect();
+    let pos = sorted.iter().position(|m| *m == id).unwrap_or(0);
+    let prev = sorted[(pos + n - 1) % n];
+    let next = sorted[(pos + 1) % n];
+    // Two ring neighbours plus, of the other n - 3, a share that yields between (MAX - 2) / 2
+    // and MAX - 2 more; it changes only when n - 3 crosses a power of two.
+    let share = (MAX_LINK_PEERS - 2) as f64 / (n - 3).next_power_of_two() as f64;
+    let threshold = (share.min(1.0) * u64::MAX as f64) as u64;
+    sorted
+        .iter()
+        .filter(|m| **m != id)
+        .filter(|m| **m == prev || **m == next || pair_hash(id, m) < threshold)
+        .map(|m| (*m).clone())
+        .collect()
+}
+
+/// Listen ports of `id`'s interfaces, by peer: a slot from the ordered pair, probing upwards past
+/// slots other peers (in node-id order) already took.
+fn ports(id: &str, peers: &[String]) -> BTreeMap<String, u16> {
+    let slots = u64::from(WG_PORT_MAX - WG_PORT_MIN) + 1;
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for peer in peers {
+        let mut slot = hash64(&["sidenet-port", id, peer]) % slots;
+        while taken.contains(&slot) {
+            slot = (slot + 1) % slots;
+        }
+        taken.insert(slot);
+        out.insert(peer.clone(), WG_PORT_MIN + slot as u16);
+    }
+    out
+}
+
+fn name_of(store: &Store, set: &ManifestSet, node: &str) -> String {
+    set.nodes
+        .get(node)
+        .and_then(|m| m.metadata.name.clone())
+        .or_else(|| store.nodes.get(node).map(|r| r.hostname.clone()))
+        .unwrap_or_else(|| node.to_string())
+}
+
+/// The gateways of `mesh`: MeshNodes with role `gateway` that have an address. Computed once per
+/// mesh and reconcile, then handed to [`dataplane`].
+pub fn gateways(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<GatewayCtx> {
+    let net = network_name(mesh);
+    let Ok(base) = crate::manifest::parse_ula48(&mesh.spec.prefix) else {
+        return Vec::new();
+    };
+    set.nodes
+        .iter()
+        .filter(|(_, m)| {
+            m.spec.role == NodeRole::Gateway && set.mesh_of(m).map(network_name) == Some(net)
+        })
+        .filter_map(|(node, _)| {
+            let sid = store.subnets.get(&(net.to_string(), node.clone()))?;
+            Some(GatewayCtx {
+                node: node.clone(),
+                name: name_of(store, set, node),
+                address: crate::ipam::node_address(base, *sid).to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The data plane of node `id` in `mesh`: its WireGuard peers among admitted nodes, and the
+/// mesh's `gateways` (from [`gateways`]) other than itself, to probe.
+pub fn dataplane(
+    index: &Index,
+    store: &Store,
+    set: &ManifestSet,
+    mesh: &Mesh,
+    id: &str,
+    gateways: &[GatewayCtx],
+) -> Dataplane {
+    let mut dp = Dataplane::for_node(id);
+    let net = network_name(mesh);
+    let admitted = |node: &str| {
+        let rec = store.nodes.get(node);
+        rec.is_some_and(|r| r.mesh == net) && crate::core::approved(mesh, set.nodes.get(node), rec)
+    };
+    if admitted(id) {
+        let mine: Vec<(String, LinkKey)> = index
+            .neighbours(id)
+            .into_iter()
+            .filter(|(p, _)| admitted(p))
+            .collect();
+        let my_ports = ports(id, &mine.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>());
+        for (peer, key) in &mine {
+            let Some(rec) = store.nodes.get(peer) else {
+                continue;
+            };
+            let Some(wg) = &rec.wireguard else { continue };
+            let Some(addr) = index.address(peer, key) else {
+                continue;
+            };
+            let theirs: Vec<String> = index
+                .neighbours(peer)
+                .into_iter()
+                .map(|(p, _)| p)
+                .filter(|p| admitted(p))
+                .collect();
+            let Some(their_port) = ports(peer, &theirs).get(id).copied() else {
+                continue;
+            };
+            dp.peers.push(PeerCtx {
+                node: peer.clone(),
+                name: name_of(store, set, peer),
+                iface: iface_for(peer),
+                listen_port: my_ports.get(peer).copied().unwrap_or(WG_PORT_MIN),
+                public_key: wg.public_key.clone(),
+                endpoint: endpoint(addr, their_port),
+                endpoint_host: addr.to_string(),
+                endpoint_port: their_port,
+                link_local: link_local(peer).to_string(),
+                link: key.1.clone(),
+            });
+        }
+    }
+    dp.gateways = gateways.iter().filter(|g| g.node != id).cloned().collect();
+    dp
+}
+
+/// Folds the data plane into a node's input fingerprint, so a change of peers re-renders.
+pub fn fingerprint(inputs: String, dp: &Dataplane) -> String {
+    let mut doc = inputs.into_bytes();
+    doc.push(0);
+    doc.extend_from_slice(&serde_json::to_vec(dp).unwrap_or_default());
+    sidenet_wire::codec::sha256_hex(&doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidenet_wire::messages::WireguardInfo;
+
+    fn rec(mesh: &str, key: &str, endpoints: &[&str]) -> NodeRecord {
+        NodeRecord {
+            mesh: mesh.into(),
+            approved: true,
+            wireguard: Some(WireguardInfo {
+                public_key: key.into(),
+                endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn nbrs(idx: &Index, id: &str) -> Vec<String> {
+        idx.neighbours(id).into_iter().map(|(p, _)| p).collect()
+    }
+
+    #[test]
+    fn subnets_make_links() {
+        assert_eq!(
+            link_of("10.0.1.7/24").map(|l| l.0),
+            Some("10.0.1.0/24".into())
+        );
+        assert_eq!(
+            link_of("2001:db8:5::7/64").map(|l| l.0),
+            Some("2001:db8:5::/64".into())
+        );
+        assert_eq!(link_of("fe80::1/64"), None);
+        assert_eq!(link_of("127.0.0.1/8"), None);
+        assert_eq!(link_of("169.254.3.4/16"), None);
+        assert_eq!(link_of("10.0.0.1"), None);
+        assert_eq!(link_of("10.0.0.1/33"), None);
+    }
+
+    #[test]
+    fn shared_subnets_are_neighbours_and_meshes_stay_apart() {
+        let mut nodes = BTreeMap::new();
+        nodes.insert("a".into(), rec("m", "ka", &["10.0.1.1/24", "10.0.3.1/24"]));
+        nodes.insert("b".into(), rec("m", "kb", &["10.0.1.2/24", "10.0.2.2/24"]));
+        nodes.insert("c".into(), rec("m", "kc", &["10.0.2.3/24", "10.0.4.3/24"]));
+        nodes.insert("d".into(), rec("m", "kd", &["10.0.3.4/24", "10.0.4.4/24"]));
+        // Same subnet, other mesh: never a neighbour.
+        nodes.insert("x".into(), rec("other", "kx", &["10.0.1.9/24"]));
+        let idx = Index::build(&nodes);
+        assert_eq!(nbrs(&idx, "a"), ["b", "d"]);
+        assert_eq!(nbrs(&idx, "b"), ["a", "c"]);
+        assert_eq!(nbrs(&idx, "c"), ["b", "d"]);
+        assert_eq!(nbrs(&idx, "x"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn replace_reports_old_and_new_neighbourhoods() {
+        let mut nodes = BTreeMap::new();
+        nodes.insert("a".into(), rec("m", "ka", &["10.0.1.1/24"]));
+        nodes.insert("b".into(), rec("m", "kb", &["10.0.1.2/24"]));
+        nodes.insert("c".into(), rec("m", "kc", &["10.0.2.3/24"]));
+        let mut idx = Index::build(&nodes);
+        // b moves from a's link to c's.
+        let moved = rec("m", "kb", &["10.0.2.2/24"]);
+        let affected = idx.replace("b", Some(&moved));
+        assert!(affected.contains("a") && affected.contains("b") && affected.contains("c"));
+        assert_eq!(nbrs(&idx, "b"), ["c"]);
+        assert!(nbrs(&idx, "a").is_empty());
+        idx.replace("b", None);
+        assert!(nbrs(&idx, "c").is_empty());
+        assert_eq!(idx.links(), 2);
+    }
+
+    #[test]
+    fn large_links_have_bounded_symmetric_connected_degree() {
+        let n = 600;
+        let idx = Index::build(&big_link(n));
+        let all: BTreeMap<String, Vec<String>> = big_link(n)
+            .keys()
+            .map(|id| (id.clone(), nbrs(&idx, id)))
+            .collect();
+        let mut edges = BTreeSet::new();
+        let mut max = 0;
+        let mut total = 0;
+        for (id, p) in &all {
+            max = max.max(p.len());
+            total += p.len();
+            for q in p {
+                edges.insert((id.clone(), q.clone()));
+            }
+        }
+        // Symmetric: every edge is seen from both ends.
+        for (a, b) in &edges {
+            assert!(edges.contains(&(b.clone(), a.clone())), "{a}-{b} one-sided");
+        }
+        let mean = total as f64 / n as f64;
+        assert!((4.5..=8.5).contains(&mean), "mean degree {mean}");
+        assert!(max <= 3 * MAX_LINK_PEERS, "max degree {max}");
+        // Connected: a walk from one node reaches all.
+        let mut seen = BTreeSet::new();
+        let mut stack = vec!["node00000".to_string()];
+        while let Some(x) = stack.pop() {
+            if seen.insert(x.clone()) {
+                stack.extend(all[&x].iter().cloned());
+            }
+        }
+        assert_eq!(seen.len(), n);
+    }
+
+    fn big_link(n: usize) -> BTreeMap<String, NodeRecord> {
+        (0..n)
+            .map(|i| {
+                let addr = format!("10.0.{}.{}/16", i / 256, i % 256);
+                (format!("node{i:05}"), rec("m", "k", &[&addr]))
+            })
+            .collect()
+    }
+
+    /// Everything a node's config depends on from the index: its peers and their ports.
+    fn view(idx: &Index, id: &str) -> Vec<(String, u16, u16)> {
+        let mine = nbrs(idx, id);
+        let my_ports = ports(id, &mine);
+        mine.iter()
+            .map(|p| {
+                let theirs = ports(p, &nbrs(idx, p));
+                (p.clone(), my_ports[p], theirs.get(id).copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn joins_and_leaves_report_every_node_whose_config_changes() {
+        // 40 → 41 members stays in one threshold bucket; 35 → 36 crosses into the next one;
+        // 9 → 10 leaves the everyone-peers-with-everyone regime.
+        for n in [40, 35, 9] {
+            let nodes = big_link(n);
+            let mut idx = Index::build(&nodes);
+            let before: BTreeMap<String, _> = nodes
+                .keys()
+                .map(|id| (id.clone(), view(&idx, id)))
+                .collect();
+            let newcomer = rec("m", "k", &["10.0.200.1/16"]);
+            let affected = idx.replace("joiner", Some(&newcomer));
+            let mut changed = BTreeSet::from(["joiner".to_string()]);
+            for (id, v) in &before {
+                if view(&idx, id) != *v {
+                    changed.insert(id.clone());
+                }
+            }
+            assert!(
+                changed.is_subset(&affected),
+                "n={n}: changed but not reported: {:?}",
+                changed.difference(&affected).collect::<Vec<_>>()
+            );
+            // And back: leaving reports the same neighbourhood.
+            let affected = idx.replace("joiner", None);
+            for (id, v) in &before {
+                assert_eq!(
+                    view(&idx, id),
+                    *v,
+                    "n={n}: {id} did not return to its old view"
+                );
+            }
+            assert!(affected.contains("joiner"));
+        }
+    }
+
+    #[test]
+    fn ports_are_unique_per_node_and_stable() {
+        let peers: Vec<String> = (0..200).map(|i| format!("p{i}")).collect();
+        let p = ports("me", &peers);
+        let uniq: BTreeSet<u16> = p.values().copied().collect();
+        assert_eq!(uniq.len(), peers.len());
+        assert!(p.values().all(|x| (WG_PORT_MIN..=WG_PORT_MAX).contains(x)));
+        assert_eq!(ports("me", &peers), p);
+    }
+
+    #[test]
+    fn link_locals_and_ifaces() {
+        let ll = link_local("bhctvmiyz6ovk27g");
+        assert_eq!(ll.segments()[0], 0xfe80);
+        assert_ne!(ll, link_local("qi4chuluc3u2giv7"));
+        assert_eq!(iface_for("bhctvmiyz6ovk27g"), "sn-bhctvmiyz6ov");
+        assert!(iface_for("bhctvmiyz6ovk27g").len() <= 15);
+    }
+}

@@ -1,0 +1,38 @@
+//! sidenet fleet provisioning: installs the agent on stock routers and Linux hosts over SSH and
+//! waits until they enrol. `sidenetctl provision` (an inventory file) and the controller (a
+//! `NodeProvision` resource) share this one implementation.
+//!
+//! Per host: connect and check the host key against the pins (a changed key aborts the host;
+//! unknown keys are pinned only when trust on first use is allowed), log in with a key or
+//! password given by reference, detect the board, match a hardware profile, upload the agent for
+//! its architecture and verify it on the device, write the bootstrap config (mesh, broker,
+//! pinned mesh key, token), install and start the service of the firmware family, and wait until
+//! the controller sees the node. Re-running changes nothing on a provisioned host; an
+//! interrupted run leaves no half-installed agent.
+//!
+//! # Layout
+//!
+//! - [`plan`]: targets from an inventory file or a `NodeProvision`, and the run's settings.
+//! - [`knownhosts`]: pinned SSH host keys (OpenSSH known_hosts format).
+//! - [`ssh`]: connect, verify, log in, run scripts (`ssh2`, blocking).
+//! - [`detect`]: the board probe and profile matching (pure).
+//! - [`install`]: per-family install descriptors (`templates/FAMILY/install.yaml`) and the
+//!   bootstrap config.
+//! - [`host`]: one host, start to end, and the [`host::ControlPlane`] it asks about enrolment.
+//! - [`fleet`]: all hosts, `spawn_blocking` under a semaphore, progress events.
+//! - [`report`]: progress bars or lines, the final table, JSON, `NodeProvision` status.
+//! - [`resource`]: controller mode: a `NodeProvision` in, its status out.
+
+pub mod detect;
+pub mod fleet;
+pub mod host;
+pub mod install;
+pub mod knownhosts;
+pub mod plan;
+pub mod report;
+pub mod resource;
+pub mod ssh;
+
+pub use fleet::{Progress, Silent, provision};
+pub use host::{Context, ControlPlane, HostReport, Outcome, Step};
+pub use plan::{Inventory, Settings, Target, targets_from_resource};
