@@ -457,32 +457,40 @@ impl Linux {
             }
         }
         let userspace = self.userspace.clone();
-        let pid = self
-            .runner
-            .spawn(
-                &[&userspace, "-f", "--disable-drop-privileges", iface],
-                &self.run.join(format!("wg-{iface}.log")),
-            )
-            .map_err(BackendError)?;
-        write_atomic(
-            &self.run.join(format!("wg-{iface}.pid")),
-            pid.to_string().as_bytes(),
-            0o600,
-        )
-        .map_err(err)?;
         let name = self.userspace_name();
-        let up = poll_until(Duration::from_secs(5), || {
-            self.runner.run(&["wg", "show", iface]).is_ok() || !self.runner.alive(pid, &name)
-        });
-        if !up || !self.runner.alive(pid, &name) {
-            let log = std::fs::read_to_string(self.run.join(format!("wg-{iface}.log")))
-                .unwrap_or_default();
-            return Err(err(format!(
-                "{userspace} did not bring up {iface}: {}",
-                log.trim()
-            )));
+        let log_path = self.run.join(format!("wg-{iface}.log"));
+        let pid_path = self.run.join(format!("wg-{iface}.pid"));
+        // A userspace WireGuard that exits right after starting (seen on loaded machines, with
+        // nothing in its log) is started again: a transient start failure must not fail the
+        // whole revision, which the controller would then never re-push.
+        let mut last_log = String::new();
+        for attempt in 1..=3 {
+            let pid = self
+                .runner
+                .spawn(
+                    &[&userspace, "-f", "--disable-drop-privileges", iface],
+                    &log_path,
+                )
+                .map_err(BackendError)?;
+            write_atomic(&pid_path, pid.to_string().as_bytes(), 0o600).map_err(err)?;
+            let up = poll_until(Duration::from_secs(5), || {
+                self.runner.run(&["wg", "show", iface]).is_ok() || !self.runner.alive(pid, &name)
+            });
+            if up && self.runner.alive(pid, &name) {
+                return Ok(());
+            }
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            tracing::warn!(
+                "{userspace} did not bring up {iface} (attempt {attempt} of 3): {}",
+                last_log.trim()
+            );
+            self.stop_daemon(&pid_path, &name);
+            let _ = self.runner.run(&["ip", "link", "del", "dev", iface]);
         }
-        Ok(())
+        Err(err(format!(
+            "{userspace} did not bring up {iface} after 3 attempts: {}",
+            last_log.trim()
+        )))
     }
 
     fn wireguard(&mut self) -> Result<(), BackendError> {
