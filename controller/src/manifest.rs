@@ -865,7 +865,9 @@ pub fn mesh_radio(p: &HardwareProfileSpec, band: Band) -> Option<&sidenet_crds::
 
 /// The closest known names to `wanted` (by shared prefix, then edit distance), for error hints.
 pub fn closest<'a>(wanted: &str, known: impl Iterator<Item = &'a String>) -> String {
-    let mut scored: Vec<(usize, &str)> = known.map(|k| (distance(wanted, k), k.as_str())).collect();
+    let mut scored: Vec<(usize, &str)> = known
+        .map(|k| (sidenet_wire::names::edit_distance(wanted, k), k.as_str()))
+        .collect();
     scored.sort();
     let best: Vec<&str> = scored.iter().take(3).map(|(_, k)| *k).collect();
     if best.is_empty() {
@@ -873,21 +875,6 @@ pub fn closest<'a>(wanted: &str, known: impl Iterator<Item = &'a String>) -> Str
     } else {
         best.join(", ")
     }
-}
-
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

@@ -432,7 +432,7 @@ pub fn closest(wanted: &str, known: impl Iterator<Item = String>) -> String {
                 .split_once(" (")
                 .map(|(_, b)| b.trim_end_matches(')').to_string())
                 .unwrap_or_else(|| k.clone());
-            (distance(wanted, &key), k)
+            (sidenet_wire::names::edit_distance(wanted, &key), k)
         })
         .collect();
     scored.sort();
@@ -442,21 +442,6 @@ pub fn closest(wanted: &str, known: impl Iterator<Item = String>) -> String {
     } else {
         best.join(", ")
     }
-}
-
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
