@@ -57,6 +57,9 @@ pub enum Response {
         counters: Counters,
         /// State epoch.
         epoch: u64,
+        /// `NodeProvision` jobs: live progress and results.
+        #[serde(default)]
+        provisions: Vec<crate::provisioning::ProvisionRow>,
     },
     /// Approved; `published` configs were sent.
     Approved {

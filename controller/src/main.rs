@@ -60,6 +60,10 @@ enum Mode {
         /// Connection limit of the embedded broker.
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
+        /// Agent binaries for `NodeProvision` manifests, one folder per architecture:
+        /// AGENTS/<arch>/sidenet-agent.
+        #[arg(long, env = "SIDENET_AGENTS", default_value = "dist")]
+        agents: PathBuf,
     },
 }
 
@@ -106,6 +110,7 @@ async fn main() -> ExitCode {
             listen,
             poll_ms,
             max_connections,
+            agents,
         } => {
             manifests.extend(profiles.into_iter().filter(|p| p.exists()));
             let opts = sidenet_controller::standalone::Options {
@@ -117,6 +122,7 @@ async fn main() -> ExitCode {
                 poll: Duration::from_millis(poll_ms.max(50)),
                 refresh: Duration::from_secs(60),
                 max_connections,
+                agents,
             };
             match sidenet_controller::standalone::run(opts, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,

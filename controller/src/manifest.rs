@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use sidenet_crds::{
-    API_VERSION, Band, HardwareProfile, HardwareProfileSpec, Mesh, MeshNode, PolicyType,
+    API_VERSION, Band, HardwareProfile, HardwareProfileSpec, Mesh, MeshNode, NodeProvision,
+    PolicyType, SecretKeyRef,
 };
 use sidenet_wire::names;
 
@@ -95,6 +96,8 @@ pub struct ManifestSet {
     pub nodes: BTreeMap<String, MeshNode>,
     /// Hardware profiles by name.
     pub profiles: BTreeMap<String, HardwareProfile>,
+    /// Provisioning jobs by `metadata.name`.
+    pub provisions: BTreeMap<String, NodeProvision>,
     /// Secrets (`v1/Secret`): name → key → value.
     pub secrets: BTreeMap<String, BTreeMap<String, String>>,
     /// Where each object came from, by `Kind/name`.
@@ -219,6 +222,9 @@ pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestEr
     }
 }
 
+/// The sidenet kinds a manifest set holds (besides `v1/Secret`).
+const KINDS: [&str; 4] = ["Mesh", "MeshNode", "HardwareProfile", "NodeProvision"];
+
 struct Validators {
     by_kind: BTreeMap<&'static str, jsonschema::Validator>,
 }
@@ -226,7 +232,7 @@ struct Validators {
 impl Validators {
     fn new() -> Self {
         let mut by_kind = BTreeMap::new();
-        for kind in ["Mesh", "MeshNode", "HardwareProfile"] {
+        for kind in KINDS {
             if let Some(schema) = sidenet_crds::strict_schema(kind)
                 && let Ok(v) = jsonschema::validator_for(&schema)
             {
@@ -312,7 +318,8 @@ fn parse_file(
             errors.push(err(
                 None,
                 Some("kind".into()),
-                "missing; expected one of Mesh, MeshNode, HardwareProfile, Secret".into(),
+                "missing; expected one of Mesh, MeshNode, HardwareProfile, NodeProvision, Secret"
+                    .into(),
             ));
             continue;
         }
@@ -350,12 +357,12 @@ fn parse_file(
             }
             continue;
         }
-        if !matches!(kind, "Mesh" | "MeshNode" | "HardwareProfile") {
+        if !KINDS.contains(&kind) {
             errors.push(err(
                 object,
                 Some("kind".into()),
                 format!(
-                    "unknown kind {kind:?}; expected one of Mesh, MeshNode, HardwareProfile, Secret"
+                    "unknown kind {kind:?}; expected one of Mesh, MeshNode, HardwareProfile, NodeProvision, Secret"
                 ),
             ));
             continue;
@@ -434,6 +441,9 @@ fn parse_file(
                         ),
                     ));
                 }
+            }),
+            "NodeProvision" => serde_json::from_value::<NodeProvision>(value).map(|p| {
+                set.provisions.insert(name.clone(), p);
             }),
             _ => serde_json::from_value::<HardwareProfile>(value).map(|p| {
                 set.profiles.insert(name.clone(), p);
@@ -821,6 +831,98 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                 ),
             ));
         }
+    }
+
+    for (name, np) in &set.provisions {
+        let key = format!("NodeProvision/{name}");
+        check_provision(set, np, &mut |field, message| {
+            errors.push(err(&key, field, message))
+        });
+    }
+}
+
+/// References of a `NodeProvision`: its mesh, hardware profiles and credential Secrets must be
+/// in the set, and its broker URL must be one the agents can use.
+fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut(&str, String)) {
+    let spec = &np.spec;
+    if set.mesh_by_network(&spec.mesh).is_none() {
+        let known: Vec<String> = set
+            .meshes
+            .values()
+            .map(|m| network_name(m).to_string())
+            .collect();
+        report(
+            "spec.mesh",
+            format!(
+                "no Mesh with network name {:?}; closest: {}",
+                spec.mesh,
+                closest(&spec.mesh, known.iter())
+            ),
+        );
+    }
+    if let Err(e) = sidenet_wire::topics::parse_broker_url(&spec.broker) {
+        report("spec.broker", e);
+    }
+    let mut check_profile_ref = |field: &str, p: &Option<String>| {
+        if let Some(p) = p
+            && !set.profiles.contains_key(p)
+        {
+            report(
+                field,
+                format!(
+                    "no HardwareProfile named {p:?}; closest: {}",
+                    closest(p, set.profiles.keys())
+                ),
+            );
+        }
+    };
+    check_profile_ref(
+        "spec.defaults.hardwareProfile",
+        &spec.defaults.hardware_profile,
+    );
+    for (i, t) in spec.targets.iter().enumerate() {
+        check_profile_ref(
+            &format!("spec.targets[{i}].hardwareProfile"),
+            &t.hardware_profile,
+        );
+    }
+    let mut check_secret = |field: String, r: &Option<SecretKeyRef>| {
+        let Some(r) = r else { return };
+        match set.secrets.get(&r.name) {
+            None => report(
+                &field,
+                format!(
+                    "no Secret named {:?} in the manifests; closest: {}",
+                    r.name,
+                    closest(&r.name, set.secrets.keys())
+                ),
+            ),
+            Some(data) if !data.contains_key(&r.key) => report(
+                &format!("{field}.key"),
+                format!(
+                    "Secret {:?} has no key {:?}; it has: {}",
+                    r.name,
+                    r.key,
+                    data.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Some(_) => {}
+        }
+    };
+    let mut creds = vec![(
+        "spec.defaults.credentials".to_string(),
+        &spec.defaults.credentials,
+    )];
+    for (i, t) in spec.targets.iter().enumerate() {
+        creds.push((format!("spec.targets[{i}].credentials"), &t.credentials));
+    }
+    for (field, c) in creds {
+        let Some(c) = c else { continue };
+        check_secret(
+            format!("{field}.privateKeySecretRef"),
+            &c.private_key_secret_ref,
+        );
+        check_secret(format!("{field}.passwordSecretRef"), &c.password_secret_ref);
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::admin::{self, Request, Response};
 use crate::core::{Controller, Publish, Secrets};
 use crate::manifest::{self, ManifestSet};
+use crate::provisioning::{Runner, RunnerOptions};
 use crate::render::Renderer;
 use crate::store::Store;
 
@@ -43,6 +44,8 @@ pub struct Options {
     pub refresh: Duration,
     /// Connection limit of the embedded broker.
     pub max_connections: usize,
+    /// Agent binaries for `NodeProvision` jobs, one folder per architecture.
+    pub agents: PathBuf,
 }
 
 /// Standalone mode failed to start or stopped on an error.
@@ -203,9 +206,27 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         "state loaded"
     );
 
+    // Admin requests: from the socket, and from provisioning jobs asking about their nodes.
+    let (adm_tx, mut adm_rx) = mpsc::channel::<AdminCall>(64);
+    let (mut jobs, mut jobs_done) = Runner::new(
+        RunnerOptions {
+            state: opts.state.clone(),
+            agents: opts.agents.clone(),
+            templates: opts.templates.clone(),
+            ssh_timeout: Duration::from_secs(30),
+        },
+        adm_tx.clone(),
+    );
+
     let mut manifest_errors: Vec<String> = Vec::new();
     let mut last_hash = String::new();
-    reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors);
+    reload(
+        &opts,
+        &mut ctl,
+        &mut jobs,
+        &mut last_hash,
+        &mut manifest_errors,
+    );
     // Nothing is connected yet: commit, and let the first connection publish everything.
     ctl.flush()?;
 
@@ -270,7 +291,6 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         UnixListener::bind(&sock_path).map_err(|e| state_err(format!("admin socket: {e}")))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| state_err(e.to_string()))?;
-    let (adm_tx, mut adm_rx) = mpsc::channel::<AdminCall>(64);
     let admin_task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let tx = adm_tx.clone();
@@ -310,7 +330,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         // change in one transaction and only then publishes.
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = poll.tick() => reload(&opts, &mut ctl, &mut last_hash, &mut manifest_errors),
+            _ = poll.tick() => reload(&opts, &mut ctl, &mut jobs, &mut last_hash, &mut manifest_errors),
+            Some(done) = jobs_done.recv() => {
+                let keys = provision_keys(&mut ctl);
+                jobs.finished(done, &ctl.set, &mut |mesh| keys.get(mesh).cloned());
+            }
             _ = refresh.tick() => {
                 if let Err(e) = ctl.reconcile_all(crate::now()) {
                     tracing::error!("reconcile: {e}");
@@ -346,7 +370,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 }
             }
             Some((req, reply)) = adm_rx.recv() => {
-                let resp = handle_admin(&mut ctl, req, &manifest_errors);
+                let resp = handle_admin(&mut ctl, &jobs, req, &manifest_errors);
                 // Commit before answering, so "approved" means it is on disk.
                 let out = ctl.flush()?;
                 let resp = match resp {
@@ -371,9 +395,30 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     Ok(())
 }
 
+/// Public keys (base64) of the meshes `NodeProvision` jobs install agents for.
+fn provision_keys(ctl: &mut Controller) -> std::collections::BTreeMap<String, String> {
+    let meshes: Vec<String> = ctl
+        .set
+        .provisions
+        .values()
+        .map(|p| p.spec.mesh.clone())
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for m in meshes {
+        match ctl.mesh_key(&m) {
+            Ok(k) => {
+                out.insert(m, k.public().to_base64());
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+    out
+}
+
 fn reload(
     opts: &Options,
     ctl: &mut Controller,
+    jobs: &mut Runner,
     last_hash: &mut String,
     manifest_errors: &mut Vec<String>,
 ) {
@@ -404,6 +449,8 @@ fn reload(
             if let Err(e) = ctl.set_manifests(set, crate::now()) {
                 tracing::error!("reconcile: {e}");
             }
+            let keys = provision_keys(ctl);
+            jobs.update(&ctl.set, &mut |mesh| keys.get(mesh).cloned());
         }
         Err(errs) => {
             for e in &errs.0 {
@@ -418,7 +465,7 @@ fn reload(
     }
 }
 
-fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> Response {
+fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[String]) -> Response {
     let now = crate::now();
     let fail = |e: &dyn std::fmt::Display| Response::Error {
         message: e.to_string(),
@@ -429,6 +476,7 @@ fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> Respon
             manifest_errors: errors.to_vec(),
             counters: ctl.counters,
             epoch: ctl.store.epoch,
+            provisions: jobs.rows(),
         },
         Request::Approve { node } => match ctl.resolve(&node).and_then(|id| {
             ctl.approve(&id, now)?;

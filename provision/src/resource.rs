@@ -25,7 +25,7 @@ pub const DEFAULT_PARALLELISM: u32 = 4;
 /// Secret, an unreadable known_hosts) is a `Complete=False` status that names the problem.
 pub async fn run(
     np: &NodeProvision,
-    secret: &dyn Fn(&SecretKeyRef) -> Option<String>,
+    secret: &(dyn Fn(&SecretKeyRef) -> Option<String> + Sync),
     base: Settings,
     profiles: Vec<HardwareProfile>,
     control: Arc<dyn ControlPlane>,

@@ -141,7 +141,7 @@ spec:
         .enable_all()
         .build()
         .unwrap();
-    let run = |secret: &dyn Fn(&SecretKeyRef) -> Option<String>| {
+    let run = |secret: &(dyn Fn(&SecretKeyRef) -> Option<String> + Sync)| {
         rt.block_on(sidenet_provision::resource::run(
             &np,
             secret,

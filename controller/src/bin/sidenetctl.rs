@@ -66,6 +66,16 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
+    /// NodeProvision jobs of the running controller: live progress per host while a job runs,
+    /// then the result per host (board, profile, node id, result, duration).
+    Provisions {
+        /// State folder of the running controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Prometheus metrics of the running controller's nodes: presence, revisions, babel
     /// neighbours and link costs, probe round-trip times and loss.
     Metrics {
@@ -246,6 +256,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             Response::Status {
                 nodes,
                 manifest_errors,
+                provisions,
                 ..
             } => {
                 match output {
@@ -254,7 +265,13 @@ fn run(args: Args) -> Result<ExitCode, String> {
                             serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?;
                         println!("{text}");
                     }
-                    Output::Table => print_table(&nodes),
+                    Output::Table => {
+                        print_table(&nodes);
+                        if !provisions.is_empty() {
+                            println!();
+                            print_provisions(&provisions);
+                        }
+                    }
                 }
                 for e in &manifest_errors {
                     eprintln!("manifest error (last good manifests still in force): {e}");
@@ -290,6 +307,30 @@ fn run(args: Args) -> Result<ExitCode, String> {
             }
         }
         Cmd::Provision(p) => provision(*p),
+        Cmd::Provisions { state, output } => match admin::call(&state, &Request::Status)? {
+            Response::Status { provisions, .. } => {
+                match output {
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&provisions).map_err(|e| e.to_string())?
+                    ),
+                    Output::Table if provisions.is_empty() => {
+                        println!("no NodeProvision manifests")
+                    }
+                    Output::Table => print_provisions(&provisions),
+                }
+                let failed = provisions
+                    .iter()
+                    .any(|p| p.state == sidenet_controller::provisioning::JobState::Failed);
+                Ok(if failed {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                })
+            }
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        },
         Cmd::Metrics { state } => match admin::call(&state, &Request::Status)? {
             Response::Status { nodes, .. } => {
                 print!("{}", sidenet_controller::health::prometheus(&nodes));
@@ -420,42 +461,47 @@ fn print_table(rows: &[StatusRow]) {
     }
 }
 
-/// The running controller, asked over its admin socket.
-struct AdminControl {
-    state: PathBuf,
-    tokens: bool,
-    wait: bool,
-}
-
-impl sidenet_provision::ControlPlane for AdminControl {
-    fn node_phase(&self, mesh: &str, node: &str) -> Result<Option<String>, String> {
-        if !self.wait {
-            return Ok(None);
-        }
-        match admin::call(&self.state, &Request::Status)? {
-            Response::Status { nodes, .. } => Ok(nodes
-                .into_iter()
-                .find(|n| n.node == node && n.mesh == mesh)
-                .map(|n| n.phase)),
-            Response::Error { message } => Err(message),
-            other => Err(format!("unexpected answer: {other:?}")),
-        }
-    }
-
-    fn enrolment_token(&self, mesh: &str) -> Result<Option<String>, String> {
-        if !self.tokens {
-            return Ok(None);
-        }
-        match admin::call(
-            &self.state,
-            &Request::Token {
-                mesh: mesh.to_string(),
-                ttl_s: 24 * 3600,
-            },
-        )? {
-            Response::Token { token, .. } => Ok(Some(token)),
-            Response::Error { message } => Err(message),
-            other => Err(format!("unexpected answer: {other:?}")),
+/// NodeProvision jobs: one header line per job, then one line per host.
+fn print_provisions(rows: &[sidenet_controller::provisioning::ProvisionRow]) {
+    use sidenet_controller::provisioning::JobState;
+    for p in rows {
+        let counts = p
+            .status
+            .as_ref()
+            .map(|s| format!(" ({} succeeded, {} failed)", s.succeeded, s.failed))
+            .unwrap_or_default();
+        let state = match p.state {
+            JobState::Running => "running",
+            JobState::Complete => "complete",
+            JobState::Failed => "failed",
+        };
+        println!("NodeProvision/{}  mesh {}  {state}{counts}", p.name, p.mesh);
+        if p.state == JobState::Running {
+            for h in &p.live {
+                let detail = if h.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", h.detail)
+                };
+                let result = h.result.as_deref().unwrap_or("…");
+                println!("  {:<28} {:<10} {result}{detail}", h.host, h.step);
+            }
+        } else if let Some(st) = &p.status {
+            for c in st.conditions.iter().filter(|c| c.status != "True") {
+                println!("  {}: {}", c.reason, c.message);
+            }
+            for h in &st.hosts {
+                println!(
+                    "  {:<28} {:<22} {:<26} {:<16} {:<18} {:>5.1}s  {}",
+                    h.host,
+                    h.board.as_deref().unwrap_or("-"),
+                    h.profile.as_deref().unwrap_or("-"),
+                    h.node_id.as_deref().unwrap_or("-"),
+                    h.result,
+                    h.duration_ms as f64 / 1000.0,
+                    h.message
+                );
+            }
         }
     }
 }
@@ -554,11 +600,12 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         enrol_timeout: std::time::Duration::from_secs(a.enrol_timeout),
         wait_for_enrolment: !a.no_wait,
     };
-    let control = Arc::new(AdminControl {
-        state: a.state.clone(),
-        tokens: a.tokens,
-        wait: !a.no_wait,
-    });
+    let state = a.state.clone();
+    let control = Arc::new(sidenet_controller::provisioning::AdminControlPlane::new(
+        move |req| admin::call(&state, &req),
+        a.tokens,
+        !a.no_wait,
+    ));
     let ctx =
         sidenet_provision::Context::new(settings, set.profiles.into_values().collect(), control)
             .map_err(|e| e.to_string())?;

@@ -133,6 +133,12 @@ pub struct Controller {
 
 impl Controller {
     pub fn start(dir: &Path, mode: &str) -> Controller {
+        Self::start_with(dir, mode, &repo().join("templates"), &dir.join("dist"))
+    }
+
+    /// A controller with its own templates folder (render templates + install descriptors) and
+    /// agent binaries folder (for `NodeProvision` manifests).
+    pub fn start_with(dir: &Path, mode: &str, templates: &Path, agents: &Path) -> Controller {
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
         let text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap();
@@ -141,7 +147,16 @@ impl Controller {
             text.replace("mode: auto", &format!("mode: {mode}")),
         )
         .unwrap();
-        let port = free_port();
+        // A restarted controller listens where the agents already connect.
+        let port_file = dir.join("port");
+        let port = match std::fs::read_to_string(&port_file) {
+            Ok(p) => p.trim().parse().unwrap(),
+            Err(_) => {
+                let p = free_port();
+                std::fs::write(&port_file, p.to_string()).unwrap();
+                p
+            }
+        };
         let state = dir.join("state");
         let proc = Proc::spawn(
             "controller",
@@ -152,7 +167,9 @@ impl Controller {
                 .arg("--profiles")
                 .arg(repo().join("hardware-profiles"))
                 .arg("--templates")
-                .arg(repo().join("templates"))
+                .arg(templates)
+                .arg("--agents")
+                .arg(agents)
                 .arg("--state")
                 .arg(&state)
                 .arg("--poll-ms")
@@ -181,6 +198,17 @@ impl Controller {
 
     pub fn broker(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    pub fn provisions(&self) -> Vec<sidenet_controller::provisioning::ProvisionRow> {
+        match admin::call(&self.state(), &Request::Status).unwrap() {
+            Response::Status { provisions, .. } => provisions,
+            other => panic!("{other:?}"),
+        }
     }
 
     pub fn nodes(&self) -> Vec<StatusRow> {
