@@ -608,8 +608,23 @@ fn agent_apply(repo: &Path, iterations: u64) -> anyhow::Result<f64> {
         subnet_id: 7,
         passphrase: "bench passphrase",
     };
-    let config =
+    let mut config =
         sidenet_controller::core::build_config(&renderer, &inputs).map_err(anyhow::Error::msg)?;
+    // As the controller sends it: the passphrase sealed to the node (opened at every apply).
+    let name = sidenet_controller::core::MESH_PASSPHRASE;
+    config.sealed.insert(
+        name.to_string(),
+        sidenet_wire::seal::seal(
+            &mesh_key,
+            &node_key.public(),
+            sidenet_wire::seal::Context {
+                mesh: "riverside",
+                node: &id,
+                name,
+            },
+            inputs.passphrase.as_bytes(),
+        ),
+    );
     let body = serde_json::to_vec(&config)?;
     let root = tempfile::tempdir()?;
     let state = tempfile::tempdir()?;

@@ -26,6 +26,8 @@ use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord}
 
 /// Default config validity: 30 days.
 pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
+/// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
+pub const MESH_PASSPHRASE: &str = "mesh-passphrase";
 /// Node messages older than this are refused.
 const NODE_MESSAGE_MAX_AGE: u64 = 24 * 3600;
 
@@ -132,6 +134,9 @@ pub struct Controller {
     outbox: Vec<Publish>,
     /// Links → nodes, for WireGuard neighbours.
     pub peers: crate::peers::Index,
+    /// Node id → (SHA-256 of passphrase and node key, the passphrase sealed to the node):
+    /// sealing costs two X25519 multiplications, so it is done once per node and passphrase.
+    sealed: BTreeMap<String, (String, String)>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -167,6 +172,7 @@ impl Controller {
             batch: Batch::default(),
             outbox: Vec::new(),
             peers,
+            sealed: BTreeMap::new(),
         }
     }
 
@@ -398,6 +404,28 @@ impl Controller {
         };
         let manifest = set.nodes.get(id);
         let rec = self.store.nodes.get(id);
+        // Secrets are sealed to the node's own key: no config before the node enrolled.
+        let recipient = match rec.map(|r| PublicKey::from_base64(&r.public_key)) {
+            Some(Ok(k)) => k,
+            Some(Err(e)) => {
+                self.blocked
+                    .insert(id.to_string(), format!("stored node key is unusable: {e}"));
+                return Ok(None);
+            }
+            None => {
+                self.blocked.insert(
+                    id.to_string(),
+                    "waiting for the node to enrol (its config carries the mesh passphrase sealed to the node's key)".into(),
+                );
+                return Ok(None);
+            }
+        };
+        let seal_id = sha256_hex(format!("{passphrase}\0{}", recipient.to_base64()).as_bytes());
+        let sealed = self
+            .sealed
+            .get(id)
+            .filter(|(k, _)| *k == seal_id)
+            .map(|(_, s)| s.clone());
         let inputs = match decide(set, mesh, id, manifest, rec, subnet_id, &passphrase) {
             Desired::Config { inputs, .. } => inputs,
             Desired::Pending(r) | Desired::Blocked(r) => {
@@ -461,6 +489,9 @@ impl Controller {
             refresh_due,
             revision,
             key,
+            recipient,
+            sealed,
+            seal_id,
             validity,
             dataplane,
         }))
@@ -515,6 +546,8 @@ impl Controller {
         };
         self.counters.rendered += 1;
         self.blocked.remove(&plan.id);
+        self.sealed
+            .insert(plan.id.clone(), (plan.seal_id.clone(), r.sealed.clone()));
         if let Some(p) = &plan.prev
             && p.sha256 == r.sha256
             && !plan.refresh_due
@@ -1045,6 +1078,7 @@ pub fn build_config_with(
         addresses: vec![format!("{}/{}", ctx.node.address, ctx.node.prefix_len)],
         files: files.into_iter().map(|f| f.file).collect(),
         actions,
+        sealed: BTreeMap::new(),
     })
 }
 
@@ -1140,6 +1174,12 @@ struct Plan {
     refresh_due: bool,
     revision: Revision,
     key: KeyPair,
+    /// The node's key, to seal secrets to.
+    recipient: PublicKey,
+    /// The mesh passphrase sealed to the node, when it was sealed before.
+    sealed: Option<String>,
+    /// What `sealed` was sealed from (passphrase and node key hash).
+    seal_id: String,
     validity: u64,
     dataplane: crate::peers::Dataplane,
 }
@@ -1147,6 +1187,8 @@ struct Plan {
 /// The result of rendering a plan.
 struct Rendered {
     sha256: String,
+    /// The sealed passphrase the config carries (kept for the next render).
+    sealed: String,
     /// `None` when the content did not change (nothing to sign).
     envelope: Option<Vec<u8>>,
 }
@@ -1162,7 +1204,23 @@ fn render_and_seal(
         .inputs
         .borrow(set)
         .ok_or_else(|| "its mesh or profile vanished".to_string())?;
-    let config = build_config_with(renderer, &inputs, Some(plan.dataplane.clone()))?;
+    let mut config = build_config_with(renderer, &inputs, Some(plan.dataplane.clone()))?;
+    let sealed = match &plan.sealed {
+        Some(s) => s.clone(),
+        None => sidenet_wire::seal::seal(
+            &plan.key,
+            &plan.recipient,
+            sidenet_wire::seal::Context {
+                mesh: &plan.net,
+                node: &plan.id,
+                name: MESH_PASSPHRASE,
+            },
+            plan.inputs.passphrase.as_bytes(),
+        ),
+    };
+    config
+        .sealed
+        .insert(MESH_PASSPHRASE.to_string(), sealed.clone());
     let body = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
     let sha256 = sha256_hex(&body);
     let unchanged = plan
@@ -1172,6 +1230,7 @@ fn render_and_seal(
     if unchanged {
         return Ok(Rendered {
             sha256,
+            sealed,
             envelope: None,
         });
     }
@@ -1187,6 +1246,7 @@ fn render_and_seal(
     };
     Ok(Rendered {
         sha256,
+        sealed,
         envelope: Some(seal(Kind::Config, header, &body, &plan.key)),
     })
 }

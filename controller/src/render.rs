@@ -448,7 +448,9 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
                 sidenet_crds::RoutingProtocol::BatmanAdv => "batman-adv".into(),
             },
             hello_interval: spec.routing.hello_interval,
-            passphrase: inp.passphrase.to_string(),
+            // The passphrase itself travels sealed to the node (`NodeConfig::sealed`); the agent
+            // fills it in where the templates use it.
+            passphrase: sidenet_wire::seal::placeholder(crate::core::MESH_PASSPHRASE),
             rate_kbit,
             internet,
         },

@@ -577,3 +577,97 @@ fn controller_restart_keeps_revisions() {
     );
     assert_eq!(applied_rev(&m.agents[0].root), Some(3));
 }
+
+/// Every message on the broker, as a client subscribed to `sidenet/#` receives it (retained
+/// ones first), until `done` says enough or the deadline passes.
+fn capture(port: u16, done: impl Fn(&[(String, Vec<u8>)]) -> bool) -> Vec<(String, Vec<u8>)> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(format!("curious-{}", free_port()), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = Client::new(opts, 100);
+    client.subscribe("sidenet/#", QoS::AtLeastOnce).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut got = Vec::new();
+    while std::time::Instant::now() < deadline && !done(&got) {
+        match conn.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                got.push((p.topic.to_string(), p.payload.to_vec()))
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) => panic!("curious client: {e}"),
+        }
+    }
+    let _ = client.disconnect();
+    got
+}
+
+/// The mesh passphrase never crosses the broker in clear: each config carries it sealed to its
+/// node, which fills it into its files; another node's key cannot open it.
+#[test]
+fn the_passphrase_is_sealed_to_each_node() {
+    let mut m = Mesh::new(|t| t, false);
+    m.start_agent("alpha", LINUX, &[]);
+    m.start_agent("bravo", OPENWRT, &[]);
+    m.wait_rev(0, 1);
+    m.wait_rev(1, 1);
+    let secrets: Vec<_> = std::fs::read_dir(m.state().join("secrets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(secrets.len(), 1, "{secrets:?}");
+    let pass = std::fs::read_to_string(&secrets[0])
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(pass.len() >= 16);
+    // The nodes have it in their files.
+    let alpha = &m.agents[0].root;
+    let bravo = &m.agents[1].root;
+    assert!(
+        read(alpha, "etc/sidenet/wpa_supplicant-mesh.conf")
+            .contains(&format!("sae_password=\"{pass}\""))
+    );
+    assert!(read(bravo, "etc/config/wireless").contains(&format!("option key '{pass}'")));
+    // A curious client on the broker sees both configs, but not the passphrase.
+    let (a_id, b_id) = (node_id(alpha), node_id(bravo));
+    let cfg_topic = |id: &str| format!("sidenet/v1/riverside/nodes/{id}/config");
+    let seen = capture(m.port, |got| {
+        [&a_id, &b_id]
+            .iter()
+            .all(|id| got.iter().any(|(t, _)| *t == cfg_topic(id)))
+    });
+    let needle = pass.as_bytes();
+    for (topic, payload) in &seen {
+        assert!(
+            !payload.windows(needle.len()).any(|w| w == needle),
+            "the passphrase is readable on {topic}"
+        );
+    }
+    let (_, env) = seen.iter().find(|(t, _)| *t == cfg_topic(&b_id)).unwrap();
+    let env = sidenet_wire::Envelope::parse(env, 1 << 20).unwrap();
+    let body: sidenet_wire::messages::NodeConfig = env
+        .verify(sidenet_wire::Kind::Config, &m.mesh_key().public())
+        .unwrap()
+        .body_json()
+        .unwrap();
+    let sealed = &body.sealed["mesh-passphrase"];
+    assert!(
+        body.files
+            .iter()
+            .any(|f| f.content.contains("@sidenet-secret:mesh-passphrase@"))
+    );
+    let key =
+        |root: &Path| KeyPair::from_file_text(&read(root, "etc/sidenet-agent/node.key")).unwrap();
+    let ctx = |node| sidenet_wire::seal::Context {
+        mesh: "riverside",
+        node,
+        name: "mesh-passphrase",
+    };
+    // Bravo's key opens it; alpha's does not, whatever node id it claims.
+    assert_eq!(
+        sidenet_wire::seal::open(&key(bravo), ctx(&b_id), sealed).unwrap(),
+        pass.as_bytes()
+    );
+    assert!(sidenet_wire::seal::open(&key(alpha), ctx(&b_id), sealed).is_err());
+    assert!(sidenet_wire::seal::open(&key(alpha), ctx(&a_id), sealed).is_err());
+}

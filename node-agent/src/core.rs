@@ -21,7 +21,7 @@ use sidenet_wire::messages::{
 };
 
 use crate::backend::Observation;
-use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, topics};
+use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, seal, topics};
 
 /// How long node messages stay valid (the controller refuses older ones).
 const MESSAGE_VALIDITY: u64 = 600;
@@ -677,6 +677,32 @@ impl Agent {
         }
     }
 
+    /// Opens the secrets sealed to this node and fills them in where the files use them.
+    fn unseal(&self, mut config: NodeConfig) -> Result<NodeConfig, seal::SealError> {
+        let mut opened: Vec<(String, String)> = Vec::new();
+        let sealed = std::mem::take(&mut config.sealed);
+        for f in &mut config.files {
+            f.content = seal::fill(&f.content, &mut |name| {
+                if let Some((_, v)) = opened.iter().find(|(n, _)| n == name) {
+                    return Ok(v.clone());
+                }
+                let s = sealed
+                    .get(name)
+                    .ok_or_else(|| seal::SealError::Missing(name.into()))?;
+                let ctx = seal::Context {
+                    mesh: &self.settings.mesh,
+                    node: &self.node,
+                    name,
+                };
+                let v = String::from_utf8(seal::open(&self.key, ctx, s)?)
+                    .map_err(|_| seal::SealError::Open(name.into()))?;
+                opened.push((name.to_string(), v.clone()));
+                Ok(v)
+            })?;
+        }
+        Ok(config)
+    }
+
     fn on_config(&mut self, payload: &[u8], out: &mut Vec<Effect>) {
         let Some(mesh_key) = self.mesh_key else {
             out.push(Effect::Log(
@@ -739,6 +765,19 @@ impl Agent {
             self.status(out);
             return;
         }
+        let config = match self.unseal(config) {
+            Ok(c) => c,
+            Err(e) => {
+                out.push(Effect::Log(Level::Warn, format!("config refused: {e}")));
+                self.failed.push(revision);
+                self.failure = Some(Failure {
+                    revision: Some(revision),
+                    error: e.to_string(),
+                });
+                self.status(out);
+                return;
+            }
+        };
         if let Some(b) = busy {
             // Applied when the current apply or trial ends (only the newest is kept).
             out.push(Effect::Log(
@@ -846,6 +885,7 @@ mod tests {
                 addresses: vec![],
                 files: vec![],
                 actions: vec![],
+                sealed: Default::default(),
             };
             let env = sidenet_wire::envelope::seal(
                 Kind::Config,

@@ -437,6 +437,7 @@ mod tests {
                 })
                 .collect(),
             actions: vec![],
+            sealed: Default::default(),
         }
     }
 

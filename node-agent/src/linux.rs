@@ -789,6 +789,7 @@ mod tests {
             addresses: vec!["fdfc:b395:f348:1c2d::1/64".into()],
             files,
             actions: ACTIONS.iter().map(|s| s.to_string()).collect(),
+            sealed: Default::default(),
         }
     }
 

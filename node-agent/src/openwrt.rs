@@ -226,6 +226,7 @@ mod tests {
                 })
                 .collect(),
             actions,
+            sealed: Default::default(),
         }
     }
 

@@ -129,6 +129,17 @@ impl KeyPair {
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.0.sign(msg).to_bytes()
     }
+
+    /// The 32-byte seed (the secret itself).
+    pub(crate) fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// The X25519 secret scalar of this key (first half of SHA-512(seed), clamped by the
+    /// multiplication), for opening sealed secrets.
+    pub(crate) fn x25519_scalar(&self) -> [u8; 32] {
+        self.0.to_scalar_bytes()
+    }
 }
 
 impl fmt::Debug for KeyPair {

@@ -15,6 +15,7 @@
 //! - [`keys`]: ed25519 key handling, node ids derived from public keys, key file encoding.
 //! - [`envelope`]: framing, signing and verification.
 //! - [`messages`]: the bodies (announcement, config, enrolment, status).
+//! - [`seal`]: secrets sealed to one node (the mesh passphrase in configs).
 //! - [`codec`]: hex and base32 helpers.
 
 pub mod codec;
@@ -22,6 +23,7 @@ pub mod envelope;
 pub mod keys;
 pub mod messages;
 pub mod names;
+pub mod seal;
 pub mod topics;
 
 pub use envelope::{Envelope, Header, Kind, Revision, WireError};

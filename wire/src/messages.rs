@@ -1,5 +1,7 @@
 //! Message bodies. Each travels inside a signed [`crate::envelope`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Revision;
@@ -71,6 +73,10 @@ pub struct NodeConfig {
     pub files: Vec<FileSpec>,
     /// Actions to run after the files are in place (e.g. `reload:network`).
     pub actions: Vec<String>,
+    /// Secrets sealed to this node ([`crate::seal`]), by name; files hold
+    /// [`crate::seal::placeholder`]s the agent fills in after opening them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sealed: BTreeMap<String, String>,
 }
 
 /// A node's request to join, signed by its own key.

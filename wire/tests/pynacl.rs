@@ -70,3 +70,50 @@ fn pynacl_verifies_our_envelopes_and_refuses_tampered_ones() {
         ["ok", "ok", "ok", "signature", "signature", "body"]
     );
 }
+
+#[test]
+fn libsodium_opens_our_sealed_secrets_and_refuses_them_out_of_context() {
+    use base64::Engine;
+    use sidenet_wire::seal::{Context, seal};
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var("SIDENET_PEER_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo.join(".venv-peers/bin/python"));
+    let mesh = KeyPair::from_seed(&[7u8; 32]);
+    let seed = [9u8; 32];
+    let node = KeyPair::from_seed(&seed);
+    let id = node.public().node_id();
+    let ctx = |name| Context {
+        mesh: "riverside",
+        node: &id,
+        name,
+    };
+    let a = seal(
+        &mesh,
+        &node.public(),
+        ctx("mesh-passphrase"),
+        "tr0ub4dor & 3".as_bytes(),
+    );
+    let other = KeyPair::from_seed(&[5u8; 32]).public();
+    let b = seal(&mesh, &other, ctx("mesh-passphrase"), b"not yours");
+    let case = |name: &str, sealed: &str| serde_json::json!({"mesh": "riverside", "node": id, "name": name, "sealed": sealed});
+    let doc = serde_json::json!({
+        "seed": base64::engine::general_purpose::STANDARD.encode(seed),
+        "cases": [case("mesh-passphrase", &a), case("psk", &a), case("mesh-passphrase", &b)],
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("sealed.json");
+    std::fs::write(&input, doc.to_string()).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(repo.join("tests/peers/open_sealed.py"))
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got, ["tr0ub4dor & 3", "refused", "refused"]);
+}

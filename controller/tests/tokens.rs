@@ -1,0 +1,173 @@
+//! The enrolment-token battery: 1,000 enrolment attempts with forged, expired, reused and
+//! stolen-then-misdirected tokens against the controller core (real signatures, a real state
+//! database), in a mesh in token mode. None enrols, no config is published to any of them, the
+//! two legitimate nodes get in, and the database holds token hashes only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use sidenet_controller::core::Controller;
+use sidenet_controller::render::Renderer;
+use sidenet_controller::standalone::FsSecrets;
+use sidenet_controller::store::Store;
+use sidenet_controller::{manifest, now};
+use sidenet_wire::envelope::seal;
+use sidenet_wire::keys::KeyPair;
+use sidenet_wire::messages::EnrollRequest;
+use sidenet_wire::{Header, Kind, topics};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A signed enrolment request of `key` (on the topic of `topic_node`, normally its own id).
+fn enrol(key: &KeyPair, topic_node: &str, token: Option<&str>, at: u64) -> (String, Vec<u8>) {
+    let id = key.public().node_id();
+    let req = EnrollRequest {
+        hostname: format!("host-{}", &id[..6]),
+        profile: Some("raspberrypi-4b-awus036acm".into()),
+        token: token.map(str::to_string),
+        backend: "files".into(),
+        agent_version: "test".into(),
+        ..EnrollRequest::default()
+    };
+    let header = Header {
+        mesh: "riverside".into(),
+        node: Some(topic_node.to_string()),
+        epoch: 1,
+        rev: 1,
+        iat: at,
+        exp: at + 3600,
+        len: 0,
+        sha256: String::new(),
+    };
+    let body = serde_json::to_vec(&req).unwrap();
+    (
+        topics::enroll("riverside", topic_node),
+        seal(Kind::Enroll, header, &body, key),
+    )
+}
+
+fn key(i: u32) -> KeyPair {
+    let mut seed = [0u8; 32];
+    seed[..4].copy_from_slice(&i.to_be_bytes());
+    seed[31] = 0x5e;
+    KeyPair::from_seed(&seed)
+}
+
+#[test]
+fn a_thousand_bad_tokens_enrol_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now();
+    let store = Store::open(&dir.path().join("sidenet.redb"), t0).unwrap();
+    let renderer = Renderer::load(&repo().join("templates")).unwrap();
+    let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(dir.path())));
+    let mesh_text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml"))
+        .unwrap()
+        .replace("mode: auto", "mode: token");
+    let mut texts = vec![(PathBuf::from("mesh.yaml"), mesh_text)];
+    for f in manifest::collect_files(&[repo().join("hardware-profiles")]).unwrap() {
+        let t = std::fs::read_to_string(&f).unwrap();
+        texts.push((f, t));
+    }
+    let set = manifest::load_texts(&texts).unwrap();
+    ctl.set_manifests(set, t0).unwrap();
+    ctl.flush().unwrap();
+
+    // Issued tokens: one that a legitimate node uses first (then 300 others try it again),
+    // one that expires, and one that a thief uses on someone else's topic before its owner.
+    let (reused, expiring, stolen) = (
+        "reused-token-3f9a1c",
+        "expiring-token-77b2",
+        "stolen-token-c4d1",
+    );
+    ctl.create_token("riverside", reused, 3600, t0).unwrap();
+    ctl.create_token("riverside", expiring, 60, t0).unwrap();
+    ctl.create_token("riverside", stolen, 3600, t0).unwrap();
+    ctl.flush().unwrap();
+
+    let mut published: Vec<String> = Vec::new();
+    let mut deliver = |ctl: &mut Controller, (topic, payload): (String, Vec<u8>), at: u64| {
+        ctl.on_message(&topic, &payload, at).unwrap();
+        published.extend(ctl.flush().unwrap().into_iter().map(|p| p.topic));
+    };
+
+    let legit = key(0);
+    deliver(
+        &mut ctl,
+        enrol(&legit, &legit.public().node_id(), Some(reused), t0),
+        t0,
+    );
+
+    let later = t0 + 120; // past the expiring token's 60 s
+    let mut bad = BTreeSet::new();
+    for i in 1..=1000u32 {
+        let k = key(i);
+        let id = k.public().node_id();
+        let msg = match i {
+            // Forged: tokens nobody issued (random-looking, right shape).
+            1..=400 => enrol(
+                &k,
+                &id,
+                Some(&format!(
+                    "forged-{:016x}",
+                    u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                )),
+                later,
+            ),
+            // Expired.
+            401..=600 => enrol(&k, &id, Some(expiring), later),
+            // Reused after the legitimate node consumed it.
+            601..=900 => enrol(&k, &id, Some(reused), later),
+            // No token at all.
+            901..=950 => enrol(&k, &id, None, later),
+            // A valid, unused token, sent by a thief on another node's topic: refused before
+            // the token is looked at, so it is not consumed.
+            _ => {
+                let victim = key(10_000 + i).public().node_id();
+                bad.insert(victim.clone());
+                enrol(&k, &victim, Some(stolen), later)
+            }
+        };
+        bad.insert(id);
+        deliver(&mut ctl, msg, later);
+    }
+
+    // The stolen token was never consumed: its owner still gets in with it.
+    let owner = key(5000);
+    deliver(
+        &mut ctl,
+        enrol(&owner, &owner.public().node_id(), Some(stolen), later),
+        later,
+    );
+
+    let rows = ctl.status();
+    let enrolled: BTreeSet<String> = rows.iter().map(|r| r.node.clone()).collect();
+    let expected: BTreeSet<String> = [legit.public().node_id(), owner.public().node_id()].into();
+    assert_eq!(
+        enrolled, expected,
+        "only the two legitimate nodes are known"
+    );
+    assert_eq!(ctl.counters.enrolled, 2);
+    assert_eq!(ctl.counters.refused, 950, "{:?}", ctl.counters);
+    // Configs went to the two legitimate nodes and to nobody else.
+    let config_targets: BTreeSet<String> = published
+        .iter()
+        .filter(|t| t.ends_with("/config"))
+        .map(|t| t.split('/').nth(4).unwrap().to_string())
+        .collect();
+    assert_eq!(config_targets, expected);
+    assert!(bad.iter().all(|b| !config_targets.contains(b)));
+
+    // Only hashes are stored.
+    drop(ctl);
+    let db = std::fs::read(dir.path().join("sidenet.redb")).unwrap();
+    for token in [reused, expiring, stolen] {
+        assert!(
+            !db.windows(token.len()).any(|w| w == token.as_bytes()),
+            "token {token} is stored in clear"
+        );
+    }
+}
