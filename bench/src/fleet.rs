@@ -6,12 +6,14 @@
 //! Keys are derived from a seed (`SHA-256("sidenet-sim/SEED/i")`), so a second run with the same
 //! seed reuses the node identities of the first (re-connect instead of an enrolment storm).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use sidenet_agent::core::{Agent, Effect, Event, Settings};
+use sidenet_wire::Revision;
 use sidenet_wire::codec::sha256;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::EnrollRequest;
@@ -35,10 +37,44 @@ pub struct FleetOptions {
     pub profile: String,
 }
 
+/// Every apply of every agent: which body each (agent, revision) got, so a test can prove that
+/// no revision was applied twice or with two different contents.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    bodies: Mutex<HashMap<(usize, Revision), String>>,
+    /// Applies of a (agent, revision) that was applied before with the same body.
+    pub repeats: AtomicU64,
+    /// Applies of a (agent, revision) that was applied before with a different body.
+    pub conflicts: AtomicU64,
+    /// All applies.
+    pub applies: AtomicU64,
+}
+
+impl Ledger {
+    fn record(&self, agent: usize, revision: Revision, sha256: &str) {
+        self.applies.fetch_add(1, Ordering::Relaxed);
+        let mut map = match self.bodies.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match map.insert((agent, revision), sha256.to_string()) {
+            None => {}
+            Some(prev) if prev == sha256 => {
+                self.repeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => {
+                self.conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A running fleet.
 #[derive(Debug)]
 pub struct Fleet {
     applied: Arc<Vec<AtomicU64>>,
+    /// Every apply, for checking revisions after the fact.
+    pub ledger: Arc<Ledger>,
     connected: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -64,6 +100,7 @@ impl Fleet {
         let applied: Arc<Vec<AtomicU64>> =
             Arc::new((0..opts.nodes).map(|_| AtomicU64::new(0)).collect());
         let connected = Arc::new(AtomicUsize::new(0));
+        let ledger = Arc::new(Ledger::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut ids = Vec::with_capacity(opts.nodes);
@@ -75,12 +112,14 @@ impl Fleet {
                 k,
                 opts.clone(),
                 applied.clone(),
+                ledger.clone(),
                 connected.clone(),
                 stop_rx.clone(),
             ));
         }
         Fleet {
             applied,
+            ledger,
             connected,
             stop,
             tasks,
@@ -180,6 +219,7 @@ async fn run_agent(
     key: KeyPair,
     opts: FleetOptions,
     applied: Arc<Vec<AtomicU64>>,
+    ledger: Arc<Ledger>,
     connected: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -258,6 +298,7 @@ async fn run_agent(
                         revision, sha256, ..
                     } => {
                         applied[i].store(revision.rev, Ordering::Relaxed);
+                        ledger.record(i, revision, &sha256);
                         queue.push(Event::Applied {
                             revision,
                             sha256,

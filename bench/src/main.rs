@@ -6,8 +6,6 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-mod fleet;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use fleet::{Fleet, FleetOptions};
 use serde_json::{Value, json};
+use sidenet_bench::fleet::{Fleet, FleetOptions};
 use sidenet_controller::admin::{self, Request, Response};
 use sidenet_controller::manifest::{self, ManifestSet};
 use sidenet_controller::render::{self, NodeInputs, Renderer};

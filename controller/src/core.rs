@@ -18,7 +18,7 @@ use sidenet_wire::envelope::{DEFAULT_MAX_ENVELOPE, Expect, seal};
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{Announce, ApplyState, EnrollRequest, NodeConfig, StatusReport};
 use sidenet_wire::topics::{self, Incoming};
-use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision};
+use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError};
 
 use crate::manifest::{ManifestSet, closest, network_name};
 use crate::render::{self, NodeInputs, Renderer};
@@ -746,14 +746,25 @@ impl Controller {
                     return Ok(());
                 }
             };
-        if let Err(e) = verified.check(&Expect {
+        match verified.check(&Expect {
             mesh,
             node: Some(node),
             after: rec.last_seq,
             now,
         }) {
-            self.reject("status", node, e);
-            return Ok(());
+            Ok(()) => {}
+            // Status reports are retained: after a restart the controller receives the last
+            // report of every node again. The one it already processed, or one too old to
+            // count, is expected, not an attack.
+            Err(WireError::Stale { got, .. }) if Some(got) == rec.last_seq => return Ok(()),
+            Err(e @ WireError::Expired { .. }) => {
+                tracing::debug!(node = %node, "ignored status report: {e}");
+                return Ok(());
+            }
+            Err(e) => {
+                self.reject("status", node, e);
+                return Ok(());
+            }
         }
         let report: StatusReport = match verified.body_json() {
             Ok(r) => r,

@@ -610,7 +610,9 @@ impl Agent {
         out.push(Effect::Publish {
             topic: topics::status(&self.settings.mesh, &self.node),
             payload: sidenet_wire::envelope::seal(Kind::Status, header, &body, &self.key),
-            retain: false,
+            // Retained: a controller that restarts (or a standby that takes over) learns every
+            // node's last report at once instead of waiting for the next one.
+            retain: true,
         });
     }
 
