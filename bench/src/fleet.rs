@@ -35,6 +35,8 @@ pub struct FleetOptions {
     pub seed: u64,
     /// Hardware profile the agents ask for.
     pub profile: String,
+    /// Mesh key pinned at start (as provisioning pins it); `None`: trust on first use.
+    pub mesh_key: Option<sidenet_wire::PublicKey>,
 }
 
 /// Every apply of every agent: which body each (agent, revision) got, so a test can prove that
@@ -239,7 +241,7 @@ async fn run_agent(
         enroll_every: 10,
     };
     let node = key.public().node_id();
-    let mut agent = Agent::new(settings, key, None, None, now(), now());
+    let mut agent = Agent::new(settings, key, opts.mesh_key, None, now(), now());
     let mut mo = MqttOptions::new(node, opts.host.clone(), opts.port);
     mo.set_keep_alive(Duration::from_secs(120));
     mo.set_clean_session(true);

@@ -121,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 seed,
                 profile,
+                mesh_key: None,
             });
             let mut last = (usize::MAX, 0);
             loop {
@@ -531,6 +532,7 @@ async fn rollout(
         nodes: n,
         seed,
         profile: "raspberrypi-4b-awus036acm".into(),
+        mesh_key: None,
     });
     let timeout = Duration::from_secs(120);
     let first = fleet.wait_all(1, start, timeout).await?;

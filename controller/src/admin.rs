@@ -35,6 +35,13 @@ pub enum Request {
         /// Validity in seconds.
         ttl_s: u64,
     },
+    /// Rotate a mesh's signing key.
+    RotateKey {
+        /// Mesh network name.
+        mesh: String,
+        /// Seconds agents still accept configs signed by the old key.
+        overlap_s: u64,
+    },
     /// What a node would receive, before signing.
     Render {
         /// Node id or MeshNode name.
@@ -74,6 +81,17 @@ pub enum Response {
         token: String,
         /// Expiry, Unix seconds.
         expires: u64,
+    },
+    /// The mesh key was rotated.
+    Rotated {
+        /// Mesh network name.
+        mesh: String,
+        /// The new public key (base64).
+        key: String,
+        /// Until when agents accept the old key (Unix seconds).
+        previous_until: u64,
+        /// Configs published under the new key.
+        published: usize,
     },
     /// A rendered config.
     Render {

@@ -38,6 +38,31 @@ pub trait Secrets: Send {
     fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String>;
     /// A passphrase by reference, from the manifests' Secrets or created if missing.
     fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String>;
+    /// The key rotations of a mesh so far (empty chain when its key was never rotated).
+    fn rotation(&mut self, _network: &str) -> Result<Rotation, String> {
+        Ok(Rotation::default())
+    }
+    /// Makes `key` the mesh's signing key, with `rotation` (which ends with its endorsement).
+    /// Must be durable before it returns: configs signed by the new key follow at once.
+    fn rotate_mesh_key(
+        &mut self,
+        _network: &str,
+        _key: &KeyPair,
+        _rotation: &Rotation,
+    ) -> Result<(), String> {
+        Err("this secret store cannot rotate keys".into())
+    }
+}
+
+/// A mesh's signing key history: the endorsement chain announced to agents and the end of the
+/// overlap during which they still accept the previous key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    /// Endorsements, oldest first.
+    pub chain: Vec<sidenet_wire::rotation::Endorsement>,
+    /// End of the overlap of the last rotation (Unix seconds).
+    #[serde(default)]
+    pub previous_until: Option<u64>,
 }
 
 /// A message to publish.
@@ -137,6 +162,8 @@ pub struct Controller {
     /// Node id → (SHA-256 of passphrase and node key, the passphrase sealed to the node):
     /// sealing costs two X25519 multiplications, so it is done once per node and passphrase.
     sealed: BTreeMap<String, (String, String)>,
+    /// Key rotations by mesh network name (loaded with the keys).
+    rotations: BTreeMap<String, Rotation>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -173,6 +200,7 @@ impl Controller {
             outbox: Vec::new(),
             peers,
             sealed: BTreeMap::new(),
+            rotations: BTreeMap::new(),
         }
     }
 
@@ -195,8 +223,77 @@ impl Controller {
             .secrets
             .mesh_key(network)
             .map_err(|e| CoreError::Request(format!("signing key of mesh {network}: {e}")))?;
+        let r = self
+            .secrets
+            .rotation(network)
+            .map_err(|e| CoreError::Request(format!("key rotations of mesh {network}: {e}")))?;
         self.keys.insert(network.to_string(), k.clone());
+        self.rotations.insert(network.to_string(), r);
         Ok(k)
+    }
+
+    /// Rotates the signing key of mesh `network` to the key of `seed`: the old key endorses the
+    /// new one, agents learn it from the next announcement (which carries every endorsement
+    /// since the first key) and accept configs of the old key for `overlap` more seconds. Every
+    /// node gets its config again, signed by the new key, under a new revision. Returns the new
+    /// public key.
+    pub fn rotate_key(
+        &mut self,
+        network: &str,
+        seed: &[u8; 32],
+        overlap: u64,
+        now: u64,
+    ) -> Result<PublicKey, CoreError> {
+        if self.set.mesh_by_network(network).is_none() {
+            return Err(CoreError::Request(format!("no mesh named {network}")));
+        }
+        let old = self.mesh_key(network)?;
+        let new = KeyPair::from_seed(seed);
+        let mut rotation = self.rotations.get(network).cloned().unwrap_or_default();
+        rotation.chain.push(sidenet_wire::rotation::endorse(
+            &old,
+            network,
+            &new.public(),
+            now,
+        ));
+        rotation.previous_until = Some(now + overlap);
+        self.secrets
+            .rotate_mesh_key(network, &new, &rotation)
+            .map_err(|e| CoreError::Request(format!("rotating the key of mesh {network}: {e}")))?;
+        tracing::info!(
+            mesh = %network,
+            old = %old.public().fingerprint(),
+            new = %new.public().fingerprint(),
+            overlap_s = overlap,
+            "mesh signing key rotated"
+        );
+        self.keys.insert(network.to_string(), new.clone());
+        self.rotations.insert(network.to_string(), rotation);
+        // The announcement first, so agents pin the new key before its configs arrive.
+        let ann = self.announcements(now)?;
+        self.outbox.extend(ann);
+        let ids: Vec<String> = self
+            .store
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.mesh == network)
+            .map(|(id, _)| id.clone())
+            .chain(
+                self.set
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| {
+                        self.set
+                            .mesh_of(n)
+                            .is_some_and(|m| network_name(m) == network)
+                    })
+                    .map(|(id, _)| id.clone()),
+            )
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.reconcile(&ids, now)?;
+        Ok(new.public())
     }
 
     /// Replaces the manifests (already validated) and reconciles every node.
@@ -221,6 +318,12 @@ impl Controller {
                 prefix: mesh.spec.prefix.clone(),
                 controller: self.version.clone(),
                 acks: true,
+                chain: self
+                    .rotations
+                    .get(&net)
+                    .map(|r| r.chain.clone())
+                    .unwrap_or_default(),
+                previous_until: self.rotations.get(&net).and_then(|r| r.previous_until),
             };
             let header = Header {
                 mesh: net.clone(),
@@ -459,9 +562,19 @@ impl Controller {
         let owned = OwnedInputs::from(&inputs, &mesh_name, &profile_name);
         let validity = validity(mesh);
         let prev = self.store.published.get(id).cloned();
-        let refresh_due = prev
-            .as_ref()
-            .is_some_and(|p| now >= p.iat + (p.exp.saturating_sub(p.iat)) / 2);
+        let signer = key.public().to_base64();
+        let rotated = self
+            .rotations
+            .get(&net)
+            .is_some_and(|r| !r.chain.is_empty());
+        // Due for re-signing: half its validity passed, or signed by a key that was rotated out.
+        let refresh_due = prev.as_ref().is_some_and(|p| {
+            now >= p.iat + (p.exp.saturating_sub(p.iat)) / 2
+                || match &p.signer {
+                    Some(s) => *s != signer,
+                    None => rotated,
+                }
+        });
         if let Some(p) = &prev
             && p.input == fingerprint
             && !refresh_due
@@ -579,6 +692,7 @@ impl Controller {
                 input: plan.fingerprint,
                 iat: now,
                 exp: now + plan.validity,
+                signer: Some(plan.key.public().to_base64()),
             },
             envelope.clone(),
         );

@@ -334,6 +334,7 @@ mod tests {
             input: String::new(),
             iat: 0,
             exp: 0,
+            signer: None,
         }
     }
 

@@ -114,8 +114,76 @@ pub fn random32() -> Result<[u8; 32], String> {
     Ok(b)
 }
 
+impl FsSecrets {
+    fn rotation_path(&self, network: &str) -> PathBuf {
+        self.dir
+            .join("keys")
+            .join(format!("{network}.rotation.json"))
+    }
+
+    /// Finishes a rotation a crash interrupted: `NET.next.key` is the new key once the rotation
+    /// record names it, else it was never announced and is dropped.
+    fn settle_rotation(&mut self, network: &str) -> Result<(), String> {
+        let next = self.dir.join("keys").join(format!("{network}.next.key"));
+        let Ok(text) = std::fs::read_to_string(&next) else {
+            return Ok(());
+        };
+        let key = KeyPair::from_file_text(&text).map_err(|e| format!("{}: {e}", next.display()))?;
+        let committed = self
+            .rotation(network)?
+            .chain
+            .last()
+            .is_some_and(|e| e.key == key.public().to_base64());
+        if committed {
+            let path = self.dir.join("keys").join(format!("{network}.key"));
+            std::fs::rename(&next, &path)
+                .map_err(|e| format!("cannot move {} into place: {e}", next.display()))?;
+        } else {
+            std::fs::remove_file(&next).map_err(|e| format!("{}: {e}", next.display()))?;
+        }
+        Ok(())
+    }
+}
+
 impl Secrets for FsSecrets {
+    fn rotation(&mut self, network: &str) -> Result<crate::core::Rotation, String> {
+        let path = self.rotation_path(network);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn rotate_mesh_key(
+        &mut self,
+        network: &str,
+        key: &KeyPair,
+        rotation: &crate::core::Rotation,
+    ) -> Result<(), String> {
+        // The new key next to the old one, then the record naming it, then the switch: a crash
+        // in between is settled on the next start (see `settle_rotation`).
+        let keys = self.dir.join("keys");
+        let next = keys.join(format!("{network}.next.key"));
+        let _ = std::fs::remove_file(&next);
+        write_secret(&next, &key.to_file_text())
+            .map_err(|e| format!("cannot write {}: {e}", next.display()))?;
+        let path = self.rotation_path(network);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(rotation).map_err(|e| e.to_string())?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        self.settle_rotation(network)?;
+        if let Ok(d) = std::fs::File::open(&keys) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
     fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String> {
+        self.settle_rotation(network)?;
         let path = self.dir.join("keys").join(format!("{network}.key"));
         match std::fs::read_to_string(&path) {
             Ok(text) => {
@@ -375,6 +443,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let out = ctl.flush()?;
                 let resp = match resp {
                     Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
+                    Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
+                        mesh,
+                        key,
+                        previous_until,
+                        published: out.iter().filter(|p| p.topic.ends_with("/config")).count(),
+                    },
                     other => other,
                 };
                 if connected { send(&client, out).await; }
@@ -497,6 +571,21 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
                 Ok(()) => Response::Token {
                     token,
                     expires: now + ttl_s,
+                },
+                Err(e) => fail(&e),
+            }
+        }
+        Request::RotateKey { mesh, overlap_s } => {
+            let seed = match random32() {
+                Ok(b) => b,
+                Err(message) => return Response::Error { message },
+            };
+            match ctl.rotate_key(&mesh, &seed, overlap_s, now) {
+                Ok(key) => Response::Rotated {
+                    mesh,
+                    key: key.to_base64(),
+                    previous_until: now + overlap_s,
+                    published: 0,
                 },
                 Err(e) => fail(&e),
             }

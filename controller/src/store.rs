@@ -115,6 +115,9 @@ pub struct Published {
     pub iat: u64,
     /// Expires at.
     pub exp: u64,
+    /// Public key (base64) that signed it; `None` in records written before key rotation existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// An enrolment token (stored by hash only).
@@ -448,6 +451,7 @@ mod tests {
                     input: "i".into(),
                     iat: 1,
                     exp: 2,
+                    signer: None,
                 },
                 vec![1, 2, 3],
             );

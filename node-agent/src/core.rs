@@ -189,6 +189,8 @@ pub struct Agent {
     queued: Option<Queued>,
     observed: Observation,
     controller_acks: bool,
+    /// The key pinned before the last rotation, accepted for configs until the given time.
+    previous_key: Option<(PublicKey, u64)>,
 }
 
 impl Agent {
@@ -229,6 +231,7 @@ impl Agent {
             queued: None,
             observed: Observation::default(),
             controller_acks: false,
+            previous_key: None,
         }
     }
 
@@ -642,14 +645,57 @@ impl Agent {
         match self.mesh_key {
             Some(k) if k == verified.signer => {}
             Some(k) => {
-                out.push(Effect::Log(
-                    Level::Warn,
-                    format!(
-                        "ignored announcement signed by {} (pinned key is {}): possible impostor",
-                        verified.signer.fingerprint(),
-                        k.fingerprint()
-                    ),
-                ));
+                // A rotated key is endorsed, link by link, by the key we pinned.
+                let body: Result<Announce, _> = verified.body_json();
+                let followed = body.as_ref().map_err(|e| e.to_string()).and_then(|a| {
+                    if a.key != verified.signer.to_base64() {
+                        return Err("its key field names another key".into());
+                    }
+                    sidenet_wire::rotation::follow(&self.settings.mesh, &a.chain, &k)
+                        .map_err(|e| e.to_string())
+                });
+                match followed {
+                    Ok(to) if to == verified.signer => {
+                        let until = body
+                            .as_ref()
+                            .ok()
+                            .and_then(|a| a.previous_until)
+                            .unwrap_or(0);
+                        self.previous_key = Some((k, until));
+                        self.mesh_key = Some(to);
+                        self.controller_acks = body.is_ok_and(|a| a.acks);
+                        out.push(Effect::PinMeshKey(to));
+                        out.push(Effect::Log(
+                            Level::Info,
+                            format!(
+                                "mesh {} key rotated from {} to {} (endorsed by the pinned key); the old key is accepted until {until}",
+                                self.settings.mesh,
+                                k.fingerprint(),
+                                to.fingerprint()
+                            ),
+                        ));
+                        // The retained config may have come before this announcement and been
+                        // refused: subscribing again delivers it again.
+                        out.push(Effect::Subscribe(topics::config(
+                            &self.settings.mesh,
+                            &self.node,
+                        )));
+                    }
+                    Ok(_) | Err(_) => {
+                        let why = match followed {
+                            Err(e) => e,
+                            Ok(_) => "the key chain leads elsewhere".into(),
+                        };
+                        out.push(Effect::Log(
+                            Level::Warn,
+                            format!(
+                                "ignored announcement signed by {} (pinned key is {}): {why}",
+                                verified.signer.fingerprint(),
+                                k.fingerprint()
+                            ),
+                        ));
+                    }
+                }
             }
             None => {
                 let body: Result<Announce, _> = verified.body_json();
@@ -718,8 +764,14 @@ impl Agent {
             (a, Some(b)) => Some(a.map_or(b, |a| a.max(b))),
             (a, None) => a,
         };
+        let now = self.now;
+        let previous = self.previous_key.filter(|(_, until)| now < *until);
         let checked = Envelope::parse(payload, self.settings.max_envelope)
-            .and_then(|e| e.verify(Kind::Config, &mesh_key))
+            .and_then(|e| match (e.verify(Kind::Config, &mesh_key), previous) {
+                // Within the overlap of a key rotation the old key still counts.
+                (Err(_), Some((old, _))) => e.verify(Kind::Config, &old),
+                (r, _) => r,
+            })
             .and_then(|v| {
                 v.check(&Expect {
                     mesh: &self.settings.mesh,
@@ -852,30 +904,49 @@ mod tests {
         }
 
         fn announce(&mut self, acks: bool) {
+            let key = self.mesh.clone();
+            self.announce_by(&key, acks, Vec::new(), None, T0);
+        }
+
+        fn announce_by(
+            &mut self,
+            key: &KeyPair,
+            acks: bool,
+            chain: Vec<sidenet_wire::rotation::Endorsement>,
+            previous_until: Option<u64>,
+            now: u64,
+        ) -> Vec<Effect> {
             let body = Announce {
                 mesh: MESH.into(),
-                key: self.mesh.public().to_base64(),
+                key: key.public().to_base64(),
                 enrollment: "auto".into(),
                 prefix: "fd00::/48".into(),
                 controller: "test".into(),
                 acks,
+                chain,
+                previous_until,
             };
             let env = sidenet_wire::envelope::seal(
                 Kind::Announce,
                 header(None, 1, 0),
                 &serde_json::to_vec(&body).unwrap_or_default(),
-                &self.mesh,
+                key,
             );
             self.agent.handle(
                 Event::Message {
                     topic: topics::announce(MESH),
                     payload: env,
                 },
-                T0,
-            );
+                now,
+            )
         }
 
         fn config(&mut self, rev: u64, now: u64) -> Vec<Effect> {
+            let key = self.mesh.clone();
+            self.config_by(&key, rev, now)
+        }
+
+        fn config_by(&mut self, key: &KeyPair, rev: u64, now: u64) -> Vec<Effect> {
             let body = NodeConfig {
                 mesh: MESH.into(),
                 node: self.node(),
@@ -893,7 +964,7 @@ mod tests {
                 Kind::Config,
                 header(Some(self.node()), 1, rev),
                 &serde_json::to_vec(&body).unwrap_or_default(),
-                &self.mesh,
+                key,
             );
             self.agent.handle(
                 Event::Message {
@@ -1199,5 +1270,62 @@ mod tests {
             T0,
         );
         assert!(out.contains(&Effect::Confirm { revision: rev }));
+    }
+
+    #[test]
+    fn follows_an_endorsed_key_rotation_and_drops_the_old_key_after_the_overlap() {
+        use sidenet_wire::rotation::endorse;
+        let mut w = world(None);
+        let old = w.mesh.clone();
+        let new = KeyPair::from_seed(&[42; 32]);
+        let evil = KeyPair::from_seed(&[66; 32]);
+        assert!(apply_of(&w.config(1, T0)).is_some());
+        w.agent.handle(
+            Event::Applied {
+                revision: Revision { epoch: 1, rev: 1 },
+                sha256: String::new(),
+                result: Ok(()),
+            },
+            T0,
+        );
+        // An impostor's announcement with a self-made chain is ignored.
+        let fx = w.announce_by(
+            &evil,
+            true,
+            vec![endorse(&evil, MESH, &evil.public(), T0)],
+            None,
+            T0,
+        );
+        assert!(!fx.iter().any(|e| matches!(e, Effect::PinMeshKey(_))));
+        assert_eq!(w.agent.mesh_key(), Some(old.public()));
+        // The real rotation: endorsed by the pinned key; pinned, config topic subscribed again.
+        let until = T0 + 100;
+        let chain = vec![endorse(&old, MESH, &new.public(), T0)];
+        let fx = w.announce_by(&new, true, chain, Some(until), T0 + 1);
+        assert!(fx.contains(&Effect::PinMeshKey(new.public())));
+        assert!(fx.contains(&Effect::Subscribe(topics::config(MESH, &w.node()))));
+        assert_eq!(w.agent.mesh_key(), Some(new.public()));
+        // Within the overlap the old key still counts; the new one does anyway.
+        assert!(apply_of(&w.config_by(&old, 2, T0 + 50)).is_some());
+        w.agent.handle(
+            Event::Applied {
+                revision: Revision { epoch: 1, rev: 2 },
+                sha256: String::new(),
+                result: Ok(()),
+            },
+            T0 + 50,
+        );
+        assert!(apply_of(&w.config_by(&new, 3, T0 + 60)).is_some());
+        w.agent.handle(
+            Event::Applied {
+                revision: Revision { epoch: 1, rev: 3 },
+                sha256: String::new(),
+                result: Ok(()),
+            },
+            T0 + 60,
+        );
+        // After it, the old key is refused.
+        assert!(apply_of(&w.config_by(&old, 4, until + 1)).is_none());
+        assert!(apply_of(&w.config_by(&new, 4, until + 1)).is_some());
     }
 }

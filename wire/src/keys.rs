@@ -59,6 +59,13 @@ impl PublicKey {
         B64.encode(self.0.as_bytes())
     }
 
+    /// Checks an ed25519 signature strictly (no malleable signatures, no weak keys).
+    pub fn verify_strict(&self, msg: &[u8], sig: &[u8; 64]) -> Result<(), KeyError> {
+        self.0
+            .verify_strict(msg, &ed25519_dalek::Signature::from_bytes(sig))
+            .map_err(|e| KeyError(format!("signature does not verify: {e}")))
+    }
+
     /// Raw bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         self.0.as_bytes()

@@ -15,6 +15,7 @@
 //! - [`keys`]: ed25519 key handling, node ids derived from public keys, key file encoding.
 //! - [`envelope`]: framing, signing and verification.
 //! - [`messages`]: the bodies (announcement, config, enrolment, status).
+//! - [`rotation`]: mesh signing key rotation (endorsement chains).
 //! - [`seal`]: secrets sealed to one node (the mesh passphrase in configs).
 //! - [`codec`]: hex and base32 helpers.
 
@@ -23,6 +24,7 @@ pub mod envelope;
 pub mod keys;
 pub mod messages;
 pub mod names;
+pub mod rotation;
 pub mod seal;
 pub mod topics;
 

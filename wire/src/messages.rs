@@ -23,6 +23,14 @@ pub struct Announce {
     /// Agents of a controller without it confirm a config on their local health check alone.
     #[serde(default)]
     pub acks: bool,
+    /// Endorsements of every key rotation since the mesh's first key, oldest first: an agent
+    /// that pinned an earlier key follows them to `key` ([`crate::rotation::follow`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<crate::rotation::Endorsement>,
+    /// Until when (Unix seconds) agents still accept configs signed by the key they pinned
+    /// before the last rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_until: Option<u64>,
 }
 
 /// One file of a node config, relative to the backend's root.

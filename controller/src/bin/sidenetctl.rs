@@ -91,6 +91,19 @@ enum Cmd {
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
     },
+    /// Rotate a mesh's signing key: the old key endorses a new one, every node gets its config
+    /// again signed by the new key, and agents accept the old key for --overlap more seconds.
+    /// Agents offline meanwhile follow the endorsement when they come back.
+    RotateKey {
+        /// Mesh network name.
+        mesh: String,
+        /// Seconds agents still accept configs signed by the old key.
+        #[arg(long, default_value_t = 86_400)]
+        overlap: u64,
+        /// State folder of the running controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+    },
     /// Create a single-use enrolment token (token mode). Shown once; only its hash is stored.
     Token {
         /// Mesh network name.
@@ -284,6 +297,32 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Cmd::Approve { node, state } => match admin::call(&state, &Request::Approve { node })? {
             Response::Approved { node, published } => {
                 println!("approved {node} ({published} config(s) published)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        },
+        Cmd::RotateKey {
+            mesh,
+            overlap,
+            state,
+        } => match admin::call(
+            &state,
+            &Request::RotateKey {
+                mesh,
+                overlap_s: overlap,
+            },
+        )? {
+            Response::Rotated {
+                mesh,
+                key,
+                previous_until,
+                published,
+            } => {
+                println!(
+                    "mesh {mesh}: new signing key {key}; {published} config(s) re-signed; the old key is accepted until {}",
+                    sidenet_controller::rfc3339(previous_until)
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
