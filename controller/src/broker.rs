@@ -1,12 +1,12 @@
-//! The embedded MQTT broker (rumqttd) for standalone mode.
+//! The embedded MQTT broker ([`sidenet_broker`]) for standalone mode.
 //!
-//! It runs on its own threads (rumqttd starts one runtime per listener). `next_connection_delay_ms`
-//! is set to 0: rumqttd's default sleeps after every accept, which caps connection storms.
+//! It runs as one task on the controller's tokio runtime and stops with it. Every client may
+//! connect, publish and subscribe ([`AllowAll`]); per-node credentials and topic ACLs arrive with
+//! issue 7's broker auth mode, as an [`sidenet_broker::Authorizer`] passed here instead.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use sidenet_broker::{AllowAll, Broker, BrokerHandle, Config};
 
 /// Largest MQTT packet accepted by the embedded broker (configs are a few KiB).
 pub const MAX_PACKET: usize = 512 * 1024;
@@ -21,62 +21,34 @@ pub struct BrokerError {
     pub message: String,
 }
 
-/// The rumqttd configuration for one MQTT 3.1.1 listener.
-pub fn config(listen: SocketAddr, max_connections: usize) -> Config {
-    let connections = ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: MAX_PACKET,
-        max_inflight_count: 500,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
-    let mut v4 = HashMap::new();
-    v4.insert("v4".to_string(), server);
+/// The broker configuration for `max_connections` clients.
+pub fn config(max_connections: usize) -> Config {
     Config {
-        id: 0,
-        router: RouterConfig {
-            max_connections,
-            max_outgoing_packet_count: 1000,
-            max_segment_size: 64 * 1024 * 1024,
-            max_segment_count: 10,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some(v4),
-        ..Default::default()
+        max_connections,
+        max_packet_size: MAX_PACKET,
+        // The controller's own connection receives every node's enrolment, status and online
+        // message; during a storm it may fall behind by several per node. Nodes themselves
+        // receive one config at a time. (With issue 7's auth mode, `Authorizer::queue_limits`
+        // gives nodes a small queue and the controller this one.)
+        max_queued_messages: max_connections.saturating_mul(4).max(10_000),
+        max_queued_bytes: 256 * 1024 * 1024,
+        ..Config::default()
     }
 }
 
-/// Starts the broker on background threads. Fails early if the address cannot be bound.
-pub fn start(listen: SocketAddr, max_connections: usize) -> Result<(), BrokerError> {
-    // rumqttd logs bind failures on its thread and carries on; check the port first so the
-    // admin gets a clear error.
-    std::net::TcpListener::bind(listen)
+/// Binds `listen` and starts the broker on the current tokio runtime.
+pub async fn start(
+    listen: SocketAddr,
+    max_connections: usize,
+) -> Result<BrokerHandle, BrokerError> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
         .map_err(|e| BrokerError {
             addr: listen,
             message: format!("cannot listen: {e}"),
-        })
-        .map(drop)?;
-    let mut broker = Broker::new(config(listen, max_connections));
-    std::thread::Builder::new()
-        .name("mqtt-broker".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                tracing::error!("embedded MQTT broker stopped: {e}");
-            }
-        })
-        .map_err(|e| BrokerError {
-            addr: listen,
-            message: e.to_string(),
         })?;
-    Ok(())
+    let broker = Broker::with_authorizer(config(max_connections), AllowAll);
+    let handle = broker.handle();
+    tokio::spawn(broker.run(listener, std::future::pending()));
+    Ok(handle)
 }
