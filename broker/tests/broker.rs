@@ -793,7 +793,7 @@ async fn paho_agent_gets_retained_and_live_configs_and_leaves_a_will() {
     let h = b.handle.clone();
     until("retained a", || h.retained("p/config/a").is_some()).await;
 
-    let mut child = tokio::process::Command::new(&python)
+    let child = tokio::process::Command::new(&python)
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/paho_client.py"))
         .arg(b.port().to_string())
         .arg("paho-1")
@@ -801,8 +801,7 @@ async fn paho_agent_gets_retained_and_live_configs_and_leaves_a_will() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Its "online" tells us it is subscribed (it subscribes before publishing... in the same
-    // on_connect; wait for both the online message and then send live ones).
+    // It publishes "online", then subscribes; live configs go out once its subscription is in.
     let p = ctl.publish_in().await;
     assert_eq!(
         (p.topic.as_str(), &p.payload[..]),
