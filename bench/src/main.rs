@@ -71,6 +71,22 @@ enum Cmd {
         #[arg(long, default_value = "raspberrypi-4b-awus036acm")]
         profile: String,
     },
+    /// First rollout (enrolment of N new agents) and second rollout (a mesh-wide change) on
+    /// the embedded broker or Mosquitto; prints the figures as JSON.
+    Rollout {
+        /// Number of agents.
+        #[arg(long, default_value_t = 2000)]
+        nodes: usize,
+        /// Use Mosquitto instead of the controller's embedded broker.
+        #[arg(long)]
+        mosquitto: bool,
+        /// Key seed of the agents.
+        #[arg(long, default_value_t = 14)]
+        seed: u64,
+        /// Repository root (manifests, profiles, templates).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+    },
     /// Every measurement; writes benchmarks.json and benchmarks.md.
     All {
         /// Small sizes (200 agents), for CI.
@@ -136,6 +152,26 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             f.stop().await;
+            Ok(())
+        }),
+        Cmd::Rollout {
+            nodes,
+            mosquitto,
+            seed,
+            repo,
+        } => rt.block_on(async move {
+            let repo = std::fs::canonicalize(&repo)?;
+            let r = rollout(&repo, nodes, mosquitto, false, seed).await?;
+            println!(
+                "{}",
+                json!({
+                    "nodes": nodes,
+                    "broker": if mosquitto { "Mosquitto" } else { "embedded sidenet-broker" },
+                    "first_rollout_s": round3(r.first_s),
+                    "second_rollout_s": round3(r.second_s),
+                    "controller_rss_bytes": r.controller_rss,
+                })
+            );
             Ok(())
         }),
         Cmd::All {
@@ -521,7 +557,7 @@ async fn rollout(
     let broker = if mosquitto_broker {
         "Mosquitto"
     } else {
-        "embedded rumqttd"
+        "embedded sidenet-broker"
     };
     eprintln!("{n} agents on {broker}: enrolling");
     let start = Instant::now();

@@ -483,7 +483,10 @@ mod tests {
                 let Some(Packet::Publish(p)) = got else {
                     panic!("no publish")
                 };
-                assert_eq!((p.topic.as_str(), p.qos, p.retain, p.pkid), ("a/b", 1, true, 9));
+                assert_eq!(
+                    (p.topic.as_str(), p.qos, p.retain, p.pkid),
+                    ("a/b", 1, true, 9)
+                );
                 assert_eq!(p.payload.len(), 300);
             }
         }
@@ -545,7 +548,10 @@ mod tests {
             if len == 0 {
                 assert_eq!(r.unwrap(), Some(Packet::PingReq));
             } else {
-                assert!(matches!(r, Err(CodecError::Malformed { .. })), "{len}: {r:?}");
+                assert!(
+                    matches!(r, Err(CodecError::Malformed { .. })),
+                    "{len}: {r:?}"
+                );
             }
         }
     }

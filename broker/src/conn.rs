@@ -189,8 +189,8 @@ impl<A: Authorizer> Session<'_, A> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
         let (mut rd, mut wr) = stream.into_split();
-        let keepalive =
-            (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+        let keepalive = (connect.keep_alive > 0)
+            .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let far = Duration::from_secs(86_400 * 365);
         let expiry = tokio::time::sleep(keepalive.unwrap_or(far));
         tokio::pin!(expiry);
@@ -215,6 +215,10 @@ impl<A: Authorizer> Session<'_, A> {
                     if r.is_err() || matches!(r, Ok(0)) {
                         return End::Abrupt("write failed");
                     }
+                    if self.wbuf.is_empty() && self.wbuf.capacity() > 4096 {
+                        // A config of a few KiB went out; do not keep its buffer per idle client.
+                        self.wbuf = BytesMut::with_capacity(256);
+                    }
                 }
                 r = rd.read_buf(&mut rbuf), if self.wbuf.len() < WRITE_HIGH_WATER => {
                     match r {
@@ -232,7 +236,7 @@ impl<A: Authorizer> Session<'_, A> {
                         }
                         return end;
                     }
-                    if rbuf.is_empty() && rbuf.capacity() > 64 * 1024 {
+                    if rbuf.is_empty() && rbuf.capacity() > 4096 {
                         // Do not keep a large buffer per idle connection after one big packet.
                         rbuf = BytesMut::with_capacity(512);
                     }
@@ -406,6 +410,13 @@ impl<A: Authorizer> Session<'_, A> {
             tracing::debug!(conn = self.conn, %topic, "publish denied");
             return;
         }
+        // The payload is a slice of the connection's read buffer. A retained copy may live for
+        // days: give it its own allocation so it does not pin the rest of that buffer.
+        let payload = if retain {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
         let msg = Arc::new(Message {
             topic: topic.into(),
             payload,

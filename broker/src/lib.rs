@@ -22,7 +22,8 @@
 //!   (unacceptable protocol version). User name and password go to the [`Authorizer`].
 //! - Client ids: with [`Config::strict_client_ids`] (the default) an empty id or one containing
 //!   `+`, `#`, `/` or a control character is refused with CONNACK 2. Without it an empty id with
-//!   clean session gets a generated one.
+//!   clean session gets a generated one. (Mosquitto's `mosquitto_pub`/`mosquitto_sub` send an
+//!   empty id unless given `-i`, so they are refused in strict mode.)
 //! - Sessions are not persisted: a CONNECT without clean session is accepted but served like a
 //!   clean one (CONNACK "session present" is always 0; subscriptions and queued messages end with
 //!   the connection).
@@ -141,7 +142,7 @@ pub struct Stats {
     pub connects_total: u64,
     /// CONNECTs refused (protocol level, client id, authorizer) and sockets over the limit.
     pub refused_connects: u64,
-    /// PUBLISH packets received (wills included).
+    /// PUBLISH packets received from clients.
     pub messages_in: u64,
     /// PUBLISH packets sent.
     pub messages_out: u64,

@@ -37,7 +37,10 @@ pub fn valid_filter(filter: &str) -> bool {
 /// A client id the broker accepts in strict mode: not empty, no `+`, `#`, `/`, no control
 /// characters.
 pub fn valid_client_id(id: &str) -> bool {
-    !id.is_empty() && !id.chars().any(|c| matches!(c, '+' | '#' | '/') || c.is_control())
+    !id.is_empty()
+        && !id
+            .chars()
+            .any(|c| matches!(c, '+' | '#' | '/') || c.is_control())
 }
 
 fn is_wildcard(filter: &str) -> bool {
@@ -278,12 +281,7 @@ fn prune(node: &mut TopicNode, levels: &[&str]) {
     }
 }
 
-fn walk_filter(
-    node: &TopicNode,
-    levels: &[&str],
-    depth: usize,
-    emit: &mut impl FnMut(&Arc<str>),
-) {
+fn walk_filter(node: &TopicNode, levels: &[&str], depth: usize, emit: &mut impl FnMut(&Arc<str>)) {
     let Some(level) = levels.get(depth) else {
         if let Some(t) = &node.topic {
             emit(t);
@@ -342,7 +340,9 @@ mod tests {
     #[test]
     fn validation() {
         assert!(valid_topic("a/b") && valid_topic("/") && valid_topic("a//b"));
-        assert!(!valid_topic("") && !valid_topic("a/+") && !valid_topic("a/#") && !valid_topic("a\0"));
+        assert!(
+            !valid_topic("") && !valid_topic("a/+") && !valid_topic("a/#") && !valid_topic("a\0")
+        );
         for f in ["#", "+", "a/#", "a/+/c", "+/+", "/#", "a//b"] {
             assert!(valid_filter(f), "{f}");
         }
@@ -375,7 +375,13 @@ mod tests {
         assert!(!idx.remove("a/+/c", 2));
         assert!(idx.remove("a/b/c", 1));
         assert_eq!(matches(&idx, "a/b/c"), vec![3, 4, 5]);
-        for (f, k) in [("a/#", 3), ("#", 4), ("+/+/+", 5), ("a/b", 6), ("$SYS/#", 7)] {
+        for (f, k) in [
+            ("a/#", 3),
+            ("#", 4),
+            ("+/+/+", 5),
+            ("a/b", 6),
+            ("$SYS/#", 7),
+        ] {
             assert!(idx.remove(f, k));
         }
         assert!(idx.is_empty());

@@ -742,3 +742,119 @@ async fn many_clients_each_get_their_own_retained_topic() {
         assert!(c.next().await.is_err(), "connection should end at shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_resend_is_routed_once_and_sessions_are_not_persisted() {
+    let b = start(Config::default()).await;
+    let mut sub = Client::connect("sub", b.port()).await;
+    sub.subscribe("e/#", QoS::AtLeastOnce).await;
+    // Clean session off is accepted, served as a clean session (session present = 0).
+    let (mut raw, code) = Raw::connect(
+        b.port(),
+        &RawConnect {
+            id: b"q2",
+            persistent: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code, 0);
+    let mut body = Vec::new();
+    string(&mut body, b"e/once");
+    body.extend_from_slice(&7u16.to_be_bytes());
+    body.extend_from_slice(b"payload");
+    raw.send(&frame(0x34, &body)).await; // QoS 2
+    assert_eq!(raw.read().await, Some((0x50, vec![0, 7]))); // PUBREC
+    raw.send(&frame(0x3c, &body)).await; // resent with DUP before PUBREL
+    assert_eq!(raw.read().await, Some((0x50, vec![0, 7])));
+    raw.send(&[0x62, 2, 0, 7]).await; // PUBREL
+    assert_eq!(raw.read().await, Some((0x70, vec![0, 7]))); // PUBCOMP
+    raw.publish("e/marker", b"m", false).await;
+    let p = sub.publish_in().await;
+    assert_eq!((p.topic.as_str(), p.qos), ("e/once", QoS::AtLeastOnce));
+    assert_eq!(sub.publish_in().await.topic, "e/marker");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_agent_gets_retained_and_live_configs_and_leaves_a_will() {
+    let b = start(Config::default()).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv-peers/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/install-peers (it installs paho-mqtt)",
+        python.display()
+    );
+    let mut ctl = Client::connect("controller", b.port()).await;
+    ctl.subscribe("p/+/online", QoS::AtLeastOnce).await;
+    ctl.publish("p/config/a", QoS::AtLeastOnce, true, b"retained-a")
+        .await;
+    let h = b.handle.clone();
+    until("retained a", || h.retained("p/config/a").is_some()).await;
+
+    let child = tokio::process::Command::new(&python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/paho_client.py"))
+        .arg(b.port().to_string())
+        .arg("paho-1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // It publishes "online", then subscribes; live configs go out once its subscription is in.
+    let p = ctl.publish_in().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("p/paho-1/online", &b"online"[..])
+    );
+    until("paho subscribed", || h.stats().subscriptions == 2).await;
+    ctl.publish("p/config/b", QoS::AtLeastOnce, false, b"live-b")
+        .await;
+    ctl.publish("p/config/end", QoS::AtMostOnce, false, b"")
+        .await;
+    let out = within("paho client", child.wait_with_output())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "paho client: {:?}", out.status);
+    let lines: Vec<serde_like::Line> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_like::parse)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            serde_like::Line::new("p/config/a", "retained-a", true, 1),
+            serde_like::Line::new("p/config/b", "live-b", false, 1),
+            serde_like::Line::new("p/config/end", "", false, 0),
+        ]
+    );
+    // It exited without DISCONNECT: its will replaces the retained "online".
+    let p = ctl.publish_in().await;
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("p/paho-1/online", &b"offline"[..])
+    );
+    until("will retained", || {
+        h.retained("p/paho-1/online").as_deref() == Some(&b"offline"[..])
+    })
+    .await;
+    b.stop().await;
+}
+
+/// Just enough parsing of the paho client's JSON lines (no JSON crate in this crate's deps).
+mod serde_like {
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Line(pub String);
+
+    impl Line {
+        pub fn new(topic: &str, payload: &str, retain: bool, qos: u8) -> Line {
+            Line(format!(
+                "{{\"topic\": \"{topic}\", \"payload\": \"{payload}\", \"retain\": {retain}, \"qos\": {qos}}}"
+            ))
+        }
+    }
+
+    pub fn parse(s: &str) -> Line {
+        Line(s.trim().to_string())
+    }
+}

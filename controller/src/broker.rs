@@ -1,6 +1,6 @@
 //! The embedded MQTT broker ([`sidenet_broker`]) for standalone mode.
 //!
-//! It runs as one task on the controller's tokio runtime and stops with it. Every client may
+//! It runs on its own two-thread tokio runtime and stops with the process. Every client may
 //! connect, publish and subscribe ([`AllowAll`]); per-node credentials and topic ACLs arrive with
 //! issue 7's broker auth mode, as an [`sidenet_broker::Authorizer`] passed here instead.
 
@@ -36,19 +36,37 @@ pub fn config(max_connections: usize) -> Config {
     }
 }
 
-/// Binds `listen` and starts the broker on the current tokio runtime.
-pub async fn start(
-    listen: SocketAddr,
-    max_connections: usize,
-) -> Result<BrokerHandle, BrokerError> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| BrokerError {
-            addr: listen,
-            message: format!("cannot listen: {e}"),
-        })?;
+/// Binds `listen` and starts the broker on its own threads (a tokio runtime of its own), so the
+/// controller's CPU-bound rendering and signing and its database commits, which run on the
+/// controller's runtime, never hold up the broker's connections.
+pub fn start(listen: SocketAddr, max_connections: usize) -> Result<BrokerHandle, BrokerError> {
+    let err = |message: String| BrokerError {
+        addr: listen,
+        message,
+    };
+    let listener =
+        std::net::TcpListener::bind(listen).map_err(|e| err(format!("cannot listen: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("mqtt-broker")
+        .enable_all()
+        .build()
+        .map_err(|e| err(format!("runtime: {e}")))?;
     let broker = Broker::with_authorizer(config(max_connections), AllowAll);
     let handle = broker.handle();
-    tokio::spawn(broker.run(listener, std::future::pending()));
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => broker.run(l, std::future::pending()).await,
+                    Err(e) => tracing::error!("embedded MQTT broker on {listen}: {e}"),
+                }
+            });
+        })
+        .map_err(|e| err(e.to_string()))?;
     Ok(handle)
 }

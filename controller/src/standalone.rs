@@ -301,7 +301,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let (host, port) = match &opts.broker {
         Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
         None => {
-            let _broker = crate::broker::start(opts.listen, opts.max_connections).await?;
+            let _broker = crate::broker::start(opts.listen, opts.max_connections)?;
             tracing::info!("embedded MQTT broker listening on {}", opts.listen);
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()

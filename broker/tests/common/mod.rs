@@ -222,6 +222,8 @@ pub struct RawConnect<'a> {
     pub keep_alive: u16,
     pub will: Option<(&'a str, &'a [u8], u8, bool)>,
     pub user: Option<(&'a str, &'a [u8])>,
+    /// Clean session off.
+    pub persistent: bool,
 }
 
 impl RawConnect<'_> {
@@ -229,7 +231,7 @@ impl RawConnect<'_> {
         let mut b = Vec::new();
         string(&mut b, b"MQTT");
         b.push(if self.level == 0 { 4 } else { self.level });
-        let mut flags = 0x02;
+        let mut flags = if self.persistent { 0 } else { 0x02 };
         if let Some((_, _, qos, retain)) = self.will {
             flags |= 0x04 | (qos << 3) | if retain { 0x20 } else { 0 };
         }
@@ -264,6 +266,7 @@ impl Raw {
         r.send(&c.bytes()).await;
         let (first, body) = r.read().await.expect("CONNACK");
         assert_eq!(first, 0x20, "expected CONNACK");
+        assert_eq!(body[0], 0, "session present");
         (r, body[1])
     }
 
