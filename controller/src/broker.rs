@@ -1,12 +1,14 @@
 //! The embedded MQTT broker ([`sidenet_broker`]) for standalone mode.
 //!
-//! It runs on its own two-thread tokio runtime and stops with the process. Every client may
-//! connect, publish and subscribe ([`AllowAll`]); per-node credentials and topic ACLs arrive with
-//! issue 7's broker auth mode, as an [`sidenet_broker::Authorizer`] passed here instead.
+//! It runs on its own two-thread tokio runtime and stops with the process. Who may connect,
+//! publish and subscribe is [`crate::acl`]: the controller by the password it generated at
+//! start, nodes confined to their own topics by their client id (node id).
 
 use std::net::SocketAddr;
 
 use sidenet_broker::{AllowAll, Broker, BrokerHandle, Config};
+
+use crate::acl::MeshAuthorizer;
 
 /// Largest MQTT packet accepted by the embedded broker (configs are a few KiB).
 pub const MAX_PACKET: usize = 512 * 1024;
@@ -39,7 +41,15 @@ pub fn config(max_connections: usize) -> Config {
 /// Binds `listen` and starts the broker on its own threads (a tokio runtime of its own), so the
 /// controller's CPU-bound rendering and signing and its database commits, which run on the
 /// controller's runtime, never hold up the broker's connections.
-pub fn start(listen: SocketAddr, max_connections: usize) -> Result<BrokerHandle, BrokerError> {
+///
+/// With `controller_password`, the topic ACLs of [`crate::acl`] apply and the controller
+/// connects as [`crate::acl::CONTROLLER_USER`] with that password; without, every client may do
+/// everything (the Kubernetes mode's embedded broker, until it passes a password too).
+pub fn start(
+    listen: SocketAddr,
+    max_connections: usize,
+    controller_password: Option<String>,
+) -> Result<BrokerHandle, BrokerError> {
     let err = |message: String| BrokerError {
         addr: listen,
         message,
@@ -55,7 +65,29 @@ pub fn start(listen: SocketAddr, max_connections: usize) -> Result<BrokerHandle,
         .enable_all()
         .build()
         .map_err(|e| err(format!("runtime: {e}")))?;
-    let broker = Broker::with_authorizer(config(max_connections), AllowAll);
+    match controller_password {
+        Some(p) => run_on(
+            rt,
+            listener,
+            listen,
+            Broker::with_authorizer(config(max_connections), MeshAuthorizer::new(p)),
+        ),
+        None => run_on(
+            rt,
+            listener,
+            listen,
+            Broker::with_authorizer(config(max_connections), AllowAll),
+        ),
+    }
+    .map_err(err)
+}
+
+fn run_on<A: sidenet_broker::Authorizer>(
+    rt: tokio::runtime::Runtime,
+    listener: std::net::TcpListener,
+    listen: SocketAddr,
+    broker: Broker<A>,
+) -> Result<BrokerHandle, String> {
     let handle = broker.handle();
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -67,6 +99,6 @@ pub fn start(listen: SocketAddr, max_connections: usize) -> Result<BrokerHandle,
                 }
             });
         })
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     Ok(handle)
 }

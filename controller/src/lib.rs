@@ -13,9 +13,11 @@
 //! - [`health`]: acknowledging configs on trial, withholding failed revisions, link metrics.
 //! - [`store`]: the embedded database of the standalone controller.
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
+//! - [`acl`]: who may publish and subscribe to what on the broker.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
 //! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
 
+pub mod acl;
 pub mod admin;
 pub mod broker;
 pub mod core;

@@ -298,10 +298,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // Nothing is connected yet: commit, and let the first connection publish everything.
     ctl.flush()?;
 
+    // The embedded broker lets the controller in by a password made for this run.
+    let mut credentials = None;
     let (host, port) = match &opts.broker {
         Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
         None => {
-            let _broker = crate::broker::start(opts.listen, opts.max_connections)?;
+            let password = sidenet_wire::codec::base32(
+                &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
+            );
+            credentials = Some(password.clone());
+            let _broker = crate::broker::start(opts.listen, opts.max_connections, Some(password))?;
             tracing::info!("embedded MQTT broker listening on {}", opts.listen);
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -320,6 +326,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
+    if let Some(p) = credentials {
+        mqtt.set_credentials(crate::acl::CONTROLLER_USER, p);
+    }
     // A short request queue: publishing 10,000 configs waits for the socket instead of holding
     // every payload in memory at once.
     let (client, mut eventloop) = AsyncClient::new(mqtt, 512);

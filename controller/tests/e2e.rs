@@ -345,7 +345,10 @@ fn publish_raw(port: u16, topic: &str, payloads: Vec<Vec<u8>>) {
 fn tampered_configs_are_refused() {
     use sidenet_wire::envelope::seal;
     use sidenet_wire::{Header, Kind};
-    let mut m = Mesh::new(|t| t, false);
+    // On Mosquitto without ACLs, so the rogue's messages reach the agent and the agent's own
+    // checks are what refuses them (the embedded broker would drop them first; see
+    // `the_embedded_broker_confines_clients_to_their_own_topics`).
+    let mut m = Mesh::new(|t| t, true);
     let a = m.start_agent("alpha", LINUX, &[]);
     let b = m.start_agent("bravo", LINUX, &[]);
     m.wait_rev(a, 1);
@@ -580,9 +583,10 @@ fn controller_restart_keeps_revisions() {
 
 /// Every message on the broker, as a client subscribed to `sidenet/#` receives it (retained
 /// ones first), until `done` says enough or the deadline passes.
-fn capture(port: u16, done: impl Fn(&[(String, Vec<u8>)]) -> bool) -> Vec<(String, Vec<u8>)> {
+fn capture(broker: &str, done: impl Fn(&[(String, Vec<u8>)]) -> bool) -> Vec<(String, Vec<u8>)> {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
-    let mut opts = MqttOptions::new(format!("curious-{}", free_port()), "127.0.0.1", port);
+    let (host, port) = sidenet_wire::topics::parse_broker_url(broker).unwrap();
+    let mut opts = MqttOptions::new(format!("curious-{}", free_port()), host, port);
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut conn) = Client::new(opts, 100);
     client.subscribe("sidenet/#", QoS::AtLeastOnce).unwrap();
@@ -605,7 +609,8 @@ fn capture(port: u16, done: impl Fn(&[(String, Vec<u8>)]) -> bool) -> Vec<(Strin
 /// node, which fills it into its files; another node's key cannot open it.
 #[test]
 fn the_passphrase_is_sealed_to_each_node() {
-    let mut m = Mesh::new(|t| t, false);
+    // On Mosquitto without ACLs: even a client that may read every topic sees ciphertext only.
+    let mut m = Mesh::new(|t| t, true);
     m.start_agent("alpha", LINUX, &[]);
     m.start_agent("bravo", OPENWRT, &[]);
     m.wait_rev(0, 1);
@@ -631,7 +636,7 @@ fn the_passphrase_is_sealed_to_each_node() {
     // A curious client on the broker sees both configs, but not the passphrase.
     let (a_id, b_id) = (node_id(alpha), node_id(bravo));
     let cfg_topic = |id: &str| format!("sidenet/v1/riverside/nodes/{id}/config");
-    let seen = capture(m.port, |got| {
+    let seen = capture(&m.broker_url(), |got| {
         [&a_id, &b_id]
             .iter()
             .all(|id| got.iter().any(|(t, _)| *t == cfg_topic(id)))
@@ -670,4 +675,74 @@ fn the_passphrase_is_sealed_to_each_node() {
     );
     assert!(sidenet_wire::seal::open(&key(alpha), ctx(&b_id), sealed).is_err());
     assert!(sidenet_wire::seal::open(&key(alpha), ctx(&a_id), sealed).is_err());
+}
+
+/// The embedded broker's ACLs (controller/src/acl.rs) with real clients: a client that is not
+/// the controller may subscribe only to its own node's topics and the announcement; wildcard and
+/// other nodes' filters are refused; client ids with `+`, `#` or `/` cannot connect; the agents
+/// work as before.
+#[test]
+fn the_embedded_broker_confines_clients_to_their_own_topics() {
+    use rumqttc::{
+        Client, ConnectReturnCode, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
+    };
+    let mut m = Mesh::new(|t| t, false);
+    m.start_agent("alpha", LINUX, &[]);
+    m.wait_rev(0, 1);
+    let alpha = node_id(&m.agents[0].root);
+    let me = "curiousneighbour";
+    let connect = |id: &str| {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", m.port);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        Client::new(opts, 10)
+    };
+    // One SUBACK per filter, in order.
+    let (client, mut conn) = connect(me);
+    let filters = [
+        ("sidenet/#".to_string(), false),
+        ("sidenet/v1/+/nodes/+/config".to_string(), false),
+        (format!("sidenet/v1/riverside/nodes/{alpha}/config"), false),
+        (format!("sidenet/v1/riverside/nodes/{alpha}/status"), false),
+        ("#".to_string(), false),
+        ("sidenet/v1/riverside/announce".to_string(), true),
+        (format!("sidenet/v1/riverside/nodes/{me}/config"), true),
+    ];
+    for (f, _) in &filters {
+        client.subscribe(f.as_str(), QoS::AtLeastOnce).unwrap();
+    }
+    let mut answers = Vec::new();
+    for ev in conn.iter() {
+        match ev.unwrap() {
+            Event::Incoming(Packet::SubAck(s)) => {
+                answers.push(!matches!(s.return_codes[0], SubscribeReasonCode::Failure));
+                if answers.len() == filters.len() {
+                    break;
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                // Only what it may read: the retained announcement.
+                assert_eq!(p.topic, "sidenet/v1/riverside/announce");
+            }
+            _ => {}
+        }
+    }
+    let expected: Vec<bool> = filters.iter().map(|(_, ok)| *ok).collect();
+    assert_eq!(answers, expected, "{filters:?}");
+    let _ = client.disconnect();
+    // Client ids that could be read as filters are refused at CONNECT.
+    for bad in ["+", "#", "a/b"] {
+        let (_c, mut conn) = connect(bad);
+        let code = conn
+            .iter()
+            .find_map(|ev| match ev {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => Some(a.code),
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Some(code),
+                _ => None,
+            })
+            .unwrap();
+        assert_ne!(code, ConnectReturnCode::Success, "{bad}");
+    }
+    // The agent still gets its configs: a channel change reaches it.
+    m.set_mesh(channel(44));
+    m.wait_rev(0, 2);
 }
