@@ -14,12 +14,15 @@
 //! - [`store`]: the embedded database of the standalone controller.
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
+//! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
+//!   metrics.
 
 pub mod admin;
 pub mod broker;
 pub mod core;
 pub mod health;
 pub mod ipam;
+pub mod kubernetes;
 pub mod manifest;
 pub mod peers;
 pub mod regdb;
