@@ -227,7 +227,15 @@ impl Controller {
         let mut out = Vec::new();
         for mesh in meshes {
             let net = network_name(&mesh).to_string();
-            let key = self.mesh_key(&net)?;
+            // A mesh without a usable key is not announced; its nodes show why they are
+            // blocked. The other meshes carry on.
+            let key = match self.mesh_key(&net) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!("{e}; mesh {net} is not announced");
+                    continue;
+                }
+            };
             let body = Announce {
                 mesh: net.clone(),
                 key: key.public().to_base64(),

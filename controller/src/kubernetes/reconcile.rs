@@ -126,10 +126,21 @@ impl Ctx {
     pub(crate) async fn engine(&self) -> Result<&Mutex<Engine>, KubeError> {
         self.engine
             .get_or_try_init(|| async {
+                // kube-runtime's readiness signal wakes only its most recent waiter (the
+                // controllers' runners also wait on it), so poll it instead of trusting a wakeup.
                 let lost = |_| KubeError::Other("a watch stopped before its first list".into());
-                self.meshes.wait_until_ready().await.map_err(lost)?;
-                self.nodes.wait_until_ready().await.map_err(lost)?;
-                self.profiles.wait_until_ready().await.map_err(lost)?;
+                loop {
+                    let tick = Duration::from_millis(100);
+                    let ready = async {
+                        self.meshes.wait_until_ready().await?;
+                        self.nodes.wait_until_ready().await?;
+                        self.profiles.wait_until_ready().await
+                    };
+                    if let Ok(r) = tokio::time::timeout(tick, ready).await {
+                        r.map_err(lost)?;
+                        break;
+                    }
+                }
                 let persisted = self
                     .meshes
                     .state()
@@ -450,7 +461,11 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         invalid = eng.invalid.len(),
         "objects loaded"
     );
-    eng.ctl.set_manifests(set, now)?;
+    if let Err(e) = eng.ctl.set_manifests(set, now) {
+        // Try again at the next reconcile instead of waiting for another change.
+        eng.force = true;
+        return Err(e.into());
+    }
     Ok(())
 }
 
@@ -936,7 +951,13 @@ async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {
         .await?;
     }
     update_phases(ctx, &eng);
-    Ok(Action::requeue(ctx.opts.refresh))
+    // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
+    let again = if facts.problems.is_empty() {
+        ctx.opts.refresh
+    } else {
+        ctx.opts.refresh.min(Duration::from_secs(10))
+    };
+    Ok(Action::requeue(again))
 }
 
 async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {
@@ -1062,7 +1083,10 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
                     .await
                     .map_err(|e| KubeError::Other(format!("MQTT subscribe: {e}")))?;
             }
-            sync(ctx, eng).await?;
+            ctx.connected.store(true, Ordering::SeqCst);
+            if let Err(e) = sync(ctx, eng).await {
+                tracing::error!("{e}");
+            }
             let mut out = eng.ctl.announcements(crate::now())?;
             let held = eng.held.clone();
             out.extend(eng.ctl.stored_configs()?.into_iter().filter(|p| {
