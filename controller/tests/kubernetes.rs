@@ -119,7 +119,10 @@ impl HeaderOf for Envelope<'_> {
 
 struct Cluster {
     api: FakeApi,
+    /// The test's own client (its requests are tagged `test-client`).
     client: Client,
+    /// The controllers' client.
+    ctl_client: Client,
     dir: tempfile::TempDir,
     port: u16,
     _mosquitto: common::Proc,
@@ -137,10 +140,12 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (mosq, port) = common::mosquitto(dir.path());
         let api = FakeApi::new();
-        let client = Client::new(api.clone(), "default");
+        let client = Client::new(api.tagged("test-client"), "default");
+        let ctl_client = Client::new(api.clone(), "default");
         Cluster {
             api,
             client,
+            ctl_client,
             dir,
             port,
             _mosquitto: mosq,
@@ -173,7 +178,7 @@ impl Cluster {
 
     fn start(&self, opts: Options) -> Running {
         let (tx, rx) = oneshot::channel::<()>();
-        let client = self.client.clone();
+        let client = self.ctl_client.clone();
         let task = tokio::spawn(kubernetes::run(opts, client, async {
             let _ = rx.await;
         }));
@@ -306,6 +311,88 @@ impl Cluster {
     }
 }
 
+/// Checks every request the controllers made against the RBAC table of docs/helm.md.
+fn assert_rbac(c: &Cluster) {
+    let allowed: &[(&str, &str, &[&str])] = &[
+        (
+            "sidenet.io/v1alpha1",
+            "meshes",
+            &["get", "list", "watch", "patch"],
+        ),
+        (
+            "sidenet.io/v1alpha1",
+            "meshnodes",
+            &["get", "list", "watch", "patch", "create"],
+        ),
+        (
+            "sidenet.io/v1alpha1",
+            "nodeprovisions",
+            &["get", "list", "watch", "patch"],
+        ),
+        ("sidenet.io/v1alpha1", "meshes/status", &["patch"]),
+        ("sidenet.io/v1alpha1", "meshnodes/status", &["patch"]),
+        ("sidenet.io/v1alpha1", "meshes/finalizers", &["update"]),
+        ("sidenet.io/v1alpha1", "meshnodes/finalizers", &["update"]),
+        (
+            "sidenet.io/v1alpha1",
+            "hardwareprofiles",
+            &["get", "list", "watch"],
+        ),
+        ("v1", "secrets", &["get", "create", "patch"]),
+        ("v1", "events", &["create", "patch"]),
+        ("events.k8s.io/v1", "events", &["create", "patch"]),
+        (
+            "coordination.k8s.io/v1",
+            "leases",
+            &["create", "get", "update"],
+        ),
+    ];
+    let mut used = std::collections::BTreeSet::new();
+    for r in c.api.requests() {
+        if r.ends_with(" test-client") {
+            continue;
+        }
+        let mut parts = r.split(' ');
+        let method = parts.next().unwrap();
+        let (path, query) = parts.next().unwrap().split_once('?').unwrap();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (gv, rest) = match segs[0] {
+            "api" => (segs[1].to_string(), &segs[2..]),
+            _ => (format!("{}/{}", segs[1], segs[2]), &segs[3..]),
+        };
+        let rest = if rest.first() == Some(&"namespaces") {
+            &rest[2..]
+        } else {
+            rest
+        };
+        let resource = match rest.get(2) {
+            Some(sub) => format!("{}/{sub}", rest[0]),
+            None => rest[0].to_string(),
+        };
+        let verb = match (method, rest.len()) {
+            ("GET", 1) if query.contains("watch=true") || query.contains("watch=1") => "watch",
+            ("GET", 1) => "list",
+            ("GET", _) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            _ => "other",
+        };
+        used.insert(format!("{gv} {resource} {verb}"));
+    }
+    for u in &used {
+        let mut it = u.split(' ');
+        let (gv, res, verb) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        assert!(
+            allowed
+                .iter()
+                .any(|(g, r, verbs)| *g == gv && *r == res && verbs.contains(&verb)),
+            "the controller used {u}, which the chart's RBAC does not grant (docs/helm.md)"
+        );
+    }
+}
+
 struct Running {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), kubernetes::KubeError>>,
@@ -380,6 +467,35 @@ impl Agent {
         );
         mqtt.publish(
             topics::enroll("riverside", &self.id()),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// An enrolment signed with this key, published on `node`'s topic.
+    async fn enroll_as(&mut self, mqtt: &AsyncClient, hostname: &str, node: &str) {
+        let body = EnrollRequest {
+            hostname: hostname.into(),
+            board: None,
+            profile: None,
+            token: None,
+            backend: "files".into(),
+            agent_version: "test".into(),
+            wireguard: None,
+        };
+        let mut h = self.header();
+        h.node = Some(node.to_string());
+        let payload = seal(
+            Kind::Enroll,
+            h,
+            &serde_json::to_vec(&body).unwrap(),
+            &self.key,
+        );
+        mqtt.publish(
+            topics::enroll("riverside", node),
             QoS::AtLeastOnce,
             false,
             payload,
@@ -525,6 +641,25 @@ async fn enrolment_creates_a_pending_meshnode_that_is_approved_published_and_rep
     );
     assert!(obs.revisions(&agent.id()).is_empty());
 
+    // An enrolment signed by another node's key: refused, with an Event on the Mesh.
+    let mut rogue = Agent::new(8);
+    rogue.enroll_as(&mqtt, "rogue", &agent.id()).await;
+    let ev = eventually(
+        "a NodeRejected Event",
+        || {
+            c.events()
+                .into_iter()
+                .find(|e| e.0 == "riverside" && e.1 == "NodeRejected")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        ev.2.contains(&format!("refused enrolment of node {}", agent.id())),
+        "{ev:?}"
+    );
+    assert!(ev.2.contains(&rogue.id()), "{ev:?}");
+
     // Approval is a patch of spec.approved: rendered, signed, published as revision 1.
     Api::<MeshNode>::namespaced(c.client.clone(), "default")
         .patch(
@@ -591,6 +726,7 @@ async fn enrolment_creates_a_pending_meshnode_that_is_approved_published_and_rep
         n["status"]["observedGeneration"],
         n["metadata"]["generation"]
     );
+    assert_rbac(&c);
     ctl.stop().await;
 }
 
@@ -721,6 +857,7 @@ async fn deleting_nodes_and_meshes_clears_their_retained_topics() {
     assert!(!retained(c.port, &topics::announce("riverside")).await);
     drop(mqtt);
     assert!(ctl.alive());
+    assert_rbac(&c);
     ctl.stop().await;
 }
 
@@ -903,6 +1040,7 @@ async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a
     .await;
     assert_eq!(obs.revisions(KITCHEN), vec![1]);
     assert!(ctl.alive());
+    assert_rbac(&c);
     ctl.stop().await;
 }
 
@@ -1106,6 +1244,7 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
             );
         }
     }
+    assert_rbac(&c);
     running[standby].take().unwrap().stop().await;
 }
 

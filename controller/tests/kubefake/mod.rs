@@ -59,6 +59,7 @@ struct State {
 #[derive(Clone, Default)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    tag: String,
 }
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -262,7 +263,16 @@ impl FakeApi {
         Self::default()
     }
 
-    /// Every request seen, as `METHOD path content-type`.
+    /// A handle on the same state whose requests are logged with `tag` (to tell the test's own
+    /// requests from the controller's).
+    pub fn tagged(&self, tag: &str) -> Self {
+        Self {
+            state: self.state.clone(),
+            tag: tag.to_string(),
+        }
+    }
+
+    /// Every request seen, as `METHOD path?query content-type tag`.
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -301,8 +311,12 @@ impl FakeApi {
         body: Bytes,
     ) -> Response<Body> {
         let mut st = self.state.lock().unwrap();
-        st.requests
-            .push(format!("{method} {} {content_type}", uri.path()));
+        st.requests.push(format!(
+            "{method} {}?{} {content_type} {}",
+            uri.path(),
+            uri.query().unwrap_or(""),
+            self.tag
+        ));
         let Some(t) = parse_path(uri.path()) else {
             return status(404, "NotFound", format!("no route {}", uri.path()));
         };
