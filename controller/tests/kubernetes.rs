@@ -1361,3 +1361,158 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
         );
     }
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sidenet test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
+    let c = Cluster::new();
+    // A second Mosquitto with a TLS listener and a plaintext one for the observer.
+    let dir = c.dir.path().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
+             listener {plain_port} 127.0.0.1\n\
+             listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _mosq = common::Proc::spawn(
+        "mosquitto-tls",
+        std::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf),
+        &dir.join("mosquitto.log"),
+    );
+    eventually(
+        "the TLS listener",
+        || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok(),
+        String::new,
+    )
+    .await;
+    c.riverside(true, |_| {}).await;
+    let mut o = c.opts("ctl-a");
+    o.broker = Some(format!("mqtts://127.0.0.1:{tls_port}"));
+    o.broker_ca = Some(dir.join("ca.pem"));
+    let ctl = c.start(o);
+    let (obs, _mqtt) = Observer::start(plain_port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    eventually(
+        "kitchen's config through the TLS connection",
+        || config_of(&obs, &key, KITCHEN),
+        || c.dump(),
+    )
+    .await;
+    ctl.stop().await;
+
+    // A CA that did not sign the broker's certificate: no connection, so nothing published.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    make_certs(&other);
+    let mut o = c.opts("ctl-b");
+    o.broker = Some(format!("mqtts://127.0.0.1:{tls_port}"));
+    o.broker_ca = Some(other.join("ca.pem"));
+    o.metrics_listen = Some(format!("127.0.0.1:{}", free_port()).parse().unwrap());
+    let port = o.metrics_listen.unwrap().port();
+    let ctl = c.start(o);
+    // The new process re-signs (revision 2 is recorded before publishing) but cannot connect:
+    // revision 2 never reaches the broker and the pod is not ready.
+    eventually(
+        "revision 2 recorded",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    let window = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < window {
+        assert_eq!(scrape(port, "/readyz").await.map(|r| r.0), Some(503));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        obs.revisions(KITCHEN),
+        vec![1],
+        "published over an unverified TLS connection"
+    );
+    assert!(ctl.alive());
+    ctl.stop().await;
+}

@@ -175,24 +175,80 @@ pub async fn run(
     result
 }
 
-fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
-    let (host, port) = match &opts.broker {
-        Some(url) => {
-            if url.starts_with("mqtts://") {
-                return Err(KubeError::Other(format!(
-                    "SIDENET_BROKER {url:?}: mqtts:// (TLS) is not supported by this build yet; use mqtt:// on a trusted network"
-                )));
-            }
-            sidenet_wire::topics::parse_broker_url(url)
-                .map_err(|e| KubeError::Other(format!("SIDENET_BROKER: {e}")))?
+/// Host, port and whether to use TLS, from `SIDENET_BROKER` (`mqtt://` or `mqtts://`, default
+/// ports 1883 and 8883).
+pub fn broker_address(url: &str) -> Result<(String, u16, bool), KubeError> {
+    let bad = |e: String| KubeError::Other(format!("SIDENET_BROKER: {e}"));
+    match url.strip_prefix("mqtts://") {
+        Some(rest) => {
+            let (host, port) =
+                sidenet_wire::topics::parse_broker_url(&format!("mqtt://{rest}")).map_err(bad)?;
+            let rest = rest.trim_end_matches('/');
+            let explicit = match rest.strip_prefix('[') {
+                Some(v6) => v6
+                    .split_once(']')
+                    .is_some_and(|(_, after)| after.starts_with(':')),
+                None => rest.contains(':'),
+            };
+            Ok((host, if explicit { port } else { 8883 }, true))
         }
+        None => {
+            let (host, port) = sidenet_wire::topics::parse_broker_url(url).map_err(bad)?;
+            Ok((host, port, false))
+        }
+    }
+}
+
+/// The TLS settings for an `mqtts://` broker: the CAs of `SIDENET_BROKER_CA` if set, else the
+/// system roots. Read again at every reconnect (the CA file is a Secret volume that changes).
+pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration, KubeError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let err =
+                |e: String| KubeError::Other(format!("SIDENET_BROKER_CA {}: {e}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| err(format!("not a PEM certificate bundle: {e}")))?;
+                roots.add(cert).map_err(|e| err(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(err("no certificate in the file".into()));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(KubeError::Other(
+                    "mqtts:// broker: no system CA certificates found; set SIDENET_BROKER_CA"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KubeError::Other(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
+    let (host, port, tls) = match &opts.broker {
+        Some(url) => broker_address(url)?,
         None => {
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
                 opts.listen.ip().to_string()
             };
-            (host, opts.listen.port())
+            (host, opts.listen.port(), false)
         }
     };
     let suffix = crate::standalone::random32()
@@ -207,6 +263,15 @@ fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
     mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
+    if tls {
+        mqtt.set_transport(rumqttc::Transport::tls_with_config(tls_config(
+            opts.broker_ca.as_deref(),
+        )?));
+    } else if opts.broker_ca.is_some() {
+        return Err(KubeError::Other(
+            "SIDENET_BROKER_CA is set but SIDENET_BROKER is not an mqtts:// URL".into(),
+        ));
+    }
     match (&opts.broker_username, &opts.broker_password) {
         (Some(u), Some(p)) => {
             mqtt.set_credentials(u.clone(), p.clone());
@@ -234,6 +299,11 @@ async fn lead(
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_options(opts)?, 512);
     let (ev_tx, ev_rx) = mpsc::channel::<MqttEvent>(10_000);
+    let tls_ca = opts
+        .broker
+        .as_deref()
+        .is_some_and(|b| b.starts_with("mqtts://"))
+        .then(|| opts.broker_ca.clone());
     let _mqtt_task = TaskGuard(tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -254,6 +324,17 @@ async fn lead(
                 Err(e) => {
                     let _ = ev_tx.send(MqttEvent::Disconnected).await;
                     tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
+                    // The CA bundle may have been rotated: read it again for the next attempt.
+                    if let Some(ca) = &tls_ca {
+                        match tls_config(ca.as_deref()) {
+                            Ok(t) => {
+                                eventloop
+                                    .mqtt_options
+                                    .set_transport(rumqttc::Transport::tls_with_config(t));
+                            }
+                            Err(e) => tracing::error!("{e}"),
+                        }
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -342,4 +423,43 @@ async fn lead(
     }
     let _ = mqtt.disconnect().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let a = |u: &str| broker_address(u).map_err(|e| e.to_string());
+        assert_eq!(a("mqtt://mq:1884"), Ok(("mq".into(), 1884, false)));
+        assert_eq!(a("mqtt://mq"), Ok(("mq".into(), 1883, false)));
+        assert_eq!(a("mqtts://mq"), Ok(("mq".into(), 8883, true)));
+        assert_eq!(a("mqtts://mq:9000/"), Ok(("mq".into(), 9000, true)));
+        assert_eq!(a("mqtts://[::1]"), Ok(("::1".into(), 8883, true)));
+        assert_eq!(a("mqtts://[::1]:9001"), Ok(("::1".into(), 9001, true)));
+        assert!(a("http://mq").is_err());
+    }
+
+    #[test]
+    fn ca_bundle_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("sidenet-ca-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let f = dir.join("ca.crt");
+        let _ = std::fs::write(&f, "not a certificate");
+        let e = tls_config(Some(&f))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("SIDENET_BROKER_CA") && e.contains("ca.crt"),
+            "{e}"
+        );
+        let e = tls_config(Some(&dir.join("missing.crt")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("missing.crt"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -648,8 +648,8 @@ pub(crate) async fn persist_and_publish(
                 retain: true,
             })
             .await?;
+            sent += 1;
         }
-        sent += 1;
     }
     if sent > 0 {
         ctx.metrics
