@@ -512,8 +512,20 @@ impl Agent {
             failure: None,
             uptime_s: 5,
             agent_version: "test".into(),
-            neighbours: vec![],
-            probes: vec![],
+            neighbours: vec![sidenet_wire::messages::Neighbour {
+                address: "fe80::1".into(),
+                interface: "wg-attic".into(),
+                node: Some(ATTIC.into()),
+                cost: Some(96),
+            }],
+            probes: vec![sidenet_wire::messages::Probe {
+                target: "fe80::1".into(),
+                rtt_ms: Some(3.5),
+                loss: 0.0,
+                node: Some(ATTIC.into()),
+                kind: Some("neighbour".into()),
+                sent: 10,
+            }],
             wireguard: None,
             trial: None,
         };
@@ -703,6 +715,10 @@ async fn enrolment_creates_a_pending_meshnode_that_is_approved_published_and_rep
     let n = c.node("node1").unwrap();
     assert_eq!(n["status"]["appliedRevision"], json!(1));
     assert!(n["status"]["lastSeen"].is_string());
+    assert_eq!(
+        n["status"]["links"],
+        json!([{"peer": ATTIC, "interface": "wg-attic", "up": true, "cost": 96, "rttMs": 3.5, "loss": 0.0}])
+    );
     assert!(
         n["status"]["addresses"][0]
             .as_str()

@@ -99,6 +99,7 @@ pub struct Engine {
     node_objs: BTreeMap<String, (String, String)>,
     mesh_objs: BTreeMap<String, (String, String)>,
     warned: BTreeSet<String>,
+    phases_at: Option<Instant>,
 }
 
 fn ns_of<K: Resource>(o: &K) -> String {
@@ -197,6 +198,7 @@ impl Ctx {
                     node_objs: BTreeMap::new(),
                     mesh_objs: BTreeMap::new(),
                     warned: BTreeSet::new(),
+                    phases_at: None,
                 }))
             })
             .await
@@ -237,6 +239,13 @@ impl Ctx {
         reason: &str,
         note: String,
     ) {
+        // Events about cluster-scoped objects (HardwareProfiles) go to the controller's own
+        // namespace, where the chart lets it write them.
+        let mut reference = reference.clone();
+        if reference.namespace.is_none() {
+            reference.namespace = Some(self.opts.pod_namespace.clone());
+        }
+        let reference = &reference;
         let ev = Event {
             type_,
             reason: reason.to_string(),
@@ -693,6 +702,9 @@ pub(crate) async fn write_status(
         reported_hostname: rec.map(|r| r.hostname.clone()),
         applied_sha256: rec.and_then(|r| r.applied_sha256.clone()),
         invalid,
+        links: rec
+            .filter(|r| r.last_seen.is_some() && !r.neighbours.is_empty())
+            .map(status::links),
     };
     let row = eng.ctl.status_of(id);
     let mut new = status::node_status(node, row.as_ref(), &facts);
@@ -723,7 +735,15 @@ pub(crate) async fn write_status(
     Ok(())
 }
 
-fn update_phases(ctx: &Ctx, eng: &Engine) {
+/// Refreshes the nodes-by-phase gauge, at most every 2 s (it walks every node).
+fn update_phases(ctx: &Ctx, eng: &mut Engine) {
+    if eng
+        .phases_at
+        .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+    {
+        return;
+    }
+    eng.phases_at = Some(Instant::now());
     let mut phases: BTreeMap<String, u64> = BTreeMap::new();
     for row in eng.ctl.status() {
         *phases.entry(row.phase).or_default() += 1;
@@ -841,6 +861,7 @@ async fn apply_node(ctx: &Ctx, node: &MeshNode) -> Result<Action, KubeError> {
     persist_and_publish(ctx, &mut eng, started).await?;
     let latest = ctx.node_obj(&ns_of(node), &node.name_any());
     write_status(ctx, &mut eng, latest.as_deref().unwrap_or(node)).await?;
+    update_phases(ctx, &mut eng);
     Ok(Action::requeue(ctx.opts.refresh))
 }
 
@@ -950,7 +971,7 @@ async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {
         )
         .await?;
     }
-    update_phases(ctx, &eng);
+    update_phases(ctx, &mut eng);
     // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
     let again = if facts.problems.is_empty() {
         ctx.opts.refresh
@@ -1150,6 +1171,7 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
             {
                 write_status(ctx, eng, &obj).await?;
             }
+            update_phases(ctx, eng);
         }
     }
     Ok(())

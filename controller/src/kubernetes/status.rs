@@ -13,7 +13,9 @@
 //! | `Ready` | phase `Ready` | the phase |
 
 use k8s_openapi::jiff::Timestamp;
-use sidenet_crds::{Condition, EnrollmentMode, Mesh, MeshNode, MeshNodeStatus, MeshStatus};
+use sidenet_crds::{
+    Condition, EnrollmentMode, LinkStatus, Mesh, MeshNode, MeshNodeStatus, MeshStatus,
+};
 
 use crate::core::StatusRow;
 use crate::store::Published;
@@ -75,6 +77,28 @@ pub struct NodeFacts<'a> {
     pub applied_sha256: Option<String>,
     /// Why this object's current spec is not used (validation error), if so.
     pub invalid: Option<String>,
+    /// The node's links as it last reported them (`None`: keep what the status has).
+    pub links: Option<Vec<LinkStatus>>,
+}
+
+/// A node's WireGuard links from its last status report: babel's neighbours, with the
+/// pathfinder probes' latency and loss towards the same peer.
+pub fn links(rec: &crate::store::NodeRecord) -> Vec<LinkStatus> {
+    rec.neighbours
+        .iter()
+        .filter_map(|n| {
+            let peer = n.node.clone()?;
+            let probe = rec.probes.iter().find(|p| p.node.as_deref() == Some(&peer));
+            Some(LinkStatus {
+                up: n.cost.is_none_or(|c| c < 65535),
+                interface: n.interface.clone(),
+                cost: n.cost,
+                rtt_ms: probe.and_then(|p| p.rtt_ms),
+                loss: probe.map(|p| p.loss),
+                peer,
+            })
+        })
+        .collect()
 }
 
 /// The status a MeshNode should have. Conditions come without transition times (see
@@ -244,11 +268,12 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
         last_seen: row.and_then(|r| r.last_seen).map(rfc3339),
         addresses: row.and_then(|r| r.address.clone()).into_iter().collect(),
         conditions,
-        links: node
-            .status
-            .as_ref()
-            .map(|s| s.links.clone())
-            .unwrap_or_default(),
+        links: f.links.clone().unwrap_or_else(|| {
+            node.status
+                .as_ref()
+                .map(|s| s.links.clone())
+                .unwrap_or_default()
+        }),
         observed_generation: g,
         desired_epoch: f.published.map(|p| p.revision.epoch),
         config_sha256: f.published.map(|p| p.sha256.clone()),
