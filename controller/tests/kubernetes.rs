@@ -1210,7 +1210,17 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
         .unwrap()
         .to_string();
     let (lead, standby) = if holder == "pod-a" { (0, 1) } else { (1, 0) };
-    let m_lead = scrape(ports[lead], "/metrics").await.unwrap().1;
+    // The counter moves right after the broker got the configs: poll it.
+    let deadline = Instant::now() + WAIT;
+    let m_lead = loop {
+        let text = scrape(ports[lead], "/metrics").await.unwrap().1;
+        if metric(&text, "sidenet_configs_published_total").unwrap_or(0.0) >= 2.0
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let m_standby = scrape(ports[standby], "/metrics").await.unwrap().1;
     assert!(leader(&m_lead), "{m_lead}");
     assert!(!leader(&m_standby), "{m_standby}");
@@ -1530,5 +1540,82 @@ async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
         "published over an unverified TLS connection"
     );
     assert!(ctl.alive());
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
+    let c = Cluster::new();
+    // The example, unchanged, applied to namespace "community" by the test client.
+    for f in [
+        "examples/riverside/mesh.yaml",
+        "examples/riverside/nodes.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo().join(f)).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            let pp = PostParams::default();
+            match v["kind"].as_str().unwrap() {
+                "Mesh" => {
+                    Api::<Mesh>::namespaced(c.client.clone(), "community")
+                        .create(&pp, &serde_json::from_value(v).unwrap())
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    Api::<MeshNode>::namespaced(c.client.clone(), "community")
+                        .create(&pp, &serde_json::from_value(v).unwrap())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+    c.apply_files(&[repo().join("hardware-profiles")], |_| {})
+        .await;
+    let mut o = c.opts("ctl-a");
+    o.namespace = None;
+    let ctl = c.start(o);
+    let (obs, _mqtt) = Observer::start(c.port).await;
+    let key = eventually(
+        "the Mesh public key",
+        || {
+            let m = c.api.get(MESHES, "community", "riverside")?;
+            PublicKey::from_base64(m["status"]["publicKey"].as_str()?).ok()
+        },
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "kitchen's config",
+        || config_of(&obs, &key, KITCHEN),
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        c.api
+            .get("v1/secrets", "community", "riverside-signing-key")
+            .is_some()
+    );
+    assert!(
+        c.api
+            .get("v1/secrets", "community", "riverside-mesh")
+            .is_some()
+    );
+    assert!(
+        c.api
+            .get("v1/secrets", "default", "riverside-signing-key")
+            .is_none()
+    );
+    eventually(
+        "kitchen's status",
+        || {
+            c.api
+                .get(NODES, "community", "kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(1))
+        },
+        || c.dump(),
+    )
+    .await;
     ctl.stop().await;
 }

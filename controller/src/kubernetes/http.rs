@@ -31,7 +31,7 @@ pub struct Metrics {
     pub leader: AtomicBool,
     reconciles: [AtomicU64; 3],
     errors: [AtomicU64; 3],
-    /// Configs published (signed and handed to the broker).
+    /// Configs handed to the broker (new ones and, after each (re)connect, the stored ones).
     pub published: AtomicU64,
     /// Enrolments accepted.
     pub enrolled: AtomicU64,
@@ -92,7 +92,7 @@ impl Metrics {
                 g(&self.errors[i])
             );
         }
-        out.push_str("# HELP sidenet_configs_published_total Node configs signed and published.\n# TYPE sidenet_configs_published_total counter\n");
+        out.push_str("# HELP sidenet_configs_published_total Node configs handed to the broker (new revisions, and the stored ones again after each broker (re)connect).\n# TYPE sidenet_configs_published_total counter\n");
         let _ = writeln!(
             out,
             "sidenet_configs_published_total {}",

@@ -1126,9 +1126,16 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
                 out.len()
             );
             ctx.connected.store(true, Ordering::SeqCst);
+            let configs = out
+                .iter()
+                .filter(|p| config_node(&p.topic).is_some())
+                .count();
             for p in out {
                 ctx.send(p).await?;
             }
+            ctx.metrics
+                .published
+                .fetch_add(configs as u64, Ordering::Relaxed);
             persist_and_publish(ctx, eng, started).await?;
             ctx.metrics.ready.store(true, Ordering::SeqCst);
         }
