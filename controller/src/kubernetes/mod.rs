@@ -298,7 +298,10 @@ async fn lead(
         start_embedded_broker(opts.listen, opts.max_connections)?;
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_options(opts)?, 512);
-    let (ev_tx, ev_rx) = mpsc::channel::<MqttEvent>(10_000);
+    // Unbounded on purpose: the MQTT event loop must never wait for the engine. A reconcile
+    // holding the engine may be waiting for the event loop to take its publishes; a bounded
+    // channel full of incoming reports would then stall both.
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<MqttEvent>();
     let tls_ca = opts
         .broker
         .as_deref()
@@ -310,19 +313,19 @@ async fn lead(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
-                    if ev_tx.send(MqttEvent::Connected).await.is_err() {
+                    if ev_tx.send(MqttEvent::Connected).is_err() {
                         return;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let msg = MqttEvent::Message(p.topic.to_string(), p.payload.to_vec());
-                    if ev_tx.send(msg).await.is_err() {
+                    if ev_tx.send(msg).is_err() {
                         return;
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = ev_tx.send(MqttEvent::Disconnected).await;
+                    let _ = ev_tx.send(MqttEvent::Disconnected);
                     tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
                     // The CA bundle may have been rotated: read it again for the next attempt.
                     if let Some(ca) = &tls_ca {

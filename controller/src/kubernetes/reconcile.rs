@@ -722,7 +722,7 @@ pub(crate) async fn write_status(
         new.desired_epoch = new.desired_epoch.or(o.desired_epoch);
         new.config_sha256 = new.config_sha256.or(o.config_sha256.clone());
     }
-    if !status::worth_writing(old, &new, 30) {
+    if !status::worth_writing(old, &new, 60) {
         return Ok(());
     }
     let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &ns);
@@ -1074,7 +1074,10 @@ pub(crate) enum MqttEvent {
 }
 
 /// Handles broker (re)connections, enrolments and status reports.
-pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: tokio::sync::mpsc::Receiver<MqttEvent>) {
+pub(crate) async fn mqtt_loop(
+    ctx: Arc<Ctx>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<MqttEvent>,
+) {
     while let Some(ev) = rx.recv().await {
         let engine = match ctx.engine().await {
             Ok(e) => e,
