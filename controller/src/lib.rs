@@ -15,12 +15,15 @@
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
 //! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
+//! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
+//!   metrics.
 
 pub mod admin;
 pub mod broker;
 pub mod core;
 pub mod health;
 pub mod ipam;
+pub mod kubernetes;
 pub mod manifest;
 pub mod peers;
 pub mod provisioning;
