@@ -481,6 +481,10 @@ pub struct MeshNodeStatus {
     /// Hostname the node reported at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_hostname: Option<String>,
+    /// The public key (base64) the node enrolled with, kept so that a restarted controller
+    /// can seal the node's secrets without a new enrolment when `spec.publicKey` is omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_key: Option<String>,
     /// The node's WireGuard links as it last reported them: babel's view and the pathfinder
     /// probes' latency and loss.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

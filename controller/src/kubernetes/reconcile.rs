@@ -511,9 +511,18 @@ fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64) {
         .conditions
         .iter()
         .any(|c| c.type_ == "Enrolled" && c.status == "True");
+    // The key the node enrolled with: the declared one, else the one the status recorded (a
+    // node declared without `spec.publicKey` does not enrol again once it runs a config, and
+    // without its key the core publishes nothing to it).
+    let enrolled_key = node
+        .spec
+        .public_key
+        .as_ref()
+        .or(st.enrolled_key.as_ref())
+        .filter(|k| sidenet_wire::PublicKey::from_base64(k).is_ok_and(|k| k.node_id() == id));
     if enrolled
         && !eng.ctl.store.nodes.contains_key(&id)
-        && let Some(pk) = &node.spec.public_key
+        && let Some(pk) = enrolled_key
     {
         let rec = NodeRecord {
             mesh: net,
@@ -701,6 +710,7 @@ pub(crate) async fn write_status(
         enrolled: rec.is_some(),
         record_approved: rec.is_some_and(|r| r.approved),
         reported_hostname: rec.map(|r| r.hostname.clone()),
+        enrolled_key: rec.map(|r| r.public_key.clone()),
         applied_sha256: rec.and_then(|r| r.applied_sha256.clone()),
         invalid,
         links: rec

@@ -73,6 +73,8 @@ pub struct NodeFacts<'a> {
     pub record_approved: bool,
     /// Hostname reported at enrolment.
     pub reported_hostname: Option<String>,
+    /// Public key of the enrolment record.
+    pub enrolled_key: Option<String>,
     /// Body hash the node reports running.
     pub applied_sha256: Option<String>,
     /// Why this object's current spec is not used (validation error), if so.
@@ -120,7 +122,7 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
             "Enrolled",
             false,
             "NotEnrolled",
-            "the node has not enrolled yet; its config is published and waits for it".into(),
+            "the node has not enrolled yet: no config is published before it does (the config carries the mesh passphrase sealed to the node's key)".into(),
             g,
         )
     });
@@ -279,6 +281,7 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
         config_sha256: f.published.map(|p| p.sha256.clone()),
         subnet_id: f.subnet_id,
         reported_hostname: f.reported_hostname.clone(),
+        enrolled_key: f.enrolled_key.clone(),
     }
 }
 
