@@ -2,6 +2,11 @@
 //! (Mosquitto): enrolment → MeshNode → approval → signed config → status; level-triggered
 //! republishing; finalizers; Events for bad input; revisions across restarts; leader election;
 //! the riverside example in both modes.
+//!
+//! The controller publishes no config to a node before it enrolled (the config carries the mesh
+//! passphrase sealed to the node's own key, docs/security.md). The example's MeshNodes name
+//! devices whose keys the tests do not hold, so the tests that use them replace `spec.nodeId`
+//! and `spec.publicKey` with those of test keys ([`test_keys`]) and enrol those keys.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -30,7 +35,7 @@ use tokio::sync::oneshot;
 const WAIT: Duration = Duration::from_secs(20);
 const MESHES: &str = "sidenet.io/v1alpha1/meshes";
 const NODES: &str = "sidenet.io/v1alpha1/meshnodes";
-const KITCHEN: &str = "qi4chuluc3u2giv7";
+/// A peer the fake agents report in their status (the example attic's node id).
 const ATTIC: &str = "bhctvmiyz6ovk27g";
 
 /// Polls `f` until it returns `Some`, failing after `WAIT` with `what` and `context()`.
@@ -98,8 +103,21 @@ impl Observer {
 
     /// Revisions of the configs seen for a node.
     fn revisions(&self, node: &str) -> Vec<u64> {
-        self.on(&topics::config("riverside", node))
+        self.revisions_since(node, 0)
+    }
+
+    /// How many messages were seen so far.
+    fn mark(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Revisions of the configs seen for a node after `mark`.
+    fn revisions_since(&self, node: &str, mark: usize) -> Vec<u64> {
+        let topic = topics::config("riverside", node);
+        self.seen.lock().unwrap()[mark..]
             .iter()
+            .filter(|(t, _)| *t == topic)
+            .map(|(_, p)| p)
             .filter(|p| !p.is_empty())
             .map(|p| Envelope::parse(p, 1 << 20).unwrap().header().unwrap().rev)
             .collect()
@@ -268,7 +286,11 @@ impl Cluster {
     }
 
     fn condition(&self, node: &str, type_: &str) -> Option<(String, String, String)> {
-        let n = self.node(node)?;
+        self.condition_in("default", node, type_)
+    }
+
+    fn condition_in(&self, ns: &str, node: &str, type_: &str) -> Option<(String, String, String)> {
+        let n = self.api.get(NODES, ns, node)?;
         n["status"]["conditions"]
             .as_array()?
             .iter()
@@ -308,6 +330,118 @@ impl Cluster {
     fn mesh_key(&self) -> Option<PublicKey> {
         let m = self.mesh()?;
         PublicKey::from_base64(m["status"]["publicKey"].as_str()?).ok()
+    }
+
+    /// Enrols `agent` and waits until MeshNode `ns/name` shows `Enrolled`. The request is sent
+    /// again every second: the controller may not be subscribed yet (or not be the leader).
+    async fn enrol(
+        &self,
+        mqtt: &AsyncClient,
+        agent: &mut Agent,
+        (ns, name): (&str, &str),
+        hostname: &str,
+        profile: &str,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            agent.enroll(mqtt, hostname, profile).await;
+            let retry = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < retry {
+                if self
+                    .condition_in(ns, name, "Enrolled")
+                    .is_some_and(|e| e.0 == "True")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {ns}/{name} to enrol\n{}",
+                self.dump()
+            );
+        }
+    }
+
+    /// Enrols the test keys of the example's `kitchen` and `attic-pi` (see [`test_keys`]).
+    async fn enrol_riverside(&self, mqtt: &AsyncClient, kitchen: &mut Agent, attic: &mut Agent) {
+        self.enrol(
+            mqtt,
+            kitchen,
+            ("default", "kitchen"),
+            "kitchen",
+            "tplink-archer-c7-v2",
+        )
+        .await;
+        self.enrol(
+            mqtt,
+            attic,
+            ("default", "attic-pi"),
+            "attic",
+            "raspberrypi-4b-awus036acm",
+        )
+        .await;
+    }
+
+    /// Waits until MeshNode `name` (declared, not enrolled) shows that it is blocked on its
+    /// enrolment, and checks that no config was published for it.
+    /// `since`: an [`Observer::mark`] before which configs do not count.
+    async fn waits_for_enrolment(&self, obs: &Observer, since: usize, name: &str, id: &str) {
+        const WHY: &str = "waiting for the node to enrol (its config carries the mesh passphrase sealed to the node's key)";
+        let d = eventually(
+            &format!("{name} blocked on its enrolment"),
+            || {
+                self.condition(name, "Degraded")
+                    .filter(|d| d.0 == "True" && d.1 == "Blocked")
+            },
+            || self.dump(),
+        )
+        .await;
+        assert_eq!(d.2, WHY, "{}", self.dump());
+        let applied = self.condition(name, "ConfigApplied").unwrap();
+        assert_eq!((applied.1.as_str(), applied.2.as_str()), ("Blocked", WHY));
+        let enrolled = self.condition(name, "Enrolled").unwrap();
+        assert_eq!(
+            (enrolled.0.as_str(), enrolled.1.as_str()),
+            ("False", "NotEnrolled")
+        );
+        assert!(
+            enrolled.2.contains("no config is published before it does"),
+            "{enrolled:?}"
+        );
+        assert_eq!(
+            self.node(name).unwrap()["status"]["phase"],
+            json!("Blocked")
+        );
+        assert!(
+            obs.revisions_since(id, since).is_empty(),
+            "a config was published to {name} before it enrolled"
+        );
+    }
+}
+
+/// Test keys for the example's two MeshNodes: `(kitchen, attic-pi)`.
+fn test_keys() -> (Agent, Agent) {
+    (Agent::new(21), Agent::new(22))
+}
+
+/// Gives the example's MeshNodes `kitchen` and `attic-pi` the node id and public key of the
+/// test keys; every other field of the example stays as it is.
+fn with_keys(kitchen: &Agent, attic: &Agent) -> impl Fn(&mut Value) + use<> {
+    let keys = [
+        ("kitchen", kitchen.id(), kitchen.key.public().to_base64()),
+        ("attic-pi", attic.id(), attic.key.public().to_base64()),
+    ];
+    move |v: &mut Value| {
+        if v["kind"] != "MeshNode" {
+            return;
+        }
+        for (name, id, pk) in &keys {
+            if v["metadata"]["name"] == *name {
+                v["spec"]["nodeId"] = json!(id);
+                v["spec"]["publicKey"] = json!(pk);
+            }
+        }
     }
 }
 
@@ -449,6 +583,14 @@ impl Agent {
     }
 
     async fn enroll(&mut self, mqtt: &AsyncClient, hostname: &str, profile: &str) {
+        let (topic, payload) = self.enroll_message(hostname, profile);
+        mqtt.publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// A signed enrolment request: its topic and payload.
+    fn enroll_message(&mut self, hostname: &str, profile: &str) -> (String, Vec<u8>) {
         let body = EnrollRequest {
             hostname: hostname.into(),
             board: None,
@@ -465,14 +607,7 @@ impl Agent {
             &serde_json::to_vec(&body).unwrap(),
             &self.key,
         );
-        mqtt.publish(
-            topics::enroll("riverside", &self.id()),
-            QoS::AtLeastOnce,
-            false,
-            payload,
-        )
-        .await
-        .unwrap();
+        (topics::enroll("riverside", &self.id()), payload)
     }
 
     /// An enrolment signed with this key, published on `node`'s topic.
@@ -754,15 +889,21 @@ fn base64_decode(s: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_profile_change_republishes_only_the_nodes_using_it() {
     let c = Cluster::new();
-    c.riverside(true, |_| {}).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let (kitchen_id, attic_id) = (kitchen.id(), attic.id());
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
     let ctl = c.start(c.opts("ctl-a"));
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
-    for id in [KITCHEN, ATTIC] {
+    // Declared but not enrolled: no config, and the MeshNodes say why.
+    c.waits_for_enrolment(&obs, 0, "kitchen", &kitchen_id).await;
+    c.waits_for_enrolment(&obs, 0, "attic-pi", &attic_id).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    for id in [&kitchen_id, &attic_id] {
         eventually("both configs", || config_of(&obs, &key, id), || c.dump()).await;
     }
-    assert_eq!(obs.revisions(KITCHEN), vec![1]);
-    assert_eq!(obs.revisions(ATTIC), vec![1]);
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
+    assert_eq!(obs.revisions(&attic_id), vec![1]);
 
     // Rename a LAN port of the kitchen's profile: only the kitchen changes.
     let profiles = Api::<HardwareProfile>::all(c.client.clone());
@@ -774,7 +915,7 @@ async fn a_profile_change_republishes_only_the_nodes_using_it() {
         .unwrap();
     let (rev, _, config) = eventually(
         "the kitchen's revision 2",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 2),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
@@ -800,18 +941,18 @@ async fn a_profile_change_republishes_only_the_nodes_using_it() {
         .unwrap();
     eventually(
         "the attic's revision 2",
-        || config_of(&obs, &key, ATTIC).filter(|c| c.0.rev == 2),
+        || config_of(&obs, &key, &attic_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
     eventually(
         "the kitchen's revision 3",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 3),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 3),
         || c.dump(),
     )
     .await;
     assert_eq!(
-        obs.revisions(ATTIC),
+        obs.revisions(&attic_id),
         vec![1, 2],
         "the attic was republished by the profile change"
     );
@@ -822,11 +963,14 @@ async fn a_profile_change_republishes_only_the_nodes_using_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_nodes_and_meshes_clears_their_retained_topics() {
     let c = Cluster::new();
-    c.riverside(true, |_| {}).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let (kitchen_id, attic_id) = (kitchen.id(), attic.id());
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
     let ctl = c.start(c.opts("ctl-a"));
     let (obs, mqtt) = Observer::start(c.port).await;
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
-    for id in [KITCHEN, ATTIC] {
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    for id in [&kitchen_id, &attic_id] {
         eventually("both configs", || config_of(&obs, &key, id), || c.dump()).await;
     }
     eventually(
@@ -851,13 +995,13 @@ async fn deleting_nodes_and_meshes_clears_their_retained_topics() {
     )
     .await;
     assert!(
-        obs.on(&topics::config("riverside", KITCHEN))
+        obs.on(&topics::config("riverside", &kitchen_id))
             .last()
             .unwrap()
             .is_empty()
     );
-    assert!(!retained(c.port, &topics::config("riverside", KITCHEN)).await);
-    assert!(retained(c.port, &topics::config("riverside", ATTIC)).await);
+    assert!(!retained(c.port, &topics::config("riverside", &kitchen_id)).await);
+    assert!(retained(c.port, &topics::config("riverside", &attic_id)).await);
 
     Api::<Mesh>::namespaced(c.client.clone(), "default")
         .delete("riverside", &DeleteParams::default())
@@ -869,7 +1013,7 @@ async fn deleting_nodes_and_meshes_clears_their_retained_topics() {
         || c.dump(),
     )
     .await;
-    assert!(!retained(c.port, &topics::config("riverside", ATTIC)).await);
+    assert!(!retained(c.port, &topics::config("riverside", &attic_id)).await);
     assert!(!retained(c.port, &topics::announce("riverside")).await);
     drop(mqtt);
     assert!(ctl.alive());
@@ -920,11 +1064,13 @@ async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a
                     "data": {"wrong": "eA=="}}),
     )
     .await;
-    c.riverside(true, |_| {}).await;
+    let (mut kitchen, _) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &test_keys().1)).await;
     let mut opts = c.opts("ctl-a");
     opts.refresh = Duration::from_secs(1);
     let ctl = c.start(opts);
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
 
     eventually(
         "a SigningKeyMissing Event",
@@ -965,7 +1111,27 @@ async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a
     )
     .await;
     assert!(blocked.2.contains("riverside-signing-key"), "{blocked:?}");
-    assert!(obs.revisions(KITCHEN).is_empty());
+    // Enrolled, the kitchen is still blocked by the key.
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("default", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    let blocked = eventually(
+        "the kitchen blocked by the key once enrolled",
+        || {
+            c.condition("kitchen", "Degraded").filter(|d| {
+                d.1 == "Blocked" && c.condition("kitchen", "Enrolled").unwrap().0 == "True"
+            })
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(blocked.2.contains("riverside-signing-key"), "{blocked:?}");
+    assert!(obs.revisions(&kitchen_id).is_empty());
     assert_eq!(
         c.api
             .get("v1/secrets", "default", "riverside-signing-key")
@@ -989,7 +1155,7 @@ async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a
         .unwrap();
     let (rev, _, _) = eventually(
         "the kitchen's config",
-        || config_of(&obs, &good.public(), KITCHEN),
+        || config_of(&obs, &good.public(), &kitchen_id),
         || c.dump(),
     )
     .await;
@@ -1054,7 +1220,7 @@ async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a
         || c.dump(),
     )
     .await;
-    assert_eq!(obs.revisions(KITCHEN), vec![1]);
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
     assert!(ctl.alive());
     assert_rbac(&c);
     ctl.stop().await;
@@ -1068,16 +1234,31 @@ fn base64_encode(b: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
     let c = Cluster::new();
-    c.riverside(true, |_| {}).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    // A node declared with its id only: its key is learnt at enrolment.
+    let mut porch = Agent::new(23);
+    let porch_id = porch.id();
+    c.create(json!({"apiVersion": "sidenet.io/v1alpha1", "kind": "MeshNode", "metadata": {"name": "porch"},
+                    "spec": {"mesh": "riverside", "nodeId": porch_id, "hardwareProfile": "tplink-archer-c7-v2",
+                             "approved": true}}))
+        .await;
     let ctl = c.start(c.opts("ctl-a"));
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
-    eventually(
-        "kitchen revision 1",
-        || config_of(&obs, &key, KITCHEN),
-        || c.dump(),
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    c.enrol(
+        &mqtt,
+        &mut porch,
+        ("default", "porch"),
+        "porch",
+        "tplink-archer-c7-v2",
     )
     .await;
+    for id in [&kitchen_id, &porch_id] {
+        eventually("revision 1", || config_of(&obs, &key, id), || c.dump()).await;
+    }
     Api::<Mesh>::namespaced(c.client.clone(), "default")
         .patch(
             "riverside",
@@ -1088,7 +1269,7 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         .unwrap();
     let (r2, _, c2) = eventually(
         "kitchen revision 2",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 2),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
@@ -1101,13 +1282,34 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         || c.dump(),
     )
     .await;
+    eventually(
+        "porch's revision 2",
+        || config_of(&obs, &key, &porch_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "porch's revision 2 recorded",
+        || {
+            c.node("porch")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(
+        c.node("porch").unwrap()["status"]["enrolledKey"],
+        json!(porch.key.public().to_base64())
+    );
     ctl.stop().await;
 
-    // A new pod: empty cache folder, same cluster.
+    // A new pod: empty cache folder, same cluster. The enrolments are known from the cluster
+    // (the agents do not enrol again once they run a config): from `spec.publicKey`, or for
+    // the porch from the key its status recorded.
     let ctl = c.start(c.opts("ctl-b"));
     let (r3, _, c3) = eventually(
         "kitchen revision 3",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 3),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 3),
         || c.dump(),
     )
     .await;
@@ -1117,6 +1319,7 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         "the subnet changed across the restart"
     );
     assert_eq!(c3.files, c2.files);
+    assert_eq!(c3.sealed, c2.sealed, "same key, node key and passphrase");
     let after = eventually(
         "revision 3 recorded",
         || {
@@ -1127,13 +1330,20 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
     )
     .await;
     assert_eq!(after["status"]["subnetId"], before["status"]["subnetId"]);
-    assert_eq!(obs.revisions(KITCHEN), vec![1, 2, 3]);
+    assert_eq!(obs.revisions(&kitchen_id), vec![1, 2, 3]);
+    eventually(
+        "porch's revision 3 from the new pod",
+        || config_of(&obs, &key, &porch_id).filter(|c| c.0.rev == 3),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(obs.revisions(&porch_id), vec![1, 2, 3], "{}", c.dump());
     // Same signing key (from the Secret).
     assert_eq!(c.mesh_key().unwrap(), key);
 
     // A node whose MeshNode is recreated starts above the mesh's highest revision.
     let nodes = Api::<MeshNode>::namespaced(c.client.clone(), "default");
-    let kitchen = nodes.get("kitchen").await.unwrap();
+    let kitchen_obj = nodes.get("kitchen").await.unwrap();
     nodes
         .delete("kitchen", &DeleteParams::default())
         .await
@@ -1144,12 +1354,24 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         || c.dump(),
     )
     .await;
-    let mut again = MeshNode::new("kitchen", kitchen.spec.clone());
+    let mark = obs.mark();
+    let mut again = MeshNode::new("kitchen", kitchen_obj.spec.clone());
     again.metadata.namespace = Some("default".into());
     nodes.create(&PostParams::default(), &again).await.unwrap();
+    // Deleting the MeshNode forgot the node's enrolment: nothing until it enrols again.
+    c.waits_for_enrolment(&obs, mark, "kitchen", &kitchen_id)
+        .await;
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("default", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
     let (r, _, _) = eventually(
         "kitchen's config again",
-        || config_of(&obs, &key, KITCHEN),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0 > r3),
         || c.dump(),
     )
     .await;
@@ -1180,8 +1402,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     let c = Cluster::new();
-    c.riverside(true, |_| {}).await;
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let ports = [free_port(), free_port()];
     let mut running = Vec::new();
     for (i, name) in ["pod-a", "pod-b"].iter().enumerate() {
@@ -1192,9 +1416,10 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     }
     let leader = |text: &str| metric(text, "sidenet_leader") == Some(1.0);
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
     eventually(
         "kitchen's config",
-        || config_of(&obs, &key, KITCHEN),
+        || config_of(&obs, &key, &kitchen_id),
         || c.dump(),
     )
     .await;
@@ -1241,7 +1466,7 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     eventually("both ready", || Some(()), String::new).await;
     let ready = scrape(ports[standby], "/readyz").await.unwrap().0;
     assert_eq!(ready, 200, "a standby must report ready");
-    assert_eq!(obs.revisions(KITCHEN), vec![1]);
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
 
     // The holder stops (SIGTERM path: it releases the Lease); the standby takes over and, with
     // no envelope bytes of its own, re-signs under the next revision.
@@ -1249,7 +1474,7 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     running[lead].take().unwrap().stop().await;
     eventually(
         "the standby publishing revision 2",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 2),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
@@ -1277,15 +1502,18 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
     let c = Cluster::new();
-    c.riverside(true, |_| {}).await;
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let mut a = c.opts("pod-a");
     a.leader_election = true;
     let a = c.start(a);
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
     eventually(
         "kitchen's config from pod-a",
-        || config_of(&obs, &key, KITCHEN),
+        || config_of(&obs, &key, &kitchen_id),
         || c.dump(),
     )
     .await;
@@ -1297,7 +1525,7 @@ async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
     let started = Instant::now();
     eventually(
         "pod-b publishing revision 2",
-        || config_of(&obs, &key, KITCHEN).filter(|c| c.0.rev == 2),
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
@@ -1320,21 +1548,32 @@ async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
-    // Cluster mode: the example files as they are, plus the passphrase Secret both modes share.
+    // Both modes load the example files with one change: the MeshNodes carry the node ids and
+    // public keys of test keys (`with_keys`), so that the test can enrol them. Each mode then
+    // gets the same two enrolments and must publish the same configs. The sealed passphrase
+    // differs (each mode has its own mesh signing key, which seeds the sealing): it is compared
+    // opened, with the node's key.
+    let (mut kitchen, mut attic) = test_keys();
+    let ids = [kitchen.id(), attic.id()];
+    let keys = with_keys(&kitchen, &attic);
     let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "riverside-mesh"},
                         "stringData": {"passphrase": "correct-horse-battery"}});
+
+    // Cluster mode: the example files, plus the passphrase Secret both modes share.
     let c = Cluster::new();
     c.create(
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "riverside-mesh"},
                     "data": {"passphrase": base64_encode(b"correct-horse-battery")}}),
     )
     .await;
-    c.riverside(true, |_| {}).await;
+    c.riverside(true, &keys).await;
     let ctl = c.start(c.opts("ctl-a"));
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.waits_for_enrolment(&obs, 0, "kitchen", &ids[0]).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
     let mut cluster = Vec::new();
-    for id in [KITCHEN, ATTIC] {
+    for id in &ids {
         cluster.push(
             eventually("a config", || config_of(&obs, &key, id), || c.dump())
                 .await
@@ -1345,13 +1584,25 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
 
     // Standalone mode: the same files loaded from disk by the standalone loader and core.
     let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("riverside");
+    std::fs::create_dir(&example).unwrap();
+    for f in ["mesh.yaml", "nodes.yaml"] {
+        let text = std::fs::read_to_string(repo().join("examples/riverside").join(f)).unwrap();
+        let mut docs = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            keys(&mut v);
+            docs.push(serde_yaml::to_string(&v).unwrap());
+        }
+        std::fs::write(example.join(f), docs.join("---\n")).unwrap();
+    }
     std::fs::write(
         dir.path().join("secret.yaml"),
         serde_yaml::to_string(&secret).unwrap(),
     )
     .unwrap();
     let set = sidenet_controller::manifest::load(&[
-        repo().join("examples/riverside"),
+        example,
         repo().join("hardware-profiles"),
         dir.path().join("secret.yaml"),
     ])
@@ -1366,13 +1617,29 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
             &state,
         ))),
     );
+    let config_topics = ids.clone().map(|id| topics::config("riverside", &id));
     ctl.set_manifests(set, sidenet_controller::now()).unwrap();
     let out = ctl.flush().unwrap();
-    for (i, id) in [KITCHEN, ATTIC].iter().enumerate() {
+    assert!(
+        !out.iter().any(|p| config_topics.contains(&p.topic)),
+        "standalone published a config before the node enrolled"
+    );
+    // The same enrolments, as the controller receives them from the broker.
+    for (agent, (hostname, profile)) in [
+        (&mut kitchen, ("kitchen", "tplink-archer-c7-v2")),
+        (&mut attic, ("attic", "raspberrypi-4b-awus036acm")),
+    ] {
+        let (topic, payload) = agent.enroll_message(hostname, profile);
+        ctl.on_message(&topic, &payload, sidenet_controller::now())
+            .unwrap();
+    }
+    let out = ctl.flush().unwrap();
+    for (i, agent) in [&kitchen, &attic].into_iter().enumerate() {
+        let id = &ids[i];
         let p = out
             .iter()
-            .find(|p| p.topic == topics::config("riverside", id))
-            .unwrap();
+            .rfind(|p| p.topic == config_topics[i])
+            .unwrap_or_else(|| panic!("standalone published no config for {id}"));
         let env = Envelope::parse(&p.payload, 1 << 20).unwrap();
         let signer = env.claimed_signer().unwrap();
         let body: NodeConfig = env
@@ -1380,9 +1647,38 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
             .unwrap()
             .body_json()
             .unwrap();
+        let opened = |config: &NodeConfig| -> Vec<(String, Vec<u8>)> {
+            config
+                .sealed
+                .iter()
+                .map(|(name, v)| {
+                    let ctx = sidenet_wire::seal::Context {
+                        mesh: "riverside",
+                        node: id,
+                        name,
+                    };
+                    (
+                        name.clone(),
+                        sidenet_wire::seal::open(&agent.key, ctx, v).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let plain = opened(&body);
+        assert!(!plain.is_empty(), "node {id}: no sealed secret");
         assert_eq!(
-            serde_json::to_value(&body).unwrap(),
-            serde_json::to_value(&cluster[i]).unwrap(),
+            plain,
+            opened(&cluster[i]),
+            "node {id}: the sealed secrets differ between standalone and cluster mode"
+        );
+        let without_sealed = |config: &NodeConfig| {
+            let mut v = serde_json::to_value(config).unwrap();
+            v.as_object_mut().unwrap().remove("sealed");
+            v
+        };
+        assert_eq!(
+            without_sealed(&body),
+            without_sealed(&cluster[i]),
             "node {id} differs between standalone and cluster mode"
         );
     }
@@ -1493,16 +1789,20 @@ async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
         String::new,
     )
     .await;
-    c.riverside(true, |_| {}).await;
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
     let mut o = c.opts("ctl-a");
     o.broker = Some(format!("mqtts://127.0.0.1:{tls_port}"));
     o.broker_ca = Some(dir.join("ca.pem"));
     let ctl = c.start(o);
-    let (obs, _mqtt) = Observer::start(plain_port).await;
+    let (obs, mqtt) = Observer::start(plain_port).await;
     let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    // The enrolments reach the controller through the TLS broker (its plaintext listener).
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
     eventually(
         "kitchen's config through the TLS connection",
-        || config_of(&obs, &key, KITCHEN),
+        || config_of(&obs, &key, &kitchen_id),
         || c.dump(),
     )
     .await;
@@ -1535,7 +1835,7 @@ async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        obs.revisions(KITCHEN),
+        obs.revisions(&kitchen_id),
         vec![1],
         "published over an unverified TLS connection"
     );
@@ -1546,14 +1846,19 @@ async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
     let c = Cluster::new();
-    // The example, unchanged, applied to namespace "community" by the test client.
+    // The example applied to namespace "community" by the test client, unchanged but for the
+    // test keys of its MeshNodes.
+    let (mut kitchen, attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    let keys = with_keys(&kitchen, &attic);
     for f in [
         "examples/riverside/mesh.yaml",
         "examples/riverside/nodes.yaml",
     ] {
         let text = std::fs::read_to_string(repo().join(f)).unwrap();
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            keys(&mut v);
             let pp = PostParams::default();
             match v["kind"].as_str().unwrap() {
                 "Mesh" => {
@@ -1576,7 +1881,7 @@ async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
     let mut o = c.opts("ctl-a");
     o.namespace = None;
     let ctl = c.start(o);
-    let (obs, _mqtt) = Observer::start(c.port).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
     let key = eventually(
         "the Mesh public key",
         || {
@@ -1586,9 +1891,17 @@ async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
         || c.dump(),
     )
     .await;
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("community", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
     eventually(
         "kitchen's config",
-        || config_of(&obs, &key, KITCHEN),
+        || config_of(&obs, &key, &kitchen_id),
         || c.dump(),
     )
     .await;
