@@ -157,6 +157,8 @@ pub struct Controller {
     pub version: String,
     batch: Batch,
     outbox: Vec<Publish>,
+    /// Mesh of the message being handled (for [`Rejection`]).
+    current_mesh: String,
     /// Links → nodes, for WireGuard neighbours.
     pub peers: crate::peers::Index,
     /// Node id → (SHA-256 of passphrase and node key, the passphrase sealed to the node):
@@ -164,6 +166,22 @@ pub struct Controller {
     sealed: BTreeMap<String, (String, String)>,
     /// Key rotations by mesh network name (loaded with the keys).
     rotations: BTreeMap<String, Rotation>,
+    /// Messages refused since the adapter last drained this: (what, node id, why). The
+    /// Kubernetes adapter turns them into Events; standalone only logs them.
+    pub rejections: Vec<Rejection>,
+}
+
+/// A node message the core refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// What was refused (`enrolment`, `status`).
+    pub what: String,
+    /// Mesh network name from the topic.
+    pub mesh: String,
+    /// Node id from the topic.
+    pub node: String,
+    /// Why.
+    pub why: String,
 }
 
 impl std::fmt::Debug for Controller {
@@ -198,9 +216,11 @@ impl Controller {
             version: env!("CARGO_PKG_VERSION").to_string(),
             batch: Batch::default(),
             outbox: Vec::new(),
+            current_mesh: String::new(),
             peers,
             sealed: BTreeMap::new(),
             rotations: BTreeMap::new(),
+            rejections: Vec::new(),
         }
     }
 
@@ -310,7 +330,15 @@ impl Controller {
         let mut out = Vec::new();
         for mesh in meshes {
             let net = network_name(&mesh).to_string();
-            let key = self.mesh_key(&net)?;
+            // A mesh without a usable key is not announced; its nodes show why they are
+            // blocked. The other meshes carry on.
+            let key = match self.mesh_key(&net) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!("{e}; mesh {net} is not announced");
+                    continue;
+                }
+            };
             let body = Announce {
                 mesh: net.clone(),
                 key: key.public().to_base64(),
@@ -707,6 +735,7 @@ impl Controller {
 
     /// Handles a message from the broker.
     pub fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) -> Result<(), CoreError> {
+        self.current_mesh = topic.split('/').nth(2).unwrap_or_default().to_string();
         match topics::parse(topic) {
             Some(Incoming::Enroll { mesh, node }) => {
                 let (mesh, node) = (mesh.to_string(), node.to_string());
@@ -728,6 +757,44 @@ impl Controller {
     fn reject(&mut self, what: &str, node: &str, why: impl std::fmt::Display) {
         self.counters.rejected_messages += 1;
         tracing::warn!(node = %node, "refused {what}: {why}");
+        // Bounded: an adapter that never drains this keeps only the latest refusals.
+        if self.rejections.len() >= 256 {
+            self.rejections.remove(0);
+        }
+        self.rejections.push(Rejection {
+            what: what.to_string(),
+            mesh: self.current_mesh.clone(),
+            node: node.to_string(),
+            why: why.to_string(),
+        });
+    }
+
+    /// Forgets a node whose `MeshNode` was deleted (Kubernetes mode): its enrolment, published
+    /// revision and subnet leave the in-memory state, so it is no longer reconciled, and its
+    /// neighbours are reconciled without it. The state database is not changed (Kubernetes
+    /// mode's database is a cache rebuilt from the cluster at every start).
+    pub fn forget(&mut self, id: &str, now: u64) -> Result<(), CoreError> {
+        self.store.nodes.remove(id);
+        self.store.published.remove(id);
+        let subnets: Vec<(String, String)> = self
+            .store
+            .subnets
+            .keys()
+            .filter(|(_, n)| n == id)
+            .cloned()
+            .collect();
+        for key in subnets {
+            if let Some(sid) = self.store.subnets.remove(&key)
+                && let Some(t) = self.store.taken.get_mut(&key.0)
+            {
+                t.remove(&sid);
+            }
+        }
+        self.blocked.remove(id);
+        self.online.remove(id);
+        let mut affected = self.peers.replace(id, None);
+        affected.remove(id);
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
     }
 
     fn on_enroll(
@@ -1026,62 +1093,70 @@ impl Controller {
     pub fn status(&self) -> Vec<StatusRow> {
         self.candidates()
             .into_iter()
-            .map(|id| {
-                let rec = self.store.nodes.get(&id);
-                let manifest = self.set.nodes.get(&id);
-                let published = self.store.published.get(&id);
-                let mesh = rec.map(|r| r.mesh.clone()).or_else(|| {
-                    manifest
-                        .and_then(|m| self.set.mesh_of(m))
-                        .map(|m| network_name(m).to_string())
-                });
-                let desired = published.map(|p| p.revision);
-                let applied = rec.and_then(|r| r.applied);
-                let reason = self.blocked.get(&id).cloned();
-                let online = self.online.get(&id).copied();
-                let phase = if let Some(r) = &reason {
-                    if r.starts_with("waiting for approval") {
-                        "Pending"
-                    } else {
-                        "Blocked"
-                    }
-                } else if rec.and_then(|r| r.state) == Some(ApplyState::Failed) {
-                    "Failed"
-                } else if online == Some(false) {
-                    "Offline"
-                } else if desired.is_some() && desired == applied {
-                    "Ready"
-                } else if rec.is_none() {
-                    "Declared"
-                } else {
-                    "Configuring"
-                };
-                let address = mesh.as_ref().and_then(|m| {
-                    let base = self
-                        .set
-                        .mesh_by_network(m)
-                        .and_then(|mm| crate::manifest::parse_ula48(&mm.spec.prefix).ok())?;
-                    let sid = self.store.subnets.get(&(m.clone(), id.clone()))?;
-                    Some(crate::ipam::node_address(base, *sid).to_string())
-                });
-                StatusRow {
-                    name: manifest.and_then(|m| m.metadata.name.clone()),
-                    mesh: mesh.unwrap_or_default(),
-                    hostname: rec.map(|r| r.hostname.clone()),
-                    phase: phase.to_string(),
-                    reason,
-                    online,
-                    desired,
-                    applied,
-                    last_seen: rec.and_then(|r| r.last_seen),
-                    address,
-                    failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
-                    neighbours: rec.map(|r| r.neighbours.clone()).unwrap_or_default(),
-                    probes: rec.map(|r| r.probes.clone()).unwrap_or_default(),
-                    node: id,
-                }
-            })
+            .map(|id| self.status_row(id))
             .collect()
+    }
+
+    /// Status of one node, if it is known (a MeshNode or an enrolled node).
+    pub fn status_of(&self, id: &str) -> Option<StatusRow> {
+        (self.set.nodes.contains_key(id) || self.store.nodes.contains_key(id))
+            .then(|| self.status_row(id.to_string()))
+    }
+
+    fn status_row(&self, id: String) -> StatusRow {
+        let rec = self.store.nodes.get(&id);
+        let manifest = self.set.nodes.get(&id);
+        let published = self.store.published.get(&id);
+        let mesh = rec.map(|r| r.mesh.clone()).or_else(|| {
+            manifest
+                .and_then(|m| self.set.mesh_of(m))
+                .map(|m| network_name(m).to_string())
+        });
+        let desired = published.map(|p| p.revision);
+        let applied = rec.and_then(|r| r.applied);
+        let reason = self.blocked.get(&id).cloned();
+        let online = self.online.get(&id).copied();
+        let phase = if let Some(r) = &reason {
+            if r.starts_with("waiting for approval") {
+                "Pending"
+            } else {
+                "Blocked"
+            }
+        } else if rec.and_then(|r| r.state) == Some(ApplyState::Failed) {
+            "Failed"
+        } else if online == Some(false) {
+            "Offline"
+        } else if desired.is_some() && desired == applied {
+            "Ready"
+        } else if rec.is_none() {
+            "Declared"
+        } else {
+            "Configuring"
+        };
+        let address = mesh.as_ref().and_then(|m| {
+            let base = self
+                .set
+                .mesh_by_network(m)
+                .and_then(|mm| crate::manifest::parse_ula48(&mm.spec.prefix).ok())?;
+            let sid = self.store.subnets.get(&(m.clone(), id.clone()))?;
+            Some(crate::ipam::node_address(base, *sid).to_string())
+        });
+        StatusRow {
+            name: manifest.and_then(|m| m.metadata.name.clone()),
+            mesh: mesh.unwrap_or_default(),
+            hostname: rec.map(|r| r.hostname.clone()),
+            phase: phase.to_string(),
+            reason,
+            online,
+            desired,
+            applied,
+            last_seen: rec.and_then(|r| r.last_seen),
+            address,
+            failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
+            neighbours: rec.map(|r| r.neighbours.clone()).unwrap_or_default(),
+            probes: rec.map(|r| r.probes.clone()).unwrap_or_default(),
+            node: id,
+        }
     }
 }
 

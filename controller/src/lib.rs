@@ -16,6 +16,8 @@
 //! - [`acl`]: who may publish and subscribe to what on the broker.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
 //! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
+//! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
+//!   metrics.
 
 pub mod acl;
 pub mod admin;
@@ -23,6 +25,7 @@ pub mod broker;
 pub mod core;
 pub mod health;
 pub mod ipam;
+pub mod kubernetes;
 pub mod manifest;
 pub mod peers;
 pub mod provisioning;

@@ -65,6 +65,53 @@ enum Mode {
         #[arg(long, env = "SIDENET_AGENTS", default_value = "dist")]
         agents: PathBuf,
     },
+    /// Kubernetes mode (what the Helm chart runs): watch Mesh, MeshNode and HardwareProfile
+    /// objects, write their status, keep keys in Secrets. See docs/helm.md for the contract.
+    Kubernetes {
+        /// Namespace whose Mesh and MeshNode objects are watched; empty = all namespaces.
+        #[arg(long, env = "SIDENET_NAMESPACE", default_value = "")]
+        namespace: String,
+        /// External MQTT broker (mqtt://host:port); unset runs the embedded broker.
+        #[arg(long, env = "SIDENET_BROKER")]
+        broker: Option<String>,
+        /// Listen address of the embedded broker.
+        #[arg(long, env = "SIDENET_LISTEN", default_value = "0.0.0.0:1883")]
+        listen: SocketAddr,
+        /// User name for the external broker.
+        #[arg(long, env = "SIDENET_BROKER_USERNAME")]
+        broker_username: Option<String>,
+        /// Password for the external broker.
+        #[arg(long, env = "SIDENET_BROKER_PASSWORD", hide_env_values = true)]
+        broker_password: Option<String>,
+        /// CA bundle (PEM) for an mqtts:// broker.
+        #[arg(long, env = "SIDENET_BROKER_CA")]
+        broker_ca: Option<PathBuf>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, env = "SIDENET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+        metrics_listen: SocketAddr,
+        /// Take the Lease `sidenet-controller` before reconciling.
+        #[arg(long, env = "SIDENET_LEADER_ELECTION", default_value = "false", action = clap::ArgAction::Set)]
+        leader_election: bool,
+        /// Lease holder identity.
+        #[arg(long, env = "POD_NAME", default_value = "sidenet-controller")]
+        pod_name: String,
+        /// Namespace of the Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        pod_namespace: String,
+        /// Template folder (one subfolder per firmware family).
+        #[arg(
+            long,
+            env = "SIDENET_TEMPLATES",
+            default_value = "/usr/share/sidenet/templates"
+        )]
+        templates: PathBuf,
+        /// Folder for the state cache (rebuilt from the cluster at every start).
+        #[arg(long, env = "SIDENET_CACHE_DIR", default_value = "/tmp/sidenet-cache")]
+        cache_dir: PathBuf,
+        /// Connection limit of the embedded broker.
+        #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
+        max_connections: usize,
+    },
 }
 
 fn init_logs(json: bool) {
@@ -124,6 +171,53 @@ async fn main() -> ExitCode {
                 agents,
             };
             match sidenet_controller::standalone::run(opts, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sidenet-controller: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Mode::Kubernetes {
+            namespace,
+            broker,
+            listen,
+            broker_username,
+            broker_password,
+            broker_ca,
+            metrics_listen,
+            leader_election,
+            pod_name,
+            pod_namespace,
+            templates,
+            cache_dir,
+            max_connections,
+        } => {
+            let opts = sidenet_controller::kubernetes::Options {
+                namespace: Some(namespace).filter(|n| !n.is_empty()),
+                broker: broker.filter(|b| !b.is_empty()),
+                listen,
+                broker_username: broker_username.filter(|u| !u.is_empty()),
+                broker_password: broker_password.filter(|p| !p.is_empty()),
+                broker_ca: broker_ca.filter(|p| !p.as_os_str().is_empty()),
+                metrics_listen: Some(metrics_listen),
+                leader_election,
+                pod_name,
+                pod_namespace,
+                templates,
+                cache_dir,
+                lease: Default::default(),
+                refresh: Duration::from_secs(300),
+                max_connections,
+            };
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sidenet-controller: cannot reach the Kubernetes API: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match sidenet_controller::kubernetes::run(opts, client, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sidenet-controller: {e}");

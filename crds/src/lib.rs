@@ -309,6 +309,15 @@ pub struct MeshStatus {
     /// Enrolled nodes.
     #[serde(default)]
     pub nodes: u32,
+    /// Kubernetes mode: the controller's state epoch, the first part of every revision it
+    /// publishes. Kept here so a restarted controller continues the same revision sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_epoch: Option<u64>,
+    /// Kubernetes mode: the highest revision counter published to any node of this mesh in
+    /// `stateEpoch`. A node without a recorded revision (new, or its MeshNode was recreated)
+    /// starts above it, so an agent that kept an older config never sees a revision reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_revision: Option<u64>,
 }
 
 /// A status condition.
@@ -455,6 +464,27 @@ pub struct MeshNodeStatus {
     /// Conditions (`Enrolled`, `Approved`, `ConfigApplied`, `Drifted`, `Degraded`, `Ready`).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Generation of the MeshNode the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Epoch of `desiredRevision` (Kubernetes mode keeps the revision sequence here, written
+    /// before each config is published).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_epoch: Option<u64>,
+    /// SHA-256 of the body of the desired config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+    /// The node's /64 within the mesh prefix (its subnet id), kept so it survives controller
+    /// restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<u16>,
+    /// Hostname the node reported at enrolment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_hostname: Option<String>,
+    /// The public key (base64) the node enrolled with, kept so that a restarted controller
+    /// can seal the node's secrets without a new enrolment when `spec.publicKey` is omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled_key: Option<String>,
     /// The node's WireGuard links as it last reported them: babel's view and the pathfinder
     /// probes' latency and loss.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

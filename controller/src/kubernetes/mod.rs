@@ -1,0 +1,468 @@
+//! Kubernetes mode: the same core as standalone mode, driven by the API server.
+//!
+//! `sidenet-controller kubernetes` watches `Mesh`, `MeshNode` and `HardwareProfile` objects
+//! (one kube-runtime controller each; the MeshNode controller also watches Meshes and profiles,
+//! so a change there re-reconciles the nodes it affects), writes status with conditions and
+//! Events, keeps signing keys and passphrases in Secrets and everything else that must outlive
+//! the pod in object status, and publishes over MQTT (an embedded broker or an external one).
+//! The contract with the Helm chart (environment, endpoints, Lease, RBAC) is docs/helm.md.
+//!
+//! # Layout
+//!
+//! - [`reconcile`]: the reconcilers, the engine around the core, enrolment → MeshNode,
+//!   finalizers, the MQTT task.
+//! - [`status`]: conditions and status (pure functions).
+//! - [`state`]: Secrets (signing key, passphrase).
+//! - [`leader`]: Lease-based leader election (get/create/update only).
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+
+pub mod http;
+pub mod leader;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::Controller as KubeController;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use tokio::sync::mpsc;
+
+use crate::render::Renderer;
+use leader::{Elector, LeaseTiming};
+use reconcile::{BrokerCredentials, Ctx, MqttEvent, NoBrokerCredentials};
+
+/// Options of Kubernetes mode (the environment variables of docs/helm.md).
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Namespace to watch (`SIDENET_NAMESPACE`); `None` = all namespaces.
+    pub namespace: Option<String>,
+    /// External broker (`SIDENET_BROKER`); `None` runs the embedded broker.
+    pub broker: Option<String>,
+    /// Listen address of the embedded broker (`SIDENET_LISTEN`).
+    pub listen: SocketAddr,
+    /// External broker user name (`SIDENET_BROKER_USERNAME`).
+    pub broker_username: Option<String>,
+    /// External broker password (`SIDENET_BROKER_PASSWORD`).
+    pub broker_password: Option<String>,
+    /// CA bundle for `mqtts://` (`SIDENET_BROKER_CA`).
+    pub broker_ca: Option<PathBuf>,
+    /// `/metrics`, `/healthz`, `/readyz` (`SIDENET_METRICS_LISTEN`); `None` serves nothing.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Take the Lease before reconciling (`SIDENET_LEADER_ELECTION`).
+    pub leader_election: bool,
+    /// Lease holder identity (`POD_NAME`).
+    pub pod_name: String,
+    /// Namespace of the Lease (`POD_NAMESPACE`).
+    pub pod_namespace: String,
+    /// Template folder (`SIDENET_TEMPLATES`).
+    pub templates: PathBuf,
+    /// Folder of the state database, a cache rebuilt from the cluster at every start.
+    pub cache_dir: PathBuf,
+    /// Lease timing.
+    pub lease: LeaseTiming,
+    /// How often every object is reconciled even without a change (config renewal, Secrets).
+    pub refresh: Duration,
+    /// Connection limit of the embedded broker.
+    pub max_connections: usize,
+}
+
+/// Kubernetes mode failed to start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// An API call failed.
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    /// The core failed.
+    #[error(transparent)]
+    Core(#[from] crate::core::CoreError),
+    /// The state cache failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Templates are broken.
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
+    /// The embedded broker could not start.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<KubeError>>),
+    /// Lost the Lease: stop publishing (the process exits and restarts as a standby).
+    #[error(
+        "lost the Lease {}; stopping so a restart comes back as a standby",
+        leader::LEASE_NAME
+    )]
+    LeaseLost,
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Aborts a task when dropped.
+struct TaskGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the embedded MQTT broker. One function, so replacing the broker touches one place.
+pub fn start_embedded_broker(listen: SocketAddr, max_connections: usize) -> Result<(), KubeError> {
+    crate::broker::start(listen, max_connections)?;
+    tracing::info!("embedded MQTT broker listening on {listen}");
+    Ok(())
+}
+
+/// Runs Kubernetes mode until `shutdown` completes (or the Lease is lost).
+pub async fn run(
+    opts: Options,
+    client: Client,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), KubeError> {
+    let metrics = Arc::new(http::Metrics::default());
+    let _http = match opts.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| KubeError::Other(format!("SIDENET_METRICS_LISTEN {addr}: {e}")))?;
+            tracing::info!("serving /metrics, /healthz and /readyz on {addr}");
+            Some(TaskGuard(tokio::spawn(http::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
+    // Fail fast on broken templates, before taking the Lease.
+    let renderer = Renderer::load(&opts.templates)?;
+    tokio::pin!(shutdown);
+    if !opts.leader_election {
+        metrics.leader.store(true, Ordering::SeqCst);
+        return lead(&opts, client, metrics, renderer, shutdown).await;
+    }
+    let api = Api::namespaced(client.clone(), &opts.pod_namespace);
+    let mut elector = Elector::new(api, opts.pod_name.clone(), opts.lease);
+    // A standby is ready: see docs/helm.md.
+    metrics.ready.store(true, Ordering::SeqCst);
+    tracing::info!(identity = %opts.pod_name, "waiting for the Lease {}", leader::LEASE_NAME);
+    tokio::select! {
+        _ = &mut shutdown => return Ok(()),
+        _ = elector.acquire() => {}
+    }
+    metrics.ready.store(false, Ordering::SeqCst);
+    metrics.leader.store(true, Ordering::SeqCst);
+    let result = tokio::select! {
+        r = lead(&opts, client, metrics.clone(), renderer, &mut shutdown) => r,
+        _ = elector.hold() => Err(KubeError::LeaseLost),
+    };
+    // Reconcilers and the MQTT client are stopped by now (their futures were dropped).
+    metrics.leader.store(false, Ordering::SeqCst);
+    if result.is_ok() {
+        elector.release().await;
+    }
+    result
+}
+
+/// Host, port and whether to use TLS, from `SIDENET_BROKER` (`mqtt://` or `mqtts://`, default
+/// ports 1883 and 8883).
+pub fn broker_address(url: &str) -> Result<(String, u16, bool), KubeError> {
+    let bad = |e: String| KubeError::Other(format!("SIDENET_BROKER: {e}"));
+    match url.strip_prefix("mqtts://") {
+        Some(rest) => {
+            let (host, port) =
+                sidenet_wire::topics::parse_broker_url(&format!("mqtt://{rest}")).map_err(bad)?;
+            let rest = rest.trim_end_matches('/');
+            let explicit = match rest.strip_prefix('[') {
+                Some(v6) => v6
+                    .split_once(']')
+                    .is_some_and(|(_, after)| after.starts_with(':')),
+                None => rest.contains(':'),
+            };
+            Ok((host, if explicit { port } else { 8883 }, true))
+        }
+        None => {
+            let (host, port) = sidenet_wire::topics::parse_broker_url(url).map_err(bad)?;
+            Ok((host, port, false))
+        }
+    }
+}
+
+/// The TLS settings for an `mqtts://` broker: the CAs of `SIDENET_BROKER_CA` if set, else the
+/// system roots. Read again at every reconnect (the CA file is a Secret volume that changes).
+pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration, KubeError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let err =
+                |e: String| KubeError::Other(format!("SIDENET_BROKER_CA {}: {e}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| err(format!("not a PEM certificate bundle: {e}")))?;
+                roots.add(cert).map_err(|e| err(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(err("no certificate in the file".into()));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(KubeError::Other(
+                    "mqtts:// broker: no system CA certificates found; set SIDENET_BROKER_CA"
+                        .into(),
+                ));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KubeError::Other(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
+    let (host, port, tls) = match &opts.broker {
+        Some(url) => broker_address(url)?,
+        None => {
+            let host = if opts.listen.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                opts.listen.ip().to_string()
+            };
+            (host, opts.listen.port(), false)
+        }
+    };
+    let suffix = crate::standalone::random32()
+        .map(|b| sidenet_wire::codec::base32(&b[..5]))
+        .map_err(KubeError::Other)?;
+    let mut mqtt = MqttOptions::new(
+        format!("sidenet-controller-{}-{suffix}", opts.pod_name),
+        host,
+        port,
+    );
+    mqtt.set_keep_alive(Duration::from_secs(30));
+    mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+    mqtt.set_clean_session(true);
+    mqtt.set_inflight(1000);
+    if tls {
+        mqtt.set_transport(rumqttc::Transport::tls_with_config(tls_config(
+            opts.broker_ca.as_deref(),
+        )?));
+    } else if opts.broker_ca.is_some() {
+        return Err(KubeError::Other(
+            "SIDENET_BROKER_CA is set but SIDENET_BROKER is not an mqtts:// URL".into(),
+        ));
+    }
+    match (&opts.broker_username, &opts.broker_password) {
+        (Some(u), Some(p)) => {
+            mqtt.set_credentials(u.clone(), p.clone());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(KubeError::Other(
+                "SIDENET_BROKER_USERNAME and SIDENET_BROKER_PASSWORD must be set together".into(),
+            ));
+        }
+    }
+    Ok(mqtt)
+}
+
+/// Everything the pod that reconciles does, until `shutdown`.
+async fn lead(
+    opts: &Options,
+    client: Client,
+    metrics: Arc<http::Metrics>,
+    renderer: Renderer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), KubeError> {
+    if opts.broker.is_none() {
+        start_embedded_broker(opts.listen, opts.max_connections)?;
+    }
+    let (mqtt, mut eventloop) = AsyncClient::new(mqtt_options(opts)?, 512);
+    // Unbounded on purpose: the MQTT event loop must never wait for the engine. A reconcile
+    // holding the engine may be waiting for the event loop to take its publishes; a bounded
+    // channel full of incoming reports would then stall both.
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<MqttEvent>();
+    let tls_ca = opts
+        .broker
+        .as_deref()
+        .is_some_and(|b| b.starts_with("mqtts://"))
+        .then(|| opts.broker_ca.clone());
+    let _mqtt_task = TaskGuard(tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    if ev_tx.send(MqttEvent::Connected).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = MqttEvent::Message(p.topic.to_string(), p.payload.to_vec());
+                    if ev_tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = ev_tx.send(MqttEvent::Disconnected);
+                    tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
+                    // The CA bundle may have been rotated: read it again for the next attempt.
+                    if let Some(ca) = &tls_ca {
+                        match tls_config(ca.as_deref()) {
+                            Ok(t) => {
+                                eventloop
+                                    .mqtt_options
+                                    .set_transport(rumqttc::Transport::tls_with_config(t));
+                            }
+                            Err(e) => tracing::error!("{e}"),
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }));
+
+    let wc = watcher::Config::default();
+    let (mesh_api, node_api): (Api<Mesh>, Api<MeshNode>) = match &opts.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let profile_api: Api<HardwareProfile> = Api::all(client.clone());
+    let mesh_ctl = KubeController::new(mesh_api.clone(), wc.clone());
+    let node_ctl = KubeController::new(node_api, wc.clone());
+    let profile_ctl = KubeController::new(profile_api.clone(), wc.clone());
+    let node_store = node_ctl.store();
+    let reporter = Reporter {
+        controller: "sidenet-controller".into(),
+        instance: Some(opts.pod_name.clone()),
+    };
+    let credentials: Box<dyn BrokerCredentials> = Box::new(NoBrokerCredentials);
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        opts: opts.clone(),
+        meshes: mesh_ctl.store(),
+        nodes: node_store.clone(),
+        profiles: profile_ctl.store(),
+        engine: Default::default(),
+        renderer: std::sync::Mutex::new(Some(renderer)),
+        secrets: Default::default(),
+        mqtt: mqtt.clone(),
+        connected: Arc::new(AtomicBool::new(false)),
+        recorder: Recorder::new(client, reporter),
+        metrics,
+        failures: Default::default(),
+        credentials,
+    });
+    let _events = TaskGuard(tokio::spawn(reconcile::mqtt_loop(ctx.clone(), ev_rx)));
+
+    let (s1, s2) = (node_store.clone(), node_store);
+    let nodes = node_ctl
+        .watches(mesh_api, wc.clone(), move |m: Mesh| {
+            reconcile::nodes_of_mesh(&s1, &m)
+        })
+        .watches(profile_api, wc, move |p: HardwareProfile| {
+            reconcile::nodes_of_profile(&s2, &p)
+        })
+        .run(
+            reconcile::reconcile_node,
+            reconcile::error_policy::<MeshNode>,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let meshes = mesh_ctl
+        .run(
+            reconcile::reconcile_mesh,
+            reconcile::error_policy::<Mesh>,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let profiles = profile_ctl
+        .run(
+            reconcile::reconcile_profile,
+            reconcile::error_policy::<HardwareProfile>,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
+    let init = {
+        let ctx = ctx.clone();
+        async move {
+            // The engine waits for every watch's first list; then nothing but the broker
+            // connection (which sets readiness itself) stands between us and ready.
+            if let Err(e) = ctx.engine().await {
+                tracing::error!("{e}");
+            }
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        _ = shutdown => {}
+        _ = futures::future::join4(nodes, meshes, profiles, init) => {}
+    }
+    let _ = mqtt.disconnect().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let a = |u: &str| broker_address(u).map_err(|e| e.to_string());
+        assert_eq!(a("mqtt://mq:1884"), Ok(("mq".into(), 1884, false)));
+        assert_eq!(a("mqtt://mq"), Ok(("mq".into(), 1883, false)));
+        assert_eq!(a("mqtts://mq"), Ok(("mq".into(), 8883, true)));
+        assert_eq!(a("mqtts://mq:9000/"), Ok(("mq".into(), 9000, true)));
+        assert_eq!(a("mqtts://[::1]"), Ok(("::1".into(), 8883, true)));
+        assert_eq!(a("mqtts://[::1]:9001"), Ok(("::1".into(), 9001, true)));
+        assert!(a("http://mq").is_err());
+    }
+
+    #[test]
+    fn ca_bundle_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("sidenet-ca-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let f = dir.join("ca.crt");
+        let _ = std::fs::write(&f, "not a certificate");
+        let e = tls_config(Some(&f))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("SIDENET_BROKER_CA") && e.contains("ca.crt"),
+            "{e}"
+        );
+        let e = tls_config(Some(&dir.join("missing.crt")))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("missing.crt"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

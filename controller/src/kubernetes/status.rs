@@ -1,0 +1,475 @@
+//! Status of `MeshNode` and `Mesh` objects: pure functions from what the core knows to the
+//! status subresource, so they are tested without an API server.
+//!
+//! Conditions of a MeshNode:
+//!
+//! | Type | True when | Reasons |
+//! | --- | --- | --- |
+//! | `Enrolled` | the node proved its key (enrolment request) | `Enrolled`, `NotEnrolled` |
+//! | `Approved` | auto mode, `spec.approved`, or a valid token | `AutoEnrollment`, `Approved`, `Token`, `WaitingForApproval` |
+//! | `ConfigApplied` | the node reports running the desired revision | `Applied`, `NotApplied`, `Blocked`, `ApplyFailed`, `NotEnrolled` |
+//! | `Drifted` | the node runs another revision or other content than desired | `RevisionMismatch`, `ContentMismatch`, `InSync` |
+//! | `Degraded` | invalid spec, blocked, failed apply or offline | `InvalidSpec`, `Blocked`, `ApplyFailed`, `Offline`, `AsExpected` |
+//! | `Ready` | phase `Ready` | the phase |
+
+use k8s_openapi::jiff::Timestamp;
+use sidenet_crds::{
+    Condition, EnrollmentMode, LinkStatus, Mesh, MeshNode, MeshNodeStatus, MeshStatus,
+};
+
+use crate::core::StatusRow;
+use crate::store::Published;
+
+/// RFC 3339 text of a Unix time.
+pub fn rfc3339(unix: u64) -> String {
+    Timestamp::from_second(i64::try_from(unix).unwrap_or(0))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn cond(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if ok { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        last_transition_time: None,
+        observed_generation: generation,
+    }
+}
+
+/// Keeps `lastTransitionTime` of conditions whose status did not change; stamps `now` on the
+/// others.
+pub fn carry_transitions(new: &mut [Condition], old: &[Condition], now: u64) {
+    for c in new.iter_mut() {
+        let prev = old.iter().find(|o| o.type_ == c.type_);
+        c.last_transition_time = match prev {
+            Some(p) if p.status == c.status && p.last_transition_time.is_some() => {
+                p.last_transition_time.clone()
+            }
+            _ => Some(rfc3339(now)),
+        };
+    }
+}
+
+/// Inputs of a MeshNode's status besides the core's row.
+#[derive(Debug, Default)]
+pub struct NodeFacts<'a> {
+    /// The node's mesh, if it is in the validated set.
+    pub mesh: Option<&'a Mesh>,
+    /// The published record (revision, body hash).
+    pub published: Option<&'a Published>,
+    /// Subnet id allocated to the node.
+    pub subnet_id: Option<u16>,
+    /// Whether the core holds an enrolment record.
+    pub enrolled: bool,
+    /// Whether that record says approved (token or `sidenetctl approve`).
+    pub record_approved: bool,
+    /// Hostname reported at enrolment.
+    pub reported_hostname: Option<String>,
+    /// Public key of the enrolment record.
+    pub enrolled_key: Option<String>,
+    /// Body hash the node reports running.
+    pub applied_sha256: Option<String>,
+    /// Why this object's current spec is not used (validation error), if so.
+    pub invalid: Option<String>,
+    /// The node's links as it last reported them (`None`: keep what the status has).
+    pub links: Option<Vec<LinkStatus>>,
+}
+
+/// A node's WireGuard links from its last status report: babel's neighbours, with the
+/// pathfinder probes' latency and loss towards the same peer.
+pub fn links(rec: &crate::store::NodeRecord) -> Vec<LinkStatus> {
+    rec.neighbours
+        .iter()
+        .filter_map(|n| {
+            let peer = n.node.clone()?;
+            let probe = rec.probes.iter().find(|p| p.node.as_deref() == Some(&peer));
+            Some(LinkStatus {
+                up: n.cost.is_none_or(|c| c < 65535),
+                interface: n.interface.clone(),
+                cost: n.cost,
+                rtt_ms: probe.and_then(|p| p.rtt_ms),
+                loss: probe.map(|p| p.loss),
+                peer,
+            })
+        })
+        .collect()
+}
+
+/// The status a MeshNode should have. Conditions come without transition times (see
+/// [`carry_transitions`]).
+pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) -> MeshNodeStatus {
+    let g = node.metadata.generation;
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let mut conditions = Vec::new();
+    conditions.push(if f.enrolled {
+        cond(
+            "Enrolled",
+            true,
+            "Enrolled",
+            "the node proved its key and enrolled".into(),
+            g,
+        )
+    } else {
+        cond(
+            "Enrolled",
+            false,
+            "NotEnrolled",
+            "the node has not enrolled yet: no config is published before it does (the config carries the mesh passphrase sealed to the node's key)".into(),
+            g,
+        )
+    });
+    let mode = f.mesh.map(|m| m.spec.enrollment.mode);
+    conditions.push(match mode {
+        Some(EnrollmentMode::Auto) => cond(
+            "Approved",
+            true,
+            "AutoEnrollment",
+            "the mesh admits every node that proves its key".into(),
+            g,
+        ),
+        _ if node.spec.approved => {
+            cond("Approved", true, "Approved", "spec.approved is true".into(), g)
+        }
+        Some(EnrollmentMode::Token) if f.record_approved => cond(
+            "Approved",
+            true,
+            "Token",
+            "the node presented a valid enrolment token".into(),
+            g,
+        ),
+        _ if f.record_approved => cond("Approved", true, "Approved", "approved by an admin".into(), g),
+        _ => cond(
+            "Approved",
+            false,
+            "WaitingForApproval",
+            format!(
+                "approve with: kubectl patch meshnode {name} --type merge -p '{{\"spec\":{{\"approved\":true}}}}'"
+            ),
+            g,
+        ),
+    });
+    let desired = row.and_then(|r| r.desired);
+    let applied = row.and_then(|r| r.applied);
+    let phase = match (&f.invalid, row) {
+        (Some(_), _) => "Invalid".to_string(),
+        (None, Some(r)) => r.phase.clone(),
+        (None, None) => "Unknown".to_string(),
+    };
+    let blocked = row
+        .and_then(|r| r.reason.clone())
+        .filter(|_| phase == "Blocked");
+    let failure = row.and_then(|r| r.failure.clone());
+    conditions.push(if desired.is_some() && desired == applied {
+        cond(
+            "ConfigApplied",
+            true,
+            "Applied",
+            format!("the node runs revision {}", desired.map_or(0, |d| d.rev)),
+            g,
+        )
+    } else if let Some(b) = &blocked {
+        cond("ConfigApplied", false, "Blocked", b.clone(), g)
+    } else if phase == "Failed" {
+        cond(
+            "ConfigApplied",
+            false,
+            "ApplyFailed",
+            failure
+                .clone()
+                .unwrap_or_else(|| "the node could not apply its config".into()),
+            g,
+        )
+    } else if !f.enrolled {
+        cond(
+            "ConfigApplied",
+            false,
+            "NotEnrolled",
+            "waiting for the node to enrol and apply its config".into(),
+            g,
+        )
+    } else {
+        cond(
+            "ConfigApplied",
+            false,
+            "NotApplied",
+            format!(
+                "desired revision {}, the node reports {}",
+                desired.map_or("none".to_string(), |d| d.rev.to_string()),
+                applied.map_or("none".to_string(), |a| a.rev.to_string())
+            ),
+            g,
+        )
+    });
+    let drift = match (applied, desired) {
+        (Some(a), Some(d)) if a != d => Some((
+            "RevisionMismatch",
+            format!("the node runs revision {}, desired {}", a.rev, d.rev),
+        )),
+        (Some(_), Some(_))
+            if f.applied_sha256.is_some()
+                && f.published.map(|p| &p.sha256) != f.applied_sha256.as_ref() =>
+        {
+            Some((
+                "ContentMismatch",
+                "the node runs the desired revision with other content".to_string(),
+            ))
+        }
+        _ => None,
+    };
+    conditions.push(match drift {
+        Some((reason, msg)) => cond("Drifted", true, reason, msg, g),
+        None => cond("Drifted", false, "InSync", "no drift observed".into(), g),
+    });
+    let degraded = if let Some(e) = &f.invalid {
+        Some(("InvalidSpec", format!("this spec is not used: {e}")))
+    } else if let Some(b) = &blocked {
+        Some(("Blocked", b.clone()))
+    } else if phase == "Failed" {
+        Some((
+            "ApplyFailed",
+            failure.unwrap_or_else(|| "the node could not apply its config".into()),
+        ))
+    } else if phase == "Offline" {
+        Some(("Offline", "the node's agent is offline".to_string()))
+    } else {
+        None
+    };
+    conditions.push(match degraded {
+        Some((reason, msg)) => cond("Degraded", true, reason, msg, g),
+        None => cond(
+            "Degraded",
+            false,
+            "AsExpected",
+            "nothing wrong observed".into(),
+            g,
+        ),
+    });
+    conditions.push(cond(
+        "Ready",
+        phase == "Ready",
+        &phase,
+        if phase == "Ready" {
+            "the node runs its desired config".to_string()
+        } else {
+            format!("phase {phase}")
+        },
+        g,
+    ));
+    MeshNodeStatus {
+        phase: Some(phase),
+        desired_revision: desired.map(|d| d.rev),
+        applied_revision: applied.map(|a| a.rev),
+        last_seen: row.and_then(|r| r.last_seen).map(rfc3339),
+        addresses: row.and_then(|r| r.address.clone()).into_iter().collect(),
+        conditions,
+        links: f.links.clone().unwrap_or_else(|| {
+            node.status
+                .as_ref()
+                .map(|s| s.links.clone())
+                .unwrap_or_default()
+        }),
+        observed_generation: g,
+        desired_epoch: f.published.map(|p| p.revision.epoch),
+        config_sha256: f.published.map(|p| p.sha256.clone()),
+        subnet_id: f.subnet_id,
+        reported_hostname: f.reported_hostname.clone(),
+        enrolled_key: f.enrolled_key.clone(),
+    }
+}
+
+/// Whether writing `new` over `old` is worth an API call: not when only `lastSeen` moved by
+/// less than `min_seen_step` seconds (a node reports every few seconds).
+pub fn worth_writing(
+    old: Option<&MeshNodeStatus>,
+    new: &MeshNodeStatus,
+    min_seen_step: i64,
+) -> bool {
+    let Some(old) = old else { return true };
+    if old == new {
+        return false;
+    }
+    let mut a = old.clone();
+    a.last_seen = new.last_seen.clone();
+    if a != *new {
+        return true;
+    }
+    let parse = |s: &Option<String>| s.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
+    match (parse(&old.last_seen), parse(&new.last_seen)) {
+        (Some(o), Some(n)) => n.as_second() - o.as_second() >= min_seen_step,
+        _ => true,
+    }
+}
+
+/// Inputs of a Mesh's status.
+#[derive(Debug, Default)]
+pub struct MeshFacts {
+    /// Public key, when the signing key is loaded.
+    pub public_key: Option<String>,
+    /// Problems with the Mesh (invalid spec, signing key, passphrase).
+    pub problems: Vec<(String, String)>,
+    /// Enrolled nodes.
+    pub nodes: u32,
+    /// The controller's state epoch.
+    pub epoch: u64,
+    /// Highest revision counter published in this mesh (in `epoch`).
+    pub highest_revision: u64,
+}
+
+/// The status a Mesh should have.
+pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
+    let g = mesh.metadata.generation;
+    let mut conditions = Vec::new();
+    match f.problems.first() {
+        Some((reason, _)) => {
+            let msg = f
+                .problems
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            conditions.push(cond("Degraded", true, reason, msg.clone(), g));
+            conditions.push(cond("Ready", false, reason, msg, g));
+        }
+        None => {
+            conditions.push(cond(
+                "Degraded",
+                false,
+                "AsExpected",
+                "nothing wrong observed".into(),
+                g,
+            ));
+            conditions.push(cond(
+                "Ready",
+                true,
+                "Reconciled",
+                "signing key loaded, configs published".into(),
+                g,
+            ));
+        }
+    }
+    MeshStatus {
+        conditions,
+        observed_generation: g,
+        public_key: f.public_key.clone(),
+        nodes: f.nodes,
+        state_epoch: Some(f.epoch),
+        highest_revision: Some(f.highest_revision),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidenet_wire::Revision;
+
+    fn node(approved: bool) -> MeshNode {
+        let mut n = MeshNode::new(
+            "kitchen",
+            serde_json::from_value(serde_json::json!({"mesh": "riverside", "nodeId": "qi4chuluc3u2giv7", "approved": approved}))
+                .unwrap_or_else(|_| unreachable!()),
+        );
+        n.metadata.generation = Some(3);
+        n
+    }
+
+    fn row(phase: &str, desired: u64, applied: Option<u64>) -> StatusRow {
+        StatusRow {
+            node: "qi4chuluc3u2giv7".into(),
+            name: Some("kitchen".into()),
+            mesh: "riverside".into(),
+            hostname: None,
+            phase: phase.into(),
+            reason: None,
+            online: Some(true),
+            desired: Some(Revision {
+                epoch: 1,
+                rev: desired,
+            }),
+            applied: applied.map(|rev| Revision { epoch: 1, rev }),
+            last_seen: Some(1_700_000_000),
+            address: Some("fd00::1".into()),
+            failure: None,
+            neighbours: vec![],
+            probes: vec![],
+        }
+    }
+
+    fn get<'a>(s: &'a MeshNodeStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn ready_node_has_every_condition() {
+        let n = node(true);
+        let f = NodeFacts {
+            enrolled: true,
+            ..Default::default()
+        };
+        let s = node_status(&n, Some(&row("Ready", 2, Some(2))), &f);
+        assert_eq!(s.phase.as_deref(), Some("Ready"));
+        assert_eq!(get(&s, "Ready").status, "True");
+        assert_eq!(get(&s, "ConfigApplied").status, "True");
+        assert_eq!(get(&s, "Drifted").status, "False");
+        assert_eq!(get(&s, "Degraded").status, "False");
+        assert_eq!(get(&s, "Approved").reason, "Approved");
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.last_seen.as_deref(), Some("2023-11-14T22:13:20Z"));
+    }
+
+    #[test]
+    fn drift_and_pending_and_invalid() {
+        let n = node(false);
+        let f = NodeFacts {
+            enrolled: true,
+            ..Default::default()
+        };
+        let s = node_status(&n, Some(&row("Configuring", 3, Some(2))), &f);
+        assert_eq!(get(&s, "Drifted").reason, "RevisionMismatch");
+        assert_eq!(get(&s, "Approved").reason, "WaitingForApproval");
+        assert!(
+            get(&s, "Approved")
+                .message
+                .contains("kubectl patch meshnode kitchen")
+        );
+        let f = NodeFacts {
+            invalid: Some("spec.mesh: no Mesh named \"x\"".into()),
+            ..Default::default()
+        };
+        let s = node_status(&n, None, &f);
+        assert_eq!(get(&s, "Degraded").reason, "InvalidSpec");
+        assert_eq!(s.phase.as_deref(), Some("Invalid"));
+    }
+
+    #[test]
+    fn transitions_are_kept_and_small_last_seen_moves_skipped() {
+        let n = node(true);
+        let f = NodeFacts {
+            enrolled: true,
+            ..Default::default()
+        };
+        let mut a = node_status(&n, Some(&row("Ready", 2, Some(2))), &f);
+        carry_transitions(&mut a.conditions, &[], 100);
+        let mut r = row("Ready", 2, Some(2));
+        r.last_seen = Some(1_700_000_010);
+        let mut b = node_status(&n, Some(&r), &f);
+        carry_transitions(&mut b.conditions, &a.conditions, 200);
+        assert_eq!(b.conditions, a.conditions);
+        assert!(!worth_writing(Some(&a), &b, 60));
+        r.last_seen = Some(1_700_000_100);
+        let c = node_status(&n, Some(&r), &f);
+        let mut c2 = c.clone();
+        carry_transitions(&mut c2.conditions, &a.conditions, 300);
+        assert!(worth_writing(Some(&a), &c2, 60));
+    }
+}

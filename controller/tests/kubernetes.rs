@@ -1,0 +1,1934 @@
+//! Kubernetes mode against an in-memory API server (`kubefake`) and a real MQTT broker
+//! (Mosquitto): enrolment → MeshNode → approval → signed config → status; level-triggered
+//! republishing; finalizers; Events for bad input; revisions across restarts; leader election;
+//! the riverside example in both modes.
+//!
+//! The controller publishes no config to a node before it enrolled (the config carries the mesh
+//! passphrase sealed to the node's own key, docs/security.md). The example's MeshNodes name
+//! devices whose keys the tests do not hold, so the tests that use them replace `spec.nodeId`
+//! and `spec.publicKey` with those of test keys ([`test_keys`]) and enrol those keys.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod kubefake;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{free_port, repo};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use kubefake::FakeApi;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use sidenet_controller::kubernetes::{self, Options, leader::LeaseTiming};
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use sidenet_wire::envelope::seal;
+use sidenet_wire::keys::KeyPair;
+use sidenet_wire::messages::{ApplyState, EnrollRequest, NodeConfig, StatusReport};
+use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, topics};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(20);
+const MESHES: &str = "sidenet.io/v1alpha1/meshes";
+const NODES: &str = "sidenet.io/v1alpha1/meshnodes";
+/// A peer the fake agents report in their status (the example attic's node id).
+const ATTIC: &str = "bhctvmiyz6ovk27g";
+
+/// Polls `f` until it returns `Some`, failing after `WAIT` with `what` and `context()`.
+async fn eventually<T>(
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {WAIT:?} waiting for {what}\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type Messages = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Everything published on the broker, in order.
+#[derive(Clone, Default)]
+struct Observer {
+    seen: Messages,
+}
+
+impl Observer {
+    async fn start(port: u16) -> (Observer, AsyncClient) {
+        let obs = Observer::default();
+        let mut o = MqttOptions::new(format!("observer-{}", free_port()), "127.0.0.1", port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(o, 100);
+        client
+            .subscribe("sidenet/#", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let seen = obs.seen.clone();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        seen.lock()
+                            .unwrap()
+                            .push((p.topic.to_string(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        (obs, client)
+    }
+
+    fn on(&self, topic: &str) -> Vec<Vec<u8>> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// Revisions of the configs seen for a node.
+    fn revisions(&self, node: &str) -> Vec<u64> {
+        self.revisions_since(node, 0)
+    }
+
+    /// How many messages were seen so far.
+    fn mark(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Revisions of the configs seen for a node after `mark`.
+    fn revisions_since(&self, node: &str, mark: usize) -> Vec<u64> {
+        let topic = topics::config("riverside", node);
+        self.seen.lock().unwrap()[mark..]
+            .iter()
+            .filter(|(t, _)| *t == topic)
+            .map(|(_, p)| p)
+            .filter(|p| !p.is_empty())
+            .map(|p| Envelope::parse(p, 1 << 20).unwrap().header().unwrap().rev)
+            .collect()
+    }
+}
+
+trait HeaderOf {
+    fn header(&self) -> Result<Header, sidenet_wire::WireError>;
+}
+
+impl HeaderOf for Envelope<'_> {
+    fn header(&self) -> Result<Header, sidenet_wire::WireError> {
+        let key = self.claimed_signer()?;
+        Ok(self.verify(Kind::Config, &key)?.header)
+    }
+}
+
+struct Cluster {
+    api: FakeApi,
+    /// The test's own client (its requests are tagged `test-client`).
+    client: Client,
+    /// The controllers' client.
+    ctl_client: Client,
+    dir: tempfile::TempDir,
+    port: u16,
+    _mosquitto: common::Proc,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let (mosq, port) = common::mosquitto(dir.path());
+        let api = FakeApi::new();
+        let client = Client::new(api.tagged("test-client"), "default");
+        let ctl_client = Client::new(api.clone(), "default");
+        Cluster {
+            api,
+            client,
+            ctl_client,
+            dir,
+            port,
+            _mosquitto: mosq,
+        }
+    }
+
+    fn opts(&self, name: &str) -> Options {
+        Options {
+            namespace: Some("default".into()),
+            broker: Some(format!("mqtt://127.0.0.1:{}", self.port)),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            broker_username: None,
+            broker_password: None,
+            broker_ca: None,
+            metrics_listen: None,
+            leader_election: false,
+            pod_name: name.into(),
+            pod_namespace: "default".into(),
+            templates: repo().join("templates"),
+            cache_dir: self.dir.path().join(format!("cache-{name}")),
+            lease: LeaseTiming {
+                duration: Duration::from_secs(2),
+                renew_deadline: Duration::from_millis(1500),
+                retry: Duration::from_millis(300),
+            },
+            refresh: Duration::from_secs(300),
+            max_connections: 100,
+        }
+    }
+
+    fn start(&self, opts: Options) -> Running {
+        let (tx, rx) = oneshot::channel::<()>();
+        let client = self.ctl_client.clone();
+        let task = tokio::spawn(kubernetes::run(opts, client, async {
+            let _ = rx.await;
+        }));
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Creates every object of the YAML files (Mesh, MeshNode, HardwareProfile, Secret).
+    async fn apply_files(&self, paths: &[PathBuf], edit: impl Fn(&mut Value)) {
+        for path in paths {
+            let files: Vec<PathBuf> = if path.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+                    .collect();
+                v.sort();
+                v
+            } else {
+                vec![path.clone()]
+            };
+            for f in files {
+                let text = std::fs::read_to_string(&f).unwrap();
+                for doc in serde_yaml::Deserializer::from_str(&text) {
+                    let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+                    if v.is_null() {
+                        continue;
+                    }
+                    let mut v = v;
+                    edit(&mut v);
+                    self.create(v).await;
+                }
+            }
+        }
+    }
+
+    async fn create(&self, v: Value) {
+        let pp = PostParams::default();
+        match v["kind"].as_str().unwrap() {
+            "Mesh" => {
+                Api::<Mesh>::namespaced(self.client.clone(), "default")
+                    .create(&pp, &serde_json::from_value(v).unwrap())
+                    .await
+                    .unwrap();
+            }
+            "MeshNode" => {
+                Api::<MeshNode>::namespaced(self.client.clone(), "default")
+                    .create(&pp, &serde_json::from_value(v).unwrap())
+                    .await
+                    .unwrap();
+            }
+            "HardwareProfile" => {
+                Api::<HardwareProfile>::all(self.client.clone())
+                    .create(&pp, &serde_json::from_value(v).unwrap())
+                    .await
+                    .unwrap();
+            }
+            "Secret" => {
+                Api::<Secret>::namespaced(self.client.clone(), "default")
+                    .create(&pp, &serde_json::from_value(v).unwrap())
+                    .await
+                    .unwrap();
+            }
+            k => panic!("unexpected kind {k}"),
+        }
+    }
+
+    async fn riverside(&self, with_nodes: bool, edit: impl Fn(&mut Value)) {
+        let mut paths = vec![
+            repo().join("hardware-profiles"),
+            repo().join("examples/riverside/mesh.yaml"),
+        ];
+        if with_nodes {
+            paths.push(repo().join("examples/riverside/nodes.yaml"));
+        }
+        self.apply_files(&paths, edit).await;
+    }
+
+    fn node(&self, name: &str) -> Option<Value> {
+        self.api.get(NODES, "default", name)
+    }
+
+    fn mesh(&self) -> Option<Value> {
+        self.api.get(MESHES, "default", "riverside")
+    }
+
+    fn condition(&self, node: &str, type_: &str) -> Option<(String, String, String)> {
+        self.condition_in("default", node, type_)
+    }
+
+    fn condition_in(&self, ns: &str, node: &str, type_: &str) -> Option<(String, String, String)> {
+        let n = self.api.get(NODES, ns, node)?;
+        n["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == type_)
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or("").to_string(),
+                    c["reason"].as_str().unwrap_or("").to_string(),
+                    c["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+    }
+
+    fn events(&self) -> Vec<(String, String, String)> {
+        self.api
+            .list("events.k8s.io/v1/events")
+            .iter()
+            .map(|e| {
+                (
+                    e["regarding"]["name"].as_str().unwrap_or("").to_string(),
+                    e["reason"].as_str().unwrap_or("").to_string(),
+                    e["note"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "meshes: {:#}\nnodes: {:#}\nevents: {:?}",
+            json!(self.api.list(MESHES).iter().map(|m| m["status"].clone()).collect::<Vec<_>>()),
+            json!(self.api.list(NODES).iter().map(|m| json!({"name": m["metadata"]["name"], "spec": m["spec"], "status": m["status"]})).collect::<Vec<_>>()),
+            self.events()
+        )
+    }
+
+    fn mesh_key(&self) -> Option<PublicKey> {
+        let m = self.mesh()?;
+        PublicKey::from_base64(m["status"]["publicKey"].as_str()?).ok()
+    }
+
+    /// Enrols `agent` and waits until MeshNode `ns/name` shows `Enrolled`. The request is sent
+    /// again every second: the controller may not be subscribed yet (or not be the leader).
+    async fn enrol(
+        &self,
+        mqtt: &AsyncClient,
+        agent: &mut Agent,
+        (ns, name): (&str, &str),
+        hostname: &str,
+        profile: &str,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            agent.enroll(mqtt, hostname, profile).await;
+            let retry = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < retry {
+                if self
+                    .condition_in(ns, name, "Enrolled")
+                    .is_some_and(|e| e.0 == "True")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {ns}/{name} to enrol\n{}",
+                self.dump()
+            );
+        }
+    }
+
+    /// Enrols the test keys of the example's `kitchen` and `attic-pi` (see [`test_keys`]).
+    async fn enrol_riverside(&self, mqtt: &AsyncClient, kitchen: &mut Agent, attic: &mut Agent) {
+        self.enrol(
+            mqtt,
+            kitchen,
+            ("default", "kitchen"),
+            "kitchen",
+            "tplink-archer-c7-v2",
+        )
+        .await;
+        self.enrol(
+            mqtt,
+            attic,
+            ("default", "attic-pi"),
+            "attic",
+            "raspberrypi-4b-awus036acm",
+        )
+        .await;
+    }
+
+    /// Waits until MeshNode `name` (declared, not enrolled) shows that it is blocked on its
+    /// enrolment, and checks that no config was published for it.
+    /// `since`: an [`Observer::mark`] before which configs do not count.
+    async fn waits_for_enrolment(&self, obs: &Observer, since: usize, name: &str, id: &str) {
+        const WHY: &str = "waiting for the node to enrol (its config carries the mesh passphrase sealed to the node's key)";
+        let d = eventually(
+            &format!("{name} blocked on its enrolment"),
+            || {
+                self.condition(name, "Degraded")
+                    .filter(|d| d.0 == "True" && d.1 == "Blocked")
+            },
+            || self.dump(),
+        )
+        .await;
+        assert_eq!(d.2, WHY, "{}", self.dump());
+        let applied = self.condition(name, "ConfigApplied").unwrap();
+        assert_eq!((applied.1.as_str(), applied.2.as_str()), ("Blocked", WHY));
+        let enrolled = self.condition(name, "Enrolled").unwrap();
+        assert_eq!(
+            (enrolled.0.as_str(), enrolled.1.as_str()),
+            ("False", "NotEnrolled")
+        );
+        assert!(
+            enrolled.2.contains("no config is published before it does"),
+            "{enrolled:?}"
+        );
+        assert_eq!(
+            self.node(name).unwrap()["status"]["phase"],
+            json!("Blocked")
+        );
+        assert!(
+            obs.revisions_since(id, since).is_empty(),
+            "a config was published to {name} before it enrolled"
+        );
+    }
+}
+
+/// Test keys for the example's two MeshNodes: `(kitchen, attic-pi)`.
+fn test_keys() -> (Agent, Agent) {
+    (Agent::new(21), Agent::new(22))
+}
+
+/// Gives the example's MeshNodes `kitchen` and `attic-pi` the node id and public key of the
+/// test keys; every other field of the example stays as it is.
+fn with_keys(kitchen: &Agent, attic: &Agent) -> impl Fn(&mut Value) + use<> {
+    let keys = [
+        ("kitchen", kitchen.id(), kitchen.key.public().to_base64()),
+        ("attic-pi", attic.id(), attic.key.public().to_base64()),
+    ];
+    move |v: &mut Value| {
+        if v["kind"] != "MeshNode" {
+            return;
+        }
+        for (name, id, pk) in &keys {
+            if v["metadata"]["name"] == *name {
+                v["spec"]["nodeId"] = json!(id);
+                v["spec"]["publicKey"] = json!(pk);
+            }
+        }
+    }
+}
+
+/// Checks every request the controllers made against the RBAC table of docs/helm.md.
+fn assert_rbac(c: &Cluster) {
+    let allowed: &[(&str, &str, &[&str])] = &[
+        (
+            "sidenet.io/v1alpha1",
+            "meshes",
+            &["get", "list", "watch", "patch"],
+        ),
+        (
+            "sidenet.io/v1alpha1",
+            "meshnodes",
+            &["get", "list", "watch", "patch", "create"],
+        ),
+        (
+            "sidenet.io/v1alpha1",
+            "nodeprovisions",
+            &["get", "list", "watch", "patch"],
+        ),
+        ("sidenet.io/v1alpha1", "meshes/status", &["patch"]),
+        ("sidenet.io/v1alpha1", "meshnodes/status", &["patch"]),
+        ("sidenet.io/v1alpha1", "meshes/finalizers", &["update"]),
+        ("sidenet.io/v1alpha1", "meshnodes/finalizers", &["update"]),
+        (
+            "sidenet.io/v1alpha1",
+            "hardwareprofiles",
+            &["get", "list", "watch"],
+        ),
+        ("v1", "secrets", &["get", "create", "patch"]),
+        ("v1", "events", &["create", "patch"]),
+        ("events.k8s.io/v1", "events", &["create", "patch"]),
+        (
+            "coordination.k8s.io/v1",
+            "leases",
+            &["create", "get", "update"],
+        ),
+    ];
+    let mut used = std::collections::BTreeSet::new();
+    for r in c.api.requests() {
+        if r.ends_with(" test-client") {
+            continue;
+        }
+        let mut parts = r.split(' ');
+        let method = parts.next().unwrap();
+        let (path, query) = parts.next().unwrap().split_once('?').unwrap();
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (gv, rest) = match segs[0] {
+            "api" => (segs[1].to_string(), &segs[2..]),
+            _ => (format!("{}/{}", segs[1], segs[2]), &segs[3..]),
+        };
+        let rest = if rest.first() == Some(&"namespaces") {
+            &rest[2..]
+        } else {
+            rest
+        };
+        let resource = match rest.get(2) {
+            Some(sub) => format!("{}/{sub}", rest[0]),
+            None => rest[0].to_string(),
+        };
+        let verb = match (method, rest.len()) {
+            ("GET", 1) if query.contains("watch=true") || query.contains("watch=1") => "watch",
+            ("GET", 1) => "list",
+            ("GET", _) => "get",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            _ => "other",
+        };
+        used.insert(format!("{gv} {resource} {verb}"));
+    }
+    for u in &used {
+        let mut it = u.split(' ');
+        let (gv, res, verb) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        assert!(
+            allowed
+                .iter()
+                .any(|(g, r, verbs)| *g == gv && *r == res && verbs.contains(&verb)),
+            "the controller used {u}, which the chart's RBAC does not grant (docs/helm.md)"
+        );
+    }
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), kubernetes::KubeError>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        assert!(
+            matches!(r, Ok(Ok(Ok(())))),
+            "controller did not stop cleanly: {r:?}"
+        );
+    }
+
+    fn alive(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+/// A fake agent: a key and the messages a real agent signs.
+struct Agent {
+    key: KeyPair,
+    seq: u64,
+}
+
+impl Agent {
+    fn new(seed: u8) -> Agent {
+        Agent {
+            key: KeyPair::from_seed(&[seed; 32]),
+            seq: 0,
+        }
+    }
+
+    fn id(&self) -> String {
+        self.key.public().node_id()
+    }
+
+    fn header(&mut self) -> Header {
+        self.seq += 1;
+        let now = sidenet_controller::now();
+        Header {
+            mesh: "riverside".into(),
+            node: Some(self.id()),
+            epoch: 1,
+            rev: self.seq,
+            iat: now,
+            exp: now + 3600,
+            len: 0,
+            sha256: String::new(),
+        }
+    }
+
+    async fn enroll(&mut self, mqtt: &AsyncClient, hostname: &str, profile: &str) {
+        let (topic, payload) = self.enroll_message(hostname, profile);
+        mqtt.publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// A signed enrolment request: its topic and payload.
+    fn enroll_message(&mut self, hostname: &str, profile: &str) -> (String, Vec<u8>) {
+        let body = EnrollRequest {
+            hostname: hostname.into(),
+            board: None,
+            profile: Some(profile.into()),
+            token: None,
+            backend: "files".into(),
+            agent_version: "test".into(),
+            wireguard: None,
+        };
+        let h = self.header();
+        let payload = seal(
+            Kind::Enroll,
+            h,
+            &serde_json::to_vec(&body).unwrap(),
+            &self.key,
+        );
+        (topics::enroll("riverside", &self.id()), payload)
+    }
+
+    /// An enrolment signed with this key, published on `node`'s topic.
+    async fn enroll_as(&mut self, mqtt: &AsyncClient, hostname: &str, node: &str) {
+        let body = EnrollRequest {
+            hostname: hostname.into(),
+            board: None,
+            profile: None,
+            token: None,
+            backend: "files".into(),
+            agent_version: "test".into(),
+            wireguard: None,
+        };
+        let mut h = self.header();
+        h.node = Some(node.to_string());
+        let payload = seal(
+            Kind::Enroll,
+            h,
+            &serde_json::to_vec(&body).unwrap(),
+            &self.key,
+        );
+        mqtt.publish(
+            topics::enroll("riverside", node),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn report(&mut self, mqtt: &AsyncClient, applied: Revision, sha: &str) {
+        let body = StatusReport {
+            state: ApplyState::Applied,
+            applied: Some(applied),
+            applied_sha256: Some(sha.into()),
+            failure: None,
+            uptime_s: 5,
+            agent_version: "test".into(),
+            neighbours: vec![sidenet_wire::messages::Neighbour {
+                address: "fe80::1".into(),
+                interface: "wg-attic".into(),
+                node: Some(ATTIC.into()),
+                cost: Some(96),
+            }],
+            probes: vec![sidenet_wire::messages::Probe {
+                target: "fe80::1".into(),
+                rtt_ms: Some(3.5),
+                loss: 0.0,
+                node: Some(ATTIC.into()),
+                kind: Some("neighbour".into()),
+                sent: 10,
+            }],
+            wireguard: None,
+            trial: None,
+        };
+        let h = self.header();
+        let payload = seal(
+            Kind::Status,
+            h,
+            &serde_json::to_vec(&body).unwrap(),
+            &self.key,
+        );
+        mqtt.publish(
+            topics::status("riverside", &self.id()),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// The last config published for `node`, verified against the mesh key.
+fn config_of(
+    obs: &Observer,
+    key: &PublicKey,
+    node: &str,
+) -> Option<(Revision, String, NodeConfig)> {
+    let all = obs.on(&topics::config("riverside", node));
+    let last = all.last()?;
+    if last.is_empty() {
+        return None;
+    }
+    let env = Envelope::parse(last, 1 << 20).ok()?;
+    let v = env.verify(Kind::Config, key).ok()?;
+    let sha = v.header.sha256.clone();
+    Some((v.header.revision(), sha, v.body_json().ok()?))
+}
+
+fn set_mode(mode: &'static str) -> impl Fn(&mut Value) {
+    move |v: &mut Value| {
+        if v["kind"] == "Mesh" {
+            v["spec"]["enrollment"]["mode"] = json!(mode);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_creates_a_pending_meshnode_that_is_approved_published_and_reported() {
+    let c = Cluster::new();
+    c.riverside(false, set_mode("approval")).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+
+    // The mesh gets its key (in a Secret), status and a retained announcement.
+    let key = eventually(
+        "the Mesh public key in its status",
+        || c.mesh_key(),
+        || c.dump(),
+    )
+    .await;
+    let secret = eventually(
+        "the signing key Secret",
+        || c.api.get("v1/secrets", "default", "riverside-signing-key"),
+        || c.dump(),
+    )
+    .await;
+    assert!(secret["data"]["signing.key"].is_string());
+    eventually(
+        "the passphrase Secret",
+        || c.api.get("v1/secrets", "default", "riverside-mesh"),
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "the announcement",
+        || (!obs.on(&topics::announce("riverside")).is_empty()).then_some(()),
+        || c.dump(),
+    )
+    .await;
+    // No secret material in any custom resource.
+    let seed = String::from_utf8(base64_decode(
+        secret["data"]["signing.key"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert!(!c.mesh().unwrap().to_string().contains(seed.trim()));
+
+    // Enrolment in approval mode: a pending MeshNode, owned by the Mesh, no config.
+    let mut agent = Agent::new(7);
+    agent
+        .enroll(&mqtt, "node1", "raspberrypi-4b-awus036acm")
+        .await;
+    let n = eventually(
+        "a MeshNode for the enrolled node",
+        || c.node("node1"),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(n["spec"]["nodeId"], json!(agent.id()));
+    assert_eq!(n["spec"]["approved"], json!(false));
+    assert_eq!(n["metadata"]["ownerReferences"][0]["kind"], json!("Mesh"));
+    let pending = eventually(
+        "the node pending approval",
+        || {
+            c.condition("node1", "Approved")
+                .filter(|a| a.1 == "WaitingForApproval")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        pending.2.contains("kubectl patch meshnode node1"),
+        "{pending:?}"
+    );
+    assert_eq!(c.condition("node1", "Enrolled").unwrap().0, "True");
+    assert_eq!(
+        c.node("node1").unwrap()["status"]["phase"],
+        json!("Pending")
+    );
+    assert!(
+        c.events()
+            .iter()
+            .any(|e| e.0 == "node1" && e.1 == "Enrolled"),
+        "{:?}",
+        c.events()
+    );
+    assert!(obs.revisions(&agent.id()).is_empty());
+
+    // An enrolment signed by another node's key: refused, with an Event on the Mesh.
+    let mut rogue = Agent::new(8);
+    rogue.enroll_as(&mqtt, "rogue", &agent.id()).await;
+    let ev = eventually(
+        "a NodeRejected Event",
+        || {
+            c.events()
+                .into_iter()
+                .find(|e| e.0 == "riverside" && e.1 == "NodeRejected")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        ev.2.contains(&format!("refused enrolment of node {}", agent.id())),
+        "{ev:?}"
+    );
+    assert!(ev.2.contains(&rogue.id()), "{ev:?}");
+
+    // Approval is a patch of spec.approved: rendered, signed, published as revision 1.
+    Api::<MeshNode>::namespaced(c.client.clone(), "default")
+        .patch(
+            "node1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"approved": true}})),
+        )
+        .await
+        .unwrap();
+    let (rev, sha, config) = eventually(
+        "the config of the approved node",
+        || config_of(&obs, &key, &agent.id()),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(rev.rev, 1);
+    assert_eq!(config.node, agent.id());
+    assert_eq!(config.hostname, "node1");
+    eventually(
+        "desired revision 1 in the status",
+        || {
+            c.node("node1")
+                .filter(|n| n["status"]["desiredRevision"] == json!(1))
+        },
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(
+        c.condition("node1", "ConfigApplied").unwrap().1,
+        "NotApplied"
+    );
+
+    // The agent reports it applied: Ready, ConfigApplied, last seen.
+    agent.report(&mqtt, rev, &sha).await;
+    eventually(
+        "the node Ready",
+        || c.node("node1").filter(|n| n["status"]["phase"] == "Ready"),
+        || c.dump(),
+    )
+    .await;
+    let n = c.node("node1").unwrap();
+    assert_eq!(n["status"]["appliedRevision"], json!(1));
+    assert!(n["status"]["lastSeen"].is_string());
+    assert_eq!(
+        n["status"]["links"],
+        json!([{"peer": ATTIC, "interface": "wg-attic", "up": true, "cost": 96, "rttMs": 3.5, "loss": 0.0}])
+    );
+    assert!(
+        n["status"]["addresses"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("fdfc:b395:f348:")
+    );
+    for (t, want) in [
+        ("Ready", "True"),
+        ("ConfigApplied", "True"),
+        ("Drifted", "False"),
+        ("Degraded", "False"),
+    ] {
+        assert_eq!(
+            c.condition("node1", t).unwrap().0,
+            want,
+            "{t}: {}",
+            c.dump()
+        );
+    }
+    assert_eq!(
+        n["status"]["observedGeneration"],
+        n["metadata"]["generation"]
+    );
+    assert_rbac(&c);
+    ctl.stop().await;
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_change_republishes_only_the_nodes_using_it() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    let (kitchen_id, attic_id) = (kitchen.id(), attic.id());
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    // Declared but not enrolled: no config, and the MeshNodes say why.
+    c.waits_for_enrolment(&obs, 0, "kitchen", &kitchen_id).await;
+    c.waits_for_enrolment(&obs, 0, "attic-pi", &attic_id).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    for id in [&kitchen_id, &attic_id] {
+        eventually("both configs", || config_of(&obs, &key, id), || c.dump()).await;
+    }
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
+    assert_eq!(obs.revisions(&attic_id), vec![1]);
+
+    // Rename a LAN port of the kitchen's profile: only the kitchen changes.
+    let profiles = Api::<HardwareProfile>::all(c.client.clone());
+    let mut p = profiles.get("tplink-archer-c7-v2").await.unwrap();
+    p.spec.ethernet[1].name = "lan9".into();
+    profiles
+        .replace("tplink-archer-c7-v2", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    let (rev, _, config) = eventually(
+        "the kitchen's revision 2",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    assert!(config.files.iter().any(|f| f.content.contains("lan9")));
+    eventually(
+        "desired revision 2 in the kitchen's status",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    // A later change that touches both proves the attic was not republished in between.
+    let meshes = Api::<Mesh>::namespaced(c.client.clone(), "default");
+    meshes
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 44}}}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the attic's revision 2",
+        || config_of(&obs, &key, &attic_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "the kitchen's revision 3",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 3),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(
+        obs.revisions(&attic_id),
+        vec![1, 2],
+        "the attic was republished by the profile change"
+    );
+    assert_eq!(rev.rev, 2);
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_nodes_and_meshes_clears_their_retained_topics() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    let (kitchen_id, attic_id) = (kitchen.id(), attic.id());
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    for id in [&kitchen_id, &attic_id] {
+        eventually("both configs", || config_of(&obs, &key, id), || c.dump()).await;
+    }
+    eventually(
+        "the finalizer on the MeshNode",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["metadata"]["finalizers"] == json!(["sidenet.io/cleanup"]))
+        },
+        || c.dump(),
+    )
+    .await;
+
+    let nodes = Api::<MeshNode>::namespaced(c.client.clone(), "default");
+    nodes
+        .delete("kitchen", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the MeshNode gone",
+        || c.node("kitchen").is_none().then_some(()),
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        obs.on(&topics::config("riverside", &kitchen_id))
+            .last()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!retained(c.port, &topics::config("riverside", &kitchen_id)).await);
+    assert!(retained(c.port, &topics::config("riverside", &attic_id)).await);
+
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .delete("riverside", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the Mesh gone",
+        || c.mesh().is_none().then_some(()),
+        || c.dump(),
+    )
+    .await;
+    assert!(!retained(c.port, &topics::config("riverside", &attic_id)).await);
+    assert!(!retained(c.port, &topics::announce("riverside")).await);
+    drop(mqtt);
+    assert!(ctl.alive());
+    assert_rbac(&c);
+    ctl.stop().await;
+}
+
+/// Whether the broker holds a retained message on `topic`. Subscribing to the topic and then
+/// to a sentinel this function just retained: the broker answers subscriptions in order, so
+/// once the sentinel arrives, a retained message on `topic` would have arrived before it.
+async fn retained(port: u16, topic: &str) -> bool {
+    let sentinel = format!("test/sentinel/{}", free_port());
+    let mut o = MqttOptions::new(format!("probe-{}", free_port()), "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = AsyncClient::new(o, 10);
+    client
+        .publish(&sentinel, QoS::AtLeastOnce, true, b"x".to_vec())
+        .await
+        .unwrap();
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    client.subscribe(&sentinel, QoS::AtLeastOnce).await.unwrap();
+    let mut found = false;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
+            tokio::time::timeout(Duration::from_secs(1), el.poll()).await
+        {
+            if p.topic == topic && !p.payload.is_empty() {
+                found = true;
+            }
+            if p.topic == sentinel {
+                let _ = client
+                    .publish(&sentinel, QoS::AtLeastOnce, true, Vec::new())
+                    .await;
+                return found;
+            }
+        }
+    }
+    panic!("no answer from the broker for {topic}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_manifests_and_a_broken_signing_key_give_events_and_conditions_not_a_crash() {
+    let c = Cluster::new();
+    // A signing key Secret without the key: the controller must not replace it.
+    c.create(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "riverside-signing-key"},
+                    "data": {"wrong": "eA=="}}),
+    )
+    .await;
+    let (mut kitchen, _) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &test_keys().1)).await;
+    let mut opts = c.opts("ctl-a");
+    opts.refresh = Duration::from_secs(1);
+    let ctl = c.start(opts);
+    let (obs, mqtt) = Observer::start(c.port).await;
+
+    eventually(
+        "a SigningKeyMissing Event",
+        || {
+            c.events()
+                .into_iter()
+                .find(|e| e.0 == "riverside" && e.1 == "SigningKeyMissing")
+        },
+        || c.dump(),
+    )
+    .await;
+    let m = eventually(
+        "the Mesh Degraded",
+        || {
+            c.mesh().filter(|m| {
+                m["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Degraded" && c["status"] == "True")
+                })
+            })
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        m["status"]["conditions"]
+            .to_string()
+            .contains("has no key \\\"signing.key\\\""),
+        "{m:#}"
+    );
+    let blocked = eventually(
+        "the kitchen blocked",
+        || {
+            c.condition("kitchen", "Degraded")
+                .filter(|d| d.1 == "Blocked")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(blocked.2.contains("riverside-signing-key"), "{blocked:?}");
+    // Enrolled, the kitchen is still blocked by the key.
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("default", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    let blocked = eventually(
+        "the kitchen blocked by the key once enrolled",
+        || {
+            c.condition("kitchen", "Degraded").filter(|d| {
+                d.1 == "Blocked" && c.condition("kitchen", "Enrolled").unwrap().0 == "True"
+            })
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(blocked.2.contains("riverside-signing-key"), "{blocked:?}");
+    assert!(obs.revisions(&kitchen_id).is_empty());
+    assert_eq!(
+        c.api
+            .get("v1/secrets", "default", "riverside-signing-key")
+            .unwrap()["data"],
+        json!({"wrong": "eA=="}),
+        "the broken key Secret was overwritten"
+    );
+    assert!(ctl.alive());
+
+    // The admin fixes the Secret: configs go out.
+    let good = KeyPair::from_seed(&[9; 32]);
+    Api::<Secret>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside-signing-key",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"data": {"signing.key": base64_encode(good.to_file_text().as_bytes())}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let (rev, _, _) = eventually(
+        "the kitchen's config",
+        || config_of(&obs, &good.public(), &kitchen_id),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(rev.rev, 1);
+
+    // A MeshNode with a channel its radio cannot do: an Event and a condition on it.
+    c.create(json!({"apiVersion": "sidenet.io/v1alpha1", "kind": "MeshNode", "metadata": {"name": "porch"},
+                    "spec": {"mesh": "riverside", "nodeId": "aaaaaaaaaaaaaaaa", "hardwareProfile": "tplink-archer-c7-v2",
+                             "approved": true, "overrides": {"channel": 999}}}))
+        .await;
+    let ev = eventually(
+        "an InvalidManifest Event on porch",
+        || {
+            c.events()
+                .into_iter()
+                .find(|e| e.0 == "porch" && e.1 == "InvalidManifest")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(ev.2.contains("spec.overrides.channel"), "{ev:?}");
+    let d = eventually(
+        "porch Degraded",
+        || {
+            c.condition("porch", "Degraded")
+                .filter(|d| d.1 == "InvalidSpec")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(d.2.contains("channel 999"), "{d:?}");
+
+    // Breaking a node that worked keeps its last good config.
+    Api::<MeshNode>::namespaced(c.client.clone(), "default")
+        .patch(
+            "kitchen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"overrides": {"txPower": 99}}})),
+        )
+        .await
+        .unwrap();
+    let ev = eventually(
+        "an InvalidManifest Event on kitchen",
+        || {
+            c.events()
+                .into_iter()
+                .find(|e| e.0 == "kitchen" && e.1 == "InvalidManifest")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        ev.2.contains("spec.overrides.txPower") && ev.2.contains("previous valid spec stays"),
+        "{ev:?}"
+    );
+    eventually(
+        "kitchen Degraded",
+        || {
+            c.condition("kitchen", "Degraded")
+                .filter(|d| d.1 == "InvalidSpec")
+        },
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
+    assert!(ctl.alive());
+    assert_rbac(&c);
+    ctl.stop().await;
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    // A node declared with its id only: its key is learnt at enrolment.
+    let mut porch = Agent::new(23);
+    let porch_id = porch.id();
+    c.create(json!({"apiVersion": "sidenet.io/v1alpha1", "kind": "MeshNode", "metadata": {"name": "porch"},
+                    "spec": {"mesh": "riverside", "nodeId": porch_id, "hardwareProfile": "tplink-archer-c7-v2",
+                             "approved": true}}))
+        .await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    c.enrol(
+        &mqtt,
+        &mut porch,
+        ("default", "porch"),
+        "porch",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    for id in [&kitchen_id, &porch_id] {
+        eventually("revision 1", || config_of(&obs, &key, id), || c.dump()).await;
+    }
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 44}}}}})),
+        )
+        .await
+        .unwrap();
+    let (r2, _, c2) = eventually(
+        "kitchen revision 2",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    let before = eventually(
+        "revision 2 recorded",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "porch's revision 2",
+        || config_of(&obs, &key, &porch_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "porch's revision 2 recorded",
+        || {
+            c.node("porch")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(
+        c.node("porch").unwrap()["status"]["enrolledKey"],
+        json!(porch.key.public().to_base64())
+    );
+    ctl.stop().await;
+
+    // A new pod: empty cache folder, same cluster. The enrolments are known from the cluster
+    // (the agents do not enrol again once they run a config): from `spec.publicKey`, or for
+    // the porch from the key its status recorded.
+    let ctl = c.start(c.opts("ctl-b"));
+    let (r3, _, c3) = eventually(
+        "kitchen revision 3",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 3),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(r3.epoch, r2.epoch, "the epoch changed across the restart");
+    assert_eq!(
+        c3.subnet, c2.subnet,
+        "the subnet changed across the restart"
+    );
+    assert_eq!(c3.files, c2.files);
+    assert_eq!(c3.sealed, c2.sealed, "same key, node key and passphrase");
+    let after = eventually(
+        "revision 3 recorded",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(3))
+        },
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(after["status"]["subnetId"], before["status"]["subnetId"]);
+    assert_eq!(obs.revisions(&kitchen_id), vec![1, 2, 3]);
+    eventually(
+        "porch's revision 3 from the new pod",
+        || config_of(&obs, &key, &porch_id).filter(|c| c.0.rev == 3),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(obs.revisions(&porch_id), vec![1, 2, 3], "{}", c.dump());
+    // Same signing key (from the Secret).
+    assert_eq!(c.mesh_key().unwrap(), key);
+
+    // A node whose MeshNode is recreated starts above the mesh's highest revision.
+    let nodes = Api::<MeshNode>::namespaced(c.client.clone(), "default");
+    let kitchen_obj = nodes.get("kitchen").await.unwrap();
+    nodes
+        .delete("kitchen", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the MeshNode gone",
+        || c.node("kitchen").is_none().then_some(()),
+        || c.dump(),
+    )
+    .await;
+    let mark = obs.mark();
+    let mut again = MeshNode::new("kitchen", kitchen_obj.spec.clone());
+    again.metadata.namespace = Some("default".into());
+    nodes.create(&PostParams::default(), &again).await.unwrap();
+    // Deleting the MeshNode forgot the node's enrolment: nothing until it enrols again.
+    c.waits_for_enrolment(&obs, mark, "kitchen", &kitchen_id)
+        .await;
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("default", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    let (r, _, _) = eventually(
+        "kitchen's config again",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0 > r3),
+        || c.dump(),
+    )
+    .await;
+    assert!(r > r3, "{r:?} is not above {r3:?}");
+    ctl.stop().await;
+}
+
+async fn scrape(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let ports = [free_port(), free_port()];
+    let mut running = Vec::new();
+    for (i, name) in ["pod-a", "pod-b"].iter().enumerate() {
+        let mut o = c.opts(name);
+        o.leader_election = true;
+        o.metrics_listen = Some(format!("127.0.0.1:{}", ports[i]).parse().unwrap());
+        running.push(Some(c.start(o)));
+    }
+    let leader = |text: &str| metric(text, "sidenet_leader") == Some(1.0);
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    eventually(
+        "kitchen's config",
+        || config_of(&obs, &key, &kitchen_id),
+        || c.dump(),
+    )
+    .await;
+    let holder = c
+        .api
+        .get(
+            "coordination.k8s.io/v1/leases",
+            "default",
+            "sidenet-controller",
+        )
+        .unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (lead, standby) = if holder == "pod-a" { (0, 1) } else { (1, 0) };
+    // The counter moves right after the broker got the configs: poll it.
+    let deadline = Instant::now() + WAIT;
+    let m_lead = loop {
+        let text = scrape(ports[lead], "/metrics").await.unwrap().1;
+        if metric(&text, "sidenet_configs_published_total").unwrap_or(0.0) >= 2.0
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let m_standby = scrape(ports[standby], "/metrics").await.unwrap().1;
+    assert!(leader(&m_lead), "{m_lead}");
+    assert!(!leader(&m_standby), "{m_standby}");
+    assert!(
+        metric(&m_lead, "sidenet_configs_published_total").unwrap() >= 2.0,
+        "{m_lead}"
+    );
+    assert_eq!(
+        metric(&m_standby, "sidenet_configs_published_total"),
+        Some(0.0),
+        "{m_standby}"
+    );
+    assert!(m_lead.contains("sidenet_reconciles_total{kind=\"MeshNode\"}"));
+    assert!(m_lead.contains("sidenet_nodes{phase="), "{m_lead}");
+    for p in ports {
+        assert_eq!(scrape(p, "/healthz").await.unwrap().0, 200);
+    }
+    eventually("both ready", || Some(()), String::new).await;
+    let ready = scrape(ports[standby], "/readyz").await.unwrap().0;
+    assert_eq!(ready, 200, "a standby must report ready");
+    assert_eq!(obs.revisions(&kitchen_id), vec![1]);
+
+    // The holder stops (SIGTERM path: it releases the Lease); the standby takes over and, with
+    // no envelope bytes of its own, re-signs under the next revision.
+    let started = Instant::now();
+    running[lead].take().unwrap().stop().await;
+    eventually(
+        "the standby publishing revision 2",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "takeover took {:?}",
+        started.elapsed()
+    );
+    let text = scrape(ports[standby], "/metrics").await.unwrap().1;
+    assert!(leader(&text), "{text}");
+
+    // The Lease was only ever created, read and updated.
+    for r in c.api.requests() {
+        if r.contains("/leases") {
+            assert!(
+                r.starts_with("GET ") || r.starts_with("POST ") || r.starts_with("PUT "),
+                "{r}"
+            );
+        }
+    }
+    assert_rbac(&c);
+    running[standby].take().unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let mut a = c.opts("pod-a");
+    a.leader_election = true;
+    let a = c.start(a);
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    eventually(
+        "kitchen's config from pod-a",
+        || config_of(&obs, &key, &kitchen_id),
+        || c.dump(),
+    )
+    .await;
+    let mut b = c.opts("pod-b");
+    b.leader_election = true;
+    let b = c.start(b);
+    // pod-a dies without releasing the Lease.
+    a.task.abort();
+    let started = Instant::now();
+    eventually(
+        "pod-b publishing revision 2",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "took over before the Lease expired: {took:?}"
+    );
+    let holder = c
+        .api
+        .get(
+            "coordination.k8s.io/v1/leases",
+            "default",
+            "sidenet-controller",
+        )
+        .unwrap();
+    assert_eq!(holder["spec"]["holderIdentity"], json!("pod-b"));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
+    // Both modes load the example files with one change: the MeshNodes carry the node ids and
+    // public keys of test keys (`with_keys`), so that the test can enrol them. Each mode then
+    // gets the same two enrolments and must publish the same configs. The sealed passphrase
+    // differs (each mode has its own mesh signing key, which seeds the sealing): it is compared
+    // opened, with the node's key.
+    let (mut kitchen, mut attic) = test_keys();
+    let ids = [kitchen.id(), attic.id()];
+    let keys = with_keys(&kitchen, &attic);
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "riverside-mesh"},
+                        "stringData": {"passphrase": "correct-horse-battery"}});
+
+    // Cluster mode: the example files, plus the passphrase Secret both modes share.
+    let c = Cluster::new();
+    c.create(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "riverside-mesh"},
+                    "data": {"passphrase": base64_encode(b"correct-horse-battery")}}),
+    )
+    .await;
+    c.riverside(true, &keys).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.waits_for_enrolment(&obs, 0, "kitchen", &ids[0]).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    let mut cluster = Vec::new();
+    for id in &ids {
+        cluster.push(
+            eventually("a config", || config_of(&obs, &key, id), || c.dump())
+                .await
+                .2,
+        );
+    }
+    ctl.stop().await;
+
+    // Standalone mode: the same files loaded from disk by the standalone loader and core.
+    let dir = tempfile::tempdir().unwrap();
+    let example = dir.path().join("riverside");
+    std::fs::create_dir(&example).unwrap();
+    for f in ["mesh.yaml", "nodes.yaml"] {
+        let text = std::fs::read_to_string(repo().join("examples/riverside").join(f)).unwrap();
+        let mut docs = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            keys(&mut v);
+            docs.push(serde_yaml::to_string(&v).unwrap());
+        }
+        std::fs::write(example.join(f), docs.join("---\n")).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("secret.yaml"),
+        serde_yaml::to_string(&secret).unwrap(),
+    )
+    .unwrap();
+    let set = sidenet_controller::manifest::load(&[
+        example,
+        repo().join("hardware-profiles"),
+        dir.path().join("secret.yaml"),
+    ])
+    .unwrap();
+    let store = sidenet_controller::store::Store::open(&dir.path().join("s.redb"), 1).unwrap();
+    let renderer = sidenet_controller::render::Renderer::load(&repo().join("templates")).unwrap();
+    let state = dir.path().join("state");
+    let mut ctl = sidenet_controller::core::Controller::new(
+        store,
+        renderer,
+        Box::new(sidenet_controller::standalone::FsSecrets::new(Path::new(
+            &state,
+        ))),
+    );
+    let config_topics = ids.clone().map(|id| topics::config("riverside", &id));
+    ctl.set_manifests(set, sidenet_controller::now()).unwrap();
+    let out = ctl.flush().unwrap();
+    assert!(
+        !out.iter().any(|p| config_topics.contains(&p.topic)),
+        "standalone published a config before the node enrolled"
+    );
+    // The same enrolments, as the controller receives them from the broker.
+    for (agent, (hostname, profile)) in [
+        (&mut kitchen, ("kitchen", "tplink-archer-c7-v2")),
+        (&mut attic, ("attic", "raspberrypi-4b-awus036acm")),
+    ] {
+        let (topic, payload) = agent.enroll_message(hostname, profile);
+        ctl.on_message(&topic, &payload, sidenet_controller::now())
+            .unwrap();
+    }
+    let out = ctl.flush().unwrap();
+    for (i, agent) in [&kitchen, &attic].into_iter().enumerate() {
+        let id = &ids[i];
+        let p = out
+            .iter()
+            .rfind(|p| p.topic == config_topics[i])
+            .unwrap_or_else(|| panic!("standalone published no config for {id}"));
+        let env = Envelope::parse(&p.payload, 1 << 20).unwrap();
+        let signer = env.claimed_signer().unwrap();
+        let body: NodeConfig = env
+            .verify(Kind::Config, &signer)
+            .unwrap()
+            .body_json()
+            .unwrap();
+        let opened = |config: &NodeConfig| -> Vec<(String, Vec<u8>)> {
+            config
+                .sealed
+                .iter()
+                .map(|(name, v)| {
+                    let ctx = sidenet_wire::seal::Context {
+                        mesh: "riverside",
+                        node: id,
+                        name,
+                    };
+                    (
+                        name.clone(),
+                        sidenet_wire::seal::open(&agent.key, ctx, v).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let plain = opened(&body);
+        assert!(!plain.is_empty(), "node {id}: no sealed secret");
+        assert_eq!(
+            plain,
+            opened(&cluster[i]),
+            "node {id}: the sealed secrets differ between standalone and cluster mode"
+        );
+        let without_sealed = |config: &NodeConfig| {
+            let mut v = serde_json::to_value(config).unwrap();
+            v.as_object_mut().unwrap().remove("sealed");
+            v
+        };
+        assert_eq!(
+            without_sealed(&body),
+            without_sealed(&cluster[i]),
+            "node {id} differs between standalone and cluster mode"
+        );
+    }
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl command.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is needed for the TLS test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sidenet test CA",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
+    let c = Cluster::new();
+    // A second Mosquitto with a TLS listener and a plaintext one for the observer.
+    let dir = c.dir.path().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir);
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
+             listener {plain_port} 127.0.0.1\n\
+             listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let _mosq = common::Proc::spawn(
+        "mosquitto-tls",
+        std::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf),
+        &dir.join("mosquitto.log"),
+    );
+    eventually(
+        "the TLS listener",
+        || std::net::TcpStream::connect(("127.0.0.1", tls_port)).ok(),
+        String::new,
+    )
+    .await;
+    let (mut kitchen, mut attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let mut o = c.opts("ctl-a");
+    o.broker = Some(format!("mqtts://127.0.0.1:{tls_port}"));
+    o.broker_ca = Some(dir.join("ca.pem"));
+    let ctl = c.start(o);
+    let (obs, mqtt) = Observer::start(plain_port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    // The enrolments reach the controller through the TLS broker (its plaintext listener).
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    eventually(
+        "kitchen's config through the TLS connection",
+        || config_of(&obs, &key, &kitchen_id),
+        || c.dump(),
+    )
+    .await;
+    ctl.stop().await;
+
+    // A CA that did not sign the broker's certificate: no connection, so nothing published.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    make_certs(&other);
+    let mut o = c.opts("ctl-b");
+    o.broker = Some(format!("mqtts://127.0.0.1:{tls_port}"));
+    o.broker_ca = Some(other.join("ca.pem"));
+    o.metrics_listen = Some(format!("127.0.0.1:{}", free_port()).parse().unwrap());
+    let port = o.metrics_listen.unwrap().port();
+    let ctl = c.start(o);
+    // The new process re-signs (revision 2 is recorded before publishing) but cannot connect:
+    // revision 2 never reaches the broker and the pod is not ready.
+    eventually(
+        "revision 2 recorded",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(2))
+        },
+        || c.dump(),
+    )
+    .await;
+    let window = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < window {
+        assert_eq!(scrape(port, "/readyz").await.map(|r| r.0), Some(503));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        obs.revisions(&kitchen_id),
+        vec![1],
+        "published over an unverified TLS connection"
+    );
+    assert!(ctl.alive());
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
+    let c = Cluster::new();
+    // The example applied to namespace "community" by the test client, unchanged but for the
+    // test keys of its MeshNodes.
+    let (mut kitchen, attic) = test_keys();
+    let kitchen_id = kitchen.id();
+    let keys = with_keys(&kitchen, &attic);
+    for f in [
+        "examples/riverside/mesh.yaml",
+        "examples/riverside/nodes.yaml",
+    ] {
+        let text = std::fs::read_to_string(repo().join(f)).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            keys(&mut v);
+            let pp = PostParams::default();
+            match v["kind"].as_str().unwrap() {
+                "Mesh" => {
+                    Api::<Mesh>::namespaced(c.client.clone(), "community")
+                        .create(&pp, &serde_json::from_value(v).unwrap())
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    Api::<MeshNode>::namespaced(c.client.clone(), "community")
+                        .create(&pp, &serde_json::from_value(v).unwrap())
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
+    c.apply_files(&[repo().join("hardware-profiles")], |_| {})
+        .await;
+    let mut o = c.opts("ctl-a");
+    o.namespace = None;
+    let ctl = c.start(o);
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually(
+        "the Mesh public key",
+        || {
+            let m = c.api.get(MESHES, "community", "riverside")?;
+            PublicKey::from_base64(m["status"]["publicKey"].as_str()?).ok()
+        },
+        || c.dump(),
+    )
+    .await;
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("community", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    eventually(
+        "kitchen's config",
+        || config_of(&obs, &key, &kitchen_id),
+        || c.dump(),
+    )
+    .await;
+    assert!(
+        c.api
+            .get("v1/secrets", "community", "riverside-signing-key")
+            .is_some()
+    );
+    assert!(
+        c.api
+            .get("v1/secrets", "community", "riverside-mesh")
+            .is_some()
+    );
+    assert!(
+        c.api
+            .get("v1/secrets", "default", "riverside-signing-key")
+            .is_none()
+    );
+    eventually(
+        "kitchen's status",
+        || {
+            c.api
+                .get(NODES, "community", "kitchen")
+                .filter(|n| n["status"]["desiredRevision"] == json!(1))
+        },
+        || c.dump(),
+    )
+    .await;
+    ctl.stop().await;
+}
