@@ -119,8 +119,14 @@ impl Drop for TaskGuard {
 }
 
 /// Starts the embedded MQTT broker. One function, so replacing the broker touches one place.
-pub fn start_embedded_broker(listen: SocketAddr, max_connections: usize) -> Result<(), KubeError> {
-    crate::broker::start(listen, max_connections)?;
+/// The broker applies the topic ACLs of [`crate::acl`]; the controller connects with
+/// `controller_password`.
+pub fn start_embedded_broker(
+    listen: SocketAddr,
+    max_connections: usize,
+    controller_password: String,
+) -> Result<(), KubeError> {
+    crate::broker::start(listen, max_connections, Some(controller_password))?;
     tracing::info!("embedded MQTT broker listening on {listen}");
     Ok(())
 }
@@ -294,10 +300,16 @@ async fn lead(
     renderer: Renderer,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KubeError> {
+    let mut mqtt_opts = mqtt_options(opts)?;
     if opts.broker.is_none() {
-        start_embedded_broker(opts.listen, opts.max_connections)?;
+        // A password for this run only: the embedded broker lives and dies with this process.
+        let password = crate::standalone::random32()
+            .map(|b| sidenet_wire::codec::base32(&b))
+            .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
+        start_embedded_broker(opts.listen, opts.max_connections, password.clone())?;
+        mqtt_opts.set_credentials(crate::acl::CONTROLLER_USER, password);
     }
-    let (mqtt, mut eventloop) = AsyncClient::new(mqtt_options(opts)?, 512);
+    let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);
     // Unbounded on purpose: the MQTT event loop must never wait for the engine. A reconcile
     // holding the engine may be waiting for the event loop to take its publishes; a bounded
     // channel full of incoming reports would then stall both.
