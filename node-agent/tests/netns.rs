@@ -1251,10 +1251,28 @@ fn dataplane_in_network_namespaces() {
             "current.json and current.env disagree"
         );
         let config: sidenet_wire::messages::NodeConfig = verified.body_json().unwrap();
+        // The files hold the sealed secrets opened with the node's key.
+        let node_key = sidenet_wire::keys::KeyPair::from_file_text(
+            &std::fs::read_to_string(e_state.join("node.key")).unwrap(),
+        )
+        .unwrap();
+        let mut open = |name: &str| {
+            let sealed = config
+                .sealed
+                .get(name)
+                .ok_or_else(|| sidenet_wire::seal::SealError::Missing(name.into()))?;
+            let ctx = sidenet_wire::seal::Context {
+                mesh: &config.mesh,
+                node: &config.node,
+                name,
+            };
+            Ok(String::from_utf8(sidenet_wire::seal::open(&node_key, ctx, sealed)?).unwrap())
+        };
         for f in &config.files {
             let on_disk = std::fs::read_to_string(e_root.join(&f.path)).unwrap_or_default();
+            let expected = sidenet_wire::seal::fill(&f.content, &mut open).unwrap();
             assert_eq!(
-                on_disk, f.content,
+                on_disk, expected,
                 "iteration {i} ({at}): {} is not revision {rev}'s",
                 f.path
             );
