@@ -180,6 +180,13 @@ impl Controller {
         Ok(std::mem::take(&mut self.outbox))
     }
 
+    /// Drops pending state changes and messages without committing them. Only the fuzz
+    /// targets use it: they restore the in-memory state after every input instead.
+    pub(crate) fn discard_pending(&mut self) {
+        self.batch = Batch::default();
+        self.outbox.clear();
+    }
+
     /// The signing key of a mesh (network name).
     pub fn mesh_key(&mut self, network: &str) -> Result<KeyPair, CoreError> {
         if let Some(k) = self.keys.get(network) {

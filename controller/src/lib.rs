@@ -14,10 +14,13 @@
 //! - [`store`]: the embedded database of the standalone controller.
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
+//! - `fuzzing` (hidden): the fuzz targets' bodies, shared with the corpus replay tests.
 
 pub mod admin;
 pub mod broker;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod ipam;
 pub mod manifest;

@@ -19,6 +19,8 @@
 
 pub mod codec;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod messages;
 pub mod names;
