@@ -180,11 +180,12 @@ impl Controller {
         Ok(std::mem::take(&mut self.outbox))
     }
 
-    /// Drops pending state changes and messages without committing them. Only the fuzz
-    /// targets use it: they restore the in-memory state after every input instead.
+    /// Drops pending state changes, messages and cached keys without committing anything. Only
+    /// the fuzz targets use it: they restore the in-memory state after every input instead.
     pub(crate) fn discard_pending(&mut self) {
         self.batch = Batch::default();
         self.outbox.clear();
+        self.keys.clear();
     }
 
     /// The signing key of a mesh (network name).

@@ -3,13 +3,17 @@
 //!
 //! Not part of the controller's API.
 //!
-//! - [`manifest_load`]: manifest text (up to four files, separated by NUL bytes) through
-//!   [`crate::manifest::load_texts`]; every error must name one of the input files.
-//! - [`NodeMessages`]: what the controller does with a message on an enrolment, status or
-//!   presence topic ([`Controller::on_message`]), over a fixture controller with one enrolled
-//!   node and a token-mode mesh. Inputs are either raw (topic and payload as given) or
-//!   structure-aware (header and body signed here with a node key, so the checks and the body
-//!   handling behind the signature are reached).
+//! Both targets run over a [`Fixture`]: a controller with one enrolled node and a token-mode
+//! mesh, restored after every input.
+//!
+//! - `manifest_load` ([`Fixture::manifest_load`]): manifest text (up to four files, separated by
+//!   NUL bytes) through [`crate::manifest::load_texts`] ([`load_manifests`]); every error must
+//!   name one of the input files. A valid set is then handed to the controller as a reload
+//!   would (announcements, reconcile, render, sign).
+//! - `node_messages` ([`Fixture::node_message`]): what the controller does with a message on an
+//!   enrolment, status or presence topic ([`Controller::on_message`]). Inputs are either raw
+//!   (topic and payload as given) or structure-aware (header and body signed here with a node
+//!   key, so the checks and the body handling behind the signature are reached).
 //!
 //! Every function must return normally for every input: a panic is a bug.
 
@@ -29,11 +33,13 @@ use crate::peers::Index;
 use crate::render::Renderer;
 use crate::store::{NodeRecord, Published, Store, TokenRecord};
 
-/// Target `manifest_load`: up to four manifest files, separated by NUL bytes.
-pub fn manifest_load(data: &[u8]) {
+/// Target `manifest_load`, loading only: up to four manifest files, separated by NUL bytes,
+/// through [`manifest::load_texts`]. Returns the set if it is valid. [`Fixture::manifest_load`]
+/// also hands a valid set to a controller.
+pub fn load_manifests(data: &[u8]) -> Option<ManifestSet> {
     let Ok(text) = std::str::from_utf8(data) else {
         // The loader reads files as UTF-8 text; other bytes never reach the parser.
-        return;
+        return None;
     };
     let texts: Vec<(PathBuf, String)> = text
         .splitn(4, '\0')
@@ -50,6 +56,7 @@ pub fn manifest_load(data: &[u8]) {
             for node in set.nodes.values() {
                 let _ = set.mesh_of(node);
             }
+            Some(set)
         }
         Err(errors) => {
             let _ = errors.to_string();
@@ -59,6 +66,7 @@ pub fn manifest_load(data: &[u8]) {
                     manifest_error_without_file(e);
                 }
             }
+            None
         }
     }
 }
@@ -99,7 +107,7 @@ spec:
     mode: token
 ";
 
-/// Flags of a [`NodeMessages::run`] input (first byte).
+/// Flags of a [`Fixture::node_message`] input (first byte).
 pub mod flags {
     /// Low two bits: the topic (0 enrolment, 1 status, 2 presence, 3 raw topic line).
     pub const TOPIC_MASK: u8 = 0x03;
@@ -123,7 +131,7 @@ pub mod flags {
     pub const WRONG_KEY: u8 = 0x40;
 }
 
-/// Encodes a structure-aware [`NodeMessages::run`] input (for seed corpora and tests).
+/// Encodes a structure-aware [`Fixture::node_message`] input (for seed corpora and tests).
 pub fn message_input(flags: u8, header: &[u8], body: &[u8]) -> Vec<u8> {
     let hlen = u16::try_from(header.len()).unwrap_or(u16::MAX);
     let mut out = Vec::with_capacity(3 + header.len() + body.len());
@@ -157,10 +165,11 @@ struct Snapshot {
     blocked: BTreeMap<String, String>,
     counters: Counters,
     peers: Index,
+    set: ManifestSet,
 }
 
-/// A controller fixture for the `node_messages` target.
-pub struct NodeMessages {
+/// A controller fixture for the `node_messages` and `manifest_load` targets.
+pub struct Fixture {
     ctl: Controller,
     snapshot: Snapshot,
     node: KeyPair,
@@ -168,9 +177,9 @@ pub struct NodeMessages {
     _dir: tempfile::TempDir,
 }
 
-impl std::fmt::Debug for NodeMessages {
+impl std::fmt::Debug for Fixture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeMessages").finish_non_exhaustive()
+        f.debug_struct("Fixture").finish_non_exhaustive()
     }
 }
 
@@ -188,7 +197,7 @@ pub fn node_header(mesh: &str, node: &str, rev: u64) -> Header {
     }
 }
 
-impl NodeMessages {
+impl Fixture {
     /// Builds the fixture from the repository (`examples/riverside/mesh.yaml`, the hardware
     /// profiles and the templates): the riverside mesh (automatic enrolment) with one node
     /// enrolled and configured, and a token-mode mesh with one unused token.
@@ -244,6 +253,7 @@ impl NodeMessages {
             blocked: ctl.blocked.clone(),
             counters: ctl.counters,
             peers: ctl.peers.clone(),
+            set: ctl.set.clone(),
         };
         Ok(Self {
             ctl,
@@ -263,7 +273,7 @@ impl NodeMessages {
     /// [`flags::RAW_PAYLOAD`] `flags (1) | payload`, or with [`flags::RAW_TOPIC`]
     /// `flags (1) | topic line | payload`. Returns the controller's counters after the message
     /// (before the reset), so tests can see how far an input got.
-    pub fn run(&mut self, data: &[u8]) -> Counters {
+    pub fn node_message(&mut self, data: &[u8]) -> Counters {
         let Some((&fl, rest)) = data.split_first() else {
             return self.ctl.counters;
         };
@@ -336,6 +346,19 @@ impl NodeMessages {
         self.ctl.blocked.clone_from(&s.blocked);
         self.ctl.counters = s.counters;
         self.ctl.peers.clone_from(&s.peers);
+        self.ctl.set.clone_from(&s.set);
+    }
+
+    /// Target `manifest_load`: [`load_manifests`], then a valid set goes to the controller as a
+    /// reload would (`set_manifests`: announcements, reconcile of every node: render, sign).
+    /// Returns the counters after the reload, if the set was valid.
+    pub fn manifest_load(&mut self, data: &[u8]) -> Option<Counters> {
+        let set = load_manifests(data)?;
+        let _ = self.ctl.set_manifests(set, NOW);
+        let _ = self.ctl.status();
+        let counters = self.ctl.counters;
+        self.reset();
+        Some(counters)
     }
 }
 

@@ -12,8 +12,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
 use sidenet_controller::fuzzing::{
-    self, FRESH_SEED, NODE_SEED, NodeMessages, TOKEN, TOKEN_MESH, enroll_request, flags,
-    message_input, node_header,
+    self, FRESH_SEED, Fixture, NODE_SEED, TOKEN, TOKEN_MESH, enroll_request, flags, message_input,
+    node_header,
 };
 use sidenet_wire::envelope::seal;
 use sidenet_wire::keys::KeyPair;
@@ -62,14 +62,29 @@ fn replay(target: &str, mut run: impl FnMut(&[u8])) {
 
 #[test]
 fn manifest_load_corpus() {
-    replay("manifest_load", fuzzing::manifest_load);
+    let mut fixture = Fixture::new(&repo()).unwrap();
+    replay("manifest_load", |d| {
+        let _ = fixture.manifest_load(d);
+    });
+}
+
+/// The example manifests load and reach the controller (announcements signed, nodes rendered).
+#[test]
+fn manifest_seed_reaches_the_controller() {
+    let mut fixture = Fixture::new(&repo()).unwrap();
+    let seed = std::fs::read(repo().join("fuzz/corpus/manifest_load/seed-riverside"))
+        .unwrap_or_else(|e| panic!("{e} (run write_seeds)"));
+    let start = fixture.initial_counters();
+    let c = fixture.manifest_load(&seed).expect("the example loads");
+    assert!(c.rendered > start.rendered, "{c:?}");
+    assert!(fuzzing::load_manifests(b"kind: [").is_none());
 }
 
 #[test]
 fn node_messages_corpus() {
-    let mut fixture = NodeMessages::new(&repo()).unwrap();
+    let mut fixture = Fixture::new(&repo()).unwrap();
     replay("node_messages", |d| {
-        let _ = fixture.run(d);
+        let _ = fixture.node_message(d);
     });
 }
 
@@ -77,7 +92,7 @@ fn node_messages_corpus() {
 /// fuzzer would only ever exercise the refusal paths).
 #[test]
 fn node_message_seeds_reach_the_handlers() {
-    let mut fixture = NodeMessages::new(&repo()).unwrap();
+    let mut fixture = Fixture::new(&repo()).unwrap();
     let start = fixture.initial_counters();
     let seed = |name: &str| {
         std::fs::read(repo().join("fuzz/corpus/node_messages").join(name))
@@ -88,23 +103,23 @@ fn node_message_seeds_reach_the_handlers() {
         "seed-enroll-token",
         "seed-raw-topic-enroll",
     ] {
-        let c = fixture.run(&seed(name));
+        let c = fixture.node_message(&seed(name));
         assert_eq!(c.enrolled, start.enrolled + 1, "{name}: {c:?}");
         assert_eq!(c.rejected_messages, start.rejected_messages, "{name}");
     }
     for name in ["seed-status", "seed-raw-status", "seed-raw-topic-status"] {
-        let c = fixture.run(&seed(name));
+        let c = fixture.node_message(&seed(name));
         assert_eq!(
             c.rejected_messages, start.rejected_messages,
             "{name}: {c:?}"
         );
     }
     for name in ["seed-status-wrong-key", "seed-status-unfixed"] {
-        let c = fixture.run(&seed(name));
+        let c = fixture.node_message(&seed(name));
         assert_eq!(c.rejected_messages, start.rejected_messages + 1, "{name}");
     }
     // Every input starts from the same state.
-    let c = fixture.run(&seed("seed-enroll-fresh"));
+    let c = fixture.node_message(&seed("seed-enroll-fresh"));
     assert_eq!(c.enrolled, start.enrolled + 1);
 }
 
@@ -167,7 +182,7 @@ fn status_report() -> StatusReport {
     }
 }
 
-/// The fixture's store epoch (see `NodeMessages::new`).
+/// The fixture's store epoch (see `Fixture::new`).
 fn fuzzing_epoch() -> u64 {
     sidenet_wire::fuzzing::NOW - 100_000
 }
