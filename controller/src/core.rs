@@ -230,7 +230,7 @@ impl Controller {
                 epoch: self.store.epoch,
                 rev: 0,
                 iat: now,
-                exp: now + validity(&mesh),
+                exp: now.saturating_add(validity(&mesh)),
                 len: 0,
                 sha256: String::new(),
             };
@@ -553,7 +553,7 @@ impl Controller {
                 sha256: r.sha256,
                 input: plan.fingerprint,
                 iat: now,
-                exp: now + plan.validity,
+                exp: now.saturating_add(plan.validity),
             },
             envelope.clone(),
         );
@@ -625,7 +625,8 @@ impl Controller {
             self.reject("enrolment", node, e);
             return Ok(());
         }
-        if verified.header.iat + NODE_MESSAGE_MAX_AGE < now {
+        // `iat` is whatever the sender signed: near u64::MAX the sum must not overflow.
+        if verified.header.iat.saturating_add(NODE_MESSAGE_MAX_AGE) < now {
             self.reject("enrolment", node, "too old");
             return Ok(());
         }
@@ -809,7 +810,7 @@ impl Controller {
             TokenRecord {
                 mesh: mesh.to_string(),
                 created: now,
-                expires: now + ttl,
+                expires: now.saturating_add(ttl),
                 used_by: None,
             },
         );
@@ -935,6 +936,9 @@ impl Controller {
     }
 }
 
+/// How long configs and announcements of `mesh` stay valid. Callers add it to the current time
+/// with `saturating_add`: a huge `configValiditySeconds` means "never expires", not an expiry
+/// that wraps around into the past (which would make every agent refuse every config).
 fn validity(mesh: &Mesh) -> u64 {
     mesh.spec
         .config_validity_seconds
@@ -1189,7 +1193,7 @@ fn render_and_seal(
         epoch: plan.revision.epoch,
         rev: plan.revision.rev,
         iat: now,
-        exp: now + plan.validity,
+        exp: now.saturating_add(plan.validity),
         len: 0,
         sha256: String::new(),
     };

@@ -448,7 +448,7 @@ fn handle_admin(ctl: &mut Controller, req: Request, errors: &[String]) -> Respon
             match ctl.create_token(&mesh, &token, ttl_s, now) {
                 Ok(()) => Response::Token {
                     token,
-                    expires: now + ttl_s,
+                    expires: now.saturating_add(ttl_s),
                 },
                 Err(e) => fail(&e),
             }
