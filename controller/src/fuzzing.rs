@@ -235,7 +235,7 @@ impl Fixture {
         ctl.on_message(&topics::enroll("riverside", &id), &env, NOW - 900)
             .map_err(|e| e.to_string())?;
         // Automatic enrolment: the node is in the store and has its first config.
-        if ctl.store.nodes.get(&id).is_none() || ctl.counters.published == 0 {
+        if !ctl.store.nodes.contains_key(&id) || ctl.counters.published == 0 {
             return Err(format!(
                 "the fixture node did not enrol: {:?} {:?}",
                 ctl.counters,
