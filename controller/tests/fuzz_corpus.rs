@@ -1,10 +1,10 @@
-//! Replays the fuzz corpora and regression inputs of the controller targets
-//! (`fuzz/corpus/<target>/`, `fuzz/regressions/<target>/`) through the same functions the fuzz
-//! targets call, so CI checks every input the fuzzer kept without cargo-fuzz or nightly.
+//! Replays the seeds, the minimised fuzz corpora and the regression inputs of the controller
+//! targets (`fuzz/{seeds,corpus,regressions}/<target>/`) through the same functions the fuzz
+//! targets call, so CI checks every input without cargo-fuzz or nightly.
 //!
 //! `cargo test -p sidenet-controller --test fuzz_corpus -- --ignored write_seeds` writes the
 //! seed inputs (the example manifests, the broken fixtures, messages as agents send them) into
-//! the corpus folders; see `docs/fuzzing.md`.
+//! `fuzz/seeds/`; see `docs/fuzzing.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -28,7 +28,7 @@ fn repo() -> PathBuf {
 
 fn inputs(target: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for sub in ["corpus", "regressions"] {
+    for sub in ["seeds", "corpus", "regressions"] {
         let dir = repo().join("fuzz").join(sub).join(target);
         if let Ok(rd) = std::fs::read_dir(&dir) {
             out.extend(
@@ -72,7 +72,7 @@ fn manifest_load_corpus() {
 #[test]
 fn manifest_seed_reaches_the_controller() {
     let mut fixture = Fixture::new(&repo()).unwrap();
-    let seed = std::fs::read(repo().join("fuzz/corpus/manifest_load/seed-riverside"))
+    let seed = std::fs::read(repo().join("fuzz/seeds/manifest_load/seed-riverside"))
         .unwrap_or_else(|e| panic!("{e} (run write_seeds)"));
     let start = fixture.initial_counters();
     let c = fixture.manifest_load(&seed).expect("the example loads");
@@ -95,7 +95,7 @@ fn node_message_seeds_reach_the_handlers() {
     let mut fixture = Fixture::new(&repo()).unwrap();
     let start = fixture.initial_counters();
     let seed = |name: &str| {
-        std::fs::read(repo().join("fuzz/corpus/node_messages").join(name))
+        std::fs::read(repo().join("fuzz/seeds/node_messages").join(name))
             .unwrap_or_else(|e| panic!("{name}: {e} (run write_seeds)"))
     };
     for name in [
@@ -187,14 +187,14 @@ fn fuzzing_epoch() -> u64 {
     sidenet_wire::fuzzing::NOW - 100_000
 }
 
-/// Writes seed inputs for both controller targets into `fuzz/corpus/<target>/seed-*`.
+/// Writes seed inputs for both controller targets into `fuzz/seeds/<target>/`.
 #[test]
 #[ignore = "writes seed files; run by hand, see docs/fuzzing.md"]
 fn write_seeds() {
     let repo = repo();
     // manifest_load: the example mesh (with its nodes and the profiles they use), every
     // hardware profile, every broken fixture.
-    let out = repo.join("fuzz/corpus/manifest_load");
+    let out = repo.join("fuzz/seeds/manifest_load");
     let read = |p: &Path| std::fs::read_to_string(p).unwrap();
     let example = [
         read(&repo.join("examples/riverside/mesh.yaml")),
@@ -213,7 +213,7 @@ fn write_seeds() {
     }
 
     // node_messages: as agents send them.
-    let out = repo.join("fuzz/corpus/node_messages");
+    let out = repo.join("fuzz/seeds/node_messages");
     let node = KeyPair::from_seed(&NODE_SEED).public().node_id();
     let fresh = KeyPair::from_seed(&FRESH_SEED).public().node_id();
     let header = |mesh: &str, id: &str, rev: u64| {

@@ -1,9 +1,9 @@
-//! Replays the fuzz corpora and regression inputs of the wire targets (`fuzz/corpus/<target>/`,
-//! `fuzz/regressions/<target>/`) through the same functions the fuzz targets call, so CI checks
-//! every input the fuzzer kept without needing cargo-fuzz or a nightly compiler.
+//! Replays the seeds, the minimised fuzz corpora and the regression inputs of the wire targets
+//! (`fuzz/{seeds,corpus,regressions}/<target>/`) through the same functions the fuzz targets
+//! call, so CI checks every input without needing cargo-fuzz or a nightly compiler.
 //!
 //! `cargo test -p sidenet-wire --test fuzz_corpus -- --ignored write_seeds` writes the seed
-//! inputs (envelopes produced by this crate) into the corpus folders; see `docs/fuzzing.md`.
+//! inputs (envelopes produced by this crate) into `fuzz/seeds/`; see `docs/fuzzing.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -25,7 +25,7 @@ fn fuzz_dir() -> PathBuf {
 
 fn inputs(target: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    for sub in ["corpus", "regressions"] {
+    for sub in ["seeds", "corpus", "regressions"] {
         let dir = fuzz_dir().join(sub).join(target);
         if let Ok(rd) = std::fs::read_dir(&dir) {
             out.extend(
@@ -187,12 +187,12 @@ fn write(dir: &Path, name: &str, data: &[u8]) {
     std::fs::write(&p, data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
 }
 
-/// Writes seed inputs for both wire targets into `fuzz/corpus/<target>/seed-*`.
+/// Writes seed inputs for both wire targets into `fuzz/seeds/<target>/`.
 #[test]
 #[ignore = "writes seed files; run by hand, see docs/fuzzing.md"]
 fn write_seeds() {
-    let raw = fuzz_dir().join("corpus/envelope_raw");
-    let signed = fuzz_dir().join("corpus/envelope_signed");
+    let raw = fuzz_dir().join("seeds/envelope_raw");
+    let signed = fuzz_dir().join("seeds/envelope_signed");
     let node_key = KeyPair::from_seed(&[0x11; 32]);
     for (kind, body) in bodies() {
         let name = format!("{kind:?}").to_lowercase();
