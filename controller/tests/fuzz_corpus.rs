@@ -44,6 +44,7 @@ fn inputs(target: &str) -> Vec<PathBuf> {
 fn replay(target: &str, mut run: impl FnMut(&[u8])) {
     let files = inputs(target);
     assert!(!files.is_empty(), "no corpus for {target}");
+    eprintln!("{target}: replaying {} inputs", files.len());
     let mut failed = Vec::new();
     for f in &files {
         let data = std::fs::read(f).unwrap();

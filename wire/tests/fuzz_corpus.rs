@@ -45,6 +45,7 @@ fn replay(target: &str, run: impl Fn(&[u8])) {
         "no corpus for {target} under {}",
         fuzz_dir().display()
     );
+    eprintln!("{target}: replaying {} inputs", files.len());
     let mut failed = Vec::new();
     for f in &files {
         let data = std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
