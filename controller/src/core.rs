@@ -234,6 +234,14 @@ impl Controller {
         Ok(std::mem::take(&mut self.outbox))
     }
 
+    /// Drops pending state changes, messages and cached keys without committing anything. Only
+    /// the fuzz targets use it: they restore the in-memory state after every input instead.
+    pub(crate) fn discard_pending(&mut self) {
+        self.batch = Batch::default();
+        self.outbox.clear();
+        self.keys.clear();
+    }
+
     /// The signing key of a mesh (network name).
     pub fn mesh_key(&mut self, network: &str) -> Result<KeyPair, CoreError> {
         if let Some(k) = self.keys.get(network) {
@@ -276,7 +284,7 @@ impl Controller {
             &new.public(),
             now,
         ));
-        rotation.previous_until = Some(now + overlap);
+        rotation.previous_until = Some(now.saturating_add(overlap));
         self.secrets
             .rotate_mesh_key(network, &new, &rotation)
             .map_err(|e| CoreError::Request(format!("rotating the key of mesh {network}: {e}")))?;
@@ -359,7 +367,7 @@ impl Controller {
                 epoch: self.store.epoch,
                 rev: 0,
                 iat: now,
-                exp: now + validity(&mesh),
+                exp: now.saturating_add(validity(&mesh)),
                 len: 0,
                 sha256: String::new(),
             };
@@ -719,7 +727,7 @@ impl Controller {
                 sha256: r.sha256,
                 input: plan.fingerprint,
                 iat: now,
-                exp: now + plan.validity,
+                exp: now.saturating_add(plan.validity),
                 signer: Some(plan.key.public().to_base64()),
             },
             envelope.clone(),
@@ -831,7 +839,8 @@ impl Controller {
             self.reject("enrolment", node, e);
             return Ok(());
         }
-        if verified.header.iat + NODE_MESSAGE_MAX_AGE < now {
+        // `iat` is whatever the sender signed: near u64::MAX the sum must not overflow.
+        if verified.header.iat.saturating_add(NODE_MESSAGE_MAX_AGE) < now {
             self.reject("enrolment", node, "too old");
             return Ok(());
         }
@@ -1026,7 +1035,7 @@ impl Controller {
             TokenRecord {
                 mesh: mesh.to_string(),
                 created: now,
-                expires: now + ttl,
+                expires: now.saturating_add(ttl),
                 used_by: None,
             },
         );
@@ -1160,6 +1169,9 @@ impl Controller {
     }
 }
 
+/// How long configs and announcements of `mesh` stay valid. Callers add it to the current time
+/// with `saturating_add`: a huge `configValiditySeconds` means "never expires", not an expiry
+/// that wraps around into the past (which would make every agent refuse every config).
 fn validity(mesh: &Mesh) -> u64 {
     mesh.spec
         .config_validity_seconds
@@ -1440,7 +1452,7 @@ fn render_and_seal(
         epoch: plan.revision.epoch,
         rev: plan.revision.rev,
         iat: now,
-        exp: now + plan.validity,
+        exp: now.saturating_add(plan.validity),
         len: 0,
         sha256: String::new(),
     };

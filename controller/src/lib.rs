@@ -18,11 +18,14 @@
 //! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
 //! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
 //!   metrics.
+//! - `fuzzing` (hidden): the fuzz targets' bodies, shared with the corpus replay tests.
 
 pub mod acl;
 pub mod admin;
 pub mod broker;
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod ipam;
 pub mod kubernetes;

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use serde_json::Value;
 use sidenet_crds::{
@@ -208,9 +209,8 @@ pub fn load(paths: &[PathBuf]) -> Result<ManifestSet, ManifestErrors> {
 pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestErrors> {
     let mut set = ManifestSet::default();
     let mut errors = Vec::new();
-    let validators = Validators::new();
     for (file, text) in texts {
-        parse_file(file, text, &validators, &mut set, &mut errors);
+        parse_file(file, text, &VALIDATORS, &mut set, &mut errors);
     }
     if errors.is_empty() {
         check_set(&set, &mut errors);
@@ -224,6 +224,8 @@ pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestEr
 
 /// The sidenet kinds a manifest set holds (besides `v1/Secret`).
 const KINDS: [&str; 4] = ["Mesh", "MeshNode", "HardwareProfile", "NodeProvision"];
+/// The schemas depend on the CRD types alone: compiled once per process, not on every reload.
+static VALIDATORS: LazyLock<Validators> = LazyLock::new(Validators::new);
 
 struct Validators {
     by_kind: BTreeMap<&'static str, jsonschema::Validator>,

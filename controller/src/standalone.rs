@@ -579,7 +579,7 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             match ctl.create_token(&mesh, &token, ttl_s, now) {
                 Ok(()) => Response::Token {
                     token,
-                    expires: now + ttl_s,
+                    expires: now.saturating_add(ttl_s),
                 },
                 Err(e) => fail(&e),
             }
@@ -593,7 +593,7 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
                 Ok(key) => Response::Rotated {
                     mesh,
                     key: key.to_base64(),
-                    previous_until: now + overlap_s,
+                    previous_until: now.saturating_add(overlap_s),
                     published: 0,
                 },
                 Err(e) => fail(&e),

@@ -31,10 +31,10 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{hex, sha256};
 use crate::keys::{KeyPair, PublicKey};
 
-const MAGIC: &[u8; 4] = b"SNET";
-const VERSION: u8 = 1;
-const PREFIX: usize = 8 + 32;
-const FIXED: usize = PREFIX + 64;
+pub(crate) const MAGIC: &[u8; 4] = b"SNET";
+pub(crate) const VERSION: u8 = 1;
+pub(crate) const PREFIX: usize = 8 + 32;
+pub(crate) const FIXED: usize = PREFIX + 64;
 /// Largest header accepted.
 pub const MAX_HEADER: usize = 4096;
 /// Default cap on a whole envelope (configs are a few KiB).

@@ -21,6 +21,8 @@
 
 pub mod codec;
 pub mod envelope;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keys;
 pub mod messages;
 pub mod names;
