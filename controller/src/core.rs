@@ -28,6 +28,8 @@ use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord}
 pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
 /// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
 pub const MESH_PASSPHRASE: &str = "mesh-passphrase";
+/// Failed revisions remembered per node (the newest).
+pub const MAX_FAILED_REVISIONS: usize = 16;
 /// Node messages older than this are refused.
 const NODE_MESSAGE_MAX_AGE: u64 = 24 * 3600;
 
@@ -974,6 +976,13 @@ impl Controller {
             && !rec.failed_revisions.contains(&r)
         {
             rec.failed_revisions.push(r);
+            // Only the newest matter (a failed body is withheld while it is the node's latest
+            // revision); a node must not be able to grow its own record without bound.
+            let excess = rec
+                .failed_revisions
+                .len()
+                .saturating_sub(MAX_FAILED_REVISIONS);
+            rec.failed_revisions.drain(..excess);
         }
         rec.failure = report.failure.clone();
         rec.probes = report.probes.clone();

@@ -171,3 +171,70 @@ fn a_thousand_bad_tokens_enrol_nobody() {
         );
     }
 }
+
+/// A node cannot grow its own record without bound by reporting ever new failed revisions: only
+/// the newest few are kept.
+#[test]
+fn reported_failures_are_bounded() {
+    use sidenet_wire::messages::{ApplyState, Failure, StatusReport};
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now();
+    let store = Store::open(&dir.path().join("sidenet.redb"), t0).unwrap();
+    let renderer = Renderer::load(&repo().join("templates")).unwrap();
+    let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(dir.path())));
+    let mut texts = vec![(
+        PathBuf::from("mesh.yaml"),
+        std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap(),
+    )];
+    for f in manifest::collect_files(&[repo().join("hardware-profiles")]).unwrap() {
+        let t = std::fs::read_to_string(&f).unwrap();
+        texts.push((f, t));
+    }
+    ctl.set_manifests(manifest::load_texts(&texts).unwrap(), t0)
+        .unwrap();
+    let node = key(77);
+    let id = node.public().node_id();
+    let (topic, env) = enrol(&node, &id, None, t0);
+    ctl.on_message(&topic, &env, t0).unwrap();
+    ctl.flush().unwrap();
+    assert!(ctl.store.nodes.contains_key(&id));
+    for seq in 2..=500u64 {
+        let report = StatusReport {
+            state: ApplyState::Failed,
+            applied: None,
+            applied_sha256: None,
+            failure: Some(Failure {
+                revision: Some(sidenet_wire::Revision { epoch: 1, rev: seq }),
+                error: "no".into(),
+            }),
+            uptime_s: seq,
+            agent_version: "test".into(),
+            neighbours: vec![],
+            probes: vec![],
+            wireguard: None,
+            trial: None,
+        };
+        let header = Header {
+            mesh: "riverside".into(),
+            node: Some(id.clone()),
+            epoch: 1,
+            rev: seq,
+            iat: t0,
+            exp: t0 + 3600,
+            len: 0,
+            sha256: String::new(),
+        };
+        let env = seal(
+            Kind::Status,
+            header,
+            &serde_json::to_vec(&report).unwrap(),
+            &node,
+        );
+        ctl.on_message(&topics::status("riverside", &id), &env, t0)
+            .unwrap();
+    }
+    ctl.flush().unwrap();
+    let failed = &ctl.store.nodes[&id].failed_revisions;
+    assert_eq!(failed.len(), sidenet_controller::core::MAX_FAILED_REVISIONS);
+    assert_eq!(failed.last().unwrap().rev, 500, "the newest is kept");
+}
