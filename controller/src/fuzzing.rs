@@ -132,14 +132,9 @@ pub mod flags {
 }
 
 /// Encodes a structure-aware [`Fixture::node_message`] input (for seed corpora and tests).
+/// The layout is the one of [`sidenet_wire::fuzzing::signed_input`].
 pub fn message_input(flags: u8, header: &[u8], body: &[u8]) -> Vec<u8> {
-    let hlen = u16::try_from(header.len()).unwrap_or(u16::MAX);
-    let mut out = Vec::with_capacity(3 + header.len() + body.len());
-    out.push(flags);
-    out.extend_from_slice(&hlen.to_be_bytes());
-    out.extend_from_slice(&header[..usize::from(hlen)]);
-    out.extend_from_slice(body);
-    out
+    sidenet_wire::fuzzing::signed_input(flags, header, body)
 }
 
 struct FixedSecrets;
