@@ -9,11 +9,22 @@
 //!
 //! Node filters must be exact topics (no `+` or `#`), so a node can never read another node's
 //! topics; client ids that are not node ids (or contain `+`, `#`, `/`, control characters) are
-//! refused at CONNECT. A node is identified by its client id only: until per-node broker
-//! credentials exist, a client that claims another node's id can take over that node's session
-//! and read its config — whose secrets are sealed to the node's key and whose signature the
-//! claimant cannot forge (docs/security.md).
+//! refused at CONNECT.
+//!
+//! Per-node credentials ([`CredentialBook`]): every config carries the node's own broker
+//! password sealed to the node ([`sidenet_wire::seal::MQTT_PASSWORD`], derived from a per-mesh
+//! secret, [`node_password`]). The agent logs in with username = its node id and that password,
+//! and says so in its signed status report; from then on the node is *armed* and the broker
+//! refuses any connection claiming its client id without the password — no session takeover,
+//! no reading its topics. Before that (a node that is still enrolling, which has nothing to
+//! protect yet but its sealed first config) a connection without password is let in, confined
+//! to the id's own topics as above. A password given for an id the broker does not know is
+//! ignored, so a node keeps working against a broker rebuilt from scratch.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
 use sidenet_broker::{Authorizer, QueueLimits, Refusal};
 use sidenet_wire::names;
 
@@ -62,17 +73,148 @@ pub fn allowed(role: &Role, action: Action, topic: &str) -> bool {
     }
 }
 
-/// The embedded broker's authorizer: the controller by its password, nodes by their ids.
+/// A node's broker password: `base64url(SHA-256("sidenet-mqtt-password-v1" 0 secret mesh 0
+/// node))`, from the mesh's broker secret ([`crate::core::Secrets::mqtt_secret`]). Derived, not
+/// stored: the controller can give it again after losing its database, and an external broker
+/// can be told it again.
+pub fn node_password(secret: &[u8; 32], mesh: &str, node: &str) -> String {
+    use base64::Engine;
+    let mut h = Sha256::new();
+    h.update(b"sidenet-mqtt-password-v1\0");
+    h.update(secret);
+    h.update(mesh.as_bytes());
+    h.update([0]);
+    h.update(node.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
+}
+
+/// What the broker knows about one node's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    /// SHA-256 of the password (the book holds no passwords).
+    digest: [u8; 32],
+    /// The node logged in with it: connections without it are refused.
+    armed: bool,
+}
+
+/// A change to the broker's view of node credentials, made by the core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The node's password (sent to it in its config); a connection giving it is let in.
+    Issue {
+        /// Mesh network name.
+        mesh: String,
+        /// Node id.
+        node: String,
+        /// The password.
+        password: String,
+    },
+    /// The node logs in with its password: refuse its id without it from now on.
+    Arm {
+        /// Mesh network name.
+        mesh: String,
+        /// Node id.
+        node: String,
+    },
+    /// The node was removed: forget its credentials (its id may enrol again).
+    Revoke {
+        /// Mesh network name.
+        mesh: String,
+        /// Node id.
+        node: String,
+    },
+}
+
+/// The node credentials the embedded broker checks, shared between the controller's core
+/// (which issues and arms them) and the broker's connection tasks.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialBook {
+    inner: Arc<RwLock<HashMap<String, Entry>>>,
+}
+
+impl CredentialBook {
+    /// Applies changes from the core.
+    pub fn apply(&self, changes: &[Credential]) {
+        let Ok(mut map) = self.inner.write() else {
+            return;
+        };
+        for c in changes {
+            match c {
+                Credential::Issue { node, password, .. } => {
+                    let digest: [u8; 32] = Sha256::digest(password.as_bytes()).into();
+                    let e = map.entry(node.clone()).or_insert(Entry {
+                        digest,
+                        armed: false,
+                    });
+                    if e.digest != digest {
+                        // A new password (a new mesh secret): armed stays as it was — the
+                        // node gets it in its next config before it reconnects.
+                        e.digest = digest;
+                    }
+                }
+                Credential::Arm { node, .. } => {
+                    if let Some(e) = map.get_mut(node) {
+                        e.armed = true;
+                    }
+                }
+                Credential::Revoke { node, .. } => {
+                    map.remove(node);
+                }
+            }
+        }
+    }
+
+    /// Whether `node`'s id is armed (connections without its password are refused).
+    pub fn armed(&self, node: &str) -> bool {
+        self.inner
+            .read()
+            .is_ok_and(|m| m.get(node).is_some_and(|e| e.armed))
+    }
+
+    /// Checks a node's CONNECT.
+    fn check(
+        &self,
+        node: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<(), Refusal> {
+        let Ok(map) = self.inner.read() else {
+            return Err(Refusal::NotAuthorized);
+        };
+        let Some(entry) = map.get(node) else {
+            // Not (yet) a node with credentials: an enrolling node, confined to its topics.
+            return Ok(());
+        };
+        match (username, password) {
+            (Some(u), Some(p)) if u == node => {
+                let digest: [u8; 32] = Sha256::digest(p).into();
+                if same(&digest, &entry.digest) {
+                    Ok(())
+                } else {
+                    Err(Refusal::BadCredentials)
+                }
+            }
+            (Some(_), _) => Err(Refusal::BadCredentials),
+            (None, _) if entry.armed => Err(Refusal::NotAuthorized),
+            (None, _) => Ok(()),
+        }
+    }
+}
+
+/// The embedded broker's authorizer: the controller by its password, nodes by their ids and,
+/// once armed, their own passwords.
 #[derive(Debug)]
 pub struct MeshAuthorizer {
     controller_password: String,
+    book: CredentialBook,
 }
 
 impl MeshAuthorizer {
-    /// Lets in the controller with `controller_password`, and nodes.
-    pub fn new(controller_password: String) -> Self {
+    /// Lets in the controller with `controller_password`, and nodes as `book` says.
+    pub fn new(controller_password: String, book: CredentialBook) -> Self {
         Self {
             controller_password,
+            book,
         }
     }
 }
@@ -97,11 +239,11 @@ impl Authorizer for MeshAuthorizer {
                 _ => Err(Refusal::BadCredentials),
             };
         }
-        if names::check_node_id(client_id).is_ok() {
-            Ok(Role::Node(client_id.to_string()))
-        } else {
-            Err(Refusal::NotAuthorized)
+        if names::check_node_id(client_id).is_err() {
+            return Err(Refusal::NotAuthorized);
         }
+        self.book.check(client_id, username, password)?;
+        Ok(Role::Node(client_id.to_string()))
     }
 
     fn may_publish(&self, who: &Role, topic: &str) -> bool {
@@ -201,7 +343,7 @@ mod tests {
 
     #[test]
     fn connect_rules() {
-        let auth = MeshAuthorizer::new("s3cret".into());
+        let auth = MeshAuthorizer::new("s3cret".into(), CredentialBook::default());
         assert_eq!(
             auth.connect("x", Some(CONTROLLER_USER), Some(b"s3cret")),
             Ok(Role::Controller)
@@ -230,5 +372,72 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn armed_nodes_need_their_password() {
+        let book = CredentialBook::default();
+        let auth = MeshAuthorizer::new("s3cret".into(), book.clone());
+        let secret = [7u8; 32];
+        let pa = node_password(&secret, "riverside", A);
+        let pb = node_password(&secret, "riverside", B);
+        assert_ne!(pa, pb);
+        assert_ne!(pa, node_password(&secret, "hillside", A));
+        assert_ne!(pa, node_password(&[8u8; 32], "riverside", A));
+        // Unknown ids: let in with or without a password (an enrolling node; a node whose
+        // broker was rebuilt).
+        assert!(auth.connect(A, None, None).is_ok());
+        assert!(auth.connect(A, Some(A), Some(pa.as_bytes())).is_ok());
+        book.apply(&[Credential::Issue {
+            mesh: "riverside".into(),
+            node: A.into(),
+            password: pa.clone(),
+        }]);
+        // Issued, not armed: without a password still let in; a wrong one is not.
+        assert!(auth.connect(A, None, None).is_ok());
+        assert_eq!(
+            auth.connect(A, Some(A), Some(pb.as_bytes())),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.connect(A, Some(B), Some(pa.as_bytes())),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.connect(A, Some(A), Some(pa.as_bytes())),
+            Ok(Role::Node(A.into()))
+        );
+        book.apply(&[Credential::Arm {
+            mesh: "riverside".into(),
+            node: A.into(),
+        }]);
+        assert!(book.armed(A));
+        // Armed: the takeover attempts fail, the owner gets in.
+        assert_eq!(auth.connect(A, None, None), Err(Refusal::NotAuthorized));
+        assert_eq!(
+            auth.connect(A, None, Some(b"x")),
+            Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(
+            auth.connect(A, Some(A), Some(pb.as_bytes())),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.connect(A, Some(A), Some(b"")),
+            Err(Refusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.connect(A, Some(A), Some(pa.as_bytes())),
+            Ok(Role::Node(A.into()))
+        );
+        // B's password does not open A, and B's id is unaffected.
+        assert!(auth.connect(B, None, None).is_ok());
+        // Removing the node forgets it: its id may enrol again.
+        book.apply(&[Credential::Revoke {
+            mesh: "riverside".into(),
+            node: A.into(),
+        }]);
+        assert!(!book.armed(A));
+        assert!(auth.connect(A, None, None).is_ok());
     }
 }

@@ -49,6 +49,7 @@ pub fn start(
     listen: SocketAddr,
     max_connections: usize,
     controller_password: Option<String>,
+    book: crate::acl::CredentialBook,
 ) -> Result<BrokerHandle, BrokerError> {
     let err = |message: String| BrokerError {
         addr: listen,
@@ -70,7 +71,7 @@ pub fn start(
             rt,
             listener,
             listen,
-            Broker::with_authorizer(config(max_connections), MeshAuthorizer::new(p)),
+            Broker::with_authorizer(config(max_connections), MeshAuthorizer::new(p, book)),
         ),
         None => run_on(
             rt,

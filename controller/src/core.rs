@@ -27,7 +27,9 @@ use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord}
 /// Default config validity: 30 days.
 pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
 /// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
-pub const MESH_PASSPHRASE: &str = "mesh-passphrase";
+pub const MESH_PASSPHRASE: &str = sidenet_wire::seal::MESH_PASSPHRASE;
+/// Name of the node's sealed broker password in configs (`NodeConfig::sealed`).
+pub const MQTT_PASSWORD: &str = sidenet_wire::seal::MQTT_PASSWORD;
 /// Failed revisions remembered per node (the newest).
 pub const MAX_FAILED_REVISIONS: usize = 16;
 /// Node messages older than this are refused.
@@ -40,6 +42,15 @@ pub trait Secrets: Send {
     fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String>;
     /// A passphrase by reference, from the manifests' Secrets or created if missing.
     fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String>;
+    /// The secret the mesh's per-node broker passwords are derived from
+    /// ([`crate::acl::node_password`]). It must not change when the signing key is rotated;
+    /// the default derives it from the signing key, for stores that cannot rotate.
+    fn mqtt_secret(&mut self, network: &str) -> Result<[u8; 32], String> {
+        let key = self.mesh_key(network)?;
+        let mut input = b"sidenet-mqtt-secret-v1\0".to_vec();
+        input.extend_from_slice(key.to_file_text().as_bytes());
+        Ok(sidenet_wire::codec::sha256(&input))
+    }
     /// The key rotations of a mesh so far (empty chain when its key was never rotated).
     fn rotation(&mut self, _network: &str) -> Result<Rotation, String> {
         Ok(Rotation::default())
@@ -163,9 +174,13 @@ pub struct Controller {
     current_mesh: String,
     /// Links → nodes, for WireGuard neighbours.
     pub peers: crate::peers::Index,
-    /// Node id → (SHA-256 of passphrase and node key, the passphrase sealed to the node):
-    /// sealing costs two X25519 multiplications, so it is done once per node and passphrase.
-    sealed: BTreeMap<String, (String, String)>,
+    /// Node id → (SHA-256 of the secrets and node key, the secrets sealed to the node, by
+    /// name): sealing costs two X25519 multiplications, so it is done once per node and secret.
+    sealed: BTreeMap<String, (String, BTreeMap<String, String>)>,
+    /// Node id → the broker password the broker was last told (see [`Self::take_credentials`]).
+    issued: BTreeMap<String, String>,
+    /// Credential changes for the broker since the driver last took them.
+    credentials: Vec<crate::acl::Credential>,
     /// Key rotations by mesh network name (loaded with the keys).
     rotations: BTreeMap<String, Rotation>,
     /// Messages refused since the adapter last drained this: (what, node id, why). The
@@ -221,9 +236,55 @@ impl Controller {
             current_mesh: String::new(),
             peers,
             sealed: BTreeMap::new(),
+            issued: BTreeMap::new(),
+            credentials: Vec::new(),
             rotations: BTreeMap::new(),
             rejections: Vec::new(),
         }
+    }
+
+    /// Broker credential changes since the last call: passwords issued with configs, nodes that
+    /// now log in with theirs, nodes removed. Take them after [`Self::flush`] (they describe
+    /// committed state) and hand them to the broker ([`crate::acl::CredentialBook`] or an
+    /// external broker's user store).
+    pub fn take_credentials(&mut self) -> Vec<crate::acl::Credential> {
+        std::mem::take(&mut self.credentials)
+    }
+
+    /// Every enrolled node's credentials as changes (for a broker starting empty): its
+    /// password, and `Arm` for nodes that log in with it. Nodes of meshes whose secret cannot
+    /// be had are left out (their nodes connect as enrolling nodes until it can).
+    pub fn credential_snapshot(&mut self) -> Vec<crate::acl::Credential> {
+        use crate::acl::Credential;
+        let mut secrets: BTreeMap<String, Option<[u8; 32]>> = BTreeMap::new();
+        let mut out = Vec::new();
+        let nodes: Vec<(String, String, bool)> = self
+            .store
+            .nodes
+            .iter()
+            .filter(|(id, _)| self.store.published.contains_key(*id))
+            .map(|(id, r)| (id.clone(), r.mesh.clone(), r.mqtt_armed))
+            .collect();
+        for (id, mesh, armed) in nodes {
+            let secret = *secrets.entry(mesh.clone()).or_insert_with(|| {
+                self.secrets
+                    .mqtt_secret(&mesh)
+                    .map_err(|e| tracing::warn!(mesh = %mesh, "broker secret: {e}"))
+                    .ok()
+            });
+            let Some(secret) = secret else { continue };
+            let password = crate::acl::node_password(&secret, &mesh, &id);
+            self.issued.insert(id.clone(), password.clone());
+            out.push(Credential::Issue {
+                mesh: mesh.clone(),
+                node: id.clone(),
+                password,
+            });
+            if armed {
+                out.push(Credential::Arm { mesh, node: id });
+            }
+        }
+        out
     }
 
     /// Commits every pending state change in one durable transaction and hands out what may now
@@ -508,13 +569,22 @@ impl Controller {
             let fp = sha256_hex(
                 &serde_json::to_vec(&(&mesh.metadata.name, &mesh.spec)).unwrap_or_default(),
             );
+            let mqtt = self.secrets.mqtt_secret(&net);
             cache.meshes.insert(
                 mesh_name.clone(),
-                (pass, key.map_err(|e| e.to_string()), fp),
+                (pass, key.map_err(|e| e.to_string()), fp, mqtt),
             );
         }
-        let Some((pass, key, mesh_fp)) = cache.meshes.get(&mesh_name) else {
+        let Some((pass, key, mesh_fp, mqtt)) = cache.meshes.get(&mesh_name) else {
             return Ok(None);
+        };
+        let mqtt_secret = match mqtt {
+            Ok(s) => *s,
+            Err(e) => {
+                self.blocked
+                    .insert(id.to_string(), format!("broker secret: {e}"));
+                return Ok(None);
+            }
         };
         let passphrase = match pass {
             Ok(p) => p.clone(),
@@ -561,7 +631,10 @@ impl Controller {
                 return Ok(None);
             }
         };
-        let seal_id = sha256_hex(format!("{passphrase}\0{}", recipient.to_base64()).as_bytes());
+        let mqtt_password = crate::acl::node_password(&mqtt_secret, &net, id);
+        let seal_id = sha256_hex(
+            format!("{passphrase}\0{mqtt_password}\0{}", recipient.to_base64()).as_bytes(),
+        );
         let sealed = self
             .sealed
             .get(id)
@@ -643,6 +716,7 @@ impl Controller {
             recipient,
             sealed,
             seal_id,
+            mqtt_password,
             validity,
             dataplane,
         }))
@@ -699,6 +773,15 @@ impl Controller {
         self.blocked.remove(&plan.id);
         self.sealed
             .insert(plan.id.clone(), (plan.seal_id.clone(), r.sealed.clone()));
+        if self.issued.get(&plan.id) != Some(&plan.mqtt_password) {
+            self.issued
+                .insert(plan.id.clone(), plan.mqtt_password.clone());
+            self.credentials.push(crate::acl::Credential::Issue {
+                mesh: plan.net.clone(),
+                node: plan.id.clone(),
+                password: plan.mqtt_password.clone(),
+            });
+        }
         if let Some(p) = &plan.prev
             && p.sha256 == r.sha256
             && !plan.refresh_due
@@ -784,6 +867,14 @@ impl Controller {
     /// neighbours are reconciled without it. The state database is not changed (Kubernetes
     /// mode's database is a cache rebuilt from the cluster at every start).
     pub fn forget(&mut self, id: &str, now: u64) -> Result<(), CoreError> {
+        if let Some(rec) = self.store.nodes.get(id) {
+            self.credentials.push(crate::acl::Credential::Revoke {
+                mesh: rec.mesh.clone(),
+                node: id.to_string(),
+            });
+        }
+        self.issued.remove(id);
+        self.sealed.remove(id);
         self.store.nodes.remove(id);
         self.store.published.remove(id);
         let subnets: Vec<(String, String)> = self
@@ -990,6 +1081,15 @@ impl Controller {
         let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;
         if moved {
             rec.wireguard = report.wireguard.clone();
+        }
+        if report.mqtt_auth && !rec.mqtt_armed && self.issued.contains_key(node) {
+            // The node logs in with its own password: from now on the broker insists on it.
+            rec.mqtt_armed = true;
+            tracing::info!(node = %node, "node logs in to the broker with its own password: its id now needs it");
+            self.credentials.push(crate::acl::Credential::Arm {
+                mesh: mesh.to_string(),
+                node: node.to_string(),
+            });
         }
         self.online.insert(node.to_string(), true);
         let mut batch = Batch::default();
@@ -1324,7 +1424,12 @@ fn fingerprint(
     sha256_hex(&serde_json::to_vec(&doc).unwrap_or_default())
 }
 
-type MeshMemo = (Result<String, String>, Result<KeyPair, String>, String);
+type MeshMemo = (
+    Result<String, String>,
+    Result<KeyPair, String>,
+    String,
+    Result<[u8; 32], String>,
+);
 
 /// Per-reconcile memo of what is the same for every node of a mesh or profile.
 #[derive(Default)]
@@ -1397,10 +1502,12 @@ struct Plan {
     key: KeyPair,
     /// The node's key, to seal secrets to.
     recipient: PublicKey,
-    /// The mesh passphrase sealed to the node, when it was sealed before.
-    sealed: Option<String>,
-    /// What `sealed` was sealed from (passphrase and node key hash).
+    /// The secrets sealed to the node, when they were sealed before.
+    sealed: Option<BTreeMap<String, String>>,
+    /// What `sealed` was sealed from (passphrase, broker password and node key hash).
     seal_id: String,
+    /// The node's broker password.
+    mqtt_password: String,
     validity: u64,
     dataplane: crate::peers::Dataplane,
 }
@@ -1408,8 +1515,8 @@ struct Plan {
 /// The result of rendering a plan.
 struct Rendered {
     sha256: String,
-    /// The sealed passphrase the config carries (kept for the next render).
-    sealed: String,
+    /// The sealed secrets the config carries (kept for the next render).
+    sealed: BTreeMap<String, String>,
     /// `None` when the content did not change (nothing to sign).
     envelope: Option<Vec<u8>>,
 }
@@ -1428,20 +1535,32 @@ fn render_and_seal(
     let mut config = build_config_with(renderer, &inputs, Some(plan.dataplane.clone()))?;
     let sealed = match &plan.sealed {
         Some(s) => s.clone(),
-        None => sidenet_wire::seal::seal(
-            &plan.key,
-            &plan.recipient,
-            sidenet_wire::seal::Context {
-                mesh: &plan.net,
-                node: &plan.id,
-                name: MESH_PASSPHRASE,
-            },
-            plan.inputs.passphrase.as_bytes(),
-        ),
+        None => {
+            let seal = |name: &str, secret: &str| {
+                sidenet_wire::seal::seal(
+                    &plan.key,
+                    &plan.recipient,
+                    sidenet_wire::seal::Context {
+                        mesh: &plan.net,
+                        node: &plan.id,
+                        name,
+                    },
+                    secret.as_bytes(),
+                )
+            };
+            BTreeMap::from([
+                (
+                    MESH_PASSPHRASE.to_string(),
+                    seal(MESH_PASSPHRASE, &plan.inputs.passphrase),
+                ),
+                (
+                    MQTT_PASSWORD.to_string(),
+                    seal(MQTT_PASSWORD, &plan.mqtt_password),
+                ),
+            ])
+        }
     };
-    config
-        .sealed
-        .insert(MESH_PASSPHRASE.to_string(), sealed.clone());
+    config.sealed.extend(sealed.clone());
     let body = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
     let sha256 = sha256_hex(&body);
     let unchanged = plan

@@ -200,6 +200,25 @@ impl Secrets for FsSecrets {
         }
     }
 
+    fn mqtt_secret(&mut self, network: &str) -> Result<[u8; 32], String> {
+        // Its own file (kept, and backed up, with the signing key): a key rotation must not
+        // change every node's broker password.
+        let path = self.dir.join("keys").join(format!("{network}.mqtt-secret"));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sidenet_wire::codec::unhex(text.trim())
+                .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+                .ok_or_else(|| format!("{}: not a 32-byte secret in hex", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret = random32()?;
+                write_secret(&path, &format!("{}\n", sidenet_wire::codec::hex(&secret)))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                tracing::info!(mesh = %network, "created the mesh's broker password secret");
+                Ok(secret)
+            }
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
     fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String> {
         if let Some(v) = set.secrets.get(&r.name).and_then(|s| s.get(&r.key)) {
             return Ok(v.clone());
@@ -297,6 +316,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     );
     // Nothing is connected yet: commit, and let the first connection publish everything.
     ctl.flush()?;
+    // Node credentials for the embedded broker, complete before it accepts anyone: an armed
+    // node's id is never open to a takeover, not even while the controller starts.
+    let book = crate::acl::CredentialBook::default();
+    let _ = ctl.take_credentials();
+    book.apply(&ctl.credential_snapshot());
 
     // The embedded broker lets the controller in by a password made for this run.
     let mut credentials = None;
@@ -307,7 +331,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
             );
             credentials = Some(password.clone());
-            let _broker = crate::broker::start(opts.listen, opts.max_connections, Some(password))?;
+            let _broker = crate::broker::start(
+                opts.listen,
+                opts.max_connections,
+                Some(password),
+                book.clone(),
+            )?;
             tracing::info!("embedded MQTT broker listening on {}", opts.listen);
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -450,6 +479,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let resp = handle_admin(&mut ctl, &jobs, req, &manifest_errors);
                 // Commit before answering, so "approved" means it is on disk.
                 let out = ctl.flush()?;
+                book.apply(&ctl.take_credentials());
                 let resp = match resp {
                     Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
                     Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
@@ -467,6 +497,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
         // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
         let out = ctl.flush()?;
+        book.apply(&ctl.take_credentials());
         if connected {
             send(&client, out).await;
         }

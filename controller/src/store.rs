@@ -100,6 +100,10 @@ pub struct NodeRecord {
     /// WireGuard public key and underlay endpoints (from enrolment and status).
     #[serde(default)]
     pub wireguard: Option<WireguardInfo>,
+    /// The node logs in to the broker with its own password (it said so in a signed status
+    /// report): the broker refuses its id without it ([`crate::acl`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mqtt_armed: bool,
 }
 
 /// The last config published to a node.

@@ -121,6 +121,7 @@ fn report(
         probes: vec![],
         wireguard: Some(wg.clone()),
         trial,
+        mqtt_auth: false,
     }
 }
 

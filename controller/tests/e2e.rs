@@ -746,3 +746,109 @@ fn the_embedded_broker_confines_clients_to_their_own_topics() {
     m.set_mesh(channel(44));
     m.wait_rev(0, 2);
 }
+
+/// The CONNACK code a client with `client_id` (and optionally a username and password) gets.
+fn connack(port: u16, client_id: &str, login: Option<(&str, &str)>) -> rumqttc::ConnectReturnCode {
+    use rumqttc::{Client, Event, MqttOptions, Packet};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut conn) = Client::new(opts, 10);
+    let code = conn
+        .iter()
+        .find_map(|ev| match ev {
+            Ok(Event::Incoming(Packet::ConnAck(a))) => Some(a.code),
+            Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Some(code),
+            Err(e) => panic!("connecting as {client_id}: {e}"),
+            _ => None,
+        })
+        .unwrap();
+    let _ = client.disconnect();
+    code
+}
+
+/// Per-node broker credentials on the embedded broker with real agents: each config carries the
+/// node's password sealed to it; the agent logs in with it and says so; from then on the broker
+/// refuses the node's id without it (no session takeover), also right after a controller
+/// restart; the agents keep getting configs; another node's password does not open it.
+#[test]
+fn nodes_log_in_with_their_own_broker_password() {
+    use rumqttc::ConnectReturnCode;
+    let mut m = Mesh::new(|t| t, false);
+    m.start_agent("alpha", LINUX, &[]);
+    m.start_agent("bravo", LINUX, &[]);
+    m.wait_rev(0, 1);
+    m.wait_rev(1, 1);
+    let (alpha, bravo) = (node_id(&m.agents[0].root), node_id(&m.agents[1].root));
+    let password = |root: &Path| {
+        read(root, "etc/sidenet-agent/mqtt.password")
+            .trim()
+            .to_string()
+    };
+    let pa = wait_for(
+        "alpha to keep its broker password",
+        WAIT,
+        || std::fs::read_to_string(m.agents[0].root.join("etc/sidenet-agent/mqtt.password")).ok(),
+        || m.logs(),
+    );
+    assert!(pa.trim().len() >= 40, "a 256-bit password");
+    let pb = wait_for(
+        "bravo to keep its broker password",
+        WAIT,
+        || std::fs::read_to_string(m.agents[1].root.join("etc/sidenet-agent/mqtt.password")).ok(),
+        || m.logs(),
+    );
+    assert_ne!(pa.trim(), pb.trim());
+    // Once alpha logged in with it and said so, its id needs it.
+    wait_for(
+        "the broker to refuse alpha's id without its password",
+        WAIT,
+        || (connack(m.port, &alpha, None) == ConnectReturnCode::NotAuthorized).then_some(()),
+        || m.logs(),
+    );
+    let takeovers = [
+        connack(m.port, &alpha, None),
+        connack(m.port, &alpha, Some((&alpha, "guess"))),
+        connack(m.port, &alpha, Some((&alpha, pb.trim()))),
+        connack(m.port, &alpha, Some((&bravo, pb.trim()))),
+        connack(m.port, &alpha, Some((&alpha, ""))),
+    ];
+    assert!(
+        takeovers.iter().all(|c| *c != ConnectReturnCode::Success),
+        "{takeovers:?}"
+    );
+    // The agents still get their configs (logged in with their passwords).
+    m.set_mesh(channel(44));
+    m.wait_rev(0, 2);
+    m.wait_rev(1, 2);
+    assert!(
+        m.agents[0]
+            .proc
+            .log_text()
+            .contains("with this node's broker password")
+    );
+    // A restarted controller insists from its first moment (the credentials are loaded before
+    // the broker listens), and the agents reconnect with the same passwords.
+    m.ctl.as_mut().unwrap().kill();
+    m.start_controller();
+    wait_for(
+        "the restarted broker to answer",
+        WAIT,
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", m.port))
+                .ok()
+                .map(|_| ())
+        },
+        || m.logs(),
+    );
+    assert_eq!(
+        connack(m.port, &alpha, None),
+        ConnectReturnCode::NotAuthorized
+    );
+    assert_eq!(password(&m.agents[0].root), pa.trim());
+    m.set_mesh(channel(52));
+    m.wait_rev(0, 3);
+    m.wait_rev(1, 3);
+    assert_channel(&m, 52);
+}

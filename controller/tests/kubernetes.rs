@@ -663,6 +663,7 @@ impl Agent {
             }],
             wireguard: None,
             trial: None,
+            mqtt_auth: false,
         };
         let h = self.header();
         let payload = seal(
@@ -1664,11 +1665,18 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
                 })
                 .collect()
         };
-        let plain = opened(&body);
+        // The broker password is per deployment (derived from a secret each mode keeps its own
+        // way); every other secret must be the same.
+        let mut plain = opened(&body);
+        let mut theirs = opened(&cluster[i]);
+        for secrets in [&mut plain, &mut theirs] {
+            let before = secrets.len();
+            secrets.retain(|(name, _)| name != sidenet_wire::seal::MQTT_PASSWORD);
+            assert_eq!(before, secrets.len() + 1, "node {id}: no broker password");
+        }
         assert!(!plain.is_empty(), "node {id}: no sealed secret");
         assert_eq!(
-            plain,
-            opened(&cluster[i]),
+            plain, theirs,
             "node {id}: the sealed secrets differ between standalone and cluster mode"
         );
         let without_sealed = |config: &NodeConfig| {

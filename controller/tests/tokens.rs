@@ -213,6 +213,7 @@ fn reported_failures_are_bounded() {
             probes: vec![],
             wireguard: None,
             trial: None,
+            mqtt_auth: false,
         };
         let header = Header {
             mesh: "riverside".into(),

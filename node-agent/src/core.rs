@@ -89,6 +89,10 @@ pub enum Effect {
     },
     /// Persist this mesh key as the trust anchor.
     PinMeshKey(PublicKey),
+    /// A verified config carried a new broker password for this node: persist it and log in
+    /// with it (username: the node id) from the next connection on. Tell the core with
+    /// [`Agent::set_mqtt_login`].
+    MqttPassword(String),
     /// Apply a verified config. The shell answers with [`Event::Applied`].
     Apply {
         /// Revision.
@@ -191,6 +195,10 @@ pub struct Agent {
     controller_acks: bool,
     /// The key pinned before the last rotation, accepted for configs until the given time.
     previous_key: Option<(PublicKey, u64)>,
+    /// The broker password the shell holds (persisted), if any.
+    mqtt_password: Option<String>,
+    /// This session logged in with it.
+    mqtt_auth: bool,
 }
 
 impl Agent {
@@ -232,7 +240,17 @@ impl Agent {
             observed: Observation::default(),
             controller_acks: false,
             previous_key: None,
+            mqtt_password: None,
+            mqtt_auth: false,
         }
+    }
+
+    /// The broker password the shell holds (from an earlier config), and whether the current
+    /// session logged in with it. Call before [`Event::Connected`]; the status report says so,
+    /// after which the controller has the broker insist on it.
+    pub fn set_mqtt_login(&mut self, password: Option<String>, logged_in: bool) {
+        self.mqtt_auth = logged_in && password.is_some();
+        self.mqtt_password = password;
     }
 
     /// Puts every applied config on trial for `deadline_s` seconds (backends that change the
@@ -607,6 +625,7 @@ impl Agent {
                 revision: t.revision,
                 sha256: t.sha256.clone(),
             }),
+            mqtt_auth: self.mqtt_auth,
         };
         let header = self.next_header();
         let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -726,9 +745,29 @@ impl Agent {
     }
 
     /// Opens the secrets sealed to this node and fills them in where the files use them.
-    fn unseal(&self, mut config: NodeConfig) -> Result<NodeConfig, seal::SealError> {
+    ///
+    /// Also opens the node's broker password when the config carries one (returned second).
+    fn unseal(
+        &self,
+        mut config: NodeConfig,
+    ) -> Result<(NodeConfig, Option<String>), seal::SealError> {
         let mut opened: Vec<(String, String)> = Vec::new();
         let sealed = std::mem::take(&mut config.sealed);
+        let mqtt_password = match sealed.get(seal::MQTT_PASSWORD) {
+            Some(s) => {
+                let ctx = seal::Context {
+                    mesh: &self.settings.mesh,
+                    node: &self.node,
+                    name: seal::MQTT_PASSWORD,
+                };
+                let v = String::from_utf8(seal::open(&self.key, ctx, s)?)
+                    .ok()
+                    .filter(|p| !p.is_empty() && p.len() <= 256 && !p.contains(char::is_control))
+                    .ok_or_else(|| seal::SealError::Open(seal::MQTT_PASSWORD.into()))?;
+                Some(v)
+            }
+            None => None,
+        };
         for f in &mut config.files {
             f.content = seal::fill(&f.content, &mut |name| {
                 if let Some((_, v)) = opened.iter().find(|(n, _)| n == name) {
@@ -748,7 +787,7 @@ impl Agent {
                 Ok(v)
             })?;
         }
-        Ok(config)
+        Ok((config, mqtt_password))
     }
 
     fn on_config(&mut self, payload: &[u8], out: &mut Vec<Effect>) {
@@ -820,7 +859,20 @@ impl Agent {
             return;
         }
         let config = match self.unseal(config) {
-            Ok(c) => c,
+            Ok((c, password)) => {
+                if let Some(p) = password
+                    && self.mqtt_password.as_deref() != Some(p.as_str())
+                {
+                    out.push(Effect::Log(
+                        Level::Info,
+                        "the config carries this node's broker password: logging in with it from now on".into(),
+                    ));
+                    self.mqtt_password = Some(p.clone());
+                    self.mqtt_auth = false;
+                    out.push(Effect::MqttPassword(p));
+                }
+                c
+            }
             Err(e) => {
                 out.push(Effect::Log(Level::Warn, format!("config refused: {e}")));
                 self.failed.push(revision);

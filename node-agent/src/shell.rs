@@ -216,6 +216,13 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         QoS::AtLeastOnce,
         true,
     ));
+    // The node's own broker password (from a config): username = node id. Until a node has
+    // one it connects without, which the broker allows only for ids it does not yet insist on.
+    let mut mqtt_password = state.mqtt_password()?;
+    let anonymous = mqtt.clone();
+    if let Some(p) = &mqtt_password {
+        mqtt.set_credentials(node.clone(), p.clone());
+    }
     let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(250);
@@ -246,8 +253,44 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(250);
                     connected = true;
-                    tracing::info!("connected to {}", opts.broker);
+                    let logged_in = eventloop.mqtt_options.credentials().is_some();
+                    tracing::info!(
+                        "connected to {}{}",
+                        opts.broker,
+                        if logged_in { " with this node's broker password" } else { "" }
+                    );
+                    agent.set_mqtt_login(mqtt_password.clone(), logged_in);
                     queue.push(Event::Connected);
+                }
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    code @ (rumqttc::ConnectReturnCode::BadUserNamePassword
+                    | rumqttc::ConnectReturnCode::NotAuthorized),
+                )) => {
+                    // Refused with the password (the broker does not know it: a broker or
+                    // controller rebuilt from scratch) or without it (the broker insists on
+                    // it): try the other way next time.
+                    let with = eventloop.mqtt_options.credentials().is_some();
+                    match (&mqtt_password, with) {
+                        (Some(_), true) => {
+                            tracing::warn!("broker {} refused this node's password ({code:?}); retrying without it", opts.broker);
+                            eventloop.mqtt_options = anonymous.clone();
+                        }
+                        (Some(p), false) => {
+                            tracing::warn!("broker {} refused a connection without password ({code:?}); retrying with this node's password", opts.broker);
+                            eventloop.mqtt_options.set_credentials(node.clone(), p.clone());
+                        }
+                        (None, _) => tracing::warn!(
+                            "broker {} refused this node ({code:?}): it expects this node's broker password, which this node does not hold (was its state folder {} restored without mqtt.password?); an admin can remove the node so it enrols again",
+                            opts.broker,
+                            state.dir().display()
+                        ),
+                    }
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    backoff = (backoff * 2).min(opts.max_backoff);
+                    if connected {
+                        connected = false;
+                        queue.push(Event::Disconnected);
+                    }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => queue.push(Event::Message {
                     topic: p.topic.to_string(),
@@ -290,6 +333,20 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                             .await
                         {
                             tracing::warn!("publish: {e}");
+                        }
+                    }
+                    Effect::MqttPassword(p) => {
+                        if let Err(e) = state.set_mqtt_password(&p) {
+                            tracing::error!("cannot keep the broker password: {e}");
+                        } else {
+                            // Log in again with it (a clean DISCONNECT: no will is published).
+                            eventloop
+                                .mqtt_options
+                                .set_credentials(node.clone(), p.clone());
+                            mqtt_password = Some(p);
+                            if connected && let Err(e) = client.disconnect().await {
+                                tracing::warn!("disconnect: {e}");
+                            }
                         }
                     }
                     Effect::PinMeshKey(k) => {

@@ -103,6 +103,22 @@ impl State {
         write_atomic(&path, format!("{key}\n").as_bytes(), 0o644).map_err(io(&path))
     }
 
+    /// This node's broker password (from a config), if it has one.
+    pub fn mqtt_password(&self) -> Result<Option<String>, StateError> {
+        let path = self.dir.join("mqtt.password");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim_end_matches('\n').to_string()).filter(|p| !p.is_empty())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Keeps this node's broker password (mode 0600).
+    pub fn set_mqtt_password(&self, password: &str) -> Result<(), StateError> {
+        let path = self.dir.join("mqtt.password");
+        write_atomic(&path, format!("{password}\n").as_bytes(), 0o600).map_err(io(&path))
+    }
+
     /// Revisions that failed on this node.
     pub fn failed(&self) -> Vec<Revision> {
         std::fs::read(self.dir.join("failed.json"))

@@ -233,6 +233,11 @@ pub struct StatusReport {
     /// one). The controller answers with an [`Ack`]; without one the node rolls back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial: Option<Trial>,
+    /// The agent holds its own broker password (the config's sealed
+    /// [`crate::seal::MQTT_PASSWORD`]) and this session logged in with it. From then on the
+    /// controller has the broker refuse connections that claim this node's id without it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mqtt_auth: bool,
 }
 
 #[cfg(test)]

@@ -38,6 +38,13 @@ use crate::keys::{KeyPair, PublicKey};
 
 const LABEL: &[u8] = b"sidenet-seal-v1";
 
+/// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
+pub const MESH_PASSPHRASE: &str = "mesh-passphrase";
+
+/// Name of the node's own broker password in configs (`NodeConfig::sealed`): the agent logs in
+/// to the broker with its node id as username and this password once it has it.
+pub const MQTT_PASSWORD: &str = "mqtt-password";
+
 /// Where a sealed secret goes in a rendered file.
 pub fn placeholder(name: &str) -> String {
     format!("@sidenet-secret:{name}@")

@@ -188,6 +188,7 @@ fn bodies() -> Vec<(Kind, Vec<u8>)> {
             revision: Revision { epoch: 5, rev: 5 },
             sha256: "cd".repeat(32),
         }),
+        mqtt_auth: true,
     };
     let ack = Ack {
         revision: Revision { epoch: 5, rev: 5 },

@@ -125,8 +125,9 @@ pub fn start_embedded_broker(
     listen: SocketAddr,
     max_connections: usize,
     controller_password: String,
+    book: crate::acl::CredentialBook,
 ) -> Result<(), KubeError> {
-    crate::broker::start(listen, max_connections, Some(controller_password))?;
+    crate::broker::start(listen, max_connections, Some(controller_password), book)?;
     tracing::info!("embedded MQTT broker listening on {listen}");
     Ok(())
 }
@@ -301,12 +302,18 @@ async fn lead(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KubeError> {
     let mut mqtt_opts = mqtt_options(opts)?;
+    let book = crate::acl::CredentialBook::default();
     if opts.broker.is_none() {
         // A password for this run only: the embedded broker lives and dies with this process.
         let password = crate::standalone::random32()
             .map(|b| sidenet_wire::codec::base32(&b))
             .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
-        start_embedded_broker(opts.listen, opts.max_connections, password.clone())?;
+        start_embedded_broker(
+            opts.listen,
+            opts.max_connections,
+            password.clone(),
+            book.clone(),
+        )?;
         mqtt_opts.set_credentials(crate::acl::CONTROLLER_USER, password);
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);
@@ -374,7 +381,10 @@ async fn lead(
         controller: "sidenet-controller".into(),
         instance: Some(opts.pod_name.clone()),
     };
-    let credentials: Box<dyn BrokerCredentials> = Box::new(NoBrokerCredentials);
+    let credentials: Box<dyn BrokerCredentials> = match opts.broker {
+        None => Box::new(book),
+        Some(_) => Box::new(NoBrokerCredentials),
+    };
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts: opts.clone(),

@@ -47,21 +47,34 @@ use crate::store::{NodeRecord, Published, Store as StateStore};
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
 
-/// Revokes a node's broker credentials when its MeshNode (or Mesh) is deleted.
-///
-/// Per-node broker credentials and ACLs do not exist yet (issue 7 builds them); until then
-/// the only implementation is [`NoBrokerCredentials`], which has nothing to revoke.
+/// Where node broker credentials go: the embedded broker's [`crate::acl::CredentialBook`], or
+/// nowhere when an external broker is used without a user store the controller drives.
 pub trait BrokerCredentials: Send + Sync {
+    /// Applies credential changes from the core ([`Controller::take_credentials`]).
+    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String>;
+
     /// Revokes the credentials of node `node` of mesh `mesh` (network name). Idempotent.
-    fn revoke(&self, mesh: &str, node: &str) -> Result<(), String>;
+    fn revoke(&self, mesh: &str, node: &str) -> Result<(), String> {
+        self.apply(&[crate::acl::Credential::Revoke {
+            mesh: mesh.to_string(),
+            node: node.to_string(),
+        }])
+    }
 }
 
-/// The broker has no per-node credentials yet: nothing to revoke.
+/// An external broker whose users the controller does not manage: nothing to do.
 #[derive(Debug, Default)]
 pub struct NoBrokerCredentials;
 
 impl BrokerCredentials for NoBrokerCredentials {
-    fn revoke(&self, _mesh: &str, _node: &str) -> Result<(), String> {
+    fn apply(&self, _changes: &[crate::acl::Credential]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl BrokerCredentials for crate::acl::CredentialBook {
+    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String> {
+        crate::acl::CredentialBook::apply(self, changes);
         Ok(())
     }
 }
@@ -167,8 +180,11 @@ impl Ctx {
                     .ok()
                     .and_then(|mut r| r.take())
                     .ok_or_else(|| KubeError::Other("templates already taken".into()))?;
-                let ctl =
+                let mut ctl =
                     Controller::new(store, renderer, Box::new(KubeSecrets(self.secrets.clone())));
+                if let Err(e) = self.credentials.apply(&ctl.credential_snapshot()) {
+                    tracing::error!("broker credentials: {e}");
+                }
                 let mut high_water = BTreeMap::new();
                 for m in self.meshes.state() {
                     if let Some(s) = &m.status
@@ -574,6 +590,10 @@ pub(crate) async fn persist_and_publish(
     started: Instant,
 ) -> Result<(), KubeError> {
     let out = eng.ctl.flush()?;
+    let changes = eng.ctl.take_credentials();
+    if let Err(e) = ctx.credentials.apply(&changes) {
+        tracing::error!("broker credentials: {e}");
+    }
     let rejections = std::mem::take(&mut eng.ctl.rejections);
     for r in rejections {
         if let Some((ns, name)) = eng.mesh_objs.get(&r.mesh).cloned()
