@@ -24,6 +24,7 @@ pub mod acl;
 pub mod admin;
 pub mod broker;
 pub mod core;
+pub mod dynsec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;

@@ -51,6 +51,17 @@ enum Mode {
         /// Use this MQTT broker (mqtt://host:port) instead of the embedded one.
         #[arg(long, env = "SIDENET_BROKER")]
         broker: Option<String>,
+        /// User name for the external broker.
+        #[arg(long, env = "SIDENET_BROKER_USERNAME")]
+        broker_username: Option<String>,
+        /// Password for the external broker.
+        #[arg(long, env = "SIDENET_BROKER_PASSWORD", hide_env_values = true)]
+        broker_password: Option<String>,
+        /// The external broker is Mosquitto with its dynamic security plugin and the user above
+        /// administers it: the controller gives each node its own credentials and ACLs there
+        /// (docs/security.md, "Broker access control").
+        #[arg(long, env = "SIDENET_BROKER_DYNSEC")]
+        broker_dynsec: bool,
         /// Listen address of the embedded broker. Use 0.0.0.0:1883 to let routers on the LAN in.
         #[arg(long, env = "SIDENET_LISTEN", default_value = "127.0.0.1:1883")]
         listen: SocketAddr,
@@ -153,6 +164,9 @@ async fn main() -> ExitCode {
             templates,
             state,
             broker,
+            broker_username,
+            broker_password,
+            broker_dynsec,
             listen,
             poll_ms,
             max_connections,
@@ -169,6 +183,8 @@ async fn main() -> ExitCode {
                 refresh: Duration::from_secs(60),
                 max_connections,
                 agents,
+                broker_login: broker_username.zip(broker_password),
+                broker_dynsec,
             };
             match sidenet_controller::standalone::run(opts, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -46,6 +46,12 @@ pub struct Options {
     pub max_connections: usize,
     /// Agent binaries for `NodeProvision` jobs, one folder per architecture.
     pub agents: PathBuf,
+    /// User name and password for the external broker.
+    pub broker_login: Option<(String, String)>,
+    /// The external broker is Mosquitto with the dynamic security plugin, and the controller's
+    /// user may administer it: the controller manages node credentials and ACLs there
+    /// ([`crate::dynsec`]).
+    pub broker_dynsec: bool,
 }
 
 /// Standalone mode failed to start or stopped on an error.
@@ -357,7 +363,25 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     mqtt.set_inflight(1000);
     if let Some(p) = credentials {
         mqtt.set_credentials(crate::acl::CONTROLLER_USER, p);
+    } else if let Some((u, p)) = &opts.broker_login {
+        mqtt.set_credentials(u.clone(), p.clone());
     }
+    // Node credentials on an external Mosquitto: the controller's own user administers them.
+    let dynsec_user = match (&opts.broker, opts.broker_dynsec, &opts.broker_login) {
+        (Some(_), true, Some((u, _))) => Some(u.clone()),
+        (Some(_), true, None) => {
+            return Err(StandaloneError::Url(
+                "--broker-dynsec needs --broker-username and --broker-password (a user of the dynamic security plugin with its admin role)".into(),
+            ));
+        }
+        (None, true, _) => {
+            return Err(StandaloneError::Url(
+                "--broker-dynsec is for an external Mosquitto (--broker); the embedded broker checks node credentials itself".into(),
+            ));
+        }
+        _ => None,
+    };
+    let mut dynsec_meshes: Vec<String> = Vec::new();
     // A short request queue: publishing 10,000 configs waits for the socket instead of holding
     // every payload in memory at once.
     let (client, mut eventloop) = AsyncClient::new(mqtt, 512);
@@ -459,9 +483,26 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                                     tracing::error!("subscribe: {e}");
                                 }
                             }
+                            if let Some(user) = &dynsec_user {
+                                // Credentials before configs: a node that reads its password
+                                // reconnects with it at once.
+                                if let Err(e) = client.subscribe(crate::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce).await {
+                                    tracing::error!("subscribe: {e}");
+                                }
+                                dynsec_meshes = mesh_networks(&ctl);
+                                let mut cmds = crate::dynsec::setup(user, &dynsec_meshes);
+                                let _ = ctl.take_credentials();
+                                cmds.extend(crate::dynsec::commands(&ctl.credential_snapshot()));
+                                send_dynsec(&client, cmds).await;
+                            }
                             let mut out = ctl.announcements(crate::now())?;
                             out.extend(ctl.stored_configs()?);
                             send(&client, out).await;
+                        }
+                        MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
+                            for e in crate::dynsec::response_errors(&payload) {
+                                tracing::error!("Mosquitto dynamic security: {e}");
+                            }
                         }
                         MqttEvent::Message(topic, payload) => {
                             if let Err(e) = ctl.on_message(&topic, &payload, crate::now()) {
@@ -479,7 +520,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let resp = handle_admin(&mut ctl, &jobs, req, &manifest_errors);
                 // Commit before answering, so "approved" means it is on disk.
                 let out = ctl.flush()?;
-                book.apply(&ctl.take_credentials());
+                let changes = ctl.take_credentials();
+                book.apply(&changes);
+                if connected && dynsec_user.is_some() {
+                    send_dynsec(&client, crate::dynsec::commands(&changes)).await;
+                }
                 let resp = match resp {
                     Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
                     Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
@@ -497,7 +542,18 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
         // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
         let out = ctl.flush()?;
-        book.apply(&ctl.take_credentials());
+        let changes = ctl.take_credentials();
+        book.apply(&changes);
+        if connected && let Some(user) = &dynsec_user {
+            let mut cmds = Vec::new();
+            let meshes = mesh_networks(&ctl);
+            if meshes != dynsec_meshes {
+                cmds = crate::dynsec::setup(user, &meshes);
+                dynsec_meshes = meshes;
+            }
+            cmds.extend(crate::dynsec::commands(&changes));
+            send_dynsec(&client, cmds).await;
+        }
         if connected {
             send(&client, out).await;
         }
@@ -507,6 +563,35 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let _ = client.disconnect().await;
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
+}
+
+/// Network names of the meshes in the manifests.
+fn mesh_networks(ctl: &Controller) -> Vec<String> {
+    ctl.set
+        .meshes
+        .values()
+        .map(|m| crate::manifest::network_name(m).to_string())
+        .collect()
+}
+
+/// Sends commands to Mosquitto's dynamic security plugin, in messages of up to 200.
+async fn send_dynsec(client: &AsyncClient, commands: Vec<serde_json::Value>) {
+    if commands.is_empty() {
+        return;
+    }
+    for payload in crate::dynsec::messages(commands, 200) {
+        if let Err(e) = client
+            .publish(
+                crate::dynsec::CONTROL_TOPIC,
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+        {
+            tracing::error!("dynamic security command: {e}");
+        }
+    }
 }
 
 /// Public keys (base64) of the meshes `NodeProvision` jobs install agents for.
