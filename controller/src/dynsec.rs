@@ -277,11 +277,9 @@ mod tests {
             assert_eq!(a["topic"], r["topic"]);
             assert_eq!(a["acltype"], r["acltype"]);
         }
-        let client = issue
-            .iter()
-            .find(|c| c["command"] == "createClient")
-            .unwrap();
-        assert_eq!(client["clientid"], "aaaaaaaaaaaaaaaa");
+        assert!(issue.iter().any(|c| c["command"] == "createClient"
+            && c["clientid"] == "aaaaaaaaaaaaaaaa"
+            && c["username"] == "aaaaaaaaaaaaaaaa"));
         // No wildcard in any per-node rule.
         assert!(
             issue
