@@ -258,8 +258,7 @@ mod tests {
             c["rolename"] == ANONYMOUS
                 && c["topic"]
                     .as_str()
-                    .unwrap()
-                    .starts_with("sidenet/v1/riverside/nodes/aaaaaaaaaaaaaaaa/")
+                    .is_some_and(|t| t.starts_with("sidenet/v1/riverside/nodes/aaaaaaaaaaaaaaaa/"))
         }));
         let arm = commands(&[Credential::Arm {
             mesh: "riverside".into(),

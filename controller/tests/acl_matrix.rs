@@ -8,6 +8,8 @@
 //! attempts on A's client id (no password, a wrong one, B's), an unknown enrolling id (D), and
 //! client ids `+`, `#`, `a/b`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::collections::BTreeSet;
