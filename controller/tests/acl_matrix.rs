@@ -130,13 +130,16 @@ fn drain(
     }
 }
 
+/// Applies credential changes and returns once the broker has them.
+type Apply = Box<dyn Fn(&[Credential])>;
+
 /// A broker under test.
 struct Broker {
     name: &'static str,
     port: u16,
     controller: (String, String),
     /// Applies credential changes and returns once the broker has them.
-    apply: Box<dyn Fn(&[Credential])>,
+    apply: Apply,
     /// Whether it refuses a connection claiming an armed node's id without its password (the
     /// embedded broker); Mosquitto lets it in with no rights.
     refuses_takeover: bool,
