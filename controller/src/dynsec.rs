@@ -8,7 +8,8 @@
 //!   denied: a subscription made while it was allowed stops delivering the moment its
 //!   permission is withdrawn).
 //! - role `sidenet-controller` (added to the controller's own broker user, which must also hold
-//!   the plugin's admin role): everything under `sidenet/v1/`.
+//!   the plugin's admin role): everything under `sidenet/v1/`. The plugin disconnects a client
+//!   whose roles change, so the controller reconnects once after the first setup.
 //! - the anonymous group's role `sidenet-anonymous`: every mesh's announcement, publishing to
 //!   `sidenet/v1/+/enroll/+` (an enrolment counts only if signed by the key of the id in its
 //!   topic), and — only while a node is *issued but not armed*, i.e. between approval and its
@@ -230,10 +231,15 @@ pub fn response_errors(payload: &[u8]) -> Vec<String> {
         .filter_map(|r| {
             let err = r["error"].as_str()?;
             let lower = err.to_ascii_lowercase();
-            if lower.contains("already") || lower.contains("not found") {
+            let command = r["command"].as_str().unwrap_or("?");
+            // Mosquitto 2.0 answers "Internal error" to adding a role a client already has.
+            if lower.contains("already")
+                || lower.contains("not found")
+                || (command == "addClientRole" && lower.contains("internal error"))
+            {
                 return None;
             }
-            Some(format!("{}: {err}", r["command"].as_str().unwrap_or("?")))
+            Some(format!("{command}: {err}"))
         })
         .collect()
 }

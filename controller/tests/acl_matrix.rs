@@ -208,37 +208,52 @@ fn mosquitto(dir: &Path) -> Broker {
     );
     let send = move |cmds: Vec<serde_json::Value>| {
         let n = cmds.len();
-        let (client, mut conn) = connect("sidenet-admin", port, Some(("admin", "admin-secret")))
-            .expect("the dynsec admin connects");
-        client
-            .subscribe(sidenet_controller::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
-            .unwrap();
-        for m in sidenet_controller::dynsec::messages(cmds, 50) {
+        // The plugin disconnects a client whose roles change (the setup gives the controller's
+        // user its role): then send again — every command is idempotent.
+        for _attempt in 0..3 {
+            let (client, mut conn) =
+                connect("sidenet-admin", port, Some(("admin", "admin-secret")))
+                    .expect("the dynsec admin connects");
             client
-                .publish(
-                    sidenet_controller::dynsec::CONTROL_TOPIC,
-                    QoS::AtLeastOnce,
-                    false,
-                    m,
-                )
+                .subscribe(sidenet_controller::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
                 .unwrap();
-        }
-        let mut got = Vec::new();
-        drain(&mut conn, &mut got, |g| {
-            g.iter()
-                .map(|(_, p)| {
-                    serde_json::from_slice::<serde_json::Value>(p).unwrap()["responses"]
-                        .as_array()
-                        .map_or(0, |a| a.len())
-                })
-                .sum::<usize>()
-                >= n
-        });
-        for (_, p) in &got {
-            let errors = sidenet_controller::dynsec::response_errors(p);
+            for m in sidenet_controller::dynsec::messages(cmds.clone(), 50) {
+                client
+                    .publish(
+                        sidenet_controller::dynsec::CONTROL_TOPIC,
+                        QoS::AtLeastOnce,
+                        false,
+                        m,
+                    )
+                    .unwrap();
+            }
+            let mut answered = 0;
+            let mut errors = Vec::new();
+            let deadline = Instant::now() + WAIT;
+            let mut lost = false;
+            while answered < n && Instant::now() < deadline {
+                match conn.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                        answered += v["responses"].as_array().map_or(0, |a| a.len());
+                        errors.extend(sidenet_controller::dynsec::response_errors(&p.payload));
+                    }
+                    Ok(Err(_)) => {
+                        lost = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = client.disconnect();
+            if lost {
+                continue;
+            }
             assert!(errors.is_empty(), "dynsec: {errors:?}");
+            assert_eq!(answered, n, "dynsec answered every command");
+            return;
         }
-        let _ = client.disconnect();
+        panic!("the dynamic security plugin kept disconnecting the admin");
     };
     send(sidenet_controller::dynsec::setup(
         "admin",
