@@ -14,10 +14,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Proc, free_port, wait_for};
+use common::{DYNSEC_ADMIN, Proc, free_port};
 use rumqttc::{
     Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
 };
@@ -168,52 +167,14 @@ fn embedded() -> Broker {
 }
 
 fn mosquitto(dir: &Path) -> Broker {
-    let port = free_port();
-    let json = dir.join("dynsec.json");
-    let status = Command::new("mosquitto_ctrl")
-        .args(["dynsec", "init"])
-        .arg(&json)
-        .args(["admin", "admin-secret"])
-        .output()
-        .expect("mosquitto_ctrl (scripts/install-peers installs mosquitto-clients)");
-    assert!(json.exists(), "dynsec init: {status:?}");
-    // Mosquitto may run as another user: let it read and rewrite its files.
-    for p in [dir, json.as_path()] {
-        let mode = if p.is_dir() { 0o777 } else { 0o666 };
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-    }
-    let conf = dir.join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nplugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so\nplugin_opt_config_file {}\n",
-            json.display()
-        ),
-    )
-    .unwrap();
-    let proc = Proc::spawn(
-        "mosquitto",
-        Command::new("mosquitto").arg("-c").arg(&conf),
-        &dir.join("mosquitto.log"),
-    );
-    wait_for(
-        "mosquitto to listen",
-        WAIT,
-        || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        },
-        || proc.log_text(),
-    );
+    let (proc, port) = common::mosquitto_dynsec(dir);
     let send = move |cmds: Vec<serde_json::Value>| {
         let n = cmds.len();
         // The plugin disconnects a client whose roles change (the setup gives the controller's
         // user its role): then send again — every command is idempotent.
         for _attempt in 0..3 {
-            let (client, mut conn) =
-                connect("sidenet-admin", port, Some(("admin", "admin-secret")))
-                    .expect("the dynsec admin connects");
+            let (client, mut conn) = connect("sidenet-admin", port, Some(common::DYNSEC_ADMIN))
+                .expect("the dynsec admin connects");
             client
                 .subscribe(sidenet_controller::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
                 .unwrap();
@@ -262,7 +223,7 @@ fn mosquitto(dir: &Path) -> Broker {
     Broker {
         name: "mosquitto",
         port,
-        controller: ("admin".into(), "admin-secret".into()),
+        controller: (DYNSEC_ADMIN.0.into(), DYNSEC_ADMIN.1.into()),
         apply: Box::new(move |c| send(sidenet_controller::dynsec::commands(c))),
         refuses_takeover: false,
         _proc: Some(proc),

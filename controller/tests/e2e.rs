@@ -30,6 +30,8 @@ struct Mesh {
     ctl: Option<Proc>,
     agents: Vec<Agent>,
     _mosquitto: Option<Proc>,
+    /// Extra controller arguments.
+    ctl_args: Vec<String>,
 }
 
 impl Mesh {
@@ -52,6 +54,40 @@ impl Mesh {
             ctl: None,
             agents: Vec::new(),
             _mosquitto: mosq,
+            ctl_args: Vec::new(),
+        };
+        m.start_controller();
+        m
+    }
+
+    /// The example mesh on Mosquitto with its dynamic security plugin, which the controller
+    /// administers (`--broker-dynsec`).
+    fn with_dynsec() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        std::fs::copy(
+            repo().join("examples/riverside/mesh.yaml"),
+            dir.path().join("manifests/mesh.yaml"),
+        )
+        .unwrap();
+        let (p, port) = common::mosquitto_dynsec(dir.path());
+        let (user, password) = common::DYNSEC_ADMIN;
+        let mut m = Mesh {
+            dir,
+            port,
+            broker: Some(format!("mqtt://127.0.0.1:{port}")),
+            ctl: None,
+            agents: Vec::new(),
+            _mosquitto: Some(p),
+            ctl_args: [
+                "--broker-username",
+                user,
+                "--broker-password",
+                password,
+                "--broker-dynsec",
+            ]
+            .map(String::from)
+            .to_vec(),
         };
         m.start_controller();
         m
@@ -77,7 +113,8 @@ impl Mesh {
             .arg("--state")
             .arg(self.state())
             .arg("--poll-ms")
-            .arg("100");
+            .arg("100")
+            .args(&self.ctl_args);
         match &self.broker {
             Some(b) => cmd.arg("--broker").arg(b),
             None => cmd.arg("--listen").arg(format!("127.0.0.1:{}", self.port)),
@@ -851,4 +888,83 @@ fn nodes_log_in_with_their_own_broker_password() {
     m.wait_rev(0, 3);
     m.wait_rev(1, 3);
     assert_channel(&m, 52);
+}
+
+/// Per-node credentials on Mosquitto, administered by the controller through the dynamic
+/// security plugin, with real agents: they get their passwords, log in with them and are armed;
+/// then a client claiming alpha's id without the password, or logged in as bravo, can read and
+/// write none of alpha's topics; the agents keep getting configs.
+#[test]
+fn mosquitto_nodes_log_in_with_their_own_broker_password() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
+    let mut m = Mesh::with_dynsec();
+    m.start_agent("alpha", LINUX, &[]);
+    m.start_agent("bravo", LINUX, &[]);
+    m.wait_rev(0, 1);
+    m.wait_rev(1, 1);
+    let (alpha, bravo) = (node_id(&m.agents[0].root), node_id(&m.agents[1].root));
+    let pb = wait_for(
+        "bravo to keep its broker password",
+        WAIT,
+        || std::fs::read_to_string(m.agents[1].root.join("etc/sidenet-agent/mqtt.password")).ok(),
+        || m.logs(),
+    );
+    // Whether `id` (with `login`) may subscribe to alpha's config.
+    let may_read_alpha = |id: &str, login: Option<(&str, &str)>| -> Option<bool> {
+        let mut o = MqttOptions::new(id, "127.0.0.1", m.port);
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
+        let (client, mut conn) = Client::new(o, 10);
+        client
+            .subscribe(
+                format!("sidenet/v1/riverside/nodes/{alpha}/config"),
+                QoS::AtLeastOnce,
+            )
+            .unwrap();
+        let answer = conn.iter().find_map(|ev| match ev {
+            Ok(Event::Incoming(Packet::SubAck(s))) => Some(Some(!matches!(
+                s.return_codes[0],
+                SubscribeReasonCode::Failure
+            ))),
+            Err(_) => Some(None),
+            _ => None,
+        });
+        let _ = client.disconnect();
+        answer.flatten()
+    };
+    // Armed once alpha logged in with its password and said so: anonymous clients lose the
+    // enrolment window on its topics.
+    wait_for(
+        "alpha's topics to be closed to clients without its password",
+        WAIT,
+        || (may_read_alpha("snoop", None) == Some(false)).then_some(()),
+        || m.logs(),
+    );
+    assert_ne!(
+        may_read_alpha(&alpha, None),
+        Some(true),
+        "a takeover without password"
+    );
+    assert_ne!(
+        may_read_alpha(&bravo, Some((&bravo, pb.trim()))),
+        Some(true),
+        "bravo's credentials"
+    );
+    assert_ne!(
+        may_read_alpha(&alpha, Some((&alpha, pb.trim()))),
+        Some(true),
+        "bravo's password"
+    );
+    // The takeover attempt kicked alpha (Mosquitto allows that); it comes back with its
+    // password, and both keep getting configs.
+    m.set_mesh(channel(44));
+    m.wait_rev(0, 2);
+    m.wait_rev(1, 2);
+    assert_channel(&m, 44);
+    let log = m.ctl.as_ref().unwrap().log_text();
+    assert!(
+        !log.contains("Mosquitto dynamic security:"),
+        "plugin errors: {log}"
+    );
 }

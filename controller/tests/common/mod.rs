@@ -119,6 +119,40 @@ pub fn peer_python() -> PathBuf {
 
 /// A Mosquitto broker on a free port, configured in `dir`.
 pub fn mosquitto(dir: &Path) -> (Proc, u16) {
+    mosquitto_with(dir, "")
+}
+
+/// User and password of the dynamic security plugin's admin in [`mosquitto_dynsec`].
+#[allow(dead_code)]
+pub const DYNSEC_ADMIN: (&str, &str) = ("admin", "admin-secret");
+
+/// A Mosquitto broker with its dynamic security plugin, initialised (`mosquitto_ctrl dynsec
+/// init`) with the admin [`DYNSEC_ADMIN`] and nothing else.
+#[allow(dead_code)]
+pub fn mosquitto_dynsec(dir: &Path) -> (Proc, u16) {
+    use std::os::unix::fs::PermissionsExt;
+    let json = dir.join("dynsec.json");
+    let out = Command::new("mosquitto_ctrl")
+        .args(["dynsec", "init"])
+        .arg(&json)
+        .args([DYNSEC_ADMIN.0, DYNSEC_ADMIN.1])
+        .output()
+        .expect("mosquitto_ctrl (scripts/install-peers installs mosquitto-clients)");
+    assert!(json.exists(), "mosquitto_ctrl dynsec init: {out:?}");
+    // Mosquitto may switch to its own user: let it read and rewrite the file.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&json, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let plugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
+    mosquitto_with(
+        dir,
+        &format!(
+            "plugin {plugin}\nplugin_opt_config_file {}\n",
+            json.display()
+        ),
+    )
+}
+
+fn mosquitto_with(dir: &Path, extra: &str) -> (Proc, u16) {
     let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .iter()
         .map(PathBuf::from)
@@ -129,7 +163,7 @@ pub fn mosquitto(dir: &Path) -> (Proc, u16) {
     std::fs::write(
         &conf,
         format!(
-            "per_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmessage_size_limit 1048576\n"
+            "per_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmessage_size_limit 1048576\n{extra}"
         ),
     )
     .unwrap();
