@@ -781,6 +781,13 @@ impl Controller {
                 node: plan.id.clone(),
                 password: plan.mqtt_password.clone(),
             });
+            // A node that logged in with it before (a record restored after a restart).
+            if self.store.nodes.get(&plan.id).is_some_and(|r| r.mqtt_armed) {
+                self.credentials.push(crate::acl::Credential::Arm {
+                    mesh: plan.net.clone(),
+                    node: plan.id.clone(),
+                });
+            }
         }
         if let Some(p) = &plan.prev
             && p.sha256 == r.sha256

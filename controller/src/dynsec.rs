@@ -8,8 +8,9 @@
 //!   denied: a subscription made while it was allowed stops delivering the moment its
 //!   permission is withdrawn).
 //! - role `sidenet-controller` (added to the controller's own broker user, which must also hold
-//!   the plugin's admin role): everything under `sidenet/v1/`. The plugin disconnects a client
-//!   whose roles change, so the controller reconnects once after the first setup.
+//!   the plugin's admin role): everything under `sidenet/v1/`. The controller asks for its
+//!   user's roles and adds this one only when missing: the plugin disconnects a client whose
+//!   roles change, so the controller reconnects once, after the very first setup.
 //! - the anonymous group's role `sidenet-anonymous`: every mesh's announcement, publishing to
 //!   `sidenet/v1/+/enroll/+` (an enrolment counts only if signed by the key of the id in its
 //!   topic), and — only while a node is *issued but not armed*, i.e. between approval and its
@@ -120,7 +121,10 @@ pub fn setup(controller_user: &str, meshes: &[String]) -> Vec<Value> {
                 acl("publishClientReceive", "sidenet/v1/#", true),
             ],
         }),
-        json!({ "command": "addClientRole", "username": controller_user, "rolename": CONTROLLER_ROLE }),
+        // Whether the controller's user holds its role: answered with the user's roles, see
+        // [`controller_role_missing`]. (Adding a role disconnects the user's clients, so it is
+        // added only when missing.)
+        json!({ "command": "getClient", "username": controller_user }),
         json!({ "command": "createRole", "rolename": ANONYMOUS, "acls": [] }),
         json!({ "command": "createGroup", "groupname": ANONYMOUS }),
         json!({ "command": "addGroupRole", "groupname": ANONYMOUS, "rolename": ANONYMOUS }),
@@ -217,6 +221,21 @@ pub fn messages(commands: Vec<Value>, per_message: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The command that gives the controller's user its role, if `payload` (a plugin response)
+/// shows the user without it.
+pub fn controller_role_missing(payload: &[u8], controller_user: &str) -> Option<Value> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let client = v["responses"].as_array()?.iter().find(|r| {
+        r["command"] == "getClient" && r["data"]["client"]["username"] == controller_user
+    })?;
+    let has = client["data"]["client"]["roles"]
+        .as_array()
+        .is_some_and(|roles| roles.iter().any(|r| r["rolename"] == CONTROLLER_ROLE));
+    (!has).then(|| {
+        json!({ "command": "addClientRole", "username": controller_user, "rolename": CONTROLLER_ROLE })
+    })
+}
+
 /// Errors in a plugin response other than the expected "already exists" / "not found" of
 /// idempotent commands, as `command: error` lines.
 pub fn response_errors(payload: &[u8]) -> Vec<String> {
@@ -293,6 +312,18 @@ mod tests {
                 .all(|t| !t.contains(['+', '#']))
         );
         assert_eq!(messages(issue, 4).len(), 3);
+    }
+
+    #[test]
+    fn the_controller_role_is_added_only_when_missing() {
+        let without = br#"{"responses":[{"command":"getClient","data":{"client":{"username":"admin","roles":[{"rolename":"admin"}]}}}]}"#;
+        let with = br#"{"responses":[{"command":"getClient","data":{"client":{"username":"admin","roles":[{"rolename":"admin"},{"rolename":"sidenet-controller"}]}}}]}"#;
+        assert!(
+            controller_role_missing(without, "admin")
+                .is_some_and(|c| c["command"] == "addClientRole")
+        );
+        assert!(controller_role_missing(with, "admin").is_none());
+        assert!(controller_role_missing(without, "other").is_none());
     }
 
     #[test]

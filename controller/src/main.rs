@@ -97,6 +97,10 @@ enum Mode {
         /// CA bundle (PEM) for an mqtts:// broker.
         #[arg(long, env = "SIDENET_BROKER_CA")]
         broker_ca: Option<PathBuf>,
+        /// The external broker is Mosquitto with its dynamic security plugin and the user above
+        /// administers it: the controller gives each node its own credentials and ACLs there.
+        #[arg(long, env = "SIDENET_BROKER_DYNSEC")]
+        broker_dynsec: bool,
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, env = "SIDENET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
         metrics_listen: SocketAddr,
@@ -201,6 +205,7 @@ async fn main() -> ExitCode {
             broker_username,
             broker_password,
             broker_ca,
+            broker_dynsec,
             metrics_listen,
             leader_election,
             pod_name,
@@ -216,6 +221,7 @@ async fn main() -> ExitCode {
                 broker_username: broker_username.filter(|u| !u.is_empty()),
                 broker_password: broker_password.filter(|p| !p.is_empty()),
                 broker_ca: broker_ca.filter(|p| !p.as_os_str().is_empty()),
+                broker_dynsec,
                 metrics_listen: Some(metrics_listen),
                 leader_election,
                 pod_name,

@@ -405,6 +405,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                         return;
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(a)))
+                    if a.return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                {
+                    tracing::error!(
+                        "the MQTT broker refused a subscription of the controller (packet {}): check the controller's broker user's rights",
+                        a.pkid
+                    );
+                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
@@ -502,6 +512,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                         MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
                             for e in crate::dynsec::response_errors(&payload) {
                                 tracing::error!("Mosquitto dynamic security: {e}");
+                            }
+                            if let Some(user) = &dynsec_user
+                                && let Some(cmd) = crate::dynsec::controller_role_missing(&payload, user)
+                            {
+                                tracing::info!("giving broker user {user} the sidenet-controller role (Mosquitto reconnects it)");
+                                send_dynsec(&client, vec![cmd]).await;
                             }
                         }
                         MqttEvent::Message(topic, payload) => {

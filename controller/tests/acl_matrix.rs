@@ -169,10 +169,10 @@ fn embedded() -> Broker {
 fn mosquitto(dir: &Path) -> Broker {
     let (proc, port) = common::mosquitto_dynsec(dir);
     let send = move |cmds: Vec<serde_json::Value>| {
-        let n = cmds.len();
         // The plugin disconnects a client whose roles change (the setup gives the controller's
         // user its role): then send again — every command is idempotent.
         for _attempt in 0..3 {
+            let mut n = cmds.len();
             let (client, mut conn) = connect("sidenet-admin", port, Some(common::DYNSEC_ADMIN))
                 .expect("the dynsec admin connects");
             client
@@ -198,6 +198,23 @@ fn mosquitto(dir: &Path) -> Broker {
                         let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
                         answered += v["responses"].as_array().map_or(0, |a| a.len());
                         errors.extend(sidenet_controller::dynsec::response_errors(&p.payload));
+                        // As the controller does: give the admin its role when it lacks it.
+                        if let Some(cmd) = sidenet_controller::dynsec::controller_role_missing(
+                            &p.payload,
+                            DYNSEC_ADMIN.0,
+                        ) {
+                            client
+                                .publish(
+                                    sidenet_controller::dynsec::CONTROL_TOPIC,
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    serde_json::to_vec(&serde_json::json!({ "commands": [cmd] }))
+                                        .unwrap(),
+                                )
+                                .unwrap();
+                            // Wait for its answer too (or the disconnection it causes).
+                            n += 1;
+                        }
                     }
                     Ok(Err(_)) => {
                         lost = true;

@@ -66,9 +66,16 @@ struct Observer {
 
 impl Observer {
     async fn start(port: u16) -> (Observer, AsyncClient) {
+        Observer::start_as(port, None).await
+    }
+
+    async fn start_as(port: u16, login: Option<(&str, &str)>) -> (Observer, AsyncClient) {
         let obs = Observer::default();
         let mut o = MqttOptions::new(format!("observer-{}", free_port()), "127.0.0.1", port);
         o.set_max_packet_size(1 << 20, 1 << 20);
+        if let Some((u, p)) = login {
+            o.set_credentials(u, p);
+        }
         let (client, mut el) = AsyncClient::new(o, 100);
         client
             .subscribe("sidenet/#", QoS::AtLeastOnce)
@@ -148,6 +155,10 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_broker(common::mosquitto)
+    }
+
+    fn with_broker(broker: fn(&Path) -> (common::Proc, u16)) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -156,7 +167,7 @@ impl Cluster {
             .with_test_writer()
             .try_init();
         let dir = tempfile::tempdir().unwrap();
-        let (mosq, port) = common::mosquitto(dir.path());
+        let (mosq, port) = broker(dir.path());
         let api = FakeApi::new();
         let client = Client::new(api.tagged("test-client"), "default");
         let ctl_client = Client::new(api.clone(), "default");
@@ -178,6 +189,7 @@ impl Cluster {
             broker_username: None,
             broker_password: None,
             broker_ca: None,
+            broker_dynsec: false,
             metrics_listen: None,
             leader_election: false,
             pod_name: name.into(),
@@ -640,6 +652,17 @@ impl Agent {
     }
 
     async fn report(&mut self, mqtt: &AsyncClient, applied: Revision, sha: &str) {
+        self.report_login(mqtt, applied, sha, false).await;
+    }
+
+    /// A status report that says (or not) that the node logs in with its broker password.
+    async fn report_login(
+        &mut self,
+        mqtt: &AsyncClient,
+        applied: Revision,
+        sha: &str,
+        mqtt_auth: bool,
+    ) {
         let body = StatusReport {
             state: ApplyState::Applied,
             applied: Some(applied),
@@ -663,7 +686,7 @@ impl Agent {
             }],
             wireguard: None,
             trial: None,
-            mqtt_auth: false,
+            mqtt_auth,
         };
         let h = self.header();
         let payload = seal(
@@ -1938,5 +1961,150 @@ async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
         || c.dump(),
     )
     .await;
+    ctl.stop().await;
+}
+
+/// Client usernames, and the anonymous role's ACL topics with their allow flags.
+type DynsecState = (Vec<String>, Vec<(String, bool)>);
+
+/// The ACL roles and clients in Mosquitto's dynamic security file (Mosquitto saves it after
+/// every change): (client usernames, the anonymous role's ACL topics with allow flags).
+fn dynsec_state(dir: &Path) -> Option<DynsecState> {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("dynsec.json")).ok()?).ok()?;
+    let clients = v["clients"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| c["username"].as_str().map(String::from))
+        .collect();
+    let anon = v["roles"]
+        .as_array()?
+        .iter()
+        .find(|r| r["rolename"] == "sidenet-anonymous")?["acls"]
+        .as_array()?
+        .iter()
+        .filter_map(|a| Some((a["topic"].as_str()?.to_string(), a["allow"].as_bool()?)))
+        .collect();
+    Some((clients, anon))
+}
+
+/// Kubernetes mode with an external Mosquitto administered through its dynamic security
+/// plugin: an approved node gets its own broker client and, until it logs in with its
+/// password, an enrolment window on its own topics; once it says it logs in, the window closes
+/// (and stays closed across a controller restart, from `status.brokerLogin`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_credentials_on_mosquitto_with_dynamic_security() {
+    let c = Cluster::with_broker(common::mosquitto_dynsec);
+    c.riverside(false, set_mode("auto")).await;
+    let (user, password) = common::DYNSEC_ADMIN;
+    let opts = |name: &str| Options {
+        broker_username: Some(user.into()),
+        broker_password: Some(password.into()),
+        broker_dynsec: true,
+        ..c.opts(name)
+    };
+    let ctl = c.start(opts("ctl-a"));
+    let dir = c.dir.path().to_path_buf();
+    eventually(
+        "the plugin set up for the mesh, the admin user with the controller role",
+        || {
+            let v: Value =
+                serde_json::from_slice(&std::fs::read(dir.join("dynsec.json")).ok()?).ok()?;
+            let admin = v["clients"]
+                .as_array()?
+                .iter()
+                .find(|c| c["username"] == user)?;
+            let has_role = admin["roles"]
+                .as_array()?
+                .iter()
+                .any(|r| r["rolename"] == "sidenet-controller");
+            let (_, anon) = dynsec_state(&dir)?;
+            (has_role
+                && anon
+                    .iter()
+                    .any(|(t, _)| t == "sidenet/v1/riverside/enroll/+"))
+            .then_some(())
+        },
+        || c.dump(),
+    )
+    .await;
+    // The admin user now holds the controller role too (the plugin disconnected it once).
+    let (obs, mqtt) = Observer::start_as(c.port, Some((user, password))).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mut agent = Agent::new(21);
+    let id = agent.id();
+    // Enrol as an agent does: again until answered (the controller reconnects once, when the
+    // plugin gives its user the controller role, and enrolments are not retained).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (rev, sha, config) = loop {
+        agent
+            .enroll(&mqtt, "node21", "raspberrypi-4b-awus036acm")
+            .await;
+        let retry = std::time::Instant::now() + Duration::from_secs(2);
+        let mut got = None;
+        while got.is_none() && std::time::Instant::now() < retry {
+            got = config_of(&obs, &key, &id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(g) = got {
+            break g;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no config for the node\n{}",
+            c.dump()
+        );
+    };
+    assert!(
+        config
+            .sealed
+            .contains_key(sidenet_wire::seal::MQTT_PASSWORD)
+    );
+    let window = format!("sidenet/v1/riverside/nodes/{id}/config");
+    eventually(
+        "the node's broker client and its enrolment window",
+        || {
+            dynsec_state(&dir).filter(|(clients, anon)| {
+                clients.contains(&id) && anon.iter().any(|(t, a)| *t == window && *a)
+            })
+        },
+        || c.dump(),
+    )
+    .await;
+    agent.report_login(&mqtt, rev, &sha, true).await;
+    let deny = format!("sidenet/v1/riverside/enroll/{id}");
+    eventually(
+        "the window closed once the node logs in",
+        || {
+            dynsec_state(&dir).filter(|(_, anon)| {
+                !anon.iter().any(|(t, _)| *t == window)
+                    && anon.iter().any(|(t, a)| *t == deny && !*a)
+            })
+        },
+        || c.dump(),
+    )
+    .await;
+    eventually(
+        "status.brokerLogin",
+        || {
+            c.node("node21")
+                .filter(|n| n["status"]["brokerLogin"] == json!(true))
+        },
+        || c.dump(),
+    )
+    .await;
+    // A restarted controller keeps it closed.
+    ctl.stop().await;
+    let ctl = c.start(opts("ctl-b"));
+    eventually(
+        "the restarted controller to republish the node's config",
+        || {
+            (obs.revisions(&id).len() >= 2 || c.condition("node21", "Ready").is_some())
+                .then_some(())
+        },
+        || c.dump(),
+    )
+    .await;
+    let (_, anon) = dynsec_state(&dir).unwrap();
+    assert!(!anon.iter().any(|(t, _)| *t == window), "{anon:?}");
     ctl.stop().await;
 }

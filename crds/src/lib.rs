@@ -485,6 +485,11 @@ pub struct MeshNodeStatus {
     /// can seal the node's secrets without a new enrolment when `spec.publicKey` is omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrolled_key: Option<String>,
+    /// The node logs in to the broker with its own password (it said so in a signed status
+    /// report): the broker refuses its id without it. Kept so a restarted controller insists
+    /// at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub broker_login: bool,
     /// The node's WireGuard links as it last reported them: babel's view and the pathfinder
     /// probes' latency and loss.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -57,6 +57,9 @@ pub struct Options {
     pub broker_password: Option<String>,
     /// CA bundle for `mqtts://` (`SIDENET_BROKER_CA`).
     pub broker_ca: Option<PathBuf>,
+    /// The external broker is Mosquitto with its dynamic security plugin, administered by the
+    /// user above (`SIDENET_BROKER_DYNSEC`): node credentials and ACLs go there.
+    pub broker_dynsec: bool,
     /// `/metrics`, `/healthz`, `/readyz` (`SIDENET_METRICS_LISTEN`); `None` serves nothing.
     pub metrics_listen: Option<SocketAddr>,
     /// Take the Lease before reconciling (`SIDENET_LEADER_ELECTION`).
@@ -342,6 +345,16 @@ async fn lead(
                         return;
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(a)))
+                    if a.return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
+                {
+                    tracing::error!(
+                        "the MQTT broker refused a subscription of the controller (packet {}): check the controller's broker user's rights",
+                        a.pkid
+                    );
+                }
                 Ok(_) => {}
                 Err(e) => {
                     let _ = ev_tx.send(MqttEvent::Disconnected);
@@ -381,9 +394,17 @@ async fn lead(
         controller: "sidenet-controller".into(),
         instance: Some(opts.pod_name.clone()),
     };
-    let credentials: Box<dyn BrokerCredentials> = match opts.broker {
-        None => Box::new(book),
-        Some(_) => Box::new(NoBrokerCredentials),
+    let credentials: Box<dyn BrokerCredentials> = match (&opts.broker, opts.broker_dynsec) {
+        (None, _) => Box::new(book),
+        (Some(_), true) => Box::new(reconcile::DynsecCredentials {
+            mqtt: mqtt.clone(),
+            user: opts.broker_username.clone().ok_or_else(|| {
+                KubeError::Other(
+                    "SIDENET_BROKER_DYNSEC needs SIDENET_BROKER_USERNAME and SIDENET_BROKER_PASSWORD (a user with the dynamic security plugin's admin role)".into(),
+                )
+            })?,
+        }),
+        (Some(_), false) => Box::new(NoBrokerCredentials),
     };
     let ctx = Arc::new(Ctx {
         client: client.clone(),

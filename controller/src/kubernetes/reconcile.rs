@@ -53,6 +53,16 @@ pub trait BrokerCredentials: Send + Sync {
     /// Applies credential changes from the core ([`Controller::take_credentials`]).
     fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String>;
 
+    /// The controller (re)connected to the broker: bring the broker's user store up to date.
+    fn on_connected(&self, _ctl: &mut Controller) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// An answer of the broker's user store.
+    fn on_response(&self, _payload: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Revokes the credentials of node `node` of mesh `mesh` (network name). Idempotent.
     fn revoke(&self, mesh: &str, node: &str) -> Result<(), String> {
         self.apply(&[crate::acl::Credential::Revoke {
@@ -69,6 +79,65 @@ pub struct NoBrokerCredentials;
 impl BrokerCredentials for NoBrokerCredentials {
     fn apply(&self, _changes: &[crate::acl::Credential]) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// Node credentials on an external Mosquitto, through its dynamic security plugin
+/// ([`crate::dynsec`]), over the controller's own MQTT connection.
+pub struct DynsecCredentials {
+    /// The controller's connection.
+    pub mqtt: AsyncClient,
+    /// The controller's broker user (given the controller role at setup).
+    pub user: String,
+}
+
+impl DynsecCredentials {
+    fn send(&self, commands: Vec<Value>) -> Result<(), String> {
+        for payload in crate::dynsec::messages(commands, 200) {
+            self.mqtt
+                .try_publish(
+                    crate::dynsec::CONTROL_TOPIC,
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| format!("dynamic security command: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl BrokerCredentials for DynsecCredentials {
+    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String> {
+        self.send(crate::dynsec::commands(changes))
+    }
+
+    fn on_connected(&self, ctl: &mut Controller) -> Result<(), String> {
+        let meshes: Vec<String> = ctl
+            .set
+            .meshes
+            .values()
+            .map(|m| network_name(m).to_string())
+            .collect();
+        self.mqtt
+            .try_subscribe(crate::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
+            .map_err(|e| format!("subscribe: {e}"))?;
+        let mut cmds = crate::dynsec::setup(&self.user, &meshes);
+        cmds.extend(crate::dynsec::commands(&ctl.credential_snapshot()));
+        self.send(cmds)
+    }
+
+    fn on_response(&self, payload: &[u8]) -> Result<(), String> {
+        match crate::dynsec::controller_role_missing(payload, &self.user) {
+            Some(cmd) => {
+                tracing::info!(
+                    "giving broker user {} the sidenet-controller role (Mosquitto reconnects it)",
+                    self.user
+                );
+                self.send(vec![cmd])
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -549,6 +618,7 @@ fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64) {
                 .unwrap_or_else(|| node.name_any()),
             profile: node.spec.hardware_profile.clone(),
             enrolled_at: now,
+            mqtt_armed: st.broker_login,
             ..Default::default()
         };
         eng.ctl.store.nodes.insert(id.clone(), rec);
@@ -731,6 +801,7 @@ pub(crate) async fn write_status(
         record_approved: rec.is_some_and(|r| r.approved),
         reported_hostname: rec.map(|r| r.hostname.clone()),
         enrolled_key: rec.map(|r| r.public_key.clone()),
+        broker_login: rec.is_some_and(|r| r.mqtt_armed),
         applied_sha256: rec.and_then(|r| r.applied_sha256.clone()),
         invalid,
         links: rec
@@ -1142,6 +1213,9 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
             if let Err(e) = sync(ctx, eng).await {
                 tracing::error!("{e}");
             }
+            if let Err(e) = ctx.credentials.on_connected(&mut eng.ctl) {
+                tracing::error!("broker credentials: {e}");
+            }
             let mut out = eng.ctl.announcements(crate::now())?;
             let held = eng.held.clone();
             out.extend(eng.ctl.stored_configs()?.into_iter().filter(|p| {
@@ -1172,6 +1246,14 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
                 .fetch_add(configs as u64, Ordering::Relaxed);
             persist_and_publish(ctx, eng, started).await?;
             ctx.metrics.ready.store(true, Ordering::SeqCst);
+        }
+        MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
+            for e in crate::dynsec::response_errors(&payload) {
+                tracing::error!("Mosquitto dynamic security: {e}");
+            }
+            if let Err(e) = ctx.credentials.on_response(&payload) {
+                tracing::error!("broker credentials: {e}");
+            }
         }
         MqttEvent::Message(topic, payload) => {
             let parsed = topics::parse(&topic);

@@ -75,6 +75,8 @@ pub struct NodeFacts<'a> {
     pub reported_hostname: Option<String>,
     /// Public key of the enrolment record.
     pub enrolled_key: Option<String>,
+    /// The node logs in to the broker with its own password.
+    pub broker_login: bool,
     /// Body hash the node reports running.
     pub applied_sha256: Option<String>,
     /// Why this object's current spec is not used (validation error), if so.
@@ -282,6 +284,7 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
         subnet_id: f.subnet_id,
         reported_hostname: f.reported_hostname.clone(),
         enrolled_key: f.enrolled_key.clone(),
+        broker_login: f.broker_login,
     }
 }
 
