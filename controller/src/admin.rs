@@ -28,6 +28,12 @@ pub enum Request {
         /// Node id or MeshNode name.
         node: String,
     },
+    /// Remove an enrolled node (by id or MeshNode name): record deleted, broker credentials
+    /// revoked, retained config cleared.
+    Remove {
+        /// Node id or MeshNode name.
+        node: String,
+    },
     /// Create a single-use enrolment token.
     Token {
         /// Mesh network name.
@@ -74,6 +80,13 @@ pub enum Response {
         node: String,
         /// Configs published as a result.
         published: usize,
+    },
+    /// Removed.
+    Removed {
+        /// Node id.
+        node: String,
+        /// Its config topic (cleared).
+        topic: String,
     },
     /// A new token (shown once; only its hash is stored).
     Token {

@@ -905,6 +905,32 @@ impl Controller {
         self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
     }
 
+    /// Removes an enrolled node (standalone `sidenetctl remove`): its record is deleted, its
+    /// broker credentials revoked, its retained config cleared; its revision counter stays, so
+    /// if it enrols again (and is approved) its configs continue above what it runs. Returns
+    /// the config topic to clear.
+    pub fn remove_node(&mut self, id: &str, now: u64) -> Result<String, CoreError> {
+        let Some(rec) = self.store.nodes.get(id).cloned() else {
+            return Err(CoreError::Request(format!("node {id} is not enrolled")));
+        };
+        let mut batch = Batch::default();
+        self.store.remove_node(&mut batch, id);
+        self.batch.merge(batch);
+        self.credentials.push(crate::acl::Credential::Revoke {
+            mesh: rec.mesh.clone(),
+            node: id.to_string(),
+        });
+        self.issued.remove(id);
+        self.sealed.remove(id);
+        self.blocked.remove(id);
+        self.online.remove(id);
+        tracing::info!(mesh = %rec.mesh, node = %id, "node removed");
+        let mut affected = self.peers.replace(id, None);
+        affected.remove(id);
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)?;
+        Ok(topics::config(&rec.mesh, id))
+    }
+
     fn on_enroll(
         &mut self,
         mesh: &str,

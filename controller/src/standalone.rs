@@ -551,6 +551,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     },
                     other => other,
                 };
+                let mut out = out;
+                if let Response::Removed { topic, .. } = &resp {
+                    // An empty retained message deletes the retained config.
+                    out.push(crate::core::Publish { topic: topic.clone(), payload: Vec::new(), retain: true });
+                }
                 if connected { send(&client, out).await; }
                 let _ = reply.send(resp);
                 continue;
@@ -703,6 +708,15 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             },
             Err(e) => fail(&e),
         },
+        Request::Remove { node } => {
+            match ctl.resolve(&node).and_then(|id| {
+                let topic = ctl.remove_node(&id, now)?;
+                Ok((id, topic))
+            }) {
+                Ok((node, topic)) => Response::Removed { node, topic },
+                Err(e) => fail(&e),
+            }
+        }
         Request::Token { mesh, ttl_s } => {
             let token = match random32() {
                 Ok(b) => sidenet_wire::codec::base32(&b[..20]),

@@ -163,11 +163,20 @@ pub struct Batch {
     published: BTreeMap<String, (Vec<u8>, Option<Vec<u8>>)>,
     subnets: BTreeMap<String, String>,
     tokens: BTreeMap<String, Vec<u8>>,
+    /// Node records to delete.
+    removed: std::collections::BTreeSet<String>,
 }
 
 impl Batch {
     /// Takes over the changes of `other` (later writes win).
     pub fn merge(&mut self, other: Batch) {
+        for k in other.removed {
+            self.nodes.remove(&k);
+            self.removed.insert(k);
+        }
+        for k in other.nodes.keys() {
+            self.removed.remove(k);
+        }
         self.nodes.extend(other.nodes);
         for (k, (rec, env)) in other.published {
             let env = env.or_else(|| self.published.remove(&k).and_then(|(_, e)| e));
@@ -183,6 +192,7 @@ impl Batch {
             && self.published.is_empty()
             && self.subnets.is_empty()
             && self.tokens.is_empty()
+            && self.removed.is_empty()
     }
 }
 
@@ -310,10 +320,19 @@ impl Store {
 
     /// Records a node (in memory now, on disk at commit).
     pub fn put_node(&mut self, batch: &mut Batch, id: &str, rec: NodeRecord) {
+        batch.removed.remove(id);
         batch
             .nodes
             .insert(id.to_string(), serde_json::to_vec(&rec).unwrap_or_default());
         self.nodes.insert(id.to_string(), rec);
+    }
+
+    /// Deletes a node's record (in memory now, on disk at commit). Its published record stays:
+    /// if the node enrols again, its revisions continue where they were.
+    pub fn remove_node(&mut self, batch: &mut Batch, id: &str) -> Option<NodeRecord> {
+        batch.nodes.remove(id);
+        batch.removed.insert(id.to_string());
+        self.nodes.remove(id)
     }
 
     /// Records a published config and its envelope (kept on disk only: envelopes are read back
@@ -394,6 +413,9 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut nodes = txn.open_table(NODES).map_err(db_err)?;
+            for k in &batch.removed {
+                nodes.remove(k.as_str()).map_err(db_err)?;
+            }
             for (k, v) in &batch.nodes {
                 nodes.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
             }

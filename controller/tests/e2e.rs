@@ -888,6 +888,47 @@ fn nodes_log_in_with_their_own_broker_password() {
     m.wait_rev(0, 3);
     m.wait_rev(1, 3);
     assert_channel(&m, 52);
+    // Removing alpha revokes its credentials (durably) and clears its retained config.
+    match admin::call(
+        &m.state(),
+        &Request::Remove {
+            node: alpha.clone(),
+        },
+    )
+    .unwrap()
+    {
+        Response::Removed { node, .. } => assert_eq!(node, alpha),
+        other => panic!("{other:?}"),
+    }
+    m.agents[0].proc.kill();
+    assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);
+    // Alpha's id (now without credentials) subscribes to its config, then to the announcement:
+    // a retained config would arrive first.
+    {
+        use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+        let cfg = format!("sidenet/v1/riverside/nodes/{alpha}/config");
+        let (client, mut conn) = Client::new(MqttOptions::new(&alpha, "127.0.0.1", m.port), 10);
+        client.subscribe(cfg.as_str(), QoS::AtLeastOnce).unwrap();
+        client
+            .subscribe("sidenet/v1/riverside/announce", QoS::AtLeastOnce)
+            .unwrap();
+        let first = conn
+            .iter()
+            .find_map(|ev| match ev.unwrap() {
+                Event::Incoming(Packet::Publish(p)) => Some(p.topic.to_string()),
+                _ => None,
+            })
+            .unwrap();
+        assert_ne!(first, cfg, "alpha's config is still retained");
+        let _ = client.disconnect();
+    }
+    m.ctl.as_mut().unwrap().kill();
+    m.start_controller();
+    assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);
+    assert_eq!(
+        connack(m.port, &bravo, None),
+        ConnectReturnCode::NotAuthorized
+    );
 }
 
 /// Per-node credentials on Mosquitto, administered by the controller through the dynamic

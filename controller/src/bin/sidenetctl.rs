@@ -91,6 +91,16 @@ enum Cmd {
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
     },
+    /// Remove an enrolled node: its record is deleted, its broker credentials revoked and its
+    /// retained config cleared. It may enrol again (and needs approval again, unless the mesh
+    /// auto-approves).
+    Remove {
+        /// Node id or MeshNode name.
+        node: String,
+        /// State folder of the running controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+    },
     /// Rotate a mesh's signing key: the old key endorses a new one, every node gets its config
     /// again signed by the new key, and agents accept the old key for --overlap more seconds.
     /// Agents offline meanwhile follow the endorsement when they come back.
@@ -297,6 +307,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Cmd::Approve { node, state } => match admin::call(&state, &Request::Approve { node })? {
             Response::Approved { node, published } => {
                 println!("approved {node} ({published} config(s) published)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        },
+        Cmd::Remove { node, state } => match admin::call(&state, &Request::Remove { node })? {
+            Response::Removed { node, topic } => {
+                println!("removed {node} (credentials revoked, {topic} cleared)");
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
