@@ -874,6 +874,14 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     };
     let (size, rss) = agent_footprint(repo, &agent_bin).await?;
     r.insert("agent_binary_bytes", json!(size));
+    // The build with the cargo feature `tls` (mqtts://), copied aside by bench/run.
+    let tls_bin = agent_bin.with_file_name("sidenet-agent-tls");
+    if !smoke {
+        let tls_size = std::fs::metadata(&tls_bin)
+            .with_context(|| format!("{}: bench/run builds it", tls_bin.display()))?
+            .len();
+        r.insert("agent_tls_binary_bytes", json!(tls_size));
+    }
     r.insert("agent_idle_rss_bytes", json!(rss));
     let apply = agent_apply(repo, if smoke { 20 } else { 200 })?;
     r.insert("agent_apply_s", json!((apply * 1e6).round() / 1e6));
@@ -963,10 +971,16 @@ fn markdown(r: &BTreeMap<&str, Value>, cores: usize) -> String {
             ok(num("incremental_publishes") == 1.0),
         ),
         (
-            "Agent binary (stripped, size profile)",
+            "Agent binary (stripped, size profile, default features: plain MQTT, no TLS)",
             mb("agent_binary_bytes"),
             "≤ 1.5 MB".into(),
             ok(num("agent_binary_bytes") <= 1.5 * 1_048_576.0),
+        ),
+        (
+            "Agent binary with `--features tls` (mqtts://, rustls + ring)",
+            mb("agent_tls_binary_bytes"),
+            "—".into(),
+            "—",
         ),
         (
             "Agent idle RSS",

@@ -38,6 +38,8 @@ pub struct Options {
     pub broker: Option<String>,
     /// Listen address of the embedded broker.
     pub listen: SocketAddr,
+    /// TLS listener of the embedded broker, next to `listen`.
+    pub tls: Option<crate::broker::TlsListen>,
     /// How often the manifest folder is checked.
     pub poll: Duration,
     /// How often configs are checked for renewal.
@@ -307,8 +309,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
             );
             credentials = Some(password.clone());
-            let _broker = crate::broker::start(opts.listen, opts.max_connections, Some(password))?;
+            let _broker = crate::broker::start(
+                opts.listen,
+                opts.tls.as_ref(),
+                opts.max_connections,
+                Some(password),
+            )?;
             tracing::info!("embedded MQTT broker listening on {}", opts.listen);
+            if let Some(t) = &opts.tls {
+                tracing::info!("embedded MQTT broker listening for TLS on {}", t.addr);
+            }
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {

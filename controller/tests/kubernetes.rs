@@ -191,6 +191,7 @@ impl Cluster {
             },
             refresh: Duration::from_secs(300),
             max_connections: 100,
+            tls: None,
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Options {
     pub broker: Option<String>,
     /// Listen address of the embedded broker (`SIDENET_LISTEN`).
     pub listen: SocketAddr,
+    /// TLS listener of the embedded broker (`SIDENET_TLS_LISTEN`, `SIDENET_TLS_CERT`,
+    /// `SIDENET_TLS_KEY`).
+    pub tls: Option<crate::broker::TlsListen>,
     /// External broker user name (`SIDENET_BROKER_USERNAME`).
     pub broker_username: Option<String>,
     /// External broker password (`SIDENET_BROKER_PASSWORD`).
@@ -123,11 +126,15 @@ impl Drop for TaskGuard {
 /// `controller_password`.
 pub fn start_embedded_broker(
     listen: SocketAddr,
+    tls: Option<&crate::broker::TlsListen>,
     max_connections: usize,
     controller_password: String,
 ) -> Result<(), KubeError> {
-    crate::broker::start(listen, max_connections, Some(controller_password))?;
+    crate::broker::start(listen, tls, max_connections, Some(controller_password))?;
     tracing::info!("embedded MQTT broker listening on {listen}");
+    if let Some(t) = tls {
+        tracing::info!("embedded MQTT broker listening for TLS on {}", t.addr);
+    }
     Ok(())
 }
 
@@ -306,7 +313,12 @@ async fn lead(
         let password = crate::standalone::random32()
             .map(|b| sidenet_wire::codec::base32(&b))
             .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
-        start_embedded_broker(opts.listen, opts.max_connections, password.clone())?;
+        start_embedded_broker(
+            opts.listen,
+            opts.tls.as_ref(),
+            opts.max_connections,
+            password.clone(),
+        )?;
         mqtt_opts.set_credentials(crate::acl::CONTROLLER_USER, password);
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);
