@@ -48,9 +48,13 @@ enum Mode {
         /// State folder: database, mesh keys, generated passphrases, admin socket.
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
-        /// Use this MQTT broker (mqtt://host:port) instead of the embedded one.
+        /// Use this MQTT broker (mqtt://host:port, or mqtts://host:port for TLS) instead of the
+        /// embedded one.
         #[arg(long, env = "SIDENET_BROKER")]
         broker: Option<String>,
+        /// CA bundle (PEM) for an mqtts:// --broker; without it, the system roots.
+        #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
+        broker_ca: Option<PathBuf>,
         /// Listen address of the embedded broker. Use 0.0.0.0:1883 to let routers on the LAN in.
         #[arg(long, env = "SIDENET_LISTEN", default_value = "127.0.0.1:1883")]
         listen: SocketAddr,
@@ -177,6 +181,7 @@ async fn main() -> ExitCode {
             templates,
             state,
             broker,
+            broker_ca,
             listen,
             tls_listen,
             tls_cert,
@@ -204,6 +209,7 @@ async fn main() -> ExitCode {
                 templates,
                 state,
                 broker,
+                broker_ca,
                 listen,
                 tls,
                 poll: Duration::from_millis(poll_ms.max(50)),

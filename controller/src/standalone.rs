@@ -36,6 +36,8 @@ pub struct Options {
     pub state: PathBuf,
     /// External broker URL; `None` runs the embedded broker.
     pub broker: Option<String>,
+    /// CA bundle (PEM) for an `mqtts://` external broker; `None` trusts the system roots.
+    pub broker_ca: Option<PathBuf>,
     /// Listen address of the embedded broker.
     pub listen: SocketAddr,
     /// TLS listener of the embedded broker, next to `listen`.
@@ -302,8 +304,22 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
 
     // The embedded broker lets the controller in by a password made for this run.
     let mut credentials = None;
+    let mut tls = None;
     let (host, port) = match &opts.broker {
-        Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
+        Some(url) => {
+            let u = sidenet_wire::topics::parse_broker(url)
+                .map_err(|e| StandaloneError::Url(format!("--broker: {e}")))?;
+            if u.tls {
+                let t = crate::kubernetes::tls_config_for(opts.broker_ca.as_deref(), "--broker-ca")
+                    .map_err(|e| StandaloneError::Url(e.to_string()))?;
+                tls = Some(rumqttc::Transport::tls_with_config(t));
+            } else if opts.broker_ca.is_some() {
+                return Err(StandaloneError::Url(format!(
+                    "--broker-ca is given, but --broker {url} is not an mqtts:// URL"
+                )));
+            }
+            (u.host, u.port)
+        }
         None => {
             let password = sidenet_wire::codec::base32(
                 &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
@@ -338,6 +354,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     mqtt.set_inflight(1000);
     if let Some(p) = credentials {
         mqtt.set_credentials(crate::acl::CONTROLLER_USER, p);
+    }
+    if let Some(t) = tls {
+        mqtt.set_transport(t);
     }
     // A short request queue: publishing 10,000 configs waits for the socket instead of holding
     // every payload in memory at once.

@@ -101,6 +101,9 @@ impl Setup {
         }
         if let Some(b) = broker {
             cmd.arg("--broker").arg(b);
+            if b.starts_with("mqtts://") {
+                cmd.arg("--broker-ca").arg(self.pki.join("ca.pem"));
+            }
         }
         self.ctl = Some(Proc::spawn(
             "controller",
@@ -283,19 +286,18 @@ fn an_agent_pinned_to_another_ca_never_connects_to_the_embedded_broker() {
     s.assert_wrong_ca_never_connects(&url, &good);
 }
 
-/// Mosquitto with a plain listener (the controller) and a TLS listener (the agents): an agent
-/// pinned to the test CA enrols and applies; one pinned to another CA never connects.
+/// Mosquitto with a TLS listener only: the controller (`--broker mqtts://… --broker-ca`) and an
+/// agent pinned to the test CA enrol and apply; an agent pinned to another CA never connects.
 #[test]
 fn agents_over_tls_to_mosquitto() {
     let mut s = Setup::new();
-    let (plain, tls) = (free_port(), free_port());
+    let tls = free_port();
     let certs = s.pki.clone();
     let conf = s.path("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
             "per_listener_settings false\nallow_anonymous true\npersistence false\nmessage_size_limit 1048576\n\
-             listener {plain} 127.0.0.1\n\
              listener {tls} 127.0.0.1\ncafile {c}/ca.pem\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n",
             c = certs.display()
         ),
@@ -312,20 +314,14 @@ fn agents_over_tls_to_mosquitto() {
         &s.path("mosquitto.log"),
     );
     s.procs.push(mosq);
-    for port in [plain, tls] {
-        wait_for(
-            "mosquitto to listen",
-            Duration::from_secs(10),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
-            || s.logs(),
-        );
-    }
-    s.controller(
-        free_port(),
-        None,
-        Some(&format!("mqtt://127.0.0.1:{plain}")),
+    wait_for(
+        "mosquitto to listen",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", tls)).ok(),
+        || s.logs(),
     );
     let url = format!("mqtts://127.0.0.1:{tls}");
+    s.controller(free_port(), None, Some(&url));
     let ca = s.pki.join("ca.pem").display().to_string();
     let good = s.agent("good", &["--broker".into(), url.clone(), "--ca".into(), ca]);
     s.wait_rev(&good, 1);

@@ -215,13 +215,20 @@ pub fn broker_address(url: &str) -> Result<(String, u16, bool), KubeError> {
 /// The TLS settings for an `mqtts://` broker: the CAs of `SIDENET_BROKER_CA` if set, else the
 /// system roots. Read again at every reconnect (the CA file is a Secret volume that changes).
 pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration, KubeError> {
+    tls_config_for(ca, "SIDENET_BROKER_CA")
+}
+
+/// [`tls_config`], with errors naming the option `option` (`SIDENET_BROKER_CA`, `--broker-ca`).
+pub fn tls_config_for(
+    ca: Option<&std::path::Path>,
+    option: &str,
+) -> Result<rumqttc::TlsConfiguration, KubeError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
-            let err =
-                |e: String| KubeError::Other(format!("SIDENET_BROKER_CA {}: {e}", path.display()));
+            let err = |e: String| KubeError::Other(format!("{option} {}: {e}", path.display()));
             let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| err(format!("not a PEM certificate bundle: {e}")))?;
@@ -236,10 +243,9 @@ pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfigurat
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err(KubeError::Other(
-                    "mqtts:// broker: no system CA certificates found; set SIDENET_BROKER_CA"
-                        .into(),
-                ));
+                return Err(KubeError::Other(format!(
+                    "mqtts:// broker: no system CA certificates found; set {option}"
+                )));
             }
         }
     }
