@@ -14,9 +14,14 @@ use sidenet_agent::shell::BrokerCa;
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (tls)");
 #[cfg(not(feature = "tls"))]
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (no tls)");
+#[cfg(feature = "tls")]
+const ABOUT: &str = "sidenet node agent (this build speaks mqtt:// and mqtts://)";
+#[cfg(not(feature = "tls"))]
+const ABOUT: &str =
+    "sidenet node agent (this build speaks mqtt:// only: mqtts:// needs the cargo feature `tls`)";
 
 #[derive(Debug, Parser)]
-#[command(name = "sidenet-agent", version = VERSION, about = "sidenet node agent")]
+#[command(name = "sidenet-agent", version = VERSION, about = ABOUT)]
 struct Args {
     /// The mesh to join (its network name). Required, here or in --config.
     #[arg(long, env = "SIDENET_MESH")]
