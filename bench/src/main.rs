@@ -874,6 +874,20 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     };
     let (size, rss) = agent_footprint(repo, &agent_bin).await?;
     r.insert("agent_binary_bytes", json!(size));
+    // Which build that was: `sidenet-agent 0.1.0 (no tls)` or `... (tls)`.
+    let version = Command::new(&agent_bin).arg("--version").output()?;
+    r.insert(
+        "agent_binary_version",
+        json!(String::from_utf8_lossy(&version.stdout).trim()),
+    );
+    // The build with the cargo feature `tls` (mqtts://), copied aside by bench/run.
+    let tls_bin = agent_bin.with_file_name("sidenet-agent-tls");
+    if !smoke {
+        let tls_size = std::fs::metadata(&tls_bin)
+            .with_context(|| format!("{}: bench/run builds it", tls_bin.display()))?
+            .len();
+        r.insert("agent_tls_binary_bytes", json!(tls_size));
+    }
     r.insert("agent_idle_rss_bytes", json!(rss));
     let apply = agent_apply(repo, if smoke { 20 } else { 200 })?;
     r.insert("agent_apply_s", json!((apply * 1e6).round() / 1e6));
@@ -915,6 +929,11 @@ fn markdown(r: &BTreeMap<&str, Value>, cores: usize) -> String {
     let mb = |k: &str| format!("{:.2} MB", num(k) / 1_048_576.0);
     let ok = |met: bool| if met { "met" } else { "**missed**" };
     let ratio = num("render_sign_per_s") / num("netjsonconfig_per_s");
+    // The footprint rows name the build they measured (its --version).
+    let agent_row = format!(
+        "Agent binary (stripped, size profile): `{}`",
+        f("agent_binary_version").as_str().unwrap_or("?")
+    );
     let rows = [
         (
             "Fan-out, 1,000 agents, Mosquitto (channel change → all applied)",
@@ -963,13 +982,19 @@ fn markdown(r: &BTreeMap<&str, Value>, cores: usize) -> String {
             ok(num("incremental_publishes") == 1.0),
         ),
         (
-            "Agent binary (stripped, size profile)",
+            agent_row.as_str(),
             mb("agent_binary_bytes"),
             "≤ 1.5 MB".into(),
             ok(num("agent_binary_bytes") <= 1.5 * 1_048_576.0),
         ),
         (
-            "Agent idle RSS",
+            "Agent binary with `--features tls` (mqtts://, rustls + ring)",
+            mb("agent_tls_binary_bytes"),
+            "—".into(),
+            "—",
+        ),
+        (
+            "Agent idle RSS (the same build)",
             mb("agent_idle_rss_bytes"),
             "≤ 4 MB".into(),
             ok(num("agent_idle_rss_bytes") <= 4.0 * 1_048_576.0),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,16 +36,42 @@ enum End {
     Abrupt(&'static str),
 }
 
+/// A client's byte stream (plain TCP or TLS over TCP), split into halves that are read and
+/// written from the same task.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send;
+    type Write: AsyncWrite + Unpin + Send;
+    /// Whether written bytes may wait in the stream until a flush (TLS).
+    const BUFFERED: bool;
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Stream for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    const BUFFERED: bool = false;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    const BUFFERED: bool = true;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Serves one accepted socket to the end.
-pub(crate) async fn serve<A: Authorizer>(
+pub(crate) async fn serve<A: Authorizer, S: Stream>(
     core: Arc<Core>,
     auth: Arc<A>,
-    mut stream: TcpStream,
+    mut stream: S,
+    peer: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let mut rbuf = BytesMut::with_capacity(512);
     let max_packet = core.config.max_packet_size;
     let first = tokio::select! {
@@ -136,9 +162,24 @@ pub(crate) async fn serve<A: Authorizer>(
     }
 }
 
+/// Writes some of `buf` (true), or flushes when it is empty (false).
+async fn write_or_flush(
+    wr: &mut (impl AsyncWrite + Unpin),
+    buf: &mut BytesMut,
+) -> std::io::Result<bool> {
+    if buf.is_empty() {
+        wr.flush().await?;
+        return Ok(false);
+    }
+    match wr.write_buf(buf).await? {
+        0 => Err(std::io::ErrorKind::WriteZero.into()),
+        _ => Ok(true),
+    }
+}
+
 /// Reads until one packet is decoded; `Ok(None)` on end of stream.
 async fn read_packet(
-    stream: &mut TcpStream,
+    stream: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Option<Packet>, Box<dyn std::error::Error + Send + Sync>> {
@@ -152,7 +193,7 @@ async fn read_packet(
     }
 }
 
-async fn refuse(core: &Core, stream: &mut TcpStream, code: u8) {
+async fn refuse(core: &Core, stream: &mut (impl AsyncWrite + Unpin), code: u8) {
     core.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
     let mut out = BytesMut::with_capacity(4);
     codec::connack(&mut out, false, code);
@@ -181,14 +222,17 @@ struct Session<'a, A: Authorizer> {
 }
 
 impl<A: Authorizer> Session<'_, A> {
-    async fn run(
+    async fn run<S: Stream>(
         &mut self,
-        stream: TcpStream,
+        stream: S,
         mut rbuf: BytesMut,
         connect: &Connect,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = stream.halves();
+        // A TLS stream may keep encrypted bytes after a write returned (the socket was full):
+        // they go out on a flush. (A flush of plain TCP returns at once.)
+        let mut unflushed = false;
         let keepalive = (connect.keep_alive > 0)
             .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let far = Duration::from_secs(86_400 * 365);
@@ -211,9 +255,10 @@ impl<A: Authorizer> Session<'_, A> {
                     };
                 }
                 _ = shutdown.changed() => return End::Shutdown,
-                r = wr.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
-                    if r.is_err() || matches!(r, Ok(0)) {
-                        return End::Abrupt("write failed");
+                r = write_or_flush(&mut wr, &mut self.wbuf), if !self.wbuf.is_empty() || unflushed => {
+                    match r {
+                        Ok(wrote) => unflushed = wrote && S::BUFFERED,
+                        Err(_) => return End::Abrupt("write failed"),
                     }
                     if self.wbuf.is_empty() && self.wbuf.capacity() > 4096 {
                         // A config of a few KiB went out; do not keep its buffer per idle client.
@@ -233,6 +278,7 @@ impl<A: Authorizer> Session<'_, A> {
                         if end == End::Clean {
                             // Flush what is owed (acks) before closing; best effort.
                             let _ = wr.write_all(&self.wbuf).await;
+                            let _ = wr.flush().await;
                         }
                         return end;
                     }

@@ -60,7 +60,12 @@
 //!   is acknowledged and dropped — MQTT 3.1.1 cannot say no — counted in
 //!   [`Stats::denied_publishes`] and logged at debug), subscribe (0x80). [`AllowAll`] allows
 //!   everything.
-//! - No TLS yet, no persistence, no MQTT 5, no `$SYS` topics, no shared subscriptions.
+//! - TLS listeners ([`Listener::tls`], rustls with the ring provider, settings from PEM files
+//!   with [`tls::server_config`]) next to plain ones; [`Broker::run_listeners`] serves several.
+//!   The handshake runs in the connection's own task within [`Config::tls_handshake_timeout`]
+//!   (a socket that never completes it holds nothing but its task); failed handshakes are
+//!   counted in [`Stats::tls_failures`]. No client certificates.
+//! - No persistence, no MQTT 5, no `$SYS` topics, no shared subscriptions.
 //!
 //! # Scale
 //!
@@ -79,11 +84,13 @@
 //! - `router.rs` — shared tables (sessions, subscriptions, retained) and each client's bounded
 //!   outbox.
 //! - `conn.rs` — one connection: handshake, read/write loop, keepalive, will.
+//! - `tls.rs` — TLS server settings from PEM files.
 
 pub mod auth;
 pub mod codec;
 mod conn;
 mod router;
+pub mod tls;
 pub mod topic;
 
 use std::future::Future;
@@ -106,6 +113,9 @@ pub struct Config {
     pub max_packet_size: usize,
     /// Time a new socket has to send CONNECT.
     pub connect_timeout: Duration,
+    /// Time a new socket on a TLS listener has to complete the TLS handshake (then
+    /// `connect_timeout` for CONNECT).
+    pub tls_handshake_timeout: Duration,
     /// Refuse (CONNACK 2) client ids that are empty or contain `+`, `#`, `/` or control
     /// characters.
     pub strict_client_ids: bool,
@@ -123,6 +133,7 @@ impl Default for Config {
             max_connections: 20_000,
             max_packet_size: 1024 * 1024,
             connect_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
             strict_client_ids: true,
             max_inflight: 256,
             max_queued_messages: 1_000,
@@ -158,6 +169,8 @@ pub struct Stats {
     pub takeovers: u64,
     /// Connections closed by [`BrokerHandle::kick`].
     pub kicks: u64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_failures: u64,
     /// Retained messages stored.
     pub retained: usize,
     /// (filter, client) subscriptions.
@@ -201,18 +214,38 @@ impl<A: Authorizer> Broker<A> {
         }
     }
 
-    /// Accepts clients on `listener` until `shutdown` completes, then closes every connection
-    /// (no wills) and returns once their tasks ended.
+    /// Accepts clients on `listener` (plain TCP) until `shutdown` completes, then closes every
+    /// connection (no wills) and returns once their tasks ended.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        self.run_listeners(vec![Listener::plain(listener)], shutdown)
+            .await;
+    }
+
+    /// Accepts clients on every listener (plain or TLS) until `shutdown` completes, then closes
+    /// every connection (no wills) and returns once their tasks ended.
+    pub async fn run_listeners(self, listeners: Vec<Listener>, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let core = &self.core;
+        // The listener polled first takes turns, so a storm on one cannot starve the other.
+        let mut first = 0usize;
         loop {
+            let accept = std::future::poll_fn(|cx| {
+                let n = listeners.len();
+                for k in 0..n {
+                    let i = (first + k) % n;
+                    if let std::task::Poll::Ready(r) = listeners[i].tcp.poll_accept(cx) {
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+                std::task::Poll::Pending
+            });
             tokio::select! {
                 _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
+                (i, accepted) = accept => match accepted {
+                    Ok((stream, peer)) => {
+                        first = first.wrapping_add(1);
                         if core.stats.sockets.load(Ordering::Relaxed) >= core.config.max_connections {
                             core.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!("connection limit reached; closing a new socket");
@@ -222,8 +255,17 @@ impl<A: Authorizer> Broker<A> {
                         let _ = stream.set_nodelay(true);
                         core.stats.sockets.fetch_add(1, Ordering::Relaxed);
                         let (core, auth, stop) = (core.clone(), self.auth.clone(), stop_rx.clone());
+                        let tls = listeners[i].tls.clone();
                         tasks.spawn(async move {
-                            conn::serve(core.clone(), auth, stream, stop).await;
+                            let peer = peer.to_string();
+                            match tls {
+                                None => conn::serve(core.clone(), auth, stream, peer, stop).await,
+                                Some(acceptor) => {
+                                    if let Some(s) = handshake(&core, &acceptor, stream, &peer, stop.clone()).await {
+                                        conn::serve(core.clone(), auth, s, peer, stop).await;
+                                    }
+                                }
+                            }
                             core.stats.sockets.fetch_sub(1, Ordering::Relaxed);
                         });
                     }
@@ -242,6 +284,58 @@ impl<A: Authorizer> Broker<A> {
         }
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The TLS handshake of one socket, in its own task, within the configured time.
+async fn handshake(
+    core: &router::Core,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let r = tokio::select! {
+        r = tokio::time::timeout(core.config.tls_handshake_timeout, acceptor.accept(stream)) => r,
+        _ = stop.changed() => return None,
+    };
+    let why = match r {
+        Ok(Ok(s)) => return Some(s),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no TLS handshake in time".to_string(),
+    };
+    core.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, "TLS handshake failed: {why}");
+    None
+}
+
+/// A listening socket of the broker: plain MQTT or MQTT over TLS.
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("addr", &self.tcp.local_addr().ok())
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Listener {
+    /// Plain MQTT on `tcp`.
+    pub fn plain(tcp: TcpListener) -> Self {
+        Self { tcp, tls: None }
+    }
+
+    /// MQTT over TLS on `tcp`, with these server settings (see [`tls::server_config`]).
+    pub fn tls(tcp: TcpListener, config: Arc<tls::rustls::ServerConfig>) -> Self {
+        Self {
+            tcp,
+            tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+        }
     }
 }
 
@@ -269,6 +363,7 @@ impl BrokerHandle {
             overflows: s.overflows.load(Ordering::Relaxed),
             takeovers: s.takeovers.load(Ordering::Relaxed),
             kicks: s.kicks.load(Ordering::Relaxed),
+            tls_failures: s.tls_failures.load(Ordering::Relaxed),
             retained,
             subscriptions,
         }

@@ -147,6 +147,7 @@ pub(crate) struct Counters {
     pub overflows: AtomicU64,
     pub takeovers: AtomicU64,
     pub kicks: AtomicU64,
+    pub tls_failures: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -5,8 +5,9 @@
 //! start, nodes confined to their own topics by their client id (node id).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use sidenet_broker::{AllowAll, Broker, BrokerHandle, Config};
+use sidenet_broker::{AllowAll, Broker, BrokerHandle, Config, Listener};
 
 use crate::acl::MeshAuthorizer;
 
@@ -21,6 +22,43 @@ pub struct BrokerError {
     pub addr: SocketAddr,
     /// What went wrong.
     pub message: String,
+}
+
+/// A TLS listener of the embedded broker: address, certificate chain and private key (PEM).
+#[derive(Debug, Clone)]
+pub struct TlsListen {
+    /// Listen address (`--tls-listen`).
+    pub addr: SocketAddr,
+    /// Certificate chain, server certificate first (`--tls-cert`).
+    pub cert: PathBuf,
+    /// Private key of the certificate (`--tls-key`).
+    pub key: PathBuf,
+}
+
+/// The TLS listener from the three options, which go together: all or none.
+pub fn tls_listen(
+    addr: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<TlsListen>, String> {
+    match (addr, cert, key) {
+        (None, None, None) => Ok(None),
+        (Some(addr), Some(cert), Some(key)) => Ok(Some(TlsListen { addr, cert, key })),
+        (addr, cert, key) => {
+            let missing: Vec<&str> = [
+                ("--tls-listen", addr.is_none()),
+                ("--tls-cert", cert.is_none()),
+                ("--tls-key", key.is_none()),
+            ]
+            .into_iter()
+            .filter_map(|(n, m)| m.then_some(n))
+            .collect();
+            Err(format!(
+                "the embedded broker's TLS listener needs --tls-listen, --tls-cert and --tls-key together; missing: {}",
+                missing.join(", ")
+            ))
+        }
+    }
 }
 
 /// The broker configuration for `max_connections` clients.
@@ -45,8 +83,11 @@ pub fn config(max_connections: usize) -> Config {
 /// With `controller_password`, the topic ACLs of [`crate::acl`] apply and the controller
 /// connects as [`crate::acl::CONTROLLER_USER`] with that password; without, every client may do
 /// everything (the Kubernetes mode's embedded broker, until it passes a password too).
+///
+/// With `tls`, the broker also accepts MQTT over TLS there (same ACLs, same clients).
 pub fn start(
     listen: SocketAddr,
+    tls: Option<&TlsListen>,
     max_connections: usize,
     controller_password: Option<String>,
     book: crate::acl::CredentialBook,
@@ -55,11 +96,21 @@ pub fn start(
         addr: listen,
         message,
     };
-    let listener =
-        std::net::TcpListener::bind(listen).map_err(|e| err(format!("cannot listen: {e}")))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| err(e.to_string()))?;
+    let bind = |addr: SocketAddr| {
+        let e = |message: String| BrokerError { addr, message };
+        let l = std::net::TcpListener::bind(addr).map_err(|x| e(format!("cannot listen: {x}")))?;
+        l.set_nonblocking(true).map_err(|x| e(x.to_string()))?;
+        Ok::<_, BrokerError>(l)
+    };
+    let mut listeners = vec![(bind(listen)?, None)];
+    if let Some(t) = tls {
+        let config =
+            sidenet_broker::tls::server_config(&t.cert, &t.key).map_err(|message| BrokerError {
+                addr: t.addr,
+                message: format!("TLS: {message}"),
+            })?;
+        listeners.push((bind(t.addr)?, Some(config)));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("mqtt-broker")
@@ -69,13 +120,13 @@ pub fn start(
     match controller_password {
         Some(p) => run_on(
             rt,
-            listener,
+            listeners,
             listen,
             Broker::with_authorizer(config(max_connections), MeshAuthorizer::new(p, book)),
         ),
         None => run_on(
             rt,
-            listener,
+            listeners,
             listen,
             Broker::with_authorizer(config(max_connections), AllowAll),
         ),
@@ -83,9 +134,14 @@ pub fn start(
     .map_err(err)
 }
 
+type StdListeners = Vec<(
+    std::net::TcpListener,
+    Option<std::sync::Arc<sidenet_broker::tls::rustls::ServerConfig>>,
+)>;
+
 fn run_on<A: sidenet_broker::Authorizer>(
     rt: tokio::runtime::Runtime,
-    listener: std::net::TcpListener,
+    listeners: StdListeners,
     listen: SocketAddr,
     broker: Broker<A>,
 ) -> Result<BrokerHandle, String> {
@@ -94,10 +150,18 @@ fn run_on<A: sidenet_broker::Authorizer>(
         .name("mqtt-broker".into())
         .spawn(move || {
             rt.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => broker.run(l, std::future::pending()).await,
-                    Err(e) => tracing::error!("embedded MQTT broker on {listen}: {e}"),
+                let mut ls = Vec::new();
+                for (l, tls) in listeners {
+                    match (tokio::net::TcpListener::from_std(l), tls) {
+                        (Ok(l), None) => ls.push(Listener::plain(l)),
+                        (Ok(l), Some(c)) => ls.push(Listener::tls(l, c)),
+                        (Err(e), _) => {
+                            tracing::error!("embedded MQTT broker on {listen}: {e}");
+                            return;
+                        }
+                    }
                 }
+                broker.run_listeners(ls, std::future::pending()).await;
             });
         })
         .map_err(|e| e.to_string())?;

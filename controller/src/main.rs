@@ -48,7 +48,8 @@ enum Mode {
         /// State folder: database, mesh keys, generated passphrases, admin socket.
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
-        /// Use this MQTT broker (mqtt://host:port) instead of the embedded one.
+        /// Use this MQTT broker (mqtt://host:port, or mqtts://host:port for TLS) instead of the
+        /// embedded one.
         #[arg(long, env = "SIDENET_BROKER")]
         broker: Option<String>,
         /// User name for the external broker.
@@ -62,9 +63,24 @@ enum Mode {
         /// (docs/security.md, "Broker access control").
         #[arg(long, env = "SIDENET_BROKER_DYNSEC")]
         broker_dynsec: bool,
+        /// CA bundle (PEM) for an mqtts:// --broker; without it, the system roots.
+        #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
+        broker_ca: Option<PathBuf>,
         /// Listen address of the embedded broker. Use 0.0.0.0:1883 to let routers on the LAN in.
         #[arg(long, env = "SIDENET_LISTEN", default_value = "127.0.0.1:1883")]
         listen: SocketAddr,
+        /// TLS listener of the embedded broker (MQTT over TLS, e.g. 0.0.0.0:8883), next to
+        /// --listen; needs --tls-cert and --tls-key. Agents connect with
+        /// --broker mqtts://HOST:PORT --ca CA.pem.
+        #[arg(long, env = "SIDENET_TLS_LISTEN")]
+        tls_listen: Option<SocketAddr>,
+        /// Certificate chain (PEM, server certificate first) of the TLS listener. It must name
+        /// the host or IP address agents use in their --broker URL.
+        #[arg(long, env = "SIDENET_TLS_CERT", value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, env = "SIDENET_TLS_KEY", value_name = "FILE")]
+        tls_key: Option<PathBuf>,
         /// How often to check the manifest folder, in milliseconds.
         #[arg(long, env = "SIDENET_POLL_MS", default_value_t = 1000)]
         poll_ms: u64,
@@ -88,6 +104,18 @@ enum Mode {
         /// Listen address of the embedded broker.
         #[arg(long, env = "SIDENET_LISTEN", default_value = "0.0.0.0:1883")]
         listen: SocketAddr,
+        /// TLS listener of the embedded broker (MQTT over TLS, e.g. 0.0.0.0:8883), next to
+        /// --listen; needs --tls-cert and --tls-key. Agents connect with
+        /// --broker mqtts://HOST:PORT --ca CA.pem.
+        #[arg(long, env = "SIDENET_TLS_LISTEN")]
+        tls_listen: Option<SocketAddr>,
+        /// Certificate chain (PEM, server certificate first) of the TLS listener. It must name
+        /// the host or IP address agents use in their --broker URL.
+        #[arg(long, env = "SIDENET_TLS_CERT", value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, env = "SIDENET_TLS_KEY", value_name = "FILE")]
+        tls_key: Option<PathBuf>,
         /// User name for the external broker.
         #[arg(long, env = "SIDENET_BROKER_USERNAME")]
         broker_username: Option<String>,
@@ -171,18 +199,37 @@ async fn main() -> ExitCode {
             broker_username,
             broker_password,
             broker_dynsec,
+            broker_ca,
             listen,
+            tls_listen,
+            tls_cert,
+            tls_key,
             poll_ms,
             max_connections,
             agents,
         } => {
             manifests.extend(profiles.into_iter().filter(|p| p.exists()));
+            let tls = match sidenet_controller::broker::tls_listen(tls_listen, tls_cert, tls_key) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("sidenet-controller: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if tls.is_some() && broker.as_deref().is_some_and(|b| !b.is_empty()) {
+                eprintln!(
+                    "sidenet-controller: --tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker"
+                );
+                return ExitCode::from(2);
+            }
             let opts = sidenet_controller::standalone::Options {
                 manifests,
                 templates,
                 state,
                 broker,
+                broker_ca,
                 listen,
+                tls,
                 poll: Duration::from_millis(poll_ms.max(50)),
                 refresh: Duration::from_secs(60),
                 max_connections,
@@ -202,6 +249,9 @@ async fn main() -> ExitCode {
             namespace,
             broker,
             listen,
+            tls_listen,
+            tls_cert,
+            tls_key,
             broker_username,
             broker_password,
             broker_ca,
@@ -214,10 +264,28 @@ async fn main() -> ExitCode {
             cache_dir,
             max_connections,
         } => {
+            let tls = match sidenet_controller::broker::tls_listen(
+                tls_listen,
+                tls_cert.filter(|p| !p.as_os_str().is_empty()),
+                tls_key.filter(|p| !p.as_os_str().is_empty()),
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("sidenet-controller: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if tls.is_some() && broker.as_deref().is_some_and(|b| !b.is_empty()) {
+                eprintln!(
+                    "sidenet-controller: --tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker"
+                );
+                return ExitCode::from(2);
+            }
             let opts = sidenet_controller::kubernetes::Options {
                 namespace: Some(namespace).filter(|n| !n.is_empty()),
                 broker: broker.filter(|b| !b.is_empty()),
                 listen,
+                tls,
                 broker_username: broker_username.filter(|u| !u.is_empty()),
                 broker_password: broker_password.filter(|p| !p.is_empty()),
                 broker_ca: broker_ca.filter(|p| !p.as_os_str().is_empty()),

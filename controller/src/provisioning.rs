@@ -349,6 +349,7 @@ impl Runner {
         let base = Settings {
             mesh: String::new(),
             broker: String::new(),
+            broker_ca: None,
             mesh_key: key,
             agents: self.opts.agents.clone(),
             templates: self.opts.templates.clone(),

@@ -36,8 +36,12 @@ pub struct Options {
     pub state: PathBuf,
     /// External broker URL; `None` runs the embedded broker.
     pub broker: Option<String>,
+    /// CA bundle (PEM) for an `mqtts://` external broker; `None` trusts the system roots.
+    pub broker_ca: Option<PathBuf>,
     /// Listen address of the embedded broker.
     pub listen: SocketAddr,
+    /// TLS listener of the embedded broker, next to `listen`.
+    pub tls: Option<crate::broker::TlsListen>,
     /// How often the manifest folder is checked.
     pub poll: Duration,
     /// How often configs are checked for renewal.
@@ -330,8 +334,22 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
 
     // The embedded broker lets the controller in by a password made for this run.
     let mut credentials = None;
+    let mut tls = None;
     let (host, port) = match &opts.broker {
-        Some(url) => sidenet_wire::topics::parse_broker_url(url).map_err(StandaloneError::Url)?,
+        Some(url) => {
+            let u = sidenet_wire::topics::parse_broker(url)
+                .map_err(|e| StandaloneError::Url(format!("--broker: {e}")))?;
+            if u.tls {
+                let t = crate::kubernetes::tls_config_for(opts.broker_ca.as_deref(), "--broker-ca")
+                    .map_err(|e| StandaloneError::Url(e.to_string()))?;
+                tls = Some(rumqttc::Transport::tls_with_config(t));
+            } else if opts.broker_ca.is_some() {
+                return Err(StandaloneError::Url(format!(
+                    "--broker-ca is given, but --broker {url} is not an mqtts:// URL"
+                )));
+            }
+            (u.host, u.port)
+        }
         None => {
             let password = sidenet_wire::codec::base32(
                 &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
@@ -339,11 +357,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             credentials = Some(password.clone());
             let _broker = crate::broker::start(
                 opts.listen,
+                opts.tls.as_ref(),
                 opts.max_connections,
                 Some(password),
                 book.clone(),
             )?;
             tracing::info!("embedded MQTT broker listening on {}", opts.listen);
+            if let Some(t) = &opts.tls {
+                tracing::info!("embedded MQTT broker listening for TLS on {}", t.addr);
+            }
             let host = if opts.listen.ip().is_unspecified() {
                 "127.0.0.1".to_string()
             } else {
@@ -365,6 +387,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         mqtt.set_credentials(crate::acl::CONTROLLER_USER, p);
     } else if let Some((u, p)) = &opts.broker_login {
         mqtt.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(t) = tls {
+        mqtt.set_transport(t);
     }
     // Node credentials on an external Mosquitto: the controller's own user administers them.
     let dynsec_user = match (&opts.broker, opts.broker_dynsec, &opts.broker_login) {

@@ -151,6 +151,7 @@ fn embedded() -> Broker {
     let password = "controller-secret".to_string();
     sidenet_controller::broker::start(
         format!("127.0.0.1:{port}").parse().unwrap(),
+        None,
         100,
         Some(password.clone()),
         book.clone(),

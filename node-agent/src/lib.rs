@@ -12,6 +12,7 @@
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
 //! - [`shell`]: the thin tokio/MQTT shell that carries out effects.
+//! - `tls` (cargo feature `tls`): TLS to the broker, pinned to the CA bundle the agent was given.
 //! - [`state`]: the node key, the pinned mesh key, the message sequence epoch and the failed
 //!   revisions on disk.
 //!
@@ -26,4 +27,6 @@ pub mod openwrt;
 pub mod probe;
 pub mod shell;
 pub mod state;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod wgkey;

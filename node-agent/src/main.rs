@@ -6,16 +6,35 @@ use std::time::Duration;
 
 use clap::Parser;
 use sidenet_agent::backend::Kind as Backend;
+use sidenet_agent::shell::BrokerCa;
+
+/// `--version`: the version and whether this build speaks mqtts:// (provisioning and the tests
+/// read it).
+#[cfg(feature = "tls")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (tls)");
+#[cfg(not(feature = "tls"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (no tls)");
+#[cfg(feature = "tls")]
+const ABOUT: &str = "sidenet node agent (this build speaks mqtt:// and mqtts://)";
+#[cfg(not(feature = "tls"))]
+const ABOUT: &str =
+    "sidenet node agent (this build speaks mqtt:// only: mqtts:// needs the cargo feature `tls`)";
 
 #[derive(Debug, Parser)]
-#[command(name = "sidenet-agent", version, about = "sidenet node agent")]
+#[command(name = "sidenet-agent", version = VERSION, about = ABOUT)]
 struct Args {
     /// The mesh to join (its network name). Required, here or in --config.
     #[arg(long, env = "SIDENET_MESH")]
     mesh: Option<String>,
-    /// MQTT broker URL [default: mqtt://127.0.0.1:1883].
+    /// MQTT broker URL [default: mqtt://127.0.0.1:1883]. mqtts://HOST[:PORT] (default port
+    /// 8883) is MQTT over TLS and needs --ca, and an agent built with the cargo feature `tls`.
     #[arg(long, env = "SIDENET_BROKER")]
     broker: Option<String>,
+    /// CA bundle (PEM) for an mqtts:// broker. The agent trusts only these certificates (no
+    /// system roots): the broker's certificate must be signed by one of them and name the
+    /// broker's host or IP address as written in --broker. Or brokerCa in --config.
+    #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// The mesh public key (base64) to pin; without it the first signed announcement is trusted.
     #[arg(long, env = "SIDENET_MESH_KEY")]
     mesh_key: Option<String>,
@@ -40,9 +59,9 @@ struct Args {
     /// Single-use enrolment token (meshes in token mode).
     #[arg(long, env = "SIDENET_TOKEN")]
     token: Option<String>,
-    /// Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, meshKey,
-    /// root, state, hostname, board, profile, token. Options given on the command line or in
-    /// the environment take precedence.
+    /// Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, brokerCa
+    /// (PEM text), meshKey, root, state, hostname, board, profile, token. Options given on the
+    /// command line or in the environment take precedence.
     #[arg(long, env = "SIDENET_CONFIG")]
     config: Option<PathBuf>,
     /// Print the node id and public key as JSON and exit (creates the node key if there is
@@ -68,6 +87,8 @@ struct Args {
 struct Bootstrap {
     mesh: Option<String>,
     broker: Option<String>,
+    /// PEM text of the CA bundle for an mqtts:// broker.
+    broker_ca: Option<String>,
     mesh_key: Option<String>,
     root: Option<PathBuf>,
     state: Option<PathBuf>,
@@ -78,8 +99,9 @@ struct Bootstrap {
 }
 
 impl Args {
-    /// Fills the options not given from the bootstrap config.
-    fn merge(&mut self, b: Bootstrap) {
+    /// Fills the options not given from the bootstrap config (read from `path`); returns the
+    /// CA bundle of the config, unless `--ca` was given.
+    fn merge(&mut self, b: Bootstrap, path: &std::path::Path) -> Option<BrokerCa> {
         fn fill<T>(slot: &mut Option<T>, v: Option<T>) {
             if slot.is_none() {
                 *slot = v;
@@ -94,7 +116,23 @@ impl Args {
         fill(&mut self.board, b.board);
         fill(&mut self.profile, b.profile);
         fill(&mut self.token, b.token);
+        b.broker_ca
+            .filter(|_| self.ca.is_none())
+            .map(|pem| BrokerCa {
+                origin: format!("brokerCa in --config {}", path.display()),
+                pem: pem.into_bytes(),
+            })
     }
+}
+
+/// `--ca FILE`, read.
+fn read_ca(path: &std::path::Path) -> Result<BrokerCa, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("--ca {}: cannot read: {e}", path.display()))?;
+    Ok(BrokerCa {
+        origin: format!("--ca {}", path.display()),
+        pem,
+    })
 }
 
 fn read_bootstrap(path: &std::path::Path) -> Result<Bootstrap, String> {
@@ -138,9 +176,10 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
+    let mut broker_ca = None;
     if let Some(path) = args.config.clone() {
         match read_bootstrap(&path) {
-            Ok(b) => args.merge(b),
+            Ok(b) => broker_ca = args.merge(b, &path),
             Err(e) => {
                 eprintln!("sidenet-agent: {e}");
                 return ExitCode::FAILURE;
@@ -160,6 +199,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(path) = &args.ca {
+        match read_ca(path) {
+            Ok(ca) => broker_ca = Some(ca),
+            Err(e) => {
+                eprintln!("sidenet-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let Some(mesh) = args.mesh.clone() else {
         eprintln!("sidenet-agent: no mesh given: pass --mesh NAME (or mesh in --config)");
@@ -187,6 +235,7 @@ fn main() -> ExitCode {
         broker: args
             .broker
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into()),
+        broker_ca,
         mesh_key: args.mesh_key,
         root,
         state,

@@ -23,8 +23,10 @@ use crate::state::{State, StateError};
 pub struct Options {
     /// Mesh network name.
     pub mesh: String,
-    /// Broker URL.
+    /// Broker URL: `mqtt://host[:port]`, or `mqtts://host[:port]` with [`Options::broker_ca`].
     pub broker: String,
+    /// The CA bundle an `mqtts://` broker's certificate must chain to (the only one trusted).
+    pub broker_ca: Option<BrokerCa>,
     /// Mesh key to pin (base64), if known at install.
     pub mesh_key: Option<String>,
     /// Root folder the backend writes under.
@@ -49,6 +51,55 @@ pub struct Options {
     pub backend: Kind,
     /// Data-plane options of the `linux` and `openwrt` backends.
     pub dataplane: backend::DataplaneArgs,
+}
+
+/// A CA bundle (PEM text) for an `mqtts://` broker, and where it came from (for messages).
+#[derive(Clone)]
+pub struct BrokerCa {
+    /// Where it came from, e.g. `--ca /etc/sidenet/ca.pem` or `brokerCa in --config FILE`.
+    pub origin: String,
+    /// PEM text: one or more certificates.
+    pub pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for BrokerCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerCa")
+            .field("origin", &self.origin)
+            .field("bytes", &self.pem.len())
+            .finish()
+    }
+}
+
+/// Whether this build speaks `mqtts://` (the cargo feature `tls`).
+pub const TLS_SUPPORTED: bool = cfg!(feature = "tls");
+
+/// The transport for `url`: `None` for plain TCP, TLS pinned to `ca` for `mqtts://`. Refuses
+/// `mqtts://` without a CA (or in a build without TLS) and a CA without `mqtts://`.
+pub fn transport(
+    url: &topics::BrokerUrl,
+    broker: &str,
+    ca: Option<&BrokerCa>,
+) -> Result<Option<rumqttc::Transport>, String> {
+    match (url.tls, ca) {
+        (false, None) => Ok(None),
+        (false, Some(ca)) => Err(format!(
+            "{} is given, but --broker {broker} is not an mqtts:// URL (the CA pins a TLS broker; use mqtts://HOST:8883, or drop the CA)",
+            ca.origin
+        )),
+        (true, _) if !TLS_SUPPORTED => Err(format!(
+            "--broker {broker}: this sidenet-agent was built without TLS (cargo feature `tls`), so it cannot speak mqtts://; build it with `cargo build --profile agent -p sidenet-agent --features tls`, or use an mqtt:// broker"
+        )),
+        (true, None) => Err(format!(
+            "--broker {broker} is mqtts:// but no CA is given: pass --ca FILE (the PEM bundle of the CA that signed the broker's certificate; the agent trusts only it), or brokerCa in the --config file"
+        )),
+        #[cfg(feature = "tls")]
+        (true, Some(ca)) => Ok(Some(rumqttc::Transport::tls_with_config(
+            crate::tls::client_config(ca)?,
+        ))),
+        #[cfg(not(feature = "tls"))]
+        (true, Some(_)) => Err("unreachable: TLS without the tls feature".into()),
+    }
 }
 
 /// The agent could not start.
@@ -114,7 +165,10 @@ fn last_good(
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     sidenet_wire::names::check_mesh_name(&opts.mesh)
         .map_err(|e| AgentError::Usage(e.to_string()))?;
-    let (host, port) = topics::parse_broker_url(&opts.broker).map_err(AgentError::Usage)?;
+    let url = topics::parse_broker(&opts.broker)
+        .map_err(|e| AgentError::Usage(format!("--broker: {e}")))?;
+    let tls = transport(&url, &opts.broker, opts.broker_ca.as_ref()).map_err(AgentError::Usage)?;
+    let (host, port) = (url.host.clone(), url.port);
     let state = State::open(&opts.state)?;
     let key = state.node_key()?;
     let node = key.public().node_id();
@@ -206,6 +260,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
 
     let mut mqtt = MqttOptions::new(node.clone(), host, port);
     mqtt.set_keep_alive(Duration::from_secs(30));
+    if let Some(t) = tls {
+        mqtt.set_transport(t);
+        if let Some(ca) = &opts.broker_ca {
+            tracing::info!(
+                "TLS to {}: trusting only the CA bundle from {}",
+                opts.broker,
+                ca.origin
+            );
+        }
+    }
     mqtt.set_clean_session(true);
     // Accept packets well above the envelope cap, so an oversize config is refused by the
     // verifier (and reported) instead of breaking the MQTT session in a reconnect loop.
@@ -298,7 +362,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 }),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!("broker {}: {e}; retrying in {backoff:?} (running on the last good config)", opts.broker);
+                    let hint = tls_hint(&e.to_string(), &url, opts.broker_ca.as_ref());
+                    tracing::warn!("broker {}: {e}{hint}; retrying in {backoff:?} (running on the last good config)", opts.broker);
                     retry_at = Some(tokio::time::Instant::now() + backoff);
                     // While a config is on trial, keep trying often: its confirmation needs
                     // the round trip.
@@ -465,5 +530,83 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     Ok(())
 }
 
+/// What a TLS failure means for the operator: a certificate the pinned CA did not sign, or one
+/// that does not name the host of the URL.
+fn tls_hint(error: &str, url: &topics::BrokerUrl, ca: Option<&BrokerCa>) -> String {
+    let Some(ca) = ca.filter(|_| url.tls) else {
+        return String::new();
+    };
+    if error.contains("UnknownIssuer") || error.contains("BadSignature") {
+        format!(
+            " (the broker's certificate is not signed by the pinned CA from {}: refusing to connect)",
+            ca.origin
+        )
+    } else if error.contains("NotValidForName") {
+        format!(
+            " (the broker's certificate does not name {}: refusing to connect)",
+            url.host
+        )
+    } else if error.contains("certificate") {
+        format!(
+            " (the broker's certificate failed the check against the CA from {}: refusing to connect)",
+            ca.origin
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// The default envelope cap.
 pub const DEFAULT_MAX: usize = DEFAULT_MAX_ENVELOPE;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ca() -> BrokerCa {
+        BrokerCa {
+            origin: "--ca /x/ca.pem".into(),
+            pem: Vec::new(),
+        }
+    }
+
+    fn pick(url: &str, ca: Option<&BrokerCa>) -> Result<bool, String> {
+        let u = topics::parse_broker(url).unwrap();
+        transport(&u, url, ca).map(|t| t.is_some())
+    }
+
+    #[test]
+    fn plain_urls_stay_plain_and_refuse_a_ca() {
+        assert_eq!(pick("mqtt://h:1883", None), Ok(false));
+        let e = pick("mqtt://h:1883", Some(&ca())).unwrap_err();
+        assert!(
+            e.starts_with(
+                "--ca /x/ca.pem is given, but --broker mqtt://h:1883 is not an mqtts:// URL"
+            ),
+            "{e}"
+        );
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn mqtts_needs_a_ca() {
+        let e = pick("mqtts://h", None).unwrap_err();
+        assert!(e.contains("no CA is given: pass --ca FILE"), "{e}");
+        // The (empty) bundle is read at start: its error names where it came from.
+        let e = pick("mqtts://h", Some(&ca())).unwrap_err();
+        assert!(e.starts_with("--ca /x/ca.pem: no certificate"), "{e}");
+    }
+
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn mqtts_needs_the_tls_feature() {
+        for c in [None, Some(ca())] {
+            let e = pick("mqtts://h:8883", c.as_ref()).unwrap_err();
+            assert!(
+                e.contains("built without TLS (cargo feature `tls`), so it cannot speak mqtts://"),
+                "{e}"
+            );
+        }
+    }
+}

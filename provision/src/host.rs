@@ -545,6 +545,7 @@ impl Run<'_> {
         let mut desired = Bootstrap {
             mesh: s.mesh.clone(),
             broker: s.broker.clone(),
+            broker_ca: s.broker_ca.clone(),
             mesh_key: s.mesh_key.clone(),
             root: t.root.clone(),
             state: layout.state.clone(),
@@ -634,6 +635,14 @@ impl Run<'_> {
                     binary.path.display(),
                     out.status,
                     out.stdout.trim().chars().take(300).collect::<String>()
+                )));
+            }
+            // `sidenet-agent X.Y.Z (tls)`: built with the cargo feature `tls`.
+            if s.broker.starts_with("mqtts://") && !out.stdout.contains("(tls)") {
+                return Err(HostError::Other(format!(
+                    "the agent {} cannot speak mqtts:// (its --version says {:?}): build it with `--features tls`",
+                    binary.path.display(),
+                    out.stdout.trim()
                 )));
             }
             switch.push((tmp, layout.agent.clone()));

@@ -292,6 +292,9 @@ pub struct Bootstrap {
     pub mesh: String,
     /// Broker URL.
     pub broker: String,
+    /// CA bundle (PEM text) the agent trusts for an `mqtts://` broker, and only it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_ca: Option<String>,
     /// Pinned mesh public key (base64).
     pub mesh_key: String,
     /// Root the files backend writes under.
@@ -412,6 +415,7 @@ mod tests {
         let b = Bootstrap {
             mesh: "riverside".into(),
             broker: "mqtt://10.0.0.1:1883".into(),
+            broker_ca: None,
             mesh_key: "KEY".into(),
             root: "/".into(),
             state: "/etc/sidenet-agent".into(),

@@ -51,6 +51,9 @@ pub struct Settings {
     pub broker: String,
     /// Mesh public key (base64) the agents pin.
     pub mesh_key: String,
+    /// CA bundle (PEM text) the agents pin for an `mqtts://` broker (`brokerCa` in their
+    /// bootstrap config).
+    pub broker_ca: Option<String>,
     /// Folder of agent binaries: `AGENTS/<packageArch or cpuArch>/sidenet-agent`.
     pub agents: PathBuf,
     /// Templates folder with `FAMILY/install.yaml`.

@@ -120,6 +120,7 @@ spec:
     let base = Settings {
         mesh: String::new(),
         broker: String::new(),
+        broker_ca: None,
         mesh_key: mesh_pub,
         agents: t.join("dist"),
         templates: t.join("templates"),

@@ -54,6 +54,7 @@ CONTRACT_ENV = {
     "SIDENET_NAMESPACE", "SIDENET_BROKER", "SIDENET_LISTEN", "SIDENET_BROKER_USERNAME",
     "SIDENET_BROKER_PASSWORD", "SIDENET_BROKER_CA", "SIDENET_METRICS_LISTEN",
     "SIDENET_LEADER_ELECTION", "SIDENET_LOG_JSON", "SIDENET_TEMPLATES", "POD_NAME", "POD_NAMESPACE",
+    "SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY",
 }
 LEASE_NAME = "sidenet-controller"
 MESH_KINDS = ["meshes", "meshnodes", "nodeprovisions"]
@@ -224,12 +225,29 @@ def check_contract(where: str, dep: dict) -> dict:
         for name in ("SIDENET_BROKER", "SIDENET_BROKER_USERNAME", "SIDENET_BROKER_PASSWORD", "SIDENET_BROKER_CA"):
             if name in env:
                 fail(where, f"embedded broker, but {name} is set")
+        tls = [n for n in ("SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY") if n in env]
+        if tls and len(tls) != 3:
+            fail(where, f"the TLS listener needs SIDENET_TLS_LISTEN, _CERT and _KEY together, has {tls}")
+        elif tls:
+            if port_of(value("SIDENET_TLS_LISTEN") or "") != ports.get("mqtts"):
+                fail(where, f"SIDENET_TLS_LISTEN does not match container port 'mqtts' {ports.get('mqtts')}")
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for name in ("SIDENET_TLS_CERT", "SIDENET_TLS_KEY"):
+                path = value(name) or ""
+                mounted = [
+                    m for m in c.get("volumeMounts", [])
+                    if path.startswith(m["mountPath"].rstrip("/") + "/")
+                    and "secret" in volumes.get(m["name"], {})
+                ]
+                if not mounted:
+                    fail(where, f"{name} {path} is not inside a mounted Secret")
     else:
         broker = value("SIDENET_BROKER") or ""
         if not re.fullmatch(r"mqtts?://[^\s/?#@]+/?", broker):
             fail(where, f"SIDENET_BROKER {broker!r} is not an mqtt:// or mqtts:// URL without credentials")
-        if "SIDENET_LISTEN" in env:
-            fail(where, "external broker, but SIDENET_LISTEN is set")
+        for name in ("SIDENET_LISTEN", "SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY"):
+            if name in env:
+                fail(where, f"external broker, but {name} is set")
         creds = [n for n in ("SIDENET_BROKER_USERNAME", "SIDENET_BROKER_PASSWORD") if n in env]
         if len(creds) == 1:
             fail(where, f"only {creds[0]} is set")

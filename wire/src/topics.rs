@@ -137,9 +137,52 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
     Ok((host, port))
 }
 
+/// A broker URL taken apart: `mqtt://host[:port]` (plain, default port 1883) or
+/// `mqtts://host[:port]` (TLS, default port 8883).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// `mqtts://`: the connection is TLS.
+    pub tls: bool,
+}
+
+/// Parses `mqtt://`, `tcp://` or `mqtts://` URLs (see [`BrokerUrl`]).
+pub fn parse_broker(url: &str) -> Result<BrokerUrl, String> {
+    let Some(rest) = url.strip_prefix("mqtts://") else {
+        if !url.starts_with("mqtt://") && !url.starts_with("tcp://") {
+            return Err(format!(
+                "broker URL {url:?} must start with mqtt:// or mqtts://"
+            ));
+        }
+        let (host, port) = parse_broker_url(url)?;
+        return Ok(BrokerUrl {
+            host,
+            port,
+            tls: false,
+        });
+    };
+    let (host, port) = parse_broker_url(&format!("mqtt://{rest}"))
+        .map_err(|e| e.replace("mqtt://", "mqtts://"))?;
+    let trimmed = rest.trim_end_matches('/');
+    let explicit = match trimmed.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once(']')
+            .is_some_and(|(_, after)| after.starts_with(':')),
+        None => trimmed.contains(':'),
+    };
+    Ok(BrokerUrl {
+        host,
+        port: if explicit { port } else { 8883 },
+        tls: true,
+    })
+}
+
 #[cfg(test)]
 mod url_tests {
-    use super::parse_broker_url;
+    use super::{BrokerUrl, parse_broker, parse_broker_url};
 
     #[test]
     fn broker_urls() {
@@ -157,5 +200,26 @@ mod url_tests {
         );
         assert!(parse_broker_url("http://x").is_err());
         assert!(parse_broker_url("mqtt://x:abc").is_err());
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn tls_broker_urls() {
+        let u = |host: &str, port, tls| BrokerUrl {
+            host: host.into(),
+            port,
+            tls,
+        };
+        assert_eq!(parse_broker("mqtt://h"), Ok(u("h", 1883, false)));
+        assert_eq!(parse_broker("tcp://h:1"), Ok(u("h", 1, false)));
+        assert_eq!(parse_broker("mqtts://h"), Ok(u("h", 8883, true)));
+        assert_eq!(parse_broker("mqtts://h:9000/"), Ok(u("h", 9000, true)));
+        assert_eq!(parse_broker("mqtts://[::1]"), Ok(u("::1", 8883, true)));
+        assert_eq!(parse_broker("mqtts://[::1]:9001"), Ok(u("::1", 9001, true)));
+        let e = parse_broker("https://h").unwrap_err();
+        assert!(e.contains("mqtt:// or mqtts://"), "{e}");
+        let e = parse_broker("mqtts://h:x").unwrap_err();
+        assert!(e.contains("\"mqtts://h:x\""), "{e}");
+        assert!(parse_broker("mqtts://").is_err());
     }
 }

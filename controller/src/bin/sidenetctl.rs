@@ -148,9 +148,14 @@ struct ProvisionArgs {
     /// Mesh network name (overrides the inventory's).
     #[arg(long)]
     mesh: Option<String>,
-    /// Broker URL as the hosts reach it (overrides the inventory's).
+    /// Broker URL as the hosts reach it (overrides the inventory's). mqtts://HOST:PORT needs
+    /// --broker-ca and agents built with the cargo feature `tls`.
     #[arg(long)]
     broker: Option<String>,
+    /// CA bundle (PEM) of an mqtts:// broker: written into every agent's bootstrap config
+    /// (brokerCa), the only CA the agents trust for the broker.
+    #[arg(long, value_name = "FILE")]
+    broker_ca: Option<PathBuf>,
     /// Private key file for hosts given on the command line.
     #[arg(long)]
     identity: Option<PathBuf>,
@@ -621,7 +626,31 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         "no broker: set broker in the inventory or pass --broker (the URL the routers reach)"
             .to_string(),
     )?;
-    sidenet_wire::topics::parse_broker_url(&broker).map_err(|e| format!("broker: {e}"))?;
+    let url = sidenet_wire::topics::parse_broker(&broker).map_err(|e| format!("broker: {e}"))?;
+    let broker_ca = match (&a.broker_ca, url.tls) {
+        (Some(path), true) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--broker-ca {}: cannot read: {e}", path.display()))?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!(
+                    "--broker-ca {}: no PEM certificate in it (expected \"-----BEGIN CERTIFICATE-----\")",
+                    path.display()
+                ));
+            }
+            Some(text)
+        }
+        (None, true) => {
+            return Err(format!(
+                "broker {broker} is mqtts://: pass --broker-ca FILE (the CA the agents pin for it)"
+            ));
+        }
+        (Some(_), false) => {
+            return Err(format!(
+                "--broker-ca is given, but broker {broker} is not an mqtts:// URL"
+            ));
+        }
+        (None, false) => None,
+    };
     let mesh_key = match &a.mesh_key {
         Some(k) => sidenet_wire::PublicKey::from_base64(k)
             .map_err(|e| format!("--mesh-key: {e}"))?
@@ -644,6 +673,7 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
     let settings = sidenet_provision::Settings {
         mesh,
         broker,
+        broker_ca,
         mesh_key,
         agents: a.agents.clone(),
         templates: a.templates.clone(),

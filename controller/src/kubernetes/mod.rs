@@ -51,6 +51,9 @@ pub struct Options {
     pub broker: Option<String>,
     /// Listen address of the embedded broker (`SIDENET_LISTEN`).
     pub listen: SocketAddr,
+    /// TLS listener of the embedded broker (`SIDENET_TLS_LISTEN`, `SIDENET_TLS_CERT`,
+    /// `SIDENET_TLS_KEY`).
+    pub tls: Option<crate::broker::TlsListen>,
     /// External broker user name (`SIDENET_BROKER_USERNAME`).
     pub broker_username: Option<String>,
     /// External broker password (`SIDENET_BROKER_PASSWORD`).
@@ -126,12 +129,22 @@ impl Drop for TaskGuard {
 /// `controller_password`.
 pub fn start_embedded_broker(
     listen: SocketAddr,
+    tls: Option<&crate::broker::TlsListen>,
     max_connections: usize,
     controller_password: String,
     book: crate::acl::CredentialBook,
 ) -> Result<(), KubeError> {
-    crate::broker::start(listen, max_connections, Some(controller_password), book)?;
+    crate::broker::start(
+        listen,
+        tls,
+        max_connections,
+        Some(controller_password),
+        book,
+    )?;
     tracing::info!("embedded MQTT broker listening on {listen}");
+    if let Some(t) = tls {
+        tracing::info!("embedded MQTT broker listening for TLS on {}", t.addr);
+    }
     Ok(())
 }
 
@@ -212,13 +225,20 @@ pub fn broker_address(url: &str) -> Result<(String, u16, bool), KubeError> {
 /// The TLS settings for an `mqtts://` broker: the CAs of `SIDENET_BROKER_CA` if set, else the
 /// system roots. Read again at every reconnect (the CA file is a Secret volume that changes).
 pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration, KubeError> {
+    tls_config_for(ca, "SIDENET_BROKER_CA")
+}
+
+/// [`tls_config`], with errors naming the option `option` (`SIDENET_BROKER_CA`, `--broker-ca`).
+pub fn tls_config_for(
+    ca: Option<&std::path::Path>,
+    option: &str,
+) -> Result<rumqttc::TlsConfiguration, KubeError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
-            let err =
-                |e: String| KubeError::Other(format!("SIDENET_BROKER_CA {}: {e}", path.display()));
+            let err = |e: String| KubeError::Other(format!("{option} {}: {e}", path.display()));
             let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| err(format!("not a PEM certificate bundle: {e}")))?;
@@ -233,10 +253,9 @@ pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfigurat
                 let _ = roots.add(cert);
             }
             if roots.is_empty() {
-                return Err(KubeError::Other(
-                    "mqtts:// broker: no system CA certificates found; set SIDENET_BROKER_CA"
-                        .into(),
-                ));
+                return Err(KubeError::Other(format!(
+                    "mqtts:// broker: no system CA certificates found; set {option}"
+                )));
             }
         }
     }
@@ -313,6 +332,7 @@ async fn lead(
             .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
         start_embedded_broker(
             opts.listen,
+            opts.tls.as_ref(),
             opts.max_connections,
             password.clone(),
             book.clone(),

@@ -139,6 +139,17 @@ impl Controller {
     /// A controller with its own templates folder (render templates + install descriptors) and
     /// agent binaries folder (for `NodeProvision` manifests).
     pub fn start_with(dir: &Path, mode: &str, templates: &Path, agents: &Path) -> Controller {
+        Self::start_with_args(dir, mode, templates, agents, &[])
+    }
+
+    /// [`Controller::start_with`], with more command-line arguments.
+    pub fn start_with_args(
+        dir: &Path,
+        mode: &str,
+        templates: &Path,
+        agents: &Path,
+        extra: &[std::ffi::OsString],
+    ) -> Controller {
         let manifests = dir.join("manifests");
         std::fs::create_dir_all(&manifests).unwrap();
         let text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap();
@@ -175,7 +186,8 @@ impl Controller {
                 .arg("--poll-ms")
                 .arg("100")
                 .arg("--listen")
-                .arg(format!("127.0.0.1:{port}")),
+                .arg(format!("127.0.0.1:{port}"))
+                .args(extra),
             &dir.join("controller.log"),
         );
         let c = Controller {
