@@ -240,15 +240,20 @@ async fn run_agent(
         status_every: 600,
         enroll_every: 10,
     };
-    let node = key.public().node_id();
+    let node_id = key.public().node_id();
     let mut agent = Agent::new(settings, key, opts.mesh_key, None, now(), now());
-    let mut mo = MqttOptions::new(node, opts.host.clone(), opts.port);
+    let mut mo = MqttOptions::new(node_id.clone(), opts.host.clone(), opts.port);
     mo.set_keep_alive(Duration::from_secs(120));
     mo.set_clean_session(true);
     mo.set_max_packet_size(1 << 20, 64 * 1024);
+    let anonymous = mo.clone();
     let (client, mut el) = AsyncClient::new(mo, 16);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut is_connected = false;
+    // The node's broker password (from its config), as the real agent keeps it; `relogin`:
+    // the next reconnection is the agent's own, to log in with it (no back-off).
+    let mut password: Option<String> = None;
+    let mut relogin = false;
     loop {
         let ev = tokio::select! {
             _ = stop.changed() => break,
@@ -259,6 +264,8 @@ async fn run_agent(
                         connected.fetch_add(1, Ordering::Relaxed);
                         is_connected = true;
                     }
+                    let logged_in = el.mqtt_options.credentials().is_some();
+                    agent.set_mqtt_login(password.clone(), logged_in);
                     Event::Connected
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => Event::Message {
@@ -266,10 +273,23 @@ async fn run_agent(
                     payload: p.payload.to_vec(),
                 },
                 Ok(_) => continue,
-                Err(_) => {
+                Err(e) => {
                     if is_connected {
                         connected.fetch_sub(1, Ordering::Relaxed);
                         is_connected = false;
+                    }
+                    if std::mem::take(&mut relogin) {
+                        continue;
+                    }
+                    // Refused with (or without) the password: try the other way, as the agent.
+                    if let rumqttc::ConnectionError::ConnectionRefused(_) = e
+                        && let Some(p) = &password
+                    {
+                        if el.mqtt_options.credentials().is_some() {
+                            el.mqtt_options = anonymous.clone();
+                        } else {
+                            el.mqtt_options.set_credentials(node_id.clone(), p.clone());
+                        }
                     }
                     tokio::select! {
                         _ = stop.changed() => break,
@@ -296,6 +316,14 @@ async fn run_agent(
                             .await;
                     }
                     Effect::PinMeshKey(_) | Effect::Log(..) => {}
+                    Effect::MqttPassword(p) => {
+                        el.mqtt_options.set_credentials(node_id.clone(), p.clone());
+                        password = Some(p);
+                        if is_connected {
+                            relogin = true;
+                            let _ = client.disconnect().await;
+                        }
+                    }
                     Effect::Apply {
                         revision, sha256, ..
                     } => {
