@@ -50,6 +50,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// Agent verify + apply of one config (agent core and the files backend's journal),
+    /// averaged over N revisions, in a temporary folder (on the file system of TMPDIR).
+    AgentApply {
+        /// Revisions to apply.
+        #[arg(long, default_value_t = 200)]
+        iterations: u64,
+    },
     /// Run N simulated agents against a broker until interrupted, printing progress.
     Fleet {
         /// Broker host.
@@ -119,6 +126,14 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({"configs": nodes, "threads": threads, "per_s": per_s})
+            );
+            Ok(())
+        }
+        Cmd::AgentApply { iterations } => {
+            let s = agent_apply(&PathBuf::from("."), iterations)?;
+            println!(
+                "{}",
+                json!({"iterations": iterations, "ms_per_apply": (s * 1e6).round() / 1e3})
             );
             Ok(())
         }
