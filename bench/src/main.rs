@@ -19,7 +19,7 @@ use sidenet_controller::admin::{self, Request, Response};
 use sidenet_controller::manifest::{self, ManifestSet};
 use sidenet_controller::render::{self, NodeInputs, Renderer};
 use sidenet_crds::NodeRole;
-use sidenet_wire::envelope::seal;
+use sidenet_wire::envelope::{seal, seal_hashed};
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::{Header, Kind};
 
@@ -49,6 +49,13 @@ enum Cmd {
         /// Threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
+    },
+    /// Agent verify + apply of one config (agent core and the files backend's journal),
+    /// averaged over N revisions, in a temporary folder (on the file system of TMPDIR).
+    AgentApply {
+        /// Revisions to apply.
+        #[arg(long, default_value_t = 200)]
+        iterations: u64,
     },
     /// Run N simulated agents against a broker until interrupted, printing progress.
     Fleet {
@@ -119,6 +126,14 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({"configs": nodes, "threads": threads, "per_s": per_s})
+            );
+            Ok(())
+        }
+        Cmd::AgentApply { iterations } => {
+            let s = agent_apply(&PathBuf::from("."), iterations)?;
+            println!(
+                "{}",
+                json!({"iterations": iterations, "ms_per_apply": (s * 1e6).round() / 1e3})
             );
             Ok(())
         }
@@ -195,7 +210,8 @@ fn load_set(repo: &Path) -> anyhow::Result<ManifestSet> {
 }
 
 /// Renders and signs `nodes` distinct configs (half OpenWrt, half Linux) on `threads` threads,
-/// exactly as the controller does for each node: context, templates, JSON body, SHA-256, seal.
+/// exactly as the controller does for each node: context, templates, JSON body, SHA-256, seal
+/// (signing the header that carries that SHA-256).
 fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64> {
     let set = load_set(repo)?;
     let renderer = Renderer::load(&repo.join("templates"))?;
@@ -241,8 +257,10 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
                         else {
                             continue;
                         };
-                        let body = serde_json::to_vec(&config).unwrap_or_default();
-                        let env = seal(
+                        let body =
+                            sidenet_controller::core::config_body(&config).unwrap_or_default();
+                        let digest = sidenet_wire::codec::sha256(&body);
+                        let env = seal_hashed(
                             Kind::Config,
                             Header {
                                 mesh: "riverside".into(),
@@ -255,6 +273,7 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
                                 sha256: String::new(),
                             },
                             &body,
+                            &digest,
                             key,
                         );
                         bytes += env.len();
@@ -305,11 +324,24 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
         let s1 = Instant::now();
         let files = renderer.render("openwrt", &ctx)?;
         let s2 = Instant::now();
-        let body = serde_json::to_vec(&files.iter().map(|f| &f.file).collect::<Vec<_>>())?;
+        let config = sidenet_wire::messages::NodeConfig {
+            mesh: "riverside".into(),
+            node: id.clone(),
+            hostname: ctx.node.hostname.clone(),
+            role: ctx.node.role.clone(),
+            profile: ctx.profile.name.clone(),
+            family: "openwrt".into(),
+            subnet: ctx.node.subnet.clone(),
+            addresses: vec![ctx.node.address.clone()],
+            files: files.into_iter().map(|f| f.file).collect(),
+            actions: Vec::new(),
+            sealed: BTreeMap::new(),
+        };
+        let body = sidenet_controller::core::config_body(&config)?;
         let s3 = Instant::now();
-        let digest = sidenet_wire::codec::sha256_hex(&body);
+        let digest = sidenet_wire::codec::sha256(&body);
         let s4 = Instant::now();
-        let env = seal(
+        let env = seal_hashed(
             Kind::Config,
             Header {
                 mesh: "riverside".into(),
@@ -319,9 +351,10 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
                 iat: 1,
                 exp: 2,
                 len: 0,
-                sha256: digest,
+                sha256: String::new(),
             },
             &body,
+            &digest,
             &key,
         );
         let s5 = Instant::now();

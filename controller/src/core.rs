@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sidenet_crds::{EnrollmentMode, HardwareProfile, Mesh, MeshNode, NodeRole, SecretKeyRef};
 use sidenet_wire::codec::sha256_hex;
-use sidenet_wire::envelope::{DEFAULT_MAX_ENVELOPE, Expect, seal};
+use sidenet_wire::envelope::{DEFAULT_MAX_ENVELOPE, Expect, seal, seal_hashed};
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{Announce, ApplyState, EnrollRequest, NodeConfig, StatusReport};
 use sidenet_wire::topics::{self, Incoming};
@@ -186,6 +186,10 @@ pub struct Controller {
     /// Messages refused since the adapter last drained this: (what, node id, why). The
     /// Kubernetes adapter turns them into Events; standalone only logs them.
     pub rejections: Vec<Rejection>,
+    /// Nodes reconciled per chunk ([`Controller::set_chunk`]).
+    chunk: Option<usize>,
+    /// Nodes waiting for [`Controller::reconcile_deferred`].
+    deferred: std::collections::VecDeque<String>,
 }
 
 /// A node message the core refused.
@@ -240,6 +244,8 @@ impl Controller {
             credentials: Vec::new(),
             rotations: BTreeMap::new(),
             rejections: Vec::new(),
+            chunk: None,
+            deferred: std::collections::VecDeque::new(),
         }
     }
 
@@ -485,16 +491,51 @@ impl Controller {
 
     /// Reconciles every node.
     pub fn reconcile_all(&mut self, now: u64) -> Result<(), CoreError> {
+        // Every node is a candidate again: nothing stays deferred twice.
+        self.deferred.clear();
         let ids = self.candidates();
         self.reconcile(&ids, now)
     }
 
-    /// Reconciles the given nodes; what to publish is handed out by [`Controller::flush`].
-    ///
+    /// Reconciles at most `n` nodes per call from now on (`None`: every node at once, the
+    /// default). The rest of a larger reconcile waits in [`Controller::has_deferred`] for
+    /// [`Controller::reconcile_deferred`]: the adapter commits and publishes each chunk
+    /// ([`Controller::flush`]) before rendering the next, so a mesh-wide change holds at most one
+    /// chunk of signed envelopes in memory instead of one per node of the mesh.
+    pub fn set_chunk(&mut self, n: Option<usize>) {
+        self.chunk = n.map(|n| n.max(1));
+    }
+
+    /// Whether nodes of an earlier reconcile wait for [`Controller::reconcile_deferred`].
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Reconciles the next chunk of deferred nodes. Reconcile is level-triggered, so a node
+    /// deferred while its inputs changed again is simply reconciled with the newer inputs.
+    pub fn reconcile_deferred(&mut self, now: u64) -> Result<(), CoreError> {
+        let n = self.chunk.unwrap_or(usize::MAX).min(self.deferred.len());
+        let ids: Vec<String> = self.deferred.drain(..n).collect();
+        self.reconcile_now(&ids, now)
+    }
+
+    /// Reconciles the given nodes; what to publish is handed out by [`Controller::flush`]. With
+    /// a chunk size set ([`Controller::set_chunk`]), only the first chunk is reconciled now and
+    /// the rest is deferred.
+    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+        match self.chunk {
+            Some(n) if ids.len() > n => {
+                self.deferred.extend(ids[n..].iter().cloned());
+                self.reconcile_now(&ids[..n], now)
+            }
+            _ => self.reconcile_now(ids, now),
+        }
+    }
+
     /// Three phases: plan each node (sequential: approval, profile, subnet, fingerprint), render
     /// and sign the ones whose inputs changed (in parallel, on every core), then record the new
     /// revisions (sequential).
-    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+    fn reconcile_now(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
         let mut batch = Batch::default();
         let mut plans = Vec::new();
         let mut cache = PlanCache::default();
@@ -1554,6 +1595,20 @@ struct Rendered {
     envelope: Option<Vec<u8>>,
 }
 
+/// A config's JSON body, as signed. The buffer is sized for the files' contents up front (a
+/// config is ~9 KB: growing from serde_json's default would reallocate about seven times).
+pub fn config_body(config: &NodeConfig) -> serde_json::Result<Vec<u8>> {
+    let estimate = 1024
+        + config
+            .files
+            .iter()
+            .map(|f| f.path.len() + f.content.len() + f.content.len() / 16 + 48)
+            .sum::<usize>();
+    let mut body = Vec::with_capacity(estimate);
+    serde_json::to_writer(&mut body, config)?;
+    Ok(body)
+}
+
 fn render_and_seal(
     renderer: &Renderer,
     set: &ManifestSet,
@@ -1594,8 +1649,9 @@ fn render_and_seal(
         }
     };
     config.sealed.extend(sealed.clone());
-    let body = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
-    let sha256 = sha256_hex(&body);
+    let body = config_body(&config).map_err(|e| e.to_string())?;
+    let digest = sidenet_wire::codec::sha256(&body);
+    let sha256 = sidenet_wire::codec::hex(&digest);
     let unchanged = plan
         .prev
         .as_ref()
@@ -1620,7 +1676,7 @@ fn render_and_seal(
     Ok(Rendered {
         sha256,
         sealed,
-        envelope: Some(seal(Kind::Config, header, &body, &plan.key)),
+        envelope: Some(seal_hashed(Kind::Config, header, &body, &digest, &plan.key)),
     })
 }
 

@@ -324,8 +324,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         &mut last_hash,
         &mut manifest_errors,
     );
+    // A mesh-wide change is rendered, committed and published a chunk at a time.
+    ctl.set_chunk(Some(RECONCILE_CHUNK));
     // Nothing is connected yet: commit, and let the first connection publish everything.
     ctl.flush()?;
+    while ctl.has_deferred() {
+        if let Err(e) = ctl.reconcile_deferred(crate::now()) {
+            tracing::error!("reconcile: {e}");
+        }
+        ctl.flush()?;
+    }
     // Node credentials for the embedded broker, complete before it accepts anyone: an armed
     // node's id is never open to a takeover, not even while the controller starts.
     let book = crate::acl::CredentialBook::default();
@@ -583,6 +591,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 }
                 if connected { send(&client, out).await; }
                 let _ = reply.send(resp);
+                drain_deferred(&mut ctl, &client, connected, &book, dynsec_user.as_deref()).await?;
                 continue;
             }
         }
@@ -603,6 +612,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         if connected {
             send(&client, out).await;
         }
+        drain_deferred(&mut ctl, &client, connected, &book, dynsec_user.as_deref()).await?;
     }
     mqtt_task.abort();
     admin_task.abort();
@@ -777,6 +787,38 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             Err(e) => fail(&e),
         },
     }
+}
+
+/// Nodes rendered, signed, committed and published per step of a large reconcile: at most this
+/// many envelopes (~9 KB each) are in memory at once.
+const RECONCILE_CHUNK: usize = 1000;
+
+/// Finishes a chunked reconcile: each chunk is committed, then published, before the next one
+/// is rendered.
+async fn drain_deferred(
+    ctl: &mut Controller,
+    client: &AsyncClient,
+    connected: bool,
+    book: &crate::acl::CredentialBook,
+    dynsec_user: Option<&str>,
+) -> Result<(), StandaloneError> {
+    while ctl.has_deferred() {
+        if let Err(e) = ctl.reconcile_deferred(crate::now()) {
+            tracing::error!("reconcile: {e}");
+        }
+        // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
+        let out = ctl.flush()?;
+        // Credentials before the configs that carry them.
+        let changes = ctl.take_credentials();
+        book.apply(&changes);
+        if connected && dynsec_user.is_some() {
+            send_dynsec(client, crate::dynsec::commands(&changes)).await;
+        }
+        if connected {
+            send(client, out).await;
+        }
+    }
+    Ok(())
 }
 
 async fn send(client: &AsyncClient, out: Vec<Publish>) {

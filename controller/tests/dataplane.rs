@@ -270,3 +270,63 @@ fn configs_on_trial_are_acknowledged_and_failed_ones_are_not_reissued() {
     );
     assert_eq!(ctl.store.published[&a.id()].revision, rev);
 }
+
+#[test]
+fn a_chunked_reconcile_commits_and_hands_out_one_chunk_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = controller(dir.path());
+    let mut nodes: Vec<Node> = (1..=5)
+        .map(|i| Node::new(10 + i, &[format!("10.0.{i}.1/24").as_str()]))
+        .collect();
+    for n in &mut nodes {
+        n.enroll(&mut ctl, T0);
+    }
+    let before: Vec<Revision> = nodes
+        .iter()
+        .map(|n| ctl.store.published[&n.id()].revision)
+        .collect();
+    ctl.set_chunk(Some(2));
+    // Half the validity later every config is re-signed: a change to every node of the mesh.
+    let later = T0 + 20 * 24 * 3600;
+    ctl.reconcile_all(later).unwrap();
+    let mut chunks = Vec::new();
+    loop {
+        let out = ctl.flush().unwrap();
+        let mut ids = Vec::new();
+        for n in &nodes {
+            if let Some((rev, _)) = config_for(&out, &mut ctl, &n.id()) {
+                // Handed out with the revision the store now records for the node.
+                let reopened = ctl.store.published[&n.id()].revision;
+                assert_eq!(rev, reopened);
+                ids.push(n.id());
+            }
+        }
+        chunks.push(ids);
+        if !ctl.has_deferred() {
+            break;
+        }
+        ctl.reconcile_deferred(later).unwrap();
+    }
+    assert_eq!(
+        chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+        [2, 2, 1],
+        "{chunks:?}"
+    );
+    let mut all: Vec<String> = chunks.concat();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 5, "every node once");
+    for (n, old) in nodes.iter().zip(before) {
+        let now = ctl.store.published[&n.id()].revision;
+        assert_eq!(
+            now,
+            Revision {
+                rev: old.rev + 1,
+                ..old
+            }
+        );
+    }
+    // Nothing left: another reconcile changes nothing.
+    ctl.reconcile_all(later).unwrap();
+    assert!(ctl.flush().unwrap().is_empty());
+}

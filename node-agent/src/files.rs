@@ -3,28 +3,41 @@
 //! A config is applied in phases, recorded in `STATE/journal.json` (written atomically), so that
 //! a crash, `kill -9` or power loss at any point leaves the node on exactly one signed revision:
 //!
-//! 1. **stage**: every file of the new config is written into `STATE/staging/`, and every file
-//!    the apply will touch (new ones and the old config's) is copied into `STATE/backup/` (or
-//!    noted as absent). No journal yet: a crash here leaves the old config untouched.
-//! 2. **installing** (journal written): each file is renamed into place, files the new config
-//!    dropped are removed.
+//! 1. **stage**: the new config's files (as prepared for this node) and the verified envelope
+//!    are written as one file, `STATE/staging/stage.json` (one fsync), and every file the apply
+//!    will touch (new ones and the old config's) is hard-linked into `STATE/backup/` under a
+//!    numbered name (copied if linking is not possible), or noted as absent. Installing replaces
+//!    files by renaming new ones over them, so a linked backup keeps the old content. No
+//!    journal yet: a crash here leaves the old config untouched.
+//! 2. **installing** (journal written): each file is written next to its destination, fsynced
+//!    and renamed into place; every directory touched is fsynced once at the end; files the new
+//!    config dropped are removed.
 //! 3. **applying**: the backend converges the system (addresses, WireGuard, babeld, firewall).
 //! 4. **trial**: the health check runs.
 //! 5. **committing** (journal rewritten): `STATE/current.env` (the verified envelope) and
 //!    `STATE/current.json` are replaced; then the journal, staging and backup are removed.
 //!
-//! [`Applier::rollback`] restores every backed-up file and removes the ones that did not exist.
-//! On start, [`Applier::recover`] finishes a journal left behind: *committing* rolls forward (the
-//! new revision was confirmed), any earlier phase rolls back (it never was), and the caller then
-//! converges the system to whichever revision the files now hold.
+//! [`Applier::rollback`] restores every backed-up file and removes the ones that did not exist
+//! (and any half-written file of the install). On start, [`Applier::recover`] finishes a
+//! journal left behind: *committing* rolls forward (the new revision was confirmed), any
+//! earlier phase rolls back (it never was), and the caller then converges the system to
+//! whichever revision the files now hold. Journals and staging folders of older agents (one
+//! staged file per config file, backups under their own paths) are still recovered.
+//!
+//! An apply of a 7-file config costs about 20 fsyncs (it was 54 when every staged file, backup
+//! and installed file was written with its own file and directory fsync).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sidenet_wire::Revision;
 use sidenet_wire::messages::{FileSpec, NodeConfig};
+
+/// The staged config in `STATE/staging`.
+const STAGE: &str = "stage.json";
 
 /// What is applied now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +101,18 @@ struct FileEntry {
 struct Backup {
     path: String,
     mode: Option<u32>,
+    /// `STATE/backup/<slot>` holds the old content; absent in journals of older agents, whose
+    /// backups are at `STATE/backup/<path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slot: Option<usize>,
+}
+
+/// `STATE/staging/stage.json`: everything a roll-forward needs, in one file.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stage {
+    files: Vec<FileSpec>,
+    /// The verified envelope, base64.
+    envelope: String,
 }
 
 /// What [`Applier::recover`] found and did.
@@ -119,27 +144,41 @@ fn ctx<T>(r: std::io::Result<T>, what: &'static str, path: &Path) -> Result<T, A
     })
 }
 
-/// Writes `data` to `path` atomically (temp file, fsync, rename).
+/// Writes `data` to `path` atomically (temp file, fsync, rename, fsync of the folder).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    replace_file(path, data, mode)?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent);
+    }
+    Ok(())
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".sidenet-tmp");
+    PathBuf::from(tmp)
+}
+
+/// [`write_atomic`] without the folder fsync: the content is durable, the rename is not until
+/// the caller fsyncs the folder ([`sync_dir`]), once for all the files it replaced there.
+fn replace_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".sidenet-tmp");
-    let tmp = PathBuf::from(tmp);
+    let tmp = tmp_path(path);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(parent) = path.parent()
-        && let Ok(d) = std::fs::File::open(parent)
-    {
+    std::fs::rename(&tmp, path)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    Ok(())
 }
 
 fn remove_if_exists(p: &Path) -> Result<(), ApplyError> {
@@ -245,40 +284,64 @@ impl Applier {
         self.cleanup();
         let staging = self.staging();
         ctx(std::fs::create_dir_all(&staging), "create", &staging)?;
-        for f in &config.files {
-            let p = staging.join(&f.path);
-            ctx(write_atomic(&p, f.content.as_bytes(), f.mode), "stage", &p)?;
-        }
-        let env_path = staging.join(".envelope");
-        ctx(write_atomic(&env_path, envelope, 0o600), "stage", &env_path)?;
+        let stage = Stage {
+            files: config.files.clone(),
+            envelope: base64::engine::general_purpose::STANDARD.encode(envelope),
+        };
+        let stage_path = staging.join(STAGE);
+        ctx(
+            write_atomic(
+                &stage_path,
+                &serde_json::to_vec(&stage).unwrap_or_default(),
+                0o600,
+            ),
+            "stage",
+            &stage_path,
+        )?;
         let old_files = self.current().map(|c| c.files).unwrap_or_default();
         let mut touched: Vec<&str> = config.files.iter().map(|f| f.path.as_str()).collect();
         touched.extend(old_files.iter().map(String::as_str));
         touched.sort_unstable();
         touched.dedup();
+        let backup_dir = self.backup_dir();
+        ctx(std::fs::create_dir_all(&backup_dir), "create", &backup_dir)?;
         let mut backup = Vec::new();
-        for path in touched {
+        for (slot, path) in touched.into_iter().enumerate() {
             let src = self.root.join(path);
-            match std::fs::read(&src) {
-                Ok(data) => {
-                    let mode = ctx(std::fs::metadata(&src), "stat", &src)?
-                        .permissions()
-                        .mode()
-                        & 0o7777;
-                    let dst = self.backup_dir().join(path);
-                    ctx(write_atomic(&dst, &data, mode), "back up", &dst)?;
+            let meta = match std::fs::symlink_metadata(&src) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     backup.push(Backup {
                         path: path.to_string(),
-                        mode: Some(mode),
+                        mode: None,
+                        slot: None,
                     });
+                    continue;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => backup.push(Backup {
-                    path: path.to_string(),
-                    mode: None,
-                }),
-                Err(e) => return ctx(Err(e), "read", &src),
+                Err(e) => return ctx(Err(e), "stat", &src),
+            };
+            let mode = meta.permissions().mode() & 0o7777;
+            let dst = backup_dir.join(slot.to_string());
+            // A hard link keeps the old inode, which installing never writes to (it renames a
+            // new file over the path). Its content must be durable before the journal is: an
+            // fsync of a file with nothing unwritten is cheap. Not a regular file, or another
+            // file system: copy it.
+            let linked = meta.is_file()
+                && std::fs::hard_link(&src, &dst).is_ok()
+                && std::fs::File::open(&dst).and_then(|f| f.sync_all()).is_ok();
+            if !linked {
+                let _ = std::fs::remove_file(&dst);
+                let data = ctx(std::fs::read(&src), "read", &src)?;
+                ctx(replace_file(&dst, &data, mode), "back up", &dst)?;
             }
+            backup.push(Backup {
+                path: path.to_string(),
+                mode: Some(mode),
+                slot: Some(slot),
+            });
         }
+        // One fsync makes every backup's name durable (they are all in this one folder).
+        sync_dir(&backup_dir);
         let mut journal = Journal {
             phase: Phase::Installing,
             revision,
@@ -300,18 +363,64 @@ impl Applier {
         self.write_journal(&journal)
     }
 
-    fn install_files(&self, journal: &Journal) -> Result<(), ApplyError> {
+    /// The staged content of the journal's files: from `stage.json`, or from one staged file
+    /// per config file (staging folders of older agents).
+    fn staged_files(&self, journal: &Journal) -> Result<Vec<(PathBuf, Vec<u8>, u32)>, ApplyError> {
         let staging = self.staging();
-        for f in &journal.files {
-            let src = staging.join(&f.path);
-            let dst = self.root.join(&f.path);
-            let data = ctx(std::fs::read(&src), "read staged", &src)?;
-            ctx(write_atomic(&dst, &data, f.mode), "write", &dst)?;
+        let stage_path = staging.join(STAGE);
+        if stage_path.exists() {
+            let stage = self.stage()?;
+            return Ok(stage
+                .files
+                .into_iter()
+                .map(|f| (self.root.join(&f.path), f.content.into_bytes(), f.mode))
+                .collect());
+        }
+        journal
+            .files
+            .iter()
+            .map(|f| {
+                let src = staging.join(&f.path);
+                let data = ctx(std::fs::read(&src), "read staged", &src)?;
+                Ok((self.root.join(&f.path), data, f.mode))
+            })
+            .collect()
+    }
+
+    fn stage(&self) -> Result<Stage, ApplyError> {
+        let p = self.staging().join(STAGE);
+        let bytes = ctx(std::fs::read(&p), "read staged", &p)?;
+        serde_json::from_slice(&bytes).map_err(|e| ApplyError {
+            what: "parse staged",
+            path: p,
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    fn install_files(&self, journal: &Journal) -> Result<(), ApplyError> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (dst, data, mode) in self.staged_files(journal)? {
+            ctx(replace_file(&dst, &data, mode), "write", &dst)?;
+            if let Some(parent) = dst.parent()
+                && !dirs.iter().any(|d| d == parent)
+            {
+                dirs.push(parent.to_path_buf());
+            }
         }
         for old in &journal.old_files {
             if !journal.files.iter().any(|f| &f.path == old) {
-                remove_if_exists(&self.root.join(old))?;
+                let p = self.root.join(old);
+                remove_if_exists(&p)?;
+                if let Some(parent) = p.parent()
+                    && !dirs.iter().any(|d| d == parent)
+                {
+                    dirs.push(parent.to_path_buf());
+                }
             }
+        }
+        // The renames and removals become durable with one fsync per folder.
+        for d in &dirs {
+            sync_dir(d);
         }
         Ok(())
     }
@@ -340,10 +449,23 @@ impl Applier {
     }
 
     fn commit(&self, journal: &Journal) -> Result<(), ApplyError> {
-        let env_src = self.staging().join(".envelope");
-        let env = ctx(std::fs::read(&env_src), "read staged", &env_src)?;
+        let env = if self.staging().join(STAGE).exists() {
+            let stage = self.stage()?;
+            let p = self.staging().join(STAGE);
+            base64::engine::general_purpose::STANDARD
+                .decode(stage.envelope)
+                .map_err(|e| ApplyError {
+                    what: "parse staged",
+                    path: p,
+                    source: std::io::Error::other(e.to_string()),
+                })?
+        } else {
+            let env_src = self.staging().join(".envelope");
+            ctx(std::fs::read(&env_src), "read staged", &env_src)?
+        };
         let env_dst = self.state.join("current.env");
-        ctx(write_atomic(&env_dst, &env, 0o600), "write", &env_dst)?;
+        // Made durable with current.json's folder fsync (the same folder), which follows.
+        ctx(replace_file(&env_dst, &env, 0o600), "write", &env_dst)?;
         let current = Current {
             revision: journal.revision,
             sha256: journal.sha256.clone(),
@@ -375,9 +497,14 @@ impl Applier {
         };
         for b in &journal.backup {
             let dst = self.root.join(&b.path);
+            // A file the install was writing when it was interrupted.
+            remove_if_exists(&tmp_path(&dst))?;
             match b.mode {
                 Some(mode) => {
-                    let src = self.backup_dir().join(&b.path);
+                    let src = match b.slot {
+                        Some(slot) => self.backup_dir().join(slot.to_string()),
+                        None => self.backup_dir().join(&b.path),
+                    };
                     let data = ctx(std::fs::read(&src), "read backup", &src)?;
                     ctx(write_atomic(&dst, &data, mode), "restore", &dst)?;
                 }
@@ -553,6 +680,102 @@ mod tests {
         assert_eq!(a.recover()?, Recovery::Clean);
         assert_eq!(read(root.path(), "x").as_deref(), Some("newer"));
         assert!(!state.path().join("staging").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn crash_points_of_the_staged_install() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let state = tempfile::tempdir()?;
+        let a = Applier::new(root.path(), state.path());
+        let r1 = Revision { epoch: 1, rev: 1 };
+        a.apply(
+            r1,
+            "s1",
+            b"env1",
+            &config(&[("etc/x", "old"), ("z", "zed")]),
+        )?;
+        let r2 = Revision { epoch: 1, rev: 2 };
+        let new = config(&[("etc/x", "new"), ("etc/y", "why")]);
+
+        // Killed while staging (stage.json and some backups written, no journal): the old
+        // config stays, the staging is dropped.
+        a.install(r2, "s2", b"env2", &new)?;
+        assert_eq!(a.rollback()?, Some(r2));
+        std::fs::create_dir_all(state.path().join("backup"))?;
+        std::fs::hard_link(root.path().join("etc/x"), state.path().join("backup/0"))?;
+        write_atomic(&state.path().join("staging").join(STAGE), b"{}", 0o600)?;
+        assert_eq!(a.recover()?, Recovery::Clean);
+        assert_eq!(read(root.path(), "etc/x").as_deref(), Some("old"));
+        assert!(!state.path().join("staging").exists());
+        assert!(!state.path().join("backup").exists());
+
+        // Killed half-way through installing: one file renamed into place, the next one still
+        // a temporary file next to its destination. Rolled back from the linked backups.
+        a.install(r2, "s2", b"env2", &new)?;
+        a.set_phase(Phase::Installing)?;
+        std::fs::rename(
+            root.path().join("etc/y"),
+            root.path().join("etc/y.sidenet-tmp"),
+        )?;
+        assert_eq!(a.recover()?, Recovery::RolledBack(r2, Phase::Installing));
+        assert_eq!(read(root.path(), "etc/x").as_deref(), Some("old"));
+        assert_eq!(read(root.path(), "z").as_deref(), Some("zed"));
+        assert!(!root.path().join("etc/y").exists());
+        assert!(!root.path().join("etc/y.sidenet-tmp").exists());
+        assert_eq!(a.current().map(|c| c.revision), Some(r1));
+        assert_eq!(a.current_envelope(), Some(b"env1".to_vec()));
+
+        // Killed while committing, after current.env was replaced but not current.json: rolled
+        // forward from stage.json, whatever the installed files hold by then.
+        a.install(r2, "s2", b"env2", &new)?;
+        a.set_phase(Phase::Committing)?;
+        write_atomic(&root.path().join("etc/x"), b"torn", 0o644)?;
+        write_atomic(&state.path().join("current.env"), b"env2", 0o600)?;
+        assert_eq!(a.recover()?, Recovery::RolledForward(r2));
+        assert_eq!(read(root.path(), "etc/x").as_deref(), Some("new"));
+        assert_eq!(read(root.path(), "etc/y").as_deref(), Some("why"));
+        assert!(!root.path().join("z").exists());
+        assert_eq!(a.current().map(|c| c.revision), Some(r2));
+        assert_eq!(a.current_envelope(), Some(b"env2".to_vec()));
+        assert!(!state.path().join("staging").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn backups_of_older_agents_roll_back() -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let state = tempfile::tempdir()?;
+        let a = Applier::new(root.path(), state.path());
+        a.apply(
+            Revision { epoch: 1, rev: 1 },
+            "s1",
+            b"env1",
+            &config(&[("x", "old")]),
+        )?;
+        // What the previous agent version left: backups under their own paths, no slots.
+        write_atomic(&root.path().join("x"), b"new", 0o644)?;
+        write_atomic(&state.path().join("backup/x"), b"old", 0o644)?;
+        let old = serde_json::json!({
+            "phase": "applying",
+            "revision": {"epoch": 1, "rev": 2},
+            "sha256": "s2",
+            "files": [{"path": "x", "mode": 420}, {"path": "w", "mode": 420}],
+            "old_files": ["x"],
+            "backup": [{"path": "w", "mode": null}, {"path": "x", "mode": 420}],
+        });
+        write_atomic(&root.path().join("w"), b"double-you", 0o644)?;
+        write_atomic(
+            &state.path().join("journal.json"),
+            &serde_json::to_vec(&old)?,
+            0o600,
+        )?;
+        assert_eq!(
+            a.recover()?,
+            Recovery::RolledBack(Revision { epoch: 1, rev: 2 }, Phase::Applying)
+        );
+        assert_eq!(read(root.path(), "x").as_deref(), Some("old"));
+        assert!(!root.path().join("w").exists());
         Ok(())
     }
 

@@ -214,22 +214,40 @@ impl fmt::Display for WireError {
 impl std::error::Error for WireError {}
 
 /// Builds and signs an envelope. `header.len` and `header.sha256` are filled in from `body`.
-pub fn seal(kind: Kind, mut header: Header, body: &[u8], key: &KeyPair) -> Vec<u8> {
+pub fn seal(kind: Kind, header: Header, body: &[u8], key: &KeyPair) -> Vec<u8> {
+    seal_hashed(kind, header, body, &sha256(body), key)
+}
+
+/// [`seal`] for a caller that already hashed `body`: `body_sha256` must be its SHA-256 (the
+/// controller hashes every rendered body to decide whether it changed, and signs only the
+/// changed ones, so the body is not hashed twice). A wrong digest yields an envelope that every
+/// receiver refuses ([`WireError::BodyHash`]), never one that verifies with another body.
+pub fn seal_hashed(
+    kind: Kind,
+    mut header: Header,
+    body: &[u8],
+    body_sha256: &[u8; 32],
+    key: &KeyPair,
+) -> Vec<u8> {
     header.len = body.len() as u64;
-    header.sha256 = hex(&sha256(body));
-    // Serialising a struct of strings and integers cannot fail.
-    let header_bytes = serde_json::to_vec(&header).unwrap_or_default();
-    let mut out = Vec::with_capacity(FIXED + header_bytes.len() + body.len());
+    header.sha256 = hex(body_sha256);
+    let mut out = Vec::with_capacity(FIXED + 256 + body.len());
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.push(kind as u8);
-    out.extend_from_slice(&(header_bytes.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(key.public().as_bytes());
-    let mut msg = Vec::with_capacity(PREFIX + header_bytes.len());
+    // The header is serialised where it will stay (after the signature); the signed message
+    // is the prefix followed by it. Serialising a struct of strings and integers cannot fail.
+    out.resize(FIXED, 0);
+    let _ = serde_json::to_writer(&mut out, &header);
+    let hlen = out.len() - FIXED;
+    out[6..8].copy_from_slice(&(hlen as u16).to_be_bytes());
+    let mut msg = Vec::with_capacity(PREFIX + hlen);
     msg.extend_from_slice(&out[..PREFIX]);
-    msg.extend_from_slice(&header_bytes);
-    out.extend_from_slice(&key.sign(&msg));
-    out.extend_from_slice(&header_bytes);
+    msg.extend_from_slice(&out[FIXED..]);
+    let signature = key.sign(&msg);
+    out[PREFIX..FIXED].copy_from_slice(&signature);
     out.extend_from_slice(body);
     out
 }
