@@ -252,6 +252,7 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
                             hostname: None,
                             subnet_id: (i % 65_000 + 1) as u16,
                             passphrase: "bench passphrase",
+                            passphrase_next: None,
                         };
                         let Ok(config) = sidenet_controller::core::build_config(renderer, &inputs)
                         else {
@@ -318,6 +319,7 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
             hostname: None,
             subnet_id: (i % 65_000 + 1) as u16,
             passphrase: "bench passphrase",
+            passphrase_next: None,
         };
         let s0 = Instant::now();
         let ctx = render::context(&inputs)?;
@@ -676,6 +678,7 @@ fn agent_apply(repo: &Path, iterations: u64) -> anyhow::Result<f64> {
         hostname: None,
         subnet_id: 7,
         passphrase: "bench passphrase",
+        passphrase_next: None,
     };
     let mut config =
         sidenet_controller::core::build_config(&renderer, &inputs).map_err(anyhow::Error::msg)?;
@@ -825,6 +828,7 @@ fn netjsonconfig_per_s(repo: &Path, n: usize) -> anyhow::Result<f64> {
         hostname: None,
         subnet_id: 7,
         passphrase: "bench passphrase",
+        passphrase_next: None,
     };
     let config =
         sidenet_controller::core::build_config(&renderer, &inputs).map_err(anyhow::Error::msg)?;

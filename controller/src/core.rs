@@ -28,6 +28,8 @@ use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord}
 pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
 /// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
 pub const MESH_PASSPHRASE: &str = sidenet_wire::seal::MESH_PASSPHRASE;
+/// Name of the sealed next mesh passphrase during a scheduled rotation's overlap.
+pub const MESH_PASSPHRASE_NEXT: &str = "mesh-passphrase-next";
 /// Name of the node's sealed broker password in configs (`NodeConfig::sealed`).
 pub const MQTT_PASSWORD: &str = sidenet_wire::seal::MQTT_PASSWORD;
 /// Failed revisions remembered per node (the newest).
@@ -247,6 +249,55 @@ impl Controller {
             chunk: None,
             deferred: std::collections::VecDeque::new(),
         }
+    }
+
+    /// The passphrases a mesh's configs carry at `now`: the one its mesh point uses, and during
+    /// a scheduled rotation's overlap (before `switchAt`) the next one, for a second mesh point.
+    fn passphrases(
+        &mut self,
+        mesh_name: &str,
+        now: u64,
+    ) -> Result<(String, Option<String>), String> {
+        let mesh = self
+            .set
+            .meshes
+            .get(mesh_name)
+            .ok_or_else(|| format!("mesh {mesh_name} is not in the manifests"))?;
+        let current_ref = mesh.spec.encryption.passphrase_secret_ref.clone();
+        let rotation = mesh.spec.encryption.rotation.clone();
+        let current = self.secrets.passphrase(&self.set, &current_ref)?;
+        let Some(rot) = rotation else {
+            return Ok((current, None));
+        };
+        let switch_at = crate::parse_rfc3339(&rot.switch_at).ok_or_else(|| {
+            format!(
+                "spec.encryption.rotation.switchAt {:?} is not an RFC 3339 UTC time",
+                rot.switch_at
+            )
+        })?;
+        let next = self
+            .secrets
+            .passphrase(&self.set, &rot.next_passphrase_secret_ref)
+            .map_err(|e| format!("next passphrase: {e}"))?;
+        if next == current {
+            return Ok((current, None));
+        }
+        Ok(if now >= switch_at {
+            (next, None)
+        } else {
+            (current, Some(next))
+        })
+    }
+
+    /// The earliest passphrase switch still to come, if any (the driver reconciles then).
+    pub fn next_switch(&self, now: u64) -> Option<u64> {
+        self.set
+            .meshes
+            .values()
+            .filter_map(|m| m.spec.encryption.rotation.as_ref())
+            .filter_map(|r| crate::parse_rfc3339(&r.switch_at))
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Broker credential changes since the last call: passwords issued with configs, nodes that
@@ -600,9 +651,7 @@ impl Controller {
         };
         let net = network_name(mesh).to_string();
         if !cache.meshes.contains_key(&mesh_name) {
-            let pass = self
-                .secrets
-                .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref);
+            let pass = self.passphrases(&mesh_name, now);
             let key = self.mesh_key(&net);
             let mesh = self.set.meshes.get(&mesh_name).ok_or_else(|| {
                 CoreError::Request(format!("mesh {mesh_name} vanished during reconcile"))
@@ -627,7 +676,7 @@ impl Controller {
                 return Ok(None);
             }
         };
-        let passphrase = match pass {
+        let (passphrase, passphrase_next) = match pass {
             Ok(p) => p.clone(),
             Err(e) => {
                 self.blocked
@@ -674,20 +723,26 @@ impl Controller {
         };
         let mqtt_password = crate::acl::node_password(&mqtt_secret, &net, id);
         let seal_id = sha256_hex(
-            format!("{passphrase}\0{mqtt_password}\0{}", recipient.to_base64()).as_bytes(),
+            format!(
+                "{passphrase}\0{}\0{mqtt_password}\0{}",
+                passphrase_next.as_deref().unwrap_or(""),
+                recipient.to_base64()
+            )
+            .as_bytes(),
         );
         let sealed = self
             .sealed
             .get(id)
             .filter(|(k, _)| *k == seal_id)
             .map(|(_, s)| s.clone());
-        let inputs = match decide(set, mesh, id, manifest, rec, subnet_id, &passphrase) {
+        let mut inputs = match decide(set, mesh, id, manifest, rec, subnet_id, &passphrase) {
             Desired::Config { inputs, .. } => inputs,
             Desired::Pending(r) | Desired::Blocked(r) => {
                 self.blocked.insert(id.to_string(), r);
                 return Ok(None);
             }
         };
+        inputs.passphrase_next = passphrase_next.as_deref();
         let profile_name = inputs.profile.metadata.name.clone().unwrap_or_default();
         let profile_fp = cache
             .profiles
@@ -1258,9 +1313,9 @@ impl Controller {
             CoreError::Request(format!("node {id}: its mesh is not in the manifests"))
         })?;
         let net = network_name(&mesh).to_string();
-        let pass = self
-            .secrets
-            .passphrase(&self.set, &mesh.spec.encryption.passphrase_secret_ref)
+        let mesh_name = mesh.metadata.name.clone().unwrap_or_default();
+        let (pass, next) = self
+            .passphrases(&mesh_name, crate::now())
             .map_err(CoreError::Request)?;
         let subnet = self
             .store
@@ -1271,7 +1326,8 @@ impl Controller {
         let manifest = self.set.nodes.get(&id);
         let rec = self.store.nodes.get(&id);
         match decide(&self.set, &mesh, &id, manifest, rec, subnet, &pass) {
-            Desired::Config { inputs, .. } => {
+            Desired::Config { mut inputs, .. } => {
+                inputs.passphrase_next = next.as_deref();
                 let gw = crate::peers::gateways(&self.store, &self.set, &mesh);
                 let dp =
                     crate::peers::dataplane(&self.peers, &self.store, &self.set, &mesh, &id, &gw);
@@ -1433,6 +1489,7 @@ fn decide<'a>(
             hostname: spec.and_then(|s| s.overrides.hostname.as_deref()),
             subnet_id,
             passphrase,
+            passphrase_next: None,
         }),
     }
 }
@@ -1494,12 +1551,13 @@ fn fingerprint(
         "reported": inputs.reported_hostname,
         "subnet": inputs.subnet_id,
         "passphrase": sha256_hex(inputs.passphrase.as_bytes()),
+        "passphraseNext": inputs.passphrase_next.map(|p| sha256_hex(p.as_bytes())),
     });
     sha256_hex(&serde_json::to_vec(&doc).unwrap_or_default())
 }
 
 type MeshMemo = (
-    Result<String, String>,
+    Result<(String, Option<String>), String>,
     Result<KeyPair, String>,
     String,
     Result<[u8; 32], String>,
@@ -1528,6 +1586,7 @@ struct OwnedInputs {
     hostname: Option<String>,
     subnet_id: u16,
     passphrase: String,
+    passphrase_next: Option<String>,
 }
 
 impl OwnedInputs {
@@ -1544,6 +1603,7 @@ impl OwnedInputs {
             hostname: i.hostname.map(str::to_string),
             subnet_id: i.subnet_id,
             passphrase: i.passphrase.to_string(),
+            passphrase_next: i.passphrase_next.map(str::to_string),
         }
     }
 
@@ -1560,6 +1620,7 @@ impl OwnedInputs {
             hostname: self.hostname.as_deref(),
             subnet_id: self.subnet_id,
             passphrase: &self.passphrase,
+            passphrase_next: self.passphrase_next.as_deref(),
         })
     }
 }
@@ -1636,7 +1697,7 @@ fn render_and_seal(
                     secret.as_bytes(),
                 )
             };
-            BTreeMap::from([
+            let mut m = BTreeMap::from([
                 (
                     MESH_PASSPHRASE.to_string(),
                     seal(MESH_PASSPHRASE, &plan.inputs.passphrase),
@@ -1645,7 +1706,14 @@ fn render_and_seal(
                     MQTT_PASSWORD.to_string(),
                     seal(MQTT_PASSWORD, &plan.mqtt_password),
                 ),
-            ])
+            ]);
+            if let Some(next) = &plan.inputs.passphrase_next {
+                m.insert(
+                    MESH_PASSPHRASE_NEXT.to_string(),
+                    seal(MESH_PASSPHRASE_NEXT, next),
+                );
+            }
+            m
         }
     };
     config.sealed.extend(sealed.clone());

@@ -686,6 +686,41 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                 Some(_) => {}
             }
         }
+        if let Some(rot) = &mesh.spec.encryption.rotation {
+            let nref = &rot.next_passphrase_secret_ref;
+            if crate::parse_rfc3339(&rot.switch_at).is_none() {
+                errors.push(err(
+                    &key,
+                    "spec.encryption.rotation.switchAt",
+                    format!(
+                        "{:?} is not an RFC 3339 UTC time like 2026-12-01T03:00:00Z",
+                        rot.switch_at
+                    ),
+                ));
+            }
+            if nref == sref {
+                errors.push(err(
+                    &key,
+                    "spec.encryption.rotation.nextPassphraseSecretRef",
+                    "names the current passphrase (passphraseSecretRef); point it at the next one"
+                        .to_string(),
+                ));
+            }
+            if check_object_name(&nref.name).is_err() {
+                errors.push(err(
+                    &key,
+                    "spec.encryption.rotation.nextPassphraseSecretRef.name",
+                    format!("{:?} is not a valid Secret name", nref.name),
+                ));
+            }
+            if let Some(data) = set.secrets.get(&nref.name) {
+                match data.get(&nref.key) {
+                    None => errors.push(err(&key, "spec.encryption.rotation.nextPassphraseSecretRef.key", format!("Secret/{} has no key {:?}", nref.name, nref.key))),
+                    Some(p) if !(8..=63).contains(&p.len()) || p.contains(['\'', '\n', '"']) => errors.push(err(&key, "spec.encryption.rotation.nextPassphraseSecretRef", format!("the passphrase in Secret/{} must be 8 to 63 characters without quotes or newlines", nref.name))),
+                    Some(_) => {}
+                }
+            }
+        }
         for (i, p) in mesh.spec.policies.iter().enumerate() {
             if p.type_ == PolicyType::RateLimit && p.rate_kbit.is_none() {
                 errors.push(err(

@@ -60,6 +60,10 @@ pub struct FileEntry {
     /// Actions to run after writing.
     #[serde(default)]
     pub actions: Vec<String>,
+    /// Left out of the config when it renders to nothing but whitespace (a file only some
+    /// configs need, such as the second mesh point of a passphrase rotation).
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// All templates, compiled.
@@ -163,15 +167,19 @@ impl Renderer {
                 let content = tmpl
                     .render(&value)
                     .map_err(|source| RenderError::Template { name, source })?;
-                Ok(RenderedFile {
+                if f.optional && content.trim().is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(RenderedFile {
                     file: FileSpec {
                         path: f.path.clone(),
                         mode: f.mode,
                         content,
                     },
                     actions: f.actions.clone(),
-                })
+                }))
             })
+            .filter_map(Result::transpose)
             .collect()
     }
 }
@@ -219,6 +227,9 @@ pub struct MeshCtx {
     pub hello_interval: u32,
     /// SAE passphrase.
     pub passphrase: String,
+    /// During a scheduled passphrase rotation's overlap, the next passphrase: templates bring
+    /// up a second mesh point with it.
+    pub passphrase_next: Option<String>,
     /// Egress limit in kbit/s.
     pub rate_kbit: Option<u64>,
     /// Whether this node may forward side-net traffic to its uplink.
@@ -311,6 +322,8 @@ pub struct NodeInputs<'a> {
     pub subnet_id: u16,
     /// Mesh passphrase.
     pub passphrase: &'a str,
+    /// The next mesh passphrase, during a scheduled rotation's overlap.
+    pub passphrase_next: Option<&'a str>,
 }
 
 fn sanitize_hostname(h: &str) -> Option<String> {
@@ -451,6 +464,9 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             // The passphrase itself travels sealed to the node (`NodeConfig::sealed`); the agent
             // fills it in where the templates use it.
             passphrase: sidenet_wire::seal::placeholder(crate::core::MESH_PASSPHRASE),
+            passphrase_next: inp
+                .passphrase_next
+                .map(|_| sidenet_wire::seal::placeholder(crate::core::MESH_PASSPHRASE_NEXT)),
             rate_kbit,
             internet,
         },

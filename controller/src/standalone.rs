@@ -498,7 +498,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut poll = tokio::time::interval(opts.poll);
     let mut refresh = tokio::time::interval(opts.refresh);
     tokio::pin!(shutdown);
+    // Scheduled passphrase switches up to this time are handled (the start reconciles all).
+    let mut switched_upto = crate::now();
     loop {
+        let next_switch = ctl.next_switch(switched_upto);
         // Each turn handles one event (or a burst of MQTT messages), then commits every state
         // change in one transaction and only then publishes.
         tokio::select! {
@@ -509,6 +512,16 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 jobs.finished(done, &ctl.set, &mut |mesh| keys.get(mesh).cloned());
             }
             _ = refresh.tick() => {
+                if let Err(e) = ctl.reconcile_all(crate::now()) {
+                    tracing::error!("reconcile: {e}");
+                }
+            }
+            // A scheduled passphrase switch: reconcile at that second, not at the next refresh.
+            _ = tokio::time::sleep(Duration::from_secs(
+                next_switch.map_or(0, |t| t.saturating_sub(crate::now()))
+            )), if next_switch.is_some() => {
+                switched_upto = next_switch.unwrap_or(switched_upto);
+                tracing::info!("scheduled passphrase switch: reconciling every node");
                 if let Err(e) = ctl.reconcile_all(crate::now()) {
                     tracing::error!("reconcile: {e}");
                 }

@@ -116,6 +116,7 @@ fn render_variant(
         hostname: None,
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
+        passphrase_next: None,
     };
     let mut ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
     if with_peers {

@@ -181,6 +181,24 @@ pub struct EncryptionSpec {
     /// may be a manifest in the folder; if it does not exist, a random passphrase is generated
     /// and kept in the state folder.
     pub passphrase_secret_ref: SecretKeyRef,
+    /// A scheduled passphrase change. Until `switchAt`, every node keeps its mesh point on the
+    /// current passphrase and runs a second one with the next passphrase, so nodes that already
+    /// switched and nodes that have not always share one; from `switchAt` on, configs carry only
+    /// the next passphrase. Then point `passphraseSecretRef` at the next Secret and remove this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<PassphraseRotation>,
+}
+
+/// A scheduled change of the mesh passphrase.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassphraseRotation {
+    /// The next passphrase, by reference to a Secret.
+    pub next_passphrase_secret_ref: SecretKeyRef,
+    /// When nodes switch to it: RFC 3339 in UTC, e.g. `2026-12-01T03:00:00Z`. Leave the overlap
+    /// long enough for every node to get its overlap config first (offline nodes that miss it
+    /// rejoin the radio mesh once they get their new config over their uplink).
+    pub switch_at: String,
 }
 
 /// A key in a Secret.

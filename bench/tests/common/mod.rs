@@ -272,10 +272,15 @@ pub fn tail(s: &str) -> String {
 /// (node, epoch, revision).
 type ConfigId = (String, u64, u64);
 
+/// A node's newest config: ((epoch, revision), body).
+type Newest = ((u64, u64), sidenet_wire::messages::NodeConfig);
+
 pub struct Witness {
     /// (node, epoch, revision) → (SHA-256 of the envelope, signer).
     seen: Mutex<HashMap<ConfigId, (String, sidenet_wire::PublicKey)>>,
     violations: Mutex<Vec<String>>,
+    /// Node → its newest config seen: ((epoch, revision), body).
+    latest: Mutex<HashMap<String, Newest>>,
 }
 
 impl Witness {
@@ -284,6 +289,7 @@ impl Witness {
         let w = Arc::new(Witness {
             seen: Mutex::default(),
             violations: Mutex::default(),
+            latest: Mutex::default(),
         });
         let weak = Arc::downgrade(&w);
         std::thread::spawn(move || {
@@ -317,6 +323,13 @@ impl Witness {
         let signer = env.claimed_signer().unwrap();
         let verified = env.verify(sidenet_wire::Kind::Config, &signer).unwrap();
         let h = &verified.header;
+        if let Ok(body) = verified.body_json::<sidenet_wire::messages::NodeConfig>() {
+            let mut latest = self.latest.lock().unwrap();
+            let newer = latest.get(&node).is_none_or(|(r, _)| *r < (h.epoch, h.rev));
+            if newer {
+                latest.insert(node.clone(), ((h.epoch, h.rev), body));
+            }
+        }
         let key = (node, h.epoch, h.rev);
         let sha = sidenet_wire::codec::sha256_hex(payload);
         let mut seen = self.seen.lock().unwrap();
@@ -332,6 +345,16 @@ impl Witness {
 
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// The newest config body seen for `node`.
+    #[allow(dead_code)]
+    pub fn latest_config(&self, node: &str) -> Option<sidenet_wire::messages::NodeConfig> {
+        self.latest
+            .lock()
+            .unwrap()
+            .get(node)
+            .map(|(_, c)| c.clone())
     }
 
     pub fn violations(&self) -> Vec<String> {

@@ -59,10 +59,17 @@ impl SecretCache {
             _ => false,
         };
         let same_pass = self.passphrases.get(&pkey) == Some(&loaded.passphrase);
+        let mut same_next = true;
+        if let (Some(rot), Some(next)) = (&mesh.spec.encryption.rotation, loaded.next) {
+            let r = &rot.next_passphrase_secret_ref;
+            let nkey = (ns.clone(), r.name.clone(), r.key.clone());
+            same_next = self.passphrases.get(&nkey) == Some(&next);
+            self.passphrases.insert(nkey, next);
+        }
         self.namespaces.insert(net.clone(), ns);
         self.keys.insert(net, loaded.key);
         self.passphrases.insert(pkey, loaded.passphrase);
-        !(same_key && same_pass)
+        !(same_key && same_pass && same_next)
     }
 
     /// The public key of a mesh, if its signing key is loaded.
@@ -101,7 +108,14 @@ impl Secrets for KubeSecrets {
         let ns = set
             .meshes
             .values()
-            .find(|m| m.spec.encryption.passphrase_secret_ref == *r)
+            .find(|m| {
+                m.spec.encryption.passphrase_secret_ref == *r
+                    || m.spec
+                        .encryption
+                        .rotation
+                        .as_ref()
+                        .is_some_and(|rot| rot.next_passphrase_secret_ref == *r)
+            })
             .and_then(|m| cache.namespaces.get(network_name(m)))
             .cloned()
             .unwrap_or_default();
@@ -122,6 +136,8 @@ pub struct Loaded {
     pub key: Result<KeyPair, String>,
     /// The passphrase, or what is wrong with its Secret.
     pub passphrase: Result<String, String>,
+    /// During a scheduled rotation, the next passphrase (never created: the admin provides it).
+    pub next: Option<Result<String, String>>,
 }
 
 fn labels(mesh: &str) -> BTreeMap<String, String> {
@@ -251,5 +267,34 @@ pub async fn load_mesh_secrets(client: &Client, mesh: &Mesh) -> Loaded {
             }
         }
     };
-    Loaded { key, passphrase }
+    let next = match &mesh.spec.encryption.rotation {
+        None => None,
+        Some(rot) => {
+            let r = &rot.next_passphrase_secret_ref;
+            Some(match api.get_opt(&r.name).await {
+                Err(e) => Err(format!("cannot read Secret {ns}/{}: {e}", r.name)),
+                Ok(None) => Err(format!(
+                    "Secret {ns}/{} (spec.encryption.rotation.nextPassphraseSecretRef of Mesh {ns}/{name}) does not exist",
+                    r.name
+                )),
+                Ok(Some(s)) => match value(&s, &r.key).map(String::from_utf8) {
+                    None => Err(format!("Secret {ns}/{} has no key {:?}", r.name, r.key)),
+                    Some(Ok(p))
+                        if (8..=63).contains(&p.len()) && !p.contains(['\'', '\n', '"']) =>
+                    {
+                        Ok(p)
+                    }
+                    Some(_) => Err(format!(
+                        "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
+                        r.name, r.key
+                    )),
+                },
+            })
+        }
+    };
+    Loaded {
+        key,
+        passphrase,
+        next,
+    }
 }
