@@ -7,7 +7,7 @@
 //! | action | file | what it does |
 //! | --- | --- | --- |
 //! | `apply:firewall` | `etc/sidenet/firewall.nft` | `nft -f` (one atomic table) |
-//! | `restart:mesh` | `etc/sidenet/wpa_supplicant-mesh.conf` | runs wpa_supplicant on `mesh0` if the radio interface exists |
+//! | `restart:mesh` | `etc/sidenet/wpa_supplicant-mesh.conf` (and `-next.conf` during a passphrase rotation) | runs wpa_supplicant on `mesh0` if the radio interface exists (and a second one on `mesh1` with the next passphrase) |
 //! | `apply:addresses` | `etc/sidenet/addresses` | creates `sidenet0` (dummy; ifb where the kernel has no dummy module), sets its addresses and the unreachable route for the mesh prefix, removes what it set before and no longer should |
 //! | `apply:wireguard` | `etc/sidenet/wireguard` | one interface per neighbour (kernel WireGuard, or the userspace implementation), keys, endpoints, link-local address; removes links that went away |
 //! | `restart:babeld` | `etc/sidenet/babeld.conf` | (re)starts babeld when its config changed or it is not running; stops it when no interface is left |
@@ -36,6 +36,9 @@ use crate::wgkey::WgKey;
 pub const DUMMY: &str = "sidenet0";
 /// The 802.11s interface the templates name.
 pub const MESH_IFACE: &str = "mesh0";
+/// The second mesh point during a passphrase rotation's overlap (created by the admin on the
+/// same radio, like `mesh0`).
+pub const MESH_NEXT_IFACE: &str = "mesh1";
 /// Prefix of WireGuard interfaces.
 pub const WG_PREFIX: &str = "sn-";
 /// MTU of WireGuard interfaces (fits IPv6 underlays).
@@ -304,9 +307,9 @@ impl Linux {
     }
 
     fn mesh(&mut self) -> Result<(), BackendError> {
-        let pidfile = self.run.join("wpa_supplicant.pid");
         if !self.exists(MESH_IFACE) {
-            self.stop_daemon(&pidfile, "wpa_supplicant");
+            self.stop_daemon(&self.run.join("wpa_supplicant.pid"), "wpa_supplicant");
+            self.stop_daemon(&self.run.join("wpa_supplicant-next.pid"), "wpa_supplicant");
             if !self.radio_noted {
                 tracing::info!(
                     "no {MESH_IFACE} interface: the mesh radio is not managed here; the side-net runs over the underlay interfaces"
@@ -315,9 +318,34 @@ impl Linux {
             }
             return Ok(());
         }
-        let conf = self.root.join("etc/sidenet/wpa_supplicant-mesh.conf");
-        let text = self.file("etc/sidenet/wpa_supplicant-mesh.conf")?;
-        let snapshot = self.run.join("wpa_supplicant.conf.running");
+        self.mesh_point(MESH_IFACE, "wpa_supplicant-mesh.conf", "wpa_supplicant")?;
+        // During a passphrase rotation's overlap: the second mesh point, with the next one.
+        let next = "etc/sidenet/wpa_supplicant-mesh-next.conf";
+        if self.root.join(next).exists() && self.exists(MESH_NEXT_IFACE) {
+            self.mesh_point(
+                MESH_NEXT_IFACE,
+                "wpa_supplicant-mesh-next.conf",
+                "wpa_supplicant-next",
+            )
+        } else {
+            if self.root.join(next).exists() {
+                tracing::warn!(
+                    "a passphrase rotation is under way but there is no {MESH_NEXT_IFACE} interface for its second mesh point: this node peers only on the current passphrase until the switch"
+                );
+            }
+            self.stop_daemon(&self.run.join("wpa_supplicant-next.pid"), "wpa_supplicant");
+            Ok(())
+        }
+    }
+
+    /// Runs wpa_supplicant on `iface` with `etc/sidenet/FILE` (restarting it when the file
+    /// changed); `name` names its pid, snapshot and log files.
+    fn mesh_point(&mut self, iface: &str, file: &str, name: &str) -> Result<(), BackendError> {
+        let pidfile = self.run.join(format!("{name}.pid"));
+        let rel = format!("etc/sidenet/{file}");
+        let conf = self.root.join(&rel);
+        let text = self.file(&rel)?;
+        let snapshot = self.run.join(format!("{name}.conf.running"));
         let same = std::fs::read_to_string(&snapshot).ok().as_deref() == Some(text.as_str());
         if same && self.daemon(&pidfile, "wpa_supplicant").is_some() {
             return Ok(());
@@ -329,13 +357,13 @@ impl Linux {
                 &[
                     "wpa_supplicant",
                     "-i",
-                    MESH_IFACE,
+                    iface,
                     "-D",
                     "nl80211",
                     "-c",
                     &conf.to_string_lossy(),
                 ],
-                &self.run.join("wpa_supplicant.log"),
+                &self.run.join(format!("{name}.log")),
             )
             .map_err(BackendError)?;
         write_atomic(&pidfile, pid.to_string().as_bytes(), 0o600).map_err(err)?;
@@ -648,6 +676,7 @@ impl Linux {
         self.addresses_down();
         self.firewall_down();
         self.stop_daemon(&self.run.join("wpa_supplicant.pid"), "wpa_supplicant");
+        self.stop_daemon(&self.run.join("wpa_supplicant-next.pid"), "wpa_supplicant");
         self.plan = None;
     }
 }
