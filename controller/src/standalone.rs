@@ -458,19 +458,22 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let resp = handle_admin(&mut ctl, &jobs, req, &manifest_errors);
                 // Commit before answering, so "approved" means it is on disk.
                 let out = ctl.flush()?;
+                let mut sent = Sent::default();
+                sent.count(&out);
+                if connected { send(&client, out).await; }
+                // A chunked reconcile (a key rotation of a large mesh) finishes before the answer.
+                drain_deferred(&mut ctl, &client, connected, &mut sent).await?;
                 let resp = match resp {
-                    Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
+                    Response::Approved { node, .. } => Response::Approved { node, published: sent.all },
                     Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
                         mesh,
                         key,
                         previous_until,
-                        published: out.iter().filter(|p| p.topic.ends_with("/config")).count(),
+                        published: sent.configs,
                     },
                     other => other,
                 };
-                if connected { send(&client, out).await; }
                 let _ = reply.send(resp);
-                drain_deferred(&mut ctl, &client, connected).await?;
                 continue;
             }
         }
@@ -479,7 +482,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         if connected {
             send(&client, out).await;
         }
-        drain_deferred(&mut ctl, &client, connected).await?;
+        drain_deferred(&mut ctl, &client, connected, &mut Sent::default()).await?;
     }
     mqtt_task.abort();
     admin_task.abort();
@@ -622,12 +625,27 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
 /// many envelopes (~9 KB each) are in memory at once.
 const RECONCILE_CHUNK: usize = 1000;
 
+/// Messages handed out (for the admin answers).
+#[derive(Default)]
+struct Sent {
+    all: usize,
+    configs: usize,
+}
+
+impl Sent {
+    fn count(&mut self, out: &[Publish]) {
+        self.all += out.len();
+        self.configs += out.iter().filter(|p| p.topic.ends_with("/config")).count();
+    }
+}
+
 /// Finishes a chunked reconcile: each chunk is committed, then published, before the next one
 /// is rendered.
 async fn drain_deferred(
     ctl: &mut Controller,
     client: &AsyncClient,
     connected: bool,
+    sent: &mut Sent,
 ) -> Result<(), StandaloneError> {
     while ctl.has_deferred() {
         if let Err(e) = ctl.reconcile_deferred(crate::now()) {
@@ -635,6 +653,7 @@ async fn drain_deferred(
         }
         // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
         let out = ctl.flush()?;
+        sent.count(&out);
         if connected {
             send(client, out).await;
         }
