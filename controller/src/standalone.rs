@@ -438,9 +438,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                                     tracing::error!("subscribe: {e}");
                                 }
                             }
-                            let mut out = ctl.announcements(crate::now())?;
-                            out.extend(ctl.stored_configs()?);
-                            send(&client, out).await;
+                            send(&client, ctl.announcements(crate::now())?).await;
+                            // Every stored config again, a chunk of envelopes in memory at a time.
+                            for ids in ctl.stored_config_ids()?.chunks(RECONCILE_CHUNK) {
+                                send(&client, ctl.stored_configs_of(ids)?).await;
+                            }
                         }
                         MqttEvent::Message(topic, payload) => {
                             if let Err(e) = ctl.on_message(&topic, &payload, crate::now()) {
