@@ -508,9 +508,28 @@ impl Controller {
 
     /// Every stored envelope, for republishing after (re)connecting to the broker.
     pub fn stored_configs(&self) -> Result<Vec<Publish>, CoreError> {
-        Ok(self
-            .store
-            .envelopes()?
+        self.publishes_of(self.store.envelopes()?)
+    }
+
+    /// The ids of the nodes with a stored envelope, to republish a chunk at a time
+    /// ([`Controller::stored_configs_of`]) instead of holding every envelope at once.
+    pub fn stored_config_ids(&self) -> Result<Vec<String>, CoreError> {
+        Ok(self.store.envelope_ids()?)
+    }
+
+    /// The stored envelopes of `ids` (see [`Controller::stored_config_ids`]).
+    pub fn stored_configs_of(&self, ids: &[String]) -> Result<Vec<Publish>, CoreError> {
+        let mut envs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(env) = self.store.envelope(id)? {
+                envs.push((id.clone(), env));
+            }
+        }
+        self.publishes_of(envs)
+    }
+
+    fn publishes_of(&self, envs: Vec<(String, Vec<u8>)>) -> Result<Vec<Publish>, CoreError> {
+        Ok(envs
             .into_iter()
             .filter_map(|(node, env)| {
                 let mesh = self

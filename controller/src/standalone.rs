@@ -551,9 +551,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                                 cmds.extend(crate::dynsec::commands(&ctl.credential_snapshot()));
                                 send_dynsec(&client, cmds).await;
                             }
-                            let mut out = ctl.announcements(crate::now())?;
-                            out.extend(ctl.stored_configs()?);
-                            send(&client, out).await;
+                            send(&client, ctl.announcements(crate::now())?).await;
+                            // Every stored config again, a chunk of envelopes in memory at a time.
+                            for ids in ctl.stored_config_ids()?.chunks(RECONCILE_CHUNK) {
+                                send(&client, ctl.stored_configs_of(ids)?).await;
+                            }
                         }
                         MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
                             for e in crate::dynsec::response_errors(&payload) {
@@ -587,24 +589,27 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 if connected && dynsec_user.is_some() {
                     send_dynsec(&client, crate::dynsec::commands(&changes)).await;
                 }
-                let resp = match resp {
-                    Response::Approved { node, .. } => Response::Approved { node, published: out.len() },
-                    Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
-                        mesh,
-                        key,
-                        previous_until,
-                        published: out.iter().filter(|p| p.topic.ends_with("/config")).count(),
-                    },
-                    other => other,
-                };
                 let mut out = out;
                 if let Response::Removed { topic, .. } = &resp {
                     // An empty retained message deletes the retained config.
                     out.push(crate::core::Publish { topic: topic.clone(), payload: Vec::new(), retain: true });
                 }
+                let mut sent = Sent::default();
+                sent.count(&out);
                 if connected { send(&client, out).await; }
+                // A chunked reconcile (a key rotation of a large mesh) finishes before the answer.
+                drain_deferred(&mut ctl, &client, connected, &mut sent, &book, dynsec_user.as_deref()).await?;
+                let resp = match resp {
+                    Response::Approved { node, .. } => Response::Approved { node, published: sent.all },
+                    Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
+                        mesh,
+                        key,
+                        previous_until,
+                        published: sent.configs,
+                    },
+                    other => other,
+                };
                 let _ = reply.send(resp);
-                drain_deferred(&mut ctl, &client, connected, &book, dynsec_user.as_deref()).await?;
                 continue;
             }
         }
@@ -625,7 +630,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         if connected {
             send(&client, out).await;
         }
-        drain_deferred(&mut ctl, &client, connected, &book, dynsec_user.as_deref()).await?;
+        drain_deferred(
+            &mut ctl,
+            &client,
+            connected,
+            &mut Sent::default(),
+            &book,
+            dynsec_user.as_deref(),
+        )
+        .await?;
     }
     mqtt_task.abort();
     admin_task.abort();
@@ -806,12 +819,27 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
 /// many envelopes (~9 KB each) are in memory at once.
 const RECONCILE_CHUNK: usize = 1000;
 
+/// Messages handed out (for the admin answers).
+#[derive(Default)]
+struct Sent {
+    all: usize,
+    configs: usize,
+}
+
+impl Sent {
+    fn count(&mut self, out: &[Publish]) {
+        self.all += out.len();
+        self.configs += out.iter().filter(|p| p.topic.ends_with("/config")).count();
+    }
+}
+
 /// Finishes a chunked reconcile: each chunk is committed, then published, before the next one
 /// is rendered.
 async fn drain_deferred(
     ctl: &mut Controller,
     client: &AsyncClient,
     connected: bool,
+    sent: &mut Sent,
     book: &crate::acl::CredentialBook,
     dynsec_user: Option<&str>,
 ) -> Result<(), StandaloneError> {
@@ -827,6 +855,7 @@ async fn drain_deferred(
         if connected && dynsec_user.is_some() {
             send_dynsec(client, crate::dynsec::commands(&changes)).await;
         }
+        sent.count(&out);
         if connected {
             send(client, out).await;
         }

@@ -373,6 +373,18 @@ impl Store {
         Ok(out)
     }
 
+    /// The ids of every node with a stored envelope, in order.
+    pub fn envelope_ids(&self) -> Result<Vec<String>, StoreError> {
+        let read = self.db.begin_read().map_err(db_err)?;
+        let table = read.open_table(ENVELOPES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)? {
+            let (k, _) = row.map_err(db_err)?;
+            out.push(k.value().to_string());
+        }
+        Ok(out)
+    }
+
     /// The stored envelope of one node.
     pub fn envelope(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let read = self.db.begin_read().map_err(db_err)?;

@@ -330,3 +330,29 @@ fn a_chunked_reconcile_commits_and_hands_out_one_chunk_at_a_time() {
     ctl.reconcile_all(later).unwrap();
     assert!(ctl.flush().unwrap().is_empty());
 }
+
+#[test]
+fn stored_configs_republish_a_chunk_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctl = controller(dir.path());
+    let mut nodes: Vec<Node> = (1..=5)
+        .map(|i| Node::new(20 + i, &[format!("10.0.{i}.1/24").as_str()]))
+        .collect();
+    for n in &mut nodes {
+        n.enroll(&mut ctl, T0);
+    }
+    let all = ctl.stored_configs().unwrap();
+    assert_eq!(all.len(), 5);
+    let ids = ctl.stored_config_ids().unwrap();
+    let chunked: Vec<Publish> = ids
+        .chunks(2)
+        .flat_map(|c| ctl.stored_configs_of(c).unwrap())
+        .collect();
+    assert_eq!(chunked, all);
+    // An id without a stored envelope is skipped.
+    assert!(
+        ctl.stored_configs_of(&["nosuchnode".into()])
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -24,8 +24,8 @@
 //! whichever revision the files now hold. Journals and staging folders of older agents (one
 //! staged file per config file, backups under their own paths) are still recovered.
 //!
-//! An apply of a 7-file config costs about 20 fsyncs (it was 54 when every staged file, backup
-//! and installed file was written with its own file and directory fsync).
+//! An apply of a 6-file OpenWrt config costs 26 fsyncs (48 when every staged file, backup and
+//! installed file was written with its own file and folder fsync).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
