@@ -61,6 +61,21 @@ pub fn tls_listen(
     }
 }
 
+/// Logs a SUBACK that refused one of the controller's subscriptions (an external broker whose
+/// user lacks the rights).
+pub fn log_refused_subscription(ack: &rumqttc::SubAck) {
+    let refused = ack
+        .return_codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+    if refused {
+        tracing::error!(
+            "the MQTT broker refused a subscription of the controller (packet {}): check the controller's broker user's rights",
+            ack.pkid
+        );
+    }
+}
+
 /// The broker configuration for `max_connections` clients.
 pub fn config(max_connections: usize) -> Config {
     Config {

@@ -682,7 +682,7 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
         if let Some(data) = set.secrets.get(&sref.name) {
             match data.get(&sref.key) {
                 None => errors.push(err(&key, "spec.encryption.passphraseSecretRef.key", format!("Secret/{} has no key {:?}", sref.name, sref.key))),
-                Some(p) if !(8..=63).contains(&p.len()) || p.contains(['\'', '\n', '"']) => errors.push(err(&key, "spec.encryption.passphraseSecretRef", format!("the passphrase in Secret/{} must be 8 to 63 characters without quotes or newlines", sref.name))),
+                Some(p) if !passphrase_ok(p) => errors.push(err(&key, "spec.encryption.passphraseSecretRef", format!("the passphrase in Secret/{} must be 8 to 63 characters without quotes or newlines", sref.name))),
                 Some(_) => {}
             }
         }
@@ -716,7 +716,7 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
             if let Some(data) = set.secrets.get(&nref.name) {
                 match data.get(&nref.key) {
                     None => errors.push(err(&key, "spec.encryption.rotation.nextPassphraseSecretRef.key", format!("Secret/{} has no key {:?}", nref.name, nref.key))),
-                    Some(p) if !(8..=63).contains(&p.len()) || p.contains(['\'', '\n', '"']) => errors.push(err(&key, "spec.encryption.rotation.nextPassphraseSecretRef", format!("the passphrase in Secret/{} must be 8 to 63 characters without quotes or newlines", nref.name))),
+                    Some(p) if !passphrase_ok(p) => errors.push(err(&key, "spec.encryption.rotation.nextPassphraseSecretRef", format!("the passphrase in Secret/{} must be 8 to 63 characters without quotes or newlines", nref.name))),
                     Some(_) => {}
                 }
             }
@@ -1014,6 +1014,12 @@ pub fn closest<'a>(wanted: &str, known: impl Iterator<Item = &'a String>) -> Str
     } else {
         best.join(", ")
     }
+}
+
+/// Whether `p` can be a mesh passphrase: SAE needs 8 to 63 characters, and the templates quote
+/// it (no quotes, no newlines).
+pub fn passphrase_ok(p: &str) -> bool {
+    (8..=63).contains(&p.len()) && !p.contains(['\'', '\n', '"'])
 }
 
 #[cfg(test)]

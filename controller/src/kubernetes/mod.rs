@@ -365,15 +365,8 @@ async fn lead(
                         return;
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(a)))
-                    if a.return_codes
-                        .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) =>
-                {
-                    tracing::error!(
-                        "the MQTT broker refused a subscription of the controller (packet {}): check the controller's broker user's rights",
-                        a.pkid
-                    );
+                Ok(Event::Incoming(Packet::SubAck(a))) => {
+                    crate::broker::log_refused_subscription(&a);
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -204,6 +204,28 @@ fn value(s: &Secret, key: &str) -> Option<Vec<u8>> {
         .map(|v| v.as_bytes().to_vec())
 }
 
+/// The passphrase under `r.key` of Secret `s` (namespace `ns`), which `field` of Mesh `mesh`
+/// names.
+fn passphrase_in(
+    s: &Secret,
+    ns: &str,
+    r: &SecretKeyRef,
+    field: &str,
+    mesh: &str,
+) -> Result<String, String> {
+    match value(s, &r.key).map(String::from_utf8) {
+        None => Err(format!(
+            "Secret {ns}/{} has no key {:?} ({field}.key of Mesh {ns}/{mesh})",
+            r.name, r.key
+        )),
+        Some(Ok(p)) if crate::manifest::passphrase_ok(&p) => Ok(p),
+        Some(_) => Err(format!(
+            "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
+            r.name, r.key
+        )),
+    }
+}
+
 /// Reads (creating when missing) the signing key and passphrase Secrets of `mesh`.
 pub async fn load_mesh_secrets(client: &Client, mesh: &Mesh) -> Loaded {
     let name = mesh.metadata.name.clone().unwrap_or_default();
@@ -252,19 +274,7 @@ pub async fn load_mesh_secrets(client: &Client, mesh: &Mesh) -> Loaded {
             if created {
                 tracing::info!(mesh = %name, "generated the mesh passphrase in Secret {ns}/{}", r.name);
             }
-            match value(&s, &r.key) {
-                None => Err(format!(
-                    "Secret {ns}/{} has no key {:?} (spec.encryption.passphraseSecretRef.key of Mesh {ns}/{name})",
-                    r.name, r.key
-                )),
-                Some(b) => match String::from_utf8(b) {
-                    Ok(p) if (8..=63).contains(&p.len()) && !p.contains(['\'', '\n', '"']) => Ok(p),
-                    _ => Err(format!(
-                        "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
-                        r.name, r.key
-                    )),
-                },
-            }
+            passphrase_in(&s, &ns, r, "spec.encryption.passphraseSecretRef", &name)
         }
     };
     let next = match &mesh.spec.encryption.rotation {
@@ -277,18 +287,13 @@ pub async fn load_mesh_secrets(client: &Client, mesh: &Mesh) -> Loaded {
                     "Secret {ns}/{} (spec.encryption.rotation.nextPassphraseSecretRef of Mesh {ns}/{name}) does not exist",
                     r.name
                 )),
-                Ok(Some(s)) => match value(&s, &r.key).map(String::from_utf8) {
-                    None => Err(format!("Secret {ns}/{} has no key {:?}", r.name, r.key)),
-                    Some(Ok(p))
-                        if (8..=63).contains(&p.len()) && !p.contains(['\'', '\n', '"']) =>
-                    {
-                        Ok(p)
-                    }
-                    Some(_) => Err(format!(
-                        "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
-                        r.name, r.key
-                    )),
-                },
+                Ok(Some(s)) => passphrase_in(
+                    &s,
+                    &ns,
+                    r,
+                    "spec.encryption.rotation.nextPassphraseSecretRef",
+                    &name,
+                ),
             })
         }
     };
