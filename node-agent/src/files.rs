@@ -4,18 +4,22 @@
 //! a crash, `kill -9` or power loss at any point leaves the node on exactly one signed revision:
 //!
 //! 1. **stage**: the new config's files (as prepared for this node) and the verified envelope
-//!    are written as one file, `STATE/staging/stage.json` (one fsync), and every file the apply
-//!    will touch (new ones and the old config's) is hard-linked into `STATE/backup/` under a
-//!    numbered name (copied if linking is not possible), or noted as absent. Installing replaces
-//!    files by renaming new ones over them, so a linked backup keeps the old content. No
-//!    journal yet: a crash here leaves the old config untouched.
-//! 2. **installing** (journal written): each file is written next to its destination, fsynced
-//!    and renamed into place; every directory touched is fsynced once at the end; files the new
-//!    config dropped are removed.
+//!    are written as one file, `STATE/staging/stage.json`, and every file the apply will touch
+//!    (new ones and the old config's) is hard-linked into `STATE/backup/` under a numbered name
+//!    (copied if linking is not possible), or noted as absent. Installing replaces files by
+//!    renaming new ones over them, so a linked backup keeps the old content. No journal yet: a
+//!    crash here leaves the old config untouched.
+//! 2. **installing** (journal written): the journal is written to a temporary file, then one
+//!    *barrier* ([`barrier`]: `syncfs(2)` of each file system involved) makes the staging, the
+//!    backups and that file durable together, and the journal is renamed into place (one folder
+//!    fsync). Each file is then written next to its destination and renamed into place, and
+//!    files the new config dropped are removed, without syncing: until the commit a crash rolls
+//!    back from the durable backups, and during it rolls forward from the durable staging.
 //! 3. **applying**: the backend converges the system (addresses, WireGuard, babeld, firewall).
 //! 4. **trial**: the health check runs.
-//! 5. **committing** (journal rewritten): `STATE/current.env` (the verified envelope) and
-//!    `STATE/current.json` are replaced; then the journal, staging and backup are removed.
+//! 5. **committing** (journal rewritten, durable): `STATE/current.env` (the verified envelope)
+//!    and `STATE/current.json` are replaced, a second barrier makes them and the installed files
+//!    durable, and then the journal, staging and backup are removed.
 //!
 //! [`Applier::rollback`] restores every backed-up file and removes the ones that did not exist
 //! (and any half-written file of the install). On start, [`Applier::recover`] finishes a
@@ -24,8 +28,14 @@
 //! whichever revision the files now hold. Journals and staging folders of older agents (one
 //! staged file per config file, backups under their own paths) are still recovered.
 //!
-//! An apply of a 6-file OpenWrt config costs 26 fsyncs (48 when every staged file, backup and
-//! installed file was written with its own file and folder fsync).
+//! Durability therefore costs a fixed number of flushes, whatever the number of files: two
+//! barriers, three fsyncs of the journal and two of the state folder — seven for an apply of
+//! the 6-file OpenWrt config, where syncing every file and folder on its own took 26 (and 48
+//! before that). A barrier flushes everything written to that file system, not only ours: on a
+//! router that is the same work, and a dongle host busy writing elsewhere on its root file
+//! system waits for that writeback too (applies are rare; correctness does not depend on it).
+//! Phases between *installing* and *committing* roll back alike, so moving from one to another
+//! rewrites the journal with its content synced but not its name: a crash keeps either.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -181,6 +191,47 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Writes `path` through a temporary file renamed into place, syncing nothing: a barrier or a
+/// roll-forward covers it.
+fn write_unsynced(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = tmp_path(path);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Makes everything written so far under each of `dirs` durable: one `syncfs(2)` per file
+/// system they are on (`sync(2)` where there is no `syncfs`). A folder that does not exist is
+/// skipped (nothing was written there).
+pub fn barrier<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut done: Vec<u64> = Vec::new();
+    for dir in dirs {
+        let Ok(f) = std::fs::File::open(dir) else {
+            continue;
+        };
+        let dev = f.metadata()?.dev();
+        if done.contains(&dev) {
+            continue;
+        }
+        done.push(dev);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        rustix::fs::syncfs(&f)?;
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            drop(f);
+            rustix::fs::sync();
+        }
+    }
+    Ok(())
+}
+
 fn remove_if_exists(p: &Path) -> Result<(), ApplyError> {
     match std::fs::remove_file(p) {
         Ok(()) => Ok(()),
@@ -238,6 +289,7 @@ impl Applier {
         self.journal().map(|j| (j.phase, j.revision))
     }
 
+    /// Replaces the journal durably (content and name).
     fn write_journal(&self, j: &Journal) -> Result<(), ApplyError> {
         let p = self.journal_path();
         ctx(
@@ -247,7 +299,46 @@ impl Applier {
         )
     }
 
+    /// Replaces the journal with its content synced but not its name: for moves between phases
+    /// that recover alike (a crash leaves the old journal or the new one, both whole).
+    fn write_journal_phase(&self, j: &Journal) -> Result<(), ApplyError> {
+        let p = self.journal_path();
+        ctx(
+            replace_file(&p, &serde_json::to_vec(j).unwrap_or_default(), 0o600),
+            "write",
+            &p,
+        )
+    }
+
+    /// Every folder an apply of `journal` writes to, for [`barrier`].
+    fn touched_dirs(&self, journal: &Journal) -> Vec<PathBuf> {
+        let mut dirs = vec![self.state.clone()];
+        let paths = journal
+            .files
+            .iter()
+            .map(|f| f.path.as_str())
+            .chain(journal.old_files.iter().map(String::as_str));
+        for p in paths {
+            if let Some(parent) = self.root.join(p).parent()
+                && !dirs.iter().any(|d| d == parent)
+            {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        dirs
+    }
+
+    fn barrier(&self, journal: &Journal) -> Result<(), ApplyError> {
+        let dirs = self.touched_dirs(journal);
+        ctx(
+            barrier(dirs.iter().map(PathBuf::as_path)),
+            "sync",
+            &self.state,
+        )
+    }
+
     fn cleanup(&self) {
+        let _ = std::fs::remove_file(tmp_path(&self.journal_path()));
         let _ = std::fs::remove_dir_all(self.staging());
         let _ = std::fs::remove_dir_all(self.backup_dir());
     }
@@ -290,7 +381,7 @@ impl Applier {
         };
         let stage_path = staging.join(STAGE);
         ctx(
-            write_atomic(
+            write_unsynced(
                 &stage_path,
                 &serde_json::to_vec(&stage).unwrap_or_default(),
                 0o600,
@@ -323,16 +414,13 @@ impl Applier {
             let mode = meta.permissions().mode() & 0o7777;
             let dst = backup_dir.join(slot.to_string());
             // A hard link keeps the old inode, which installing never writes to (it renames a
-            // new file over the path). Its content must be durable before the journal is: an
-            // fsync of a file with nothing unwritten is cheap. Not a regular file, or another
-            // file system: copy it.
-            let linked = meta.is_file()
-                && std::fs::hard_link(&src, &dst).is_ok()
-                && std::fs::File::open(&dst).and_then(|f| f.sync_all()).is_ok();
+            // new file over the path); the barrier below makes it durable before the journal.
+            // Not a regular file, or another file system: copy it.
+            let linked = meta.is_file() && std::fs::hard_link(&src, &dst).is_ok();
             if !linked {
                 let _ = std::fs::remove_file(&dst);
                 let data = ctx(std::fs::read(&src), "read", &src)?;
-                ctx(replace_file(&dst, &data, mode), "back up", &dst)?;
+                ctx(write_unsynced(&dst, &data, mode), "back up", &dst)?;
             }
             backup.push(Backup {
                 path: path.to_string(),
@@ -340,8 +428,6 @@ impl Applier {
                 slot: Some(slot),
             });
         }
-        // One fsync makes every backup's name durable (they are all in this one folder).
-        sync_dir(&backup_dir);
         let mut journal = Journal {
             phase: Phase::Installing,
             revision,
@@ -357,10 +443,25 @@ impl Applier {
             old_files,
             backup,
         };
-        self.write_journal(&journal)?;
+        // The journal's content, the staging and the backups become durable together (one
+        // barrier); then the journal's name (one folder fsync). Only then is anything replaced.
+        let jpath = self.journal_path();
+        let jtmp = tmp_path(&jpath);
+        ctx(
+            write_unsynced(
+                &jtmp,
+                &serde_json::to_vec(&journal).unwrap_or_default(),
+                0o600,
+            ),
+            "write",
+            &jtmp,
+        )?;
+        self.barrier(&journal)?;
+        ctx(std::fs::rename(&jtmp, &jpath), "write", &jpath)?;
+        sync_dir(&self.state);
         self.install_files(&journal)?;
         journal.phase = Phase::Applying;
-        self.write_journal(&journal)
+        self.write_journal_phase(&journal)
     }
 
     /// The staged content of the journal's files: from `stage.json`, or from one staged file
@@ -397,30 +498,16 @@ impl Applier {
         })
     }
 
+    /// Writes the staged files into place and removes the ones the new config dropped, without
+    /// syncing: the commit's barrier makes them durable.
     fn install_files(&self, journal: &Journal) -> Result<(), ApplyError> {
-        let mut dirs: Vec<PathBuf> = Vec::new();
         for (dst, data, mode) in self.staged_files(journal)? {
-            ctx(replace_file(&dst, &data, mode), "write", &dst)?;
-            if let Some(parent) = dst.parent()
-                && !dirs.iter().any(|d| d == parent)
-            {
-                dirs.push(parent.to_path_buf());
-            }
+            ctx(write_unsynced(&dst, &data, mode), "write", &dst)?;
         }
         for old in &journal.old_files {
             if !journal.files.iter().any(|f| &f.path == old) {
-                let p = self.root.join(old);
-                remove_if_exists(&p)?;
-                if let Some(parent) = p.parent()
-                    && !dirs.iter().any(|d| d == parent)
-                {
-                    dirs.push(parent.to_path_buf());
-                }
+                remove_if_exists(&self.root.join(old))?;
             }
-        }
-        // The renames and removals become durable with one fsync per folder.
-        for d in &dirs {
-            sync_dir(d);
         }
         Ok(())
     }
@@ -428,9 +515,13 @@ impl Applier {
     /// Records that the apply in progress reached `phase` (applying → trial).
     pub fn set_phase(&self, phase: Phase) -> Result<(), ApplyError> {
         match self.journal() {
-            Some(mut j) => {
+            Some(mut j) if phase == Phase::Committing => {
                 j.phase = phase;
                 self.write_journal(&j)
+            }
+            Some(mut j) => {
+                j.phase = phase;
+                self.write_journal_phase(&j)
             }
             None => Ok(()),
         }
@@ -464,8 +555,7 @@ impl Applier {
             ctx(std::fs::read(&env_src), "read staged", &env_src)?
         };
         let env_dst = self.state.join("current.env");
-        // Made durable with current.json's folder fsync (the same folder), which follows.
-        ctx(replace_file(&env_dst, &env, 0o600), "write", &env_dst)?;
+        ctx(write_unsynced(&env_dst, &env, 0o600), "write", &env_dst)?;
         let current = Current {
             revision: journal.revision,
             sha256: journal.sha256.clone(),
@@ -473,7 +563,7 @@ impl Applier {
         };
         let cpath = self.state.join("current.json");
         ctx(
-            write_atomic(
+            write_unsynced(
                 &cpath,
                 &serde_json::to_vec(&current).unwrap_or_default(),
                 0o600,
@@ -481,6 +571,9 @@ impl Applier {
             "write",
             &cpath,
         )?;
+        // The installed files and the new last good config become durable before the journal
+        // (which a crash would roll forward from the staging) goes.
+        self.barrier(journal)?;
         let jpath = self.journal_path();
         ctx(std::fs::remove_file(&jpath), "remove", &jpath)?;
         self.cleanup();
@@ -532,6 +625,15 @@ impl Applier {
             return Ok(Recovery::Clean);
         };
         if journal.phase == Phase::Committing {
+            if !self.staging().exists()
+                && self.current().map(|c| c.revision) == Some(journal.revision)
+            {
+                // The commit had finished and removed the staging; only the journal's removal
+                // was lost.
+                let _ = std::fs::remove_file(&jpath);
+                self.cleanup();
+                return Ok(Recovery::RolledForward(journal.revision));
+            }
             self.install_files(&journal)?;
             self.commit(&journal)?;
             return Ok(Recovery::RolledForward(journal.revision));
@@ -739,6 +841,31 @@ mod tests {
         assert_eq!(a.current().map(|c| c.revision), Some(r2));
         assert_eq!(a.current_envelope(), Some(b"env2".to_vec()));
         assert!(!state.path().join("staging").exists());
+
+        // Killed before the journal's name was durable: its synced temporary file is left,
+        // no journal. The old config stays and the leftovers go.
+        let r3 = Revision { epoch: 1, rev: 3 };
+        a.install(r3, "s3", b"env3", &config(&[("etc/x", "third")]))?;
+        assert_eq!(a.rollback()?, Some(r3));
+        std::fs::write(state.path().join("journal.json.sidenet-tmp"), b"{}")?;
+        std::fs::create_dir_all(state.path().join("staging"))?;
+        assert_eq!(a.recover()?, Recovery::Clean);
+        assert!(!state.path().join("journal.json.sidenet-tmp").exists());
+        assert_eq!(read(root.path(), "etc/x").as_deref(), Some("new"));
+
+        // Killed after the commit removed the staging but before the journal's removal was
+        // durable: finished, nothing installed again.
+        a.install(r3, "s3", b"env3", &config(&[("etc/x", "third")]))?;
+        let journal = std::fs::read(state.path().join("journal.json"))?;
+        a.confirm()?;
+        let mut j: serde_json::Value = serde_json::from_slice(&journal)?;
+        j["phase"] = "committing".into();
+        std::fs::write(state.path().join("journal.json"), serde_json::to_vec(&j)?)?;
+        write_atomic(&root.path().join("etc/x"), b"edited since", 0o644)?;
+        assert_eq!(a.recover()?, Recovery::RolledForward(r3));
+        assert_eq!(read(root.path(), "etc/x").as_deref(), Some("edited since"));
+        assert_eq!(a.current().map(|c| c.revision), Some(r3));
+        assert!(!state.path().join("journal.json").exists());
         Ok(())
     }
 
