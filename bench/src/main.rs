@@ -570,6 +570,8 @@ struct Rollout {
 /// Starts a controller (external broker or embedded), a fleet of `n` new agents (enrolment =
 /// first rollout), then a mesh-wide channel change (second rollout), optionally a one-node
 /// override (incremental).
+/// One rollout in a scratch folder, which is kept (and named) when the rollout fails, for the
+/// controller's and Mosquitto's logs.
 async fn rollout(
     repo: &Path,
     n: usize,
@@ -578,15 +580,30 @@ async fn rollout(
     seed: u64,
 ) -> anyhow::Result<Rollout> {
     let dir = tempfile::tempdir()?;
+    let r = rollout_in(dir.path(), repo, n, mosquitto_broker, incremental, seed).await;
+    if r.is_err() {
+        eprintln!("  logs kept in {}", dir.keep().display());
+    }
+    r
+}
+
+async fn rollout_in(
+    dir: &Path,
+    repo: &Path,
+    n: usize,
+    mosquitto_broker: bool,
+    incremental: bool,
+    seed: u64,
+) -> anyhow::Result<Rollout> {
     let (_mosq, broker_port) = if mosquitto_broker {
-        let (p, port) = mosquitto(dir.path())?;
+        let (p, port) = mosquitto(dir)?;
         wait_port(port).await?;
         (Some(p), Some(port))
     } else {
         (None, None)
     };
     let listen = free_port()?;
-    let ctl = Controller::start(repo, dir.path(), broker_port, listen).await?;
+    let ctl = Controller::start(repo, dir, broker_port, listen).await?;
     let port = broker_port.unwrap_or(listen);
     wait_port(port).await?;
     let broker = if mosquitto_broker {

@@ -28,6 +28,7 @@ pub mod dynsec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+pub mod inbox;
 pub mod ipam;
 pub mod kubernetes;
 pub mod manifest;

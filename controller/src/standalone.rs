@@ -418,23 +418,23 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // A short request queue: publishing 10,000 configs waits for the socket instead of holding
     // every payload in memory at once.
     let (client, mut eventloop) = AsyncClient::new(mqtt, 512);
-    let (ev_tx, mut ev_rx) = mpsc::channel::<MqttEvent>(10_000);
+    // Never bounded in count: the event loop must not wait for the engine (crate::inbox).
+    let (ev_tx, mut ev_rx) = crate::inbox::channel::<MqttEvent>(crate::inbox::LIMIT);
     let mqtt_task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
-                    if ev_tx.send(MqttEvent::Connected).await.is_err() {
+                    if ev_tx.control(MqttEvent::Connected).is_err() {
                         return;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if ev_tx
-                        .send(MqttEvent::Message(p.topic.to_string(), p.payload.to_vec()))
-                        .await
-                        .is_err()
-                    {
+                    let size = p.topic.len() + p.payload.len();
+                    let topic = p.topic.to_string();
+                    let msg = MqttEvent::Message(topic.clone(), p.payload.to_vec());
+                    if ev_tx.message(msg, size, &topic).is_err() {
                         return;
                     }
                 }
@@ -569,7 +569,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     }
                     handled += 1;
                     if handled < 2000 {
-                        ev = ev_rx.try_recv().ok();
+                        ev = ev_rx.try_recv();
                     }
                 }
             }

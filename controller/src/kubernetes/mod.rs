@@ -36,7 +36,6 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
-use tokio::sync::mpsc;
 
 use crate::render::Renderer;
 use leader::{Elector, LeaseTiming};
@@ -340,10 +339,10 @@ async fn lead(
         mqtt_opts.set_credentials(crate::acl::CONTROLLER_USER, password);
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);
-    // Unbounded on purpose: the MQTT event loop must never wait for the engine. A reconcile
-    // holding the engine may be waiting for the event loop to take its publishes; a bounded
-    // channel full of incoming reports would then stall both.
-    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<MqttEvent>();
+    // Never bounded in count: the MQTT event loop must not wait for the engine. A reconcile
+    // holding the engine may be waiting for the event loop to take its publishes; a queue full
+    // of incoming reports would then stall both (crate::inbox).
+    let (ev_tx, ev_rx) = crate::inbox::channel::<MqttEvent>(crate::inbox::LIMIT);
     let tls_ca = opts
         .broker
         .as_deref()
@@ -355,13 +354,15 @@ async fn lead(
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
-                    if ev_tx.send(MqttEvent::Connected).is_err() {
+                    if ev_tx.control(MqttEvent::Connected).is_err() {
                         return;
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let msg = MqttEvent::Message(p.topic.to_string(), p.payload.to_vec());
-                    if ev_tx.send(msg).is_err() {
+                    let size = p.topic.len() + p.payload.len();
+                    let topic = p.topic.to_string();
+                    let msg = MqttEvent::Message(topic.clone(), p.payload.to_vec());
+                    if ev_tx.message(msg, size, &topic).is_err() {
                         return;
                     }
                 }
@@ -370,7 +371,7 @@ async fn lead(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = ev_tx.send(MqttEvent::Disconnected);
+                    let _ = ev_tx.control(MqttEvent::Disconnected);
                     tracing::warn!("MQTT connection: {e}; retrying in {backoff:?}");
                     // The CA bundle may have been rotated: read it again for the next attempt.
                     if let Some(ca) = &tls_ca {

@@ -1176,10 +1176,7 @@ pub(crate) enum MqttEvent {
 }
 
 /// Handles broker (re)connections, enrolments and status reports.
-pub(crate) async fn mqtt_loop(
-    ctx: Arc<Ctx>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<MqttEvent>,
-) {
+pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::inbox::Receiver<MqttEvent>) {
     while let Some(ev) = rx.recv().await {
         let engine = match ctx.engine().await {
             Ok(e) => e,
