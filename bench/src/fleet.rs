@@ -78,6 +78,7 @@ pub struct Fleet {
     /// Every apply, for checking revisions after the fact.
     pub ledger: Arc<Ledger>,
     connected: Arc<AtomicUsize>,
+    logged_in: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     /// Node ids, by agent index.
@@ -102,6 +103,7 @@ impl Fleet {
         let applied: Arc<Vec<AtomicU64>> =
             Arc::new((0..opts.nodes).map(|_| AtomicU64::new(0)).collect());
         let connected = Arc::new(AtomicUsize::new(0));
+        let logged_in = Arc::new(AtomicUsize::new(0));
         let ledger = Arc::new(Ledger::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -116,6 +118,7 @@ impl Fleet {
                 applied.clone(),
                 ledger.clone(),
                 connected.clone(),
+                logged_in.clone(),
                 stop_rx.clone(),
             ));
         }
@@ -123,6 +126,7 @@ impl Fleet {
             applied,
             ledger,
             connected,
+            logged_in,
             stop,
             tasks,
             ids,
@@ -140,6 +144,28 @@ impl Fleet {
     /// Agents with an MQTT session.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Agents with an MQTT session logged in with their own broker password.
+    pub fn logged_in(&self) -> usize {
+        self.logged_in.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every agent has logged in again with the broker password of its first
+    /// config: the fleet has settled after a first rollout.
+    pub async fn wait_logged_in(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.logged_in() < self.applied.len() {
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "only {} of {} agents logged in with their password within {timeout:?}",
+                    self.logged_in(),
+                    self.applied.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     /// The revision agent `i` runs.
@@ -223,6 +249,7 @@ async fn run_agent(
     applied: Arc<Vec<AtomicU64>>,
     ledger: Arc<Ledger>,
     connected: Arc<AtomicUsize>,
+    logged_in_count: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
 ) {
     let settings = Settings {
@@ -250,6 +277,7 @@ async fn run_agent(
     let (client, mut el) = AsyncClient::new(mo, 16);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut is_connected = false;
+    let mut is_logged_in = false;
     // The node's broker password (from its config), as the real agent keeps it; `relogin`:
     // the next reconnection is the agent's own, to log in with it (no back-off).
     let mut password: Option<String> = None;
@@ -265,6 +293,10 @@ async fn run_agent(
                         is_connected = true;
                     }
                     let logged_in = el.mqtt_options.credentials().is_some();
+                    if logged_in && !is_logged_in {
+                        logged_in_count.fetch_add(1, Ordering::Relaxed);
+                        is_logged_in = true;
+                    }
                     agent.set_mqtt_login(password.clone(), logged_in);
                     Event::Connected
                 }
@@ -277,6 +309,10 @@ async fn run_agent(
                     if is_connected {
                         connected.fetch_sub(1, Ordering::Relaxed);
                         is_connected = false;
+                    }
+                    if is_logged_in {
+                        logged_in_count.fetch_sub(1, Ordering::Relaxed);
+                        is_logged_in = false;
                     }
                     if std::mem::take(&mut relogin) {
                         continue;

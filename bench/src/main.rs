@@ -625,6 +625,8 @@ async fn rollout_in(
     let timeout = Duration::from_secs(120);
     let first = fleet.wait_all(1, start, timeout).await?;
     eprintln!("  all {n} configured in {:.2} s", first.as_secs_f64());
+    // The change is made to a settled fleet: every agent has logged in again with its password.
+    fleet.wait_logged_in(timeout).await?;
     let snap = fleet.snapshot();
     let start = Instant::now();
     ctl.set_channel(44)?;
