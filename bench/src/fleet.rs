@@ -115,10 +115,12 @@ impl Fleet {
                 i,
                 k,
                 opts.clone(),
-                applied.clone(),
-                ledger.clone(),
-                connected.clone(),
-                logged_in.clone(),
+                Shared {
+                    applied: applied.clone(),
+                    ledger: ledger.clone(),
+                    connected: connected.clone(),
+                    logged_in: logged_in.clone(),
+                },
                 stop_rx.clone(),
             ));
         }
@@ -242,16 +244,27 @@ impl Fleet {
     }
 }
 
+/// What every simulated agent updates.
+struct Shared {
+    applied: Arc<Vec<AtomicU64>>,
+    ledger: Arc<Ledger>,
+    connected: Arc<AtomicUsize>,
+    logged_in: Arc<AtomicUsize>,
+}
+
 async fn run_agent(
     i: usize,
     key: KeyPair,
     opts: FleetOptions,
-    applied: Arc<Vec<AtomicU64>>,
-    ledger: Arc<Ledger>,
-    connected: Arc<AtomicUsize>,
-    logged_in_count: Arc<AtomicUsize>,
+    shared: Shared,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Shared {
+        applied,
+        ledger,
+        connected,
+        logged_in: logged_in_count,
+    } = shared;
     let settings = Settings {
         mesh: opts.mesh.clone(),
         max_envelope: sidenet_wire::envelope::DEFAULT_MAX_ENVELOPE,
