@@ -4,7 +4,7 @@
 //! | role | subscribe | publish |
 //! | --- | --- | --- |
 //! | controller (username `sidenet-controller` + the password the controller generated at start) | anything under `sidenet/v1/` | anything under `sidenet/v1/` |
-//! | node (client id = its node id) | `sidenet/v1/M/announce`, its own `nodes/ID/config` and `nodes/ID/ack` | its own `enroll/ID`, `nodes/ID/status`, `nodes/ID/online` |
+//! | node (client id = its node id) | `sidenet/v1/M/announce` and its shards `announce/S`, its own `nodes/ID/config` and `nodes/ID/ack` | its own `enroll/ID`, `nodes/ID/status`, `nodes/ID/online` |
 //! | anything else | nothing | nothing |
 //!
 //! Node filters must be exact topics (no `+` or `#`), so a node can never read another node's
@@ -26,7 +26,7 @@ use std::sync::{Arc, RwLock};
 
 use sha2::{Digest, Sha256};
 use sidenet_broker::{Authorizer, QueueLimits, Refusal};
-use sidenet_wire::names;
+use sidenet_wire::{names, topics};
 
 /// The username of the controller's own connection.
 pub const CONTROLLER_USER: &str = "sidenet-controller";
@@ -64,6 +64,9 @@ pub fn allowed(role: &Role, action: Action, topic: &str) -> bool {
             let mesh_ok = |m: &str| names::check_mesh_name(m).is_ok();
             match (action, parts.as_slice()) {
                 (Action::Subscribe, [m, "announce"]) => mesh_ok(m),
+                (Action::Subscribe, [m, "announce", s]) => {
+                    mesh_ok(m) && s.len() == 1 && topics::ANNOUNCE_SHARDS.contains(s)
+                }
                 (Action::Subscribe, [m, "nodes", n, "config" | "ack"]) => mesh_ok(m) && n == id,
                 (Action::Publish, [m, "enroll", n]) => mesh_ok(m) && n == id,
                 (Action::Publish, [m, "nodes", n, "status" | "online"]) => mesh_ok(m) && n == id,
@@ -320,12 +323,23 @@ mod tests {
         for f in [
             "sidenet/#",
             "sidenet/v1/+/announce",
+            "sidenet/v1/riverside/announce/+",
+            "sidenet/v1/riverside/announce/#",
+            "sidenet/v1/riverside/announce/ab",
+            "sidenet/v1/riverside/announce/1",
+            "sidenet/v1/riverside/announce/a/b",
             "sidenet/v1/riverside/nodes/+/config",
             "#",
             "$SYS/#",
             "other/v1/riverside/announce",
         ] {
             assert!(!allowed(&node, Action::Subscribe, f), "{f}");
+        }
+        // Announcement shards: any node may read any of them (they are the announcement).
+        for shard in ["a", "z", "2", "7"] {
+            let t = format!("sidenet/v1/riverside/announce/{shard}");
+            assert!(allowed(&node, Action::Subscribe, &t), "{t}");
+            assert!(!allowed(&node, Action::Publish, &t), "{t}");
         }
         assert!(allowed(&ctl, Action::Subscribe, "sidenet/v1/+/enroll/+"));
         assert!(!allowed(&ctl, Action::Subscribe, "#"));

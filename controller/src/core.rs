@@ -497,11 +497,13 @@ impl Controller {
                 &serde_json::to_vec(&body).unwrap_or_default(),
                 &key,
             );
-            out.push(Publish {
-                topic: topics::announce(&net),
-                payload,
-                retain: true,
-            });
+            for topic in topics::announce_all(&net) {
+                out.push(Publish {
+                    topic,
+                    payload: payload.clone(),
+                    retain: true,
+                });
+            }
         }
         Ok(out)
     }

@@ -53,6 +53,7 @@ fn node_topics(mesh: &str, node: &str) -> (Vec<String>, Vec<String>) {
     (
         vec![
             format!("{base}/announce"),
+            sidenet_wire::topics::announce_shard(mesh, node),
             format!("{base}/nodes/{node}/config"),
             format!("{base}/nodes/{node}/ack"),
         ],
@@ -132,11 +133,14 @@ pub fn setup(controller_user: &str, meshes: &[String]) -> Vec<Value> {
     ];
     for mesh in meshes {
         let announce = format!("sidenet/v1/{mesh}/announce");
+        let shards = format!("{announce}/+");
         out.extend(add_acls(
             ANONYMOUS,
             vec![
                 acl("subscribeLiteral", &announce, true),
                 acl("publishClientReceive", &announce, true),
+                acl("subscribePattern", &shards, true),
+                acl("publishClientReceive", &shards, true),
                 acl(
                     "publishClientSend",
                     &format!("sidenet/v1/{mesh}/enroll/+"),

@@ -306,7 +306,11 @@ impl Agent {
         match event {
             Event::Connected => {
                 self.connected = true;
-                out.push(Effect::Subscribe(topics::announce(&self.settings.mesh)));
+                // Its shard of the announcement (see topics::announce_shard).
+                out.push(Effect::Subscribe(topics::announce_shard(
+                    &self.settings.mesh,
+                    &self.node,
+                )));
                 out.push(Effect::Subscribe(topics::config(
                     &self.settings.mesh,
                     &self.node,
@@ -327,7 +331,7 @@ impl Agent {
             }
             Event::Disconnected => self.connected = false,
             Event::Message { topic, payload } => {
-                if topic == topics::announce(&self.settings.mesh) {
+                if topics::is_announce(&self.settings.mesh, &topic) {
                     self.on_announce(&payload, &mut out);
                 } else if topic == topics::config(&self.settings.mesh, &self.node) {
                     self.on_config(&payload, &mut out);

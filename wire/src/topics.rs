@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! sidenet/v1/{mesh}/announce                 retained, controller: mesh public key, signed
+//! sidenet/v1/{mesh}/announce/{shard}         the same, once per shard (first letter of node ids)
 //! sidenet/v1/{mesh}/enroll/{node}            agent → controller, signed by node key
 //! sidenet/v1/{mesh}/nodes/{node}/config      retained QoS1, controller → agent, signed by mesh key
 //! sidenet/v1/{mesh}/nodes/{node}/status      agent → controller, signed by node key
@@ -17,6 +18,50 @@ pub const ROOT: &str = "sidenet/v1";
 /// The signed, retained mesh announcement.
 pub fn announce(mesh: &str) -> String {
     format!("{ROOT}/{mesh}/announce")
+}
+
+/// The letters node ids start with (lowercase RFC 4648 base32): one announcement shard each.
+pub const ANNOUNCE_SHARDS: &str = "abcdefghijklmnopqrstuvwxyz234567";
+
+/// The copy of the announcement that node `node` subscribes to: `announce/{first letter of
+/// its id}`. Every agent subscribing to one topic makes a broker keep one subscriber list of
+/// the whole fleet, and Mosquitto walks that list (comparing client ids) on every subscribe and
+/// every disconnect, so a reconnect storm of N agents costs it O(N²); 32 shards divide that by
+/// 32. The controller publishes every shard, and the unsharded topic for older agents.
+pub fn announce_shard(mesh: &str, node: &str) -> String {
+    let shard = node
+        .chars()
+        .next()
+        .filter(|c| ANNOUNCE_SHARDS.contains(*c))
+        .unwrap_or('a');
+    format!("{ROOT}/{mesh}/announce/{shard}")
+}
+
+/// Every topic the announcement of `mesh` is published to: the unsharded one, then each shard.
+pub fn announce_all(mesh: &str) -> Vec<String> {
+    std::iter::once(announce(mesh))
+        .chain(
+            ANNOUNCE_SHARDS
+                .chars()
+                .map(|c| format!("{ROOT}/{mesh}/announce/{c}")),
+        )
+        .collect()
+}
+
+/// Whether `topic` carries the announcement of `mesh` (unsharded or a shard).
+pub fn is_announce(mesh: &str, topic: &str) -> bool {
+    let Some(rest) = topic
+        .strip_prefix(ROOT)
+        .and_then(|t| t.strip_prefix('/'))
+        .and_then(|t| t.strip_prefix(mesh))
+        .and_then(|t| t.strip_prefix("/announce"))
+    else {
+        return false;
+    };
+    match rest.strip_prefix('/') {
+        None => rest.is_empty(),
+        Some(s) => s.len() == 1 && ANNOUNCE_SHARDS.contains(s),
+    }
 }
 
 /// Where a node asks to join.
@@ -79,6 +124,34 @@ pub fn parse(topic: &str) -> Option<Incoming<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announcement_shards() {
+        let node = crate::keys::KeyPair::from_seed(&[3; 32]).public().node_id();
+        let mine = announce_shard("m", &node);
+        assert_eq!(mine, format!("sidenet/v1/m/announce/{}", &node[..1]));
+        let all = announce_all("m");
+        assert_eq!(all.len(), 33);
+        assert_eq!(all[0], "sidenet/v1/m/announce");
+        assert!(all.contains(&mine));
+        assert!(all.iter().all(|t| is_announce("m", t)));
+        for t in [
+            "sidenet/v1/m/announce/",
+            "sidenet/v1/m/announce/ab",
+            "sidenet/v1/m/announce/1",
+            "sidenet/v1/m/announce/+",
+            "sidenet/v1/m/announcex",
+            "sidenet/v1/mm/announce",
+            "sidenet/v1/m/nodes/a/config",
+        ] {
+            assert!(!is_announce("m", t), "{t}");
+        }
+        // Every id a node can have has its own shard.
+        for i in 0..200u8 {
+            let id = crate::keys::KeyPair::from_seed(&[i; 32]).public().node_id();
+            assert!(ANNOUNCE_SHARDS.contains(&id[..1]), "{id}");
+        }
+    }
 
     #[test]
     fn formats_and_parses() {

@@ -1114,12 +1114,14 @@ async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {
         clear_node(ctx, &mut eng, &id, Some(topic)).await?;
     }
     if ctx.connected.load(Ordering::SeqCst) {
-        ctx.send(Publish {
-            topic: topics::announce(&net),
-            payload: Vec::new(),
-            retain: true,
-        })
-        .await?;
+        for topic in topics::announce_all(&net) {
+            ctx.send(Publish {
+                topic,
+                payload: Vec::new(),
+                retain: true,
+            })
+            .await?;
+        }
     }
     eng.force = true;
     persist_and_publish(ctx, &mut eng, Instant::now()).await?;
