@@ -98,18 +98,28 @@ pub fn key(seed: u64, i: usize) -> KeyPair {
 }
 
 impl Fleet {
+    /// The key of every agent of `opts` (what each agent would have generated on its first
+    /// start, on its own CPU): made before [`Fleet::start_with`] so timings leave it out.
+    pub fn keys(opts: &FleetOptions) -> Vec<KeyPair> {
+        (0..opts.nodes).map(|i| key(opts.seed, i)).collect()
+    }
+
     /// Starts every agent; they connect, pin the mesh key on first use and enrol.
     pub fn start(opts: &FleetOptions) -> Fleet {
+        Self::start_with(opts, Self::keys(opts))
+    }
+
+    /// [`Fleet::start`] with the keys made by [`Fleet::keys`].
+    pub fn start_with(opts: &FleetOptions, keys: Vec<KeyPair>) -> Fleet {
         let applied: Arc<Vec<AtomicU64>> =
-            Arc::new((0..opts.nodes).map(|_| AtomicU64::new(0)).collect());
+            Arc::new((0..keys.len()).map(|_| AtomicU64::new(0)).collect());
         let connected = Arc::new(AtomicUsize::new(0));
         let logged_in = Arc::new(AtomicUsize::new(0));
         let ledger = Arc::new(Ledger::default());
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut ids = Vec::with_capacity(opts.nodes);
-        for i in 0..opts.nodes {
-            let k = key(opts.seed, i);
+        let mut ids = Vec::with_capacity(keys.len());
+        for (i, k) in keys.into_iter().enumerate() {
             ids.push(k.public().node_id());
             tasks.spawn(run_agent(
                 i,

@@ -611,9 +611,7 @@ async fn rollout_in(
     } else {
         "embedded sidenet-broker"
     };
-    eprintln!("{n} agents on {broker}: enrolling");
-    let start = Instant::now();
-    let fleet = Fleet::start(&FleetOptions {
+    let opts = FleetOptions {
         host: "127.0.0.1".into(),
         port,
         mesh: "riverside".into(),
@@ -621,7 +619,11 @@ async fn rollout_in(
         seed,
         profile: "raspberrypi-4b-awus036acm".into(),
         mesh_key: None,
-    });
+    };
+    let keys = Fleet::keys(&opts);
+    eprintln!("{n} agents on {broker}: enrolling");
+    let start = Instant::now();
+    let fleet = Fleet::start_with(&opts, keys);
     let timeout = Duration::from_secs(120);
     let first = fleet.wait_all(1, start, timeout).await?;
     eprintln!("  all {n} configured in {:.2} s", first.as_secs_f64());
