@@ -909,6 +909,48 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     eprintln!("  {nj:.1} configs/s");
     r.insert("netjsonconfig_per_s", json!((nj * 10.0).round() / 10.0));
 
+    // The agent's footprint and apply time first, on a quiet file system: the rollouts below
+    // create and delete gigabytes of state, and the journal commits that follow (with online
+    // discard on this machine) would be timed as part of every fsync of the apply.
+    eprintln!("agent footprint");
+    let agent_bin = if smoke {
+        sibling("sidenet-agent")?
+    } else {
+        // target/release/sidenet-bench → target/agent/sidenet-agent
+        let exe = std::env::current_exe()?;
+        let p = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|t| t.join("agent/sidenet-agent"))
+            .context("no target folder")?;
+        if !p.exists() {
+            bail!(
+                "{} is missing: bench/run builds it with --profile agent",
+                p.display()
+            );
+        }
+        p
+    };
+    let (size, rss) = agent_footprint(repo, &agent_bin).await?;
+    r.insert("agent_binary_bytes", json!(size));
+    // Which build that was: `sidenet-agent 0.1.0 (no tls)` or `... (tls)`.
+    let version = Command::new(&agent_bin).arg("--version").output()?;
+    r.insert(
+        "agent_binary_version",
+        json!(String::from_utf8_lossy(&version.stdout).trim()),
+    );
+    // The build with the cargo feature `tls` (mqtts://), copied aside by bench/run.
+    let tls_bin = agent_bin.with_file_name("sidenet-agent-tls");
+    if !smoke {
+        let tls_size = std::fs::metadata(&tls_bin)
+            .with_context(|| format!("{}: bench/run builds it", tls_bin.display()))?
+            .len();
+        r.insert("agent_tls_binary_bytes", json!(tls_size));
+    }
+    r.insert("agent_idle_rss_bytes", json!(rss));
+    let apply = agent_apply(repo, if smoke { 20 } else { 200 })?;
+    r.insert("agent_apply_s", json!((apply * 1e6).round() / 1e6));
+
     // Each rollout runs ROUNDS times (fresh controller, broker and agents each time); the
     // figure is the median, and every run's value is kept under `<key>_runs`. On 2 shared
     // cores one run of a storm varies by ±15 %.
@@ -1003,44 +1045,6 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
         e2.iter().map(|x| x.second_s).collect(),
     );
 
-    eprintln!("agent footprint");
-    let agent_bin = if smoke {
-        sibling("sidenet-agent")?
-    } else {
-        // target/release/sidenet-bench → target/agent/sidenet-agent
-        let exe = std::env::current_exe()?;
-        let p = exe
-            .parent()
-            .and_then(Path::parent)
-            .map(|t| t.join("agent/sidenet-agent"))
-            .context("no target folder")?;
-        if !p.exists() {
-            bail!(
-                "{} is missing: bench/run builds it with --profile agent",
-                p.display()
-            );
-        }
-        p
-    };
-    let (size, rss) = agent_footprint(repo, &agent_bin).await?;
-    r.insert("agent_binary_bytes", json!(size));
-    // Which build that was: `sidenet-agent 0.1.0 (no tls)` or `... (tls)`.
-    let version = Command::new(&agent_bin).arg("--version").output()?;
-    r.insert(
-        "agent_binary_version",
-        json!(String::from_utf8_lossy(&version.stdout).trim()),
-    );
-    // The build with the cargo feature `tls` (mqtts://), copied aside by bench/run.
-    let tls_bin = agent_bin.with_file_name("sidenet-agent-tls");
-    if !smoke {
-        let tls_size = std::fs::metadata(&tls_bin)
-            .with_context(|| format!("{}: bench/run builds it", tls_bin.display()))?
-            .len();
-        r.insert("agent_tls_binary_bytes", json!(tls_size));
-    }
-    r.insert("agent_idle_rss_bytes", json!(rss));
-    let apply = agent_apply(repo, if smoke { 20 } else { 200 })?;
-    r.insert("agent_apply_s", json!((apply * 1e6).round() / 1e6));
     r.insert("measured_at", json!(today()));
 
     std::fs::create_dir_all(out_dir)?;
