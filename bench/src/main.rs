@@ -1208,7 +1208,7 @@ fn markdown(r: &BTreeMap<&str, Value>, cores: usize) -> String {
     ];
     let mut md = format!(
         "Measured on {} with {cores} cores; controller, broker and the fleet simulator on the same machine. \
-Reproduce with `bench/run` (writes this file and `benchmarks.json`; about 10 minutes). All figures are from one \
+Reproduce with `bench/run` (writes this file and `benchmarks.json`; about 15 minutes from nothing built, 2 once built). All figures are from one \
 run of it; each rollout (fan-out, storm, embedded broker) ran three times in it, with fresh state each time, and its \
 row gives the median and the three values.\n\n\
 | Measurement | Result | Target | |\n|---|---|---|---|\n",
