@@ -209,19 +209,13 @@ async fn main() -> ExitCode {
             agents,
         } => {
             manifests.extend(profiles.into_iter().filter(|p| p.exists()));
-            let tls = match sidenet_controller::broker::tls_listen(tls_listen, tls_cert, tls_key) {
+            let tls = match embedded_tls(tls_listen, tls_cert, tls_key, broker.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("sidenet-controller: {e}");
                     return ExitCode::from(2);
                 }
             };
-            if tls.is_some() && broker.as_deref().is_some_and(|b| !b.is_empty()) {
-                eprintln!(
-                    "sidenet-controller: --tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker"
-                );
-                return ExitCode::from(2);
-            }
             let opts = sidenet_controller::standalone::Options {
                 manifests,
                 templates,
@@ -264,10 +258,11 @@ async fn main() -> ExitCode {
             cache_dir,
             max_connections,
         } => {
-            let tls = match sidenet_controller::broker::tls_listen(
+            let tls = match embedded_tls(
                 tls_listen,
                 tls_cert.filter(|p| !p.as_os_str().is_empty()),
                 tls_key.filter(|p| !p.as_os_str().is_empty()),
+                broker.as_deref(),
             ) {
                 Ok(t) => t,
                 Err(e) => {
@@ -275,12 +270,6 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if tls.is_some() && broker.as_deref().is_some_and(|b| !b.is_empty()) {
-                eprintln!(
-                    "sidenet-controller: --tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker"
-                );
-                return ExitCode::from(2);
-            }
             let opts = sidenet_controller::kubernetes::Options {
                 namespace: Some(namespace).filter(|n| !n.is_empty()),
                 broker: broker.filter(|b| !b.is_empty()),
@@ -316,4 +305,19 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The embedded broker's TLS listener from `--tls-listen/--tls-cert/--tls-key` (all or none),
+/// refused with an external `--broker`, which runs no embedded broker.
+fn embedded_tls(
+    addr: Option<std::net::SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    broker: Option<&str>,
+) -> Result<Option<sidenet_controller::broker::TlsListen>, String> {
+    let tls = sidenet_controller::broker::tls_listen(addr, cert, key)?;
+    if tls.is_some() && broker.is_some_and(|b| !b.is_empty()) {
+        return Err("--tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker".into());
+    }
+    Ok(tls)
 }

@@ -1025,17 +1025,8 @@ mod tests {
 
         fn config_by(&mut self, key: &KeyPair, rev: u64, now: u64) -> Vec<Effect> {
             let body = NodeConfig {
-                mesh: MESH.into(),
-                node: self.node(),
                 hostname: format!("h{rev}"),
-                role: "router".into(),
-                profile: "p".into(),
-                family: "linux".into(),
-                subnet: "fd00:1::/64".into(),
-                addresses: vec![],
-                files: vec![],
-                actions: vec![],
-                sealed: Default::default(),
+                ..node_config(&self.node())
             };
             let env = sidenet_wire::envelope::seal(
                 Kind::Config,
@@ -1086,6 +1077,23 @@ mod tests {
         }
     }
 
+    /// A minimal config for `node` of the test mesh.
+    fn node_config(node: &str) -> NodeConfig {
+        NodeConfig {
+            mesh: MESH.into(),
+            node: node.into(),
+            hostname: "h".into(),
+            role: "router".into(),
+            profile: "p".into(),
+            family: "linux".into(),
+            subnet: "fd00:1::/64".into(),
+            addresses: vec![],
+            files: vec![],
+            actions: vec![],
+            sealed: Default::default(),
+        }
+    }
+
     fn header(node: Option<String>, epoch: u64, rev: u64) -> Header {
         Header {
             mesh: MESH.into(),
@@ -1129,19 +1137,7 @@ mod tests {
     #[test]
     fn the_retained_copy_of_the_running_config_is_not_verified_again() {
         let mut w = world(None);
-        let body = NodeConfig {
-            mesh: MESH.into(),
-            node: w.node(),
-            hostname: "h".into(),
-            role: "router".into(),
-            profile: "p".into(),
-            family: "linux".into(),
-            subnet: "fd00:1::/64".into(),
-            addresses: vec![],
-            files: vec![],
-            actions: vec![],
-            sealed: Default::default(),
-        };
+        let body = node_config(&w.node());
         let env = sidenet_wire::envelope::seal(
             Kind::Config,
             header(Some(w.node()), 1, 1),
@@ -1196,21 +1192,12 @@ mod tests {
         let first = seal_to(b"first secret");
         let deliver = |w: &mut World, rev: u64, sealed: &str| -> Option<String> {
             let mut body = NodeConfig {
-                mesh: MESH.into(),
-                node: w.node(),
-                hostname: "h".into(),
-                role: "router".into(),
-                profile: "p".into(),
-                family: "linux".into(),
-                subnet: "fd00:1::/64".into(),
-                addresses: vec![],
                 files: vec![sidenet_wire::messages::FileSpec {
                     path: "etc/psk".into(),
                     mode: 0o600,
                     content: format!("psk={}", seal::placeholder("mesh-passphrase")),
                 }],
-                actions: vec![],
-                sealed: Default::default(),
+                ..node_config(&w.node())
             };
             body.sealed
                 .insert("mesh-passphrase".into(), sealed.to_string());

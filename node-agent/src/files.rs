@@ -172,17 +172,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// [`write_atomic`] without the folder fsync: the content is durable, the rename is not until
 /// the caller fsyncs the folder ([`sync_dir`]), once for all the files it replaced there.
 fn replace_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let tmp = tmp_path(path);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    write_via_tmp(path, data, mode, true)
 }
 
 fn sync_dir(dir: &Path) {
@@ -194,6 +184,12 @@ fn sync_dir(dir: &Path) {
 /// Writes `path` through a temporary file renamed into place, syncing nothing: a barrier or a
 /// roll-forward covers it.
 fn write_unsynced(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    write_via_tmp(path, data, mode, false)
+}
+
+/// Writes `data` to a temporary file next to `path` (content fsynced if `sync`) and renames it
+/// into place.
+fn write_via_tmp(path: &Path, data: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -202,6 +198,9 @@ fn write_unsynced(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        if sync {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)
 }
