@@ -94,6 +94,10 @@ pub enum Response {
         token: String,
         /// Expiry, Unix seconds.
         expires: u64,
+        /// The mesh's enrolment mode (`auto`, `approval`, `token`): a token admits a node only
+        /// in `token` mode; in the other modes it is accepted but changes nothing.
+        #[serde(default)]
+        mode: Option<String>,
     },
     /// The mesh key was rotated.
     Rotated {

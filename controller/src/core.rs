@@ -20,7 +20,7 @@ use sidenet_wire::messages::{Announce, ApplyState, EnrollRequest, NodeConfig, St
 use sidenet_wire::topics::{self, Incoming};
 use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError};
 
-use crate::manifest::{ManifestSet, closest, network_name};
+use crate::manifest::{ManifestSet, closest, closest_profile, network_name};
 use crate::render::{self, NodeInputs, Renderer};
 use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord};
 
@@ -1283,10 +1283,14 @@ impl Controller {
         token: &str,
         ttl: u64,
         now: u64,
-    ) -> Result<(), CoreError> {
-        if self.set.mesh_by_network(mesh).is_none() {
+    ) -> Result<EnrollmentMode, CoreError> {
+        let Some(mode) = self
+            .set
+            .mesh_by_network(mesh)
+            .map(|m| m.spec.enrollment.mode)
+        else {
             return Err(CoreError::Request(format!("no mesh named {mesh}")));
-        }
+        };
         let mut batch = Batch::default();
         self.store.put_token(
             &mut batch,
@@ -1299,10 +1303,12 @@ impl Controller {
             },
         );
         self.batch.merge(batch);
-        Ok(())
+        Ok(mode)
     }
 
-    /// A node id from an id or a MeshNode name.
+    /// A node id from what an admin typed: the node id, its MeshNode name, or its hostname (the
+    /// one it reported at enrolment or the one its MeshNode sets), when that hostname names
+    /// exactly one node. An ambiguous hostname gives the candidates.
     pub fn resolve(&self, who: &str) -> Result<String, CoreError> {
         if self.store.nodes.contains_key(who) || self.set.nodes.contains_key(who) {
             return Ok(who.to_string());
@@ -1315,15 +1321,52 @@ impl Controller {
         {
             return Ok(id.clone());
         }
-        let ids: Vec<&String> = self
+        let mut by_hostname: BTreeMap<&str, &str> = BTreeMap::new();
+        for (id, rec) in &self.store.nodes {
+            if rec.hostname == who {
+                by_hostname.insert(id, &rec.mesh);
+            }
+        }
+        for (id, n) in &self.set.nodes {
+            if n.spec.overrides.hostname.as_deref() == Some(who) {
+                by_hostname.insert(id, &n.spec.mesh);
+            }
+        }
+        match by_hostname.len() {
+            1 => {
+                return Ok(by_hostname
+                    .keys()
+                    .next()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default());
+            }
+            0 => {}
+            _ => {
+                let list: Vec<String> = by_hostname
+                    .iter()
+                    .map(|(id, mesh)| format!("{id} (mesh {mesh})"))
+                    .collect();
+                return Err(CoreError::Request(format!(
+                    "hostname {who:?} names {} nodes: {}; give the node id",
+                    list.len(),
+                    list.join(", ")
+                )));
+            }
+        }
+        let names: Vec<String> = self
             .store
             .nodes
-            .keys()
-            .chain(self.set.nodes.keys())
+            .iter()
+            .flat_map(|(id, r)| [id.clone(), r.hostname.clone()])
+            .chain(self.set.nodes.iter().flat_map(|(id, n)| {
+                std::iter::once(id.clone())
+                    .chain(n.metadata.name.clone())
+                    .chain(n.spec.overrides.hostname.clone())
+            }))
             .collect();
         Err(CoreError::Request(format!(
-            "no node {who:?}; closest: {}",
-            closest(who, ids.into_iter())
+            "no node {who:?} (by id, MeshNode name or hostname); closest: {}",
+            closest(who, names.iter())
         )))
     }
 
@@ -1460,16 +1503,16 @@ fn profile_for<'a>(
     if let Some(p) = wanted {
         return set.profiles.get(&p).ok_or_else(|| {
             format!(
-                "no HardwareProfile named {p:?}; closest: {}",
-                closest(&p, set.profiles.keys())
+                "no HardwareProfile named {p:?}; {}",
+                closest_profile(&p, set)
             )
         });
     }
     match rec.and_then(|r| r.board.clone()) {
         Some(board) => set.profile_for_board(&board).ok_or_else(|| {
             format!(
-                "board {board:?} has no profile; closest: {}",
-                closest(&board, set.profiles.keys())
+                "board {board:?} has no profile; {}",
+                closest_profile(&board, set)
             )
         }),
         None => Err(format!(

@@ -14,6 +14,7 @@
 //! - [`store`]: the embedded database of the standalone controller.
 //! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
 //! - [`acl`]: who may publish and subscribe to what on the broker.
+//! - [`cli`]: output, completions and default paths of the two command-line programs.
 //! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
 //! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
 //! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
@@ -23,6 +24,7 @@
 pub mod acl;
 pub mod admin;
 pub mod broker;
+pub mod cli;
 pub mod core;
 pub mod dynsec;
 #[doc(hidden)]

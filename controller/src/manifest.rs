@@ -811,8 +811,8 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                         &key,
                         "spec.hardwareProfile",
                         format!(
-                            "no HardwareProfile named {p:?}; closest: {}",
-                            closest(p, set.profiles.keys())
+                            "no HardwareProfile named {p:?}; {}",
+                            closest_profile(p, set)
                         ),
                     ));
                     continue;
@@ -907,8 +907,8 @@ fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut
             report(
                 field,
                 format!(
-                    "no HardwareProfile named {p:?}; closest: {}",
-                    closest(p, set.profiles.keys())
+                    "no HardwareProfile named {p:?}; {}",
+                    closest_profile(p, set)
                 ),
             );
         }
@@ -1013,6 +1013,15 @@ pub fn closest<'a>(wanted: &str, known: impl Iterator<Item = &'a String>) -> Str
         "none known".into()
     } else {
         best.join(", ")
+    }
+}
+
+/// The closest hardware profile names, or, when none is loaded at all, where they come from.
+pub fn closest_profile(wanted: &str, set: &ManifestSet) -> String {
+    if set.profiles.is_empty() {
+        "no HardwareProfile is loaded at all (pass --profiles DIR, or run from the repository root, which has hardware-profiles/)".into()
+    } else {
+        format!("closest: {}", closest(wanted, set.profiles.keys()))
     }
 }
 

@@ -777,9 +777,10 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
                 Err(message) => return Response::Error { message },
             };
             match ctl.create_token(&mesh, &token, ttl_s, now) {
-                Ok(()) => Response::Token {
+                Ok(mode) => Response::Token {
                     token,
                     expires: now.saturating_add(ttl_s),
+                    mode: Some(mode.as_str().to_string()),
                 },
                 Err(e) => fail(&e),
             }
