@@ -12,7 +12,6 @@
 //! | `Degraded` | invalid spec, blocked, failed apply or offline | `InvalidSpec`, `Blocked`, `ApplyFailed`, `Offline`, `AsExpected` |
 //! | `Ready` | phase `Ready` | the phase |
 
-use k8s_openapi::jiff::Timestamp;
 use sidenet_crds::{
     Condition, EnrollmentMode, LinkStatus, Mesh, MeshNode, MeshNodeStatus, MeshStatus,
 };
@@ -20,12 +19,8 @@ use sidenet_crds::{
 use crate::core::StatusRow;
 use crate::store::Published;
 
-/// RFC 3339 text of a Unix time.
-pub fn rfc3339(unix: u64) -> String {
-    Timestamp::from_second(i64::try_from(unix).unwrap_or(0))
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
+pub use crate::time::rfc3339;
+use jiff::Timestamp;
 
 fn cond(
     type_: &str,
