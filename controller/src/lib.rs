@@ -1,45 +1,63 @@
 //! sidenet controller: turns manifests into one signed config per node and publishes them.
 //!
-//! # Layout
+//! # Layout, and the layer rule
 //!
-//! - [`manifest`]: loading and validating `Mesh`, `MeshNode`, `HardwareProfile` and `Secret`
-//!   manifests (JSON Schema from the CRD types, then semantic checks).
-//! - [`regdb`]: channels allowed per country and band.
-//! - [`ipam`]: one /64 per node out of the mesh /48.
-//! - [`render`]: minijinja templates × hardware profiles → files.
-//! - [`core`]: the reconcile core (no I/O but its state store): enrolment, approval, revisions,
-//!   signing, status.
-//! - [`peers`]: WireGuard neighbours (who links to whom), ports and link-local addresses.
-//! - [`health`]: acknowledging configs on trial, withholding failed revisions, link metrics.
-//! - [`store`]: the embedded database of the standalone controller.
-//! - [`standalone`]: the standalone adapter: folder watch, embedded broker, MQTT, admin socket.
-//! - [`acl`]: who may publish and subscribe to what on the broker.
-//! - [`cli`]: output, completions and default paths of the two command-line programs.
-//! - [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
-//! - [`provisioning`]: running `NodeProvision` manifests in standalone mode.
-//! - [`kubernetes`]: the Kubernetes adapter: kube-runtime controllers, status, Secrets, Lease,
-//!   metrics.
-//! - `fuzzing` (hidden): the fuzz targets' bodies, shared with the corpus replay tests.
+//! The modules form layers. A module may use modules of its own folder and of lower layers,
+//! never of a higher layer, and two units of the same layer never use each other: imports run
+//! one way, so there are no loops between files. `controller/tests/layers.rs` checks this on
+//! every `use crate::…` and `crate::…` path of the sources, and the table below is the rule it
+//! reads ([`LAYERS`]).
+//!
+//! 0. base: [`time`] (Unix time, RFC 3339 through jiff), [`random`] (randomness from the OS).
+//! 1. [`spec`]: what the admin wrote. [`spec::manifest`] loads and validates `Mesh`, `MeshNode`,
+//!    `HardwareProfile`, `NodeProvision` and `Secret` manifests (JSON Schema from the CRD
+//!    types, then semantic checks); [`spec::regdb`] the channels allowed per country;
+//!    [`spec::ipam`] one /64 per node out of the mesh /48.
+//! 2. [`reconcile`]: the pure reconcile core, no I/O but its state store. [`reconcile::model`]
+//!    (the types the layer shares), [`reconcile::credentials`] (per-node broker passwords),
+//!    [`reconcile::store`] (the state and its embedded database), [`reconcile::render`]
+//!    (templates × hardware profiles → files), [`reconcile::peers`] (WireGuard neighbours),
+//!    [`reconcile::health`] (acknowledgements, withheld revisions, link metrics) and
+//!    [`reconcile::core`] (enrolment, approval, revisions, signing, status).
+//! 3. [`transport`]: what both adapters need to reach the broker: [`transport::inbox`] (the
+//!    bounded queue between MQTT and the engine), [`transport::broker`] (the embedded broker),
+//!    [`transport::acl`] (its topic rules and credentials), [`transport::dynsec`] (the same on
+//!    Mosquitto), [`transport::tls`] (TLS to an external broker).
+//! 4. [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
+//! 5. [`provisioning`]: running `NodeProvision` manifests (standalone mode).
+//! 6. The two adapters, side by side: [`standalone`] (folder watch, embedded broker, MQTT,
+//!    admin socket) and [`kubernetes`] (kube-runtime controllers, status, Secrets, Lease,
+//!    metrics).
+//! 7. [`cli`] (output, completions and default paths of the two programs) and `fuzzing`
+//!    (hidden: the fuzz targets' bodies, shared with the corpus replay tests).
 
-pub mod acl;
+/// The layer of each top-level module or folder of this crate, lowest first (see the crate
+/// docs). `controller/tests/layers.rs` reads this table.
+pub const LAYERS: &[(&str, u8)] = &[
+    ("time", 0),
+    ("random", 0),
+    ("spec", 1),
+    ("reconcile", 2),
+    ("transport", 3),
+    ("admin", 4),
+    ("provisioning", 5),
+    ("standalone", 6),
+    ("kubernetes", 6),
+    ("cli", 7),
+    ("fuzzing", 7),
+];
+
 pub mod admin;
-pub mod broker;
 pub mod cli;
-pub mod core;
-pub mod dynsec;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
-pub mod inbox;
-pub mod ipam;
 pub mod kubernetes;
-pub mod manifest;
-pub mod peers;
 pub mod provisioning;
-pub mod regdb;
-pub mod render;
+pub mod random;
+pub mod reconcile;
+pub mod spec;
 pub mod standalone;
-pub mod store;
 pub mod time;
+pub mod transport;
 
 pub use time::{now, parse_rfc3339, rfc3339};

@@ -343,8 +343,8 @@ fn embedded_tls(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     broker: Option<&str>,
-) -> Result<Option<sidenet_controller::broker::TlsListen>, String> {
-    let tls = sidenet_controller::broker::tls_listen(addr, cert, key)?;
+) -> Result<Option<sidenet_controller::transport::broker::TlsListen>, String> {
+    let tls = sidenet_controller::transport::broker::tls_listen(addr, cert, key)?;
     if tls.is_some() && broker.is_some_and(|b| !b.is_empty()) {
         return Err("--tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker".into());
     }

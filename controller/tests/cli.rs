@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use common::{Proc, bin, free_port, repo, wait_for};
 use sidenet_controller::admin::{self, Request};
-use sidenet_controller::core::Controller;
-use sidenet_controller::render::Renderer;
+use sidenet_controller::now;
+use sidenet_controller::reconcile::core::Controller;
+use sidenet_controller::reconcile::render::Renderer;
+use sidenet_controller::reconcile::store::Store;
+use sidenet_controller::spec::manifest;
 use sidenet_controller::standalone::FsSecrets;
-use sidenet_controller::store::Store;
-use sidenet_controller::{manifest, now};
 use sidenet_wire::envelope::seal;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::EnrollRequest;

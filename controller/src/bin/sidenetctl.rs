@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::core::{Controller, Secrets, StatusRow};
-use sidenet_controller::manifest::{self, ManifestSet};
-use sidenet_controller::render::Renderer;
-use sidenet_controller::store::Store;
+use sidenet_controller::reconcile::core::Controller;
+use sidenet_controller::reconcile::model::{Secrets, StatusRow};
+use sidenet_controller::reconcile::render::Renderer;
+use sidenet_controller::reconcile::store::Store;
+use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_controller::{errln, out, outln};
 use sidenet_crds::SecretKeyRef;
 use sidenet_wire::keys::KeyPair;
@@ -420,7 +421,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 }
                 let failed = provisions
                     .iter()
-                    .any(|p| p.state == sidenet_controller::provisioning::JobState::Failed);
+                    .any(|p| p.state == sidenet_controller::admin::JobState::Failed);
                 Ok(if failed {
                     ExitCode::FAILURE
                 } else {
@@ -432,7 +433,10 @@ fn run(args: Args) -> Result<ExitCode, String> {
         },
         Cmd::Metrics { state } => match admin::call(&state, &Request::Status)? {
             Response::Status { nodes, .. } => {
-                out!("{}", sidenet_controller::health::prometheus(&nodes));
+                out!(
+                    "{}",
+                    sidenet_controller::reconcile::health::prometheus(&nodes)
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
@@ -443,7 +447,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen { out } => {
-            let seed = sidenet_controller::standalone::random32()?;
+            let seed = sidenet_controller::random::random32()?;
             let key = KeyPair::from_seed(&seed);
             write_new_secret(&out, &key.to_file_text())?;
             outln!("public key: {}", key.public());
@@ -578,15 +582,15 @@ fn print_table(rows: &[StatusRow]) {
         if let Some(f) = &r.failure {
             outln!("  {}: last failure: {f}", r.node);
         }
-        for line in sidenet_controller::health::link_lines(r) {
+        for line in sidenet_controller::reconcile::health::link_lines(r) {
             outln!("  {}: {line}", r.node);
         }
     }
 }
 
 /// NodeProvision jobs: one header line per job, then one line per host.
-fn print_provisions(rows: &[sidenet_controller::provisioning::ProvisionRow]) {
-    use sidenet_controller::provisioning::JobState;
+fn print_provisions(rows: &[sidenet_controller::admin::ProvisionRow]) {
+    use sidenet_controller::admin::JobState;
     for p in rows {
         let counts = p
             .status

@@ -16,8 +16,8 @@ use sidenet_crds::{
     Condition, EnrollmentMode, LinkStatus, Mesh, MeshNode, MeshNodeStatus, MeshStatus,
 };
 
-use crate::core::StatusRow;
-use crate::store::Published;
+use crate::reconcile::model::StatusRow;
+use crate::reconcile::store::Published;
 
 pub use crate::time::rfc3339;
 use jiff::Timestamp;
@@ -82,7 +82,7 @@ pub struct NodeFacts<'a> {
 
 /// A node's WireGuard links from its last status report: babel's neighbours, with the
 /// pathfinder probes' latency and loss towards the same peer.
-pub fn links(rec: &crate::store::NodeRecord) -> Vec<LinkStatus> {
+pub fn links(rec: &crate::reconcile::store::NodeRecord) -> Vec<LinkStatus> {
     rec.neighbours
         .iter()
         .filter_map(|n| {
