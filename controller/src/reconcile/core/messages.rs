@@ -1,0 +1,446 @@
+//! The controller core: what nodes send (enrolment requests, status reports) and what admins
+//! ask (approve, remove, tokens, names).
+
+use std::collections::BTreeMap;
+
+use sidenet_crds::EnrollmentMode;
+use sidenet_wire::codec::sha256_hex;
+use sidenet_wire::envelope::Expect;
+use sidenet_wire::messages::{EnrollRequest, StatusReport};
+use sidenet_wire::topics::{self, Incoming};
+use sidenet_wire::{Envelope, Kind, PublicKey, WireError};
+
+use super::{Controller, CoreError, NODE_MESSAGE_MAX_AGE};
+use crate::reconcile::model::{MAX_FAILED_REVISIONS, Rejection};
+use crate::reconcile::store::{Batch, NodeRecord, TokenRecord};
+use crate::spec::manifest::closest;
+
+impl Controller {
+    /// Handles a message from the broker.
+    pub fn on_message(&mut self, topic: &str, payload: &[u8], now: u64) -> Result<(), CoreError> {
+        self.current_mesh = topic.split('/').nth(2).unwrap_or_default().to_string();
+        match topics::parse(topic) {
+            Some(Incoming::Enroll { mesh, node }) => {
+                let (mesh, node) = (mesh.to_string(), node.to_string());
+                self.on_enroll(&mesh, &node, payload, now)
+            }
+            Some(Incoming::Status { mesh, node }) => {
+                let (mesh, node) = (mesh.to_string(), node.to_string());
+                self.on_status(&mesh, &node, payload, now)
+            }
+            Some(Incoming::Online { node, .. }) => {
+                let online = payload == b"online";
+                self.online.insert(node.to_string(), online);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    pub(super) fn reject(&mut self, what: &str, node: &str, why: impl std::fmt::Display) {
+        self.counters.rejected_messages += 1;
+        tracing::warn!(node = %node, "refused {what}: {why}");
+        // Bounded: an adapter that never drains this keeps only the latest refusals.
+        if self.rejections.len() >= 256 {
+            self.rejections.remove(0);
+        }
+        self.rejections.push(Rejection {
+            what: what.to_string(),
+            mesh: self.current_mesh.clone(),
+            node: node.to_string(),
+            why: why.to_string(),
+        });
+    }
+
+    /// Forgets a node whose `MeshNode` was deleted (Kubernetes mode): its enrolment, published
+    /// revision and subnet leave the in-memory state, so it is no longer reconciled, and its
+    /// neighbours are reconciled without it. The state database is not changed (Kubernetes
+    /// mode's database is a cache rebuilt from the cluster at every start).
+    pub fn forget(&mut self, id: &str, now: u64) -> Result<(), CoreError> {
+        if let Some(rec) = self.store.nodes.get(id) {
+            self.credentials
+                .push(crate::reconcile::credentials::Credential::Revoke {
+                    mesh: rec.mesh.clone(),
+                    node: id.to_string(),
+                });
+        }
+        self.issued.remove(id);
+        self.sealed.remove(id);
+        self.store.nodes.remove(id);
+        self.store.published.remove(id);
+        let subnets: Vec<(String, String)> = self
+            .store
+            .subnets
+            .keys()
+            .filter(|(_, n)| n == id)
+            .cloned()
+            .collect();
+        for key in subnets {
+            if let Some(sid) = self.store.subnets.remove(&key)
+                && let Some(t) = self.store.taken.get_mut(&key.0)
+            {
+                t.remove(&sid);
+            }
+        }
+        self.blocked.remove(id);
+        self.online.remove(id);
+        let mut affected = self.peers.replace(id, None);
+        affected.remove(id);
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
+    }
+
+    /// Removes an enrolled node (standalone `sidenetctl remove`): its record is deleted, its
+    /// broker credentials revoked, its retained config cleared; its revision counter stays, so
+    /// if it enrols again (and is approved) its configs continue above what it runs. Returns
+    /// the config topic to clear.
+    pub fn remove_node(&mut self, id: &str, now: u64) -> Result<String, CoreError> {
+        let Some(rec) = self.store.nodes.get(id).cloned() else {
+            return Err(CoreError::Request(format!("node {id} is not enrolled")));
+        };
+        let mut batch = Batch::default();
+        self.store.remove_node(&mut batch, id);
+        self.batch.merge(batch);
+        self.credentials
+            .push(crate::reconcile::credentials::Credential::Revoke {
+                mesh: rec.mesh.clone(),
+                node: id.to_string(),
+            });
+        self.issued.remove(id);
+        self.sealed.remove(id);
+        self.blocked.remove(id);
+        self.online.remove(id);
+        tracing::info!(mesh = %rec.mesh, node = %id, "node removed");
+        let mut affected = self.peers.replace(id, None);
+        affected.remove(id);
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)?;
+        Ok(topics::config(&rec.mesh, id))
+    }
+
+    pub(super) fn on_enroll(
+        &mut self,
+        mesh: &str,
+        node: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), CoreError> {
+        let verified = match Envelope::parse(payload, 64 * 1024)
+            .and_then(|e| e.verify_self_signed(Kind::Enroll))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.reject("enrolment", node, e);
+                return Ok(());
+            }
+        };
+        if verified.signer.node_id() != node {
+            self.reject(
+                "enrolment",
+                node,
+                format!("signed by the key of node {}", verified.signer.node_id()),
+            );
+            return Ok(());
+        }
+        let last = self.store.nodes.get(node).and_then(|r| r.last_seq);
+        if let Err(e) = verified.check(&Expect {
+            mesh,
+            node: Some(node),
+            after: last,
+            now,
+        }) {
+            self.reject("enrolment", node, e);
+            return Ok(());
+        }
+        // `iat` is whatever the sender signed: near u64::MAX the sum must not overflow.
+        if verified.header.iat.saturating_add(NODE_MESSAGE_MAX_AGE) < now {
+            self.reject("enrolment", node, "too old");
+            return Ok(());
+        }
+        let req: EnrollRequest = match verified.body_json() {
+            Ok(r) => r,
+            Err(e) => {
+                self.reject("enrolment", node, e);
+                return Ok(());
+            }
+        };
+        let Some(m) = self.set.mesh_by_network(mesh).cloned() else {
+            self.reject("enrolment", node, format!("no mesh named {mesh}"));
+            return Ok(());
+        };
+        let mut batch = Batch::default();
+        let existing = self.store.nodes.get(node).cloned();
+        let mut approved = existing.as_ref().is_some_and(|r| r.approved);
+        if m.spec.enrollment.mode == EnrollmentMode::Token && !approved {
+            let manifest_ok = self.set.nodes.get(node).is_some_and(|n| n.spec.approved);
+            if !manifest_ok {
+                let Some(token) = req.token.as_deref() else {
+                    self.counters.refused += 1;
+                    self.reject("enrolment", node, "this mesh needs an enrolment token");
+                    return Ok(());
+                };
+                let hash = sha256_hex(token.as_bytes());
+                match self.store.tokens.get(&hash).cloned() {
+                    Some(t) if t.mesh == mesh && t.used_by.is_none() && t.expires > now => {
+                        let mut t = t;
+                        t.used_by = Some(node.to_string());
+                        self.store.put_token(&mut batch, &hash, t);
+                        approved = true;
+                    }
+                    Some(t) if t.used_by.is_some() => {
+                        self.counters.refused += 1;
+                        self.reject("enrolment", node, "token already used");
+                        return Ok(());
+                    }
+                    _ => {
+                        self.counters.refused += 1;
+                        self.reject("enrolment", node, "invalid or expired token");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let rec = NodeRecord {
+            mesh: mesh.to_string(),
+            public_key: verified.signer.to_base64(),
+            hostname: req.hostname.clone(),
+            board: req.board.clone(),
+            profile: req.profile.clone(),
+            backend: req.backend.clone(),
+            approved,
+            enrolled_at: existing.as_ref().map_or(now, |r| r.enrolled_at),
+            last_seen: Some(now),
+            last_seq: Some(verified.header.revision()),
+            wireguard: req
+                .wireguard
+                .clone()
+                .or_else(|| existing.as_ref().and_then(|r| r.wireguard.clone())),
+            ..existing.clone().unwrap_or_default()
+        };
+        if existing.is_none() {
+            self.counters.enrolled += 1;
+            tracing::info!(mesh = %mesh, node = %node, hostname = %req.hostname, "node enrolled");
+        }
+        self.store.put_node(&mut batch, node, rec);
+        self.batch.merge(batch);
+        let affected = self.peers.replace(node, self.store.nodes.get(node));
+        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
+    }
+
+    pub(super) fn on_status(
+        &mut self,
+        mesh: &str,
+        node: &str,
+        payload: &[u8],
+        now: u64,
+    ) -> Result<(), CoreError> {
+        let Some(rec) = self.store.nodes.get(node).cloned() else {
+            // Not enrolled: nothing to verify against.
+            return Ok(());
+        };
+        let Ok(key) = PublicKey::from_base64(&rec.public_key) else {
+            return Ok(());
+        };
+        let verified =
+            match Envelope::parse(payload, 64 * 1024).and_then(|e| e.verify(Kind::Status, &key)) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.reject("status", node, e);
+                    return Ok(());
+                }
+            };
+        match verified.check(&Expect {
+            mesh,
+            node: Some(node),
+            after: rec.last_seq,
+            now,
+        }) {
+            Ok(()) => {}
+            // Status reports are retained: after a restart the controller receives the last
+            // report of every node again. The one it already processed, or one too old to
+            // count, is expected, not an attack.
+            Err(WireError::Stale { got, .. }) if Some(got) == rec.last_seq => return Ok(()),
+            Err(e @ WireError::Expired { .. }) => {
+                tracing::debug!(node = %node, "ignored status report: {e}");
+                return Ok(());
+            }
+            Err(e) => {
+                self.reject("status", node, e);
+                return Ok(());
+            }
+        }
+        let report: StatusReport = match verified.body_json() {
+            Ok(r) => r,
+            Err(e) => {
+                self.reject("status", node, e);
+                return Ok(());
+            }
+        };
+        let mut rec = rec;
+        rec.last_seen = Some(now);
+        rec.last_seq = Some(verified.header.revision());
+        rec.applied = report.applied;
+        rec.applied_sha256 = report.applied_sha256.clone();
+        rec.state = Some(report.state);
+        if let Some(f) = &report.failure
+            && let Some(r) = f.revision
+            && !rec.failed_revisions.contains(&r)
+        {
+            rec.failed_revisions.push(r);
+            // Only the newest matter (a failed body is withheld while it is the node's latest
+            // revision); a node must not be able to grow its own record without bound.
+            let excess = rec
+                .failed_revisions
+                .len()
+                .saturating_sub(MAX_FAILED_REVISIONS);
+            rec.failed_revisions.drain(..excess);
+        }
+        rec.failure = report.failure.clone();
+        rec.probes = report.probes.clone();
+        rec.neighbours = report.neighbours.clone();
+        let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;
+        if moved {
+            rec.wireguard = report.wireguard.clone();
+        }
+        if report.mqtt_auth && !rec.mqtt_armed && self.issued.contains_key(node) {
+            // The node logs in with its own password: from now on the broker insists on it.
+            rec.mqtt_armed = true;
+            tracing::info!(node = %node, "node logs in to the broker with its own password: its id now needs it");
+            self.credentials
+                .push(crate::reconcile::credentials::Credential::Arm {
+                    mesh: mesh.to_string(),
+                    node: node.to_string(),
+                });
+        }
+        self.online.insert(node.to_string(), true);
+        let mut batch = Batch::default();
+        self.store.put_node(&mut batch, node, rec);
+        self.batch.merge(batch);
+        if let Some(trial) = &report.trial
+            && crate::reconcile::health::should_ack(
+                self.store.published.get(node),
+                self.store.epoch,
+                trial,
+            )
+        {
+            let key = self.mesh_key(mesh)?;
+            let seq = verified.header.revision();
+            self.outbox.push(crate::reconcile::health::ack(
+                &key, mesh, node, seq, trial, now,
+            ));
+        }
+        if moved {
+            let affected = self.peers.replace(node, self.store.nodes.get(node));
+            self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)?;
+        }
+        Ok(())
+    }
+
+    /// Approves a node (by id or MeshNode name) and reconciles it.
+    pub fn approve(&mut self, who: &str, now: u64) -> Result<(), CoreError> {
+        let id = self.resolve(who)?;
+        let Some(mut rec) = self.store.nodes.get(&id).cloned() else {
+            return Err(CoreError::Request(format!(
+                "node {id} has not enrolled yet; approve it once it shows as pending, or write a MeshNode with approved: true"
+            )));
+        };
+        rec.approved = true;
+        let mut batch = Batch::default();
+        self.store.put_node(&mut batch, &id, rec);
+        self.batch.merge(batch);
+        self.reconcile(&[id], now)
+    }
+
+    /// Creates a single-use enrolment token for a mesh, valid for `ttl` seconds. Only its hash
+    /// is stored.
+    pub fn create_token(
+        &mut self,
+        mesh: &str,
+        token: &str,
+        ttl: u64,
+        now: u64,
+    ) -> Result<EnrollmentMode, CoreError> {
+        let Some(mode) = self
+            .set
+            .mesh_by_network(mesh)
+            .map(|m| m.spec.enrollment.mode)
+        else {
+            return Err(CoreError::Request(format!("no mesh named {mesh}")));
+        };
+        let mut batch = Batch::default();
+        self.store.put_token(
+            &mut batch,
+            &sha256_hex(token.as_bytes()),
+            TokenRecord {
+                mesh: mesh.to_string(),
+                created: now,
+                expires: now.saturating_add(ttl),
+                used_by: None,
+            },
+        );
+        self.batch.merge(batch);
+        Ok(mode)
+    }
+
+    /// A node id from what an admin typed: the node id, its MeshNode name, or its hostname (the
+    /// one it reported at enrolment or the one its MeshNode sets), when that hostname names
+    /// exactly one node. An ambiguous hostname gives the candidates.
+    pub fn resolve(&self, who: &str) -> Result<String, CoreError> {
+        if self.store.nodes.contains_key(who) || self.set.nodes.contains_key(who) {
+            return Ok(who.to_string());
+        }
+        if let Some((id, _)) = self
+            .set
+            .nodes
+            .iter()
+            .find(|(_, n)| n.metadata.name.as_deref() == Some(who))
+        {
+            return Ok(id.clone());
+        }
+        let mut by_hostname: BTreeMap<&str, &str> = BTreeMap::new();
+        for (id, rec) in &self.store.nodes {
+            if rec.hostname == who {
+                by_hostname.insert(id, &rec.mesh);
+            }
+        }
+        for (id, n) in &self.set.nodes {
+            if n.spec.overrides.hostname.as_deref() == Some(who) {
+                by_hostname.insert(id, &n.spec.mesh);
+            }
+        }
+        match by_hostname.len() {
+            1 => {
+                return Ok(by_hostname
+                    .keys()
+                    .next()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default());
+            }
+            0 => {}
+            _ => {
+                let list: Vec<String> = by_hostname
+                    .iter()
+                    .map(|(id, mesh)| format!("{id} (mesh {mesh})"))
+                    .collect();
+                return Err(CoreError::Request(format!(
+                    "hostname {who:?} names {} nodes: {}; give the node id",
+                    list.len(),
+                    list.join(", ")
+                )));
+            }
+        }
+        let names: Vec<String> = self
+            .store
+            .nodes
+            .iter()
+            .flat_map(|(id, r)| [id.clone(), r.hostname.clone()])
+            .chain(self.set.nodes.iter().flat_map(|(id, n)| {
+                std::iter::once(id.clone())
+                    .chain(n.metadata.name.clone())
+                    .chain(n.spec.overrides.hostname.clone())
+            }))
+            .collect();
+        Err(CoreError::Request(format!(
+            "no node {who:?} (by id, MeshNode name or hostname); closest: {}",
+            closest(who, names.iter())
+        )))
+    }
+}
