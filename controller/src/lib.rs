@@ -7,6 +7,8 @@
 //! - [`regdb`]: channels allowed per country and band.
 //! - [`ipam`]: one /64 per node out of the mesh /48.
 //! - [`render`]: minijinja templates × hardware profiles → files.
+//! - [`openwrt`]: the guest rules of OpenWrt routers (sidenet_* sections only, the radio rule,
+//!   interface names).
 //! - [`core`]: the reconcile core (no I/O but its state store): enrolment, approval, revisions,
 //!   signing, status.
 //! - [`peers`]: WireGuard neighbours (who links to whom), ports and link-local addresses.
@@ -32,6 +34,7 @@ pub mod inbox;
 pub mod ipam;
 pub mod kubernetes;
 pub mod manifest;
+pub mod openwrt;
 pub mod peers;
 pub mod provisioning;
 pub mod regdb;
