@@ -195,8 +195,12 @@ impl Batch {
                     )));
                 }
                 ("set", None, Some(kind)) => {
-                    if !is_name(kind) {
-                        return Err(err("a section type is letters, digits and '_'".into()));
+                    if kind.is_empty()
+                        || !kind
+                            .bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+                    {
+                        return Err(err("a section type is letters, digits, '_' and '-'".into()));
                     }
                     if b.sections.iter().any(|s| s.name == section) {
                         return Err(err(format!("section {section:?} is declared twice")));
