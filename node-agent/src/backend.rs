@@ -404,7 +404,8 @@ impl Recorder {
     }
 
     /// Runs commands of `program` (as given in argv\[0\]) for real from now on, recording them
-    /// too: tests run OpenWrt's real `uci` while recording the reloads.
+    /// too, unless an [`Recorder::answer`] matches: tests run OpenWrt's real `uci` while
+    /// recording the reloads.
     pub fn run_for_real(&self, program: &str) {
         self.lock().real.push(program.to_string());
     }
@@ -415,16 +416,16 @@ impl Runner for Recorder {
         let line = argv.join(" ");
         let mut st = self.lock();
         st.commands.push(line.clone());
-        if argv.first().is_some_and(|p| st.real.iter().any(|r| r == p)) {
-            drop(st);
-            return SystemRunner::default().run(argv);
-        }
         let best = st
             .outputs
             .iter()
             .filter(|(p, _)| line.starts_with(p.as_str()))
             .max_by_key(|(p, _)| p.len())
             .map(|(_, o)| o.clone());
+        if best.is_none() && argv.first().is_some_and(|p| st.real.iter().any(|r| r == p)) {
+            drop(st);
+            return SystemRunner::default().run(argv);
+        }
         best.unwrap_or_else(|| Ok(String::new()))
     }
 

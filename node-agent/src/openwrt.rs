@@ -17,11 +17,12 @@
 //! | package | command |
 //! | --- | --- |
 //! | `network` | `/etc/init.d/network reload` (netifd: the node address, WireGuard interfaces) |
-//! | `wireless` | `wifi reload` (the mesh point on the owner's radio) |
+//! | `wireless` | `/sbin/wifi reload` (the mesh point on the owner's radio) |
 //! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/ratelimit.nft` changed) |
 //! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
 //!
-//! `apply:probes` hands `etc/sidenet/probes` to the prober. `--uninstall` ([`Backend::uninstall`])
+//! (Paths are under `--root`, `/` on a router.) `apply:probes` hands `etc/sidenet/probes` to
+//! the prober. `--uninstall` ([`Backend::uninstall`])
 //! removes every `sidenet_*` section and puts each file sidenet changed back byte for byte.
 //!
 //! OpenWrt's WireGuard protocol handler wants the private key in `/etc/config/network`: the
@@ -58,13 +59,15 @@ pub const ACTIONS: [&str; 5] = [
     "apply:probes",
 ];
 
-/// The command that reloads `package` (babeld: see [`Openwrt::reload`]).
-fn reload_command(package: &str) -> &'static [&'static str] {
+/// The program (relative to the root, `/` on a router) and argument that reload `package`
+/// (babeld: see [`Openwrt::reload`]). Tests root the backend in a folder whose `etc/init.d`
+/// and `sbin` hold recording stand-ins.
+fn reload_command(package: &str) -> (&'static str, &'static str) {
     match package {
-        "network" => &["/etc/init.d/network", "reload"],
-        "wireless" => &["wifi", "reload"],
-        "firewall" => &["/etc/init.d/firewall", "reload"],
-        _ => &["/etc/init.d/babeld", "restart"],
+        "network" => ("etc/init.d/network", "reload"),
+        "wireless" => ("sbin/wifi", "reload"),
+        "firewall" => ("etc/init.d/firewall", "reload"),
+        _ => ("etc/init.d/babeld", "restart"),
     }
 }
 
@@ -92,6 +95,18 @@ impl std::fmt::Debug for Openwrt {
 /// The batch path for `package`.
 pub fn batch_path(package: &str) -> String {
     format!("{BATCH_DIR}/{package}")
+}
+
+/// The node id of a babel neighbour heard on `interface`: the probe target over that link
+/// (`neighbour NODE fe80::..%IFACE`, where IFACE is the WireGuard device netifd created for the
+/// network section of that name, and babeld's interface).
+pub fn neighbour_node(plan: Option<&ProbePlan>, interface: &str) -> Option<String> {
+    let suffix = format!("%{interface}");
+    plan?
+        .targets
+        .iter()
+        .find(|t| t.kind == "neighbour" && t.address.ends_with(&suffix))
+        .map(|t| t.node.clone())
 }
 
 impl Openwrt {
@@ -140,6 +155,7 @@ impl Openwrt {
             if !changed.contains(&package) {
                 continue;
             }
+            let (program, mut action) = reload_command(package);
             if package == "babeld" {
                 // babeld exits at once ("asked to run on no interfaces") without one: stop it
                 // instead of letting procd respawn it until it gives up.
@@ -148,15 +164,14 @@ impl Openwrt {
                     .export(self.runner.as_mut(), "babeld")
                     .map_err(BackendError)?
                     .is_some_and(|s| babeld_has_interface(&s));
-                let action = if has { "restart" } else { "stop" };
-                self.runner
-                    .run(&["/etc/init.d/babeld", action])
-                    .map_err(BackendError)?;
-            } else {
-                self.runner
-                    .run(reload_command(package))
-                    .map_err(BackendError)?;
+                if !has {
+                    action = "stop";
+                }
             }
+            let program = self.root.join(program);
+            self.runner
+                .run(&[&program.to_string_lossy(), action])
+                .map_err(BackendError)?;
         }
         Ok(())
     }
@@ -306,12 +321,7 @@ impl Backend for Openwrt {
                 d.neighbours
                     .into_iter()
                     .map(|n| Neighbour {
-                        node: self.plan.as_ref().and_then(|p| {
-                            p.targets
-                                .iter()
-                                .find(|t| t.address.ends_with(&format!("%{}", n.interface)))
-                                .map(|t| t.node.clone())
-                        }),
+                        node: neighbour_node(self.plan.as_ref(), &n.interface),
                         address: n.address,
                         interface: n.interface,
                         cost: Some(n.cost),
