@@ -879,8 +879,13 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                 ),
             ));
         }
+        // The radio rule of OpenWrt routers, for fields that passed the checks above.
         for (field, message) in crate::openwrt::check_node(mesh, profile, node) {
-            errors.push(err(&key, field, message));
+            if !errors.iter().any(|e| {
+                e.object.as_deref() == Some(key.as_str()) && e.field.as_deref() == Some(field)
+            }) {
+                errors.push(err(&key, field, message));
+            }
         }
     }
 
