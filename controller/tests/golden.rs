@@ -228,9 +228,12 @@ fn stock_config(profile: &str, dir: &Path) -> PathBuf {
 
 fn uci(conf: &Path, args: &[&str], input: Option<&str>) -> std::process::Output {
     use std::io::Write;
+    // A change folder of the test's own: uci's default (/tmp/.uci) is shared machine-wide.
     let mut child = std::process::Command::new(common::uci_cli())
         .arg("-c")
         .arg(conf)
+        .arg("-t")
+        .arg(conf.join("../uci-changes"))
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -261,9 +261,12 @@ fn babeld_keeps_running_on_a_node_without_neighbours() {
         .filter(|l| l.starts_with("set ") || l.starts_with("add_list "))
         .map(|l| format!("{l}\n"))
         .collect();
+    // A change folder of the test's own: uci's default (/tmp/.uci) is shared machine-wide.
     let mut child = Command::new(common::uci_cli())
         .arg("-c")
         .arg(&conf)
+        .arg("-t")
+        .arg(dir.path().join("uci-changes"))
         .arg("batch")
         .stdin(Stdio::piped())
         .spawn()

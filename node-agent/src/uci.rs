@@ -547,7 +547,8 @@ impl Uci {
             script.push_str(&b.commands());
         }
         let input = self.savedir.join(format!("{package}.batch"));
-        write_atomic(&input, script.as_bytes(), 0o600)
+        // A scratch file: a crash leaves it to the next sync, which rewrites it.
+        std::fs::write(&input, script.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", input.display()))?;
         let result = self
             .run(runner, &["-f", &input.to_string_lossy(), "batch"])

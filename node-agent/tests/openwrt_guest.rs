@@ -49,6 +49,17 @@ fn uci_bin() -> PathBuf {
     p
 }
 
+/// `uci -c CONF` as the router's owner runs it, with a change folder of the test's own: uci's
+/// default one (/tmp/.uci) is shared by every uci on the machine, and an uncommitted change
+/// there is seen by every other uci (which is exactly why the agent refuses to commit when it
+/// finds one).
+fn uci_at(conf: &Path) -> Command {
+    let dir = conf.join("../../../owner-uci");
+    let mut c = Command::new(uci_bin());
+    c.arg("-c").arg(conf).arg("-t").arg(dir);
+    c
+}
+
 /// Every OpenWrt profile with a stock config.
 fn profiles() -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(repo().join("tests/openwrt-stock"))
@@ -228,9 +239,7 @@ impl Router {
             if name.starts_with('.') {
                 continue;
             }
-            let o = Command::new(uci_bin())
-                .arg("-c")
-                .arg(self.conf())
+            let o = uci_at(&self.conf())
                 .args(["export", &name])
                 .output()
                 .unwrap();
@@ -468,16 +477,12 @@ fn uninstall_keeps_the_owners_later_changes() {
     r.apply(&rendered("linksys-e8450", false), 1).unwrap();
     r.confirm();
     // The owner renames their network's SSID in LuCI after sidenet was installed.
-    let o = Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    let o = uci_at(&r.conf())
         .args(["set", "wireless.default_radio1.ssid=Familie Muster 5G"])
         .output()
         .unwrap();
     assert!(o.status.success());
-    let o = Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    let o = uci_at(&r.conf())
         .args(["commit", "wireless"])
         .output()
         .unwrap();
@@ -515,16 +520,12 @@ fn a_rollback_leaves_the_owners_sections_untouched() {
     r.reloads();
     // Revision 2 (two WireGuard neighbours) is on trial when the owner changes their own AP.
     r.apply(&rendered(profile, true), 2).unwrap();
-    let o = Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    let o = uci_at(&r.conf())
         .args(["set", "wireless.default_radio1.key=a new family key"])
         .output()
         .unwrap();
     assert!(o.status.success());
-    Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    uci_at(&r.conf())
         .args(["commit", "wireless"])
         .output()
         .unwrap();
@@ -632,12 +633,7 @@ fn a_radio_the_owner_set_otherwise_is_reported_and_nothing_changes() {
     for (owner_setting, want) in cases {
         let mut r = router(profile);
         for cmd in [vec!["set", owner_setting], vec!["commit", "wireless"]] {
-            let o = Command::new(uci_bin())
-                .arg("-c")
-                .arg(r.conf())
-                .args(&cmd)
-                .output()
-                .unwrap();
+            let o = uci_at(&r.conf()).args(&cmd).output().unwrap();
             assert!(o.status.success());
         }
         let before = r.files();
@@ -648,15 +644,11 @@ fn a_radio_the_owner_set_otherwise_is_reported_and_nothing_changes() {
     }
     // No country set at all: named as such.
     let mut r = router(profile);
-    Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    uci_at(&r.conf())
         .args(["delete", "wireless.radio0.country"])
         .output()
         .unwrap();
-    Command::new(uci_bin())
-        .arg("-c")
-        .arg(r.conf())
+    uci_at(&r.conf())
         .args(["commit", "wireless"])
         .output()
         .unwrap();
