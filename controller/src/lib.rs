@@ -12,7 +12,8 @@
 //! 1. [`spec`]: what the admin wrote. [`spec::manifest`] loads and validates `Mesh`, `MeshNode`,
 //!    `HardwareProfile`, `NodeProvision` and `Secret` manifests (JSON Schema from the CRD
 //!    types, then semantic checks); [`spec::regdb`] the channels allowed per country;
-//!    [`spec::ipam`] one /64 per node out of the mesh /48.
+//!    [`spec::ipam`] one /64 per node out of the mesh /48; [`spec::openwrt`] the rules of a
+//!    guest on an OpenWrt household router (`sidenet_*` sections only, the radio rule).
 //! 2. [`reconcile`]: the pure reconcile core, no I/O but its state store. [`reconcile::model`]
 //!    (the types the layer shares), [`reconcile::credentials`] (per-node broker passwords),
 //!    [`reconcile::store`] (the state and its embedded database), [`reconcile::render`]

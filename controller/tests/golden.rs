@@ -112,7 +112,8 @@ fn render_variant(
         reported_hostname: None,
         role: NodeRole::Router,
         channel: None,
-        tx_power: Some(17),
+        // OpenWrt keeps the transmit power on the owner's radio, which sidenet never changes.
+        tx_power: (p.spec.firmware == sidenet_crds::FirmwareFamily::Linux).then_some(17),
         hostname: None,
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
@@ -208,8 +209,69 @@ fn every_profile_matches_its_golden_files() {
     );
 }
 
+/// Copies the stock `/etc/config` of `profile` (tests/openwrt-stock) into `dir/etc/config`.
+fn stock_config(profile: &str, dir: &Path) -> PathBuf {
+    let conf = dir.join("etc/config");
+    std::fs::create_dir_all(&conf).unwrap();
+    let stock = repo()
+        .join("tests/openwrt-stock")
+        .join(profile)
+        .join("etc/config");
+    for e in std::fs::read_dir(&stock)
+        .unwrap_or_else(|e| panic!("{}: {e}", stock.display()))
+        .flatten()
+    {
+        std::fs::copy(e.path(), conf.join(e.file_name())).unwrap();
+    }
+    conf
+}
+
+fn uci(conf: &Path, args: &[&str], input: Option<&str>) -> std::process::Output {
+    use std::io::Write;
+    // A change folder of the test's own: uci's default (/tmp/.uci) is shared machine-wide.
+    let mut child = std::process::Command::new(common::uci_cli())
+        .arg("-c")
+        .arg(conf)
+        .arg("-t")
+        .arg(conf.join("../uci-changes"))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.unwrap_or("").as_bytes()).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// The sections of `uci export` output: (name, text).
+fn sections(export: &str) -> Vec<(Option<String>, String)> {
+    let mut out: Vec<(Option<String>, String)> = Vec::new();
+    for line in export.lines() {
+        if let Some(rest) = line.strip_prefix("config ") {
+            let name = rest
+                .split_once(' ')
+                .map(|(_, n)| n.trim_matches('\'').to_string());
+            out.push((name, format!("{line}\n")));
+        } else if line.starts_with('\t')
+            && let Some(s) = out.last_mut()
+        {
+            s.1.push_str(line);
+            s.1.push('\n');
+        }
+    }
+    out
+}
+
+/// Every OpenWrt render (with and without WireGuard neighbours) is fed to OpenWrt's own `uci`
+/// tool on that profile's stock config: each command of each sidenet batch (every line that
+/// is not blank, a comment or a `require`) must be taken without a complaint, one change each,
+/// and only `sidenet_*` sections may change. Then sidenet's sections (and the owner's radio the
+/// mesh point uses) are parsed back by OpenWISP's netjsonconfig.
 #[test]
-fn openwrt_renders_parse_back_with_netjsonconfig() {
+fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
     let set = set();
     let renderer = Renderer::load(&repo().join("templates")).unwrap();
     let python = common::peer_python();
@@ -226,19 +288,98 @@ fn openwrt_renders_parse_back_with_netjsonconfig() {
     for (name, peers) in openwrt.chain(with_peers) {
         let name = &name;
         let dir = tempfile::tempdir().unwrap();
-        for (path, content) in render_variant(&set, &renderer, name, peers) {
+        let conf = stock_config(name, dir.path());
+        let rendered = render_variant(&set, &renderer, name, peers);
+        assert!(
+            !rendered.iter().any(|(p, _)| p.starts_with("etc/config/")),
+            "{name}: an OpenWrt render must not write /etc/config files whole"
+        );
+        let before: Vec<String> = ["network", "wireless", "firewall", "dhcp", "system"]
+            .iter()
+            .map(|p| String::from_utf8_lossy(&uci(&conf, &["export", p], None).stdout).into())
+            .collect();
+        // The babeld package is not on a stock router: the agent creates its file.
+        std::fs::write(conf.join("babeld"), "").unwrap();
+        for (path, content) in &rendered {
+            let Some(package) = path.strip_prefix("etc/sidenet/uci/") else {
+                continue;
+            };
             // What lands on the router: the agent fills in its WireGuard private key.
             let content = content.replace(
                 "@sidenet-wireguard-private-key@",
                 "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=",
             );
-            let f = dir.path().join(path);
-            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
-            std::fs::write(f, content).unwrap();
+            let commands: Vec<&str> = content
+                .lines()
+                .filter(|l| {
+                    let t = l.trim();
+                    !t.is_empty() && !t.starts_with('#') && !t.starts_with("require ")
+                })
+                .collect();
+            for c in &commands {
+                assert!(
+                    c.starts_with(&format!("set {package}.sidenet_"))
+                        || c.starts_with(&format!("add_list {package}.sidenet_")),
+                    "{name} {path}: {c:?} touches something that is not sidenet's"
+                );
+            }
+            let out = uci(&conf, &["batch"], Some(&(commands.join("\n") + "\n")));
+            assert!(
+                out.status.success() && out.stderr.is_empty(),
+                "{name} {path}: uci refused it: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let changes = uci(&conf, &["changes", package], None);
+            assert_eq!(
+                String::from_utf8_lossy(&changes.stdout).lines().count(),
+                commands.len(),
+                "{name} {path}: uci did not take every command"
+            );
+            let out = uci(&conf, &["commit", package], None);
+            assert!(out.status.success(), "{name}: uci commit {package} failed");
+        }
+        for (p, was) in ["network", "wireless", "firewall", "dhcp", "system"]
+            .iter()
+            .zip(&before)
+        {
+            let now: String =
+                String::from_utf8_lossy(&uci(&conf, &["export", p], None).stdout).into();
+            let owner = |t: &str| -> Vec<(Option<String>, String)> {
+                sections(t)
+                    .into_iter()
+                    .filter(|(n, _)| !n.as_deref().is_some_and(|n| n.starts_with("sidenet_")))
+                    .collect()
+            };
+            assert_eq!(owner(&now), owner(was), "{name}: the owner's {p} changed");
+        }
+        // netjsonconfig reads sidenet's sections and the owner's radio the mesh point uses.
+        let view = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(view.path().join("etc/config")).unwrap();
+        for p in ["network", "wireless", "firewall", "babeld"] {
+            let export: String =
+                String::from_utf8_lossy(&uci(&conf, &["export", p], None).stdout).into();
+            let all = sections(&export);
+            let radio = all
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some("sidenet_mesh"))
+                .and_then(|(_, t)| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("\toption device "))
+                        .map(|d| d.trim_matches('\'').to_string())
+                });
+            let kept: String = all
+                .iter()
+                .filter(|(n, _)| {
+                    n.as_deref().is_some_and(|n| n.starts_with("sidenet_"))
+                        || (n.is_some() && *n == radio)
+                })
+                .map(|(_, t)| format!("\n{t}"))
+                .collect();
+            std::fs::write(view.path().join("etc/config").join(p), kept).unwrap();
         }
         let out = std::process::Command::new(&python)
             .arg(repo().join("tests/peers/check_openwrt.py"))
-            .arg(dir.path())
+            .arg(view.path())
             .output()
             .unwrap();
         assert!(
@@ -265,21 +406,21 @@ fn openwrt_renders_parse_back_with_netjsonconfig() {
         let addrs = v["addresses"].to_string();
         assert!(addrs.contains("fdfc:b395:f348:1c2d::1/64"), "{name}: {v}");
         let ifaces = v["interfaces"].to_string() + &v["networks"].to_string();
-        assert!(ifaces.contains("sidenet"), "{name}: {v}");
+        assert!(ifaces.contains("sidenet_mesh"), "{name}: {v}");
+        assert!(
+            v["zones"].to_string().contains("sidenet_radio"),
+            "{name}: {v}"
+        );
         assert!(!String::from_utf8_lossy(&out.stdout).contains(PASSPHRASE));
         if peers {
-            for link in ["sn_peerbbbbbbbb", "sn_peercccccccc"] {
+            for link in ["sidenet_peerbbb", "sidenet_peerccc"] {
                 assert!(
                     ifaces.contains(link),
                     "{name}: no WireGuard link {link}: {v}"
                 );
             }
-            assert!(
-                v["zones"].to_string().contains("sidenet_radio"),
-                "{name}: {v}"
-            );
         }
         checked += 1;
     }
-    assert!(checked >= 6, "only {checked} OpenWrt renders checked");
+    assert!(checked >= 8, "only {checked} OpenWrt renders checked");
 }

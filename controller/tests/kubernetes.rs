@@ -930,10 +930,10 @@ async fn a_profile_change_republishes_only_the_nodes_using_it() {
     assert_eq!(obs.revisions(&kitchen_id), vec![1]);
     assert_eq!(obs.revisions(&attic_id), vec![1]);
 
-    // Rename a LAN port of the kitchen's profile: only the kitchen changes.
+    // Rename the mesh radio of the kitchen's profile: only the kitchen changes.
     let profiles = Api::<HardwareProfile>::all(c.client.clone());
     let mut p = profiles.get("tplink-archer-c7-v2").await.unwrap();
-    p.spec.ethernet[1].name = "lan9".into();
+    p.spec.radios[0].name = "radio9".into();
     profiles
         .replace("tplink-archer-c7-v2", &PostParams::default(), &p)
         .await
@@ -944,7 +944,12 @@ async fn a_profile_change_republishes_only_the_nodes_using_it() {
         || c.dump(),
     )
     .await;
-    assert!(config.files.iter().any(|f| f.content.contains("lan9")));
+    assert!(
+        config
+            .files
+            .iter()
+            .any(|f| f.content.contains("wireless.radio9.channel"))
+    );
     eventually(
         "desired revision 2 in the kitchen's status",
         || {

@@ -238,15 +238,15 @@ fn default_hello() -> u32 {
     4
 }
 
-/// A routing protocol.
+/// A routing protocol. Babel is the only one: batman-adv was removed because it validated but
+/// could not work (no `bat0` on Linux nodes, no route for the mesh prefix on OpenWrt); manifests
+/// that still ask for it get a validation error saying so.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingProtocol {
-    /// Babel (RFC 8966), run by babeld.
+    /// Babel (RFC 8966), run by babeld over one WireGuard link per neighbour.
     #[default]
     Babel,
-    /// B.A.T.M.A.N. advanced (layer 2), for OpenWrt nodes.
-    BatmanAdv,
 }
 
 /// How new nodes are admitted.

@@ -609,6 +609,39 @@ impl Applier {
         Ok(Some(journal.revision))
     }
 
+    /// `--uninstall`: removes the files of the applied config, then the folders they leave empty
+    /// (never the root itself). Call [`Applier::recover`] first. Returns the paths removed.
+    pub fn remove_installed(&self) -> Result<Vec<PathBuf>, ApplyError> {
+        let mut removed = Vec::new();
+        let files = self.current().map(|c| c.files).unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for f in &files {
+            let p = self.root.join(f);
+            if p.exists() {
+                remove_if_exists(&p)?;
+                removed.push(p.clone());
+            }
+            let mut parent = p.parent();
+            while let Some(d) = parent {
+                if d == self.root || !d.starts_with(&self.root) {
+                    break;
+                }
+                if !dirs.iter().any(|x| x == d) {
+                    dirs.push(d.to_path_buf());
+                }
+                parent = d.parent();
+            }
+        }
+        // Deepest first; a folder that still holds something (someone else's files) stays.
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            if std::fs::remove_dir(&d).is_ok() {
+                removed.push(d);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Finishes an apply interrupted by a crash: rolls a confirmed one forward, any other back.
     pub fn recover(&self) -> Result<Recovery, ApplyError> {
         let jpath = self.journal_path();

@@ -13,6 +13,8 @@
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
 //! - [`shell`]: the thin tokio/MQTT shell that carries out effects.
 //! - `tls` (cargo feature `tls`): TLS to the broker, pinned to the CA bundle the agent was given.
+//! - [`uci`]: sidenet's own `sidenet_*` sections in OpenWrt's UCI config, through the `uci`
+//!   command (the `openwrt` backend's guest rules).
 //! - [`state`]: the node key, the pinned mesh key, the message sequence epoch and the failed
 //!   revisions on disk.
 //!
@@ -29,4 +31,5 @@ pub mod shell;
 pub mod state;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod uci;
 pub mod wgkey;

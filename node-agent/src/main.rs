@@ -68,6 +68,14 @@ struct Args {
     /// none yet).
     #[arg(long)]
     show_id: bool,
+    /// Remove sidenet from this device and exit: finish or roll back an interrupted apply,
+    /// undo everything the backend set up (openwrt: delete every sidenet_* uci section and put
+    /// each /etc/config file sidenet changed back byte for byte, then reload what changed),
+    /// delete the files of the applied config and the agent's state folder (node key
+    /// included). Stop the agent's service first. The agent binary, its service and its
+    /// --config file are left to whoever installed them (`sidenetctl provision`).
+    #[arg(long, conflicts_with = "show_id")]
+    uninstall: bool,
     /// Largest config accepted, in bytes.
     #[arg(long, default_value_t = sidenet_agent::shell::DEFAULT_MAX)]
     max_config_bytes: usize,
@@ -153,6 +161,56 @@ fn show_id(state: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `--uninstall` (see its flag).
+fn uninstall(
+    kind: Backend,
+    dataplane: &sidenet_agent::backend::DataplaneArgs,
+    root: &std::path::Path,
+    state: &std::path::Path,
+) -> Result<(), String> {
+    use sidenet_agent::files::{Applier, Recovery};
+    if state.exists() && !state.join("node.key").exists() {
+        return Err(format!(
+            "{} holds no node.key: not an agent state folder, nothing removed (check --state/--root)",
+            state.display()
+        ));
+    }
+    let applier = Applier::new(root, state);
+    match applier.recover().map_err(|e| e.to_string())? {
+        Recovery::Clean => {}
+        Recovery::RolledForward(r) => {
+            println!("finished the confirmed apply of revision {}", r.rev)
+        }
+        Recovery::RolledBack(r, _) => {
+            println!("rolled back the unfinished apply of revision {}", r.rev)
+        }
+    }
+    let mut backend = sidenet_agent::backend::open(
+        kind,
+        dataplane,
+        root,
+        state,
+        Box::new(sidenet_agent::backend::SystemRunner::default()),
+    )
+    .map_err(|e| e.to_string())?;
+    for note in backend.uninstall().map_err(|e| e.to_string())? {
+        println!("{note}");
+    }
+    for p in applier.remove_installed().map_err(|e| e.to_string())? {
+        println!("removed {}", p.display());
+    }
+    if state.exists() {
+        std::fs::remove_dir_all(state)
+            .map_err(|e| format!("cannot remove {}: {e}", state.display()))?;
+        println!(
+            "removed {} (node key, journal, pristine copies)",
+            state.display()
+        );
+    }
+    println!("sidenet removed ({} backend)", kind.as_str());
+    Ok(())
+}
+
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -196,6 +254,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sidenet-agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.uninstall {
+        return match uninstall(args.backend, &args.dataplane, &root, &state) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidenet-agent: --uninstall: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -1,20 +1,34 @@
-//! The `openwrt` backend: the config's files are UCI files under `/etc/config` (and a few under
-//! `/etc/sidenet`); applying them means running the reload commands OpenWrt itself uses. It shares
-//! the journal (stage, back up, install, health check, confirm or roll back) with every backend,
-//! so a rollback restores the previous UCI files byte for byte and reloads them.
+//! The `openwrt` backend: sidenet as a guest on a household router. It owns only its own named
+//! `sidenet_*` sections in the `network`, `wireless`, `firewall` and `babeld` UCI packages and
+//! changes them only through OpenWrt's `uci` command ([`crate::uci`]); the owner's access points,
+//! LAN, WAN, DHCP and firewall rules are never written. A config carries one sidenet batch per
+//! package (`etc/sidenet/uci/<package>`) and sidenet's own files (`etc/sidenet/ratelimit.nft`,
+//! `etc/sidenet/probes`); a config that would write a file under `etc/config/` is refused.
 //!
-//! | action | command |
+//! The journal ([`crate::files`]) stages, backs up and rolls back only those own files;
+//! [`Backend::converge`] then makes the `sidenet_*` sections of every package exactly what the
+//! installed batches declare (none for a package without a batch, or with no config at all). So
+//! an apply, a rollback, a restart after a crash (the journal restores the batches, converge
+//! re-syncs uci) and the first start all come down to the same idempotent step, and none of
+//! them touches a section sidenet does not own.
+//!
+//! A package whose `sidenet_*` sections changed is reloaded, in this order:
+//!
+//! | package | command |
 //! | --- | --- |
-//! | `reload:network` | `/etc/init.d/network reload` (netifd: addresses, WireGuard interfaces) |
-//! | `reload:wireless` | `wifi reload` |
-//! | `reload:firewall` | `/etc/init.d/firewall reload` (fw4) |
-//! | `restart:babeld` | `/etc/init.d/babeld restart` |
-//! | `apply:probes` | hands `etc/sidenet/probes` to the prober |
+//! | `network` | `/etc/init.d/network reload` (netifd: the node address, WireGuard interfaces) |
+//! | `wireless` | `/sbin/wifi reload` (the mesh point on the owner's radio) |
+//! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/ratelimit.nft` changed) |
+//! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
 //!
-//! OpenWrt's WireGuard protocol handler wants the private key inside `/etc/config/network`; the
-//! controller renders the placeholder [`KEY_PLACEHOLDER`] there and the agent fills in the node's
-//! own key while staging ([`Backend::prepare`]), writing that file with mode 0600. The key never
-//! leaves the node.
+//! (Paths are under `--root`, `/` on a router.) `apply:probes` hands `etc/sidenet/probes` to
+//! the prober. `--uninstall` ([`Backend::uninstall`])
+//! removes every `sidenet_*` section and puts each file sidenet changed back byte for byte.
+//!
+//! OpenWrt's WireGuard protocol handler wants the private key in `/etc/config/network`: the
+//! controller renders the placeholder [`KEY_PLACEHOLDER`] in the network batch and the agent fills
+//! in the node's own key while staging ([`Backend::prepare`]; the batch file is then mode 0600).
+//! The key never leaves the node.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,20 +39,37 @@ use crate::backend::{
     Backend, BackendError, DataplaneArgs, Kind, Observation, Runner, underlay_endpoints,
 };
 use crate::probe::ProbePlan;
+use crate::uci::{Batch, PACKAGES, Restored, Uci, babeld_has_interface};
 use crate::wgkey::WgKey;
 
 /// What the controller writes where the node's WireGuard private key goes.
 pub const KEY_PLACEHOLDER: &str = "@sidenet-wireguard-private-key@";
-/// babeld's local (read-only) port, as the rendered `/etc/config/babeld` sets it.
+/// babeld's local (read-only) port, as the rendered babeld batch sets it.
 pub const BABEL_PORT: u16 = 33123;
-/// Actions in the order they run, with their commands.
-pub const ACTIONS: [(&str, &[&str]); 5] = [
-    ("reload:network", &["/etc/init.d/network", "reload"]),
-    ("reload:wireless", &["wifi", "reload"]),
-    ("reload:firewall", &["/etc/init.d/firewall", "reload"]),
-    ("restart:babeld", &["/etc/init.d/babeld", "restart"]),
-    ("apply:probes", &[]),
+/// Where a config's batch for a UCI package is.
+pub const BATCH_DIR: &str = "etc/sidenet/uci";
+/// The rate-limit include fw4 reads (firewall `sidenet_ratelimit`).
+pub const RATELIMIT: &str = "etc/sidenet/ratelimit.nft";
+/// The actions an OpenWrt config may carry.
+pub const ACTIONS: [&str; 5] = [
+    "reload:network",
+    "reload:wireless",
+    "reload:firewall",
+    "restart:babeld",
+    "apply:probes",
 ];
+
+/// The program (relative to the root, `/` on a router) and argument that reload `package`
+/// (babeld: see [`Openwrt::reload`]). Tests root the backend in a folder whose `etc/init.d`
+/// and `sbin` hold recording stand-ins.
+fn reload_command(package: &str) -> (&'static str, &'static str) {
+    match package {
+        "network" => ("etc/init.d/network", "reload"),
+        "wireless" => ("sbin/wifi", "reload"),
+        "firewall" => ("etc/init.d/firewall", "reload"),
+        _ => ("etc/init.d/babeld", "restart"),
+    }
+}
 
 /// The `openwrt` backend.
 pub struct Openwrt {
@@ -47,19 +78,43 @@ pub struct Openwrt {
     underlay: Vec<String>,
     runner: Box<dyn Runner>,
     plan: Option<ProbePlan>,
+    uci: Uci,
+    /// The rate-limit include as last converged (`None`: not known yet, as after a start).
+    ratelimit: Option<Option<String>>,
 }
 
 impl std::fmt::Debug for Openwrt {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Openwrt").field("root", &self.root).finish()
+        f.debug_struct("Openwrt")
+            .field("root", &self.root)
+            .field("uci", &self.uci)
+            .finish()
     }
 }
 
+/// The batch path for `package`.
+pub fn batch_path(package: &str) -> String {
+    format!("{BATCH_DIR}/{package}")
+}
+
+/// The node id of a babel neighbour heard on `interface`: the probe target over that link
+/// (`neighbour NODE fe80::..%IFACE`, where IFACE is the WireGuard device netifd created for the
+/// network section of that name, and babeld's interface).
+pub fn neighbour_node(plan: Option<&ProbePlan>, interface: &str) -> Option<String> {
+    let suffix = format!("%{interface}");
+    plan?
+        .targets
+        .iter()
+        .find(|t| t.kind == "neighbour" && t.address.ends_with(&suffix))
+        .map(|t| t.node.clone())
+}
+
 impl Openwrt {
-    /// A backend for the device rooted at `root`.
+    /// A backend for the router rooted at `root` (its config in `ROOT/etc/config`), keeping its
+    /// working files under the agent's `state` folder.
     pub fn new(
         root: &Path,
-        _run: &Path,
+        state: &Path,
         key: WgKey,
         args: &DataplaneArgs,
         runner: Box<dyn Runner>,
@@ -70,7 +125,67 @@ impl Openwrt {
             underlay: args.underlay.clone(),
             runner,
             plan: None,
+            uci: Uci::new(&args.uci, root, state),
+            ratelimit: None,
         }
+    }
+
+    /// The installed batches of `config` (read from disk: the installed files hold what
+    /// [`Backend::prepare`] filled in).
+    fn installed_batches(&self, config: &NodeConfig) -> Result<Vec<Batch>, BackendError> {
+        let mut out = Vec::new();
+        for f in &config.files {
+            let Some(package) = f.path.strip_prefix(&format!("{BATCH_DIR}/")) else {
+                continue;
+            };
+            let p = self.root.join(&f.path);
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| BackendError(format!("cannot read {}: {e}", p.display())))?;
+            out.push(
+                Batch::parse(package, &text)
+                    .map_err(|e| BackendError(format!("{}: {e}", f.path)))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Reloads the packages in `changed` (in [`PACKAGES`] order).
+    fn reload(&mut self, changed: &[&str]) -> Result<(), BackendError> {
+        for package in PACKAGES {
+            if !changed.contains(&package) {
+                continue;
+            }
+            let (program, mut action) = reload_command(package);
+            if package == "babeld" {
+                // babeld exits at once ("asked to run on no interfaces") without one: stop it
+                // instead of letting procd respawn it until it gives up.
+                let has = self
+                    .uci
+                    .export(self.runner.as_mut(), "babeld")
+                    .map_err(BackendError)?
+                    .is_some_and(|s| babeld_has_interface(&s));
+                if !has {
+                    action = "stop";
+                }
+            }
+            let program = self.root.join(program);
+            self.runner
+                .run(&[&program.to_string_lossy(), action])
+                .map_err(BackendError)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the rate-limit include changed since the last converge (unknown counts as
+    /// changed when the file is there).
+    fn ratelimit_changed(&mut self) -> bool {
+        let now = std::fs::read_to_string(self.root.join(RATELIMIT)).ok();
+        let changed = match &self.ratelimit {
+            Some(before) => *before != now,
+            None => now.is_some(),
+        };
+        self.ratelimit = Some(now);
+        changed
     }
 }
 
@@ -84,59 +199,119 @@ impl Backend for Openwrt {
     }
 
     fn prepare(&self, config: &mut NodeConfig) -> Result<(), BackendError> {
-        if !config
+        if let Some(f) = config
+            .files
+            .iter()
+            .find(|f| f.path.starts_with("etc/config/"))
+        {
+            return Err(BackendError(format!(
+                "the config writes {} whole: sidenet only changes its own sidenet_* sections on OpenWrt, through uci (a controller older than this agent?); refusing it",
+                f.path
+            )));
+        }
+        if config
             .files
             .iter()
             .any(|f| f.content.contains(KEY_PLACEHOLDER))
         {
-            return Ok(());
+            let private = self.key.private_base64().map_err(BackendError)?;
+            for f in &mut config.files {
+                if f.content.contains(KEY_PLACEHOLDER) {
+                    f.content = f.content.replace(KEY_PLACEHOLDER, &private);
+                    f.mode = 0o600;
+                }
+            }
         }
-        let private = self.key.private_base64().map_err(BackendError)?;
-        for f in &mut config.files {
-            if f.content.contains(KEY_PLACEHOLDER) {
-                f.content = f.content.replace(KEY_PLACEHOLDER, &private);
-                f.mode = 0o600;
+        for f in &config.files {
+            if let Some(package) = f.path.strip_prefix(&format!("{BATCH_DIR}/")) {
+                Batch::parse(package, &f.content)
+                    .map_err(|e| BackendError(format!("{}: {e}", f.path)))?;
             }
         }
         Ok(())
     }
 
     fn converge(&mut self, config: Option<&NodeConfig>) -> Result<(), BackendError> {
-        let Some(config) = config else {
-            // The journal restored the files that were there before: reload all of them.
-            for (name, cmd) in ACTIONS {
-                if !cmd.is_empty()
-                    && let Err(e) = self.runner.run(cmd)
-                {
-                    tracing::warn!("{name}: {e}");
-                }
-            }
-            self.plan = None;
-            return Ok(());
-        };
-        if let Some(a) = config
-            .actions
-            .iter()
-            .find(|a| !ACTIONS.iter().any(|(n, _)| n == a))
+        if let Some(a) =
+            config.and_then(|c| c.actions.iter().find(|a| !ACTIONS.contains(&a.as_str())))
         {
             return Err(BackendError(format!(
                 "unknown action {a:?}: this agent is older than the config"
             )));
         }
-        for (name, cmd) in ACTIONS {
-            if !config.actions.iter().any(|a| a == name) {
-                continue;
-            }
-            if name == "apply:probes" {
-                let p = self.root.join("etc/sidenet/probes");
-                let text = std::fs::read_to_string(&p)
-                    .map_err(|e| BackendError(format!("cannot read {}: {e}", p.display())))?;
-                self.plan = Some(ProbePlan::parse(&text).map_err(BackendError)?);
-            } else {
-                self.runner.run(cmd).map_err(BackendError)?;
+        let batches = match config {
+            Some(c) => self.installed_batches(c)?,
+            None => Vec::new(),
+        };
+        // Everything that can refuse the config is checked before anything changes.
+        self.uci
+            .check(self.runner.as_mut(), &batches)
+            .map_err(BackendError)?;
+        let mut changed = Vec::new();
+        for package in PACKAGES {
+            let batch = batches.iter().find(|b| b.package == package);
+            if self
+                .uci
+                .sync(self.runner.as_mut(), package, batch)
+                .map_err(BackendError)?
+            {
+                changed.push(package);
             }
         }
+        if self.ratelimit_changed() && !changed.contains(&"firewall") {
+            changed.push("firewall");
+        }
+        self.reload(&changed)?;
+        self.plan = None;
+        if let Some(c) = config
+            && c.actions.iter().any(|a| a == "apply:probes")
+        {
+            let p = self.root.join("etc/sidenet/probes");
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| BackendError(format!("cannot read {}: {e}", p.display())))?;
+            self.plan = Some(ProbePlan::parse(&text).map_err(BackendError)?);
+        }
         Ok(())
+    }
+
+    fn uninstall(&mut self) -> Result<Vec<String>, BackendError> {
+        self.uci
+            .check(self.runner.as_mut(), &[])
+            .map_err(BackendError)?;
+        let mut notes = Vec::new();
+        let mut changed = Vec::new();
+        for package in PACKAGES {
+            let path = self.uci.confdir.join(package);
+            match self
+                .uci
+                .uninstall(self.runner.as_mut(), package)
+                .map_err(BackendError)?
+            {
+                Restored::Untouched => {}
+                Restored::Exactly => {
+                    changed.push(package);
+                    notes.push(format!(
+                        "{}: back exactly as it was before sidenet",
+                        path.display()
+                    ));
+                }
+                Restored::OwnerChangesKept => {
+                    changed.push(package);
+                    notes.push(format!(
+                        "{}: sidenet's sections removed; the owner changed the file since sidenet was installed, so their version is kept (in uci's layout)",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if self.ratelimit_changed() && !changed.contains(&"firewall") {
+            changed.push("firewall");
+        }
+        if let Err(e) = self.reload(&changed) {
+            notes.push(format!("reloading: {e}"));
+        }
+        self.plan = None;
+        Ok(notes)
     }
 
     fn observe(&mut self) -> Observation {
@@ -146,12 +321,7 @@ impl Backend for Openwrt {
                 d.neighbours
                     .into_iter()
                     .map(|n| Neighbour {
-                        node: self.plan.as_ref().and_then(|p| {
-                            p.targets
-                                .iter()
-                                .find(|t| t.address.ends_with(&format!("%{}", n.interface)))
-                                .map(|t| t.node.clone())
-                        }),
+                        node: neighbour_node(self.plan.as_ref(), &n.interface),
                         address: n.address,
                         interface: n.interface,
                         cost: Some(n.cost),
@@ -175,144 +345,5 @@ impl Backend for Openwrt {
 
     fn probe_plan(&self) -> Option<ProbePlan> {
         self.plan.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::Recorder;
-    use crate::files::{Applier, write_atomic};
-    use sidenet_wire::Revision;
-    use sidenet_wire::messages::FileSpec;
-
-    const GOLDEN: &str = "../controller/tests/golden/with-peers/tplink-archer-c7-v2";
-    const FILES: [(&str, &str); 6] = [
-        ("etc/config/network", "reload:network"),
-        ("etc/config/wireless", "reload:wireless"),
-        ("etc/sidenet/ratelimit.nft", "reload:firewall"),
-        ("etc/config/firewall", "reload:firewall"),
-        ("etc/config/babeld", "restart:babeld"),
-        ("etc/sidenet/probes", "apply:probes"),
-    ];
-
-    fn golden_config() -> NodeConfig {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join(GOLDEN);
-        let mut actions: Vec<String> = Vec::new();
-        for (_, a) in FILES {
-            if !actions.iter().any(|x| x == a) {
-                actions.push(a.to_string());
-            }
-        }
-        NodeConfig {
-            mesh: "riverside".into(),
-            node: "goldennode234567".into(),
-            hostname: "golden".into(),
-            role: "router".into(),
-            profile: "tplink-archer-c7-v2".into(),
-            family: "openwrt".into(),
-            subnet: "fdfc:b395:f348:1c2d::/64".into(),
-            addresses: vec!["fdfc:b395:f348:1c2d::1/64".into()],
-            files: FILES
-                .iter()
-                .map(|(p, _)| FileSpec {
-                    path: p.to_string(),
-                    mode: if p.ends_with("wireless") {
-                        0o600
-                    } else {
-                        0o644
-                    },
-                    content: std::fs::read_to_string(base.join(p)).unwrap_or_default(),
-                })
-                .collect(),
-            actions,
-            sealed: Default::default(),
-        }
-    }
-
-    #[test]
-    fn applies_uci_files_with_the_nodes_key_and_rolls_back_to_stock()
-    -> Result<(), Box<dyn std::error::Error>> {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir()?;
-        let root = dir.path().join("root");
-        let state = dir.path().join("state");
-        // A stock OpenWrt before sidenet.
-        write_atomic(
-            &root.join("etc/config/network"),
-            b"config interface 'lan'\n",
-            0o644,
-        )?;
-        write_atomic(
-            &root.join("etc/config/firewall"),
-            b"config defaults\n",
-            0o644,
-        )?;
-        let rec = Recorder::new();
-        let key = WgKey::load_or_create(&state.join("wg.key"))?;
-        let private = key.private_base64()?;
-        let mut ow = Openwrt::new(
-            &root,
-            &state,
-            key,
-            &DataplaneArgs::default(),
-            Box::new(rec.clone()),
-        );
-        let mut cfg = golden_config();
-        assert!(cfg.files[0].content.contains(KEY_PLACEHOLDER));
-        ow.prepare(&mut cfg)?;
-        let applier = Applier::new(&root, &state);
-        applier.install(Revision { epoch: 1, rev: 1 }, "s", b"env", &cfg)?;
-        ow.converge(Some(&cfg))?;
-        assert_eq!(
-            rec.commands(),
-            [
-                "/etc/init.d/network reload",
-                "wifi reload",
-                "/etc/init.d/firewall reload",
-                "/etc/init.d/babeld restart"
-            ]
-        );
-        let network = std::fs::read_to_string(root.join("etc/config/network"))?;
-        assert!(network.contains(&format!("option private_key '{private}'")));
-        assert!(!network.contains(KEY_PLACEHOLDER));
-        let mode = std::fs::metadata(root.join("etc/config/network"))?
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(ow.probe_plan().map(|p| p.targets.len()), Some(3));
-        // The health check failed: back to stock, reloaded.
-        rec.clear();
-        applier.rollback()?;
-        ow.converge(None)?;
-        assert_eq!(
-            std::fs::read_to_string(root.join("etc/config/network"))?,
-            "config interface 'lan'\n"
-        );
-        assert!(!root.join("etc/config/wireless").exists());
-        assert!(!root.join("etc/config/babeld").exists());
-        assert_eq!(rec.commands().len(), 4);
-        assert_eq!(ow.probe_plan(), None);
-        Ok(())
-    }
-
-    #[test]
-    fn a_failing_reload_fails_the_apply() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let rec = Recorder::new();
-        rec.answer("/etc/init.d/firewall reload", Err("fw4: syntax error"));
-        let key = WgKey::load_or_create(&dir.path().join("wg.key"))?;
-        let mut ow = Openwrt::new(
-            dir.path(),
-            dir.path(),
-            key,
-            &DataplaneArgs::default(),
-            Box::new(rec.clone()),
-        );
-        let cfg = golden_config();
-        let e = ow.converge(Some(&cfg));
-        assert!(e.is_err_and(|e| e.0.contains("fw4")));
-        assert!(!rec.commands().iter().any(|c| c.contains("babeld")));
-        Ok(())
     }
 }

@@ -6,7 +6,7 @@
 use sha2::{Digest, Sha256};
 
 /// A node's broker password: `base64url(SHA-256("sidenet-mqtt-password-v1" 0 secret mesh 0
-/// node))`, from the mesh's broker secret ([`crate::reconcile::core::Secrets::mqtt_secret`]). Derived, not
+/// node))`, from the mesh's broker secret ([`crate::reconcile::model::Secrets::mqtt_secret`]). Derived, not
 /// stored: the controller can give it again after losing its database, and an external broker
 /// can be told it again.
 pub fn node_password(secret: &[u8; 32], mesh: &str, node: &str) -> String {

@@ -34,6 +34,7 @@ use sidenet_wire::codec::sha256;
 
 use crate::reconcile::store::{NodeRecord, Store};
 use crate::spec::manifest::{ManifestSet, network_name};
+use crate::spec::openwrt::{IFNAMSIZ, PREFIX};
 
 /// Expected number of WireGuard peers a node gets on one large link.
 pub const MAX_LINK_PEERS: usize = 8;
@@ -472,9 +473,71 @@ pub fn fingerprint(inputs: String, dp: &Dataplane) -> String {
     sidenet_wire::codec::sha256_hex(&doc)
 }
 
+/// On OpenWrt (see [`crate::spec::openwrt`]), names each peer's WireGuard interface (and its UCI sections) `sidenet_` + the first 7
+/// characters of its node id. Should two peers of one node share those (a 35-bit prefix), the
+/// later one in the list takes the first free `sidenet_` + 5 characters + 2 digits, so names
+/// stay unique and at most [`IFNAMSIZ`](crate::spec::openwrt::IFNAMSIZ) long.
+pub fn name_openwrt_ifaces(peers: &mut [PeerCtx]) {
+    let mut taken: Vec<String> = Vec::new();
+    for p in peers.iter_mut() {
+        let id: String = p
+            .node
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let short = |n: usize| id.chars().take(n).collect::<String>();
+        let mut name = format!("{PREFIX}{}", short(IFNAMSIZ - PREFIX.len()));
+        let mut k = 0u32;
+        while taken.contains(&name) && k < 100 {
+            name = format!("{PREFIX}{}{k:02}", short(IFNAMSIZ - PREFIX.len() - 2));
+            k += 1;
+        }
+        taken.push(name.clone());
+        p.iface = name;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(node: &str) -> PeerCtx {
+        PeerCtx {
+            node: node.into(),
+            name: String::new(),
+            iface: iface_for(node),
+            listen_port: 0,
+            public_key: String::new(),
+            endpoint: String::new(),
+            endpoint_host: String::new(),
+            endpoint_port: 0,
+            link_local: String::new(),
+            link: String::new(),
+        }
+    }
+
+    #[test]
+    fn interface_names_are_sidenet_unique_and_short() {
+        let mut peers = vec![
+            peer("peerbbbbbbbbbbbb"),
+            peer("abcdefgzzzzzzzzz"),
+            peer("abcdefgyyyyyyyyy"),
+            peer("abcdefgxxxxxxxxx"),
+        ];
+        name_openwrt_ifaces(&mut peers);
+        let names: Vec<&str> = peers.iter().map(|p| p.iface.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "sidenet_peerbbb",
+                "sidenet_abcdefg",
+                "sidenet_abcde00",
+                "sidenet_abcde01"
+            ]
+        );
+        assert!(names.iter().all(|n| n.len() <= IFNAMSIZ));
+    }
+
     use sidenet_wire::messages::WireguardInfo;
 
     fn rec(mesh: &str, key: &str, endpoints: &[&str]) -> NodeRecord {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
-use sidenet_crds::{Band, FirmwareFamily, HardwareProfile, Mesh, NodeRole, PolicyType, PortRole};
+use sidenet_crds::{FirmwareFamily, HardwareProfile, Mesh, NodeRole, PolicyType};
 use sidenet_wire::messages::FileSpec;
 
 use crate::spec::manifest::{mesh_radio, network_name};
@@ -95,6 +95,8 @@ impl Renderer {
                 source,
             })?;
         env.set_syntax(syntax);
+        // `{{ value | uci }}`: a value in uci's single quotes, on one line (OpenWrt batches).
+        env.add_filter("uci", |v: String| crate::spec::openwrt::uci_quote(&v));
         let mut families = BTreeMap::new();
         let mut all = Vec::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -152,6 +154,16 @@ impl Renderer {
             .families
             .get(family)
             .ok_or_else(|| RenderError::NoFamily(family.to_string()))?;
+        // On OpenWrt each WireGuard link is named like the UCI sections sidenet owns.
+        let adapted;
+        let ctx = if family == FirmwareFamily::Openwrt.as_str() {
+            let mut c = ctx.clone();
+            crate::reconcile::peers::name_openwrt_ifaces(&mut c.dataplane.peers);
+            adapted = c;
+            &adapted
+        } else {
+            ctx
+        };
         let value = minijinja::Value::from(minijinja::value::Serde(ctx));
         files
             .iter()
@@ -204,8 +216,6 @@ pub struct Context {
     pub profile: ProfileCtx,
     /// The radio that carries the side-net.
     pub mesh_radio: RadioCtx,
-    /// The second radio serving the home network, if any.
-    pub ap_radio: Option<RadioCtx>,
     /// WireGuard neighbours, gateways and ports (see [`crate::reconcile::peers`]).
     pub dataplane: crate::reconcile::peers::Dataplane,
 }
@@ -221,7 +231,7 @@ pub struct MeshCtx {
     pub prefix: String,
     /// Country code.
     pub country: String,
-    /// `babel` or `batman-adv`.
+    /// `babel` (the only routing protocol).
     pub routing: String,
     /// Babel hello interval, seconds.
     pub hello_interval: u32,
@@ -268,10 +278,6 @@ pub struct ProfileCtx {
     pub firmware: String,
     /// `uname -m`.
     pub cpu_arch: String,
-    /// Uplink ports.
-    pub wan_ports: Vec<String>,
-    /// LAN ports.
-    pub lan_ports: Vec<String>,
 }
 
 /// A radio as templates see it.
@@ -291,10 +297,15 @@ pub struct RadioCtx {
     pub width: u32,
     /// HT mode.
     pub htmode: String,
+    /// Every mode of the radio for this band and width (on OpenWrt, what the owner's radio may
+    /// be set to for the mesh point to share it).
+    pub htmodes: Vec<String>,
     /// Transmit power in dBm, if set.
     pub tx_power: Option<u32>,
     /// Interface name to create for the mesh.
     pub iface: String,
+    /// Interface name of the second mesh point during a passphrase rotation's overlap.
+    pub iface_next: String,
 }
 
 /// Inputs for one node's context.
@@ -369,8 +380,18 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             radio.htmodes
         ))
     })?;
+    // The radio rule of OpenWrt routers (crate::spec::openwrt): the owner's radio is never changed.
+    if let Some((field, message)) =
+        crate::spec::openwrt::radio_rule(inp.mesh, inp.profile, inp.channel, inp.tx_power)
+            .into_iter()
+            .next()
+    {
+        return Err(RenderError::Input(format!(
+            "MeshNode {}: {field}: {message}",
+            inp.name.unwrap_or(inp.id)
+        )));
+    }
     let tx_power = inp.tx_power.map(|p| p.min(radio.max_tx_power));
-    let linux = inp.profile.spec.firmware == FirmwareFamily::Linux;
     let mesh_radio = RadioCtx {
         name: radio.name.clone(),
         path: radio.path.clone(),
@@ -379,42 +400,11 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         channel,
         width,
         htmode,
+        htmodes: crate::spec::openwrt::htmodes_for(band, width, &radio.htmodes),
         tx_power,
         iface: "mesh0".into(),
+        iface_next: "mesh1".into(),
     };
-    // The home AP: another radio with a band the mesh has channel settings for.
-    let ap_radio = inp
-        .profile
-        .spec
-        .radios
-        .iter()
-        .filter(|r| r.name != radio.name && !linux)
-        .find_map(|r| {
-            r.bands.iter().find_map(|b| {
-                let c = spec.radio.channels.get(*b)?;
-                let width = if *b == Band::TwoG {
-                    c.width.min(40)
-                } else {
-                    c.width
-                };
-                Some(RadioCtx {
-                    name: r.name.clone(),
-                    path: r.path.clone(),
-                    phy: r.phy.clone(),
-                    band: b.as_str().into(),
-                    channel: if r.channels.contains(&c.channel) {
-                        c.channel
-                    } else {
-                        *r.channels.first()?
-                    },
-                    width,
-                    htmode: regdb::htmode(*b, width, &r.htmodes)
-                        .or_else(|| regdb::htmode(*b, 20, &r.htmodes))?,
-                    tx_power: None,
-                    iface: "ap0".into(),
-                })
-            })
-        });
     let applies = |nodes: &[String]| {
         nodes.is_empty()
             || nodes
@@ -441,15 +431,6 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         .or_else(|| inp.name.and_then(sanitize_hostname))
         .or_else(|| inp.reported_hostname.and_then(sanitize_hostname))
         .unwrap_or_else(|| format!("sn-{}", &inp.id[..inp.id.len().min(8)]));
-    let ports = |role: PortRole| {
-        inp.profile
-            .spec
-            .ethernet
-            .iter()
-            .filter(|p| p.role == role)
-            .map(|p| p.name.clone())
-            .collect::<Vec<_>>()
-    };
     Ok(Context {
         mesh: MeshCtx {
             name: inp.mesh.metadata.name.clone().unwrap_or_default(),
@@ -458,7 +439,6 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             country: spec.radio.country.clone(),
             routing: match spec.routing.protocol {
                 sidenet_crds::RoutingProtocol::Babel => "babel".into(),
-                sidenet_crds::RoutingProtocol::BatmanAdv => "batman-adv".into(),
             },
             hello_interval: spec.routing.hello_interval,
             // The passphrase itself travels sealed to the node (`NodeConfig::sealed`); the agent
@@ -485,11 +465,8 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             model: inp.profile.spec.model.clone(),
             firmware: inp.profile.spec.firmware.as_str().into(),
             cpu_arch: inp.profile.spec.cpu_arch.clone(),
-            wan_ports: ports(PortRole::Wan),
-            lan_ports: ports(PortRole::Lan),
         },
         mesh_radio,
-        ap_radio,
         dataplane: crate::reconcile::peers::Dataplane::for_node(inp.id),
     })
 }

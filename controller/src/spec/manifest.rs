@@ -393,6 +393,9 @@ fn parse_file(
                         };
                         message = "missing required field".into();
                     }
+                    if let Some(m) = removed_setting(&path, e.instance()) {
+                        message = m;
+                    }
                     let field = if path.is_empty() {
                         "(document)".into()
                     } else {
@@ -536,6 +539,14 @@ fn describe_schema_error(e: &jsonschema::ValidationError<'_>) -> String {
         return format!("unknown field: {msg}");
     }
     msg
+}
+
+/// What to say about a setting sidenet no longer has (the schema alone would only list the
+/// values it has now).
+fn removed_setting(path: &str, value: &Value) -> Option<String> {
+    (path == "spec.routing.protocol" && value.as_str() == Some("batman-adv")).then(|| {
+        "\"batman-adv\" is no longer supported: it validated but could not work (Linux nodes never created bat0, OpenWrt nodes had no route for the mesh prefix); use \"babel\" (the default: babel over one WireGuard link per neighbour), or leave spec.routing.protocol out".to_string()
+    })
 }
 
 /// Checks a mesh prefix: an IPv6 ULA (fc00::/7) /48. Returns the network address.
@@ -855,6 +866,14 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                     radio.name, radio.max_tx_power
                 ),
             ));
+        }
+        // The radio rule of OpenWrt routers, for fields that passed the checks above.
+        for (field, message) in crate::spec::openwrt::check_node(mesh, profile, node) {
+            if !errors.iter().any(|e| {
+                e.object.as_deref() == Some(key.as_str()) && e.field.as_deref() == Some(field)
+            }) {
+                errors.push(err(&key, field, message));
+            }
         }
     }
 

@@ -3,4 +3,5 @@
 
 pub mod ipam;
 pub mod manifest;
+pub mod openwrt;
 pub mod regdb;

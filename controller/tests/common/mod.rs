@@ -117,6 +117,21 @@ pub fn peer_python() -> PathBuf {
     p
 }
 
+/// OpenWrt's own `uci` command-line tool, built from the libuci sources by
+/// `scripts/install-peers` into `.tools/bin/uci` (or `SIDENET_TEST_UCI`).
+pub fn uci_cli() -> PathBuf {
+    if let Ok(p) = std::env::var("SIDENET_TEST_UCI") {
+        return PathBuf::from(p);
+    }
+    let p = repo().join(".tools/bin/uci");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/install-peers once, it builds OpenWrt's uci tool",
+        p.display()
+    );
+    p
+}
+
 /// A Mosquitto broker on a free port, configured in `dir`.
 pub fn mosquitto(dir: &Path) -> (Proc, u16) {
     mosquitto_with(dir, "")
