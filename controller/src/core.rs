@@ -1496,6 +1496,10 @@ fn decide<'a>(
         Ok(p) => p,
         Err(e) => return Desired::Blocked(e),
     };
+    let radio = crate::manifest::node_radio_errors(set, mesh, id, manifest, profile);
+    if !radio.is_empty() {
+        return Desired::Blocked(crate::manifest::ManifestErrors(radio).to_string());
+    }
     let spec = manifest.map(|m| &m.spec);
     Desired::Config {
         inputs: Box::new(NodeInputs {

@@ -4,7 +4,7 @@
 //!
 //! - [`manifest`]: loading and validating `Mesh`, `MeshNode`, `HardwareProfile` and `Secret`
 //!   manifests (JSON Schema from the CRD types, then semantic checks).
-//! - [`regdb`]: channels allowed per country and band.
+//! - [`regdb`]: regulatory checks of channels, widths, DFS and tx power (wireless-regdb).
 //! - [`ipam`]: one /64 per node out of the mesh /48.
 //! - [`render`]: minijinja templates × hardware profiles → files.
 //! - [`core`]: the reconcile core (no I/O but its state store): enrolment, approval, revisions,

@@ -629,6 +629,11 @@ pub struct RadioProfile {
     /// Whether the driver supports 802.11s mesh point mode.
     #[serde(default = "yes")]
     pub mesh_point: bool,
+    /// Whether the radio can run radar detection (DFS) with the firmware and kernel the profile
+    /// targets. Channels a country's rules mark DFS (in Europe 5250-5350 and 5470-5725 MHz) are
+    /// refused on a radio without it. Default false.
+    #[serde(default)]
+    pub dfs: bool,
 }
 
 fn yes() -> bool {
