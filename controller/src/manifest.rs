@@ -938,7 +938,8 @@ pub fn node_radio_errors(
     let band = radio_spec.mesh_band;
     let pname = profile.metadata.name.clone().unwrap_or_default();
     let mesh_key = format!("Mesh/{}", mesh.metadata.name.clone().unwrap_or_default());
-    let node_key = node.map(|n| format!("MeshNode/{}", n.metadata.name.clone().unwrap_or_default()));
+    let node_key =
+        node.map(|n| format!("MeshNode/{}", n.metadata.name.clone().unwrap_or_default()));
     let mesh_field = |leaf: &str| format!("spec.radio.channels.{}.{leaf}", band.as_str());
     let Some(radio) = mesh_radio(&profile.spec, band) else {
         let message = format!(
@@ -947,7 +948,11 @@ pub fn node_radio_errors(
         );
         return vec![match node_key {
             Some(k) => at(k, "spec.hardwareProfile", message),
-            None => at(mesh_key, "spec.radio.meshBand", format!("node {id}: {message}")),
+            None => at(
+                mesh_key,
+                "spec.radio.meshBand",
+                format!("node {id}: {message}"),
+            ),
         }];
     };
     let chan = radio_spec.channels.get(band);

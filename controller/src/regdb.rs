@@ -28,7 +28,10 @@ pub fn country(code: &str) -> Option<&'static Country> {
 
 /// Every country code in the database, sorted.
 pub fn known_countries() -> Vec<&'static str> {
-    sidenet_regdb::countries().iter().map(|c| c.alpha2).collect()
+    sidenet_regdb::countries()
+        .iter()
+        .map(|c| c.alpha2)
+        .collect()
 }
 
 /// Widths (MHz) a band supports.
@@ -55,7 +58,9 @@ pub fn frequency_mhz(band: Band, channel: u32) -> Option<u32> {
                 || ((149..=177).contains(&channel) && (channel - 149).is_multiple_of(4));
             on.then_some(5000 + 5 * channel)
         }
-        Band::SixG => ((1..=233).contains(&channel) && channel % 4 == 1).then_some(5950 + 5 * channel),
+        Band::SixG => {
+            ((1..=233).contains(&channel) && channel % 4 == 1).then_some(5950 + 5 * channel)
+        }
     }
 }
 
@@ -125,7 +130,9 @@ fn channel_list(channels: &[u32]) -> String {
 /// First channels of the 5 GHz 40, 80 and 160 MHz channels (IEEE 802.11 channelisation).
 fn five_g_blocks(width: u32) -> &'static [u32] {
     match width {
-        40 => &[36, 44, 52, 60, 100, 108, 116, 124, 132, 140, 149, 157, 165, 173],
+        40 => &[
+            36, 44, 52, 60, 100, 108, 116, 124, 132, 140, 149, 157, 165, 173,
+        ],
         80 => &[36, 52, 100, 116, 132, 149, 165],
         160 => &[36, 100, 149],
         _ => &[],
@@ -311,7 +318,10 @@ pub fn check_channel(
                 ),
                 _ => format!("no rule holds it ({})", band_rules(c, band)),
             };
-            return refuse(field, format!("{what} is not allowed in {}: {why}", c.alpha2));
+            return refuse(
+                field,
+                format!("{what} is not allowed in {}: {why}", c.alpha2),
+            );
         };
         if rule.has(NO_IR) {
             return refuse(
@@ -548,7 +558,9 @@ mod tests {
     use super::*;
 
     fn chans(band: Band, channel: u32, width: u32) -> Vec<u32> {
-        block(band, channel, width).map(|b| b.channels).unwrap_or_default()
+        block(band, channel, width)
+            .map(|b| b.channels)
+            .unwrap_or_default()
     }
 
     #[test]
@@ -556,7 +568,10 @@ mod tests {
         assert_eq!(chans(Band::FiveG, 40, 40), vec![36, 40]);
         assert_eq!(chans(Band::FiveG, 140, 80), vec![132, 136, 140, 144]);
         assert_eq!(chans(Band::FiveG, 165, 80), vec![165, 169, 173, 177]);
-        assert_eq!(chans(Band::FiveG, 64, 160), (0..8).map(|k| 36 + 4 * k).collect::<Vec<_>>());
+        assert_eq!(
+            chans(Band::FiveG, 64, 160),
+            (0..8).map(|k| 36 + 4 * k).collect::<Vec<_>>()
+        );
         assert_eq!(chans(Band::FiveG, 132, 160), Vec::<u32>::new());
         assert_eq!(chans(Band::TwoG, 6, 40), vec![6, 10]);
         assert_eq!(chans(Band::TwoG, 7, 40), vec![3, 7]);
@@ -564,7 +579,10 @@ mod tests {
         assert_eq!(chans(Band::SixG, 37, 80), vec![33, 37, 41, 45]);
         assert_eq!(chans(Band::SixG, 233, 40), Vec::<u32>::new());
         let b = block(Band::FiveG, 36, 80).ok();
-        assert_eq!(b.map(|b| (b.start_mhz(), b.center_mhz(), b.end_mhz())), Some((5170, 5210, 5250)));
+        assert_eq!(
+            b.map(|b| (b.start_mhz(), b.center_mhz(), b.end_mhz())),
+            Some((5170, 5210, 5250))
+        );
         assert!(block(Band::FiveG, 38, 20).is_err());
     }
 
