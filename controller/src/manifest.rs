@@ -936,12 +936,20 @@ pub fn node_radio_errors(
     };
     let radio_spec = &mesh.spec.radio;
     let band = radio_spec.mesh_band;
-    let pname = profile.metadata.name.clone().unwrap_or_default();
+    let pname = profile.metadata.name.as_deref().unwrap_or_default();
+    let radio = mesh_radio(&profile.spec, band);
+    let issues = match radio {
+        Some(radio) => regdb::check_node(radio_spec, node.map(|n| &n.spec.overrides), pname, radio),
+        None => Vec::new(),
+    };
+    if radio.is_some() && issues.is_empty() {
+        return Vec::new();
+    }
     let mesh_key = format!("Mesh/{}", mesh.metadata.name.clone().unwrap_or_default());
     let node_key =
         node.map(|n| format!("MeshNode/{}", n.metadata.name.clone().unwrap_or_default()));
     let mesh_field = |leaf: &str| format!("spec.radio.channels.{}.{leaf}", band.as_str());
-    let Some(radio) = mesh_radio(&profile.spec, band) else {
+    if radio.is_none() {
         let message = format!(
             "HardwareProfile/{pname} has no radio that can run an 802.11s mesh on {}",
             band.as_str()
@@ -954,9 +962,9 @@ pub fn node_radio_errors(
                 format!("node {id}: {message}"),
             ),
         }];
-    };
+    }
     let chan = radio_spec.channels.get(band);
-    regdb::check_node(radio_spec, node.map(|n| &n.spec.overrides), &pname, radio)
+    issues
         .into_iter()
         .map(|i| match (i.about, &node_key) {
             (regdb::About::OverrideChannel, Some(k)) => {

@@ -288,22 +288,26 @@ pub fn check_channel(
     let mut indoor_only = false;
     let mut limit: Option<Rule> = None;
     // The primary channel first: its problems are the channel's, the others' the width's.
-    let mut order = vec![channel];
-    order.extend(block.channels.iter().filter(|c| **c != channel));
-    for ch in order {
-        let (field, prefix) = if ch == channel {
-            (Field::Channel, String::new())
+    // Messages are only formatted for a refusal (the reconcile checks every node each time).
+    let others = block.channels.iter().copied().filter(|c| *c != channel);
+    for ch in std::iter::once(channel).chain(others) {
+        let field = if ch == channel {
+            Field::Channel
         } else {
-            (
-                Field::Width,
+            Field::Width
+        };
+        let f = frequency_mhz(band, ch).unwrap_or_default();
+        let what = || {
+            let prefix = if ch == channel {
+                String::new()
+            } else {
                 format!(
                     "{width} MHz on channel {channel} covers {}, and ",
                     block.describe()
-                ),
-            )
+                )
+            };
+            format!("{prefix}channel {ch} ({}-{} MHz)", f - 10, f + 10)
         };
-        let f = frequency_mhz(band, ch).unwrap_or_default();
-        let what = format!("{prefix}channel {ch} ({}-{} MHz)", f - 10, f + 10);
         let (lo, hi) = ((f - 10) * 1000, (f + 10) * 1000);
         let Some((i, rule)) = c.rule_containing(lo, hi) else {
             let below = c.rules.iter().find(|r| r.start_khz <= lo && lo < r.end_khz);
@@ -320,14 +324,15 @@ pub fn check_channel(
             };
             return refuse(
                 field,
-                format!("{what} is not allowed in {}: {why}", c.alpha2),
+                format!("{} is not allowed in {}: {why}", what(), c.alpha2),
             );
         };
         if rule.has(NO_IR) {
             return refuse(
                 field,
                 format!(
-                    "{what} is no-initiate-radiation in {} (rule {}): a mesh point may not start transmitting there",
+                    "{} is no-initiate-radiation in {} (rule {}): a mesh point may not start transmitting there",
+                    what(),
                     c.alpha2,
                     describe(rule)
                 ),
@@ -337,7 +342,8 @@ pub fn check_channel(
             return refuse(
                 field,
                 format!(
-                    "{what} allows only 802.11b in {} (rule {}); the mesh needs OFDM",
+                    "{} allows only 802.11b in {} (rule {}); the mesh needs OFDM",
+                    what(),
                     c.alpha2,
                     describe(rule)
                 ),
@@ -348,7 +354,8 @@ pub fn check_channel(
             return refuse(
                 Field::Width,
                 format!(
-                    "{what} allows at most {} MHz in {} (rule {}), not {width} MHz",
+                    "{} allows at most {} MHz in {} (rule {}), not {width} MHz",
+                    what(),
                     mhz(max_bw),
                     c.alpha2,
                     describe(rule)
@@ -453,11 +460,11 @@ pub fn check_node(
         About::MeshChannel
     };
     let channel = override_channel.unwrap_or(spec.channel);
-    let radio_name = format!("radio {} of HardwareProfile/{profile}", radio.name);
+    let radio_name = || format!("radio {} of HardwareProfile/{profile}", radio.name);
     let allowed = if !radio.channels.contains(&channel) {
         issue(
             channel_about,
-            format!("channel {channel} is not supported by {radio_name}"),
+            format!("channel {channel} is not supported by {}", radio_name()),
         );
         None
     } else {
@@ -483,9 +490,10 @@ pub fn check_node(
             issue(
                 About::MeshWidth,
                 format!(
-                    "{} MHz on channel {channel} covers {}, and {radio_name} does not support {}",
+                    "{} MHz on channel {channel} covers {}, and {} does not support {}",
                     spec.width,
                     a.block.describe(),
+                    radio_name(),
                     channel_list(&missing)
                 ),
             );
@@ -493,7 +501,8 @@ pub fn check_node(
             issue(
                 About::MeshWidth,
                 format!(
-                    "{radio_name} supports no mode for {} MHz on {} (has {})",
+                    "{} supports no mode for {} MHz on {} (has {})",
+                    radio_name(),
                     spec.width,
                     band.as_str(),
                     radio.htmodes.join(", ")
@@ -504,10 +513,11 @@ pub fn check_node(
             issue(
                 channel_about,
                 format!(
-                    "{} need{} radar detection (DFS) in {}, and {radio_name} cannot do it (dfs: false)",
+                    "{} need{} radar detection (DFS) in {}, and {} cannot do it (dfs: false)",
                     channel_list(&a.dfs_channels),
                     if a.dfs_channels.len() == 1 { "s" } else { "" },
-                    a.country.alpha2
+                    a.country.alpha2,
+                    radio_name()
                 ),
             );
         }
