@@ -11,7 +11,8 @@
 //! 0. base: [`time`] (Unix time, RFC 3339 through jiff), [`random`] (randomness from the OS).
 //! 1. [`spec`]: what the admin wrote. [`spec::manifest`] loads and validates `Mesh`, `MeshNode`,
 //!    `HardwareProfile`, `NodeProvision` and `Secret` manifests (JSON Schema from the CRD
-//!    types, then semantic checks); [`spec::regdb`] the channels allowed per country;
+//!    types, then semantic checks); [`spec::regdb`] the regulatory checks of channels, widths, DFS and tx power
+//!    (wireless-regdb);
 //!    [`spec::ipam`] one /64 per node out of the mesh /48; [`spec::openwrt`] the rules of a
 //!    guest on an OpenWrt household router (`sidenet_*` sections only, the radio rule).
 //! 2. [`reconcile`]: the pure reconcile core, no I/O but its state store. [`reconcile::model`]

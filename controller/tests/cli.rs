@@ -146,8 +146,11 @@ fn render_prints_the_files_for_people_and_json_for_scripts() {
         String::from_utf8(out.stdout).unwrap()
     };
     let text = run(&[]);
-    assert!(text.contains("==> etc/config/wireless (mode 6"), "{text}");
-    assert!(text.contains("config wifi-iface"), "{text}");
+    assert!(
+        text.contains("==> etc/sidenet/uci/wireless (mode 6"),
+        "{text}"
+    );
+    assert!(text.contains("=wifi-iface"), "{text}");
     let json: serde_json::Value = serde_json::from_str(&run(&["-o", "json"])).unwrap();
     assert!(json["files"].as_array().is_some_and(|f| !f.is_empty()));
 }

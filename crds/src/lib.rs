@@ -97,7 +97,8 @@ pub struct MeshSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RadioSpec {
-    /// ISO 3166-1 alpha-2 country code, which sets the regulatory domain (e.g. DE, US, GB).
+    /// ISO 3166-1 alpha-2 country code, which sets the regulatory domain (e.g. DE, US, GB): any
+    /// country of the Linux wireless-regdb, whose rules the channels and widths must follow.
     pub country: String,
     /// The band the mesh (802.11s) interface uses.
     pub mesh_band: Band,
@@ -449,11 +450,12 @@ impl NodeRole {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeOverrides {
-    /// Mesh radio channel for this node (must be supported by its radio and allowed in the
-    /// mesh's country).
+    /// Mesh radio channel for this node (must be supported by its radio and allowed, at the
+    /// mesh's width, in the mesh's country).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<u32>,
-    /// Mesh radio transmit power in dBm (at most the radio's maximum).
+    /// Mesh radio transmit power in dBm (at most the radio's maximum and the country's EIRP limit
+    /// for the channel; antenna gain is not added).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_power: Option<u32>,
     /// Hostname (a DNS label). Defaults to the MeshNode name or the name the node reported.
@@ -630,6 +632,11 @@ pub struct RadioProfile {
     /// Whether the driver supports 802.11s mesh point mode.
     #[serde(default = "yes")]
     pub mesh_point: bool,
+    /// Whether the radio can run radar detection (DFS) with the firmware and kernel the profile
+    /// targets. Channels a country's rules mark DFS (in Europe 5250-5350 and 5470-5725 MHz) are
+    /// refused on a radio without it. Default false.
+    #[serde(default)]
+    pub dfs: bool,
 }
 
 fn yes() -> bool {

@@ -618,47 +618,8 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
             errors.push(err(&key, "spec.prefix", e));
         }
         let radio = &mesh.spec.radio;
-        if !regdb::is_known(&radio.country) {
-            errors.push(err(
-                &key,
-                "spec.radio.country",
-                format!(
-                    "{:?} is not in the regulatory table; known: {}",
-                    radio.country,
-                    regdb::known_countries().join(", ")
-                ),
-            ));
-        } else {
-            for band in [Band::TwoG, Band::FiveG, Band::SixG] {
-                let Some(ch) = radio.channels.get(band) else {
-                    continue;
-                };
-                let field = format!("spec.radio.channels.{}", band.as_str());
-                if regdb::channel_allowed(&radio.country, band, ch.channel) == Some(false) {
-                    errors.push(err(
-                        &key,
-                        &format!("{field}.channel"),
-                        format!(
-                            "channel {} is not allowed on {} in {}",
-                            ch.channel,
-                            band.as_str(),
-                            radio.country
-                        ),
-                    ));
-                }
-                if !regdb::widths(band).contains(&ch.width) {
-                    errors.push(err(
-                        &key,
-                        &format!("{field}.width"),
-                        format!(
-                            "width {} MHz is not possible on {}; expected one of {:?}",
-                            ch.width,
-                            band.as_str(),
-                            regdb::widths(band)
-                        ),
-                    ));
-                }
-            }
+        for (field, message) in regdb::check_mesh_radio(radio) {
+            errors.push(err(&key, &field, message));
         }
         if radio.channels.get(radio.mesh_band).is_none() {
             errors.push(err(
@@ -819,54 +780,7 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
             },
         };
         let Some(profile) = profile else { continue };
-        let band = mesh.spec.radio.mesh_band;
-        let Some(radio) = mesh_radio(&profile.spec, band) else {
-            errors.push(err(
-                &key,
-                "spec.hardwareProfile",
-                format!(
-                    "HardwareProfile/{} has no radio that can run an 802.11s mesh on {}",
-                    profile.metadata.name.clone().unwrap_or_default(),
-                    band.as_str()
-                ),
-            ));
-            continue;
-        };
-        if let Some(ch) = node.spec.overrides.channel {
-            if !radio.channels.contains(&ch) {
-                errors.push(err(
-                    &key,
-                    "spec.overrides.channel",
-                    format!(
-                        "channel {ch} is not supported by radio {} of HardwareProfile/{}",
-                        radio.name,
-                        profile.metadata.name.clone().unwrap_or_default()
-                    ),
-                ));
-            } else if regdb::channel_allowed(&mesh.spec.radio.country, band, ch) == Some(false) {
-                errors.push(err(
-                    &key,
-                    "spec.overrides.channel",
-                    format!(
-                        "channel {ch} is not allowed on {} in {}",
-                        band.as_str(),
-                        mesh.spec.radio.country
-                    ),
-                ));
-            }
-        }
-        if let Some(p) = node.spec.overrides.tx_power
-            && p > radio.max_tx_power
-        {
-            errors.push(err(
-                &key,
-                "spec.overrides.txPower",
-                format!(
-                    "{p} dBm is above the maximum of radio {} ({} dBm)",
-                    radio.name, radio.max_tx_power
-                ),
-            ));
-        }
+        errors.extend(node_radio_errors(set, mesh, id, Some(node), profile));
         // The radio rule of OpenWrt routers, for fields that passed the checks above.
         for (field, message) in crate::spec::openwrt::check_node(mesh, profile, node) {
             if !errors.iter().any(|e| {
@@ -1000,6 +914,94 @@ fn check_profile(p: &HardwareProfileSpec, report: &mut dyn FnMut(&str, String)) 
             );
         }
     }
+}
+
+/// The radio problems of node `id` of `mesh` on `profile` ([`regdb::check_node`]: the channel
+/// and width on its mesh radio, radar detection, its overrides), as errors on its MeshNode
+/// document when there is one, else on the Mesh document. `validate` and the reconcile (before
+/// rendering a node) both call this, so they give the same verdict.
+pub fn node_radio_errors(
+    set: &ManifestSet,
+    mesh: &Mesh,
+    id: &str,
+    node: Option<&MeshNode>,
+    profile: &HardwareProfile,
+) -> Vec<ManifestError> {
+    let at = |key: String, field: &str, message: String| {
+        let src = set.sources.get(&key).cloned().unwrap_or(Source {
+            file: PathBuf::new(),
+            doc: 0,
+        });
+        ManifestError {
+            file: src.file,
+            doc: src.doc,
+            line: None,
+            object: Some(key),
+            field: Some(field.to_string()),
+            message,
+        }
+    };
+    let radio_spec = &mesh.spec.radio;
+    let band = radio_spec.mesh_band;
+    let pname = profile.metadata.name.as_deref().unwrap_or_default();
+    let radio = mesh_radio(&profile.spec, band);
+    let issues = match radio {
+        Some(radio) => regdb::check_node(radio_spec, node.map(|n| &n.spec.overrides), pname, radio),
+        None => Vec::new(),
+    };
+    if radio.is_some() && issues.is_empty() {
+        return Vec::new();
+    }
+    let mesh_key = format!("Mesh/{}", mesh.metadata.name.clone().unwrap_or_default());
+    let node_key =
+        node.map(|n| format!("MeshNode/{}", n.metadata.name.clone().unwrap_or_default()));
+    let mesh_field = |leaf: &str| format!("spec.radio.channels.{}.{leaf}", band.as_str());
+    if radio.is_none() {
+        let message = format!(
+            "HardwareProfile/{pname} has no radio that can run an 802.11s mesh on {}",
+            band.as_str()
+        );
+        return vec![match node_key {
+            Some(k) => at(k, "spec.hardwareProfile", message),
+            None => at(
+                mesh_key,
+                "spec.radio.meshBand",
+                format!("node {id}: {message}"),
+            ),
+        }];
+    }
+    let chan = radio_spec.channels.get(band);
+    issues
+        .into_iter()
+        .map(|i| match (i.about, &node_key) {
+            (regdb::About::OverrideChannel, Some(k)) => {
+                at(k.clone(), "spec.overrides.channel", i.message)
+            }
+            (regdb::About::OverrideTxPower, Some(k)) => {
+                at(k.clone(), "spec.overrides.txPower", i.message)
+            }
+            (_, Some(k)) => at(
+                k.clone(),
+                "spec.hardwareProfile",
+                format!(
+                    "{} ({mesh_key} sets spec.radio.channels.{}: channel {}, width {} MHz)",
+                    i.message,
+                    band.as_str(),
+                    chan.map_or(0, |c| c.channel),
+                    chan.map_or(0, |c| c.width)
+                ),
+            ),
+            (about, None) => at(
+                mesh_key.clone(),
+                &mesh_field(if about == regdb::About::MeshWidth {
+                    "width"
+                } else {
+                    "channel"
+                }),
+                format!("node {id} (HardwareProfile/{pname}): {}", i.message),
+            ),
+        })
+        .collect()
 }
 
 /// The radio that carries the mesh on `band`: the first 802.11s-capable radio on that band.

@@ -387,6 +387,10 @@ pub(super) fn decide<'a>(
         Ok(p) => p,
         Err(e) => return Desired::Blocked(e),
     };
+    let radio = crate::spec::manifest::node_radio_errors(set, mesh, id, manifest, profile);
+    if !radio.is_empty() {
+        return Desired::Blocked(crate::spec::manifest::ManifestErrors(radio).to_string());
+    }
     let spec = manifest.map(|m| &m.spec);
     Desired::Config {
         inputs: Box::new(NodeInputs {
