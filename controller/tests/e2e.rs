@@ -888,7 +888,9 @@ fn nodes_log_in_with_their_own_broker_password() {
     m.wait_rev(0, 3);
     m.wait_rev(1, 3);
     assert_channel(&m, 52);
-    // Removing alpha revokes its credentials (durably) and clears its retained config.
+    // Removing alpha revokes its credentials (durably) and clears its retained config. Alpha
+    // is stopped first: nothing of it may publish or subscribe while its removal is checked.
+    m.agents[0].proc.kill();
     match admin::call(
         &m.state(),
         &Request::Remove {
@@ -900,11 +902,11 @@ fn nodes_log_in_with_their_own_broker_password() {
         Response::Removed { node, .. } => assert_eq!(node, alpha),
         other => panic!("{other:?}"),
     }
-    m.agents[0].proc.kill();
     assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);
     // Alpha's id (now without credentials) subscribes to its config, then to the announcement:
-    // a retained config would arrive first.
-    {
+    // a retained config would arrive first. The controller publishes the empty retained
+    // message that clears it right after answering `remove`, so this polls for it.
+    let first_topic = || {
         use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
         let cfg = format!("sidenet/v1/riverside/nodes/{alpha}/config");
         let (client, mut conn) = Client::new(MqttOptions::new(&alpha, "127.0.0.1", m.port), 10);
@@ -919,9 +921,15 @@ fn nodes_log_in_with_their_own_broker_password() {
                 _ => None,
             })
             .unwrap();
-        assert_ne!(first, cfg, "alpha's config is still retained");
         let _ = client.disconnect();
-    }
+        (first != cfg).then_some(())
+    };
+    wait_for(
+        "alpha's retained config to be cleared",
+        WAIT,
+        first_topic,
+        || m.logs(),
+    );
     m.ctl.as_mut().unwrap().kill();
     m.start_controller();
     assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);
