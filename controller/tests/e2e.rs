@@ -197,10 +197,15 @@ impl Mesh {
         admin::call(&self.state(), &Request::Status).unwrap()
     }
 
+    /// Edits the mesh manifest in one step (written beside it, then renamed over it): the
+    /// controller polls the folder every 100 ms and would otherwise read it half-written (seen
+    /// under load as a reload with no mesh, then one with the new text).
     fn set_mesh(&self, edit: impl Fn(String) -> String) {
         let p = self.path("manifests/mesh.yaml");
         let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, edit(text)).unwrap();
+        let tmp = self.path("mesh.yaml.new");
+        std::fs::write(&tmp, edit(text)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
     }
 
     fn wait_rev(&self, i: usize, rev: u64) {
