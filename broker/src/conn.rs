@@ -73,9 +73,13 @@ pub(crate) async fn serve<A: Authorizer, S: Stream>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut rbuf = BytesMut::with_capacity(512);
-    let max_packet = core.config.max_packet_size;
+    // Before CONNECT nobody is known: the first packet gets the small limit.
+    let max_first = core
+        .config
+        .max_connect_packet_size
+        .min(core.config.max_packet_size);
     let first = tokio::select! {
-        r = tokio::time::timeout(core.config.connect_timeout, read_packet(&mut stream, &mut rbuf, max_packet)) => r,
+        r = tokio::time::timeout(core.config.connect_timeout, read_packet(&mut stream, &mut rbuf, max_first)) => r,
         _ = shutdown.changed() => return,
     };
     let connect = match first {
@@ -134,8 +138,7 @@ pub(crate) async fn serve<A: Authorizer, S: Stream>(
         bytes: core.config.max_queued_bytes,
     });
     let (outbox, rx) = Outbox::new(limits);
-    core.register(conn, &connect.client_id, outbox.clone());
-    core.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let registered = Registered::new(&core, conn, &connect.client_id, outbox.clone());
     core.stats.connects_total.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, client_id = %connect.client_id, "connected");
 
@@ -154,11 +157,32 @@ pub(crate) async fn serve<A: Authorizer, S: Stream>(
     };
     codec::connack(&mut session.wbuf, false, 0);
     let end = session.run(stream, rbuf, &connect, &mut shutdown).await;
-    core.unregister(conn);
-    core.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(registered);
     tracing::debug!(%peer, client_id = %connect.client_id, "disconnected: {end:?}");
     if let (End::Abrupt(_), Some(will)) = (end, connect.will) {
         session.publish_will(will);
+    }
+}
+
+/// A connected client in the session table and in [`crate::Stats::connections`]; dropping it
+/// removes both, however the connection's task ends (returns, panics, or is aborted).
+struct Registered<'a> {
+    core: &'a Core,
+    conn: u64,
+}
+
+impl<'a> Registered<'a> {
+    fn new(core: &'a Core, conn: u64, client_id: &str, outbox: Arc<Outbox>) -> Self {
+        core.register(conn, client_id, outbox);
+        core.stats.connections.fetch_add(1, Ordering::Relaxed);
+        Self { core, conn }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.core.unregister(self.conn);
+        self.core.stats.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -271,16 +295,22 @@ impl<A: Authorizer> Session<'_, A> {
                         Err(_) => return End::Abrupt("read failed"),
                         Ok(_) => {}
                     }
-                    if let Some(k) = keepalive {
-                        expiry.as_mut().reset(Instant::now() + k);
-                    }
-                    if let Err(end) = self.handle_buffered(&mut rbuf) {
-                        if end == End::Clean {
-                            // Flush what is owed (acks) before closing; best effort.
-                            let _ = wr.write_all(&self.wbuf).await;
-                            let _ = wr.flush().await;
+                    match self.handle_buffered(&mut rbuf) {
+                        // Only a complete packet counts as the client being alive
+                        // (MQTT-3.1.2-24): a client trickling bytes of one packet is not.
+                        Ok(n) => {
+                            if let (Some(k), true) = (keepalive, n > 0) {
+                                expiry.as_mut().reset(Instant::now() + k);
+                            }
                         }
-                        return end;
+                        Err(end) => {
+                            if end == End::Clean {
+                                // Flush what is owed (acks) before closing; best effort.
+                                let _ = wr.write_all(&self.wbuf).await;
+                                let _ = wr.flush().await;
+                            }
+                            return end;
+                        }
                     }
                     if rbuf.is_empty() && rbuf.capacity() > 4096 {
                         // Do not keep a large buffer per idle connection after one big packet.
@@ -351,18 +381,21 @@ impl<A: Authorizer> Session<'_, A> {
         }
     }
 
-    /// Handles every whole packet in the read buffer. `Err` ends the connection.
-    fn handle_buffered(&mut self, rbuf: &mut BytesMut) -> Result<(), End> {
+    /// Handles every whole packet in the read buffer and returns how many there were. `Err`
+    /// ends the connection.
+    fn handle_buffered(&mut self, rbuf: &mut BytesMut) -> Result<usize, End> {
+        let mut n = 0;
         loop {
             let packet = match codec::decode(rbuf, self.core.config.max_packet_size) {
                 Ok(Some(p)) => p,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(n),
                 Err(e) => {
                     tracing::debug!(conn = self.conn, "protocol error: {e}");
                     return Err(End::Abrupt("protocol error"));
                 }
             };
             self.handle(packet)?;
+            n += 1;
         }
     }
 

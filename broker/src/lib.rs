@@ -32,8 +32,10 @@
 //! - Last will: published when a connection ends without DISCONNECT — socket closed or failed,
 //!   keepalive expired, protocol error, [`BrokerHandle::kick`], outgoing queue overflow — and
 //!   only if [`Authorizer::may_publish`] allows its topic. Not on takeover or broker shutdown.
-//! - Keepalive: a client silent for 1.5 × its keepalive is disconnected (0 = no keepalive). A
-//!   client must send CONNECT within [`Config::connect_timeout`].
+//! - Keepalive: a client that sends no complete packet for 1.5 × its keepalive is disconnected
+//!   (0 = no keepalive). Only a complete packet restarts the timer (MQTT-3.1.2-24): a client
+//!   trickling the bytes of one packet is disconnected like a silent one. A client must send
+//!   CONNECT within [`Config::connect_timeout`].
 //! - PUBLISH QoS 0 and 1 both ways (PUBACK). QoS 2 from a client is accepted (PUBREC, PUBREL,
 //!   PUBCOMP; a resent packet id is routed once) and delivered onward at QoS 1; a QoS 2
 //!   subscription is granted QoS 1. Delivery QoS is the lower of publish and subscription.
@@ -47,8 +49,14 @@
 //! - UNSUBSCRIBE, PINGREQ, DISCONNECT.
 //! - Topic names with `+`, `#` or NUL, and strings that are not UTF-8, close the connection
 //!   (protocol error). A packet over [`Config::max_packet_size`] closes the connection as soon as
-//!   its fixed header is read, before its body is buffered.
-//! - [`Config::max_connections`]: sockets beyond it are closed right after accept.
+//!   its fixed header is read, before its body is buffered. Before CONNECT the limit is
+//!   [`Config::max_connect_packet_size`] (4 KiB by default): a socket announcing a larger first
+//!   packet is closed at once, so an unauthenticated socket buffers at most that much.
+//! - [`Config::max_connections`]: sockets (connected or not yet) beyond it are closed right after
+//!   accept, logged as a warning at most once a minute with the count. The socket count and the
+//!   connected-client count are released by guards when a connection's task ends, whether it
+//!   returns, panics or is aborted. A host process sets the limit below its open-file limit with
+//!   [`limits`].
 //! - Bounded outgoing queue per client ([`Config::max_queued_messages`],
 //!   [`Config::max_queued_bytes`], or [`Authorizer::queue_limits`]): while a client does not read,
 //!   messages wait in its queue; when it is full a QoS 0 message for it is dropped (counted in
@@ -85,10 +93,16 @@
 //!   outbox.
 //! - `conn.rs` — one connection: handshake, read/write loop, keepalive, will.
 //! - `tls.rs` — TLS server settings from PEM files.
+//! - `limits.rs` — the process's open-file limit and the connection cap below it.
+//! - `fuzzing.rs` (hidden) — the body of the codec's fuzz target, shared with the corpus replay
+//!   test.
 
 pub mod auth;
 pub mod codec;
 mod conn;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod limits;
 mod router;
 pub mod tls;
 pub mod topic;
@@ -104,13 +118,22 @@ use tokio::task::JoinSet;
 
 pub use auth::{AllowAll, Authorizer, QueueLimits, Refusal};
 
+/// Default of [`Config::max_connect_packet_size`]: 4 KiB. A CONNECT carries a client id, a
+/// will, a user name and a password; sidenet's are under 500 bytes.
+pub const DEFAULT_MAX_CONNECT_PACKET: usize = 4096;
+
 /// Broker settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Open client sockets at most; more are closed right after accept.
+    /// Open client sockets at most (connected or still in the handshake); more are closed right
+    /// after accept. Keep it below the process's open-file limit ([`limits::connection_cap`]).
     pub max_connections: usize,
     /// Largest packet accepted from a client, fixed header included.
     pub max_packet_size: usize,
+    /// Largest first packet (the CONNECT) accepted from a new socket, fixed header included: a
+    /// larger one closes the socket as soon as its fixed header is read. Capped by
+    /// `max_packet_size`.
+    pub max_connect_packet_size: usize,
     /// Time a new socket has to send CONNECT.
     pub connect_timeout: Duration,
     /// Time a new socket on a TLS listener has to complete the TLS handshake (then
@@ -132,6 +155,7 @@ impl Default for Config {
         Self {
             max_connections: 20_000,
             max_packet_size: 1024 * 1024,
+            max_connect_packet_size: DEFAULT_MAX_CONNECT_PACKET,
             connect_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             strict_client_ids: true,
@@ -230,6 +254,7 @@ impl<A: Authorizer> Broker<A> {
         let core = &self.core;
         // The listener polled first takes turns, so a storm on one cannot starve the other.
         let mut first = 0usize;
+        let mut limit_log = LimitLog::default();
         loop {
             let accept = std::future::poll_fn(|cx| {
                 let n = listeners.len();
@@ -246,17 +271,19 @@ impl<A: Authorizer> Broker<A> {
                 (i, accepted) = accept => match accepted {
                     Ok((stream, peer)) => {
                         first = first.wrapping_add(1);
-                        if core.stats.sockets.load(Ordering::Relaxed) >= core.config.max_connections {
+                        let Some(slot) = SocketSlot::take(core) else {
                             core.stats.refused_connects.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!("connection limit reached; closing a new socket");
+                            limit_log.hit(core.config.max_connections);
                             drop(stream);
                             continue;
-                        }
+                        };
                         let _ = stream.set_nodelay(true);
-                        core.stats.sockets.fetch_add(1, Ordering::Relaxed);
                         let (core, auth, stop) = (core.clone(), self.auth.clone(), stop_rx.clone());
                         let tls = listeners[i].tls.clone();
                         tasks.spawn(async move {
+                            // Counted until this task ends, however it ends (returns, panics, or
+                            // is aborted with the broker).
+                            let _slot = slot;
                             let peer = peer.to_string();
                             match tls {
                                 None => conn::serve(core.clone(), auth, stream, peer, stop).await,
@@ -266,7 +293,6 @@ impl<A: Authorizer> Broker<A> {
                                     }
                                 }
                             }
-                            core.stats.sockets.fetch_sub(1, Ordering::Relaxed);
                         });
                     }
                     Err(e) => {
@@ -284,6 +310,54 @@ impl<A: Authorizer> Broker<A> {
         }
         let _ = stop_tx.send(true);
         while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One open socket in [`Stats::sockets`], released when dropped.
+struct SocketSlot(Arc<router::Core>);
+
+impl SocketSlot {
+    /// A slot if fewer than [`Config::max_connections`] sockets are open. (Only the accept loop
+    /// takes slots, so the check and the increment cannot race.)
+    fn take(core: &Arc<router::Core>) -> Option<Self> {
+        if core.stats.sockets.load(Ordering::Relaxed) >= core.config.max_connections {
+            return None;
+        }
+        core.stats.sockets.fetch_add(1, Ordering::Relaxed);
+        Some(Self(core.clone()))
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.stats.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Logs sockets closed at the connection limit: the first one at once, then at most one line
+/// a minute with the count since the last line.
+#[derive(Default)]
+struct LimitLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl LimitLog {
+    fn hit(&mut self, max: usize) {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(60))
+        {
+            return;
+        }
+        tracing::warn!(
+            "connection limit of {max} sockets reached: closed {} new socket(s) right after accept",
+            self.unlogged
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
     }
 }
 

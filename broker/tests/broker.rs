@@ -858,3 +858,152 @@ mod serde_like {
         Line(s.trim().to_string())
     }
 }
+
+/// Before CONNECT a socket may send at most `max_connect_packet_size` (4 KiB by default): a
+/// larger first packet is refused as soon as its fixed header arrives, long before the CONNECT
+/// timeout. A CONNECT of exactly 4 KiB is accepted, and after CONNECT the normal limit applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_packet_before_connect_is_refused_at_once() {
+    let b = start(Config {
+        connect_timeout: Duration::from_secs(60),
+        ..Config::default()
+    })
+    .await;
+    assert_eq!(sidenet_broker::DEFAULT_MAX_CONNECT_PACKET, 4096);
+    let h = b.handle.clone();
+    // Only the fixed header of a 5,003-byte CONNECT (remaining length 5,000).
+    let mut raw = Raw::open(b.port()).await;
+    let t0 = std::time::Instant::now();
+    raw.send(&[0x10, 0x88, 0x27]).await;
+    raw.closed().await;
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    until("the refused socket released", || h.stats().sockets == 0).await;
+
+    // A CONNECT of exactly 4,096 bytes (a long password) is accepted; one byte more is not.
+    let connect_of = |size: usize| {
+        let base = RawConnect {
+            id: b"pw",
+            user: Some(("u", b"")),
+            ..Default::default()
+        }
+        .bytes()
+        .len();
+        // Header grows from 2 to 3 bytes once the remaining length passes 127.
+        let pad = size - base - 1;
+        let password = vec![b'p'; pad];
+        let bytes = RawConnect {
+            id: b"pw",
+            user: Some(("u", &password)),
+            ..Default::default()
+        }
+        .bytes();
+        assert_eq!(bytes.len(), size);
+        bytes
+    };
+    let mut ok = Raw::open(b.port()).await;
+    ok.send(&connect_of(4096)).await;
+    let (first, body) = ok.read().await.expect("CONNACK");
+    assert_eq!((first, body[1]), (0x20, 0));
+    let mut over = Raw::open(b.port()).await;
+    over.send(&connect_of(4097)).await;
+    over.closed().await;
+
+    // Connected, a 64 KiB publish is fine (the limit after CONNECT is max_packet_size).
+    assert_eq!(ok.subscribe("big", 0).await, 0);
+    ok.publish("big", &vec![7u8; 64 * 1024], false).await;
+    let (first, body) = ok.read().await.expect("the 64 KiB publish back");
+    assert_eq!(first & 0xf0, 0x30);
+    assert_eq!(body.len(), 2 + 3 + 64 * 1024);
+    b.stop().await;
+}
+
+/// Only complete packets keep a connection alive (MQTT-3.1.2-24): a client that trickles one
+/// byte of a packet every 100 ms after CONNECT (keepalive 1 s) is disconnected 1.5 s after its
+/// last complete packet, and its will is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_after_connect_is_dropped_after_one_and_a_half_keepalives() {
+    let b = start(Config::default()).await;
+    let h = b.handle.clone();
+    let mut watcher = Client::connect("watcher", b.port()).await;
+    watcher.subscribe("will/slow", QoS::AtMostOnce).await;
+    let (mut slow, code) = Raw::connect(
+        b.port(),
+        &RawConnect {
+            id: b"slow",
+            keep_alive: 1,
+            will: Some(("will/slow", b"gone", 0, false)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code, 0);
+    // The last complete packet the broker saw is the CONNECT, before this instant.
+    let t0 = std::time::Instant::now();
+    // A PUBLISH of 1,000 bytes, sent one byte per tick: it never completes in time.
+    let mut packet = vec![0x30, 0xe8, 0x07];
+    packet.extend(std::iter::repeat_n(b'x', 1000));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut bytes = packet.iter();
+    let mut buf = [0u8; 64];
+    let closed_after = within("the slowloris to be disconnected", async {
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(byte) = bytes.next() else { panic!("the whole packet went out") };
+                    if tokio::io::AsyncWriteExt::write_all(&mut slow.stream, &[*byte]).await.is_err() {
+                        return t0.elapsed();
+                    }
+                }
+                r = tokio::io::AsyncReadExt::read(&mut slow.stream, &mut buf) => match r {
+                    Ok(0) | Err(_) => return t0.elapsed(),
+                    Ok(_) => panic!("unexpected bytes from the broker"),
+                },
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed_after >= Duration::from_millis(1400),
+        "closed after {closed_after:?}, before 1.5 x keepalive"
+    );
+    assert!(
+        closed_after < Duration::from_secs(6),
+        "closed after {closed_after:?}"
+    );
+    let will = watcher.publish_in().await;
+    assert_eq!(
+        (will.topic.as_str(), &will.payload[..]),
+        ("will/slow", &b"gone"[..])
+    );
+    until("the slowloris gone", || h.stats().connections == 1).await;
+    b.stop().await;
+}
+
+/// The socket and connection counters and the session table are released by guards: when the
+/// broker's task is aborted mid-flight (its connection tasks are dropped, not returned), the
+/// counts go back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_released_when_connection_tasks_are_dropped() {
+    let b = start(Config::default()).await;
+    let h = b.handle.clone();
+    let mut clients = Vec::new();
+    for id in ["c1", "c2", "c3"] {
+        let mut c = Client::connect(id, b.port()).await;
+        c.subscribe(&format!("t/{id}"), QoS::AtLeastOnce).await;
+        clients.push(c);
+    }
+    // Two sockets that never send CONNECT.
+    let _idle = [Raw::open(b.port()).await, Raw::open(b.port()).await];
+    until("5 sockets, 3 connections, 3 subscriptions", || {
+        let s = h.stats();
+        (s.sockets, s.connections, s.subscriptions) == (5, 3, 3)
+    })
+    .await;
+    b.abort().await;
+    until("every counter released", || {
+        let s = h.stats();
+        (s.sockets, s.connections, s.subscriptions) == (0, 0, 0)
+    })
+    .await;
+}

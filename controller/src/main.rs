@@ -85,7 +85,8 @@ enum Mode {
         /// How often to check the manifest folder, in milliseconds.
         #[arg(long, env = "SIDENET_POLL_MS", default_value_t = 1000)]
         poll_ms: u64,
-        /// Connection limit of the embedded broker.
+        /// Connection limit of the embedded broker; lowered at start to the open-file limit
+        /// minus the files open minus 256 if that is less (logged; docs/security.md).
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
         /// Agent binaries for `NodeProvision` manifests, one folder per architecture:
@@ -152,7 +153,8 @@ enum Mode {
         /// Folder for the state cache (rebuilt from the cluster at every start).
         #[arg(long, env = "SIDENET_CACHE_DIR", default_value = "/tmp/sidenet-cache")]
         cache_dir: PathBuf,
-        /// Connection limit of the embedded broker.
+        /// Connection limit of the embedded broker; lowered at start to the open-file limit
+        /// minus the files open minus 256 if that is less (logged; docs/security.md).
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
     },

@@ -197,10 +197,15 @@ impl Mesh {
         admin::call(&self.state(), &Request::Status).unwrap()
     }
 
+    /// Edits the mesh manifest in one step (written beside it, then renamed over it): the
+    /// controller polls the folder every 100 ms and would otherwise read it half-written (seen
+    /// under load as a reload with no mesh, then one with the new text).
     fn set_mesh(&self, edit: impl Fn(String) -> String) {
         let p = self.path("manifests/mesh.yaml");
         let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(&p, edit(text)).unwrap();
+        let tmp = self.path("mesh.yaml.new");
+        std::fs::write(&tmp, edit(text)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
     }
 
     fn wait_rev(&self, i: usize, rev: u64) {
@@ -896,7 +901,9 @@ fn nodes_log_in_with_their_own_broker_password() {
     m.wait_rev(0, 3);
     m.wait_rev(1, 3);
     assert_channel(&m, 40);
-    // Removing alpha revokes its credentials (durably) and clears its retained config.
+    // Removing alpha revokes its credentials (durably) and clears its retained config. Alpha
+    // is stopped first: nothing of it may publish or subscribe while its removal is checked.
+    m.agents[0].proc.kill();
     match admin::call(
         &m.state(),
         &Request::Remove {
@@ -908,11 +915,11 @@ fn nodes_log_in_with_their_own_broker_password() {
         Response::Removed { node, .. } => assert_eq!(node, alpha),
         other => panic!("{other:?}"),
     }
-    m.agents[0].proc.kill();
     assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);
     // Alpha's id (now without credentials) subscribes to its config, then to the announcement:
-    // a retained config would arrive first.
-    {
+    // a retained config would arrive first. The controller publishes the empty retained
+    // message that clears it right after answering `remove`, so this polls for it.
+    let first_topic = || {
         use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
         let cfg = format!("sidenet/v1/riverside/nodes/{alpha}/config");
         let (client, mut conn) = Client::new(MqttOptions::new(&alpha, "127.0.0.1", m.port), 10);
@@ -927,9 +934,15 @@ fn nodes_log_in_with_their_own_broker_password() {
                 _ => None,
             })
             .unwrap();
-        assert_ne!(first, cfg, "alpha's config is still retained");
         let _ = client.disconnect();
-    }
+        (first != cfg).then_some(())
+    };
+    wait_for(
+        "alpha's retained config to be cleared",
+        WAIT,
+        first_topic,
+        || m.logs(),
+    );
     m.ctl.as_mut().unwrap().kill();
     m.start_controller();
     assert_eq!(connack(m.port, &alpha, None), ConnectReturnCode::Success);

@@ -45,6 +45,17 @@ impl Running {
         self.addr.port()
     }
 
+    /// Aborts the task running the broker (its future is dropped mid-flight, as when the
+    /// runtime running it shuts down) and waits until it is gone.
+    pub async fn abort(self) {
+        self.task.abort();
+        let r = within("broker task abort", self.task).await;
+        assert!(
+            r.is_err_and(|e| e.is_cancelled()),
+            "the broker task was not cancelled"
+        );
+    }
+
     /// Stops the broker and waits until `run` returned.
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {

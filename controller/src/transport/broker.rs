@@ -91,6 +91,73 @@ pub fn config(max_connections: usize) -> Config {
     }
 }
 
+/// Raises this process's open-file soft limit to the hard limit and returns the connections the
+/// embedded broker may hold: `--max-connections`, or fewer if the open-file limit leaves less
+/// room after the files open now and [`sidenet_broker::limits::RESERVED_FILES`] kept for the
+/// controller (manifests, database, admin socket, its own MQTT client). Both are logged.
+pub fn connection_limit(max_connections: usize, addr: SocketAddr) -> Result<usize, BrokerError> {
+    use sidenet_broker::limits;
+    let files = limits::raise_open_files().map_err(|e| BrokerError {
+        addr,
+        message: format!("cannot read the open-file limit: {e}"),
+    })?;
+    let hard = if files.hard == u64::MAX {
+        "unlimited".to_string()
+    } else {
+        files.hard.to_string()
+    };
+    if files.raised() {
+        tracing::info!(
+            "open-file limit raised from {} to {} (hard limit {hard})",
+            files.before,
+            files.soft
+        );
+    } else if files.soft < files.hard {
+        tracing::warn!(
+            "open-file limit stays at {} (hard limit {hard}): raising it failed",
+            files.soft
+        );
+    }
+    let open = limits::open_files_now().unwrap_or(0);
+    let room = |c: &limits::ConnectionCap| {
+        format!(
+            "open-file limit {}, {} files open, {} kept for the controller",
+            c.soft_limit,
+            c.open_now,
+            limits::RESERVED_FILES
+        )
+    };
+    match limits::connection_cap(max_connections, files.soft, open) {
+        Ok(cap) if cap.clamped() => {
+            tracing::warn!(
+                "--max-connections {max_connections} is more than the open-file limit allows: the embedded broker accepts at most {} connections ({}); raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) for more",
+                cap.allowed,
+                room(&cap)
+            );
+            Ok(cap.allowed)
+        }
+        Ok(cap) => {
+            tracing::info!(
+                "embedded broker: at most {} connections ({})",
+                cap.allowed,
+                room(&cap)
+            );
+            Ok(cap.allowed)
+        }
+        Err(cap) if max_connections == 0 => Err(BrokerError {
+            addr,
+            message: format!("--max-connections 0 lets no client in ({})", room(&cap)),
+        }),
+        Err(cap) => Err(BrokerError {
+            addr,
+            message: format!(
+                "the open-file limit leaves no room for connections ({}): raise it (ulimit -n, systemd LimitNOFILE=)",
+                room(&cap)
+            ),
+        }),
+    }
+}
+
 /// Binds `listen` and starts the broker on its own threads (a tokio runtime of its own), so the
 /// controller's CPU-bound rendering and signing and its database commits, which run on the
 /// controller's runtime, never hold up the broker's connections.
@@ -100,6 +167,9 @@ pub fn config(max_connections: usize) -> Config {
 /// everything (the Kubernetes mode's embedded broker, until it passes a password too).
 ///
 /// With `tls`, the broker also accepts MQTT over TLS there (same ACLs, same clients).
+///
+/// The connection limit is `max_connections` clamped by [`connection_limit`] (which raises the
+/// open-file limit first).
 pub fn start(
     listen: SocketAddr,
     tls: Option<&TlsListen>,
@@ -126,6 +196,7 @@ pub fn start(
             })?;
         listeners.push((bind(t.addr)?, Some(config)));
     }
+    let max_connections = connection_limit(max_connections, listen)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("mqtt-broker")
