@@ -6,10 +6,14 @@
 //! | action | command |
 //! | --- | --- |
 //! | `reload:network` | `/etc/init.d/network reload` (netifd: addresses, WireGuard interfaces) |
-//! | `reload:wireless` | `wifi reload` |
+//! | `reload:wireless` | `/sbin/wifi reload` |
 //! | `reload:firewall` | `/etc/init.d/firewall reload` (fw4) |
 //! | `restart:babeld` | `/etc/init.d/babeld restart` |
 //! | `apply:probes` | hands `etc/sidenet/probes` to the prober |
+//!
+//! The commands are the router's own, so they are looked up under `--root` like its files (on a
+//! router the root is `/`): an OpenWrt root folder with its own `etc/init.d` scripts is a whole
+//! emulated router, as in the test of the cross-built agents (`controller/tests/emulated.rs`).
 //!
 //! OpenWrt's WireGuard protocol handler wants the private key inside `/etc/config/network`; the
 //! controller renders the placeholder [`KEY_PLACEHOLDER`] there and the agent fills in the node's
@@ -34,7 +38,7 @@ pub const BABEL_PORT: u16 = 33123;
 /// Actions in the order they run, with their commands.
 pub const ACTIONS: [(&str, &[&str]); 5] = [
     ("reload:network", &["/etc/init.d/network", "reload"]),
-    ("reload:wireless", &["wifi", "reload"]),
+    ("reload:wireless", &["/sbin/wifi", "reload"]),
     ("reload:firewall", &["/etc/init.d/firewall", "reload"]),
     ("restart:babeld", &["/etc/init.d/babeld", "restart"]),
     ("apply:probes", &[]),
@@ -74,6 +78,20 @@ impl Openwrt {
     }
 }
 
+impl Openwrt {
+    /// Runs one of [`ACTIONS`]' commands, its program looked up under the root.
+    fn run(&mut self, cmd: &[&str]) -> Result<String, String> {
+        let Some((prog, args)) = cmd.split_first() else {
+            return Ok(String::new());
+        };
+        let prog = self.root.join(prog.trim_start_matches('/'));
+        let prog = prog.to_string_lossy();
+        let mut argv = vec![prog.as_ref()];
+        argv.extend_from_slice(args);
+        self.runner.run(&argv)
+    }
+}
+
 impl Backend for Openwrt {
     fn kind(&self) -> Kind {
         Kind::Openwrt
@@ -106,7 +124,7 @@ impl Backend for Openwrt {
             // The journal restored the files that were there before: reload all of them.
             for (name, cmd) in ACTIONS {
                 if !cmd.is_empty()
-                    && let Err(e) = self.runner.run(cmd)
+                    && let Err(e) = self.run(cmd)
                 {
                     tracing::warn!("{name}: {e}");
                 }
@@ -133,7 +151,7 @@ impl Backend for Openwrt {
                     .map_err(|e| BackendError(format!("cannot read {}: {e}", p.display())))?;
                 self.plan = Some(ProbePlan::parse(&text).map_err(BackendError)?);
             } else {
-                self.runner.run(cmd).map_err(BackendError)?;
+                self.run(cmd).map_err(BackendError)?;
             }
         }
         Ok(())
@@ -264,13 +282,15 @@ mod tests {
         let applier = Applier::new(&root, &state);
         applier.install(Revision { epoch: 1, rev: 1 }, "s", b"env", &cfg)?;
         ow.converge(Some(&cfg))?;
+        // The router's own commands, under its root.
+        let r = root.display();
         assert_eq!(
             rec.commands(),
             [
-                "/etc/init.d/network reload",
-                "wifi reload",
-                "/etc/init.d/firewall reload",
-                "/etc/init.d/babeld restart"
+                format!("{r}/etc/init.d/network reload"),
+                format!("{r}/sbin/wifi reload"),
+                format!("{r}/etc/init.d/firewall reload"),
+                format!("{r}/etc/init.d/babeld restart")
             ]
         );
         let network = std::fs::read_to_string(root.join("etc/config/network"))?;
@@ -297,10 +317,38 @@ mod tests {
     }
 
     #[test]
+    fn on_a_router_the_commands_are_openwrts_own() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let rec = Recorder::new();
+        let key = WgKey::load_or_create(&dir.path().join("wg.key"))?;
+        let mut ow = Openwrt::new(
+            Path::new("/"),
+            dir.path(),
+            key,
+            &DataplaneArgs::default(),
+            Box::new(rec.clone()),
+        );
+        ow.converge(None)?;
+        assert_eq!(
+            rec.commands(),
+            [
+                "/etc/init.d/network reload",
+                "/sbin/wifi reload",
+                "/etc/init.d/firewall reload",
+                "/etc/init.d/babeld restart"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn a_failing_reload_fails_the_apply() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let rec = Recorder::new();
-        rec.answer("/etc/init.d/firewall reload", Err("fw4: syntax error"));
+        rec.answer(
+            &format!("{}/etc/init.d/firewall reload", dir.path().display()),
+            Err("fw4: syntax error"),
+        );
         let key = WgKey::load_or_create(&dir.path().join("wg.key"))?;
         let mut ow = Openwrt::new(
             dir.path(),
