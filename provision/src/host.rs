@@ -827,8 +827,12 @@ impl Run<'_> {
 mod tests {
     use super::*;
 
+    #[allow(clippy::unwrap_used)]
     fn profile(name: &str) -> HardwareProfile {
-        let path = format!("{}/../hardware-profiles/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/../hardware-profiles/{name}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
@@ -837,7 +841,11 @@ mod tests {
         let c7 = profile("tplink-archer-c7-v2");
         let pi = profile("raspberrypi-4b-awus036acm");
         let d = std::path::Path::new("dist");
-        let names = |v: Vec<PathBuf>| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        let names = |v: Vec<PathBuf>| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
             names(agent_candidates(d, &c7, false)),
             ["dist/mips_24kc/sidenet-agent", "dist/mips/sidenet-agent"]

@@ -176,9 +176,7 @@ fn the_feed_package_installs_what_provisioning_installs() {
             .iter()
             .position(|l| l.starts_with("if [ ! -s "))
             .expect("the init script checks the config exists");
-        let guard: Vec<String> = ours
-            .drain(guard_start..guard_start + 4)
-            .collect::<Vec<_>>();
+        let guard: Vec<String> = ours.drain(guard_start..guard_start + 4).collect::<Vec<_>>();
         assert_eq!(
             guard[0],
             format!("if [ ! -s {} ]; then", layout.config),
@@ -239,7 +237,12 @@ fn the_feed_package_builds_the_agent_crate_with_the_size_profile() {
     // output.
     sdk.make("plain", "prepare");
     let build = sdk.out().join("build/sidenet-agent");
-    for f in ["Cargo.toml", "Cargo.lock", "node-agent/Cargo.toml", "wire/src/lib.rs"] {
+    for f in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "node-agent/Cargo.toml",
+        "wire/src/lib.rs",
+    ] {
         assert!(build.join(f).is_file(), "Build/Prepare did not copy {f}");
     }
     assert!(!build.join("target").exists());
