@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use sidenet_bench::fleet::{Fleet, FleetOptions};
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::manifest::{self, ManifestSet};
-use sidenet_controller::render::{self, NodeInputs, Renderer};
+use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
+use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_crds::NodeRole;
 use sidenet_wire::envelope::{seal, seal_hashed};
 use sidenet_wire::keys::KeyPair;
@@ -279,12 +279,13 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
                             passphrase: "bench passphrase",
                             passphrase_next: None,
                         };
-                        let Ok(config) = sidenet_controller::core::build_config(renderer, &inputs)
+                        let Ok(config) =
+                            sidenet_controller::reconcile::core::build_config(renderer, &inputs)
                         else {
                             continue;
                         };
-                        let body =
-                            sidenet_controller::core::config_body(&config).unwrap_or_default();
+                        let body = sidenet_controller::reconcile::core::config_body(&config)
+                            .unwrap_or_default();
                         let digest = sidenet_wire::codec::sha256(&body);
                         let env = seal_hashed(
                             Kind::Config,
@@ -364,7 +365,7 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
             actions: Vec::new(),
             sealed: BTreeMap::new(),
         };
-        let body = sidenet_controller::core::config_body(&config)?;
+        let body = sidenet_controller::reconcile::core::config_body(&config)?;
         let s3 = Instant::now();
         let digest = sidenet_wire::codec::sha256(&body);
         let s4 = Instant::now();
@@ -548,7 +549,7 @@ impl Controller {
         self.proc.0.id()
     }
 
-    fn counters(&self) -> anyhow::Result<sidenet_controller::core::Counters> {
+    fn counters(&self) -> anyhow::Result<sidenet_controller::reconcile::model::Counters> {
         match admin::call(&self.state, &Request::Status).map_err(anyhow::Error::msg)? {
             Response::Status { counters, .. } => Ok(counters),
             other => bail!("unexpected {other:?}"),
@@ -726,10 +727,10 @@ fn agent_apply(repo: &Path, iterations: u64) -> anyhow::Result<f64> {
         passphrase: "bench passphrase",
         passphrase_next: None,
     };
-    let mut config =
-        sidenet_controller::core::build_config(&renderer, &inputs).map_err(anyhow::Error::msg)?;
+    let mut config = sidenet_controller::reconcile::core::build_config(&renderer, &inputs)
+        .map_err(anyhow::Error::msg)?;
     // As the controller sends it: the passphrase sealed to the node (opened at every apply).
-    let name = sidenet_controller::core::MESH_PASSPHRASE;
+    let name = sidenet_controller::reconcile::model::MESH_PASSPHRASE;
     config.sealed.insert(
         name.to_string(),
         sidenet_wire::seal::seal(
@@ -893,8 +894,8 @@ fn netjsonconfig_per_s(repo: &Path, n: usize) -> anyhow::Result<f64> {
         passphrase: "bench passphrase",
         passphrase_next: None,
     };
-    let config =
-        sidenet_controller::core::build_config(&renderer, &inputs).map_err(anyhow::Error::msg)?;
+    let config = sidenet_controller::reconcile::core::build_config(&renderer, &inputs)
+        .map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
     for f in &config.files {
         let p = dir.path().join(&f.path);

@@ -10,9 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sidenet_crds::NodeProvisionStatus;
 use sidenet_wire::messages::NodeConfig;
 
-use crate::core::{Counters, StatusRow};
+use crate::reconcile::model::{Counters, StatusRow};
 
 /// File name of the socket in the state folder.
 pub const SOCKET: &str = "admin.sock";
@@ -72,7 +73,7 @@ pub enum Response {
         epoch: u64,
         /// `NodeProvision` jobs: live progress and results.
         #[serde(default)]
-        provisions: Vec<crate::provisioning::ProvisionRow>,
+        provisions: Vec<ProvisionRow>,
     },
     /// Approved; `published` configs were sent.
     Approved {
@@ -94,6 +95,10 @@ pub enum Response {
         token: String,
         /// Expiry, Unix seconds.
         expires: u64,
+        /// The mesh's enrolment mode (`auto`, `approval`, `token`): a token admits a node only
+        /// in `token` mode; in the other modes it is accepted but changes nothing.
+        #[serde(default)]
+        mode: Option<String>,
     },
     /// The mesh key was rotated.
     Rotated {
@@ -140,4 +145,48 @@ pub fn call(state: &Path, req: &Request) -> Result<Response, String> {
         .read_line(&mut resp)
         .map_err(|e| format!("no answer from the controller: {e}"))?;
     serde_json::from_str(&resp).map_err(|e| format!("unreadable answer from the controller: {e}"))
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Hosts are being worked on.
+    Running,
+    /// Every host succeeded.
+    Complete,
+    /// At least one host failed, or the spec could not run.
+    Failed,
+}
+
+/// One host of a running job, as the progress reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveHost {
+    /// `user@host:port`.
+    pub host: String,
+    /// The step it is at (or ended on).
+    pub step: String,
+    /// Detail of the step (what is being uploaded, what is awaited).
+    #[serde(default)]
+    pub detail: String,
+    /// Set once the host is finished: `Provisioned`, `AlreadyProvisioned`, `Failed`...
+    #[serde(default)]
+    pub result: Option<String>,
+}
+
+/// A `NodeProvision` as `sidenetctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProvisionRow {
+    /// `metadata.name`.
+    pub name: String,
+    /// Mesh network name.
+    pub mesh: String,
+    /// Where the job is.
+    pub state: JobState,
+    /// Live per-host progress while running.
+    #[serde(default)]
+    pub live: Vec<LiveHost>,
+    /// The result of the last finished run (the same status the Kubernetes mode writes).
+    #[serde(default)]
+    pub status: Option<NodeProvisionStatus>,
 }

@@ -7,7 +7,7 @@
 //! mesh, restored after every input.
 //!
 //! - `manifest_load` ([`Fixture::manifest_load`]): manifest text (up to four files, separated by
-//!   NUL bytes) through [`crate::manifest::load_texts`] ([`load_manifests`]); every error must
+//!   NUL bytes) through [`crate::spec::manifest::load_texts`] ([`load_manifests`]); every error must
 //!   name one of the input files. A valid set is then handed to the controller as a reload
 //!   would (announcements, reconcile, render, sign).
 //! - `node_messages` ([`Fixture::node_message`]): what the controller does with a message on an
@@ -27,11 +27,12 @@ use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::EnrollRequest;
 use sidenet_wire::{Header, Kind, topics};
 
-use crate::core::{Controller, Counters, Secrets};
-use crate::manifest::{self, ManifestSet};
-use crate::peers::Index;
-use crate::render::Renderer;
-use crate::store::{NodeRecord, Published, Store, TokenRecord};
+use crate::reconcile::core::Controller;
+use crate::reconcile::model::{Counters, Secrets};
+use crate::reconcile::peers::Index;
+use crate::reconcile::render::Renderer;
+use crate::reconcile::store::{NodeRecord, Published, Store, TokenRecord};
+use crate::spec::manifest::{self, ManifestSet};
 
 /// Target `manifest_load`, loading only: up to four manifest files, separated by NUL bytes,
 /// through [`manifest::load_texts`]. Returns the set if it is valid. [`Fixture::manifest_load`]

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use sidenet_controller::cli::relative_hint;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -155,6 +156,12 @@ enum Mode {
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
     },
+    /// Print a shell completion script, e.g. `sidenet-controller completions bash >
+    /// /etc/bash_completion.d/sidenet-controller`.
+    Completions {
+        /// The shell.
+        shell: sidenet_controller::cli::Shell,
+    },
 }
 
 fn init_logs(json: bool) {
@@ -188,8 +195,13 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    if let Mode::Completions { shell } = args.mode {
+        sidenet_controller::cli::completions(shell, Args::command());
+        return ExitCode::SUCCESS;
+    }
     init_logs(args.log_json);
     match args.mode {
+        Mode::Completions { .. } => ExitCode::SUCCESS,
         Mode::Standalone {
             mut manifests,
             profiles,
@@ -208,7 +220,24 @@ async fn main() -> ExitCode {
             max_connections,
             agents,
         } => {
-            manifests.extend(profiles.into_iter().filter(|p| p.exists()));
+            // Every path is relative to the working directory: say which one is missing and
+            // where it was looked for, before anything starts.
+            let paths = manifests
+                .iter()
+                .map(|p| ("--manifests", p))
+                .chain(profiles.iter().map(|p| ("--profiles", p)))
+                .chain([("--templates", &templates)]);
+            for (flag, p) in paths {
+                if !p.exists() {
+                    eprintln!(
+                        "sidenet-controller: {flag} {}: no such file or folder{} (run from the repository root, or pass {flag})",
+                        p.display(),
+                        relative_hint(p)
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+            manifests.extend(profiles);
             let tls = match embedded_tls(tls_listen, tls_cert, tls_key, broker.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {
@@ -314,8 +343,8 @@ fn embedded_tls(
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     broker: Option<&str>,
-) -> Result<Option<sidenet_controller::broker::TlsListen>, String> {
-    let tls = sidenet_controller::broker::tls_listen(addr, cert, key)?;
+) -> Result<Option<sidenet_controller::transport::broker::TlsListen>, String> {
+    let tls = sidenet_controller::transport::broker::tls_listen(addr, cert, key)?;
     if tls.is_some() && broker.is_some_and(|b| !b.is_empty()) {
         return Err("--tls-listen is a listener of the embedded broker, which does not run with --broker; configure TLS on that broker".into());
     }

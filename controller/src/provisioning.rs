@@ -20,52 +20,8 @@ use sidenet_crds::{EnrollmentMode, NodeProvision, NodeProvisionStatus, SecretKey
 use sidenet_provision::{HostReport, Progress, Settings, Step, Target};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::admin::{Request, Response};
-use crate::manifest::ManifestSet;
-
-/// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    /// Hosts are being worked on.
-    Running,
-    /// Every host succeeded.
-    Complete,
-    /// At least one host failed, or the spec could not run.
-    Failed,
-}
-
-/// One host of a running job, as the progress reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LiveHost {
-    /// `user@host:port`.
-    pub host: String,
-    /// The step it is at (or ended on).
-    pub step: String,
-    /// Detail of the step (what is being uploaded, what is awaited).
-    #[serde(default)]
-    pub detail: String,
-    /// Set once the host is finished: `Provisioned`, `AlreadyProvisioned`, `Failed`...
-    #[serde(default)]
-    pub result: Option<String>,
-}
-
-/// A `NodeProvision` as `sidenetctl status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProvisionRow {
-    /// `metadata.name`.
-    pub name: String,
-    /// Mesh network name.
-    pub mesh: String,
-    /// Where the job is.
-    pub state: JobState,
-    /// Live per-host progress while running.
-    #[serde(default)]
-    pub live: Vec<LiveHost>,
-    /// The result of the last finished run (the same status the Kubernetes mode writes).
-    #[serde(default)]
-    pub status: Option<NodeProvisionStatus>,
-}
+use crate::admin::{JobState, LiveHost, ProvisionRow, Request, Response};
+use crate::spec::manifest::ManifestSet;
 
 /// What is kept on disk per job.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,7 +20,8 @@ use common::{DYNSEC_ADMIN, Proc, free_port};
 use rumqttc::{
     Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, SubscribeReasonCode,
 };
-use sidenet_controller::acl::{CONTROLLER_USER, Credential, CredentialBook, node_password};
+use sidenet_controller::reconcile::credentials::{Credential, node_password};
+use sidenet_controller::transport::acl::{CONTROLLER_USER, CredentialBook};
 
 const MESH: &str = "riverside";
 const A: &str = "aaaaaaaaaaaaaaaa";
@@ -149,7 +150,7 @@ fn embedded() -> Broker {
     let port = free_port();
     let book = CredentialBook::default();
     let password = "controller-secret".to_string();
-    sidenet_controller::broker::start(
+    sidenet_controller::transport::broker::start(
         format!("127.0.0.1:{port}").parse().unwrap(),
         None,
         100,
@@ -177,12 +178,15 @@ fn mosquitto(dir: &Path) -> Broker {
             let (client, mut conn) = connect("sidenet-admin", port, Some(common::DYNSEC_ADMIN))
                 .expect("the dynsec admin connects");
             client
-                .subscribe(sidenet_controller::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
+                .subscribe(
+                    sidenet_controller::transport::dynsec::RESPONSE_TOPIC,
+                    QoS::AtLeastOnce,
+                )
                 .unwrap();
-            for m in sidenet_controller::dynsec::messages(cmds.clone(), 50) {
+            for m in sidenet_controller::transport::dynsec::messages(cmds.clone(), 50) {
                 client
                     .publish(
-                        sidenet_controller::dynsec::CONTROL_TOPIC,
+                        sidenet_controller::transport::dynsec::CONTROL_TOPIC,
                         QoS::AtLeastOnce,
                         false,
                         m,
@@ -198,15 +202,19 @@ fn mosquitto(dir: &Path) -> Broker {
                     Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                         let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
                         answered += v["responses"].as_array().map_or(0, |a| a.len());
-                        errors.extend(sidenet_controller::dynsec::response_errors(&p.payload));
-                        // As the controller does: give the admin its role when it lacks it.
-                        if let Some(cmd) = sidenet_controller::dynsec::controller_role_missing(
+                        errors.extend(sidenet_controller::transport::dynsec::response_errors(
                             &p.payload,
-                            DYNSEC_ADMIN.0,
-                        ) {
+                        ));
+                        // As the controller does: give the admin its role when it lacks it.
+                        if let Some(cmd) =
+                            sidenet_controller::transport::dynsec::controller_role_missing(
+                                &p.payload,
+                                DYNSEC_ADMIN.0,
+                            )
+                        {
                             client
                                 .publish(
-                                    sidenet_controller::dynsec::CONTROL_TOPIC,
+                                    sidenet_controller::transport::dynsec::CONTROL_TOPIC,
                                     QoS::AtLeastOnce,
                                     false,
                                     serde_json::to_vec(&serde_json::json!({ "commands": [cmd] }))
@@ -234,7 +242,7 @@ fn mosquitto(dir: &Path) -> Broker {
         }
         panic!("the dynamic security plugin kept disconnecting the admin");
     };
-    send(sidenet_controller::dynsec::setup(
+    send(sidenet_controller::transport::dynsec::setup(
         "admin",
         &[MESH.to_string()],
     ));
@@ -242,7 +250,7 @@ fn mosquitto(dir: &Path) -> Broker {
         name: "mosquitto",
         port,
         controller: (DYNSEC_ADMIN.0.into(), DYNSEC_ADMIN.1.into()),
-        apply: Box::new(move |c| send(sidenet_controller::dynsec::commands(c))),
+        apply: Box::new(move |c| send(sidenet_controller::transport::dynsec::commands(c))),
         refuses_takeover: false,
         _proc: Some(proc),
     }

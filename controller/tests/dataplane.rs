@@ -7,11 +7,12 @@
 mod common;
 
 use common::repo;
-use sidenet_controller::core::{Controller, Publish};
-use sidenet_controller::manifest;
-use sidenet_controller::render::Renderer;
+use sidenet_controller::reconcile::core::Controller;
+use sidenet_controller::reconcile::model::Publish;
+use sidenet_controller::reconcile::render::Renderer;
+use sidenet_controller::reconcile::store::Store;
+use sidenet_controller::spec::manifest;
 use sidenet_controller::standalone::FsSecrets;
-use sidenet_controller::store::Store;
 use sidenet_wire::envelope::seal;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use common::{Proc, bin, free_port, repo, wait_for};
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::core::StatusRow;
+use sidenet_controller::reconcile::model::StatusRow;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{NodeConfig, StatusReport};
 

@@ -17,9 +17,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::repo;
-use sidenet_controller::manifest::{self, ManifestSet};
-use sidenet_controller::peers::{self, Dataplane, GatewayCtx, PeerCtx};
-use sidenet_controller::render::{self, NodeInputs, Renderer};
+use sidenet_controller::reconcile::peers::{self, Dataplane, GatewayCtx, PeerCtx};
+use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
+use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_crds::{NodeRole, Policy, PolicyType};
 
 const NODE: &str = "goldennode234567";

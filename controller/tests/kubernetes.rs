@@ -235,8 +235,8 @@ impl Cluster {
             };
             for f in files {
                 let text = std::fs::read_to_string(&f).unwrap();
-                for doc in serde_yaml::Deserializer::from_str(&text) {
-                    let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+                for doc in sidenet_crds::yaml::documents(&text) {
+                    let v: Value = doc.unwrap();
                     if v.is_null() {
                         continue;
                     }
@@ -1614,28 +1614,30 @@ async fn the_riverside_example_renders_the_same_configs_in_both_modes() {
     for f in ["mesh.yaml", "nodes.yaml"] {
         let text = std::fs::read_to_string(repo().join("examples/riverside").join(f)).unwrap();
         let mut docs = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        for doc in sidenet_crds::yaml::documents(&text) {
+            let mut v: Value = doc.unwrap();
             keys(&mut v);
-            docs.push(serde_yaml::to_string(&v).unwrap());
+            docs.push(sidenet_crds::yaml::to_string(&v).unwrap());
         }
         std::fs::write(example.join(f), docs.join("---\n")).unwrap();
     }
     std::fs::write(
         dir.path().join("secret.yaml"),
-        serde_yaml::to_string(&secret).unwrap(),
+        sidenet_crds::yaml::to_string(&secret).unwrap(),
     )
     .unwrap();
-    let set = sidenet_controller::manifest::load(&[
+    let set = sidenet_controller::spec::manifest::load(&[
         example,
         repo().join("hardware-profiles"),
         dir.path().join("secret.yaml"),
     ])
     .unwrap();
-    let store = sidenet_controller::store::Store::open(&dir.path().join("s.redb"), 1).unwrap();
-    let renderer = sidenet_controller::render::Renderer::load(&repo().join("templates")).unwrap();
+    let store =
+        sidenet_controller::reconcile::store::Store::open(&dir.path().join("s.redb"), 1).unwrap();
+    let renderer =
+        sidenet_controller::reconcile::render::Renderer::load(&repo().join("templates")).unwrap();
     let state = dir.path().join("state");
-    let mut ctl = sidenet_controller::core::Controller::new(
+    let mut ctl = sidenet_controller::reconcile::core::Controller::new(
         store,
         renderer,
         Box::new(sidenet_controller::standalone::FsSecrets::new(Path::new(
@@ -1888,8 +1890,8 @@ async fn all_namespaces_mode_keeps_secrets_and_status_in_the_mesh_namespace() {
         "examples/riverside/nodes.yaml",
     ] {
         let text = std::fs::read_to_string(repo().join(f)).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let mut v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        for doc in sidenet_crds::yaml::documents(&text) {
+            let mut v: Value = doc.unwrap();
             keys(&mut v);
             let pp = PostParams::default();
             match v["kind"].as_str().unwrap() {
@@ -2126,7 +2128,7 @@ async fn the_embedded_broker_serves_nodes_over_tls() {
     let mut o = c.opts("ctl-a");
     o.broker = None;
     o.listen = format!("127.0.0.1:{plain}").parse().unwrap();
-    o.tls = Some(sidenet_controller::broker::TlsListen {
+    o.tls = Some(sidenet_controller::transport::broker::TlsListen {
         addr: format!("127.0.0.1:{tls}").parse().unwrap(),
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),

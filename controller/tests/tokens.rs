@@ -8,11 +8,12 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use sidenet_controller::core::Controller;
-use sidenet_controller::render::Renderer;
+use sidenet_controller::now;
+use sidenet_controller::reconcile::core::Controller;
+use sidenet_controller::reconcile::render::Renderer;
+use sidenet_controller::reconcile::store::Store;
+use sidenet_controller::spec::manifest;
 use sidenet_controller::standalone::FsSecrets;
-use sidenet_controller::store::Store;
-use sidenet_controller::{manifest, now};
 use sidenet_wire::envelope::seal;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::EnrollRequest;
@@ -236,6 +237,9 @@ fn reported_failures_are_bounded() {
     }
     ctl.flush().unwrap();
     let failed = &ctl.store.nodes[&id].failed_revisions;
-    assert_eq!(failed.len(), sidenet_controller::core::MAX_FAILED_REVISIONS);
+    assert_eq!(
+        failed.len(),
+        sidenet_controller::reconcile::model::MAX_FAILED_REVISIONS
+    );
     assert_eq!(failed.last().unwrap().rev, 500, "the newest is kept");
 }

@@ -25,6 +25,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod provision;
+pub mod yaml;
 pub use provision::*;
 
 /// API group of every sidenet kind.
@@ -673,10 +674,10 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 }
 
 /// The generated CRD YAML documents, file name → contents.
-pub fn crd_documents() -> Result<BTreeMap<&'static str, String>, serde_yaml::Error> {
+pub fn crd_documents() -> Result<BTreeMap<&'static str, String>, yaml::YamlError> {
     let mut out = BTreeMap::new();
     for (file, crd) in crds() {
-        let yaml = serde_yaml::to_string(&crd)?;
+        let yaml = yaml::to_string(&crd)?;
         out.insert(
             file,
             format!(

@@ -206,6 +206,8 @@ pub struct Agent {
     /// SHA-256 of the last config envelope accepted for applying, and its revision: the same
     /// bytes again (the retained copy, delivered on every subscription) need no verification.
     accepted: Option<([u8; 32], Revision)>,
+    /// The controller withdrew this node's config (an empty retained message): it was removed.
+    withdrawn: bool,
 }
 
 impl Agent {
@@ -251,6 +253,7 @@ impl Agent {
             mqtt_auth: false,
             unsealed: Vec::new(),
             accepted: None,
+            withdrawn: false,
         }
     }
 
@@ -807,6 +810,26 @@ impl Agent {
     }
 
     fn on_config(&mut self, payload: &[u8], out: &mut Vec<Effect>) {
+        if payload.is_empty() {
+            // The controller cleared the retained config: the node was removed
+            // (`sidenetctl remove`, or its MeshNode deleted). Nothing to verify or report.
+            if !self.withdrawn {
+                self.withdrawn = true;
+                let running = match self.applied {
+                    Some(r) => format!("it keeps running revision {r}"),
+                    None => "it has no config to run".into(),
+                };
+                out.push(Effect::Log(
+                    Level::Warn,
+                    format!(
+                        "the controller withdrew this node's config: node {} was removed from mesh {} (sidenetctl remove, or its MeshNode was deleted) and its broker login revoked; {running} and does not ask to join again (see the README, \"Removing a node\")",
+                        self.node, self.settings.mesh
+                    ),
+                ));
+            }
+            return;
+        }
+        self.withdrawn = false;
         let Some(mesh_key) = self.mesh_key else {
             out.push(Effect::Log(
                 Level::Warn,
@@ -1170,6 +1193,42 @@ mod tests {
         forged[last] ^= 1;
         let out = w.agent.handle(msg(forged), T0);
         assert!(status_of(&out).is_some(), "{out:?}");
+    }
+
+    /// A removed node (its retained config cleared: an empty message) is told so once, in
+    /// plain words; before, it logged "config refused: envelope truncated" and reported that as
+    /// its last failure.
+    #[test]
+    fn a_withdrawn_config_is_reported_as_removal_not_as_a_refusal() {
+        let mut w = world(None);
+        let (rev, sha) = apply_of(&w.config(1, T0)).unwrap_or_default();
+        w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0,
+        );
+        let empty = Event::Message {
+            topic: topics::config(MESH, &w.node()),
+            payload: Vec::new(),
+        };
+        let out = w.agent.handle(empty.clone(), T0 + 1);
+        let logs: Vec<&String> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Log(Level::Warn, m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(logs.len(), 1, "{out:?}");
+        assert!(logs[0].contains("was removed from mesh m"), "{}", logs[0]);
+        assert!(logs[0].contains("keeps running revision 1"), "{}", logs[0]);
+        assert!(status_of(&out).is_none(), "{out:?}");
+        assert!(w.agent.failure.is_none());
+        // Said once, not on every redelivery.
+        assert!(w.agent.handle(empty, T0 + 2).is_empty());
     }
 
     #[test]

@@ -292,6 +292,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut backoff = Duration::from_millis(250);
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut connected = false;
+    // Set when this agent itself ends the session to log in again with a new broker password:
+    // the session's end is then expected, not a broker problem.
+    let mut relogin = false;
     // The config on trial, kept to become the last good one when confirmed.
     let mut trial_config: Option<NodeConfig> = None;
     tokio::pin!(shutdown);
@@ -361,6 +364,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     payload: p.payload.to_vec(),
                 }),
                 Ok(_) => {}
+                Err(_) if relogin => {
+                    relogin = false;
+                    tracing::info!("logging in to {} again, with this node's broker password", opts.broker);
+                    if connected {
+                        connected = false;
+                        queue.push(Event::Disconnected);
+                    }
+                }
                 Err(e) => {
                     let hint = tls_hint(&e.to_string(), &url, opts.broker_ca.as_ref());
                     tracing::warn!("broker {}: {e}{hint}; retrying in {backoff:?} (running on the last good config)", opts.broker);
@@ -409,8 +420,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                                 .mqtt_options
                                 .set_credentials(node.clone(), p.clone());
                             mqtt_password = Some(p);
-                            if connected && let Err(e) = client.disconnect().await {
-                                tracing::warn!("disconnect: {e}");
+                            if connected {
+                                match client.disconnect().await {
+                                    Ok(()) => relogin = true,
+                                    Err(e) => tracing::warn!("disconnect: {e}"),
+                                }
                             }
                         }
                     }

@@ -833,7 +833,7 @@ mod tests {
             "{}/../hardware-profiles/{name}.yaml",
             env!("CARGO_MANIFEST_DIR")
         );
-        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        sidenet_crds::yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
     #[test]

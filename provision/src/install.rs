@@ -135,7 +135,7 @@ pub fn load_spec(path: &Path) -> Result<InstallSpec, InstallError> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let spec: InstallSpec = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let spec: InstallSpec = sidenet_crds::yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
     for (what, p) in [
         ("agent", &spec.agent),
         ("config", &spec.config),
@@ -401,7 +401,7 @@ mod tests {
         std::fs::write(fam.join(DESCRIPTOR), format!("{good}\nextra: 1\n")).unwrap();
         let e = load_spec(&fam.join(DESCRIPTOR)).unwrap_err().to_string();
         assert!(e.contains("unknown field `extra`"), "{e}");
-        let spec: InstallSpec = serde_yaml::from_str(&good).unwrap();
+        let spec: InstallSpec = sidenet_crds::yaml::from_str(&good).unwrap();
         let e = spec
             .layout(Path::new("x"), "/tmp/a b", "m", "n")
             .unwrap_err()

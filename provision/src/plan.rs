@@ -184,10 +184,11 @@ impl Inventory {
 
     /// Parses an inventory (`path` names it in errors).
     pub fn parse(path: &Path, text: &str) -> Result<Self, InventoryError> {
-        let inv: Inventory = serde_yaml::from_str(text).map_err(|e| InventoryError::Invalid {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let inv: Inventory =
+            sidenet_crds::yaml::from_str(text).map_err(|e| InventoryError::Invalid {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         if inv.defaults.host.is_some() {
             return Err(InventoryError::Invalid {
                 path: path.to_path_buf(),
@@ -351,7 +352,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.starts_with("inv.yaml: hosts[0]: unknown field `pasword`"),
+            e.starts_with("inv.yaml: hosts[0].pasword: unknown field `pasword`"),
             "{e}"
         );
         let inv = Inventory::parse(path, "hosts:\n  - { port: 22 }\n").unwrap();
@@ -372,7 +373,7 @@ mod tests {
 
     #[test]
     fn resources_take_credentials_from_secrets_only() {
-        let spec: NodeProvisionSpec = serde_yaml::from_str(
+        let spec: NodeProvisionSpec = sidenet_crds::yaml::from_str(
             "mesh: riverside\nbroker: mqtt://10.0.0.1:1883\ndefaults:\n  credentials:\n    privateKeySecretRef: { name: fleet-ssh, key: id_ed25519 }\ntargets:\n  - host: 10.0.0.21\n  - host: 10.0.0.22\n    credentials:\n      passwordSecretRef: { name: attic, key: password }\n",
         )
         .unwrap();

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Agents, Auth, Controller, Sshd, wait_for};
-use sidenet_controller::provisioning::{JobState, ProvisionRow};
+use sidenet_controller::admin::{JobState, ProvisionRow};
 
 fn copy_dir(from: &Path, to: &Path) {
     common::run(Command::new("cp").arg("-r").arg(from).arg(to));

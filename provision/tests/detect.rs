@@ -21,7 +21,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn profiles() -> Vec<HardwareProfile> {
-    sidenet_controller::manifest::load(&[repo().join("hardware-profiles")])
+    sidenet_controller::spec::manifest::load(&[repo().join("hardware-profiles")])
         .unwrap()
         .profiles
         .into_values()

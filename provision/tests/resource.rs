@@ -35,7 +35,7 @@ impl ControlPlane for Admin {
 }
 
 fn manifest(text: &str) -> NodeProvision {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+    let yaml: serde_json::Value = sidenet_crds::yaml::from_str(text).unwrap();
     let json = serde_json::to_value(&yaml).unwrap();
     let schema = sidenet_crds::strict_schema("NodeProvision").unwrap();
     let v = jsonschema::validator_for(&schema).unwrap();
@@ -103,7 +103,7 @@ spec:
         "      name: gate\n",
         "      name: gate\n      password: hunter2\n",
     );
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&inline).unwrap();
+    let yaml: serde_json::Value = sidenet_crds::yaml::from_str(&inline).unwrap();
     let schema = sidenet_crds::strict_schema("NodeProvision").unwrap();
     assert!(
         !jsonschema::validator_for(&schema)
@@ -132,7 +132,7 @@ spec:
         wait_for_enrolment: false,
     };
     let profiles: Vec<_> =
-        sidenet_controller::manifest::load(&[common::repo().join("hardware-profiles")])
+        sidenet_controller::spec::manifest::load(&[common::repo().join("hardware-profiles")])
             .unwrap()
             .profiles
             .into_values()

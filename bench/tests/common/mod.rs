@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use sidenet_bench::fleet::{Fleet, FleetOptions};
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::core::StatusRow;
+use sidenet_controller::reconcile::model::StatusRow;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

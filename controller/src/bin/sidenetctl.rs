@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::core::{Controller, Secrets, StatusRow};
-use sidenet_controller::manifest::{self, ManifestSet};
-use sidenet_controller::render::Renderer;
-use sidenet_controller::store::Store;
+use sidenet_controller::reconcile::core::Controller;
+use sidenet_controller::reconcile::model::{Secrets, StatusRow};
+use sidenet_controller::reconcile::render::Renderer;
+use sidenet_controller::reconcile::store::Store;
+use sidenet_controller::spec::manifest::{self, ManifestSet};
+use sidenet_controller::{errln, out, outln};
 use sidenet_crds::SecretKeyRef;
 use sidenet_wire::keys::KeyPair;
 
@@ -32,9 +34,10 @@ enum Cmd {
         /// Manifest files or folders.
         #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
-        /// Hardware profile folder(s) to load with them (skipped if missing).
-        #[arg(long, default_value = "hardware-profiles", value_delimiter = ',')]
-        profiles: Vec<PathBuf>,
+        /// Hardware profile folder(s) to load with them [default: hardware-profiles, when the
+        /// working directory has it].
+        #[arg(long, value_delimiter = ',')]
+        profiles: Option<Vec<PathBuf>>,
     },
     /// Show what a node would receive, before signing.
     Render {
@@ -47,15 +50,19 @@ enum Cmd {
         /// Render offline from these manifests instead.
         #[arg(short = 'f', long = "file")]
         files: Vec<PathBuf>,
-        /// Hardware profile folder(s) for offline rendering.
-        #[arg(long, default_value = "hardware-profiles", value_delimiter = ',')]
-        profiles: Vec<PathBuf>,
+        /// Hardware profile folder(s) for offline rendering [default: hardware-profiles, when
+        /// the working directory has it].
+        #[arg(long, value_delimiter = ',')]
+        profiles: Option<Vec<PathBuf>>,
         /// Template folder for offline rendering.
         #[arg(long, default_value = "templates")]
         templates: PathBuf,
         /// Print only this file's content.
         #[arg(long)]
         path: Option<String>,
+        /// Output format: the files one after another (table), or the whole config as JSON.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
     },
     /// Nodes: phase, online, desired vs applied revision, last seen.
     Status {
@@ -133,6 +140,12 @@ enum Cmd {
         /// Where to write the secret key.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print a shell completion script, e.g. `sidenetctl completions bash >
+    /// /etc/bash_completion.d/sidenetctl`.
+    Completions {
+        /// The shell.
+        shell: sidenet_controller::cli::Shell,
     },
 }
 
@@ -215,23 +228,26 @@ fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sidenetctl: {e}");
+            errln!("sidenetctl: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn with_profiles(mut files: Vec<PathBuf>, profiles: Vec<PathBuf>) -> Vec<PathBuf> {
-    files.extend(profiles.into_iter().filter(|p| p.exists()));
-    files
+fn with_profiles(
+    mut files: Vec<PathBuf>,
+    profiles: Option<Vec<PathBuf>>,
+) -> Result<Vec<PathBuf>, String> {
+    files.extend(sidenet_controller::cli::profile_folders(profiles)?);
+    Ok(files)
 }
 
 fn run(args: Args) -> Result<ExitCode, String> {
     match args.cmd {
         Cmd::Validate { files, profiles } => {
-            match manifest::load(&with_profiles(files, profiles)) {
+            match manifest::load(&with_profiles(files, profiles)?) {
                 Ok(set) => {
-                    println!(
+                    outln!(
                         "ok: {} mesh(es), {} node(s), {} hardware profile(s)",
                         set.meshes.len(),
                         set.nodes.len(),
@@ -241,9 +257,9 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 }
                 Err(errs) => {
                     for e in &errs.0 {
-                        println!("error: {e}");
+                        outln!("error: {e}");
                     }
-                    eprintln!("{} error(s)", errs.0.len());
+                    errln!("{} error(s)", errs.0.len());
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -255,6 +271,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             profiles,
             templates,
             path,
+            output,
         } => {
             let config = if files.is_empty() {
                 match admin::call(&state, &Request::Render { node })? {
@@ -263,7 +280,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     other => return Err(format!("unexpected answer: {other:?}")),
                 }
             } else {
-                render_offline(&with_profiles(files, profiles), &templates, &node)?
+                render_offline(&with_profiles(files, profiles)?, &templates, &node)?
             };
             match path {
                 Some(p) => {
@@ -272,12 +289,13 @@ fn run(args: Args) -> Result<ExitCode, String> {
                         .iter()
                         .find(|f| f.path == p)
                         .ok_or_else(|| format!("the config has no file {p:?}"))?;
-                    print!("{}", f.content);
+                    out!("{}", f.content);
                 }
-                None => {
+                None if matches!(output, Output::Json) => {
                     let text = serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?;
-                    println!("{text}");
+                    outln!("{text}");
                 }
+                None => print_config(&config),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -290,29 +308,37 @@ fn run(args: Args) -> Result<ExitCode, String> {
             } => {
                 match output {
                     Output::Json => {
-                        let text =
-                            serde_json::to_string_pretty(&nodes).map_err(|e| e.to_string())?;
-                        println!("{text}");
+                        let text = serde_json::to_string_pretty(&serde_json::json!({
+                            "nodes": nodes,
+                            "manifestErrors": manifest_errors,
+                        }))
+                        .map_err(|e| e.to_string())?;
+                        outln!("{text}");
                     }
                     Output::Table => {
                         print_table(&nodes);
                         if !provisions.is_empty() {
-                            println!();
+                            outln!();
                             print_provisions(&provisions);
                         }
                     }
                 }
                 for e in &manifest_errors {
-                    eprintln!("manifest error (last good manifests still in force): {e}");
+                    errln!("manifest error (last good manifests still in force): {e}");
                 }
-                Ok(ExitCode::SUCCESS)
+                // Broken manifests are something to fix: scripts see it in the exit status.
+                Ok(if manifest_errors.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
             }
             Response::Error { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         },
         Cmd::Approve { node, state } => match admin::call(&state, &Request::Approve { node })? {
             Response::Approved { node, published } => {
-                println!("approved {node} ({published} config(s) published)");
+                outln!("approved {node} ({published} config(s) published)");
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
@@ -320,7 +346,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
         },
         Cmd::Remove { node, state } => match admin::call(&state, &Request::Remove { node })? {
             Response::Removed { node, topic } => {
-                println!("removed {node} (credentials revoked, {topic} cleared)");
+                outln!("removed {node} (credentials revoked, {topic} cleared)");
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
@@ -343,7 +369,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 previous_until,
                 published,
             } => {
-                println!(
+                outln!(
                     "mesh {mesh}: new signing key {key}; {published} config(s) re-signed; the old key is accepted until {}",
                     sidenet_controller::rfc3339(previous_until)
                 );
@@ -356,13 +382,25 @@ fn run(args: Args) -> Result<ExitCode, String> {
             match admin::call(
                 &state,
                 &Request::Token {
-                    mesh,
+                    mesh: mesh.clone(),
                     ttl_s: hours * 3600,
                 },
             )? {
-                Response::Token { token, .. } => {
-                    println!("{token}");
-                    eprintln!("single-use, valid for {hours} h; give it to the agent with --token");
+                Response::Token { token, mode, .. } => {
+                    outln!("{token}");
+                    match mode.as_deref() {
+                        Some("token") | None => errln!(
+                            "single-use, valid for {hours} h; give it to the agent with --token"
+                        ),
+                        Some(mode) => errln!(
+                            "warning: mesh {mesh} enrols in {mode} mode, where a token changes nothing ({}); it admits a node only once the Mesh sets enrollment.mode: token",
+                            if mode == "auto" {
+                                "every node that asks is admitted"
+                            } else {
+                                "each node waits for `sidenetctl approve`"
+                            }
+                        ),
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Response::Error { message } => Err(message),
@@ -373,18 +411,18 @@ fn run(args: Args) -> Result<ExitCode, String> {
         Cmd::Provisions { state, output } => match admin::call(&state, &Request::Status)? {
             Response::Status { provisions, .. } => {
                 match output {
-                    Output::Json => println!(
+                    Output::Json => outln!(
                         "{}",
                         serde_json::to_string_pretty(&provisions).map_err(|e| e.to_string())?
                     ),
                     Output::Table if provisions.is_empty() => {
-                        println!("no NodeProvision manifests")
+                        outln!("no NodeProvision manifests")
                     }
                     Output::Table => print_provisions(&provisions),
                 }
                 let failed = provisions
                     .iter()
-                    .any(|p| p.state == sidenet_controller::provisioning::JobState::Failed);
+                    .any(|p| p.state == sidenet_controller::admin::JobState::Failed);
                 Ok(if failed {
                     ExitCode::FAILURE
                 } else {
@@ -396,18 +434,25 @@ fn run(args: Args) -> Result<ExitCode, String> {
         },
         Cmd::Metrics { state } => match admin::call(&state, &Request::Status)? {
             Response::Status { nodes, .. } => {
-                print!("{}", sidenet_controller::health::prometheus(&nodes));
+                out!(
+                    "{}",
+                    sidenet_controller::reconcile::health::prometheus(&nodes)
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         },
+        Cmd::Completions { shell } => {
+            sidenet_controller::cli::completions(shell, Args::command());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Keygen { out } => {
-            let seed = sidenet_controller::standalone::random32()?;
+            let seed = sidenet_controller::random::random32()?;
             let key = KeyPair::from_seed(&seed);
             write_new_secret(&out, &key.to_file_text())?;
-            println!("public key: {}", key.public());
-            println!("node id:    {}", key.public().node_id());
+            outln!("public key: {}", key.public());
+            outln!("node id:    {}", key.public().node_id());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -455,6 +500,26 @@ fn render_offline(
     let mut ctl = Controller::new(store, renderer, Box::new(PreviewSecrets));
     ctl.set = set;
     ctl.preview(node).map_err(|e| e.to_string())
+}
+
+/// The files of a config one after another, each under a header line naming its path and
+/// mode (like `head` with several files), after one line naming node and mesh.
+fn print_config(config: &sidenet_wire::messages::NodeConfig) {
+    outln!(
+        "# node {} ({}) of mesh {}: {} file(s)",
+        config.node,
+        config.hostname,
+        config.mesh,
+        config.files.len()
+    );
+    for f in &config.files {
+        outln!();
+        outln!("==> {} (mode {:o}) <==", f.path, f.mode);
+        out!("{}", f.content);
+        if !f.content.is_empty() && !f.content.ends_with('\n') {
+            outln!();
+        }
+    }
 }
 
 fn ago(t: Option<u64>) -> String {
@@ -509,24 +574,24 @@ fn print_table(rows: &[StatusRow]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
     for r in rows {
         if let Some(reason) = &r.reason {
-            println!("  {}: {reason}", r.node);
+            outln!("  {}: {reason}", r.node);
         }
         if let Some(f) = &r.failure {
-            println!("  {}: last failure: {f}", r.node);
+            outln!("  {}: last failure: {f}", r.node);
         }
-        for line in sidenet_controller::health::link_lines(r) {
-            println!("  {}: {line}", r.node);
+        for line in sidenet_controller::reconcile::health::link_lines(r) {
+            outln!("  {}: {line}", r.node);
         }
     }
 }
 
 /// NodeProvision jobs: one header line per job, then one line per host.
-fn print_provisions(rows: &[sidenet_controller::provisioning::ProvisionRow]) {
-    use sidenet_controller::provisioning::JobState;
+fn print_provisions(rows: &[sidenet_controller::admin::ProvisionRow]) {
+    use sidenet_controller::admin::JobState;
     for p in rows {
         let counts = p
             .status
@@ -538,7 +603,7 @@ fn print_provisions(rows: &[sidenet_controller::provisioning::ProvisionRow]) {
             JobState::Complete => "complete",
             JobState::Failed => "failed",
         };
-        println!("NodeProvision/{}  mesh {}  {state}{counts}", p.name, p.mesh);
+        outln!("NodeProvision/{}  mesh {}  {state}{counts}", p.name, p.mesh);
         if p.state == JobState::Running {
             for h in &p.live {
                 let detail = if h.detail.is_empty() {
@@ -547,14 +612,14 @@ fn print_provisions(rows: &[sidenet_controller::provisioning::ProvisionRow]) {
                     format!(": {}", h.detail)
                 };
                 let result = h.result.as_deref().unwrap_or("…");
-                println!("  {:<28} {:<10} {result}{detail}", h.host, h.step);
+                outln!("  {:<28} {:<10} {result}{detail}", h.host, h.step);
             }
         } else if let Some(st) = &p.status {
             for c in st.conditions.iter().filter(|c| c.status != "True") {
-                println!("  {}: {}", c.reason, c.message);
+                outln!("  {}: {}", c.reason, c.message);
             }
             for h in &st.hosts {
-                println!(
+                outln!(
                     "  {:<28} {:<22} {:<26} {:<16} {:<18} {:>5.1}s  {}",
                     h.host,
                     h.board.as_deref().unwrap_or("-"),
@@ -714,10 +779,10 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         progress,
     ));
     match a.output {
-        Output::Json => println!("{}", sidenet_provision::report::json(&reports)),
+        Output::Json => outln!("{}", sidenet_provision::report::json(&reports)),
         Output::Table => {
-            print!("{}", sidenet_provision::report::table(&reports));
-            println!("{}", sidenet_provision::report::summary(&reports));
+            out!("{}", sidenet_provision::report::table(&reports));
+            outln!("{}", sidenet_provision::report::summary(&reports));
         }
     }
     if reports.iter().all(|r| r.ok()) {

@@ -37,7 +37,7 @@ use kube::{Api, Client};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
 
-use crate::render::Renderer;
+use crate::reconcile::render::Renderer;
 use leader::{Elector, LeaseTiming};
 use reconcile::{BrokerCredentials, Ctx, MqttEvent, NoBrokerCredentials};
 
@@ -52,7 +52,7 @@ pub struct Options {
     pub listen: SocketAddr,
     /// TLS listener of the embedded broker (`SIDENET_TLS_LISTEN`, `SIDENET_TLS_CERT`,
     /// `SIDENET_TLS_KEY`).
-    pub tls: Option<crate::broker::TlsListen>,
+    pub tls: Option<crate::transport::broker::TlsListen>,
     /// External broker user name (`SIDENET_BROKER_USERNAME`).
     pub broker_username: Option<String>,
     /// External broker password (`SIDENET_BROKER_PASSWORD`).
@@ -90,16 +90,16 @@ pub enum KubeError {
     Api(#[from] kube::Error),
     /// The core failed.
     #[error(transparent)]
-    Core(#[from] crate::core::CoreError),
+    Core(#[from] crate::reconcile::core::CoreError),
     /// The state cache failed.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::reconcile::store::StoreError),
     /// Templates are broken.
     #[error(transparent)]
-    Render(#[from] crate::render::RenderError),
+    Render(#[from] crate::reconcile::render::RenderError),
     /// The embedded broker could not start.
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] crate::transport::broker::BrokerError),
     /// Adding or removing the finalizer failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<KubeError>>),
@@ -124,16 +124,16 @@ impl Drop for TaskGuard {
 }
 
 /// Starts the embedded MQTT broker. One function, so replacing the broker touches one place.
-/// The broker applies the topic ACLs of [`crate::acl`]; the controller connects with
+/// The broker applies the topic ACLs of [`crate::transport::acl`]; the controller connects with
 /// `controller_password`.
 pub fn start_embedded_broker(
     listen: SocketAddr,
-    tls: Option<&crate::broker::TlsListen>,
+    tls: Option<&crate::transport::broker::TlsListen>,
     max_connections: usize,
     controller_password: String,
-    book: crate::acl::CredentialBook,
+    book: crate::transport::acl::CredentialBook,
 ) -> Result<(), KubeError> {
-    crate::broker::start(
+    crate::transport::broker::start(
         listen,
         tls,
         max_connections,
@@ -224,47 +224,7 @@ pub fn broker_address(url: &str) -> Result<(String, u16, bool), KubeError> {
 /// The TLS settings for an `mqtts://` broker: the CAs of `SIDENET_BROKER_CA` if set, else the
 /// system roots. Read again at every reconnect (the CA file is a Secret volume that changes).
 pub fn tls_config(ca: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration, KubeError> {
-    tls_config_for(ca, "SIDENET_BROKER_CA")
-}
-
-/// [`tls_config`], with errors naming the option `option` (`SIDENET_BROKER_CA`, `--broker-ca`).
-pub fn tls_config_for(
-    ca: Option<&std::path::Path>,
-    option: &str,
-) -> Result<rumqttc::TlsConfiguration, KubeError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let err = |e: String| KubeError::Other(format!("{option} {}: {e}", path.display()));
-            let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| err(format!("not a PEM certificate bundle: {e}")))?;
-                roots.add(cert).map_err(|e| err(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(err("no certificate in the file".into()));
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-            if roots.is_empty() {
-                return Err(KubeError::Other(format!(
-                    "mqtts:// broker: no system CA certificates found; set {option}"
-                )));
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| KubeError::Other(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+    crate::transport::tls::client_config(ca, "SIDENET_BROKER_CA").map_err(KubeError::Other)
 }
 
 fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
@@ -279,7 +239,7 @@ fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
             (host, opts.listen.port(), false)
         }
     };
-    let suffix = crate::standalone::random32()
+    let suffix = crate::random::random32()
         .map(|b| sidenet_wire::codec::base32(&b[..5]))
         .map_err(KubeError::Other)?;
     let mut mqtt = MqttOptions::new(
@@ -288,7 +248,10 @@ fn mqtt_options(opts: &Options) -> Result<MqttOptions, KubeError> {
         port,
     );
     mqtt.set_keep_alive(Duration::from_secs(30));
-    mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+    mqtt.set_max_packet_size(
+        crate::transport::broker::MAX_PACKET,
+        crate::transport::broker::MAX_PACKET,
+    );
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
     if tls {
@@ -323,10 +286,10 @@ async fn lead(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KubeError> {
     let mut mqtt_opts = mqtt_options(opts)?;
-    let book = crate::acl::CredentialBook::default();
+    let book = crate::transport::acl::CredentialBook::default();
     if opts.broker.is_none() {
         // A password for this run only: the embedded broker lives and dies with this process.
-        let password = crate::standalone::random32()
+        let password = crate::random::random32()
             .map(|b| sidenet_wire::codec::base32(&b))
             .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
         start_embedded_broker(
@@ -336,13 +299,14 @@ async fn lead(
             password.clone(),
             book.clone(),
         )?;
-        mqtt_opts.set_credentials(crate::acl::CONTROLLER_USER, password);
+        mqtt_opts.set_credentials(crate::transport::acl::CONTROLLER_USER, password);
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);
     // Never bounded in count: the MQTT event loop must not wait for the engine. A reconcile
     // holding the engine may be waiting for the event loop to take its publishes; a queue full
-    // of incoming reports would then stall both (crate::inbox).
-    let (ev_tx, ev_rx) = crate::inbox::channel::<MqttEvent>(crate::inbox::LIMIT);
+    // of incoming reports would then stall both (crate::transport::inbox).
+    let (ev_tx, ev_rx) =
+        crate::transport::inbox::channel::<MqttEvent>(crate::transport::inbox::LIMIT);
     let tls_ca = opts
         .broker
         .as_deref()
@@ -367,7 +331,7 @@ async fn lead(
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(a))) => {
-                    crate::broker::log_refused_subscription(&a);
+                    crate::transport::broker::log_refused_subscription(&a);
                 }
                 Ok(_) => {}
                 Err(e) => {

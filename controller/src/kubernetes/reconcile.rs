@@ -39,19 +39,20 @@ use super::Options;
 use super::http::Metrics;
 use super::state::{KubeSecrets, SecretCache};
 use super::status::{self, MeshFacts, NodeFacts};
-use crate::core::{Controller, Publish};
-use crate::manifest::{self, ManifestSet, network_name};
-use crate::render::Renderer;
-use crate::store::{NodeRecord, Published, Store as StateStore};
+use crate::reconcile::core::Controller;
+use crate::reconcile::model::Publish;
+use crate::reconcile::render::Renderer;
+use crate::reconcile::store::{NodeRecord, Published, Store as StateStore};
+use crate::spec::manifest::{self, ManifestSet, network_name};
 
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
 
-/// Where node broker credentials go: the embedded broker's [`crate::acl::CredentialBook`], or
+/// Where node broker credentials go: the embedded broker's [`crate::transport::acl::CredentialBook`], or
 /// nowhere when an external broker is used without a user store the controller drives.
 pub trait BrokerCredentials: Send + Sync {
     /// Applies credential changes from the core ([`Controller::take_credentials`]).
-    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String>;
+    fn apply(&self, changes: &[crate::reconcile::credentials::Credential]) -> Result<(), String>;
 
     /// The controller (re)connected to the broker: bring the broker's user store up to date.
     fn on_connected(&self, _ctl: &mut Controller) -> Result<(), String> {
@@ -65,7 +66,7 @@ pub trait BrokerCredentials: Send + Sync {
 
     /// Revokes the credentials of node `node` of mesh `mesh` (network name). Idempotent.
     fn revoke(&self, mesh: &str, node: &str) -> Result<(), String> {
-        self.apply(&[crate::acl::Credential::Revoke {
+        self.apply(&[crate::reconcile::credentials::Credential::Revoke {
             mesh: mesh.to_string(),
             node: node.to_string(),
         }])
@@ -77,13 +78,13 @@ pub trait BrokerCredentials: Send + Sync {
 pub struct NoBrokerCredentials;
 
 impl BrokerCredentials for NoBrokerCredentials {
-    fn apply(&self, _changes: &[crate::acl::Credential]) -> Result<(), String> {
+    fn apply(&self, _changes: &[crate::reconcile::credentials::Credential]) -> Result<(), String> {
         Ok(())
     }
 }
 
 /// Node credentials on an external Mosquitto, through its dynamic security plugin
-/// ([`crate::dynsec`]), over the controller's own MQTT connection.
+/// ([`crate::transport::dynsec`]), over the controller's own MQTT connection.
 pub struct DynsecCredentials {
     /// The controller's connection.
     pub mqtt: AsyncClient,
@@ -93,10 +94,10 @@ pub struct DynsecCredentials {
 
 impl DynsecCredentials {
     fn send(&self, commands: Vec<Value>) -> Result<(), String> {
-        for payload in crate::dynsec::messages(commands, 200) {
+        for payload in crate::transport::dynsec::messages(commands, 200) {
             self.mqtt
                 .try_publish(
-                    crate::dynsec::CONTROL_TOPIC,
+                    crate::transport::dynsec::CONTROL_TOPIC,
                     QoS::AtLeastOnce,
                     false,
                     payload,
@@ -108,8 +109,8 @@ impl DynsecCredentials {
 }
 
 impl BrokerCredentials for DynsecCredentials {
-    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String> {
-        self.send(crate::dynsec::commands(changes))
+    fn apply(&self, changes: &[crate::reconcile::credentials::Credential]) -> Result<(), String> {
+        self.send(crate::transport::dynsec::commands(changes))
     }
 
     fn on_connected(&self, ctl: &mut Controller) -> Result<(), String> {
@@ -120,15 +121,17 @@ impl BrokerCredentials for DynsecCredentials {
             .map(|m| network_name(m).to_string())
             .collect();
         self.mqtt
-            .try_subscribe(crate::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
+            .try_subscribe(crate::transport::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce)
             .map_err(|e| format!("subscribe: {e}"))?;
-        let mut cmds = crate::dynsec::setup(&self.user, &meshes);
-        cmds.extend(crate::dynsec::commands(&ctl.credential_snapshot()));
+        let mut cmds = crate::transport::dynsec::setup(&self.user, &meshes);
+        cmds.extend(crate::transport::dynsec::commands(
+            &ctl.credential_snapshot(),
+        ));
         self.send(cmds)
     }
 
     fn on_response(&self, payload: &[u8]) -> Result<(), String> {
-        match crate::dynsec::controller_role_missing(payload, &self.user) {
+        match crate::transport::dynsec::controller_role_missing(payload, &self.user) {
             Some(cmd) => {
                 tracing::info!(
                     "giving broker user {} the sidenet-controller role (Mosquitto reconnects it)",
@@ -141,9 +144,9 @@ impl BrokerCredentials for DynsecCredentials {
     }
 }
 
-impl BrokerCredentials for crate::acl::CredentialBook {
-    fn apply(&self, changes: &[crate::acl::Credential]) -> Result<(), String> {
-        crate::acl::CredentialBook::apply(self, changes);
+impl BrokerCredentials for crate::transport::acl::CredentialBook {
+    fn apply(&self, changes: &[crate::reconcile::credentials::Credential]) -> Result<(), String> {
+        crate::transport::acl::CredentialBook::apply(self, changes);
         Ok(())
     }
 }
@@ -1178,7 +1181,7 @@ pub(crate) enum MqttEvent {
 }
 
 /// Handles broker (re)connections, enrolments and status reports.
-pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::inbox::Receiver<MqttEvent>) {
+pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::transport::inbox::Receiver<MqttEvent>) {
     while let Some(ev) = rx.recv().await {
         let engine = match ctx.engine().await {
             Ok(e) => e,
@@ -1246,8 +1249,8 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
             persist_and_publish(ctx, eng, started).await?;
             ctx.metrics.ready.store(true, Ordering::SeqCst);
         }
-        MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
-            for e in crate::dynsec::response_errors(&payload) {
+        MqttEvent::Message(topic, payload) if topic == crate::transport::dynsec::RESPONSE_TOPIC => {
+            for e in crate::transport::dynsec::response_errors(&payload) {
                 tracing::error!("Mosquitto dynamic security: {e}");
             }
             if let Err(e) = ctx.credentials.on_response(&payload) {
@@ -1366,7 +1369,7 @@ async fn create_meshnode(ctx: &Ctx, eng: &mut Engine, id: &str) -> Result<(), Ku
     match api.create(&PostParams::default(), &node).await {
         Ok(created) => {
             tracing::info!(node = %id, "created MeshNode {ns}/{name} for the enrolled node");
-            let pending = !super::super::core::approved(&mesh, None, Some(&rec));
+            let pending = !crate::reconcile::admission::approved(&mesh, None, Some(&rec));
             let note = if pending {
                 format!(
                     "node {id} ({}) enrolled and waits for approval: kubectl patch meshnode {name} -n {ns} --type merge -p '{{\"spec\":{{\"approved\":true}}}}'",

@@ -25,9 +25,9 @@ use kube::{Api, Client};
 use sidenet_crds::{Mesh, SecretKeyRef};
 use sidenet_wire::keys::KeyPair;
 
-use crate::core::Secrets;
-use crate::manifest::{ManifestSet, network_name};
-use crate::standalone::random32;
+use crate::random::random32;
+use crate::reconcile::model::Secrets;
+use crate::spec::manifest::{ManifestSet, network_name};
 
 /// Key of the signing key within its Secret.
 pub const SIGNING_KEY: &str = "signing.key";
@@ -218,7 +218,7 @@ fn passphrase_in(
             "Secret {ns}/{} has no key {:?} ({field}.key of Mesh {ns}/{mesh})",
             r.name, r.key
         )),
-        Some(Ok(p)) if crate::manifest::passphrase_ok(&p) => Ok(p),
+        Some(Ok(p)) if crate::spec::manifest::passphrase_ok(&p) => Ok(p),
         Some(_) => Err(format!(
             "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
             r.name, r.key

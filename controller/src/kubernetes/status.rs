@@ -12,20 +12,15 @@
 //! | `Degraded` | invalid spec, blocked, failed apply or offline | `InvalidSpec`, `Blocked`, `ApplyFailed`, `Offline`, `AsExpected` |
 //! | `Ready` | phase `Ready` | the phase |
 
-use k8s_openapi::jiff::Timestamp;
 use sidenet_crds::{
     Condition, EnrollmentMode, LinkStatus, Mesh, MeshNode, MeshNodeStatus, MeshStatus,
 };
 
-use crate::core::StatusRow;
-use crate::store::Published;
+use crate::reconcile::model::StatusRow;
+use crate::reconcile::store::Published;
 
-/// RFC 3339 text of a Unix time.
-pub fn rfc3339(unix: u64) -> String {
-    Timestamp::from_second(i64::try_from(unix).unwrap_or(0))
-        .map(|t| t.to_string())
-        .unwrap_or_default()
-}
+pub use crate::time::rfc3339;
+use jiff::Timestamp;
 
 fn cond(
     type_: &str,
@@ -87,7 +82,7 @@ pub struct NodeFacts<'a> {
 
 /// A node's WireGuard links from its last status report: babel's neighbours, with the
 /// pathfinder probes' latency and loss towards the same peer.
-pub fn links(rec: &crate::store::NodeRecord) -> Vec<LinkStatus> {
+pub fn links(rec: &crate::reconcile::store::NodeRecord) -> Vec<LinkStatus> {
     rec.neighbours
         .iter()
         .filter_map(|n| {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sidenet_controller::admin::{self, Request, Response};
-use sidenet_controller::core::StatusRow;
+use sidenet_controller::reconcile::model::StatusRow;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -216,7 +216,7 @@ impl Controller {
         self.dir.join("manifests")
     }
 
-    pub fn provisions(&self) -> Vec<sidenet_controller::provisioning::ProvisionRow> {
+    pub fn provisions(&self) -> Vec<sidenet_controller::admin::ProvisionRow> {
         match admin::call(&self.state(), &Request::Status).unwrap() {
             Response::Status { provisions, .. } => provisions,
             other => panic!("{other:?}"),

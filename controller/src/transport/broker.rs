@@ -1,7 +1,7 @@
 //! The embedded MQTT broker ([`sidenet_broker`]) for standalone mode.
 //!
 //! It runs on its own two-thread tokio runtime and stops with the process. Who may connect,
-//! publish and subscribe is [`crate::acl`]: the controller by the password it generated at
+//! publish and subscribe is [`crate::transport::acl`]: the controller by the password it generated at
 //! start, nodes confined to their own topics by their client id (node id).
 
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use sidenet_broker::{AllowAll, Broker, BrokerHandle, Config, Listener};
 
-use crate::acl::MeshAuthorizer;
+use crate::transport::acl::MeshAuthorizer;
 
 /// Largest MQTT packet accepted by the embedded broker (configs are a few KiB).
 pub const MAX_PACKET: usize = 512 * 1024;
@@ -95,8 +95,8 @@ pub fn config(max_connections: usize) -> Config {
 /// controller's CPU-bound rendering and signing and its database commits, which run on the
 /// controller's runtime, never hold up the broker's connections.
 ///
-/// With `controller_password`, the topic ACLs of [`crate::acl`] apply and the controller
-/// connects as [`crate::acl::CONTROLLER_USER`] with that password; without, every client may do
+/// With `controller_password`, the topic ACLs of [`crate::transport::acl`] apply and the controller
+/// connects as [`crate::transport::acl::CONTROLLER_USER`] with that password; without, every client may do
 /// everything (the Kubernetes mode's embedded broker, until it passes a password too).
 ///
 /// With `tls`, the broker also accepts MQTT over TLS there (same ACLs, same clients).
@@ -105,7 +105,7 @@ pub fn start(
     tls: Option<&TlsListen>,
     max_connections: usize,
     controller_password: Option<String>,
-    book: crate::acl::CredentialBook,
+    book: crate::transport::acl::CredentialBook,
 ) -> Result<BrokerHandle, BrokerError> {
     let err = |message: String| BrokerError {
         addr: listen,

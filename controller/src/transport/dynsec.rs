@@ -1,4 +1,4 @@
-//! The same broker rules as [`crate::acl`], on Mosquitto, driven through its dynamic security
+//! The same broker rules as [`crate::transport::acl`], on Mosquitto, driven through its dynamic security
 //! plugin (`$CONTROL/dynamic-security/v1`).
 //!
 //! Mosquitto 2.0's plugin has no client-id substitution (`%c`) in its ACLs, so the rules are
@@ -17,7 +17,7 @@
 //!   first login with its password — that node's own `config`/`ack` (read) and
 //!   `status`/`online` (write) topics.
 //! - per node: client `ID` (username = node id, bound to client id `ID`, the password of
-//!   [`crate::acl::node_password`]) with role `sidenet-node-ID`: the announcement, its own
+//!   [`crate::reconcile::credentials::node_password`]) with role `sidenet-node-ID`: the announcement, its own
 //!   `config` and `ack` (read), its own `enroll`, `status` and `online` (write).
 //!
 //! Once a node is armed its anonymous entries are removed (and its enrolment topic denied to
@@ -28,7 +28,7 @@
 
 use serde_json::{Value, json};
 
-use crate::acl::Credential;
+use crate::reconcile::credentials::Credential;
 
 /// The plugin's command topic.
 pub const CONTROL_TOPIC: &str = "$CONTROL/dynamic-security/v1";

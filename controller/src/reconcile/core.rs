@@ -11,8 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-use sidenet_crds::{EnrollmentMode, HardwareProfile, Mesh, MeshNode, NodeRole, SecretKeyRef};
+use sidenet_crds::{EnrollmentMode, HardwareProfile, Mesh, MeshNode, NodeRole};
 use sidenet_wire::codec::sha256_hex;
 use sidenet_wire::envelope::{DEFAULT_MAX_ENVELOPE, Expect, seal, seal_hashed};
 use sidenet_wire::keys::KeyPair;
@@ -20,91 +19,17 @@ use sidenet_wire::messages::{Announce, ApplyState, EnrollRequest, NodeConfig, St
 use sidenet_wire::topics::{self, Incoming};
 use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError};
 
-use crate::manifest::{ManifestSet, closest, network_name};
-use crate::render::{self, NodeInputs, Renderer};
-use crate::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord};
+use crate::reconcile::admission::approved;
+use crate::reconcile::model::{
+    Counters, DEFAULT_VALIDITY, MAX_FAILED_REVISIONS, MESH_PASSPHRASE, MESH_PASSPHRASE_NEXT,
+    MQTT_PASSWORD, Publish, Rejection, Rotation, Secrets, StatusRow,
+};
+use crate::reconcile::render::{self, NodeInputs, Renderer};
+use crate::reconcile::store::{Batch, NodeRecord, Published, Store, StoreError, TokenRecord};
+use crate::spec::manifest::{ManifestSet, closest, closest_profile, network_name};
 
-/// Default config validity: 30 days.
-pub const DEFAULT_VALIDITY: u64 = 30 * 24 * 3600;
-/// Name of the sealed mesh passphrase in configs (`NodeConfig::sealed`).
-pub const MESH_PASSPHRASE: &str = sidenet_wire::seal::MESH_PASSPHRASE;
-/// Name of the sealed next mesh passphrase during a scheduled rotation's overlap.
-pub const MESH_PASSPHRASE_NEXT: &str = "mesh-passphrase-next";
-/// Name of the node's sealed broker password in configs (`NodeConfig::sealed`).
-pub const MQTT_PASSWORD: &str = sidenet_wire::seal::MQTT_PASSWORD;
-/// Failed revisions remembered per node (the newest).
-pub const MAX_FAILED_REVISIONS: usize = 16;
 /// Node messages older than this are refused.
 const NODE_MESSAGE_MAX_AGE: u64 = 24 * 3600;
-
-/// Secrets the core needs: mesh signing keys and passphrases. Standalone keeps them in the state
-/// folder; Kubernetes mode in Secrets.
-pub trait Secrets: Send {
-    /// The signing key of a mesh, created if missing.
-    fn mesh_key(&mut self, network: &str) -> Result<KeyPair, String>;
-    /// A passphrase by reference, from the manifests' Secrets or created if missing.
-    fn passphrase(&mut self, set: &ManifestSet, r: &SecretKeyRef) -> Result<String, String>;
-    /// The secret the mesh's per-node broker passwords are derived from
-    /// ([`crate::acl::node_password`]). It must not change when the signing key is rotated;
-    /// the default derives it from the signing key, for stores that cannot rotate.
-    fn mqtt_secret(&mut self, network: &str) -> Result<[u8; 32], String> {
-        let key = self.mesh_key(network)?;
-        let mut input = b"sidenet-mqtt-secret-v1\0".to_vec();
-        input.extend_from_slice(key.to_file_text().as_bytes());
-        Ok(sidenet_wire::codec::sha256(&input))
-    }
-    /// The key rotations of a mesh so far (empty chain when its key was never rotated).
-    fn rotation(&mut self, _network: &str) -> Result<Rotation, String> {
-        Ok(Rotation::default())
-    }
-    /// Makes `key` the mesh's signing key, with `rotation` (which ends with its endorsement).
-    /// Must be durable before it returns: configs signed by the new key follow at once.
-    fn rotate_mesh_key(
-        &mut self,
-        _network: &str,
-        _key: &KeyPair,
-        _rotation: &Rotation,
-    ) -> Result<(), String> {
-        Err("this secret store cannot rotate keys".into())
-    }
-}
-
-/// A mesh's signing key history: the endorsement chain announced to agents and the end of the
-/// overlap during which they still accept the previous key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rotation {
-    /// Endorsements, oldest first.
-    pub chain: Vec<sidenet_wire::rotation::Endorsement>,
-    /// End of the overlap of the last rotation (Unix seconds).
-    #[serde(default)]
-    pub previous_until: Option<u64>,
-}
-
-/// A message to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    /// Topic.
-    pub topic: String,
-    /// Payload.
-    pub payload: Vec<u8>,
-    /// Retained.
-    pub retain: bool,
-}
-
-/// Counters for tests, benchmarks and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    /// Configs rendered.
-    pub rendered: u64,
-    /// Configs signed and published.
-    pub published: u64,
-    /// Enrolments accepted.
-    pub enrolled: u64,
-    /// Enrolments refused.
-    pub refused: u64,
-    /// Messages refused (bad signature, replay, ...).
-    pub rejected_messages: u64,
-}
 
 /// Errors of the core.
 #[derive(Debug, thiserror::Error)]
@@ -115,41 +40,6 @@ pub enum CoreError {
     /// A request named something unknown or invalid.
     #[error("{0}")]
     Request(String),
-}
-
-/// One row of `sidenetctl status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusRow {
-    /// Node id.
-    pub node: String,
-    /// MeshNode name, if any.
-    pub name: Option<String>,
-    /// Mesh network name.
-    pub mesh: String,
-    /// Hostname.
-    pub hostname: Option<String>,
-    /// Phase.
-    pub phase: String,
-    /// Why the node is not configured, if it is not.
-    pub reason: Option<String>,
-    /// Online (from the presence topic).
-    pub online: Option<bool>,
-    /// Desired revision.
-    pub desired: Option<Revision>,
-    /// Applied revision.
-    pub applied: Option<Revision>,
-    /// Last seen, Unix seconds.
-    pub last_seen: Option<u64>,
-    /// Allocated address.
-    pub address: Option<String>,
-    /// Last failure.
-    pub failure: Option<String>,
-    /// Babel neighbours the node last reported (one per WireGuard link that is up).
-    #[serde(default)]
-    pub neighbours: Vec<sidenet_wire::messages::Neighbour>,
-    /// The node's last pathfinder probe results (latency and loss per neighbour and gateway).
-    #[serde(default)]
-    pub probes: Vec<sidenet_wire::messages::Probe>,
 }
 
 /// The controller core.
@@ -175,14 +65,14 @@ pub struct Controller {
     /// Mesh of the message being handled (for [`Rejection`]).
     current_mesh: String,
     /// Links → nodes, for WireGuard neighbours.
-    pub peers: crate::peers::Index,
+    pub peers: crate::reconcile::peers::Index,
     /// Node id → (SHA-256 of the secrets and node key, the secrets sealed to the node, by
     /// name): sealing costs two X25519 multiplications, so it is done once per node and secret.
     sealed: BTreeMap<String, (String, BTreeMap<String, String>)>,
     /// Node id → the broker password the broker was last told (see [`Self::take_credentials`]).
     issued: BTreeMap<String, String>,
     /// Credential changes for the broker since the driver last took them.
-    credentials: Vec<crate::acl::Credential>,
+    credentials: Vec<crate::reconcile::credentials::Credential>,
     /// Key rotations by mesh network name (loaded with the keys).
     rotations: BTreeMap<String, Rotation>,
     /// Messages refused since the adapter last drained this: (what, node id, why). The
@@ -192,19 +82,6 @@ pub struct Controller {
     chunk: Option<usize>,
     /// Nodes waiting for [`Controller::reconcile_deferred`].
     deferred: std::collections::VecDeque<String>,
-}
-
-/// A node message the core refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// What was refused (`enrolment`, `status`).
-    pub what: String,
-    /// Mesh network name from the topic.
-    pub mesh: String,
-    /// Node id from the topic.
-    pub node: String,
-    /// Why.
-    pub why: String,
 }
 
 impl std::fmt::Debug for Controller {
@@ -226,7 +103,7 @@ enum Desired<'a> {
 impl Controller {
     /// A controller over `store`, with no manifests yet.
     pub fn new(store: Store, renderer: Renderer, secrets: Box<dyn Secrets>) -> Self {
-        let peers = crate::peers::Index::build(&store.nodes);
+        let peers = crate::reconcile::peers::Index::build(&store.nodes);
         Self {
             store,
             set: ManifestSet::default(),
@@ -302,17 +179,17 @@ impl Controller {
 
     /// Broker credential changes since the last call: passwords issued with configs, nodes that
     /// now log in with theirs, nodes removed. Take them after [`Self::flush`] (they describe
-    /// committed state) and hand them to the broker ([`crate::acl::CredentialBook`] or an
+    /// committed state) and hand them to the broker ([`crate::transport::acl::CredentialBook`] or an
     /// external broker's user store).
-    pub fn take_credentials(&mut self) -> Vec<crate::acl::Credential> {
+    pub fn take_credentials(&mut self) -> Vec<crate::reconcile::credentials::Credential> {
         std::mem::take(&mut self.credentials)
     }
 
     /// Every enrolled node's credentials as changes (for a broker starting empty): its
     /// password, and `Arm` for nodes that log in with it. Nodes of meshes whose secret cannot
     /// be had are left out (their nodes connect as enrolling nodes until it can).
-    pub fn credential_snapshot(&mut self) -> Vec<crate::acl::Credential> {
-        use crate::acl::Credential;
+    pub fn credential_snapshot(&mut self) -> Vec<crate::reconcile::credentials::Credential> {
+        use crate::reconcile::credentials::Credential;
         let mut secrets: BTreeMap<String, Option<[u8; 32]>> = BTreeMap::new();
         let mut out = Vec::new();
         let nodes: Vec<(String, String, bool)> = self
@@ -330,7 +207,7 @@ impl Controller {
                     .ok()
             });
             let Some(secret) = secret else { continue };
-            let password = crate::acl::node_password(&secret, &mesh, &id);
+            let password = crate::reconcile::credentials::node_password(&secret, &mesh, &id);
             self.issued.insert(id.clone(), password.clone());
             out.push(Credential::Issue {
                 mesh: mesh.clone(),
@@ -742,7 +619,7 @@ impl Controller {
                 return Ok(None);
             }
         };
-        let mqtt_password = crate::acl::node_password(&mqtt_secret, &net, id);
+        let mqtt_password = crate::reconcile::credentials::node_password(&mqtt_secret, &net, id);
         let seal_id = sha256_hex(
             format!(
                 "{passphrase}\0{}\0{mqtt_password}\0{}",
@@ -775,9 +652,10 @@ impl Controller {
         let gateways = cache
             .gateways
             .entry(mesh_name.clone())
-            .or_insert_with(|| crate::peers::gateways(&self.store, set, mesh));
-        let dataplane = crate::peers::dataplane(&self.peers, &self.store, set, mesh, id, gateways);
-        let fingerprint = crate::peers::fingerprint(
+            .or_insert_with(|| crate::reconcile::peers::gateways(&self.store, set, mesh));
+        let dataplane =
+            crate::reconcile::peers::dataplane(&self.peers, &self.store, set, mesh, id, gateways);
+        let fingerprint = crate::reconcile::peers::fingerprint(
             fingerprint(
                 &self.renderer.fingerprint,
                 &mesh_fp,
@@ -893,17 +771,19 @@ impl Controller {
         if self.issued.get(&plan.id) != Some(&plan.mqtt_password) {
             self.issued
                 .insert(plan.id.clone(), plan.mqtt_password.clone());
-            self.credentials.push(crate::acl::Credential::Issue {
-                mesh: plan.net.clone(),
-                node: plan.id.clone(),
-                password: plan.mqtt_password.clone(),
-            });
-            // A node that logged in with it before (a record restored after a restart).
-            if self.store.nodes.get(&plan.id).is_some_and(|r| r.mqtt_armed) {
-                self.credentials.push(crate::acl::Credential::Arm {
+            self.credentials
+                .push(crate::reconcile::credentials::Credential::Issue {
                     mesh: plan.net.clone(),
                     node: plan.id.clone(),
+                    password: plan.mqtt_password.clone(),
                 });
+            // A node that logged in with it before (a record restored after a restart).
+            if self.store.nodes.get(&plan.id).is_some_and(|r| r.mqtt_armed) {
+                self.credentials
+                    .push(crate::reconcile::credentials::Credential::Arm {
+                        mesh: plan.net.clone(),
+                        node: plan.id.clone(),
+                    });
             }
         }
         if let Some(p) = &plan.prev
@@ -920,7 +800,7 @@ impl Controller {
         let Some(envelope) = r.envelope else {
             return;
         };
-        if crate::health::withhold(
+        if crate::reconcile::health::withhold(
             plan.prev.as_ref(),
             self.store.nodes.get(&plan.id),
             &r.sha256,
@@ -992,10 +872,11 @@ impl Controller {
     /// mode's database is a cache rebuilt from the cluster at every start).
     pub fn forget(&mut self, id: &str, now: u64) -> Result<(), CoreError> {
         if let Some(rec) = self.store.nodes.get(id) {
-            self.credentials.push(crate::acl::Credential::Revoke {
-                mesh: rec.mesh.clone(),
-                node: id.to_string(),
-            });
+            self.credentials
+                .push(crate::reconcile::credentials::Credential::Revoke {
+                    mesh: rec.mesh.clone(),
+                    node: id.to_string(),
+                });
         }
         self.issued.remove(id);
         self.sealed.remove(id);
@@ -1033,10 +914,11 @@ impl Controller {
         let mut batch = Batch::default();
         self.store.remove_node(&mut batch, id);
         self.batch.merge(batch);
-        self.credentials.push(crate::acl::Credential::Revoke {
-            mesh: rec.mesh.clone(),
-            node: id.to_string(),
-        });
+        self.credentials
+            .push(crate::reconcile::credentials::Credential::Revoke {
+                mesh: rec.mesh.clone(),
+                node: id.to_string(),
+            });
         self.issued.remove(id);
         self.sealed.remove(id);
         self.blocked.remove(id);
@@ -1236,22 +1118,28 @@ impl Controller {
             // The node logs in with its own password: from now on the broker insists on it.
             rec.mqtt_armed = true;
             tracing::info!(node = %node, "node logs in to the broker with its own password: its id now needs it");
-            self.credentials.push(crate::acl::Credential::Arm {
-                mesh: mesh.to_string(),
-                node: node.to_string(),
-            });
+            self.credentials
+                .push(crate::reconcile::credentials::Credential::Arm {
+                    mesh: mesh.to_string(),
+                    node: node.to_string(),
+                });
         }
         self.online.insert(node.to_string(), true);
         let mut batch = Batch::default();
         self.store.put_node(&mut batch, node, rec);
         self.batch.merge(batch);
         if let Some(trial) = &report.trial
-            && crate::health::should_ack(self.store.published.get(node), self.store.epoch, trial)
+            && crate::reconcile::health::should_ack(
+                self.store.published.get(node),
+                self.store.epoch,
+                trial,
+            )
         {
             let key = self.mesh_key(mesh)?;
             let seq = verified.header.revision();
-            self.outbox
-                .push(crate::health::ack(&key, mesh, node, seq, trial, now));
+            self.outbox.push(crate::reconcile::health::ack(
+                &key, mesh, node, seq, trial, now,
+            ));
         }
         if moved {
             let affected = self.peers.replace(node, self.store.nodes.get(node));
@@ -1283,10 +1171,14 @@ impl Controller {
         token: &str,
         ttl: u64,
         now: u64,
-    ) -> Result<(), CoreError> {
-        if self.set.mesh_by_network(mesh).is_none() {
+    ) -> Result<EnrollmentMode, CoreError> {
+        let Some(mode) = self
+            .set
+            .mesh_by_network(mesh)
+            .map(|m| m.spec.enrollment.mode)
+        else {
             return Err(CoreError::Request(format!("no mesh named {mesh}")));
-        }
+        };
         let mut batch = Batch::default();
         self.store.put_token(
             &mut batch,
@@ -1299,10 +1191,12 @@ impl Controller {
             },
         );
         self.batch.merge(batch);
-        Ok(())
+        Ok(mode)
     }
 
-    /// A node id from an id or a MeshNode name.
+    /// A node id from what an admin typed: the node id, its MeshNode name, or its hostname (the
+    /// one it reported at enrolment or the one its MeshNode sets), when that hostname names
+    /// exactly one node. An ambiguous hostname gives the candidates.
     pub fn resolve(&self, who: &str) -> Result<String, CoreError> {
         if self.store.nodes.contains_key(who) || self.set.nodes.contains_key(who) {
             return Ok(who.to_string());
@@ -1315,15 +1209,52 @@ impl Controller {
         {
             return Ok(id.clone());
         }
-        let ids: Vec<&String> = self
+        let mut by_hostname: BTreeMap<&str, &str> = BTreeMap::new();
+        for (id, rec) in &self.store.nodes {
+            if rec.hostname == who {
+                by_hostname.insert(id, &rec.mesh);
+            }
+        }
+        for (id, n) in &self.set.nodes {
+            if n.spec.overrides.hostname.as_deref() == Some(who) {
+                by_hostname.insert(id, &n.spec.mesh);
+            }
+        }
+        match by_hostname.len() {
+            1 => {
+                return Ok(by_hostname
+                    .keys()
+                    .next()
+                    .map(|id| id.to_string())
+                    .unwrap_or_default());
+            }
+            0 => {}
+            _ => {
+                let list: Vec<String> = by_hostname
+                    .iter()
+                    .map(|(id, mesh)| format!("{id} (mesh {mesh})"))
+                    .collect();
+                return Err(CoreError::Request(format!(
+                    "hostname {who:?} names {} nodes: {}; give the node id",
+                    list.len(),
+                    list.join(", ")
+                )));
+            }
+        }
+        let names: Vec<String> = self
             .store
             .nodes
-            .keys()
-            .chain(self.set.nodes.keys())
+            .iter()
+            .flat_map(|(id, r)| [id.clone(), r.hostname.clone()])
+            .chain(self.set.nodes.iter().flat_map(|(id, n)| {
+                std::iter::once(id.clone())
+                    .chain(n.metadata.name.clone())
+                    .chain(n.spec.overrides.hostname.clone())
+            }))
             .collect();
         Err(CoreError::Request(format!(
-            "no node {who:?}; closest: {}",
-            closest(who, ids.into_iter())
+            "no node {who:?} (by id, MeshNode name or hostname); closest: {}",
+            closest(who, names.iter())
         )))
     }
 
@@ -1343,15 +1274,21 @@ impl Controller {
             .subnets
             .get(&(net.clone(), id.clone()))
             .copied()
-            .unwrap_or_else(|| crate::ipam::preferred(&net, &id).max(1));
+            .unwrap_or_else(|| crate::spec::ipam::preferred(&net, &id).max(1));
         let manifest = self.set.nodes.get(&id);
         let rec = self.store.nodes.get(&id);
         match decide(&self.set, &mesh, &id, manifest, rec, subnet, &pass) {
             Desired::Config { mut inputs, .. } => {
                 inputs.passphrase_next = next.as_deref();
-                let gw = crate::peers::gateways(&self.store, &self.set, &mesh);
-                let dp =
-                    crate::peers::dataplane(&self.peers, &self.store, &self.set, &mesh, &id, &gw);
+                let gw = crate::reconcile::peers::gateways(&self.store, &self.set, &mesh);
+                let dp = crate::reconcile::peers::dataplane(
+                    &self.peers,
+                    &self.store,
+                    &self.set,
+                    &mesh,
+                    &id,
+                    &gw,
+                );
                 build_config_with(&self.renderer, &inputs, Some(dp)).map_err(CoreError::Request)
             }
             Desired::Pending(r) | Desired::Blocked(r) => Err(CoreError::Request(r)),
@@ -1406,9 +1343,9 @@ impl Controller {
             let base = self
                 .set
                 .mesh_by_network(m)
-                .and_then(|mm| crate::manifest::parse_ula48(&mm.spec.prefix).ok())?;
+                .and_then(|mm| crate::spec::manifest::parse_ula48(&mm.spec.prefix).ok())?;
             let sid = self.store.subnets.get(&(m.clone(), id.clone()))?;
-            Some(crate::ipam::node_address(base, *sid).to_string())
+            Some(crate::spec::ipam::node_address(base, *sid).to_string())
         });
         StatusRow {
             name: manifest.and_then(|m| m.metadata.name.clone()),
@@ -1439,15 +1376,6 @@ fn validity(mesh: &Mesh) -> u64 {
         .max(60)
 }
 
-pub(crate) fn approved(mesh: &Mesh, manifest: Option<&MeshNode>, rec: Option<&NodeRecord>) -> bool {
-    match mesh.spec.enrollment.mode {
-        EnrollmentMode::Auto => true,
-        EnrollmentMode::Approval | EnrollmentMode::Token => {
-            manifest.is_some_and(|m| m.spec.approved) || rec.is_some_and(|r| r.approved)
-        }
-    }
-}
-
 fn profile_for<'a>(
     set: &'a ManifestSet,
     id: &str,
@@ -1460,16 +1388,16 @@ fn profile_for<'a>(
     if let Some(p) = wanted {
         return set.profiles.get(&p).ok_or_else(|| {
             format!(
-                "no HardwareProfile named {p:?}; closest: {}",
-                closest(&p, set.profiles.keys())
+                "no HardwareProfile named {p:?}; {}",
+                closest_profile(&p, set)
             )
         });
     }
     match rec.and_then(|r| r.board.clone()) {
         Some(board) => set.profile_for_board(&board).ok_or_else(|| {
             format!(
-                "board {board:?} has no profile; closest: {}",
-                closest(&board, set.profiles.keys())
+                "board {board:?} has no profile; {}",
+                closest_profile(&board, set)
             )
         }),
         None => Err(format!(
@@ -1524,7 +1452,7 @@ pub fn build_config(renderer: &Renderer, inputs: &NodeInputs<'_>) -> Result<Node
 pub fn build_config_with(
     renderer: &Renderer,
     inputs: &NodeInputs<'_>,
-    dataplane: Option<crate::peers::Dataplane>,
+    dataplane: Option<crate::reconcile::peers::Dataplane>,
 ) -> Result<NodeConfig, String> {
     let mut ctx = render::context(inputs).map_err(|e| e.to_string())?;
     if let Some(dp) = dataplane {
@@ -1591,7 +1519,7 @@ struct PlanCache {
     meshes: BTreeMap<String, MeshMemo>,
     profiles: BTreeMap<String, String>,
     /// Mesh name → its gateways.
-    gateways: BTreeMap<String, Vec<crate::peers::GatewayCtx>>,
+    gateways: BTreeMap<String, Vec<crate::reconcile::peers::GatewayCtx>>,
 }
 
 /// [`NodeInputs`] without borrows, so plans outlive the borrow of the manifest set.
@@ -1665,7 +1593,7 @@ struct Plan {
     /// The node's broker password.
     mqtt_password: String,
     validity: u64,
-    dataplane: crate::peers::Dataplane,
+    dataplane: crate::reconcile::peers::Dataplane,
 }
 
 /// The result of rendering a plan.

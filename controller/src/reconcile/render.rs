@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sidenet_crds::{Band, FirmwareFamily, HardwareProfile, Mesh, NodeRole, PolicyType, PortRole};
 use sidenet_wire::messages::FileSpec;
 
-use crate::manifest::{mesh_radio, network_name};
-use crate::regdb;
+use crate::spec::manifest::{mesh_radio, network_name};
+use crate::spec::regdb;
 
 /// Rendering failed.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +114,7 @@ impl Renderer {
                 std::fs::read_to_string(&index_path).map_err(|e| io(&index_path, e))?;
             all.extend_from_slice(index_text.as_bytes());
             let files: Vec<FileEntry> =
-                serde_yaml::from_str(&index_text).map_err(|e| RenderError::Index {
+                sidenet_crds::yaml::from_str(&index_text).map_err(|e| RenderError::Index {
                     path: index_path.clone(),
                     message: e.to_string(),
                 })?;
@@ -206,8 +206,8 @@ pub struct Context {
     pub mesh_radio: RadioCtx,
     /// The second radio serving the home network, if any.
     pub ap_radio: Option<RadioCtx>,
-    /// WireGuard neighbours, gateways and ports (see [`crate::peers`]).
-    pub dataplane: crate::peers::Dataplane,
+    /// WireGuard neighbours, gateways and ports (see [`crate::reconcile::peers`]).
+    pub dataplane: crate::reconcile::peers::Dataplane,
 }
 
 /// Mesh-wide settings as templates see them.
@@ -340,7 +340,7 @@ fn sanitize_hostname(h: &str) -> Option<String> {
 /// Builds the template context for one node (defaults → mesh → node overrides).
 pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
     let spec = &inp.mesh.spec;
-    let base = crate::manifest::parse_ula48(&spec.prefix).map_err(RenderError::Input)?;
+    let base = crate::spec::manifest::parse_ula48(&spec.prefix).map_err(RenderError::Input)?;
     let band = spec.radio.mesh_band;
     let pname = inp.profile.metadata.name.clone().unwrap_or_default();
     let radio = mesh_radio(&inp.profile.spec, band).ok_or_else(|| {
@@ -463,10 +463,10 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             hello_interval: spec.routing.hello_interval,
             // The passphrase itself travels sealed to the node (`NodeConfig::sealed`); the agent
             // fills it in where the templates use it.
-            passphrase: sidenet_wire::seal::placeholder(crate::core::MESH_PASSPHRASE),
-            passphrase_next: inp
-                .passphrase_next
-                .map(|_| sidenet_wire::seal::placeholder(crate::core::MESH_PASSPHRASE_NEXT)),
+            passphrase: sidenet_wire::seal::placeholder(crate::reconcile::model::MESH_PASSPHRASE),
+            passphrase_next: inp.passphrase_next.map(|_| {
+                sidenet_wire::seal::placeholder(crate::reconcile::model::MESH_PASSPHRASE_NEXT)
+            }),
             rate_kbit,
             internet,
         },
@@ -475,8 +475,8 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             name: inp.name.unwrap_or(inp.id).to_string(),
             hostname,
             role: inp.role.as_str().into(),
-            subnet: format!("{}/64", crate::ipam::subnet(base, inp.subnet_id)),
-            address: crate::ipam::node_address(base, inp.subnet_id).to_string(),
+            subnet: format!("{}/64", crate::spec::ipam::subnet(base, inp.subnet_id)),
+            address: crate::spec::ipam::node_address(base, inp.subnet_id).to_string(),
             prefix_len: 64,
         },
         profile: ProfileCtx {
@@ -490,6 +490,6 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         },
         mesh_radio,
         ap_radio,
-        dataplane: crate::peers::Dataplane::for_node(inp.id),
+        dataplane: crate::reconcile::peers::Dataplane::for_node(inp.id),
     })
 }

@@ -21,7 +21,7 @@ use sidenet_crds::{
 };
 use sidenet_wire::names;
 
-use crate::regdb;
+use crate::spec::regdb;
 
 /// Where an object came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,8 +252,7 @@ fn parse_file(
     set: &mut ManifestSet,
     errors: &mut Vec<ManifestError>,
 ) {
-    use serde::Deserialize;
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, parsed) in sidenet_crds::yaml::documents(text).into_iter().enumerate() {
         let doc = i + 1;
         let err = |object: Option<String>, field: Option<String>, message: String| ManifestError {
             file: file.to_path_buf(),
@@ -263,13 +262,13 @@ fn parse_file(
             field,
             message,
         };
-        let yaml = match serde_yaml::Value::deserialize(de) {
+        let value = match parsed {
             Ok(v) => v,
             Err(e) => {
                 errors.push(ManifestError {
                     file: file.to_path_buf(),
                     doc,
-                    line: e.location().map(|l| l.line()),
+                    line: e.line,
                     object: None,
                     field: None,
                     message: format!("not valid YAML: {e}"),
@@ -278,20 +277,9 @@ fn parse_file(
                 return;
             }
         };
-        if yaml.is_null() {
+        if value.is_null() {
             continue;
         }
-        let value: Value = match serde_json::to_value(&yaml) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(err(
-                    None,
-                    None,
-                    format!("cannot be read as JSON-like data: {e}"),
-                ));
-                continue;
-            }
-        };
         let Some(obj) = value.as_object().cloned() else {
             errors.push(err(
                 None,
@@ -811,8 +799,8 @@ fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                         &key,
                         "spec.hardwareProfile",
                         format!(
-                            "no HardwareProfile named {p:?}; closest: {}",
-                            closest(p, set.profiles.keys())
+                            "no HardwareProfile named {p:?}; {}",
+                            closest_profile(p, set)
                         ),
                     ));
                     continue;
@@ -907,8 +895,8 @@ fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut
             report(
                 field,
                 format!(
-                    "no HardwareProfile named {p:?}; closest: {}",
-                    closest(p, set.profiles.keys())
+                    "no HardwareProfile named {p:?}; {}",
+                    closest_profile(p, set)
                 ),
             );
         }
@@ -1013,6 +1001,15 @@ pub fn closest<'a>(wanted: &str, known: impl Iterator<Item = &'a String>) -> Str
         "none known".into()
     } else {
         best.join(", ")
+    }
+}
+
+/// The closest hardware profile names, or, when none is loaded at all, where they come from.
+pub fn closest_profile(wanted: &str, set: &ManifestSet) -> String {
+    if set.profiles.is_empty() {
+        "no HardwareProfile is loaded at all (pass --profiles DIR, or run from the repository root, which has hardware-profiles/)".into()
+    } else {
+        format!("closest: {}", closest(wanted, set.profiles.keys()))
     }
 }
 

@@ -15,8 +15,8 @@ use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{Ack, Trial};
 use sidenet_wire::{Header, Kind, Revision, topics};
 
-use crate::core::{Publish, StatusRow};
-use crate::store::{NodeRecord, Published};
+use crate::reconcile::model::{Publish, StatusRow};
+use crate::reconcile::store::{NodeRecord, Published};
 
 /// How long an acknowledgement stays valid.
 const ACK_VALIDITY: u64 = 300;

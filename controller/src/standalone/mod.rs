@@ -19,11 +19,13 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admin::{self, Request, Response};
-use crate::core::{Controller, Publish, Secrets};
-use crate::manifest::{self, ManifestSet};
 use crate::provisioning::{Runner, RunnerOptions};
-use crate::render::Renderer;
-use crate::store::Store;
+use crate::random::random32;
+use crate::reconcile::core::Controller;
+use crate::reconcile::model::{Publish, Secrets};
+use crate::reconcile::render::Renderer;
+use crate::reconcile::store::Store;
+use crate::spec::manifest::{self, ManifestSet};
 
 /// Options of the standalone controller.
 #[derive(Debug, Clone)]
@@ -41,7 +43,7 @@ pub struct Options {
     /// Listen address of the embedded broker.
     pub listen: SocketAddr,
     /// TLS listener of the embedded broker, next to `listen`.
-    pub tls: Option<crate::broker::TlsListen>,
+    pub tls: Option<crate::transport::broker::TlsListen>,
     /// How often the manifest folder is checked.
     pub poll: Duration,
     /// How often configs are checked for renewal.
@@ -54,7 +56,7 @@ pub struct Options {
     pub broker_login: Option<(String, String)>,
     /// The external broker is Mosquitto with the dynamic security plugin, and the controller's
     /// user may administer it: the controller manages node credentials and ACLs there
-    /// ([`crate::dynsec`]).
+    /// ([`crate::transport::dynsec`]).
     pub broker_dynsec: bool,
 }
 
@@ -66,16 +68,16 @@ pub enum StandaloneError {
     State { path: PathBuf, message: String },
     /// Templates are broken.
     #[error(transparent)]
-    Render(#[from] crate::render::RenderError),
+    Render(#[from] crate::reconcile::render::RenderError),
     /// The database failed.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::reconcile::store::StoreError),
     /// The core failed.
     #[error(transparent)]
-    Core(#[from] crate::core::CoreError),
+    Core(#[from] crate::reconcile::core::CoreError),
     /// The broker could not start.
     #[error(transparent)]
-    Broker(#[from] crate::broker::BrokerError),
+    Broker(#[from] crate::transport::broker::BrokerError),
     /// Bad broker URL.
     #[error("{0}")]
     Url(String),
@@ -117,13 +119,6 @@ fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::remove_file(&tmp)
 }
 
-/// 32 random bytes from the operating system.
-pub fn random32() -> Result<[u8; 32], String> {
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| format!("no randomness: {e}"))?;
-    Ok(b)
-}
-
 impl FsSecrets {
     fn rotation_path(&self, network: &str) -> PathBuf {
         self.dir
@@ -156,7 +151,7 @@ impl FsSecrets {
 }
 
 impl Secrets for FsSecrets {
-    fn rotation(&mut self, network: &str) -> Result<crate::core::Rotation, String> {
+    fn rotation(&mut self, network: &str) -> Result<crate::reconcile::model::Rotation, String> {
         let path = self.rotation_path(network);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
@@ -169,7 +164,7 @@ impl Secrets for FsSecrets {
         &mut self,
         network: &str,
         key: &KeyPair,
-        rotation: &crate::core::Rotation,
+        rotation: &crate::reconcile::model::Rotation,
     ) -> Result<(), String> {
         // The new key next to the old one, then the record naming it, then the switch: a crash
         // in between is settled on the next start (see `settle_rotation`).
@@ -336,7 +331,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     // Node credentials for the embedded broker, complete before it accepts anyone: an armed
     // node's id is never open to a takeover, not even while the controller starts.
-    let book = crate::acl::CredentialBook::default();
+    let book = crate::transport::acl::CredentialBook::default();
     let _ = ctl.take_credentials();
     book.apply(&ctl.credential_snapshot());
 
@@ -348,8 +343,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             let u = sidenet_wire::topics::parse_broker(url)
                 .map_err(|e| StandaloneError::Url(format!("--broker: {e}")))?;
             if u.tls {
-                let t = crate::kubernetes::tls_config_for(opts.broker_ca.as_deref(), "--broker-ca")
-                    .map_err(|e| StandaloneError::Url(e.to_string()))?;
+                let t =
+                    crate::transport::tls::client_config(opts.broker_ca.as_deref(), "--broker-ca")
+                        .map_err(|e| StandaloneError::Url(e.to_string()))?;
                 tls = Some(rumqttc::Transport::tls_with_config(t));
             } else if opts.broker_ca.is_some() {
                 return Err(StandaloneError::Url(format!(
@@ -363,7 +359,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 &random32().map_err(|e| state_err(format!("broker password: {e}")))?,
             );
             credentials = Some(password.clone());
-            let _broker = crate::broker::start(
+            let _broker = crate::transport::broker::start(
                 opts.listen,
                 opts.tls.as_ref(),
                 opts.max_connections,
@@ -388,11 +384,14 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         port,
     );
     mqtt.set_keep_alive(Duration::from_secs(30));
-    mqtt.set_max_packet_size(crate::broker::MAX_PACKET, crate::broker::MAX_PACKET);
+    mqtt.set_max_packet_size(
+        crate::transport::broker::MAX_PACKET,
+        crate::transport::broker::MAX_PACKET,
+    );
     mqtt.set_clean_session(true);
     mqtt.set_inflight(1000);
     if let Some(p) = credentials {
-        mqtt.set_credentials(crate::acl::CONTROLLER_USER, p);
+        mqtt.set_credentials(crate::transport::acl::CONTROLLER_USER, p);
     } else if let Some((u, p)) = &opts.broker_login {
         mqtt.set_credentials(u.clone(), p.clone());
     }
@@ -418,8 +417,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // A short request queue: publishing 10,000 configs waits for the socket instead of holding
     // every payload in memory at once.
     let (client, mut eventloop) = AsyncClient::new(mqtt, 512);
-    // Never bounded in count: the event loop must not wait for the engine (crate::inbox).
-    let (ev_tx, mut ev_rx) = crate::inbox::channel::<MqttEvent>(crate::inbox::LIMIT);
+    // Never bounded in count: the event loop must not wait for the engine (crate::transport::inbox).
+    let (ev_tx, mut ev_rx) =
+        crate::transport::inbox::channel::<MqttEvent>(crate::transport::inbox::LIMIT);
     let mqtt_task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -439,7 +439,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(a))) => {
-                    crate::broker::log_refused_subscription(&a);
+                    crate::transport::broker::log_refused_subscription(&a);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -535,13 +535,13 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                             if let Some(user) = &dynsec_user {
                                 // Credentials before configs: a node that reads its password
                                 // reconnects with it at once.
-                                if let Err(e) = client.subscribe(crate::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce).await {
+                                if let Err(e) = client.subscribe(crate::transport::dynsec::RESPONSE_TOPIC, QoS::AtLeastOnce).await {
                                     tracing::error!("subscribe: {e}");
                                 }
                                 dynsec_meshes = mesh_networks(&ctl);
-                                let mut cmds = crate::dynsec::setup(user, &dynsec_meshes);
+                                let mut cmds = crate::transport::dynsec::setup(user, &dynsec_meshes);
                                 let _ = ctl.take_credentials();
-                                cmds.extend(crate::dynsec::commands(&ctl.credential_snapshot()));
+                                cmds.extend(crate::transport::dynsec::commands(&ctl.credential_snapshot()));
                                 send_dynsec(&client, cmds).await;
                             }
                             send(&client, ctl.announcements(crate::now())?).await;
@@ -550,12 +550,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                                 send(&client, ctl.stored_configs_of(ids)?).await;
                             }
                         }
-                        MqttEvent::Message(topic, payload) if topic == crate::dynsec::RESPONSE_TOPIC => {
-                            for e in crate::dynsec::response_errors(&payload) {
+                        MqttEvent::Message(topic, payload) if topic == crate::transport::dynsec::RESPONSE_TOPIC => {
+                            for e in crate::transport::dynsec::response_errors(&payload) {
                                 tracing::error!("Mosquitto dynamic security: {e}");
                             }
                             if let Some(user) = &dynsec_user
-                                && let Some(cmd) = crate::dynsec::controller_role_missing(&payload, user)
+                                && let Some(cmd) = crate::transport::dynsec::controller_role_missing(&payload, user)
                             {
                                 tracing::info!("giving broker user {user} the sidenet-controller role (Mosquitto reconnects it)");
                                 send_dynsec(&client, vec![cmd]).await;
@@ -580,12 +580,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 let changes = ctl.take_credentials();
                 book.apply(&changes);
                 if connected && dynsec_user.is_some() {
-                    send_dynsec(&client, crate::dynsec::commands(&changes)).await;
+                    send_dynsec(&client, crate::transport::dynsec::commands(&changes)).await;
                 }
                 let mut out = out;
                 if let Response::Removed { topic, .. } = &resp {
                     // An empty retained message deletes the retained config.
-                    out.push(crate::core::Publish { topic: topic.clone(), payload: Vec::new(), retain: true });
+                    out.push(crate::reconcile::model::Publish { topic: topic.clone(), payload: Vec::new(), retain: true });
                 }
                 let mut sent = Sent::default();
                 sent.count(&out);
@@ -614,10 +614,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             let mut cmds = Vec::new();
             let meshes = mesh_networks(&ctl);
             if meshes != dynsec_meshes {
-                cmds = crate::dynsec::setup(user, &meshes);
+                cmds = crate::transport::dynsec::setup(user, &meshes);
                 dynsec_meshes = meshes;
             }
-            cmds.extend(crate::dynsec::commands(&changes));
+            cmds.extend(crate::transport::dynsec::commands(&changes));
             send_dynsec(&client, cmds).await;
         }
         if connected {
@@ -645,7 +645,7 @@ fn mesh_networks(ctl: &Controller) -> Vec<String> {
     ctl.set
         .meshes
         .values()
-        .map(|m| crate::manifest::network_name(m).to_string())
+        .map(|m| crate::spec::manifest::network_name(m).to_string())
         .collect()
 }
 
@@ -654,10 +654,10 @@ async fn send_dynsec(client: &AsyncClient, commands: Vec<serde_json::Value>) {
     if commands.is_empty() {
         return;
     }
-    for payload in crate::dynsec::messages(commands, 200) {
+    for payload in crate::transport::dynsec::messages(commands, 200) {
         if let Err(e) = client
             .publish(
-                crate::dynsec::CONTROL_TOPIC,
+                crate::transport::dynsec::CONTROL_TOPIC,
                 QoS::AtLeastOnce,
                 false,
                 payload,
@@ -777,9 +777,10 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
                 Err(message) => return Response::Error { message },
             };
             match ctl.create_token(&mesh, &token, ttl_s, now) {
-                Ok(()) => Response::Token {
+                Ok(mode) => Response::Token {
                     token,
                     expires: now.saturating_add(ttl_s),
+                    mode: Some(mode.as_str().to_string()),
                 },
                 Err(e) => fail(&e),
             }
@@ -833,7 +834,7 @@ async fn drain_deferred(
     client: &AsyncClient,
     connected: bool,
     sent: &mut Sent,
-    book: &crate::acl::CredentialBook,
+    book: &crate::transport::acl::CredentialBook,
     dynsec_user: Option<&str>,
 ) -> Result<(), StandaloneError> {
     while ctl.has_deferred() {
@@ -846,7 +847,7 @@ async fn drain_deferred(
         let changes = ctl.take_credentials();
         book.apply(&changes);
         if connected && dynsec_user.is_some() {
-            send_dynsec(client, crate::dynsec::commands(&changes)).await;
+            send_dynsec(client, crate::transport::dynsec::commands(&changes)).await;
         }
         sent.count(&out);
         if connected {

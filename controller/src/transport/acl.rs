@@ -13,7 +13,7 @@
 //!
 //! Per-node credentials ([`CredentialBook`]): every config carries the node's own broker
 //! password sealed to the node ([`sidenet_wire::seal::MQTT_PASSWORD`], derived from a per-mesh
-//! secret, [`node_password`]). The agent logs in with username = its node id and that password,
+//! secret, [`crate::reconcile::credentials::node_password`]). The agent logs in with username = its node id and that password,
 //! and says so in its signed status report; from then on the node is *armed* and the broker
 //! refuses any connection claiming its client id without the password — no session takeover,
 //! no reading its topics. Before that (a node that is still enrolling, which has nothing to
@@ -27,6 +27,8 @@ use std::sync::{Arc, RwLock};
 use sha2::{Digest, Sha256};
 use sidenet_broker::{Authorizer, QueueLimits, Refusal};
 use sidenet_wire::{names, topics};
+
+use crate::reconcile::credentials::Credential;
 
 /// The username of the controller's own connection.
 pub const CONTROLLER_USER: &str = "sidenet-controller";
@@ -76,21 +78,6 @@ pub fn allowed(role: &Role, action: Action, topic: &str) -> bool {
     }
 }
 
-/// A node's broker password: `base64url(SHA-256("sidenet-mqtt-password-v1" 0 secret mesh 0
-/// node))`, from the mesh's broker secret ([`crate::core::Secrets::mqtt_secret`]). Derived, not
-/// stored: the controller can give it again after losing its database, and an external broker
-/// can be told it again.
-pub fn node_password(secret: &[u8; 32], mesh: &str, node: &str) -> String {
-    use base64::Engine;
-    let mut h = Sha256::new();
-    h.update(b"sidenet-mqtt-password-v1\0");
-    h.update(secret);
-    h.update(mesh.as_bytes());
-    h.update([0]);
-    h.update(node.as_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
-}
-
 /// What the broker knows about one node's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
@@ -98,34 +85,6 @@ struct Entry {
     digest: [u8; 32],
     /// The node logged in with it: connections without it are refused.
     armed: bool,
-}
-
-/// A change to the broker's view of node credentials, made by the core.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Credential {
-    /// The node's password (sent to it in its config); a connection giving it is let in.
-    Issue {
-        /// Mesh network name.
-        mesh: String,
-        /// Node id.
-        node: String,
-        /// The password.
-        password: String,
-    },
-    /// The node logs in with its password: refuse its id without it from now on.
-    Arm {
-        /// Mesh network name.
-        mesh: String,
-        /// Node id.
-        node: String,
-    },
-    /// The node was removed: forget its credentials (its id may enrol again).
-    Revoke {
-        /// Mesh network name.
-        mesh: String,
-        /// Node id.
-        node: String,
-    },
 }
 
 /// The node credentials the embedded broker checks, shared between the controller's core
@@ -273,6 +232,7 @@ impl Authorizer for MeshAuthorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconcile::credentials::node_password;
 
     const A: &str = "aaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbb";

@@ -32,8 +32,8 @@ use serde::Serialize;
 use sidenet_crds::{Mesh, NodeRole};
 use sidenet_wire::codec::sha256;
 
-use crate::manifest::{ManifestSet, network_name};
-use crate::store::{NodeRecord, Store};
+use crate::reconcile::store::{NodeRecord, Store};
+use crate::spec::manifest::{ManifestSet, network_name};
 
 /// Expected number of WireGuard peers a node gets on one large link.
 pub const MAX_LINK_PEERS: usize = 8;
@@ -386,7 +386,7 @@ fn name_of(store: &Store, set: &ManifestSet, node: &str) -> String {
 /// mesh and reconcile, then handed to [`dataplane`].
 pub fn gateways(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<GatewayCtx> {
     let net = network_name(mesh);
-    let Ok(base) = crate::manifest::parse_ula48(&mesh.spec.prefix) else {
+    let Ok(base) = crate::spec::manifest::parse_ula48(&mesh.spec.prefix) else {
         return Vec::new();
     };
     set.nodes
@@ -399,7 +399,7 @@ pub fn gateways(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<GatewayCtx
             Some(GatewayCtx {
                 node: node.clone(),
                 name: name_of(store, set, node),
-                address: crate::ipam::node_address(base, *sid).to_string(),
+                address: crate::spec::ipam::node_address(base, *sid).to_string(),
             })
         })
         .collect()
@@ -419,7 +419,8 @@ pub fn dataplane(
     let net = network_name(mesh);
     let admitted = |node: &str| {
         let rec = store.nodes.get(node);
-        rec.is_some_and(|r| r.mesh == net) && crate::core::approved(mesh, set.nodes.get(node), rec)
+        rec.is_some_and(|r| r.mesh == net)
+            && crate::reconcile::admission::approved(mesh, set.nodes.get(node), rec)
     };
     if admitted(id) {
         let mine: Vec<(String, LinkKey)> = index

@@ -101,7 +101,7 @@ pub struct NodeRecord {
     #[serde(default)]
     pub wireguard: Option<WireguardInfo>,
     /// The node logs in to the broker with its own password (it said so in a signed status
-    /// report): the broker refuses its id without it ([`crate::acl`]).
+    /// report): the broker refuses its id without it ([`crate::transport::acl`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mqtt_armed: bool,
 }
@@ -398,7 +398,7 @@ impl Store {
             return Some(*id);
         }
         let taken = self.taken.entry(mesh.to_string()).or_default();
-        let id = crate::ipam::allocate(mesh, node, |x| taken.contains(&x))?;
+        let id = crate::spec::ipam::allocate(mesh, node, |x| taken.contains(&x))?;
         taken.insert(id);
         self.subnets
             .insert((mesh.to_string(), node.to_string()), id);

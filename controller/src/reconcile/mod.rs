@@ -1,0 +1,11 @@
+//! Layer 2, the pure reconcile core: from typed specs and reported state to what each node
+//! should run. No I/O but the state store; no Kubernetes, files or MQTT.
+
+pub mod admission;
+pub mod core;
+pub mod credentials;
+pub mod health;
+pub mod model;
+pub mod peers;
+pub mod render;
+pub mod store;
