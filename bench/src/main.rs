@@ -6,6 +6,8 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod cross;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,6 +92,21 @@ enum Cmd {
         /// Key seed of the agents.
         #[arg(long, default_value_t = 14)]
         seed: u64,
+        /// Repository root (manifests, profiles, templates).
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+    },
+    /// The agents for the routers' CPUs (`scripts/build-agents`): binary size per architecture,
+    /// plain and TLS, and the MIPS agent's idle RSS under qemu-user. Updates only these figures
+    /// in benchmarks.json and their table in benchmarks.md.
+    Agents {
+        /// The cross-built agents: DIR/ARCH/sidenet-agent and DIR/tls/ARCH/sidenet-agent
+        /// [default: REPO/target/agents/dist].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Where benchmarks.json and benchmarks.md are.
+        #[arg(long, default_value = "docs")]
+        out_dir: PathBuf,
         /// Repository root (manifests, profiles, templates).
         #[arg(long, default_value = ".")]
         repo: PathBuf,
@@ -187,6 +204,14 @@ fn main() -> anyhow::Result<()> {
                     "controller_rss_bytes": r.controller_rss,
                 })
             );
+            Ok(())
+        }),
+        Cmd::Agents { dir, out_dir, repo } => rt.block_on(async move {
+            let repo = std::fs::canonicalize(&repo)?;
+            let dir = dir.unwrap_or_else(|| cross::default_dir(&repo));
+            let figures = cross::measure(&repo, &dir).await?;
+            cross::update(&out_dir, &figures)?;
+            println!("{}", serde_json::to_string_pretty(&figures)?);
             Ok(())
         }),
         Cmd::All {
@@ -796,28 +821,44 @@ fn agent_apply(repo: &Path, iterations: u64) -> anyhow::Result<f64> {
 /// The agent binary on its own against an embedded-broker controller: size and idle RSS.
 async fn agent_footprint(repo: &Path, agent_bin: &Path) -> anyhow::Result<(u64, u64)> {
     let size = std::fs::metadata(agent_bin)?.len();
+    let (rss, _) = agent_footprint_with(
+        repo,
+        Command::new(agent_bin),
+        "raspberrypi-4b-awus036acm",
+        |pid| rss_bytes(pid).map(|r| (r, r)),
+    )
+    .await?;
+    Ok((size, rss))
+}
+
+/// An agent started by `cmd` (the agent, or an emulator and its arguments before the agent's
+/// own) on the files backend against an embedded-broker controller. Once it applied its
+/// config and is idle, `rss` is sampled ten times over a second; the peak of each of its two
+/// figures is returned.
+async fn agent_footprint_with(
+    repo: &Path,
+    mut cmd: Command,
+    profile: &str,
+    rss: impl Fn(u32) -> anyhow::Result<(u64, u64)>,
+) -> anyhow::Result<(u64, u64)> {
     let dir = tempfile::tempdir()?;
     let listen = free_port()?;
     let _ctl = Controller::start(repo, dir.path(), None, listen).await?;
     wait_port(listen).await?;
     let root = dir.path().join("node");
-    let child = Command::new(agent_bin)
+    let child = cmd
         .args(["--mesh", "riverside", "--broker"])
         .arg(format!("mqtt://127.0.0.1:{listen}"))
         .arg("--root")
         .arg(&root)
-        .args([
-            "--profile",
-            "raspberrypi-4b-awus036acm",
-            "--hostname",
-            "footprint",
-        ])
+        .args(["--profile", profile, "--hostname", "footprint"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let agent = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Emulated agents start slower.
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !root.join("etc/sidenet-agent/current.json").exists() {
         if Instant::now() > deadline {
             bail!("the agent never applied its config");
@@ -825,12 +866,13 @@ async fn agent_footprint(repo: &Path, agent_bin: &Path) -> anyhow::Result<(u64, 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Idle: configured, connected, nothing to do. Sample a few times and keep the peak.
-    let mut peak = 0;
+    let mut peak = (0, 0);
     for _ in 0..10 {
-        peak = peak.max(rss_bytes(agent.0.id())?);
+        let (a, b) = rss(agent.0.id())?;
+        peak = (peak.0.max(a), peak.1.max(b));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok((size, peak))
+    Ok(peak)
 }
 
 fn netjsonconfig_per_s(repo: &Path, n: usize) -> anyhow::Result<f64> {
@@ -951,6 +993,14 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
     r.insert("agent_idle_rss_bytes", json!(rss));
     let apply = agent_apply(repo, if smoke { 20 } else { 200 })?;
     r.insert("agent_apply_s", json!((apply * 1e6).round() / 1e6));
+    // The agents for the routers' CPUs, built by bench/run with scripts/build-agents.
+    let agents = if smoke {
+        BTreeMap::new()
+    } else {
+        eprintln!("agents for the routers' CPUs");
+        cross::measure(repo, &cross::default_dir(repo)).await?
+    };
+    r.extend(agents.clone());
 
     // Each rollout runs ROUNDS times (fresh controller, broker and agents each time); the
     // figure is the median, and every run's value is kept under `<key>_runs`. On 2 shared
@@ -1063,6 +1113,9 @@ async fn all(smoke: bool, out_dir: &Path, repo: &Path) -> anyhow::Result<()> {
         _ => format!("# Benchmarks\n\n{begin}\n{table}{end}\n"),
     };
     std::fs::write(&md_path, text)?;
+    if !agents.is_empty() {
+        cross::update(out_dir, &agents)?;
+    }
     println!("{json_text}");
     Ok(())
 }

@@ -135,7 +135,7 @@ fn render_variant(
 fn mesh_for(set: &ManifestSet, profile: &str) -> sidenet_crds::Mesh {
     let mut mesh = set.meshes.get("riverside").unwrap().clone();
     let p = set.profiles.get(profile).unwrap();
-    if manifest::mesh_radio(&p.spec, mesh.spec.radio.mesh_band).is_none() {
+    if p.spec.mesh_radio(mesh.spec.radio.mesh_band).is_none() {
         mesh.spec.radio.mesh_band = sidenet_crds::Band::TwoG;
     }
     mesh

@@ -66,7 +66,7 @@ fn render(
 ) -> Vec<(String, String)> {
     let p = set.profiles.get(profile).unwrap();
     let mut mesh = set.meshes.get("riverside").unwrap().clone();
-    if manifest::mesh_radio(&p.spec, mesh.spec.radio.mesh_band).is_none() {
+    if p.spec.mesh_radio(mesh.spec.radio.mesh_band).is_none() {
         mesh.spec.radio.mesh_band = sidenet_crds::Band::TwoG;
     }
     let inputs = NodeInputs {

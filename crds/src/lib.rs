@@ -596,6 +596,15 @@ pub enum FirmwareFamily {
     Linux,
 }
 
+impl HardwareProfileSpec {
+    /// The radio that carries the mesh on `band`: the first 802.11s-capable radio on that band.
+    pub fn mesh_radio(&self, band: Band) -> Option<&RadioProfile> {
+        self.radios
+            .iter()
+            .find(|r| r.mesh_point && r.bands.contains(&band))
+    }
+}
+
 impl FirmwareFamily {
     /// As written in manifests and template folder names.
     pub fn as_str(self) -> &'static str {

@@ -237,31 +237,13 @@ impl Context {
         })
     }
 
-    /// The agent binary for a profile: `AGENTS/<packageArch>/sidenet-agent`, else
-    /// `AGENTS/<cpuArch>/sidenet-agent`, hashed once per run.
+    /// The agent binary for a profile, the first of [`agent_candidates`] that exists, hashed
+    /// once per run.
     pub fn binary_for(&self, p: &HardwareProfile) -> Result<Binary, HostError> {
-        let dirs: Vec<&str> = p
-            .spec
-            .package_arch
-            .iter()
-            .map(String::as_str)
-            .chain(std::iter::once(p.spec.cpu_arch.as_str()))
-            .collect();
-        let candidates: Vec<PathBuf> = dirs
-            .iter()
-            .map(|d| self.settings.agents.join(d).join(AGENT_FILE))
-            .collect();
+        let tls = self.settings.broker.starts_with("mqtts://");
+        let candidates = agent_candidates(&self.settings.agents, p, tls);
         let Some(path) = candidates.iter().find(|c| c.is_file()).cloned() else {
-            return Err(HostError::Other(format!(
-                "no agent binary for {} ({}): looked for {}",
-                p.metadata.name.as_deref().unwrap_or("?"),
-                p.spec.cpu_arch,
-                candidates
-                    .iter()
-                    .map(|c| c.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            )));
+            return Err(HostError::Other(no_agent_message(p, &candidates, tls)));
         };
         // One hash per file, however many architecture folders link to it.
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
@@ -292,6 +274,41 @@ impl Context {
         cache.insert(key, b.clone());
         Ok(b)
     }
+}
+
+/// Where the agent binary for a profile is looked for, in order: `AGENTS/<packageArch>/sidenet-agent`,
+/// then `AGENTS/<cpuArch>/sidenet-agent`; for an `mqtts://` broker the TLS builds under
+/// `AGENTS/tls/` first (the layout `scripts/build-agents` writes; docs/agents.md).
+pub fn agent_candidates(agents: &std::path::Path, p: &HardwareProfile, tls: bool) -> Vec<PathBuf> {
+    let arches: Vec<&str> = p
+        .spec
+        .package_arch
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(p.spec.cpu_arch.as_str()))
+        .collect();
+    let tls_dir = agents.join("tls");
+    let tls_first = tls.then_some(tls_dir.as_path());
+    tls_first
+        .into_iter()
+        .chain(std::iter::once(agents))
+        .flat_map(|dir| arches.iter().map(move |a| dir.join(a).join(AGENT_FILE)))
+        .collect()
+}
+
+/// Why provisioning refuses a host whose architecture has no agent binary, and how to get one.
+fn no_agent_message(p: &HardwareProfile, candidates: &[PathBuf], tls: bool) -> String {
+    let arch = p.spec.package_arch.as_deref().unwrap_or(&p.spec.cpu_arch);
+    format!(
+        "no agent binary for {} ({arch}): looked for {}; build it with `scripts/build-agents {}{arch}` (docs/agents.md)",
+        p.metadata.name.as_deref().unwrap_or("?"),
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if tls { "--tls " } else { "" },
+    )
 }
 
 /// What the host has installed.
@@ -809,6 +826,52 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[allow(clippy::unwrap_used)]
+    fn profile(name: &str) -> HardwareProfile {
+        let path = format!(
+            "{}/../hardware-profiles/{name}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        sidenet_crds::yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn agent_binaries_are_looked_up_by_architecture() {
+        let c7 = profile("tplink-archer-c7-v2");
+        let pi = profile("raspberrypi-4b-awus036acm");
+        let d = std::path::Path::new("dist");
+        let names = |v: Vec<PathBuf>| {
+            v.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(agent_candidates(d, &c7, false)),
+            ["dist/mips_24kc/sidenet-agent", "dist/mips/sidenet-agent"]
+        );
+        assert_eq!(
+            names(agent_candidates(d, &c7, true)),
+            [
+                "dist/tls/mips_24kc/sidenet-agent",
+                "dist/tls/mips/sidenet-agent",
+                "dist/mips_24kc/sidenet-agent",
+                "dist/mips/sidenet-agent"
+            ]
+        );
+        assert_eq!(
+            names(agent_candidates(d, &pi, false)),
+            ["dist/aarch64/sidenet-agent"]
+        );
+        let m = no_agent_message(&c7, &agent_candidates(d, &c7, false), false);
+        assert_eq!(
+            m,
+            "no agent binary for tplink-archer-c7-v2 (mips_24kc): looked for dist/mips_24kc/sidenet-agent, dist/mips/sidenet-agent; build it with `scripts/build-agents mips_24kc` (docs/agents.md)"
+        );
+        assert!(
+            no_agent_message(&c7, &[], true).contains("`scripts/build-agents --tls mips_24kc`")
+        );
+    }
 
     #[test]
     fn staging_names_are_hidden_siblings() {

@@ -54,7 +54,8 @@ pub struct Settings {
     /// CA bundle (PEM text) the agents pin for an `mqtts://` broker (`brokerCa` in their
     /// bootstrap config).
     pub broker_ca: Option<String>,
-    /// Folder of agent binaries: `AGENTS/<packageArch or cpuArch>/sidenet-agent`.
+    /// Folder of agent binaries: `AGENTS/<packageArch or cpuArch>/sidenet-agent` (TLS builds
+    /// under `AGENTS/tls/`; [`crate::host::agent_candidates`]).
     pub agents: PathBuf,
     /// Templates folder with `FAMILY/install.yaml`.
     pub templates: PathBuf,

@@ -194,7 +194,8 @@ struct ProvisionArgs {
     /// always aborts that host.
     #[arg(long)]
     accept_new_host_keys: bool,
-    /// Agent binaries, one folder per architecture: AGENTS/<arch>/sidenet-agent.
+    /// Agent binaries, one folder per architecture: AGENTS/<arch>/sidenet-agent, and for an
+    /// mqtts:// broker AGENTS/tls/<arch>/sidenet-agent first (as scripts/build-agents makes them).
     #[arg(long, default_value = "dist")]
     agents: PathBuf,
     /// Hardware profile folder(s).

@@ -34,9 +34,8 @@ use sidenet_wire::Revision;
 use sidenet_wire::topics::{self, Incoming};
 use tokio::sync::{Mutex, OnceCell};
 
-use super::KubeError;
-use super::Options;
 use super::http::Metrics;
+use super::options::{KubeError, Options};
 use super::state::{KubeSecrets, SecretCache};
 use super::status::{self, MeshFacts, NodeFacts};
 use crate::reconcile::core::Controller;

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use sidenet_crds::{FirmwareFamily, HardwareProfile, Mesh, NodeRole, PolicyType};
 use sidenet_wire::messages::FileSpec;
 
-use crate::spec::manifest::{mesh_radio, network_name};
+use crate::spec::manifest::network_name;
 use crate::spec::regdb;
 
 /// Rendering failed.
@@ -354,7 +354,7 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
     let base = crate::spec::manifest::parse_ula48(&spec.prefix).map_err(RenderError::Input)?;
     let band = spec.radio.mesh_band;
     let pname = inp.profile.metadata.name.clone().unwrap_or_default();
-    let radio = mesh_radio(&inp.profile.spec, band).ok_or_else(|| {
+    let radio = inp.profile.spec.mesh_radio(band).ok_or_else(|| {
         RenderError::Input(format!(
             "HardwareProfile/{pname} has no 802.11s-capable radio on {}",
             band.as_str()

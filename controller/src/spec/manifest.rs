@@ -16,8 +16,8 @@ use std::sync::LazyLock;
 
 use serde_json::Value;
 use sidenet_crds::{
-    API_VERSION, Band, HardwareProfile, HardwareProfileSpec, Mesh, MeshNode, NodeProvision,
-    PolicyType, SecretKeyRef,
+    API_VERSION, HardwareProfile, HardwareProfileSpec, Mesh, MeshNode, NodeProvision, PolicyType,
+    SecretKeyRef,
 };
 use sidenet_wire::names;
 
@@ -944,7 +944,7 @@ pub fn node_radio_errors(
     let radio_spec = &mesh.spec.radio;
     let band = radio_spec.mesh_band;
     let pname = profile.metadata.name.as_deref().unwrap_or_default();
-    let radio = mesh_radio(&profile.spec, band);
+    let radio = profile.spec.mesh_radio(band);
     let issues = match radio {
         Some(radio) => regdb::check_node(radio_spec, node.map(|n| &n.spec.overrides), pname, radio),
         None => Vec::new(),
@@ -1002,13 +1002,6 @@ pub fn node_radio_errors(
             ),
         })
         .collect()
-}
-
-/// The radio that carries the mesh on `band`: the first 802.11s-capable radio on that band.
-pub fn mesh_radio(p: &HardwareProfileSpec, band: Band) -> Option<&sidenet_crds::RadioProfile> {
-    p.radios
-        .iter()
-        .find(|r| r.mesh_point && r.bands.contains(&band))
 }
 
 /// The closest known names to `wanted` (by shared prefix, then edit distance), for error hints.

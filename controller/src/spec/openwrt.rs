@@ -93,7 +93,9 @@ pub fn radio_rule(
     }
     let pname = profile.metadata.name.clone().unwrap_or_default();
     let band = mesh.spec.radio.mesh_band;
-    let radio = crate::spec::manifest::mesh_radio(&profile.spec, band)
+    let radio = profile
+        .spec
+        .mesh_radio(band)
         .map(|r| r.name.clone())
         .unwrap_or_else(|| "the mesh radio".into());
     let mesh_name = mesh.metadata.name.clone().unwrap_or_default();

@@ -11,7 +11,7 @@ use sidenet_wire::topics::{self};
 use sidenet_wire::{Header, Kind, PublicKey};
 
 use super::plan::validity;
-use super::{Controller, CoreError};
+use super::state::{Controller, CoreError};
 use crate::reconcile::model::Publish;
 use crate::spec::manifest::network_name;
 

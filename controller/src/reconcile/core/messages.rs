@@ -10,7 +10,7 @@ use sidenet_wire::messages::{EnrollRequest, StatusReport};
 use sidenet_wire::topics::{self, Incoming};
 use sidenet_wire::{Envelope, Kind, PublicKey, WireError};
 
-use super::{Controller, CoreError, NODE_MESSAGE_MAX_AGE};
+use super::state::{Controller, CoreError, NODE_MESSAGE_MAX_AGE};
 use crate::reconcile::model::{MAX_FAILED_REVISIONS, Rejection};
 use crate::reconcile::store::{Batch, NodeRecord, TokenRecord};
 use crate::spec::manifest::closest;

@@ -11,7 +11,7 @@ use sidenet_wire::messages::NodeConfig;
 use sidenet_wire::topics::{self};
 use sidenet_wire::{Header, Kind, PublicKey, Revision};
 
-use super::{Controller, CoreError};
+use super::state::{Controller, CoreError};
 use crate::reconcile::admission::approved;
 use crate::reconcile::model::{
     DEFAULT_VALIDITY, MESH_PASSPHRASE, MESH_PASSPHRASE_NEXT, MQTT_PASSWORD, Publish,
@@ -28,6 +28,83 @@ pub(super) enum Desired<'a> {
 }
 
 impl Controller {
+    /// Reconciles every node.
+    pub fn reconcile_all(&mut self, now: u64) -> Result<(), CoreError> {
+        // Every node is a candidate again: nothing stays deferred twice.
+        self.deferred.clear();
+        let ids = self.candidates();
+        self.reconcile(&ids, now)
+    }
+
+    /// Reconciles at most `n` nodes per call from now on (`None`: every node at once, the
+    /// default). The rest of a larger reconcile waits in [`Controller::has_deferred`] for
+    /// [`Controller::reconcile_deferred`]: the adapter commits and publishes each chunk
+    /// ([`Controller::flush`]) before rendering the next, so a mesh-wide change holds at most one
+    /// chunk of signed envelopes in memory instead of one per node of the mesh.
+    pub fn set_chunk(&mut self, n: Option<usize>) {
+        self.chunk = n.map(|n| n.max(1));
+    }
+
+    /// Whether nodes of an earlier reconcile wait for [`Controller::reconcile_deferred`].
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Reconciles the next chunk of deferred nodes. Reconcile is level-triggered, so a node
+    /// deferred while its inputs changed again is simply reconciled with the newer inputs.
+    pub fn reconcile_deferred(&mut self, now: u64) -> Result<(), CoreError> {
+        let n = self.chunk.unwrap_or(usize::MAX).min(self.deferred.len());
+        let ids: Vec<String> = self.deferred.drain(..n).collect();
+        self.reconcile_now(&ids, now)
+    }
+
+    /// Reconciles the given nodes; what to publish is handed out by [`Controller::flush`]. With
+    /// a chunk size set ([`Controller::set_chunk`]), only the first chunk is reconciled now and
+    /// the rest is deferred.
+    pub fn reconcile(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+        match self.chunk {
+            Some(n) if ids.len() > n => {
+                self.deferred.extend(ids[n..].iter().cloned());
+                self.reconcile_now(&ids[..n], now)
+            }
+            _ => self.reconcile_now(ids, now),
+        }
+    }
+
+    /// Three phases: plan each node (sequential: approval, profile, subnet, fingerprint), render
+    /// and sign the ones whose inputs changed (in parallel, on every core), then record the new
+    /// revisions (sequential).
+    fn reconcile_now(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+        let mut batch = Batch::default();
+        let mut plans = Vec::new();
+        let mut cache = PlanCache::default();
+        for id in ids {
+            match self.plan(id, now, &mut batch, &mut cache) {
+                Ok(Some(p)) => plans.push(p),
+                Ok(None) => {}
+                Err(e) => {
+                    self.batch.merge(batch);
+                    return Err(e);
+                }
+            }
+        }
+        let results = self.render_plans(&plans, now);
+        let before = self.counters.published;
+        for (plan, result) in plans.into_iter().zip(results) {
+            self.record(plan, result, now, &mut batch);
+        }
+        let published = self.counters.published - before;
+        if published == 1 {
+            if let Some(p) = self.outbox.last() {
+                tracing::info!("publishing config {}", p.topic);
+            }
+        } else if published > 1 {
+            tracing::info!("publishing {published} configs");
+        }
+        self.batch.merge(batch);
+        Ok(())
+    }
+
     /// Decides whether a node needs rendering. `None`: nothing to do (unchanged, pending or
     /// blocked, with the reason kept in `self.blocked`).
     pub(super) fn plan(

@@ -4,7 +4,7 @@
 use sidenet_wire::messages::{ApplyState, NodeConfig};
 
 use super::plan::{Desired, build_config_with, decide};
-use super::{Controller, CoreError};
+use super::state::{Controller, CoreError};
 use crate::reconcile::model::StatusRow;
 use crate::spec::manifest::network_name;
 
