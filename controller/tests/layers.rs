@@ -149,7 +149,7 @@ fn referenced(module: &[String], code: &str, modules: &BTreeSet<Vec<String>>) ->
             }
             let inner: String = chars[s + 1..j].iter().collect();
             group = inner
-                .split(|c| c == ',' || c == '{' || c == '}')
+                .split([',', '{', '}'])
                 .map(|e| e.trim())
                 .filter(|e| !e.is_empty())
                 .map(|e| {
