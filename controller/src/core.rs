@@ -150,6 +150,15 @@ pub struct StatusRow {
     /// The node's last pathfinder probe results (latency and loss per neighbour and gateway).
     #[serde(default)]
     pub probes: Vec<sidenet_wire::messages::Probe>,
+    /// Agent version of the node's last status report.
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// Sequence epoch of the node's last message: it grows every time the agent starts.
+    #[serde(default)]
+    pub agent_epoch: Option<u64>,
+    /// Packages the node says are missing (it applies nothing new until they are installed).
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// The controller core.
@@ -1226,6 +1235,8 @@ impl Controller {
             rec.failed_revisions.drain(..excess);
         }
         rec.failure = report.failure.clone();
+        rec.agent_version = Some(report.agent_version.clone());
+        rec.missing = report.missing.clone();
         rec.probes = report.probes.clone();
         rec.neighbours = report.neighbours.clone();
         let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;
@@ -1385,6 +1396,7 @@ impl Controller {
         let applied = rec.and_then(|r| r.applied);
         let reason = self.blocked.get(&id).cloned();
         let online = self.online.get(&id).copied();
+        let reason = reason.or_else(|| crate::health::missing_reason(rec));
         let phase = if let Some(r) = &reason {
             if r.starts_with("waiting for approval") {
                 "Pending"
@@ -1424,6 +1436,9 @@ impl Controller {
             failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
             neighbours: rec.map(|r| r.neighbours.clone()).unwrap_or_default(),
             probes: rec.map(|r| r.probes.clone()).unwrap_or_default(),
+            agent_version: rec.and_then(|r| r.agent_version.clone()),
+            agent_epoch: rec.and_then(|r| r.last_seq.map(|s| s.epoch)),
+            missing: rec.map(|r| r.missing.clone()).unwrap_or_default(),
             node: id,
         }
     }
@@ -1552,6 +1567,7 @@ pub fn build_config_with(
         files: files.into_iter().map(|f| f.file).collect(),
         actions,
         sealed: BTreeMap::new(),
+        requires: renderer.requirements(family),
     })
 }
 

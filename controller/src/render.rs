@@ -71,6 +71,8 @@ pub struct FileEntry {
 pub struct Renderer {
     env: Environment<'static>,
     families: BTreeMap<String, Vec<FileEntry>>,
+    /// Per family: the packages its configs need (`packages` of `FAMILY/install.yaml`).
+    requires: BTreeMap<String, Vec<sidenet_wire::messages::Requirement>>,
     /// SHA-256 over every template and index, so a template change re-renders everything.
     pub fingerprint: String,
 }
@@ -96,6 +98,7 @@ impl Renderer {
             })?;
         env.set_syntax(syntax);
         let mut families = BTreeMap::new();
+        let mut requires = BTreeMap::new();
         let mut all = Vec::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| io(dir, e))?
@@ -137,13 +140,37 @@ impl Renderer {
                 env.add_template_owned(name.clone(), src)
                     .map_err(|source| RenderError::Template { name, source })?;
             }
+            // What the agent checks before applying: the same list provisioning installs.
+            let install = fam_dir.join(sidenet_provision::install::DESCRIPTOR);
+            let packages = sidenet_provision::install::load_packages(&install).map_err(|e| {
+                RenderError::Index {
+                    path: install.clone(),
+                    message: match e {
+                        sidenet_provision::install::InstallError::Descriptor {
+                            message, ..
+                        } => message,
+                        other => other.to_string(),
+                    },
+                }
+            })?;
+            if let Some(p) = packages {
+                let reqs = p.requirements();
+                all.extend_from_slice(&serde_json::to_vec(&reqs).unwrap_or_default());
+                requires.insert(family.clone(), reqs);
+            }
             families.insert(family, files);
         }
         Ok(Self {
             env,
             families,
+            requires,
             fingerprint: sidenet_wire::codec::sha256_hex(&all),
         })
+    }
+
+    /// The packages configs of `family` need (empty when its descriptor declares none).
+    pub fn requirements(&self, family: &str) -> Vec<sidenet_wire::messages::Requirement> {
+        self.requires.get(family).cloned().unwrap_or_default()
     }
 
     /// Renders every file of `family` with `ctx`.

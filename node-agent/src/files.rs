@@ -666,6 +666,7 @@ mod tests {
                 .collect(),
             actions: vec![],
             sealed: Default::default(),
+            requires: Vec::new(),
         }
     }
 

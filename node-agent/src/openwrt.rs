@@ -227,6 +227,7 @@ mod tests {
                 .collect(),
             actions,
             sealed: Default::default(),
+            requires: Vec::new(),
         }
     }
 

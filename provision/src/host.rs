@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,21 +21,41 @@ use sidenet_crds::HardwareProfile;
 use sidenet_wire::codec::sha256_hex;
 
 use crate::detect::{self, DetectError, Facts};
-use crate::install::{Bootstrap, InstallError, Installers, Layout, shell_quote};
+use crate::install::{Bootstrap, InstallError, InstallSpec, Installers, Layout, shell_quote};
 use crate::knownhosts::{HostKey, KnownHosts, KnownHostsError};
+use crate::packages::{self, PackagesSpec};
 use crate::plan::{Settings, Target};
 use crate::ssh::{self, Conn, Endpoint, KeyOutcome, SshError};
 
 /// File name of the agent binary in the agents folder.
 pub const AGENT_FILE: &str = "sidenet-agent";
 
+/// How the controller sees a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeSeen {
+    /// Its phase (`Pending`, `Configuring`, `Ready`, `Offline`, ...).
+    pub phase: String,
+    /// Whether it is connected (its presence topic), if known.
+    pub online: Option<bool>,
+    /// The agent version of its last status report.
+    pub agent_version: Option<String>,
+    /// The sequence epoch of its last message: it grows every time the agent starts, so a
+    /// larger one than before a restart comes from the restarted agent.
+    pub agent_epoch: Option<u64>,
+    /// Packages its last status report says are missing.
+    pub missing: Vec<String>,
+}
+
 /// What the provisioner asks of the controller.
 pub trait ControlPlane: Send + Sync {
-    /// How the controller sees a node of `mesh`: its phase (`Enrolled`, `Pending`, `Ready`, ...),
-    /// or `None` until it enrolled.
-    fn node_phase(&self, mesh: &str, node: &str) -> Result<Option<String>, String>;
+    /// How the controller sees a node of `mesh`, or `None` until it enrolled.
+    fn node(&self, mesh: &str, node: &str) -> Result<Option<NodeSeen>, String>;
     /// A single-use enrolment token for one new node, or `None` when the mesh needs none.
     fn enrolment_token(&self, mesh: &str) -> Result<Option<String>, String>;
+    /// Forgets a node whose agent was removed (`sidenetctl provision --remove`).
+    fn remove_node(&self, _mesh: &str, _node: &str) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// A step of a host's run, shown in the progress lines.
@@ -52,14 +72,18 @@ pub enum Step {
     Detect,
     /// Comparing what is installed.
     Inspect,
+    /// Checking and installing the packages the configs need.
+    Packages,
     /// Staging and verifying files.
     Upload,
     /// Switching files into place, enabling the service.
     Install,
     /// Starting the service.
     Start,
-    /// Waiting until the controller sees the node.
+    /// Waiting until the controller sees the node online with the installed agent.
     Enrol,
+    /// Stopping the service and deleting the agent's files (`--remove`).
+    Uninstall,
     /// Finished.
     Done,
 }
@@ -73,10 +97,12 @@ impl Step {
             Step::Login => "login",
             Step::Detect => "detect",
             Step::Inspect => "inspect",
+            Step::Packages => "packages",
             Step::Upload => "upload",
             Step::Install => "install",
             Step::Start => "start",
             Step::Enrol => "enrol",
+            Step::Uninstall => "uninstall",
             Step::Done => "done",
         }
     }
@@ -90,6 +116,10 @@ pub enum Outcome {
     Provisioned,
     /// Everything was in place already; nothing on the host changed.
     AlreadyProvisioned,
+    /// The agent was taken off the host (`--remove`).
+    Removed,
+    /// `--remove` found no agent on the host.
+    NotInstalled,
     /// The host failed; see the error.
     Failed,
 }
@@ -100,6 +130,8 @@ impl Outcome {
         match self {
             Outcome::Provisioned => "provisioned",
             Outcome::AlreadyProvisioned => "already provisioned",
+            Outcome::Removed => "removed",
+            Outcome::NotInstalled => "not installed",
             Outcome::Failed => "failed",
         }
     }
@@ -127,6 +159,19 @@ pub struct HostReport {
     pub step: Step,
     /// What was changed on the host.
     pub changes: Vec<String>,
+    /// Packages installed on the host by this run.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// The agent version the node runs (as its `--version` says).
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// How the run logged in: `none` (a router without a root password), `publickey` or
+    /// `password`.
+    #[serde(default)]
+    pub login: Option<String>,
+    /// Things the admin should know that did not fail the host.
+    #[serde(default)]
+    pub warnings: Vec<String>,
     /// The host key pinned by this run (trust on first use), if any.
     pub pinned_host_key: Option<String>,
     /// Why it failed, naming the host.
@@ -148,6 +193,10 @@ impl HostReport {
             result: Outcome::Failed,
             step: Step::Queued,
             changes: Vec::new(),
+            packages: Vec::new(),
+            agent_version: None,
+            login: None,
+            warnings: Vec::new(),
             pinned_host_key: None,
             error: None,
             duration_ms: 0,
@@ -296,12 +345,17 @@ impl Context {
 
 /// What the host has installed.
 #[derive(Debug, Default)]
-struct Installed {
-    agent_sha: Option<String>,
+pub(crate) struct Installed {
+    pub(crate) agent_sha: Option<String>,
     service_sha: Option<String>,
-    config: Option<String>,
-    running: bool,
-    node_id: Option<String>,
+    keep_sha: Option<String>,
+    /// `X.Y.Z` from the installed agent's `--version`.
+    version: Option<String>,
+    /// The installed agent's `--help` offers `--uninstall`.
+    pub(crate) uninstall: bool,
+    pub(crate) config: Option<String>,
+    pub(crate) running: bool,
+    pub(crate) node_id: Option<String>,
     stale: Vec<String>,
 }
 
@@ -317,11 +371,14 @@ fn sha_or_none(s: Option<&String>) -> Option<String> {
 }
 
 impl Installed {
-    fn parse(out: &str) -> Self {
+    pub(crate) fn parse(out: &str) -> Self {
         let s = detect::sections(out);
         Self {
             agent_sha: sha_or_none(s.get("agent")),
             service_sha: sha_or_none(s.get("service")),
+            keep_sha: sha_or_none(s.get("keep")),
+            version: s.get("version").and_then(|v| parse_version(v)),
+            uninstall: s.get("help").is_some_and(|h| h.contains("--uninstall")),
             config: s.get("config").filter(|c| !c.trim().is_empty()).cloned(),
             running: s.get("running").is_some_and(|r| r.trim() == "yes"),
             node_id: s.get("id").and_then(|t| parse_show_id(t)),
@@ -331,6 +388,15 @@ impl Installed {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// `0.1.0` from `sidenet-agent 0.1.0 (no tls)`.
+fn parse_version(text: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("sidenet-agent ")?;
+        let v = rest.split_whitespace().next()?;
+        (!v.is_empty()).then(|| v.to_string())
+    })
 }
 
 fn parse_show_id(text: &str) -> Option<String> {
@@ -355,28 +421,42 @@ fn parent(path: &str) -> &str {
     }
 }
 
-fn inspect_script(l: &Layout) -> String {
+pub(crate) fn inspect_script(l: &Layout) -> String {
     let q = shell_quote;
-    let stale: Vec<String> = [&l.agent, &l.config, &l.service]
-        .iter()
-        .map(|d| {
-            let p = staging_path(d, "");
-            // Quote everything but the trailing glob.
-            format!("{}*", q(&p))
-        })
-        .collect();
+    let keep = l.keep.as_ref().map(|k| k.0.clone());
+    let stale: Vec<String> = [
+        Some(&l.agent),
+        Some(&l.config),
+        Some(&l.service),
+        keep.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|d| {
+        let p = staging_path(d, "");
+        // Quote everything but the trailing glob.
+        format!("{}*", q(&p))
+    })
+    .collect();
     format!(
         "h() {{ if [ -f \"$1\" ]; then sha256sum \"$1\" 2>/dev/null | cut -d' ' -f1; fi; }}\n\
          echo @@agent; h {agent}\n\
          echo @@service; h {service}\n\
+         echo @@keep; {keep}\n\
          echo @@config; cat {config} 2>/dev/null\n\
          echo\n\
          echo @@running; if ({running}) </dev/null >/dev/null 2>&1; then echo yes; else echo no; fi\n\
          echo @@id; if [ -x {agent} ] && [ -f {config} ]; then {agent} --config {config} --show-id 2>/dev/null </dev/null; fi\n\
+         echo @@version; if [ -x {agent} ]; then {agent} --version 2>/dev/null </dev/null; fi\n\
+         echo @@help; if [ -x {agent} ]; then {agent} --help 2>/dev/null </dev/null | grep -e --uninstall; fi\n\
          echo @@stale; for f in {stale}; do if [ -e \"$f\" ]; then rm -f \"$f\" && echo \"$f\"; fi; done\n\
          echo @@end\n",
         agent = q(&l.agent),
         service = q(&l.service),
+        keep = keep
+            .as_deref()
+            .map(|k| format!("h {}", q(k)))
+            .unwrap_or_else(|| ":".into()),
         config = q(&l.config),
         running = l.running,
         stale = stale.join(" "),
@@ -424,18 +504,37 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-struct Run<'a> {
-    t: &'a Target,
-    ctx: &'a Context,
-    progress: &'a dyn Fn(Step, &str),
-    rep: HostReport,
-    conn: Option<Conn>,
-    staged: Vec<String>,
+pub(crate) struct Run<'a> {
+    pub(crate) t: &'a Target,
+    pub(crate) ctx: &'a Context,
+    pub(crate) progress: &'a dyn Fn(Step, &str),
+    pub(crate) rep: HostReport,
+    pub(crate) conn: Option<Conn>,
+    pub(crate) staged: Vec<String>,
+}
+
+/// A host logged in to, with its board detected and its family's descriptor resolved.
+pub(crate) struct Opened<'a> {
+    pub(crate) facts: Facts,
+    pub(crate) profile: &'a HardwareProfile,
+    pub(crate) desc_path: &'a Path,
+    pub(crate) spec: &'a InstallSpec,
+    pub(crate) layout: Layout,
 }
 
 /// Provisions one host; `progress` hears every step. Never panics and never returns early
 /// without a report: a failure is a report with the step and the reason.
 pub fn provision_host(t: &Target, ctx: &Context, progress: &dyn Fn(Step, &str)) -> HostReport {
+    drive(t, ctx, progress, |run| run.go())
+}
+
+/// Runs `body` on one host and turns its result into the report.
+pub(crate) fn drive<'a>(
+    t: &'a Target,
+    ctx: &'a Context,
+    progress: &'a dyn Fn(Step, &str),
+    body: impl FnOnce(&mut Run<'a>) -> Result<Outcome, HostError>,
+) -> HostReport {
     let started = Instant::now();
     let mut run = Run {
         t,
@@ -445,7 +544,7 @@ pub fn provision_host(t: &Target, ctx: &Context, progress: &dyn Fn(Step, &str)) 
         conn: None,
         staged: Vec::new(),
     };
-    let result = run.go();
+    let result = body(&mut run);
     match result {
         Ok(outcome) => {
             run.rep.result = outcome;
@@ -465,19 +564,20 @@ pub fn provision_host(t: &Target, ctx: &Context, progress: &dyn Fn(Step, &str)) 
     run.rep
 }
 
-impl Run<'_> {
-    fn at(&mut self, step: Step, detail: &str) {
+impl<'a> Run<'a> {
+    pub(crate) fn at(&mut self, step: Step, detail: &str) {
         self.rep.step = step;
         (self.progress)(step, detail);
     }
 
-    fn conn(&self) -> Result<&Conn, HostError> {
+    pub(crate) fn conn(&self) -> Result<&Conn, HostError> {
         self.conn
             .as_ref()
             .ok_or_else(|| HostError::Other("not connected".into()))
     }
 
-    fn go(&mut self) -> Result<Outcome, HostError> {
+    /// Connects, logs in, detects the board and resolves the family's descriptor.
+    pub(crate) fn open(&mut self) -> Result<Opened<'a>, HostError> {
         let t = self.t;
         let ctx = self.ctx;
         let s = &ctx.settings;
@@ -504,13 +604,14 @@ impl Run<'_> {
         self.conn = Some(conn);
 
         self.at(Step::Login, &t.user);
-        let cred = t.credential.as_ref().ok_or_else(|| {
-            HostError::Other(
-                "no credentials: give privateKeyFile or passwordFile (CLI) or a Secret reference"
-                    .into(),
-            )
-        })?;
-        self.conn()?.login(&t.user, cred)?;
+        let method = self.conn()?.login(&t.user, t.credential.as_ref())?;
+        self.rep.login = Some(method.to_string());
+        if method == "none" {
+            self.rep.warnings.push(format!(
+                "logged in as {} without a password (the SSH `none` method): this router has no {} password; set one (`passwd`) or install a key",
+                t.user, t.user
+            ));
+        }
 
         self.at(Step::Detect, "");
         let out = self
@@ -524,11 +625,31 @@ impl Run<'_> {
         self.rep.profile = Some(profile_name.clone());
         let (desc_path, spec) = ctx.installers.get(profile.spec.firmware)?;
         let layout = spec.layout(desc_path, &t.root, &s.mesh, &t.hostname())?;
-        let binary = ctx.binary_for(profile)?;
         self.at(
             Step::Detect,
             &format!("{} → {profile_name}", facts.summary()),
         );
+        Ok(Opened {
+            facts,
+            profile,
+            desc_path,
+            spec,
+            layout,
+        })
+    }
+
+    fn go(&mut self) -> Result<Outcome, HostError> {
+        let ctx = self.ctx;
+        let s = &ctx.settings;
+        let Opened {
+            facts,
+            profile,
+            desc_path,
+            spec,
+            layout,
+        } = self.open()?;
+        let profile_name = profile.metadata.name.clone().unwrap_or_default();
+        let binary = ctx.binary_for(profile)?;
 
         self.at(Step::Inspect, "");
         let out = self
@@ -542,14 +663,21 @@ impl Run<'_> {
                 installed.stale.len()
             ));
         }
+
+        // Refuse before anything is uploaded when the configs' packages cannot be installed.
+        let packages = match &spec.packages {
+            Some(p) => self.packages(p, &facts, desc_path)?,
+            None => Vec::new(),
+        };
+
         let mut desired = Bootstrap {
             mesh: s.mesh.clone(),
             broker: s.broker.clone(),
             broker_ca: s.broker_ca.clone(),
             mesh_key: s.mesh_key.clone(),
-            root: t.root.clone(),
+            root: self.t.root.clone(),
             state: layout.state.clone(),
-            hostname: t.hostname(),
+            hostname: self.t.hostname(),
             board: facts.board_name.clone(),
             profile: Some(profile_name),
             token: None,
@@ -557,18 +685,35 @@ impl Run<'_> {
         let service_sha = sha256_hex(layout.service_content.as_bytes());
         let agent_ok = installed.agent_sha.as_deref() == Some(binary.sha256.as_str());
         let service_ok = installed.service_sha.as_deref() == Some(service_sha.as_str());
+        let keep_ok = match &layout.keep {
+            Some((_, _, content)) => {
+                installed.keep_sha.as_deref() == Some(sha256_hex(content.as_bytes()).as_str())
+            }
+            None => true,
+        };
         let config_ok = installed
             .config
             .as_deref()
             .is_some_and(|c| desired.same_as_installed(c));
 
-        if agent_ok && service_ok && config_ok && installed.running {
+        if agent_ok
+            && service_ok
+            && keep_ok
+            && config_ok
+            && installed.running
+            && packages.is_empty()
+        {
             let node = match installed.node_id.clone() {
                 Some(n) => n,
                 None => self.show_id(&layout)?,
             };
             self.rep.node_id = Some(node.clone());
-            self.wait_enrolled(&node, &layout)?;
+            let version = match installed.version.clone() {
+                Some(v) => v,
+                None => self.agent_version(&layout.agent)?,
+            };
+            self.rep.agent_version = Some(version.clone());
+            self.wait_online(&node, &version, None, &layout)?;
             return Ok(Outcome::AlreadyProvisioned);
         }
 
@@ -576,7 +721,7 @@ impl Run<'_> {
             let known = match &installed.node_id {
                 Some(id) => ctx
                     .control
-                    .node_phase(&s.mesh, id)
+                    .node(&s.mesh, id)
                     .map_err(|e| HostError::Other(format!("asking the controller: {e}")))?
                     .is_some(),
                 None => false,
@@ -592,6 +737,7 @@ impl Run<'_> {
 
         // Stage and verify everything that differs before anything is switched.
         let mut switch: Vec<(String, String)> = Vec::new();
+        let mut version = installed.version.clone();
         if !agent_ok {
             let tmp = staging_path(&layout.agent, &ctx.run_id);
             self.at(
@@ -628,7 +774,8 @@ impl Run<'_> {
                 "run the uploaded agent",
                 &format!("{} --version 2>&1 </dev/null", shell_quote(&tmp)),
             )?;
-            if out.status != 0 || !out.stdout.contains("sidenet-agent") {
+            let parsed = parse_version(&out.stdout);
+            if out.status != 0 || parsed.is_none() {
                 return Err(HostError::Other(format!(
                     "the agent for {} ({}) does not run on this host (exit status {}): {}",
                     profile.spec.cpu_arch,
@@ -637,6 +784,7 @@ impl Run<'_> {
                     out.stdout.trim().chars().take(300).collect::<String>()
                 )));
             }
+            version = parsed;
             // `sidenet-agent X.Y.Z (tls)`: built with the cargo feature `tls`.
             if s.broker.starts_with("mqtts://") && !out.stdout.contains("(tls)") {
                 return Err(HostError::Other(format!(
@@ -655,6 +803,17 @@ impl Run<'_> {
                 self.stage_bytes(&layout.config, &bytes, 0o600, "upload the bootstrap config")?;
             switch.push((tmp, layout.config.clone()));
             self.rep.changes.push("bootstrap config".into());
+        }
+        if !keep_ok && let Some((path, mode, content)) = &layout.keep {
+            self.at(Step::Upload, "keep list");
+            let tmp = self.stage_bytes(
+                path,
+                content.as_bytes(),
+                *mode,
+                "upload the list of files a firmware upgrade keeps",
+            )?;
+            switch.push((tmp, path.clone()));
+            self.rep.changes.push("keep list".into());
         }
         if !service_ok {
             self.at(Step::Upload, "service");
@@ -687,10 +846,27 @@ impl Run<'_> {
         self.staged.clear();
         let node = self.show_id(&layout)?;
         self.rep.node_id = Some(node.clone());
+        let version = match version {
+            Some(v) => v,
+            None => self.agent_version(&layout.agent)?,
+        };
+        self.rep.agent_version = Some(version.clone());
 
+        // The agent checks the packages when it starts: a new package means a restart too.
+        let restart = installed.running && (!switch.is_empty() || !packages.is_empty());
+        // What the controller heard from the node before: only a report from a later start
+        // counts as the (re)started agent's.
+        let before = if s.wait_for_enrolment {
+            ctx.control
+                .node(&s.mesh, &node)
+                .ok()
+                .flatten()
+                .and_then(|n| n.agent_epoch)
+        } else {
+            None
+        };
         self.at(Step::Start, "");
         let mut script = String::new();
-        let restart = installed.running && !switch.is_empty();
         if restart {
             script.push_str(&format!("{}\n", layout.stop));
         }
@@ -709,11 +885,134 @@ impl Run<'_> {
             .check("start the service")?;
         self.rep.changes.push(if restart {
             "restarted".into()
+        } else if installed.running {
+            "running".into()
         } else {
             "started".into()
         });
-        self.wait_enrolled(&node, &layout)?;
+        self.wait_online(&node, &version, Some(before), &layout)?;
         Ok(Outcome::Provisioned)
+    }
+
+    /// Checks the packages the configs need and installs the missing ones; the installed ones.
+    fn packages(
+        &mut self,
+        spec: &PackagesSpec,
+        facts: &Facts,
+        desc_path: &Path,
+    ) -> Result<Vec<String>, HostError> {
+        self.at(Step::Packages, "");
+        let desc = desc_path.display();
+        let version = facts.os_version.as_deref();
+        let manager = spec.manager_for(version).map_err(|e| {
+            HostError::Other(format!(
+                "{desc}: {e}; this host runs {}",
+                facts.os_pretty.as_deref().unwrap_or("an unknown version")
+            ))
+        })?;
+        let check = |run: &mut Self| -> Result<packages::Check, HostError> {
+            let out = run
+                .conn()?
+                .run("check the packages", &packages::check_script(spec, manager))?
+                .check("check the packages")?;
+            Ok(packages::parse_check(&out.stdout))
+        };
+        let found = check(self)?;
+        if found.missing.is_empty() {
+            self.at(Step::Packages, "all there");
+            return Ok(Vec::new());
+        }
+        let what = packages::describe(&found.missing, spec, &found.installed);
+        if !found.manager {
+            return Err(HostError::Other(format!(
+                "missing packages: {}; `{}` (the package manager {desc} names for {}) is not on the host, so they cannot be installed",
+                found.missing.join(", "),
+                manager.command(),
+                facts.os_pretty.as_deref().unwrap_or("this version"),
+            )));
+        }
+        self.at(
+            Step::Packages,
+            &format!("{} install {what}", manager.as_str()),
+        );
+        let out = self.conn()?.run(
+            "install packages",
+            &packages::install_script(spec, manager, &found.missing, &found.installed),
+        )?;
+        let detail = |o: &ssh::Output| {
+            let text = o
+                .stdout
+                .lines()
+                .filter(|l| !l.starts_with("@@"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let text = text.trim();
+            if text.is_empty() {
+                o.stderr.trim().chars().take(600).collect::<String>()
+            } else {
+                text.chars().take(1200).collect()
+            }
+        };
+        let step = out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("@@").filter(|x| *x != "done"))
+            .unwrap_or("the install script failed")
+            .to_string();
+        match out.status {
+            0 => {}
+            packages::NO_SOURCE => {
+                return Err(HostError::Other(format!(
+                    "no package source: {step}, so nothing was installed. Missing: {}. Give the host a package source (internet access or a local feed) and run again, or install them by hand. {}:\n{}",
+                    found.missing.join(", "),
+                    manager.as_str(),
+                    detail(&out)
+                )));
+            }
+            code => {
+                return Err(HostError::Other(format!(
+                    "installing {what} failed ({step}, exit status {code}); still missing: {}. {}:\n{}",
+                    found.missing.join(", "),
+                    manager.as_str(),
+                    detail(&out)
+                )));
+            }
+        }
+        let after = check(self)?;
+        if !after.missing.is_empty() {
+            let why: Vec<String> = spec
+                .require
+                .iter()
+                .filter(|p| after.missing.contains(&p.package))
+                .map(|p| {
+                    let mut call = vec![p.program.clone()];
+                    call.extend(p.args.iter().cloned());
+                    format!("{} (`{}` fails)", p.package, call.join(" "))
+                })
+                .collect();
+            return Err(HostError::Other(format!(
+                "`{}` installed {what}, but these are still missing: {}",
+                manager.command(),
+                why.join(", ")
+            )));
+        }
+        self.rep.packages = found.missing.clone();
+        self.rep.changes.push(format!("packages: {what}"));
+        Ok(found.missing)
+    }
+
+    fn agent_version(&self, agent: &str) -> Result<String, HostError> {
+        let out = self.conn()?.run(
+            "ask the agent its version",
+            &format!("{} --version 2>&1 </dev/null", shell_quote(agent)),
+        )?;
+        parse_version(&out.stdout).ok_or_else(|| {
+            HostError::Other(format!(
+                "{agent} --version: unexpected answer (exit status {}): {}",
+                out.status,
+                out.stdout.trim().chars().take(300).collect::<String>()
+            ))
+        })
     }
 
     fn stage_bytes(
@@ -736,7 +1035,7 @@ impl Run<'_> {
         Ok(tmp)
     }
 
-    fn show_id(&self, l: &Layout) -> Result<String, HostError> {
+    pub(crate) fn show_id(&self, l: &Layout) -> Result<String, HostError> {
         let out = self
             .conn()?
             .run(
@@ -757,19 +1056,43 @@ impl Run<'_> {
         })
     }
 
-    fn wait_enrolled(&mut self, node: &str, l: &Layout) -> Result<(), HostError> {
+    /// Waits until the controller sees `node` online, running agent `version`, with nothing
+    /// missing, and (when `before` is given: the agent was just started) from a later start of
+    /// the agent than the last report it had before (`Some(None)`: none before).
+    fn wait_online(
+        &mut self,
+        node: &str,
+        version: &str,
+        before: Option<Option<u64>>,
+        l: &Layout,
+    ) -> Result<(), HostError> {
         let s = &self.ctx.settings;
         if !s.wait_for_enrolment {
             return Ok(());
         }
-        self.at(Step::Enrol, node);
+        self.at(
+            Step::Enrol,
+            &format!("{node}: waiting for it online with agent {version}"),
+        );
         let deadline = Instant::now() + s.enrol_timeout;
         let mut last_err = None;
+        let mut last: Option<NodeSeen> = None;
         loop {
-            match self.ctx.control.node_phase(&s.mesh, node) {
-                Ok(Some(phase)) => {
-                    self.rep.phase = Some(phase);
-                    return Ok(());
+            match self.ctx.control.node(&s.mesh, node) {
+                Ok(Some(seen)) => {
+                    self.rep.phase = Some(seen.phase.clone());
+                    let fresh = match before {
+                        Some(Some(b)) => seen.agent_epoch.is_some_and(|e| e > b),
+                        _ => true,
+                    };
+                    if fresh
+                        && seen.online == Some(true)
+                        && seen.agent_version.as_deref() == Some(version)
+                        && seen.missing.is_empty()
+                    {
+                        return Ok(());
+                    }
+                    last = Some(seen);
                 }
                 Ok(None) => {}
                 Err(e) => last_err = Some(e),
@@ -780,8 +1103,34 @@ impl Run<'_> {
                     .run("check the service", &format!("{}\n", l.running))
                     .map(|o| if o.status == 0 { "yes" } else { "no" })
                     .unwrap_or("unknown");
+                let seen = match &last {
+                    None => "has not heard from it".to_string(),
+                    Some(n) => {
+                        let mut parts = vec![format!("phase {}", n.phase)];
+                        parts.push(match n.online {
+                            Some(true) => "online".into(),
+                            Some(false) => "offline".into(),
+                            None => "presence unknown".into(),
+                        });
+                        parts.push(match &n.agent_version {
+                            Some(v) => format!("agent {v}"),
+                            None => "no status report".into(),
+                        });
+                        if let (Some(Some(b)), Some(e)) = (before, n.agent_epoch)
+                            && e <= b
+                        {
+                            parts.push(
+                                "its last report is from before the agent was started".into(),
+                            );
+                        }
+                        if !n.missing.is_empty() {
+                            parts.push(format!("missing: {}", n.missing.join(", ")));
+                        }
+                        parts.join(", ")
+                    }
+                };
                 return Err(HostError::Other(format!(
-                    "node {node} did not enrol within {:?} (service running: {running}{})",
+                    "node {node} did not come online with agent {version} within {:?}: the controller {seen} (service running: {running}{})",
                     s.enrol_timeout,
                     last_err
                         .map(|e| format!("; controller: {e}"))

@@ -18,21 +18,26 @@
 //! - [`detect`]: the board probe and profile matching (pure).
 //! - [`install`]: per-family install descriptors (`templates/FAMILY/install.yaml`) and the
 //!   bootstrap config.
+//! - [`packages`]: the packages the rendered configs need, checked and installed with the
+//!   host's package manager (opkg, apk, apt).
 //! - [`host`]: one host, start to end, and the [`host::ControlPlane`] it asks about enrolment.
 //! - [`fleet`]: all hosts, `spawn_blocking` under a semaphore, progress events.
 //! - [`report`]: progress bars or lines, the final table, JSON, `NodeProvision` status.
 //! - [`resource`]: controller mode: a `NodeProvision` in, its status out.
+//! - [`remove`]: `sidenetctl provision --remove`: the agent taken off a host again.
 
 pub mod detect;
 pub mod fleet;
 pub mod host;
 pub mod install;
 pub mod knownhosts;
+pub mod packages;
 pub mod plan;
+pub mod remove;
 pub mod report;
 pub mod resource;
 pub mod ssh;
 
-pub use fleet::{Progress, Silent, provision};
-pub use host::{Context, ControlPlane, HostReport, Outcome, Step};
+pub use fleet::{Progress, Silent, provision, remove};
+pub use host::{Context, ControlPlane, HostReport, NodeSeen, Outcome, Step};
 pub use plan::{Inventory, Settings, Target, targets_from_resource};
