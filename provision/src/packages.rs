@@ -24,7 +24,9 @@
 //! - `apt`: `apt-get update`, then `apt-get install -y --no-install-recommends`.
 //!
 //! When the update fails (no network, no feed), nothing is installed and the host fails with
-//! the exact list of missing packages.
+//! the exact list of missing packages. (`apt-get update` exits 0 even when it reaches no
+//! source; there a failing install that cannot find the packages, after an update that said
+//! "Failed to fetch", counts as no package source.)
 
 use serde::{Deserialize, Serialize};
 use sidenet_wire::messages::Requirement;
@@ -138,8 +140,11 @@ impl PackagesSpec {
                     p.package
                 ));
             }
-            let prog = p.program.strip_prefix('/').unwrap_or(&p.program);
-            if prog.split('/').any(|s| !plain(s)) {
+            let ok = match p.program.strip_prefix('/') {
+                Some(abs) => abs.split('/').all(|s| plain(s) && s != "." && s != ".."),
+                None => plain(&p.program) && p.program != "." && p.program != "..",
+            };
+            if !ok {
                 return Err(format!(
                     "packages.require[{i}].program: {:?} must be a program name or an absolute path",
                     p.program
@@ -202,11 +207,15 @@ const CHECK_FN: &str = "p() {\n\
 pub fn check_script(spec: &PackagesSpec, manager: Manager) -> String {
     let q = shell_quote;
     let mut s = String::from(CHECK_FN);
-    s.push_str("echo @@missing\n");
+    s.push_str("m=\necho @@missing\n");
     for p in &spec.require {
         let mut call = vec![q(&p.program)];
         call.extend(p.args.iter().map(|a| q(a)));
-        s.push_str(&format!("p {} || echo {}\n", call.join(" "), q(&p.package)));
+        s.push_str(&format!(
+            "p {} || {{ echo {pkg}; m=1; }}\n",
+            call.join(" "),
+            pkg = q(&p.package)
+        ));
     }
     s.push_str(&format!(
         "echo @@manager\ncommand -v {} >/dev/null 2>&1 && echo yes\necho @@installed\n",
@@ -217,21 +226,21 @@ pub fn check_script(spec: &PackagesSpec, manager: Manager) -> String {
         .iter()
         .flat_map(|p| p.replaces.iter().map(|r| q(r)))
         .collect();
+    // The package manager is asked only when something is missing.
     if !replaced.is_empty() {
-        match manager {
-            Manager::Opkg => s.push_str(&format!(
-                "opkg list-installed 2>/dev/null | while read -r n rest; do for r in {}; do [ \"$n\" = \"$r\" ] && echo \"$n\"; done; done\n",
-                replaced.join(" ")
-            )),
-            Manager::Apk => s.push_str(&format!(
-                "for r in {}; do apk info -e \"$r\" >/dev/null 2>&1 && echo \"$r\"; done\n",
-                replaced.join(" ")
-            )),
-            Manager::Apt => s.push_str(&format!(
-                "for r in {}; do dpkg-query -W -f='${{Status}}' \"$r\" 2>/dev/null | grep -q 'install ok installed' && echo \"$r\"; done\n",
-                replaced.join(" ")
-            )),
-        }
+        let list = replaced.join(" ");
+        let query = match manager {
+            Manager::Opkg => format!(
+                "opkg list-installed 2>/dev/null | while read -r n rest; do for r in {list}; do [ \"$n\" = \"$r\" ] && echo \"$n\"; done; done"
+            ),
+            Manager::Apk => format!(
+                "for r in {list}; do apk info -e \"$r\" >/dev/null 2>&1 && echo \"$r\"; done"
+            ),
+            Manager::Apt => format!(
+                "for r in {list}; do dpkg-query -W -f='${{Status}}' \"$r\" 2>/dev/null | grep -q 'install ok installed' && echo \"$r\"; done"
+            ),
+        };
+        s.push_str(&format!("if [ -n \"$m\" ]; then {query}; fi\n"));
     }
     s.push_str("echo @@end\n");
     s
@@ -365,10 +374,18 @@ pub fn install_script(
             ));
         }
         Manager::Apt => {
+            // `apt-get update` exits 0 when a source cannot be reached (it warns "Failed to
+            // fetch" and keeps old lists): judge by whether the install then finds the packages.
             let names: Vec<String> = swaps.iter().map(|(n, _)| q(n)).collect();
             s.push_str(&format!(
-                "run apt-get install -y --no-install-recommends {} || fail {INSTALL_FAILED} '`apt-get install` failed'\n",
-                names.join(" ")
+                "if grep -q 'Failed to fetch' \"$log\"; then unreached=1; else unreached=0; fi\n\
+                 if ! run apt-get install -y --no-install-recommends {names}; then\n\
+                 \x20 if [ $unreached = 1 ] || tail -n 20 \"$log\" | grep -q -e 'Failed to fetch' -e 'Unable to locate package' -e 'has no installation candidate'; then\n\
+                 \x20   fail {NO_SOURCE} '`apt-get update` could not reach a package source'\n\
+                 \x20 fi\n\
+                 \x20 fail {INSTALL_FAILED} '`apt-get install` failed'\n\
+                 fi\n",
+                names = names.join(" ")
             ));
         }
     }
