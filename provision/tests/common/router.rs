@@ -263,7 +263,7 @@ pub fn openwrt_image(root: &Path, fixture: &str, version: &str, pm: Pm) {
     for s in ["network", "firewall"] {
         write_exec(
             &root.join("etc/init.d").join(s),
-            "#!/bin/sh /etc/rc.common\n# stock init script (test image)\nexit 0\n",
+            "#!/bin/sh\n# stock init script (test image; OpenWrt's run through /etc/rc.common)\nexit 0\n",
         );
     }
     write_exec(
