@@ -520,3 +520,73 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         dataplane: crate::peers::Dataplane::for_node(inp.id),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn repo_templates() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../templates")
+    }
+
+    #[test]
+    fn every_config_carries_the_packages_of_its_family() {
+        let r = Renderer::load(&repo_templates()).unwrap();
+        let names =
+            |f: &str| -> Vec<String> { r.requirements(f).into_iter().map(|q| q.package).collect() };
+        assert_eq!(
+            names("openwrt"),
+            ["babeld", "wireguard-tools", "wpad-mesh-mbedtls", "iw"]
+        );
+        assert_eq!(
+            names("linux"),
+            [
+                "iproute2",
+                "nftables",
+                "wpasupplicant",
+                "iw",
+                "wireguard-tools",
+                "babeld"
+            ]
+        );
+        let wpad = &r.requirements("openwrt")[2];
+        assert_eq!(wpad.program, "wpa_supplicant");
+        assert_eq!(wpad.args, ["-vmesh"]);
+        assert!(r.requirements("files").is_empty());
+    }
+
+    #[test]
+    fn a_package_change_re_renders_and_a_bad_list_names_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+        };
+        copy(&repo_templates().join("openwrt"), &d.path().join("openwrt"));
+        let before = Renderer::load(d.path()).unwrap().fingerprint;
+        let desc = d.path().join("openwrt/install.yaml");
+        let text = std::fs::read_to_string(&desc).unwrap();
+        std::fs::write(
+            &desc,
+            text.replace("package: iw, program: iw", "package: iw-full, program: iw"),
+        )
+        .unwrap();
+        let after = Renderer::load(d.path()).unwrap();
+        assert_ne!(after.fingerprint, before);
+        assert_eq!(after.requirements("openwrt")[3].package, "iw-full");
+        std::fs::write(
+            &desc,
+            text.replace("package: iw, program: iw", "package: iw, program: ../iw"),
+        )
+        .unwrap();
+        let e = Renderer::load(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("openwrt/install.yaml: packages.require[3].program: \"../iw\" must be a program name or an absolute path"),
+            "{e}"
+        );
+    }
+}

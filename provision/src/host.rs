@@ -1,6 +1,8 @@
 //! One host, start to end (blocking): connect and check the host key, log in, detect the board,
-//! match a profile, compare what is installed with what should be, stage and verify what
-//! differs, switch it into place, start the service and wait until the controller sees the node.
+//! match a profile, compare what is installed with what should be, install the missing packages
+//! ([`crate::packages`]), stage and verify what differs, switch it into place, start the service
+//! (restart it when anything changed) and wait until the controller sees the node online,
+//! running the installed agent version, with a report from this start and nothing missing.
 //!
 //! Every file is staged next to its destination as `.NAME.sidenet-new.RUN` and checked on the
 //! device (SHA-256) by the same remote script that received it: if the upload is cut (the

@@ -444,13 +444,116 @@ mod tests {
         );
         assert!(
             l.service_content.contains(
-                "ExecStart=/srv/pi/usr/local/bin/sidenet-agent --config /srv/pi/etc/sidenet/agent.json\n"
+                "ExecStart=/srv/pi/usr/local/bin/sidenet-agent --config /srv/pi/etc/sidenet/agent.json --backend linux\n"
             ),
             "{}",
             l.service_content
         );
         assert_eq!(l.service_mode, 0o644);
         assert!(l.running.contains("systemctl is-active"));
+        assert!(l.keep.is_none(), "Debian has no sysupgrade");
+        assert_eq!(
+            l.disable.as_deref(),
+            Some("systemctl disable sidenet-agent.service && systemctl daemon-reload")
+        );
+    }
+
+    #[test]
+    fn the_openwrt_keep_list_names_what_a_sysupgrade_must_keep() {
+        let inst = Installers::load(&repo_templates());
+        let (p, ow) = inst.get(FirmwareFamily::Openwrt).unwrap();
+        let l = ow.layout(p, "/", "riverside", "kitchen").unwrap();
+        assert!(
+            l.service_content.contains(
+                "procd_set_param command /usr/bin/sidenet-agent --config /etc/sidenet/agent.json --backend openwrt\n"
+            ),
+            "{}",
+            l.service_content
+        );
+        let (path, mode, content) = l.keep.unwrap();
+        assert_eq!(
+            (path.as_str(), mode),
+            ("/lib/upgrade/keep.d/sidenet-agent", 0o644)
+        );
+        let lines: Vec<&str> = content.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "/usr/bin/sidenet-agent",
+                "/etc/init.d/sidenet-agent",
+                "/etc/rc.d/S95sidenet-agent",
+                "/etc/rc.d/K10sidenet-agent",
+                "/etc/sidenet/agent.json",
+                "/etc/sidenet-agent/",
+                "/lib/upgrade/keep.d/sidenet-agent",
+            ]
+        );
+        assert_eq!(
+            l.disable.as_deref(),
+            Some("/etc/init.d/sidenet-agent disable")
+        );
+        // Under a test root every path moves with it.
+        let l = ow.layout(p, "/tmp/dev1", "riverside", "kitchen").unwrap();
+        let (path, _, content) = l.keep.unwrap();
+        assert_eq!(path, "/tmp/dev1/lib/upgrade/keep.d/sidenet-agent");
+        assert!(
+            content.contains("\n/tmp/dev1/etc/rc.d/S95sidenet-agent\n"),
+            "{content}"
+        );
+    }
+
+    #[test]
+    fn shipped_packages_per_family_and_version() {
+        use crate::packages::Manager;
+        let ow = load_packages(&repo_templates().join("openwrt/install.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ow.manager_for(Some("23.05.5")), Ok(Manager::Opkg));
+        assert_eq!(ow.manager_for(Some("24.10.2")), Ok(Manager::Opkg));
+        assert_eq!(ow.manager_for(Some("25.12.0")), Ok(Manager::Apk));
+        assert!(ow.manager_for(Some("22.03.7")).is_err());
+        let names: Vec<&str> = ow.require.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            names,
+            ["babeld", "wireguard-tools", "wpad-mesh-mbedtls", "iw"]
+        );
+        let wpad = &ow.require[2];
+        assert_eq!(
+            (wpad.program.as_str(), wpad.args.as_slice()),
+            ("wpa_supplicant", &["-vmesh".to_string()][..])
+        );
+        assert!(wpad.replaces.contains(&"wpad-basic-mbedtls".to_string()));
+        let lx = load_packages(&repo_templates().join("linux/install.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(lx.manager_for(Some("12")), Ok(Manager::Apt));
+        let names: Vec<&str> = lx.require.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "iproute2",
+                "nftables",
+                "wpasupplicant",
+                "iw",
+                "wireguard-tools",
+                "babeld"
+            ]
+        );
+        // A descriptor without packages: none.
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load_packages(&d.path().join("install.yaml")).unwrap(), None);
+        std::fs::write(
+            d.path().join("install.yaml"),
+            "packages:\n  managers: []\n  require: []\n",
+        )
+        .unwrap();
+        let e = load_packages(&d.path().join("install.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("install.yaml: packages.managers: at least one rule is needed"),
+            "{e}"
+        );
     }
 
     #[test]

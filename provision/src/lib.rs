@@ -3,12 +3,16 @@
 //! `NodeProvision` resource) share this one implementation.
 //!
 //! Per host: connect and check the host key against the pins (a changed key aborts the host;
-//! unknown keys are pinned only when trust on first use is allowed), log in with a key or
-//! password given by reference, detect the board, match a hardware profile, upload the agent for
-//! its architecture and verify it on the device, write the bootstrap config (mesh, broker,
-//! pinned mesh key, token), install and start the service of the firmware family, and wait until
-//! the controller sees the node. Re-running changes nothing on a provisioned host; an
-//! interrupted run leaves no half-installed agent.
+//! unknown keys are pinned only when trust on first use is allowed), log in (first with the SSH
+//! `none` method, which a factory-fresh OpenWrt router accepts for root, then with a key or
+//! password given by reference), detect the board, match a hardware profile, install the
+//! packages the rendered configs need with the host's package manager (refused, with the list,
+//! when it has no package source), upload the agent for its architecture and verify it on the
+//! device, write the bootstrap config (mesh, broker, pinned mesh key, token), the keep list that
+//! carries the install through a firmware upgrade, and the service of the firmware family, start
+//! it, and wait until the controller sees the node online with the installed agent version.
+//! Re-running changes nothing on a provisioned host; an interrupted run leaves no half-installed
+//! agent. `--remove` takes the agent off again.
 //!
 //! # Layout
 //!
