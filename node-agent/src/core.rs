@@ -232,6 +232,8 @@ pub struct Agent {
     missing: Vec<String>,
     /// When the missing packages were last checked.
     missing_checked: u64,
+    /// The revision last found waiting for packages (logged once).
+    waiting: Option<Revision>,
 }
 
 impl Agent {
@@ -279,6 +281,7 @@ impl Agent {
             accepted: None,
             missing: Vec::new(),
             missing_checked: now,
+            waiting: None,
         }
     }
 
@@ -481,7 +484,7 @@ impl Agent {
                     });
                 }
                 self.missing_checked = now;
-                if missing != self.missing {
+                if missing != self.missing || self.waiting != Some(revision) {
                     out.push(Effect::Log(
                         Level::Warn,
                         format!(
@@ -490,6 +493,9 @@ impl Agent {
                             missing.join(", ")
                         ),
                     ));
+                }
+                self.waiting = Some(revision);
+                if missing != self.missing {
                     self.missing = missing;
                     self.status(&mut out);
                 }

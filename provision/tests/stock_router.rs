@@ -305,7 +305,40 @@ fn a_factory_fresh_router_is_provisioned_survives_a_sysupgrade_and_is_removed() 
         )),
         "{status}"
     );
-    // Provisioning again installs them and restarts the agent: Ready again, same id.
+    // A new config meanwhile (the admin names the node): it waits for the packages, it is
+    // neither applied, nor failed, nor rolled back.
+    let applied_before = row(&id).and_then(|n| n.applied).unwrap();
+    let tmp_manifest = ctl.dir.join("node.yaml.tmp");
+    std::fs::write(
+        &tmp_manifest,
+        format!(
+            "apiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: router\nspec:\n  mesh: riverside\n  nodeId: {id}\n  approved: true\n  overrides:\n    hostname: riverside-router\n"
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&tmp_manifest, ctl.manifests().join("node.yaml")).unwrap();
+    let waiting = wait_for(
+        "the new revision to wait for the packages",
+        WAIT,
+        || {
+            let log =
+                std::fs::read_to_string(root.join("var/log/sidenet-agent.log")).unwrap_or_default();
+            let n = row(&id)?;
+            let desired = n.desired.filter(|d| *d > applied_before)?;
+            log.contains(&format!(
+                "revision {} waits for packages: missing: babeld, wireguard-tools, wpad-mesh-mbedtls, iw",
+                desired.rev
+            ))
+            .then_some((n, desired))
+        },
+        || format!("{:?}\n{}", row(&id), logs()),
+    );
+    let (n, desired) = waiting;
+    assert_eq!(n.applied, Some(applied_before), "{n:?}");
+    assert_eq!(n.failure, None, "{n:?}");
+    assert_eq!(n.phase, "Blocked", "{n:?}");
+    // Provisioning again installs them and restarts the agent: the waiting config is applied,
+    // Ready again, same id.
     let (code, r, text) = provision(&args, t);
     let r = &r["router"];
     assert_eq!(code, 0, "{text}\n{}", logs());
@@ -319,11 +352,13 @@ fn a_factory_fresh_router_is_provisioned_survives_a_sysupgrade_and_is_removed() 
         ]
     );
     wait_for(
-        "the router Ready again with nothing missing",
+        "the router Ready again with nothing missing, running the new revision",
         WAIT,
         || {
             row(&id)
-                .filter(|n| n.phase == "Ready" && n.missing.is_empty())
+                .filter(|n| {
+                    n.phase == "Ready" && n.missing.is_empty() && n.applied == Some(desired)
+                })
                 .map(|_| ())
         },
         || format!("{:?}\n{}", row(&id), logs()),
@@ -387,7 +422,12 @@ fn a_factory_fresh_router_is_provisioned_survives_a_sysupgrade_and_is_removed() 
         );
     }
     assert!(!alive(pid), "the agent still runs");
-    assert!(row(&id).is_none(), "the controller still lists {id}");
+    // Forgotten: only its MeshNode (declared above) is left of it.
+    assert!(
+        row(&id).is_none_or(|n| n.phase == "Declared"),
+        "the controller still has {id} enrolled: {:?}",
+        row(&id)
+    );
     let has_uninstall = common::run(Command::new(&real).arg("--help")).contains("--uninstall");
     if has_uninstall {
         assert!(strs(&r["changes"]).contains(&"the agent undid its changes (--uninstall)".into()));
