@@ -24,12 +24,17 @@
 //!   bootstrap config.
 //! - [`packages`]: the packages the rendered configs need, checked and installed with the
 //!   host's package manager (opkg, apk, apt).
-//! - [`host`]: one host, start to end, and the [`host::ControlPlane`] it asks about enrolment.
+//! - [`context`]: what a run shares ([`context::Context`]), the [`context::ControlPlane`] it
+//!   asks about enrolment, and the per-host steps, outcomes and reports.
+//! - [`session`]: a host's SSH session: login, detection, what is installed, packages, staging,
+//!   waiting until the node is online.
+//! - [`host`]: provisioning one host, start to end.
 //! - [`fleet`]: all hosts, `spawn_blocking` under a semaphore, progress events.
 //! - [`report`]: progress bars or lines, the final table, JSON, `NodeProvision` status.
 //! - [`resource`]: controller mode: a `NodeProvision` in, its status out.
 //! - [`remove`]: `sidenetctl provision --remove`: the agent taken off a host again.
 
+pub mod context;
 pub mod detect;
 pub mod fleet;
 pub mod host;
@@ -40,6 +45,7 @@ pub mod plan;
 pub mod remove;
 pub mod report;
 pub mod resource;
+pub mod session;
 pub mod ssh;
 
 pub use fleet::{Progress, Silent, provision, remove};

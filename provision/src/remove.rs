@@ -9,9 +9,10 @@
 //! provisioning installed for the configs stay: the report names them (the owner may use them
 //! too, and putting back a replaced wpad needs a package source).
 
-use crate::host::{Context, HostError, HostReport, Installed, Outcome, Run, Step, drive};
+use crate::context::{Context, HostError, HostReport, Outcome, Step};
 use crate::install::shell_quote;
 use crate::plan::Target;
+use crate::session::{Installed, Run, drive, inspect_script};
 
 /// Removes the agent from one host; never panics, a failure is a report.
 pub fn remove_host(t: &Target, ctx: &Context, progress: &dyn Fn(Step, &str)) -> HostReport {
@@ -25,10 +26,7 @@ fn go(run: &mut Run<'_>) -> Result<Outcome, HostError> {
     run.at(Step::Inspect, "");
     let out = run
         .conn()?
-        .run(
-            "inspect the installed agent",
-            &crate::host::inspect_script(l),
-        )?
+        .run("inspect the installed agent", &inspect_script(l))?
         .check("inspect the installed agent")?;
     let installed = Installed::parse(&out.stdout);
     run.rep.node_id = installed.node_id.clone();

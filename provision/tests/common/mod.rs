@@ -520,6 +520,12 @@ service:
           kill "$pid" 2>/dev/null
           i=0
           while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+          # As procd and systemd do: SIGKILL what did not stop within the timeout (an agent
+          # busy applying finishes that first), so two agents never share the state folder.
+          if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+          fi
           rm -f "$pidfile"
         fi
         ;;
