@@ -2,6 +2,8 @@
 //! how a host shows they are there, and the scripts that install what is missing with the host's
 //! own package manager.
 //!
+//! They are declared per firmware family, in the install descriptor, not per hardware profile:
+//! what a config needs follows from the family's templates and firmware, not from the board.
 //! One declaration serves both sides: provisioning installs every package whose check fails,
 //! and the controller puts the same list into every config of the family
 //! ([`sidenet_wire::messages::NodeConfig::requires`]), so the agent checks it the same way
@@ -25,8 +27,8 @@
 //!
 //! When the update fails (no network, no feed), nothing is installed and the host fails with
 //! the exact list of missing packages. (`apt-get update` exits 0 even when it reaches no
-//! source; there a failing install that cannot find the packages, after an update that said
-//! "Failed to fetch", counts as no package source.)
+//! source; there an install that fails after an update that said "Failed to fetch", or that
+//! cannot fetch itself, counts as no package source.)
 
 use serde::{Deserialize, Serialize};
 use sidenet_wire::messages::Requirement;
@@ -380,7 +382,7 @@ pub fn install_script(
             s.push_str(&format!(
                 "if grep -q 'Failed to fetch' \"$log\"; then unreached=1; else unreached=0; fi\n\
                  if ! run apt-get install -y --no-install-recommends {names}; then\n\
-                 \x20 if [ $unreached = 1 ] || tail -n 20 \"$log\" | grep -q -e 'Failed to fetch' -e 'Unable to locate package' -e 'has no installation candidate'; then\n\
+                 \x20 if [ $unreached = 1 ] || tail -n 20 \"$log\" | grep -q -e 'Failed to fetch' -e 'Temporary failure resolving'; then\n\
                  \x20   fail {NO_SOURCE} '`apt-get update` could not reach a package source'\n\
                  \x20 fi\n\
                  \x20 fail {INSTALL_FAILED} '`apt-get install` failed'\n\
