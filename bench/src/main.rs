@@ -364,6 +364,7 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
             files: files.into_iter().map(|f| f.file).collect(),
             actions: Vec::new(),
             sealed: BTreeMap::new(),
+            requires: Vec::new(),
         };
         let body = sidenet_controller::reconcile::core::config_body(&config)?;
         let s3 = Instant::now();

@@ -129,7 +129,7 @@ impl AdminControlPlane {
 }
 
 impl sidenet_provision::ControlPlane for AdminControlPlane {
-    fn node_phase(&self, mesh: &str, node: &str) -> Result<Option<String>, String> {
+    fn node(&self, mesh: &str, node: &str) -> Result<Option<sidenet_provision::NodeSeen>, String> {
         if !self.wait {
             return Ok(None);
         }
@@ -137,7 +137,32 @@ impl sidenet_provision::ControlPlane for AdminControlPlane {
             Response::Status { nodes, .. } => Ok(nodes
                 .into_iter()
                 .find(|n| n.node == node && n.mesh == mesh)
-                .map(|n| n.phase)),
+                .map(|n| sidenet_provision::NodeSeen {
+                    phase: n.phase,
+                    online: n.online,
+                    agent_version: n.agent_version,
+                    agent_epoch: n.agent_epoch,
+                    missing: n.missing,
+                })),
+            Response::Error { message } => Err(message),
+            other => Err(format!("unexpected answer: {other:?}")),
+        }
+    }
+
+    fn remove_node(&self, _mesh: &str, node: &str) -> Result<(), String> {
+        if !self.wait {
+            return Ok(());
+        }
+        match (self.call)(Request::Remove {
+            node: node.to_string(),
+        })? {
+            Response::Removed { .. } => Ok(()),
+            // Never enrolled (or already forgotten): nothing to remove.
+            Response::Error { message }
+                if message.contains("is not enrolled") || message.starts_with("no node") =>
+            {
+                Ok(())
+            }
             Response::Error { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         }

@@ -123,6 +123,7 @@ fn report(
         wireguard: Some(wg.clone()),
         trial,
         mqtt_auth: false,
+        missing: Vec::new(),
     }
 }
 

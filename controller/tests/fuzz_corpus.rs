@@ -187,6 +187,7 @@ fn status_report() -> StatusReport {
             sha256: "ab".repeat(32),
         }),
         mqtt_auth: false,
+        missing: Vec::new(),
     }
 }
 

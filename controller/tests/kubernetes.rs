@@ -688,6 +688,7 @@ impl Agent {
             wireguard: None,
             trial: None,
             mqtt_auth,
+            missing: Vec::new(),
         };
         let h = self.header();
         let payload = seal(

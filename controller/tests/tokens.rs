@@ -215,6 +215,7 @@ fn reported_failures_are_bounded() {
             wireguard: None,
             trial: None,
             mqtt_auth: false,
+            missing: Vec::new(),
         };
         let header = Header {
             mesh: "riverside".into(),

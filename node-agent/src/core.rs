@@ -25,6 +25,8 @@ use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, seal,
 
 /// How long node messages stay valid (the controller refuses older ones).
 const MESSAGE_VALIDITY: u64 = 600;
+/// Seconds between checks of missing packages.
+pub const RECHECK_S: u64 = 10;
 
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +63,23 @@ pub enum Event {
         /// `Err(reason)` if the confirmation could not be written.
         result: Result<(), String>,
     },
+    /// The packages the config asked for in [`Effect::Apply`] are not all there: it was not
+    /// applied and waits (the core asks for it again every [`RECHECK_S`] seconds).
+    Unmet {
+        /// Revision.
+        revision: Revision,
+        /// Body hash.
+        sha256: String,
+        /// The verified envelope.
+        envelope: Vec<u8>,
+        /// The parsed config.
+        config: Box<NodeConfig>,
+        /// Missing packages.
+        missing: Vec<String>,
+    },
+    /// What [`Effect::CheckRequirements`] (or the check at start) found missing for the config
+    /// the node runs.
+    Requirements(Vec<String>),
     /// A config on trial was rolled back to the last good one.
     RolledBack {
         /// The revision undone.
@@ -111,6 +130,9 @@ pub enum Effect {
         /// Its revision.
         revision: Revision,
     },
+    /// Check again the packages of the config the node runs (some were missing); if they are
+    /// all there now, converge to it again. The shell answers with [`Event::Requirements`].
+    CheckRequirements,
     /// Roll the config on trial back to the last good one and remember it as failed. The shell
     /// answers with [`Event::RolledBack`].
     RollBack {
@@ -208,6 +230,12 @@ pub struct Agent {
     accepted: Option<([u8; 32], Revision)>,
     /// The controller withdrew this node's config (an empty retained message): it was removed.
     withdrawn: bool,
+    /// Packages the node lacks (reported in every status report).
+    missing: Vec<String>,
+    /// When the missing packages were last checked.
+    missing_checked: u64,
+    /// The revision last found waiting for packages (logged once).
+    waiting: Option<Revision>,
 }
 
 impl Agent {
@@ -254,7 +282,20 @@ impl Agent {
             unsealed: Vec::new(),
             accepted: None,
             withdrawn: false,
+            missing: Vec::new(),
+            missing_checked: now,
+            waiting: None,
         }
+    }
+
+    /// Packages missing for the last good config, as checked at start.
+    pub fn set_missing(&mut self, missing: Vec<String>) {
+        self.missing = missing;
+    }
+
+    /// Packages the node lacks.
+    pub fn missing(&self) -> &[String] {
+        &self.missing
     }
 
     /// The broker password the shell holds (from an earlier config), and whether the current
@@ -348,6 +389,10 @@ impl Agent {
                 result,
             } => {
                 self.applying = None;
+                // An apply starts only when every package is there.
+                if result.is_ok() {
+                    self.missing.clear();
+                }
                 match result {
                     Ok(()) if self.trial_deadline.is_some() => {
                         let deadline = now + self.trial_deadline.unwrap_or(60);
@@ -413,7 +458,71 @@ impl Agent {
                         self.status(&mut out);
                     }
                 }
+                if !self.missing.is_empty() && now >= self.missing_checked + RECHECK_S {
+                    self.missing_checked = now;
+                    if self.queued.is_some() {
+                        // The shell checks the packages again before applying.
+                        self.next(&mut out);
+                    } else if self.applying.is_none() && self.trial.is_none() {
+                        out.push(Effect::CheckRequirements);
+                    }
+                }
                 self.evaluate(&mut out);
+            }
+            Event::Unmet {
+                revision,
+                sha256,
+                envelope,
+                config,
+                missing,
+            } => {
+                self.applying = None;
+                self.accepted = None;
+                if self.queued.as_ref().is_none_or(|q| q.revision <= revision) {
+                    self.queued = Some(Queued {
+                        revision,
+                        sha256,
+                        envelope,
+                        config,
+                    });
+                }
+                self.missing_checked = now;
+                if missing != self.missing || self.waiting != Some(revision) {
+                    out.push(Effect::Log(
+                        Level::Warn,
+                        format!(
+                            "revision {} waits for packages: missing: {} (checked again every {RECHECK_S}s)",
+                            revision.rev,
+                            missing.join(", ")
+                        ),
+                    ));
+                }
+                self.waiting = Some(revision);
+                if missing != self.missing {
+                    self.missing = missing;
+                    self.status(&mut out);
+                }
+            }
+            Event::Requirements(missing) => {
+                self.missing_checked = now;
+                if missing != self.missing {
+                    out.push(if missing.is_empty() {
+                        Effect::Log(Level::Info, "the missing packages are installed now".into())
+                    } else {
+                        Effect::Log(
+                            Level::Warn,
+                            format!(
+                                "missing: {} (checked again every {RECHECK_S}s)",
+                                missing.join(", ")
+                            ),
+                        )
+                    });
+                    self.missing = missing;
+                    self.status(&mut out);
+                }
+                if self.missing.is_empty() {
+                    self.next(&mut out);
+                }
             }
             Event::Observed(obs) => {
                 let changed = obs.neighbours != self.observed.neighbours
@@ -643,6 +752,7 @@ impl Agent {
                 sha256: t.sha256.clone(),
             }),
             mqtt_auth: self.mqtt_auth,
+            missing: self.missing.clone(),
         };
         let header = self.next_header();
         let body = serde_json::to_vec(&report).unwrap_or_default();
@@ -1114,6 +1224,7 @@ mod tests {
             files: vec![],
             actions: vec![],
             sealed: Default::default(),
+            requires: Vec::new(),
         }
     }
 
@@ -1455,6 +1566,102 @@ mod tests {
         // The neighbour comes back: confirmed.
         let out = w.agent.handle(seen(vec![neighbour]), T0 + 3);
         assert!(out.contains(&Effect::Confirm { revision: rev }));
+    }
+
+    /// The shell found packages missing for the config of `apply`: it says so with `Unmet`.
+    fn unmet(w: &mut World, apply: &[Effect], missing: &[&str], now: u64) -> Vec<Effect> {
+        let Some(Effect::Apply {
+            revision,
+            sha256,
+            envelope,
+            config,
+        }) = apply
+            .iter()
+            .find(|e| matches!(e, Effect::Apply { .. }))
+            .cloned()
+        else {
+            return Vec::new();
+        };
+        w.agent.handle(
+            Event::Unmet {
+                revision,
+                sha256,
+                envelope,
+                config,
+                missing: missing.iter().map(|m| m.to_string()).collect(),
+            },
+            now,
+        )
+    }
+
+    #[test]
+    fn a_config_waits_for_missing_packages_without_failing_or_rolling_back() {
+        let mut w = world(Some(30));
+        let out = w.config(1, T0);
+        assert!(apply_of(&out).is_some());
+        let out = unmet(&mut w, &out, &["babeld", "wpad-mesh-mbedtls"], T0);
+        // Reported at once: pending, not failed, with what is missing.
+        let r = report(status_of(&out).unwrap_or_else(|| unreachable!()))
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(r.missing, ["babeld", "wpad-mesh-mbedtls"]);
+        assert_eq!(r.state, ApplyState::Pending);
+        assert!(r.failure.is_none() && r.trial.is_none());
+        assert!(!out.iter().any(|e| matches!(e, Effect::RollBack { .. })));
+        // The retained copy again, or a tick before the recheck is due: nothing is applied.
+        assert!(apply_of(&w.agent.handle(Event::Tick, T0 + RECHECK_S - 1)).is_none());
+        // Due: the config is handed to the shell again, which checks first.
+        let out = w.agent.handle(Event::Tick, T0 + RECHECK_S);
+        let (rev, _) = apply_of(&out).unwrap_or_else(|| unreachable!());
+        assert_eq!(rev.rev, 1);
+        let out = unmet(&mut w, &out, &["wpad-mesh-mbedtls"], T0 + RECHECK_S);
+        let r = report(status_of(&out).unwrap_or_else(|| unreachable!()))
+            .unwrap_or_else(|| unreachable!());
+        assert_eq!(r.missing, ["wpad-mesh-mbedtls"]);
+        // Installed: the next check applies it, and the report no longer says missing.
+        let out = w.agent.handle(Event::Tick, T0 + 2 * RECHECK_S);
+        let (rev, sha) = apply_of(&out).unwrap_or_else(|| unreachable!());
+        let out = w.agent.handle(
+            Event::Applied {
+                revision: rev,
+                sha256: sha,
+                result: Ok(()),
+            },
+            T0 + 2 * RECHECK_S,
+        );
+        let r = report(status_of(&out).unwrap_or_else(|| unreachable!()))
+            .unwrap_or_else(|| unreachable!());
+        assert!(r.missing.is_empty());
+        assert_eq!(r.trial.map(|t| t.revision.rev), Some(1));
+        assert!(w.agent.missing().is_empty());
+    }
+
+    #[test]
+    fn packages_missing_for_the_running_config_are_checked_again_until_installed() {
+        let mut w = world(Some(30));
+        w.agent.set_missing(vec!["babeld".into()]);
+        assert!(
+            !w.agent
+                .handle(Event::Tick, T0 + RECHECK_S - 1)
+                .contains(&Effect::CheckRequirements)
+        );
+        let out = w.agent.handle(Event::Tick, T0 + RECHECK_S);
+        assert!(out.contains(&Effect::CheckRequirements), "{out:?}");
+        // Still missing: no new report (nothing changed).
+        let out = w
+            .agent
+            .handle(Event::Requirements(vec!["babeld".into()]), T0 + RECHECK_S);
+        assert!(status_of(&out).is_none());
+        let out = w
+            .agent
+            .handle(Event::Requirements(vec![]), T0 + 2 * RECHECK_S);
+        let r = report(status_of(&out).unwrap_or_else(|| unreachable!()))
+            .unwrap_or_else(|| unreachable!());
+        assert!(r.missing.is_empty());
+        assert!(
+            !w.agent
+                .handle(Event::Tick, T0 + 4 * RECHECK_S)
+                .contains(&Effect::CheckRequirements)
+        );
     }
 
     #[test]

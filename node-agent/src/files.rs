@@ -699,6 +699,7 @@ mod tests {
                 .collect(),
             actions: vec![],
             sealed: Default::default(),
+            requires: Vec::new(),
         }
     }
 

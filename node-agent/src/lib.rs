@@ -10,6 +10,7 @@
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
+//! - [`requires`]: the packages a config needs, checked before each apply (`missing: ...`).
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
 //! - [`shell`]: the thin tokio/MQTT shell that carries out effects.
 //! - `tls` (cargo feature `tls`): TLS to the broker, pinned to the CA bundle the agent was given.
@@ -27,6 +28,7 @@ pub mod files;
 pub mod linux;
 pub mod openwrt;
 pub mod probe;
+pub mod requires;
 pub mod shell;
 pub mod state;
 #[cfg(feature = "tls")]

@@ -819,6 +819,7 @@ mod tests {
             files,
             actions: ACTIONS.iter().map(|s| s.to_string()).collect(),
             sealed: Default::default(),
+            requires: Vec::new(),
         }
     }
 

@@ -142,6 +142,18 @@ async fn blocking<T: Send + 'static>(
         .and_then(|r| r)
 }
 
+/// The packages of `reqs` missing on this system.
+fn requires_missing(reqs: &[sidenet_wire::messages::Requirement]) -> Vec<String> {
+    if reqs.is_empty() {
+        return Vec::new();
+    }
+    crate::requires::missing(
+        reqs,
+        &crate::requires::search_path(),
+        &mut SystemRunner::default(),
+    )
+}
+
 /// The last good config, if it still verifies against the pinned key.
 fn last_good(
     applier: &Applier,
@@ -240,6 +252,22 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let mut agent = Agent::new(settings, key, pinned, applied, seq_epoch, now());
     agent.set_failed(state.failed());
+    // Backends that run programs check the packages a config needs (crate::requires).
+    let checks = opts.backend != Kind::Files;
+    if checks && let Some(cfg) = &last_config {
+        let reqs = cfg.requires.clone();
+        let missing = blocking(move || Ok(requires_missing(&reqs)))
+            .await
+            .unwrap_or_default();
+        if !missing.is_empty() {
+            tracing::warn!(
+                "missing: {} (the running config needs these packages; checked again every {}s)",
+                missing.join(", "),
+                crate::core::RECHECK_S
+            );
+        }
+        agent.set_missing(missing);
+    }
     if needs_trial {
         agent.enable_trial(opts.dataplane.health_deadline);
         let b = backend.clone();
@@ -439,6 +467,23 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                         envelope,
                         config,
                     } => {
+                        if checks {
+                            let reqs = config.requires.clone();
+                            let missing = blocking(move || Ok(requires_missing(&reqs)))
+                                .await
+                                .unwrap_or_default();
+                            if !missing.is_empty() {
+                                // Not applied, not failed: it waits for the packages.
+                                queue.push(Event::Unmet {
+                                    revision,
+                                    sha256,
+                                    envelope,
+                                    config,
+                                    missing,
+                                });
+                                continue;
+                            }
+                        }
                         let mut config = *config;
                         let (applier, b, good) =
                             (applier.clone(), backend.clone(), last_config.clone());
@@ -485,6 +530,26 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                             sha256,
                             result,
                         });
+                    }
+                    Effect::CheckRequirements => {
+                        let (b, good) = (backend.clone(), last_config.clone());
+                        let missing = blocking(move || {
+                            let reqs = good
+                                .as_ref()
+                                .map(|g| g.requires.clone())
+                                .unwrap_or_default();
+                            let missing = requires_missing(&reqs);
+                            if missing.is_empty() && good.is_some() {
+                                // Bring up what could not run without them.
+                                if let Err(e) = lock(&b).converge(good.as_ref()) {
+                                    tracing::error!("bringing up the last good config: {e}");
+                                }
+                            }
+                            Ok(missing)
+                        })
+                        .await
+                        .unwrap_or_default();
+                        queue.push(Event::Requirements(missing));
                     }
                     Effect::Confirm { revision } => {
                         let a = applier.clone();

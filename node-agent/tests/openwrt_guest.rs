@@ -127,6 +127,7 @@ fn rendered(profile: &str, with_peers: bool) -> NodeConfig {
             .collect(),
         actions,
         sealed: Default::default(),
+        requires: Vec::new(),
     }
 }
 

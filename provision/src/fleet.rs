@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::host::{Context, HostReport, Outcome, Step, provision_host};
 use crate::plan::Target;
+use crate::remove::remove_host;
 
 /// Hears what the hosts are doing.
 pub trait Progress: Send + Sync {
@@ -30,11 +31,32 @@ impl Progress for Silent {
     fn done(&self, _: usize, _: &HostReport) {}
 }
 
+/// What is done to one host.
+type HostFn = fn(&Target, &Context, &dyn Fn(Step, &str)) -> HostReport;
+
 /// Provisions every target; never fails as a whole: each host has its report.
 pub async fn provision(
     targets: Vec<Target>,
     ctx: Arc<Context>,
     progress: Arc<dyn Progress>,
+) -> Vec<HostReport> {
+    run_all(targets, ctx, progress, provision_host).await
+}
+
+/// Takes the agent off every target (`sidenetctl provision --remove`).
+pub async fn remove(
+    targets: Vec<Target>,
+    ctx: Arc<Context>,
+    progress: Arc<dyn Progress>,
+) -> Vec<HostReport> {
+    run_all(targets, ctx, progress, remove_host).await
+}
+
+async fn run_all(
+    targets: Vec<Target>,
+    ctx: Arc<Context>,
+    progress: Arc<dyn Progress>,
+    each: HostFn,
 ) -> Vec<HostReport> {
     progress.begin(&targets);
     let slots = Arc::new(Semaphore::new(ctx.settings.parallelism.max(1)));
@@ -49,7 +71,7 @@ pub async fn provision(
             let t2 = t.clone();
             let res = tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                provision_host(&t2, &ctx, &|step, detail| p2.step(i, step, detail))
+                each(&t2, &ctx, &|step, detail| p2.step(i, step, detail))
             })
             .await;
             let report = res.unwrap_or_else(|e| {

@@ -8,6 +8,11 @@
 //! `service`) and `mesh` and `name`. Nothing about procd or systemd is in the code: a test points
 //! every path at a temporary root and runs the agent with a plain background command by giving
 //! its own descriptors.
+//!
+//! Optional parts: `keep` (a file that makes the install survive a firmware upgrade: OpenWrt's
+//! `sysupgrade` keeps what `/lib/upgrade/keep.d/*` lists), `commands.disable` (used by
+//! `sidenetctl provision --remove`) and `packages` (what the rendered configs need, see
+//! [`crate::packages`]). Templates also get `under("REL")`: REL under the host's root.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,6 +20,8 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 use sidenet_crds::FirmwareFamily;
+
+use crate::packages::PackagesSpec;
 
 /// File name of a family's descriptor.
 pub const DESCRIPTOR: &str = "install.yaml";
@@ -33,9 +40,16 @@ pub struct InstallSpec {
     pub service: ServiceSpec,
     /// Service commands (shell, run as the SSH user).
     pub commands: Commands,
+    /// A file that lists what must survive a firmware upgrade (OpenWrt:
+    /// `lib/upgrade/keep.d/sidenet-agent`), written like the service file.
+    #[serde(default)]
+    pub keep: Option<ServiceSpec>,
+    /// Packages the rendered configs need ([`crate::packages`]).
+    #[serde(default)]
+    pub packages: Option<PackagesSpec>,
 }
 
-/// The service file.
+/// The service file (also the shape of `keep`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
@@ -59,6 +73,9 @@ pub struct Commands {
     pub stop: String,
     /// Exits 0 when the service runs.
     pub running: String,
+    /// Stops the service from starting at boot (`sidenetctl provision --remove`).
+    #[serde(default)]
+    pub disable: Option<String>,
 }
 
 /// An install descriptor problem.
@@ -136,21 +153,58 @@ pub fn load_spec(path: &Path) -> Result<InstallSpec, InstallError> {
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
     let spec: InstallSpec = sidenet_crds::yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let keep_path = spec.keep.as_ref().map(|k| k.path.clone());
     for (what, p) in [
-        ("agent", &spec.agent),
-        ("config", &spec.config),
-        ("state", &spec.state),
-        ("service.path", &spec.service.path),
+        ("agent", Some(&spec.agent)),
+        ("config", Some(&spec.config)),
+        ("state", Some(&spec.state)),
+        ("service.path", Some(&spec.service.path)),
+        ("keep.path", keep_path.as_ref()),
     ] {
-        check_relative(p).map_err(|why| err(format!("{what}: {p:?} {why}")))?;
+        if let Some(p) = p {
+            check_relative(p).map_err(|why| err(format!("{what}: {p:?} {why}")))?;
+        }
     }
-    if spec.service.mode > 0o7777 {
-        return Err(err(format!(
-            "service.mode: {} is not a file mode (write it in decimal: 493 = 0755)",
-            spec.service.mode
-        )));
+    for (what, mode) in [
+        ("service.mode", Some(spec.service.mode)),
+        ("keep.mode", spec.keep.as_ref().map(|k| k.mode)),
+    ] {
+        if let Some(m) = mode
+            && m > 0o7777
+        {
+            return Err(err(format!(
+                "{what}: {m} is not a file mode (write it in decimal: 493 = 0755)"
+            )));
+        }
+    }
+    if let Some(p) = &spec.packages {
+        p.check().map_err(err)?;
     }
     Ok(spec)
+}
+
+/// Only the `packages` of a descriptor (what the controller puts into every config of the
+/// family as `requires`); `Ok(None)` when the file or the section is not there.
+pub fn load_packages(path: &Path) -> Result<Option<PackagesSpec>, InstallError> {
+    #[derive(Deserialize)]
+    struct Only {
+        #[serde(default)]
+        packages: Option<PackagesSpec>,
+    }
+    let err = |message: String| InstallError::Descriptor {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(format!("cannot read: {e}"))),
+    };
+    let only: Only = sidenet_crds::yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if let Some(p) = &only.packages {
+        p.check().map_err(err)?;
+    }
+    Ok(only.packages)
 }
 
 fn safe_chars(p: &str) -> bool {
@@ -228,6 +282,10 @@ pub struct Layout {
     pub stop: String,
     /// Running check.
     pub running: String,
+    /// Disable command, if the descriptor has one.
+    pub disable: Option<String>,
+    /// The keep file (path, mode, content), if the descriptor has one.
+    pub keep: Option<(String, u32, String)>,
 }
 
 impl InstallSpec {
@@ -255,6 +313,8 @@ impl InstallSpec {
                 message: e.to_string(),
             })?;
         env.set_syntax(syntax);
+        let base = root.to_string();
+        env.add_function("under", move |rel: String| under(&base, &rel));
         let ctx = minijinja::context! {
             root => root, agent => &agent, config => &config, state => &state,
             service => &service, mesh => mesh, name => name,
@@ -275,6 +335,20 @@ impl InstallSpec {
             start: render("commands.start", &self.commands.start)?,
             stop: render("commands.stop", &self.commands.stop)?,
             running: render("commands.running", &self.commands.running)?,
+            disable: self
+                .commands
+                .disable
+                .as_deref()
+                .map(|d| render("commands.disable", d))
+                .transpose()?,
+            keep: match &self.keep {
+                Some(k) => Some((
+                    under(root, &k.path),
+                    k.mode,
+                    render("keep.content", &k.content)?,
+                )),
+                None => None,
+            },
             agent,
             config,
             state,
@@ -370,13 +444,116 @@ mod tests {
         );
         assert!(
             l.service_content.contains(
-                "ExecStart=/srv/pi/usr/local/bin/sidenet-agent --config /srv/pi/etc/sidenet/agent.json\n"
+                "ExecStart=/srv/pi/usr/local/bin/sidenet-agent --config /srv/pi/etc/sidenet/agent.json --backend linux\n"
             ),
             "{}",
             l.service_content
         );
         assert_eq!(l.service_mode, 0o644);
         assert!(l.running.contains("systemctl is-active"));
+        assert!(l.keep.is_none(), "Debian has no sysupgrade");
+        assert_eq!(
+            l.disable.as_deref(),
+            Some("systemctl disable sidenet-agent.service && systemctl daemon-reload")
+        );
+    }
+
+    #[test]
+    fn the_openwrt_keep_list_names_what_a_sysupgrade_must_keep() {
+        let inst = Installers::load(&repo_templates());
+        let (p, ow) = inst.get(FirmwareFamily::Openwrt).unwrap();
+        let l = ow.layout(p, "/", "riverside", "kitchen").unwrap();
+        assert!(
+            l.service_content.contains(
+                "procd_set_param command /usr/bin/sidenet-agent --config /etc/sidenet/agent.json --backend openwrt\n"
+            ),
+            "{}",
+            l.service_content
+        );
+        let (path, mode, content) = l.keep.unwrap();
+        assert_eq!(
+            (path.as_str(), mode),
+            ("/lib/upgrade/keep.d/sidenet-agent", 0o644)
+        );
+        let lines: Vec<&str> = content.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "/usr/bin/sidenet-agent",
+                "/etc/init.d/sidenet-agent",
+                "/etc/rc.d/S95sidenet-agent",
+                "/etc/rc.d/K10sidenet-agent",
+                "/etc/sidenet/agent.json",
+                "/etc/sidenet-agent/",
+                "/lib/upgrade/keep.d/sidenet-agent",
+            ]
+        );
+        assert_eq!(
+            l.disable.as_deref(),
+            Some("/etc/init.d/sidenet-agent disable")
+        );
+        // Under a test root every path moves with it.
+        let l = ow.layout(p, "/tmp/dev1", "riverside", "kitchen").unwrap();
+        let (path, _, content) = l.keep.unwrap();
+        assert_eq!(path, "/tmp/dev1/lib/upgrade/keep.d/sidenet-agent");
+        assert!(
+            content.contains("\n/tmp/dev1/etc/rc.d/S95sidenet-agent\n"),
+            "{content}"
+        );
+    }
+
+    #[test]
+    fn shipped_packages_per_family_and_version() {
+        use crate::packages::Manager;
+        let ow = load_packages(&repo_templates().join("openwrt/install.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ow.manager_for(Some("23.05.5")), Ok(Manager::Opkg));
+        assert_eq!(ow.manager_for(Some("24.10.2")), Ok(Manager::Opkg));
+        assert_eq!(ow.manager_for(Some("25.12.0")), Ok(Manager::Apk));
+        assert!(ow.manager_for(Some("22.03.7")).is_err());
+        let names: Vec<&str> = ow.require.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            names,
+            ["babeld", "wireguard-tools", "wpad-mesh-mbedtls", "iw"]
+        );
+        let wpad = &ow.require[2];
+        assert_eq!(
+            (wpad.program.as_str(), wpad.args.as_slice()),
+            ("wpa_supplicant", &["-vmesh".to_string()][..])
+        );
+        assert!(wpad.replaces.contains(&"wpad-basic-mbedtls".to_string()));
+        let lx = load_packages(&repo_templates().join("linux/install.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(lx.manager_for(Some("12")), Ok(Manager::Apt));
+        let names: Vec<&str> = lx.require.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "iproute2",
+                "nftables",
+                "wpasupplicant",
+                "iw",
+                "wireguard-tools",
+                "babeld"
+            ]
+        );
+        // A descriptor without packages: none.
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load_packages(&d.path().join("install.yaml")).unwrap(), None);
+        std::fs::write(
+            d.path().join("install.yaml"),
+            "packages:\n  managers: []\n  require: []\n",
+        )
+        .unwrap();
+        let e = load_packages(&d.path().join("install.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("install.yaml: packages.managers: at least one rule is needed"),
+            "{e}"
+        );
     }
 
     #[test]

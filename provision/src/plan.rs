@@ -55,7 +55,7 @@ pub struct Settings {
     /// bootstrap config).
     pub broker_ca: Option<String>,
     /// Folder of agent binaries: `AGENTS/<packageArch or cpuArch>/sidenet-agent` (TLS builds
-    /// under `AGENTS/tls/`; [`crate::host::agent_candidates`]).
+    /// under `AGENTS/tls/`; [`crate::context::agent_candidates`]).
     pub agents: PathBuf,
     /// Templates folder with `FAMILY/install.yaml`.
     pub templates: PathBuf,

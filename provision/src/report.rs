@@ -193,6 +193,9 @@ pub fn table(reports: &[HostReport]) -> String {
         if let Some(e) = &r.error {
             out.push_str(&format!("{}: {e}\n", r.name));
         }
+        for w in &r.warnings {
+            out.push_str(&format!("{}: warning: {w}\n", r.name));
+        }
     }
     out
 }
@@ -200,6 +203,18 @@ pub fn table(reports: &[HostReport]) -> String {
 /// `7 hosts: 4 provisioned, 1 already provisioned, 2 failed`.
 pub fn summary(reports: &[HostReport]) -> String {
     let count = |o: Outcome| reports.iter().filter(|r| r.result == o).count();
+    if reports
+        .iter()
+        .any(|r| matches!(r.result, Outcome::Removed | Outcome::NotInstalled))
+    {
+        return format!(
+            "{} hosts: {} removed, {} not installed, {} failed",
+            reports.len(),
+            count(Outcome::Removed),
+            count(Outcome::NotInstalled),
+            count(Outcome::Failed)
+        );
+    }
     format!(
         "{} hosts: {} provisioned, {} already provisioned, {} failed",
         reports.len(),
@@ -260,6 +275,8 @@ pub fn status(
                 result: match r.result {
                     Outcome::Provisioned => "Provisioned",
                     Outcome::AlreadyProvisioned => "AlreadyProvisioned",
+                    Outcome::Removed => "Removed",
+                    Outcome::NotInstalled => "NotInstalled",
                     Outcome::Failed => "Failed",
                 }
                 .into(),
@@ -295,6 +312,10 @@ mod tests {
             } else {
                 Vec::new()
             },
+            packages: Vec::new(),
+            agent_version: Some("0.1.0".into()),
+            login: Some("publickey".into()),
+            warnings: Vec::new(),
             pinned_host_key: None,
             error: error.map(str::to_string),
             duration_ms: 4210,

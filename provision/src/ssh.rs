@@ -306,8 +306,31 @@ pub fn connect(ep: &Endpoint<'_>, known: &KnownHosts) -> Result<(Conn, KeyOutcom
 }
 
 impl Conn {
-    /// Logs in.
-    pub fn login(&self, user: &str, cred: &Credential) -> Result<(), SshError> {
+    /// Logs in: first with the SSH `none` method, which a factory-fresh OpenWrt router (dropbear
+    /// with a blank root password) accepts, then with `cred`. Returns the method that worked:
+    /// `none`, `publickey` or `password`.
+    pub fn login(&self, user: &str, cred: Option<&Credential>) -> Result<&'static str, SshError> {
+        // Asking for the methods is the `none` request; a server that lets the user in without
+        // credentials answers it with success.
+        let offered = self.sess.auth_methods(user).map(str::to_string);
+        if self.sess.authenticated() {
+            return Ok("none");
+        }
+        let offered = offered.unwrap_or_default();
+        let Some(cred) = cred else {
+            return Err(SshError::Auth {
+                user: user.to_string(),
+                credential: "no credentials".into(),
+                message: format!(
+                    "the server does not let {user} in without them (it accepts: {}); give privateKeyFile or passwordFile (CLI) or a Secret reference",
+                    if offered.is_empty() {
+                        "nothing"
+                    } else {
+                        offered.as_str()
+                    }
+                ),
+            });
+        };
         let credential = cred.describe();
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p).map_err(|e| SshError::Credential {
@@ -316,40 +339,44 @@ impl Conn {
             })
         };
         let auth = |e: ssh2::Error| {
-            let offered = self
-                .sess
-                .auth_methods(user)
-                .map(|m| format!(" (the server accepts: {m})"))
-                .unwrap_or_default();
+            let offered = if offered.is_empty() {
+                String::new()
+            } else {
+                format!(" (the server accepts: {offered})")
+            };
             SshError::Auth {
                 user: user.to_string(),
                 credential: credential.clone(),
                 message: format!("{}{offered}", ssh_msg(&e)),
             }
         };
-        match cred {
+        let method = match cred {
             Credential::KeyFile(p) => {
                 let pem = read(p)?;
                 self.sess
                     .userauth_pubkey_memory(user, None, &pem, None)
                     .map_err(auth)?;
+                "publickey"
             }
             Credential::Key { pem, .. } => {
                 self.sess
                     .userauth_pubkey_memory(user, None, pem, None)
                     .map_err(auth)?;
+                "publickey"
             }
             Credential::PasswordFile(p) => {
                 let text = read(p)?;
                 let pw = text.lines().next().unwrap_or_default();
                 self.sess.userauth_password(user, pw).map_err(auth)?;
+                "password"
             }
             Credential::Password { password, .. } => {
                 self.sess.userauth_password(user, password).map_err(auth)?;
+                "password"
             }
-        }
+        };
         if self.sess.authenticated() {
-            Ok(())
+            Ok(method)
         } else {
             Err(SshError::Auth {
                 user: user.to_string(),

@@ -87,6 +87,14 @@ fn host(row: &ProvisionRow, port: u16) -> &sidenet_crds::ProvisionHostStatus {
         .unwrap()
 }
 
+/// Replaces a manifest in one rename: the controller polls the folder and must never read a
+/// half-written file (an empty one is a valid set without this job, which forgets its results).
+fn write_manifest(path: &std::path::Path, text: String) {
+    let tmp = path.parent().unwrap().with_extension("tmp-manifest");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 #[test]
 fn the_controller_runs_node_provision_manifests_and_keeps_their_results() {
     let tmp = tempfile::tempdir().unwrap();
@@ -120,11 +128,10 @@ fn the_controller_runs_node_provision_manifests_and_keeps_their_results() {
     let mut ctl = Controller::start_with(&t.join("ctl"), "auto", &templates, &t.join("dist"));
     assert!(ctl.provisions().is_empty());
     let start = sidenet_controller::rfc3339(sidenet_controller::now());
-    std::fs::write(
-        ctl.manifests().join("provision.yaml"),
+    write_manifest(
+        &ctl.manifests().join("provision.yaml"),
         manifest(&gate, &loft, &shed, &dev, &ctl.broker(), &pem, 1),
-    )
-    .unwrap();
+    );
 
     // The job runs on its own; while it does, `sidenetctl status` shows each host's step.
     let row = wait_for(
@@ -188,11 +195,10 @@ fn the_controller_runs_node_provision_manifests_and_keeps_their_results() {
     // the provisioned hosts change nothing, the shed is provisioned.
     shed.change_host_key();
     let again = sidenet_controller::rfc3339(sidenet_controller::now());
-    std::fs::write(
-        ctl.manifests().join("provision.yaml"),
+    write_manifest(
+        &ctl.manifests().join("provision.yaml"),
         manifest(&gate, &loft, &shed, &dev, &ctl.broker(), &pem, 2),
-    )
-    .unwrap();
+    );
     let row = wait_for(
         "NodeProvision/street-1 to finish again",
         Duration::from_secs(150),
@@ -215,12 +221,11 @@ fn the_controller_runs_node_provision_manifests_and_keeps_their_results() {
     assert_eq!(host(&row, shed.port).result, "Provisioned");
 
     // A manifest with a broken reference is refused as a whole and the results stay.
-    std::fs::write(
-        ctl.manifests().join("provision.yaml"),
+    write_manifest(
+        &ctl.manifests().join("provision.yaml"),
         manifest(&gate, &loft, &shed, &dev, &ctl.broker(), &pem, 2)
             .replace("key: id_ed25519 }", "key: id_rsa }"),
-    )
-    .unwrap();
+    );
     let errors = wait_for(
         "the manifest error",
         Duration::from_secs(10),

@@ -6,33 +6,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agents, Auth, Controller, Sshd};
-use sidenet_controller::admin::{self, Request, Response};
+use sidenet_controller::admin;
+use sidenet_controller::provisioning::AdminControlPlane;
 use sidenet_crds::{NodeProvision, SecretKeyRef};
-use sidenet_provision::{ControlPlane, Settings, Silent};
-
-/// The controller, asked over its admin socket (what `sidenetctl` does).
-struct Admin(PathBuf);
-
-impl ControlPlane for Admin {
-    fn node_phase(&self, mesh: &str, node: &str) -> Result<Option<String>, String> {
-        match admin::call(&self.0, &Request::Status)? {
-            Response::Status { nodes, .. } => Ok(nodes
-                .into_iter()
-                .find(|n| n.node == node && n.mesh == mesh)
-                .map(|n| n.phase)),
-            other => Err(format!("{other:?}")),
-        }
-    }
-
-    fn enrolment_token(&self, _: &str) -> Result<Option<String>, String> {
-        Ok(None)
-    }
-}
+use sidenet_provision::{Settings, Silent};
 
 fn manifest(text: &str) -> NodeProvision {
     let yaml: serde_json::Value = sidenet_crds::yaml::from_str(text).unwrap();
@@ -148,7 +129,14 @@ spec:
             secret,
             base.clone(),
             profiles.clone(),
-            Arc::new(Admin(ctl.state())),
+            {
+                let state = ctl.state();
+                Arc::new(AdminControlPlane::new(
+                    move |req| admin::call(&state, &req),
+                    false,
+                    true,
+                ))
+            },
             Arc::new(Silent),
             "2026-01-01T00:00:00Z",
         ))

@@ -85,6 +85,26 @@ pub struct NodeConfig {
     /// [`crate::seal::placeholder`]s the agent fills in after opening them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub sealed: BTreeMap<String, String>,
+    /// Packages the config needs on the node, each with the program that shows it is there.
+    /// Agents that run programs (`linux`, `openwrt`) check every one before applying and wait,
+    /// reporting [`StatusReport::missing`], until all are present.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requires: Vec<Requirement>,
+}
+
+/// A package a config needs, and how the agent sees that it is installed: `program` is found
+/// (an absolute path that is an executable file, or a name found as one in a folder of `PATH`)
+/// and, when `args` are given, exits 0 when run with them (a capability check:
+/// `wpa_supplicant -vmesh` exits 0 only when it was built with 802.11s mesh support).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirement {
+    /// Package name as the node's package manager knows it (`babeld`, `wpad-mesh-mbedtls`).
+    pub package: String,
+    /// The program that package installs.
+    pub program: String,
+    /// Arguments the program must exit 0 with (none: being there is enough).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
 }
 
 /// A node's request to join, signed by its own key.
@@ -238,10 +258,16 @@ pub struct StatusReport {
     /// controller has the broker refuse connections that claim this node's id without it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mqtt_auth: bool,
+    /// Packages of [`NodeConfig::requires`] the node lacks (for the config it runs or the one it
+    /// waits to apply), in the config's order. Non-empty: the node applies nothing new until
+    /// they are installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn f(path: &str) -> FileSpec {
@@ -250,6 +276,41 @@ mod tests {
             mode: 0o644,
             content: String::new(),
         }
+    }
+
+    #[test]
+    fn requirements_and_missing_packages_are_optional_on_the_wire() {
+        // What agents and controllers before these fields send: still read, as empty lists.
+        let old_config = r#"{"mesh":"m","node":"n","hostname":"h","role":"router","profile":"p","family":"openwrt","subnet":"fd00::/64","addresses":[],"files":[],"actions":[]}"#;
+        let c: NodeConfig = serde_json::from_str(old_config).unwrap();
+        assert!(c.requires.is_empty());
+        // Empty lists are left out, so a config without requirements has the old bytes.
+        assert_eq!(serde_json::to_string(&c).unwrap(), old_config);
+        let old_status = r#"{"state":"applied","uptime_s":3,"agent_version":"0.1.0"}"#;
+        let st: StatusReport = serde_json::from_str(old_status).unwrap();
+        assert!(st.missing.is_empty());
+        assert!(!serde_json::to_string(&st).unwrap().contains("missing"));
+        // The field names as docs/design.md gives them.
+        let c = NodeConfig {
+            requires: vec![Requirement {
+                package: "wpad-mesh-mbedtls".into(),
+                program: "wpa_supplicant".into(),
+                args: vec!["-vmesh".into()],
+            }],
+            ..c
+        };
+        assert!(serde_json::to_string(&c).unwrap().ends_with(
+            r#""requires":[{"package":"wpad-mesh-mbedtls","program":"wpa_supplicant","args":["-vmesh"]}]}"#
+        ));
+        let st = StatusReport {
+            missing: vec!["babeld".into()],
+            ..st
+        };
+        assert!(
+            serde_json::to_string(&st)
+                .unwrap()
+                .ends_with(r#""missing":["babeld"]}"#)
+        );
     }
 
     #[test]

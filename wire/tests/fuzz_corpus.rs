@@ -15,7 +15,7 @@ use sidenet_wire::fuzzing::{self, MESH, NOW, flags, other_key, signed_input, tru
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{
     Ack, Announce, ApplyState, EnrollRequest, Failure, FileSpec, Neighbour, NodeConfig, Probe,
-    StatusReport, Trial, WireguardInfo,
+    Requirement, StatusReport, Trial, WireguardInfo,
 };
 use sidenet_wire::{Header, Kind, Revision};
 
@@ -149,6 +149,11 @@ fn bodies() -> Vec<(Kind, Vec<u8>)> {
             ),
         )]
         .into(),
+        requires: vec![Requirement {
+            package: "wpad-mesh-mbedtls".into(),
+            program: "wpa_supplicant".into(),
+            args: vec!["-vmesh".into()],
+        }],
     };
     let enroll = EnrollRequest {
         hostname: "kitchen".into(),
@@ -189,6 +194,7 @@ fn bodies() -> Vec<(Kind, Vec<u8>)> {
             sha256: "cd".repeat(32),
         }),
         mqtt_auth: true,
+        missing: vec!["wpad-mesh-mbedtls".into()],
     };
     let ack = Ack {
         revision: Revision { epoch: 5, rev: 5 },

@@ -222,6 +222,11 @@ struct ProvisionArgs {
     /// Output format of the final report.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     output: Output,
+    /// Take the agent off the hosts instead: stop and disable its service, let it undo its
+    /// changes (`sidenet-agent --uninstall`, when it has that flag), delete its files, keep
+    /// list and state folder, and remove the node from the controller (unless --no-wait).
+    #[arg(long)]
+    remove: bool,
 }
 
 fn main() -> ExitCode {
@@ -656,38 +661,12 @@ fn parse_host(spec: &str) -> Result<(Option<String>, String, Option<u16>), Strin
     Ok((user, host, port))
 }
 
-fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
-    use sidenet_provision::plan::{Inventory, Row};
-    use std::io::IsTerminal;
-    use std::sync::Arc;
-
-    let (mut inv, inv_path) = match &a.inventory {
-        Some(p) => (Inventory::load(p).map_err(|e| e.to_string())?, p.clone()),
-        None => (Inventory::default(), PathBuf::from("command line")),
-    };
-    for h in &a.hosts {
-        let (user, host, port) = parse_host(h)?;
-        inv.hosts.push(Row {
-            host: Some(host),
-            port,
-            user,
-            private_key_file: a.identity.clone(),
-            password_file: a.password_file.clone(),
-            hardware_profile: a.hardware_profile.clone(),
-            root: Some(a.root.clone()),
-            ..Row::default()
-        });
-    }
-    if inv.hosts.is_empty() {
-        return Err("no hosts: give an inventory (-i FILE) or hosts ([user@]host[:port])".into());
-    }
-    let targets = inv.targets(&inv_path).map_err(|e| e.to_string())?;
-    let mesh = a
-        .mesh
-        .clone()
-        .or(inv.mesh.clone())
-        .ok_or("no mesh: set mesh in the inventory or pass --mesh".to_string())?;
-    sidenet_wire::names::check_mesh_name(&mesh).map_err(|e| format!("mesh: {e}"))?;
+/// The broker URL, its CA and the mesh key the agents pin, for `sidenetctl provision`.
+fn provision_endpoints(
+    a: &ProvisionArgs,
+    inv: &sidenet_provision::plan::Inventory,
+    mesh: &str,
+) -> Result<(String, Option<String>, String), String> {
     let broker = a.broker.clone().or(inv.broker.clone()).ok_or(
         "no broker: set broker in the inventory or pass --broker (the URL the routers reach)"
             .to_string(),
@@ -735,6 +714,51 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
                 .to_base64()
         }
     };
+    Ok((broker, broker_ca, mesh_key))
+}
+
+fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
+    use sidenet_provision::plan::{Inventory, Row};
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+
+    let (mut inv, inv_path) = match &a.inventory {
+        Some(p) => (Inventory::load(p).map_err(|e| e.to_string())?, p.clone()),
+        None => (Inventory::default(), PathBuf::from("command line")),
+    };
+    for h in &a.hosts {
+        let (user, host, port) = parse_host(h)?;
+        inv.hosts.push(Row {
+            host: Some(host),
+            port,
+            user,
+            private_key_file: a.identity.clone(),
+            password_file: a.password_file.clone(),
+            hardware_profile: a.hardware_profile.clone(),
+            root: Some(a.root.clone()),
+            ..Row::default()
+        });
+    }
+    if inv.hosts.is_empty() {
+        return Err("no hosts: give an inventory (-i FILE) or hosts ([user@]host[:port])".into());
+    }
+    let targets = inv.targets(&inv_path).map_err(|e| e.to_string())?;
+    let mesh = a
+        .mesh
+        .clone()
+        .or(inv.mesh.clone())
+        .ok_or("no mesh: set mesh in the inventory or pass --mesh".to_string())?;
+    sidenet_wire::names::check_mesh_name(&mesh).map_err(|e| format!("mesh: {e}"))?;
+    let (broker, broker_ca, mesh_key) = if a.remove {
+        // Removing needs neither the broker nor the mesh key.
+        (
+            a.broker.clone().or(inv.broker.clone()).unwrap_or_default(),
+            None,
+            String::new(),
+        )
+    } else {
+        provision_endpoints(&a, &inv, &mesh)?
+    };
     let set = manifest::load(&a.profiles).map_err(|e| e.to_string())?;
     let settings = sidenet_provision::Settings {
         mesh,
@@ -773,11 +797,15 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let reports = rt.block_on(sidenet_provision::provision(
-        targets,
-        Arc::new(ctx),
-        progress,
-    ));
+    let reports = if a.remove {
+        rt.block_on(sidenet_provision::remove(targets, Arc::new(ctx), progress))
+    } else {
+        rt.block_on(sidenet_provision::provision(
+            targets,
+            Arc::new(ctx),
+            progress,
+        ))
+    };
     match a.output {
         Output::Json => outln!("{}", sidenet_provision::report::json(&reports)),
         Output::Table => {

@@ -9,7 +9,7 @@
 //! | `Approved` | auto mode, `spec.approved`, or a valid token | `AutoEnrollment`, `Approved`, `Token`, `WaitingForApproval` |
 //! | `ConfigApplied` | the node reports running the desired revision | `Applied`, `NotApplied`, `Blocked`, `ApplyFailed`, `NotEnrolled` |
 //! | `Drifted` | the node runs another revision or other content than desired | `RevisionMismatch`, `ContentMismatch`, `InSync` |
-//! | `Degraded` | invalid spec, blocked, failed apply or offline | `InvalidSpec`, `Blocked`, `ApplyFailed`, `Offline`, `AsExpected` |
+//! | `Degraded` | invalid spec, blocked, missing packages, failed apply or offline | `InvalidSpec`, `MissingPackages`, `Blocked`, `ApplyFailed`, `Offline`, `AsExpected` |
 //! | `Ready` | phase `Ready` | the phase |
 
 use sidenet_crds::{
@@ -227,6 +227,11 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
     });
     let degraded = if let Some(e) = &f.invalid {
         Some(("InvalidSpec", format!("this spec is not used: {e}")))
+    } else if let Some(b) = blocked
+        .as_ref()
+        .filter(|_| row.is_some_and(|r| !r.missing.is_empty()))
+    {
+        Some(("MissingPackages", b.clone()))
     } else if let Some(b) = &blocked {
         Some(("Blocked", b.clone()))
     } else if phase == "Failed" {
@@ -397,6 +402,9 @@ mod tests {
             failure: None,
             neighbours: vec![],
             probes: vec![],
+            agent_version: Some("0.1.0".into()),
+            agent_epoch: Some(1_700_000_000),
+            missing: vec![],
         }
     }
 
@@ -423,6 +431,30 @@ mod tests {
         assert_eq!(get(&s, "Approved").reason, "Approved");
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(s.last_seen.as_deref(), Some("2023-11-14T22:13:20Z"));
+    }
+
+    #[test]
+    fn missing_packages_degrade_the_node() {
+        let n = node(true);
+        let f = NodeFacts {
+            enrolled: true,
+            ..Default::default()
+        };
+        let mut r = row("Blocked", 3, Some(2));
+        r.missing = vec!["babeld".into(), "wpad-mesh-mbedtls".into()];
+        r.reason = Some("missing: babeld, wpad-mesh-mbedtls (the node lacks these packages; `sidenetctl provision` installs them)".into());
+        let s = node_status(&n, Some(&r), &f);
+        let d = get(&s, "Degraded");
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "MissingPackages")
+        );
+        assert!(
+            d.message.starts_with("missing: babeld, wpad-mesh-mbedtls"),
+            "{}",
+            d.message
+        );
+        assert_eq!(get(&s, "ConfigApplied").reason, "Blocked");
     }
 
     #[test]

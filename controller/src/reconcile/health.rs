@@ -5,6 +5,8 @@
 //!   that cuts a node off from the controller is rolled back by the node itself.
 //! - A revision that failed on a node is not re-signed with the same body ([`withhold`]); the
 //!   node gets a new revision only when its config changes.
+//! - A node that lacks packages its config needs is `Blocked` with the reason
+//!   `missing: PACKAGE, ...` ([`missing_reason`]).
 //! - [`prometheus`] turns the status table (with the links' babel costs and probe results) into
 //!   Prometheus metrics (`sidenetctl metrics`).
 
@@ -17,6 +19,18 @@ use sidenet_wire::{Header, Kind, Revision, topics};
 
 use crate::reconcile::model::{Publish, StatusRow};
 use crate::reconcile::store::{NodeRecord, Published};
+
+/// Why a node is blocked on its own side: the packages its last status report says are missing
+/// (it applies nothing new until they are installed).
+pub fn missing_reason(rec: Option<&NodeRecord>) -> Option<String> {
+    let missing = &rec?.missing;
+    (!missing.is_empty()).then(|| {
+        format!(
+            "missing: {} (the node lacks these packages; `sidenetctl provision` installs them)",
+            missing.join(", ")
+        )
+    })
+}
 
 /// How long an acknowledgement stays valid.
 const ACK_VALIDITY: u64 = 300;
@@ -138,6 +152,20 @@ pub fn prometheus(rows: &[StatusRow]) -> String {
                 d.rev
             );
         }
+    }
+    metric(
+        &mut out,
+        "sidenet_node_missing_packages",
+        "Packages the node lacks for its config (it applies nothing new until they are installed).",
+        "gauge",
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "sidenet_node_missing_packages{{{}}} {}",
+            node_labels(r),
+            r.missing.len()
+        );
     }
     metric(
         &mut out,
@@ -439,6 +467,9 @@ mod tests {
                     sent: 10,
                 },
             ],
+            agent_version: None,
+            agent_epoch: None,
+            missing: vec![],
         };
         let l = links(&row);
         assert_eq!(l.len(), 2, "{l:?}");
@@ -479,8 +510,16 @@ mod tests {
                 kind: Some("neighbour".into()),
                 sent: 8,
             }],
+            agent_version: Some("0.1.0".into()),
+            agent_epoch: Some(7),
+            missing: vec!["babeld".into()],
         };
         let text = prometheus(&[row]);
+        assert!(
+            text.contains(
+                "sidenet_node_missing_packages{node=\"n1\",name=\"a\\\"b\",mesh=\"m\"} 1"
+            )
+        );
         assert!(text.contains("sidenet_node_online{node=\"n1\",name=\"a\\\"b\",mesh=\"m\"} 1"));
         assert!(text.contains("sidenet_link_cost{node=\"n1\",name=\"a\\\"b\",mesh=\"m\",peer=\"n2\",interface=\"sn-x\"} 96"));
         assert!(text.contains("kind=\"neighbour\"} 0.0015"), "{text}");

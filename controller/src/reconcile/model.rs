@@ -121,6 +121,15 @@ pub struct StatusRow {
     /// The node's last pathfinder probe results (latency and loss per neighbour and gateway).
     #[serde(default)]
     pub probes: Vec<sidenet_wire::messages::Probe>,
+    /// Agent version of the node's last status report.
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// Sequence epoch of the node's last message: it grows every time the agent starts.
+    #[serde(default)]
+    pub agent_epoch: Option<u64>,
+    /// Packages the node says are missing (it applies nothing new until they are installed).
+    #[serde(default)]
+    pub missing: Vec<String>,
 }
 
 /// A node message the core refused.

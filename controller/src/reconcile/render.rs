@@ -71,6 +71,8 @@ pub struct FileEntry {
 pub struct Renderer {
     env: Environment<'static>,
     families: BTreeMap<String, Vec<FileEntry>>,
+    /// Per family: the packages its configs need (`packages` of `FAMILY/install.yaml`).
+    requires: BTreeMap<String, Vec<sidenet_wire::messages::Requirement>>,
     /// SHA-256 over every template and index, so a template change re-renders everything.
     pub fingerprint: String,
 }
@@ -98,6 +100,7 @@ impl Renderer {
         // `{{ value | uci }}`: a value in uci's single quotes, on one line (OpenWrt batches).
         env.add_filter("uci", |v: String| crate::spec::openwrt::uci_quote(&v));
         let mut families = BTreeMap::new();
+        let mut requires = BTreeMap::new();
         let mut all = Vec::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| io(dir, e))?
@@ -139,13 +142,37 @@ impl Renderer {
                 env.add_template_owned(name.clone(), src)
                     .map_err(|source| RenderError::Template { name, source })?;
             }
+            // What the agent checks before applying: the same list provisioning installs.
+            let install = fam_dir.join(sidenet_provision::install::DESCRIPTOR);
+            let packages = sidenet_provision::install::load_packages(&install).map_err(|e| {
+                RenderError::Index {
+                    path: install.clone(),
+                    message: match e {
+                        sidenet_provision::install::InstallError::Descriptor {
+                            message, ..
+                        } => message,
+                        other => other.to_string(),
+                    },
+                }
+            })?;
+            if let Some(p) = packages {
+                let reqs = p.requirements();
+                all.extend_from_slice(&serde_json::to_vec(&reqs).unwrap_or_default());
+                requires.insert(family.clone(), reqs);
+            }
             families.insert(family, files);
         }
         Ok(Self {
             env,
             families,
+            requires,
             fingerprint: sidenet_wire::codec::sha256_hex(&all),
         })
+    }
+
+    /// The packages configs of `family` need (empty when its descriptor declares none).
+    pub fn requirements(&self, family: &str) -> Vec<sidenet_wire::messages::Requirement> {
+        self.requires.get(family).cloned().unwrap_or_default()
     }
 
     /// Renders every file of `family` with `ctx`.
@@ -469,4 +496,74 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         mesh_radio,
         dataplane: crate::reconcile::peers::Dataplane::for_node(inp.id),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn repo_templates() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../templates")
+    }
+
+    #[test]
+    fn every_config_carries_the_packages_of_its_family() {
+        let r = Renderer::load(&repo_templates()).unwrap();
+        let names =
+            |f: &str| -> Vec<String> { r.requirements(f).into_iter().map(|q| q.package).collect() };
+        assert_eq!(
+            names("openwrt"),
+            ["babeld", "wireguard-tools", "wpad-mesh-mbedtls", "iw"]
+        );
+        assert_eq!(
+            names("linux"),
+            [
+                "iproute2",
+                "nftables",
+                "wpasupplicant",
+                "iw",
+                "wireguard-tools",
+                "babeld"
+            ]
+        );
+        let wpad = &r.requirements("openwrt")[2];
+        assert_eq!(wpad.program, "wpa_supplicant");
+        assert_eq!(wpad.args, ["-vmesh"]);
+        assert!(r.requirements("files").is_empty());
+    }
+
+    #[test]
+    fn a_package_change_re_renders_and_a_bad_list_names_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+        };
+        copy(&repo_templates().join("openwrt"), &d.path().join("openwrt"));
+        let before = Renderer::load(d.path()).unwrap().fingerprint;
+        let desc = d.path().join("openwrt/install.yaml");
+        let text = std::fs::read_to_string(&desc).unwrap();
+        std::fs::write(
+            &desc,
+            text.replace("package: iw, program: iw", "package: iw-full, program: iw"),
+        )
+        .unwrap();
+        let after = Renderer::load(d.path()).unwrap();
+        assert_ne!(after.fingerprint, before);
+        assert_eq!(after.requirements("openwrt")[3].package, "iw-full");
+        std::fs::write(
+            &desc,
+            text.replace("package: iw, program: iw", "package: iw, program: ../iw"),
+        )
+        .unwrap();
+        let e = Renderer::load(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("openwrt/install.yaml: packages.require[3].program: \"../iw\" must be a program name or an absolute path"),
+            "{e}"
+        );
+    }
 }

@@ -104,6 +104,12 @@ pub struct NodeRecord {
     /// report): the broker refuses its id without it ([`crate::transport::acl`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mqtt_armed: bool,
+    /// Agent version of the last status report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Packages the last status report says are missing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 /// The last config published to a node.

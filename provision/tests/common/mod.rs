@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod router;
+
 use sidenet_controller::admin::{self, Request, Response};
 use sidenet_controller::reconcile::model::StatusRow;
 
@@ -270,6 +272,11 @@ pub fn keygen(path: &Path) {
 impl Sshd {
     /// Starts an sshd whose authorized_keys holds `authorized` (public key lines).
     pub fn start(base: &Path, name: &str, auth: Auth, authorized: &str) -> Sshd {
+        Self::start_with(base, name, auth, authorized, "")
+    }
+
+    /// [`Sshd::start`] with more sshd_config lines (e.g. `SetEnv PATH=...`).
+    pub fn start_with(base: &Path, name: &str, auth: Auth, authorized: &str, extra: &str) -> Sshd {
         let dir = base.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         // sshd's privilege separation folder.
@@ -284,7 +291,7 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nPidFile {d}/sshd.pid\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin {prl}\n\
                  PasswordAuthentication {pa}\nKbdInteractiveAuthentication no\nPubkeyAuthentication {pk}\n\
-                 UsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\nMaxStartups 100\nLogLevel VERBOSE\n",
+                 UsePAM no\nStrictModes no\nSubsystem sftp internal-sftp\nMaxStartups 100\nLogLevel VERBOSE\n{extra}",
                 d = dir.display(),
                 prl = if password { "yes" } else { "prohibit-password" },
                 pa = if password { "yes" } else { "no" },
@@ -427,6 +434,23 @@ impl Drop for Agents {
 /// paths as the shipped openwrt/ and linux/ descriptors, and a small sh script as the "service"
 /// that runs the agent in the background with a pid file under the device's root.
 pub fn test_templates(dir: &Path) {
+    test_templates_with(dir, &Templates::default());
+}
+
+/// What [`test_templates_with`] adds to the plain test descriptors.
+#[derive(Debug, Default, Clone)]
+pub struct Templates {
+    /// Extra agent arguments per family (`--backend openwrt`).
+    pub openwrt_args: String,
+    /// The shipped descriptors' `packages` (what the configs need).
+    pub packages: bool,
+    /// The shipped OpenWrt descriptor's `keep` list, and a `disable` command.
+    pub keep: bool,
+}
+
+/// [`test_templates`] with the shipped descriptors' `packages`, `keep` and extra agent
+/// arguments.
+pub fn test_templates_with(dir: &Path, opts: &Templates) {
     for (family, agent, state, service) in [
         (
             "openwrt",
@@ -443,6 +467,30 @@ pub fn test_templates(dir: &Path) {
     ] {
         let d = dir.join(family);
         std::fs::create_dir_all(&d).unwrap();
+        let shipped: serde_json::Value = sidenet_crds::yaml::from_str(
+            &std::fs::read_to_string(repo().join("templates").join(family).join("install.yaml"))
+                .unwrap(),
+        )
+        .unwrap();
+        let mut extra = String::new();
+        if opts.packages {
+            let m = serde_json::json!({ "packages": shipped["packages"].clone() });
+            extra.push_str(&sidenet_crds::yaml::to_string(&m).unwrap());
+        }
+        if opts.keep && family == "openwrt" {
+            let m = serde_json::json!({ "keep": shipped["keep"].clone() });
+            extra.push_str(&sidenet_crds::yaml::to_string(&m).unwrap());
+        }
+        let disable = if opts.keep {
+            "  disable: rm -f {{ root }}/etc/rc.d/S95sidenet-agent {{ root }}/etc/rc.d/K10sidenet-agent\n"
+        } else {
+            ""
+        };
+        let args = if family == "openwrt" {
+            opts.openwrt_args.as_str()
+        } else {
+            ""
+        };
         std::fs::write(
             d.join("install.yaml"),
             format!(
@@ -461,7 +509,7 @@ service:
       start)
         if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then exit 0; fi
         mkdir -p {{{{ root }}}}/run {{{{ root }}}}/var/log
-        setsid nohup {{{{ agent }}}} --config {{{{ config }}}} --status-interval 2 >>{{{{ root }}}}/var/log/sidenet-agent.log 2>&1 </dev/null &
+        setsid {{{{ agent }}}} --config {{{{ config }}}} --status-interval 2{args} >>{{{{ root }}}}/var/log/sidenet-agent.log 2>&1 </dev/null &
         echo $! > "$pidfile"
         ;;
       stop)
@@ -470,6 +518,12 @@ service:
           kill "$pid" 2>/dev/null
           i=0
           while kill -0 "$pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+          # As procd and systemd do: SIGKILL what did not stop within the timeout (an agent
+          # busy applying finishes that first), so two agents never share the state folder.
+          if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+          fi
           rm -f "$pidfile"
         fi
         ;;
@@ -478,11 +532,11 @@ service:
         ;;
     esac
 commands:
-  enable: mkdir -p {{{{ root }}}}/etc/rc.d && ln -sf {{{{ service }}}} {{{{ root }}}}/etc/rc.d/S95sidenet-agent
+  enable: mkdir -p {{{{ root }}}}/etc/rc.d && ln -sf {{{{ service }}}} {{{{ root }}}}/etc/rc.d/S95sidenet-agent && ln -sf {{{{ service }}}} {{{{ root }}}}/etc/rc.d/K10sidenet-agent
   start: "{{{{ service }}}} start"
   stop: "{{{{ service }}}} stop"
   running: "{{{{ service }}}} running"
-"#
+{disable}{extra}"#
             ),
         )
         .unwrap();

@@ -294,6 +294,8 @@ impl Controller {
             rec.failed_revisions.drain(..excess);
         }
         rec.failure = report.failure.clone();
+        rec.agent_version = Some(report.agent_version.clone());
+        rec.missing = report.missing.clone();
         rec.probes = report.probes.clone();
         rec.neighbours = report.neighbours.clone();
         let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;

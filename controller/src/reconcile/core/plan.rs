@@ -524,6 +524,7 @@ pub fn build_config_with(
         files: files.into_iter().map(|f| f.file).collect(),
         actions,
         sealed: BTreeMap::new(),
+        requires: renderer.requirements(family),
     })
 }
 

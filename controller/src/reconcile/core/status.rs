@@ -73,6 +73,7 @@ impl Controller {
         let applied = rec.and_then(|r| r.applied);
         let reason = self.blocked.get(&id).cloned();
         let online = self.online.get(&id).copied();
+        let reason = reason.or_else(|| crate::reconcile::health::missing_reason(rec));
         let phase = if let Some(r) = &reason {
             if r.starts_with("waiting for approval") {
                 "Pending"
@@ -112,6 +113,9 @@ impl Controller {
             failure: rec.and_then(|r| r.failure.as_ref().map(|f| f.error.clone())),
             neighbours: rec.map(|r| r.neighbours.clone()).unwrap_or_default(),
             probes: rec.map(|r| r.probes.clone()).unwrap_or_default(),
+            agent_version: rec.and_then(|r| r.agent_version.clone()),
+            agent_epoch: rec.and_then(|r| r.last_seq.map(|s| s.epoch)),
+            missing: rec.map(|r| r.missing.clone()).unwrap_or_default(),
             node: id,
         }
     }
