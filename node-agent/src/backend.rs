@@ -20,10 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sidenet_wire::messages::{Neighbour, NodeConfig, Probe, WireguardInfo};
+use sidenet_wire::messages::NodeConfig;
 
 use crate::probe::ProbePlan;
-use crate::wgkey::WgKey;
 
 /// Which backend applies configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,18 +106,7 @@ impl Default for DataplaneArgs {
 #[error("{0}")]
 pub struct BackendError(pub String);
 
-/// What a backend sees of the running data plane.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Observation {
-    /// The node's WireGuard key and underlay endpoints.
-    pub wireguard: Option<WireguardInfo>,
-    /// Babel neighbours.
-    pub neighbours: Vec<Neighbour>,
-    /// WireGuard links configured now.
-    pub links: usize,
-    /// Pathfinder probe results (filled in by the shell from the prober).
-    pub probes: Vec<Probe>,
-}
+pub use crate::core::Observation;
 
 /// Applies configs to one kind of system.
 pub trait Backend: Send {
@@ -163,35 +151,6 @@ impl Backend for FilesBackend {
     }
     fn observe(&mut self) -> Observation {
         Observation::default()
-    }
-}
-
-/// Opens the backend of `kind` for a device rooted at `root`, with its runtime files under
-/// `state/run`.
-pub fn open(
-    kind: Kind,
-    args: &DataplaneArgs,
-    root: &Path,
-    state: &Path,
-    runner: Box<dyn Runner>,
-) -> Result<Box<dyn Backend>, BackendError> {
-    match kind {
-        Kind::Files => Ok(Box::new(FilesBackend)),
-        Kind::Linux | Kind::Openwrt => {
-            let key = WgKey::load_or_create(&state.join("wg.key")).map_err(BackendError)?;
-            let run = state.join("run");
-            std::fs::create_dir_all(&run)
-                .map_err(|e| BackendError(format!("cannot create {}: {e}", run.display())))?;
-            if kind == Kind::Linux {
-                Ok(Box::new(crate::linux::Linux::new(
-                    root, &run, key, args, runner,
-                )))
-            } else {
-                Ok(Box::new(crate::openwrt::Openwrt::new(
-                    root, state, key, args, runner,
-                )))
-            }
-        }
     }
 }
 

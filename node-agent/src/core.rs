@@ -20,13 +20,26 @@ use sidenet_wire::messages::{
     Ack, Announce, ApplyState, EnrollRequest, Failure, NodeConfig, StatusReport, Trial,
 };
 
-use crate::backend::Observation;
+use sidenet_wire::messages::{Neighbour, Probe, WireguardInfo};
 use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, seal, topics};
 
 /// How long node messages stay valid (the controller refuses older ones).
 const MESSAGE_VALIDITY: u64 = 600;
 /// Seconds between checks of missing packages.
 pub const RECHECK_S: u64 = 10;
+
+/// What a backend sees of the running data plane.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observation {
+    /// The node's WireGuard key and underlay endpoints.
+    pub wireguard: Option<WireguardInfo>,
+    /// Babel neighbours.
+    pub neighbours: Vec<Neighbour>,
+    /// WireGuard links configured now.
+    pub links: usize,
+    /// Pathfinder probe results (filled in by the shell from the prober).
+    pub probes: Vec<Probe>,
+}
 
 /// Something that happened.
 #[derive(Debug, Clone, PartialEq)]

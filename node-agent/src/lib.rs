@@ -6,7 +6,9 @@
 //! - [`files`]: the crash-safe apply journal (stage, back up, install, confirm or roll back),
 //!   shared by every backend.
 //! - [`backend`]: what applying means per system (`files`, `linux`, `openwrt`), behind a trait,
-//!   with system commands behind a [`backend::Runner`] (real, or a recorder for tests).
+//!   with system commands behind a [`backend::Runner`] (real, or a recorder for tests);
+//!   [`backends`] constructs the backend of each kind.
+//! - [`ca`]: the CA bundle pinned for an `mqtts://` broker.
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
@@ -20,9 +22,43 @@
 //!   revisions on disk.
 //!
 //! The agent never depends on kube, jsonschema or minijinja: rendering happens in the controller.
+//!
+//! # The layer rule
+//!
+//! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
+//! 0. [`core`] (sans-IO: it knows only the wire format), [`files`], [`babel`], [`probe`], [`ca`];
+//! 1. [`wgkey`], `tls`;
+//! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
+//! 3. [`uci`], [`requires`];
+//! 4. [`linux`], [`openwrt`] (the implementations);
+//! 5. [`backends`] (constructs them);
+//! 6. [`shell`] (carries out the core's effects with all of the above).
+//!
+//! `node-agent/tests/layers.rs` checks this on the sources.
+
+/// The layer of each module (see the crate docs); `node-agent/tests/layers.rs` reads it.
+pub const LAYERS: &[(&str, u8)] = &[
+    ("core", 0),
+    ("files", 0),
+    ("babel", 0),
+    ("probe", 0),
+    ("ca", 0),
+    ("wgkey", 1),
+    ("tls", 1),
+    ("state", 2),
+    ("backend", 2),
+    ("uci", 3),
+    ("requires", 3),
+    ("linux", 4),
+    ("openwrt", 4),
+    ("backends", 5),
+    ("shell", 6),
+];
 
 pub mod babel;
 pub mod backend;
+pub mod backends;
+pub mod ca;
 pub mod core;
 pub mod files;
 pub mod linux;

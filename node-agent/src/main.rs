@@ -185,7 +185,7 @@ fn uninstall(
             println!("rolled back the unfinished apply of revision {}", r.rev)
         }
     }
-    let mut backend = sidenet_agent::backend::open(
+    let mut backend = sidenet_agent::backends::open(
         kind,
         dataplane,
         root,

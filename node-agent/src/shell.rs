@@ -53,23 +53,7 @@ pub struct Options {
     pub dataplane: backend::DataplaneArgs,
 }
 
-/// A CA bundle (PEM text) for an `mqtts://` broker, and where it came from (for messages).
-#[derive(Clone)]
-pub struct BrokerCa {
-    /// Where it came from, e.g. `--ca /etc/sidenet/ca.pem` or `brokerCa in --config FILE`.
-    pub origin: String,
-    /// PEM text: one or more certificates.
-    pub pem: Vec<u8>,
-}
-
-impl std::fmt::Debug for BrokerCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BrokerCa")
-            .field("origin", &self.origin)
-            .field("bytes", &self.pem.len())
-            .finish()
-    }
-}
+pub use crate::ca::BrokerCa;
 
 /// Whether this build speaks `mqtts://` (the cargo feature `tls`).
 pub const TLS_SUPPORTED: bool = cfg!(feature = "tls");
@@ -201,7 +185,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             }
         }
     }
-    let backend: Shared = Arc::new(Mutex::new(backend::open(
+    let backend: Shared = Arc::new(Mutex::new(crate::backends::open(
         opts.backend,
         &opts.dataplane,
         &opts.root,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use crate::shell::BrokerCa;
+use crate::ca::BrokerCa;
 
 /// The trust store of `ca`: every certificate in its PEM text. Errors name where the bundle
 /// came from and what is wrong with it.
