@@ -897,13 +897,48 @@ fn netjsonconfig_per_s(repo: &Path, n: usize) -> anyhow::Result<f64> {
     };
     let config = sidenet_controller::reconcile::core::build_config(&renderer, &inputs)
         .map_err(anyhow::Error::msg)?;
+    // An OpenWrt render is uci batches of sidenet's own sections (etc/sidenet/uci/PACKAGE).
+    // OpenWrt's own `uci` applies each to an empty package, so netjsonconfig parses exactly
+    // the sections sidenet declares, as they land in /etc/config.
     let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("etc/config");
+    std::fs::create_dir_all(&conf)?;
+    let uci = repo.join(".tools/bin/uci");
     for f in &config.files {
-        let p = dir.path().join(&f.path);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)?;
+        let Some(package) = f.path.strip_prefix("etc/sidenet/uci/") else {
+            continue;
+        };
+        let batch: String = f
+            .content
+            .replace(
+                "@sidenet-wireguard-private-key@",
+                "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=",
+            )
+            .lines()
+            .filter(|l| {
+                let t = l.trim();
+                !t.is_empty() && !t.starts_with('#') && !t.starts_with("require ")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+            + &format!("commit {package}\n");
+        std::fs::write(conf.join(package), "")?;
+        let out = run_with_input(
+            Command::new(&uci)
+                .arg("-c")
+                .arg(&conf)
+                .arg("-t")
+                .arg(dir.path().join("uci-changes"))
+                .arg("batch"),
+            &batch,
+        )
+        .with_context(|| format!("running {}", uci.display()))?;
+        if !out.status.success() || !out.stderr.is_empty() {
+            bail!(
+                "uci batch {package}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        std::fs::write(p, &f.content)?;
     }
     let python = repo.join(".venv-peers/bin/python");
     let out = Command::new(&python)
@@ -1273,4 +1308,18 @@ row gives the median and the three values.\n\n\
         md.push_str(&format!("| {name} | {value} | {target} | {met} |\n"));
     }
     md
+}
+
+/// Runs `cmd` with `input` on its standard input and collects its output.
+fn run_with_input(cmd: &mut Command, input: &str) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes())?;
+    }
+    child.wait_with_output()
 }
