@@ -401,6 +401,7 @@ fn tls_start_errors_name_the_flag_or_file() {
         .args(["standalone", "--tls-listen", "127.0.0.1:1"])
         .arg("--state")
         .arg(dir.path().join("state"))
+        .current_dir(repo())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
