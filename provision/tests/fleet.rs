@@ -336,7 +336,7 @@ fn fleet_provisioning_is_idempotent_and_reports_each_failure() {
         );
         // The controller rendered the family's files for the detected profile.
         let applied = if openwrt {
-            "etc/config/wireless"
+            "etc/sidenet/uci/wireless"
         } else {
             "etc/sidenet/wpa_supplicant-mesh.conf"
         };

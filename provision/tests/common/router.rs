@@ -259,6 +259,22 @@ pub fn openwrt_image(root: &Path, fixture: &str, version: &str, pm: Pm) {
     )
     .unwrap();
     busybox_tree(&root.join("usr/bin"));
+    // The board's stock /etc/config as OpenWrt ships it (the owner's home AP on each radio):
+    // the agent adds its sidenet_* sections to it with the uci tool.
+    let profile = fixture
+        .trim_end_matches(".json")
+        .trim_end_matches("-legacy");
+    let stock = super::repo()
+        .join("tests/openwrt-stock")
+        .join(profile)
+        .join("etc/config");
+    std::fs::create_dir_all(root.join("etc/config")).unwrap();
+    for e in std::fs::read_dir(&stock)
+        .unwrap_or_else(|e| panic!("{}: {e}", stock.display()))
+        .map(Result::unwrap)
+    {
+        std::fs::copy(e.path(), root.join("etc/config").join(e.file_name())).unwrap();
+    }
     std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
     for s in ["network", "firewall"] {
         write_exec(
