@@ -275,6 +275,14 @@ pub fn openwrt_image(root: &Path, fixture: &str, version: &str, pm: Pm) {
     {
         std::fs::copy(e.path(), root.join("etc/config").join(e.file_name())).unwrap();
     }
+    // OpenWrt's own uci tool, as every OpenWrt image has it (built by scripts/install-peers).
+    let uci = super::repo().join(".tools/bin/uci");
+    std::fs::copy(&uci, root.join("usr/bin/uci")).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run scripts/install-peers once: it builds OpenWrt's uci tool)",
+            uci.display()
+        )
+    });
     std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
     for s in ["network", "firewall"] {
         write_exec(
