@@ -291,7 +291,7 @@ pub fn openwrt_image(root: &Path, fixture: &str, version: &str, pm: Pm) {
         );
     }
     write_exec(
-        &root.join("usr/sbin/wifi"),
+        &root.join("sbin/wifi"),
         "#!/bin/sh\n# stock wifi (test image)\nexit 0\n",
     );
     recorder(root, pm, &["wpad-basic-mbedtls"]);
