@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 
 use crate::spec::checks::check_set;
-use crate::spec::parse::{VALIDATORS, parse_file};
+use crate::spec::parse::{VALIDATORS, check_capacity, parse_file};
 
 pub use crate::spec::checks::{node_radio_errors, parse_ula48, passphrase_ok};
 pub use crate::spec::loader::{
@@ -42,8 +42,16 @@ pub fn load(paths: &[PathBuf]) -> Result<ManifestSet, ManifestErrors> {
 pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestErrors> {
     let mut set = ManifestSet::default();
     let mut errors = Vec::new();
-    for (file, text) in texts {
-        parse_file(file, text, &VALIDATORS, &mut set, &mut errors);
+    let files: Vec<_> = texts
+        .iter()
+        .map(|(file, text)| (file.as_path(), sidenet_crds::yaml::documents(text)))
+        .collect();
+    check_capacity(&files, &mut errors);
+    if !errors.is_empty() {
+        return Err(ManifestErrors(errors));
+    }
+    for (file, docs) in files {
+        parse_file(file, docs, &VALIDATORS, &mut set, &mut errors);
     }
     if errors.is_empty() {
         check_set(&set, &mut errors);

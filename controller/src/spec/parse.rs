@@ -7,8 +7,10 @@ use std::path::Path;
 use std::sync::LazyLock;
 
 use serde_json::Value;
+use sidenet_crds::yaml::YamlError;
 use sidenet_crds::{API_VERSION, HardwareProfile, Mesh, MeshNode, NodeProvision};
 
+use crate::spec::ipam;
 use crate::spec::set::{ManifestError, ManifestSet, Source};
 
 /// The sidenet kinds a manifest set holds (besides `v1/Secret`).
@@ -34,14 +36,61 @@ impl Validators {
     }
 }
 
+/// The documents of one file, parsed as YAML.
+pub(crate) type Documents = Vec<Result<Value, YamlError>>;
+
+/// Checks that no mesh has more `MeshNode`s than its /48 holds ([`ipam::SUBNETS`]), before the
+/// documents are checked one by one: a folder with 66,000 nodes for one mesh gets this one error
+/// at once. The error names the first `MeshNode` document that does not fit.
+pub(crate) fn check_capacity(files: &[(&Path, Documents)], errors: &mut Vec<ManifestError>) {
+    let mut counts: BTreeMap<&str, (usize, Option<ManifestError>)> = BTreeMap::new();
+    for (file, docs) in files {
+        for (i, doc) in docs.iter().enumerate() {
+            let Ok(v) = doc else { continue };
+            if v.get("kind").and_then(Value::as_str) != Some("MeshNode") {
+                continue;
+            }
+            let Some(mesh) = v.pointer("/spec/mesh").and_then(Value::as_str) else {
+                continue;
+            };
+            let (n, first) = counts.entry(mesh).or_default();
+            *n += 1;
+            if *n == ipam::SUBNETS + 1 {
+                let name = v
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
+                *first = Some(ManifestError {
+                    file: file.to_path_buf(),
+                    doc: i + 1,
+                    line: None,
+                    object: Some(format!("MeshNode/{name}")),
+                    field: Some("spec.mesh".into()),
+                    message: String::new(),
+                });
+            }
+        }
+    }
+    for (mesh, (n, first)) in counts {
+        if let Some(mut e) = first {
+            e.message = format!(
+                "mesh {mesh:?} has {n} MeshNodes and this is number {}; a mesh's /48 has room for {} nodes (one /64 each, subnet 0 reserved): split the nodes over several meshes",
+                ipam::SUBNETS + 1,
+                ipam::SUBNETS
+            );
+            errors.push(e);
+        }
+    }
+}
+
 pub(crate) fn parse_file(
     file: &Path,
-    text: &str,
+    docs: Documents,
     validators: &Validators,
     set: &mut ManifestSet,
     errors: &mut Vec<ManifestError>,
 ) {
-    for (i, parsed) in sidenet_crds::yaml::documents(text).into_iter().enumerate() {
+    for (i, parsed) in docs.into_iter().enumerate() {
         let doc = i + 1;
         let err = |object: Option<String>, field: Option<String>, message: String| ManifestError {
             file: file.to_path_buf(),
@@ -343,6 +392,44 @@ fn removed_setting(path: &str, value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nodes(mesh: &str, n: usize) -> Documents {
+        (0..n)
+            .map(|i| {
+                Ok(serde_json::json!({
+                    "kind": "MeshNode",
+                    "metadata": {"name": format!("n{i}")},
+                    "spec": {"mesh": mesh},
+                }))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_mesh_holds_65535_nodes() {
+        let a = Path::new("a.yaml");
+        let b = Path::new("b.yaml");
+        let mut errors = Vec::new();
+        // Full, but not over: two meshes, and the count spans files.
+        let full = [
+            (a, nodes("riverside", 60_000)),
+            (b, nodes("riverside", 5_535)),
+            (b, nodes("oakstreet", 100)),
+        ];
+        check_capacity(&full, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let over = [
+            (a, nodes("riverside", 60_000)),
+            (b, nodes("riverside", 6_000)),
+        ];
+        check_capacity(&over, &mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let e = &errors[0];
+        assert_eq!((e.file.as_path(), e.doc), (b, 5_536));
+        assert_eq!(e.object.as_deref(), Some("MeshNode/n5535"));
+        assert_eq!(e.field.as_deref(), Some("spec.mesh"));
+        assert!(e.message.contains("has 66000 MeshNodes"), "{e}");
+    }
 
     #[test]
     fn pointer_paths() {
