@@ -1,0 +1,342 @@
+//! A manifest folder that does not play fair, against the real standalone controller with a
+//! real agent: a FIFO named `*.yaml`, a symlink to `/dev/zero`, symlink loops (a file and a
+//! folder), an unreadable subfolder, and a mesh of 66,000 MeshNodes (more than its /48 holds).
+//!
+//! Each one gives exactly one clear error, naming the file, in `sidenetctl status` within 5 s;
+//! meanwhile `sidenetctl status` answers at once, the agent keeps its config (nothing is
+//! published from a refused folder), and once the folder is fixed a change reaches the agent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::fmt::Write as _;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Proc, bin, free_port, repo, wait_for};
+use sidenet_controller::admin::{self, Request, Response};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// How soon a bad folder must show as one error.
+const CLEAR_ERROR: Duration = Duration::from_secs(5);
+/// The slowest `sidenetctl status` answer accepted while a load runs.
+const RESPONSIVE: Duration = Duration::from_secs(1);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("manifests")).unwrap();
+        std::fs::copy(
+            repo().join("examples/riverside/mesh.yaml"),
+            dir.path().join("manifests/mesh.yaml"),
+        )
+        .unwrap();
+        Setup {
+            dir,
+            port: free_port(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// The controller. As root it runs without the capabilities that bypass file permissions
+    /// (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a folder of mode 000 is unreadable to it as
+    /// it is to any other user.
+    fn controller(&self) -> Proc {
+        let mut cmd = if nix_is_root() {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--inh-caps=-dac_override,-dac_read_search",
+                "--bounding-set=-dac_override,-dac_read_search",
+                "--",
+            ])
+            .arg(bin("sidenet-controller"));
+            c
+        } else {
+            Command::new(bin("sidenet-controller"))
+        };
+        cmd.arg("standalone")
+            .arg("--manifests")
+            .arg(self.path("manifests"))
+            .arg("--profiles")
+            .arg(repo().join("hardware-profiles"))
+            .arg("--templates")
+            .arg(repo().join("templates"))
+            .arg("--state")
+            .arg(self.state())
+            .arg("--poll-ms")
+            .arg("100")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port));
+        let p = Proc::spawn("controller", &mut cmd, &self.path("controller.log"));
+        wait_for(
+            "the controller's admin socket",
+            WAIT,
+            || admin::call(&self.state(), &Request::Status).ok(),
+            || p.log_text(),
+        );
+        p
+    }
+
+    fn agent(&self, name: &str) -> Proc {
+        Proc::spawn(
+            name,
+            Command::new(bin("sidenet-agent")).args([
+                "--mesh",
+                "riverside",
+                "--broker",
+                &format!("mqtt://127.0.0.1:{}", self.port),
+                "--root",
+                &self.path(name).display().to_string(),
+                "--profile",
+                "raspberrypi-4b-awus036acm",
+                "--hostname",
+                name,
+                "--status-interval",
+                "2",
+            ]),
+            &self.path(&format!("{name}.log")),
+        )
+    }
+
+    fn applied_rev(&self, name: &str) -> Option<u64> {
+        let text = std::fs::read(self.path(name).join("etc/sidenet-agent/current.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        v["revision"]["rev"].as_u64()
+    }
+
+    /// Writes a manifest file whole: under a hidden name first (the controller skips names
+    /// starting with '.'), then renamed into place.
+    fn write(&self, name: &str, text: &str) {
+        let tmp = self.path(&format!("manifests/.{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.path(&format!("manifests/{name}"))).unwrap();
+    }
+
+    /// `sidenetctl status`: the node names and the manifest errors, and how long it took.
+    fn status(&self) -> (Vec<String>, Vec<String>, Duration) {
+        let started = Instant::now();
+        match admin::call(&self.state(), &Request::Status).unwrap() {
+            Response::Status {
+                nodes,
+                manifest_errors,
+                ..
+            } => (
+                nodes
+                    .into_iter()
+                    .map(|n| n.hostname.or(n.name).unwrap_or(n.node))
+                    .collect(),
+                manifest_errors,
+                started.elapsed(),
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        == Some("0")
+}
+
+/// A mesh of `n` MeshNodes after the example Mesh, as one multi-document file.
+fn mesh_of(n: usize) -> String {
+    let mut text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap();
+    text.reserve(n * 170);
+    for i in 0..n {
+        let h = sidenet_wire::codec::sha256(format!("node {i}").as_bytes());
+        let id = sidenet_wire::codec::base32(&h[..10]);
+        write!(
+            text,
+            "---\napiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: n{i}\nspec:\n  mesh: riverside\n  nodeId: {id}\n  hardwareProfile: tplink-archer-c7-v2\n"
+        )
+        .unwrap();
+    }
+    text
+}
+
+/// Makes the folder bad with `make`, then waits for exactly one manifest error, containing
+/// `expect`, within [`CLEAR_ERROR`], checking that every `status` call answers within
+/// [`RESPONSIVE`] and that the node list stays the last good one; then undoes it with `undo`
+/// and waits for the error to go. Returns how long the error took to show.
+fn case(
+    s: &Setup,
+    ctl: &Proc,
+    what: &str,
+    make: impl FnOnce(),
+    expect: &str,
+    undo: impl FnOnce(),
+) -> Duration {
+    let started = Instant::now();
+    make();
+    let mut slowest = Duration::ZERO;
+    let errors = wait_for(
+        &format!("the error about {what}"),
+        WAIT,
+        || {
+            let (names, errors, took) = s.status();
+            slowest = slowest.max(took);
+            assert_eq!(names, ["alpha"], "{what}: the node list changed");
+            (!errors.is_empty()).then_some(errors)
+        },
+        || ctl.log_text(),
+    );
+    let took = started.elapsed();
+    assert_eq!(errors.len(), 1, "{what}: {errors:#?}");
+    assert!(errors[0].contains(expect), "{what}: {errors:#?}");
+    assert!(
+        took <= CLEAR_ERROR,
+        "{what}: the error took {took:?}: {errors:?}"
+    );
+    assert!(
+        slowest <= RESPONSIVE,
+        "{what}: sidenetctl status took {slowest:?}"
+    );
+    // sidenetctl status exits non-zero while the error is in force, and its JSON carries it.
+    let out = Command::new(bin("sidenetctl"))
+        .args(["status", "-o", "json", "--state"])
+        .arg(s.state())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{what}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["manifestErrors"], serde_json::json!(errors), "{what}");
+    undo();
+    wait_for(
+        &format!("the error about {what} to go"),
+        WAIT,
+        || s.status().1.is_empty().then_some(()),
+        || ctl.log_text(),
+    );
+    took
+}
+
+#[test]
+fn a_bad_folder_is_one_clear_error_and_the_controller_keeps_working() {
+    let s = Setup::new();
+    let ctl = s.controller();
+    let mut alpha = s.agent("alpha");
+    wait_for(
+        "alpha to apply revision 1",
+        WAIT,
+        || (s.applied_rev("alpha") == Some(1)).then_some(()),
+        || format!("{}\n{}", ctl.log_text(), alpha.log_text()),
+    );
+    let m = s.path("manifests");
+    let mut took = Vec::new();
+
+    took.push(case(
+        &s,
+        &ctl,
+        "a FIFO",
+        || {
+            let ok = Command::new("mkfifo")
+                .arg(m.join("fifo.yaml"))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        },
+        "fifo.yaml: is a FIFO (named pipe), not a regular file",
+        || std::fs::remove_file(m.join("fifo.yaml")).unwrap(),
+    ));
+
+    took.push(case(
+        &s,
+        &ctl,
+        "a symlink to /dev/zero",
+        || symlink("/dev/zero", m.join("zero.yaml")).unwrap(),
+        "zero.yaml: is a character device (it leads to /dev/zero), not a regular file",
+        || std::fs::remove_file(m.join("zero.yaml")).unwrap(),
+    ));
+
+    took.push(case(
+        &s,
+        &ctl,
+        "a symlink loop between two files",
+        || {
+            symlink("loop-b.yaml", m.join("loop-a.yaml")).unwrap();
+            symlink("loop-a.yaml", m.join("loop-b.yaml")).unwrap();
+        },
+        "loop-a.yaml: is a symlink loop: ",
+        || {
+            std::fs::remove_file(m.join("loop-a.yaml")).unwrap();
+            std::fs::remove_file(m.join("loop-b.yaml")).unwrap();
+        },
+    ));
+
+    took.push(case(
+        &s,
+        &ctl,
+        "a symlink to a folder above",
+        || {
+            std::fs::create_dir(m.join("sub")).unwrap();
+            symlink("..", m.join("sub/up")).unwrap();
+        },
+        "sub/up: is a symlink loop: it leads back to ",
+        || std::fs::remove_dir_all(m.join("sub")).unwrap(),
+    ));
+
+    took.push(case(
+        &s,
+        &ctl,
+        "an unreadable subfolder",
+        || {
+            std::fs::create_dir(m.join("private")).unwrap();
+            std::fs::copy(m.join("mesh.yaml"), m.join("private/other.yaml")).unwrap();
+            std::fs::set_permissions(m.join("private"), std::fs::Permissions::from_mode(0o000))
+                .unwrap();
+        },
+        "private: cannot read this folder: Permission denied",
+        || {
+            std::fs::set_permissions(m.join("private"), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+            std::fs::remove_dir_all(m.join("private")).unwrap();
+        },
+    ));
+
+    // 66,000 MeshNodes (11 MB): the load takes a while, and status answers meanwhile.
+    let big = mesh_of(66_000);
+    took.push(case(
+        &s,
+        &ctl,
+        "66,000 MeshNodes in one /48",
+        || s.write("big.yaml", &big),
+        "big.yaml: document 65537 (MeshNode/n65535): spec.mesh: mesh \"riverside\" has 66000 MeshNodes and this is number 65536; a mesh's /48 has room for 65535 nodes",
+        || std::fs::remove_file(m.join("big.yaml")).unwrap(),
+    ));
+
+    // Nothing was published from a refused folder: alpha still runs revision 1, and a change
+    // to the fixed folder reaches it.
+    assert_eq!(s.applied_rev("alpha"), Some(1));
+    let mesh = std::fs::read_to_string(m.join("mesh.yaml")).unwrap();
+    s.write("mesh.yaml", &mesh.replacen("channel: 36", "channel: 44", 1));
+    wait_for(
+        "alpha to apply revision 2",
+        WAIT,
+        || (s.applied_rev("alpha") == Some(2)).then_some(()),
+        || format!("{}\n{}", ctl.log_text(), alpha.log_text()),
+    );
+    let log = ctl.log_text();
+    // Each error was logged once, not on every poll.
+    assert_eq!(log.matches("is a FIFO (named pipe)").count(), 1, "{log}");
+    eprintln!("time to the error, per case: {took:?}");
+    alpha.kill();
+}
