@@ -338,5 +338,23 @@ fn a_bad_folder_is_one_clear_error_and_the_controller_keeps_working() {
     // Each error was logged once, not on every poll.
     assert_eq!(log.matches("is a FIFO (named pipe)").count(), 1, "{log}");
     eprintln!("time to the error, per case: {took:?}");
+
+    // SIGTERM with a large folder being loaded: the controller stops at once.
+    s.write("big.yaml", &big);
+    let mut ctl = ctl;
+    let term = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-TERM", &ctl.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let log = ctl.log.clone();
+    wait_for(
+        "the controller to stop on SIGTERM",
+        Duration::from_secs(5),
+        || (!ctl.alive()).then_some(()),
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    );
+    eprintln!("stopped {:?} after SIGTERM", term.elapsed());
     alpha.kill();
 }
