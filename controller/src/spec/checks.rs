@@ -19,6 +19,12 @@ use crate::spec::set::{
 
 /// Checks a mesh prefix: an IPv6 ULA (fc00::/7) /48. Returns the network address.
 pub fn parse_ula48(prefix: &str) -> Result<Ipv6Addr, String> {
+    if prefix.trim() != prefix {
+        return Err(format!(
+            "{prefix:?} has spaces around it; write {:?}",
+            prefix.trim()
+        ));
+    }
     let (addr, len) = prefix.split_once('/').ok_or_else(|| {
         format!("{prefix:?} is not a prefix; expected an IPv6 ULA /48 like fd5e:1d0e:7a00::/48")
     })?;
@@ -40,7 +46,7 @@ pub fn parse_ula48(prefix: &str) -> Result<Ipv6Addr, String> {
     }
     if seg[3..].iter().any(|s| *s != 0) {
         return Err(format!(
-            "{prefix} has host bits set; expected {}::/48",
+            "{prefix} has host bits set (a /48 ends after its third group); expected {}/48",
             Ipv6Addr::new(seg[0], seg[1], seg[2], 0, 0, 0, 0, 0)
         ));
     }
@@ -64,8 +70,25 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
         }
     };
 
+    // Where an object was defined, for "already used by" messages: the one defined later (by
+    // file and document) is the one reported.
+    let place = |key: &str| {
+        set.sources
+            .get(key)
+            .map(|s| (s.file.clone(), s.doc))
+            .unwrap_or_default()
+    };
+    let at = |key: &str| {
+        set.sources
+            .get(key)
+            .map(|s| format!(" ({} document {})", s.file.display(), s.doc))
+            .unwrap_or_default()
+    };
+    let mut meshes: Vec<(&String, &Mesh)> = set.meshes.iter().collect();
+    meshes.sort_by_key(|(name, _)| place(&format!("Mesh/{name}")));
     let mut networks: BTreeMap<&str, &str> = BTreeMap::new();
-    for (name, mesh) in &set.meshes {
+    let mut prefixes: BTreeMap<Ipv6Addr, &str> = BTreeMap::new();
+    for (name, mesh) in meshes {
         let key = format!("Mesh/{name}");
         let net = network_name(mesh);
         let net_field = if mesh.spec.network_name.is_some() {
@@ -80,11 +103,38 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
             errors.push(err(
                 &key,
                 net_field,
-                format!("network name {net:?} is already used by Mesh/{other}"),
+                format!(
+                    "network name {net:?} is already used by Mesh/{other}{}",
+                    at(&format!("Mesh/{other}"))
+                ),
             ));
         }
-        if let Err(e) = parse_ula48(&mesh.spec.prefix) {
-            errors.push(err(&key, "spec.prefix", e));
+        match parse_ula48(&mesh.spec.prefix) {
+            Err(e) => errors.push(err(&key, "spec.prefix", e)),
+            Ok(base) => {
+                if let Some(other) = prefixes.insert(base, name) {
+                    errors.push(err(
+                        &key,
+                        "spec.prefix",
+                        format!(
+                            "{} is already the prefix of Mesh/{other}{}; each mesh needs a /48 of its own (pick a random fdXX:XXXX:XXXX::/48)",
+                            mesh.spec.prefix,
+                            at(&format!("Mesh/{other}"))
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = mesh.spec.config_validity_seconds
+            && v < MIN_CONFIG_VALIDITY
+        {
+            errors.push(err(
+                &key,
+                "spec.configValiditySeconds",
+                format!(
+                    "{v} is too short; expected at least {MIN_CONFIG_VALIDITY} seconds (configs are re-signed when half their validity has passed, checked once a minute), or leave it out for 30 days"
+                ),
+            ));
         }
         let radio = &mesh.spec.radio;
         for (field, message) in regdb::check_mesh_radio(radio) {
@@ -158,6 +208,15 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                     "missing: a rateLimit policy needs rateKbit (kbit/s)".into(),
                 ));
             }
+            for (j, n) in p.nodes.iter().enumerate() {
+                if let Some(message) = policy_node_error(set, name, n) {
+                    errors.push(err(
+                        &key,
+                        &format!("spec.policies[{i}].nodes[{j}]"),
+                        message,
+                    ));
+                }
+            }
             if p.type_ != PolicyType::RateLimit && p.rate_kbit.is_some() {
                 errors.push(err(
                     &key,
@@ -192,6 +251,41 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
         });
     }
 
+    // Hostname overrides name one node each in a mesh.
+    let mut by_place: Vec<(String, &MeshNode)> = set
+        .nodes
+        .values()
+        .map(|n| {
+            (
+                format!(
+                    "MeshNode/{}",
+                    n.metadata.name.as_deref().unwrap_or_default()
+                ),
+                n,
+            )
+        })
+        .collect();
+    by_place.sort_by_key(|(key, _)| place(key));
+    let mut hostnames: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    for (key, node) in &by_place {
+        let Some(h) = &node.spec.overrides.hostname else {
+            continue;
+        };
+        if names::check_node_id(h).is_err() {
+            continue;
+        }
+        if let Some(other) = hostnames.insert((node.spec.mesh.as_str(), h.as_str()), key) {
+            errors.push(err(
+                key,
+                "spec.overrides.hostname",
+                format!(
+                    "{h:?} is already the hostname of {other}{} in mesh {:?}; a hostname names one node",
+                    at(other),
+                    node.spec.mesh
+                ),
+            ));
+        }
+    }
     for (id, node) in &set.nodes {
         let name = node.metadata.name.clone().unwrap_or_default();
         let key = format!("MeshNode/{name}");
@@ -268,6 +362,41 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
     }
 }
 
+/// Shortest `configValiditySeconds` accepted.
+pub const MIN_CONFIG_VALIDITY: u64 = 300;
+
+/// What is wrong with `n` in the `nodes` of a policy of Mesh `mesh`, if anything: it must be the
+/// name or node id of a MeshNode of that mesh, or the node id of a node enrolled without one.
+fn policy_node_error(set: &ManifestSet, mesh: &str, n: &str) -> Option<String> {
+    let by_id = set.nodes.get(n);
+    let by_name = set
+        .nodes
+        .values()
+        .find(|m| m.metadata.name.as_deref() == Some(n));
+    match by_id.or(by_name) {
+        Some(m) if m.spec.mesh == mesh => None,
+        Some(m) => Some(format!(
+            "MeshNode/{} belongs to mesh {:?}, not to this one",
+            m.metadata.name.as_deref().unwrap_or_default(),
+            m.spec.mesh
+        )),
+        // A well-formed node id may be a node that enrols without a MeshNode (auto mode).
+        None if names::check_node_id(n).is_ok() && n.len() == 16 => None,
+        None => {
+            let known: Vec<String> = set
+                .nodes
+                .values()
+                .filter(|m| m.spec.mesh == mesh)
+                .filter_map(|m| m.metadata.name.clone())
+                .collect();
+            Some(format!(
+                "{n:?} names no MeshNode of this mesh (by name or node id) and is not a node id; closest: {}",
+                closest(n, known.iter())
+            ))
+        }
+    }
+}
+
 /// References of a `NodeProvision`: its mesh, hardware profiles and credential Secrets must be
 /// in the set, and its broker URL must be one the agents can use.
 fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut(&str, String)) {
@@ -289,6 +418,20 @@ fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut
     }
     if let Err(e) = sidenet_wire::topics::parse_broker_url(&spec.broker) {
         report("spec.broker", e);
+    }
+    let mut hosts: BTreeMap<(String, u16), usize> = BTreeMap::new();
+    for (i, t) in spec.targets.iter().enumerate() {
+        let port = t.port.or(spec.defaults.port).unwrap_or(22);
+        let host = t.host.trim().to_ascii_lowercase();
+        if let Some(first) = hosts.insert((host, port), i) {
+            report(
+                &format!("spec.targets[{i}].host"),
+                format!(
+                    "{}:{port} is already spec.targets[{first}]; list each host once",
+                    t.host
+                ),
+            );
+        }
     }
     let mut check_profile_ref = |field: &str, p: &Option<String>| {
         if let Some(p) = p

@@ -50,8 +50,8 @@ pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestEr
     if !errors.is_empty() {
         return Err(ManifestErrors(errors));
     }
-    for (file, docs) in files {
-        parse_file(file, docs, &VALIDATORS, &mut set, &mut errors);
+    for ((file, docs), (_, text)) in files.into_iter().zip(texts) {
+        parse_file(file, text, docs, &VALIDATORS, &mut set, &mut errors);
     }
     if errors.is_empty() {
         check_set(&set, &mut errors);

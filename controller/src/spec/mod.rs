@@ -2,6 +2,7 @@
 //! address plan.
 
 pub mod checks;
+pub mod hints;
 pub mod ipam;
 pub mod loader;
 pub mod manifest;

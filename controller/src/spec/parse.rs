@@ -10,8 +10,8 @@ use serde_json::Value;
 use sidenet_crds::yaml::YamlError;
 use sidenet_crds::{API_VERSION, HardwareProfile, Mesh, MeshNode, NodeProvision};
 
-use crate::spec::ipam;
 use crate::spec::set::{ManifestError, ManifestSet, Source};
+use crate::spec::{hints, ipam};
 
 /// The sidenet kinds a manifest set holds (besides `v1/Secret`).
 const KINDS: [&str; 4] = ["Mesh", "MeshNode", "HardwareProfile", "NodeProvision"];
@@ -85,6 +85,7 @@ pub(crate) fn check_capacity(files: &[(&Path, Documents)], errors: &mut Vec<Mani
 
 pub(crate) fn parse_file(
     file: &Path,
+    text: &str,
     docs: Documents,
     validators: &Validators,
     set: &mut ManifestSet,
@@ -103,13 +104,14 @@ pub(crate) fn parse_file(
         let value = match parsed {
             Ok(v) => v,
             Err(e) => {
+                let (field, message) = hints::yaml_error(text, doc, &e);
                 errors.push(ManifestError {
                     file: file.to_path_buf(),
                     doc,
                     line: e.line,
                     object: None,
-                    field: None,
-                    message: format!("not valid YAML: {e}"),
+                    field,
+                    message,
                 });
                 // The rest of the file cannot be split reliably.
                 return;
@@ -126,6 +128,50 @@ pub(crate) fn parse_file(
             ));
             continue;
         };
+        const KIND_LIST: &str =
+            "expected one of Mesh, MeshNode, HardwareProfile, NodeProvision, Secret";
+        // apiVersion, kind and metadata.name are strings: another type is said as such, not
+        // taken as missing.
+        let mut wrong_type = None;
+        if let Some(v) = obj.get("kind").filter(|v| !v.is_string() && !v.is_null()) {
+            wrong_type = Some(("kind", hints::not_a_string(v, KIND_LIST, false)));
+        } else if let Some(v) = obj
+            .get("apiVersion")
+            .filter(|v| !v.is_string() && !v.is_null())
+        {
+            wrong_type = Some((
+                "apiVersion",
+                hints::not_a_string(
+                    v,
+                    &format!("expected {API_VERSION:?} (or \"v1\" for a Secret)"),
+                    false,
+                ),
+            ));
+        } else if let Some(v) = obj
+            .get("metadata")
+            .filter(|v| !v.is_object() && !v.is_null())
+        {
+            wrong_type = Some((
+                "metadata",
+                format!(
+                    "{} is not a mapping; expected a mapping with name",
+                    hints::describe(v)
+                ),
+            ));
+        } else if let Some(v) = obj
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .filter(|v| !v.is_string() && !v.is_null())
+        {
+            wrong_type = Some((
+                "metadata.name",
+                hints::not_a_string(
+                    v,
+                    "expected a name of lowercase letters, digits, '-' and '.'",
+                    true,
+                ),
+            ));
+        }
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
         let api = obj
             .get("apiVersion")
@@ -142,12 +188,15 @@ pub(crate) fn parse_file(
             if kind.is_empty() { "?" } else { kind },
             if name.is_empty() { "?" } else { &name }
         ));
+        if let Some((field, message)) = wrong_type {
+            errors.push(err(object, Some(field.into()), message));
+            continue;
+        }
         if kind.is_empty() {
             errors.push(err(
                 None,
                 Some("kind".into()),
-                "missing; expected one of Mesh, MeshNode, HardwareProfile, NodeProvision, Secret"
-                    .into(),
+                format!("missing; {KIND_LIST}"),
             ));
             continue;
         }
@@ -158,6 +207,15 @@ pub(crate) fn parse_file(
                     Some("apiVersion".into()),
                     format!("{api:?} is not valid for a Secret; expected \"v1\""),
                 ));
+                continue;
+            }
+            if let Err(e) = check_object_name(&name) {
+                let e = if name.is_empty() {
+                    "missing; every object needs a name".to_string()
+                } else {
+                    e
+                };
+                errors.push(err(object, Some("metadata.name".into()), e));
                 continue;
             }
             match parse_secret(&obj) {
@@ -255,10 +313,10 @@ pub(crate) fn parse_file(
             doc,
         };
         let decoded = match kind {
-            "Mesh" => serde_json::from_value::<Mesh>(value).map(|m| {
+            "Mesh" => decode::<Mesh>(value).map(|m| {
                 set.meshes.insert(name.clone(), m);
             }),
-            "MeshNode" => serde_json::from_value::<MeshNode>(value).map(|n| {
+            "MeshNode" => decode::<MeshNode>(value).map(|n| {
                 let id = n.spec.node_id.clone();
                 if let Some(prev) = set.nodes.insert(id.clone(), n)
                     && prev.metadata.name.as_deref() != Some(name.as_str())
@@ -273,15 +331,15 @@ pub(crate) fn parse_file(
                     ));
                 }
             }),
-            "NodeProvision" => serde_json::from_value::<NodeProvision>(value).map(|p| {
+            "NodeProvision" => decode::<NodeProvision>(value).map(|p| {
                 set.provisions.insert(name.clone(), p);
             }),
-            _ => serde_json::from_value::<HardwareProfile>(value).map(|p| {
+            _ => decode::<HardwareProfile>(value).map(|p| {
                 set.profiles.insert(name.clone(), p);
             }),
         };
-        if let Err(e) = decoded {
-            errors.push(err(object.clone(), None, format!("cannot be decoded: {e}")));
+        if let Err((field, message)) = decoded {
+            errors.push(err(object.clone(), field, message));
             continue;
         }
         if let Some(prev) = set.sources.insert(key, src) {
@@ -296,6 +354,19 @@ pub(crate) fn parse_file(
             ));
         }
     }
+}
+
+/// Decodes a document that passed the schema; an error names the field.
+fn decode<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = hints::decode_error(&e.inner().to_string());
+        if path == "." {
+            (None, format!("cannot be decoded: {message}"))
+        } else {
+            (Some(path), message)
+        }
+    })
 }
 
 /// Checks a Kubernetes object name (RFC 1123 subdomain: lowercase letters, digits, '-' and
@@ -376,9 +447,9 @@ fn describe_schema_error(e: &jsonschema::ValidationError<'_>) -> String {
     // jsonschema words "Additional properties are not allowed ('x' was unexpected)": say it in
     // the admin's terms.
     if msg.contains("Additional properties are not allowed") {
-        return format!("unknown field: {msg}");
+        return hints::unknown_field(&msg);
     }
-    msg
+    hints::schema_numbers(&msg)
 }
 
 /// What to say about a setting sidenet no longer has (the schema alone would only list the

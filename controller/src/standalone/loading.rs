@@ -311,8 +311,8 @@ mod tests {
 
         // A load that hangs: past the deadline it is an error naming the file, and polling
         // again starts no second load.
-        l.poll();
         let started = Instant::now();
+        l.poll();
         while l.errors().is_empty() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
