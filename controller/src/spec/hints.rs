@@ -50,13 +50,11 @@ pub fn yaml_error(text: &str, doc: usize, e: &YamlError) -> (Option<String>, Str
         let shown = token.map_or_else(
             || "this number".to_string(),
             |(_, t)| {
-                if t.len() > 24 {
-                    format!(
-                        "the number {}…{} ({} digits)",
-                        &t[..10],
-                        &t[t.len() - 6..],
-                        t.len()
-                    )
+                let chars: Vec<char> = t.chars().collect();
+                if chars.len() > 24 {
+                    let head: String = chars[..10].iter().collect();
+                    let tail: String = chars[chars.len() - 6..].iter().collect();
+                    format!("the number {head}…{tail} ({} digits)", chars.len())
                 } else {
                     format!("the number {t}")
                 }

@@ -131,6 +131,7 @@ pub fn node_address(base: Ipv6Addr, id: u16) -> Ipv6Addr {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

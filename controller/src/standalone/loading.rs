@@ -23,12 +23,10 @@ use tokio::sync::oneshot;
 use crate::spec::loader::{self, Progress};
 use crate::spec::manifest::{self, ManifestErrors, ManifestSet};
 
+/// The files read: (path, text) pairs, or what kept them from being read.
+pub type Texts = Result<Vec<(PathBuf, String)>, ManifestErrors>;
 /// How manifests are read: [`loader::read_texts_with`] (replaced in tests).
-pub type Reader = Arc<
-    dyn Fn(&[PathBuf], &dyn Progress) -> Result<Vec<(PathBuf, String)>, ManifestErrors>
-        + Send
-        + Sync,
->;
+pub type Reader = Arc<dyn Fn(&[PathBuf], &dyn Progress) -> Texts + Send + Sync>;
 
 /// What one load found.
 #[derive(Debug)]
@@ -232,7 +230,7 @@ impl Loader {
 /// One load: read, compare with the hashes `known`, validate if new.
 fn load(
     paths: &[PathBuf],
-    read: &dyn Fn(&[PathBuf], &dyn Progress) -> Result<Vec<(PathBuf, String)>, ManifestErrors>,
+    read: &dyn Fn(&[PathBuf], &dyn Progress) -> Texts,
     progress: &dyn Progress,
     known: &[String; 2],
 ) -> Outcome {
