@@ -155,7 +155,7 @@ struct Snapshot {
     nodes: BTreeMap<String, NodeRecord>,
     published: BTreeMap<String, Published>,
     subnets: BTreeMap<(String, String), u16>,
-    taken: BTreeMap<String, std::collections::BTreeSet<u16>>,
+    taken: BTreeMap<String, crate::spec::ipam::Taken>,
     tokens: BTreeMap<String, TokenRecord>,
     online: BTreeMap<String, bool>,
     blocked: BTreeMap<String, String>,

@@ -10,8 +10,9 @@
 //!
 //! 0. base: [`time`] (Unix time, RFC 3339 through jiff), [`random`] (randomness from the OS).
 //! 1. [`spec`]: what the admin wrote. [`spec::manifest`] loads and validates `Mesh`, `MeshNode`,
-//!    `HardwareProfile`, `NodeProvision` and `Secret` manifests (JSON Schema from the CRD
-//!    types, then semantic checks); [`spec::regdb`] the regulatory checks of channels, widths, DFS and tx power
+//!    `HardwareProfile`, `NodeProvision` and `Secret` manifests ([`spec::loader`] reads the
+//!    folder within limits, [`spec::parse`] checks each document against the JSON Schema from
+//!    the CRD types, [`spec::checks`] the set as a whole); [`spec::regdb`] the regulatory checks of channels, widths, DFS and tx power
 //!    (wireless-regdb);
 //!    [`spec::ipam`] one /64 per node out of the mesh /48; [`spec::openwrt`] the rules of a
 //!    guest on an OpenWrt household router (`sidenet_*` sections only, the radio rule).

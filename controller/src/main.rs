@@ -85,6 +85,11 @@ enum Mode {
         /// How often to check the manifest folder, in milliseconds.
         #[arg(long, env = "SIDENET_POLL_MS", default_value_t = 1000)]
         poll_ms: u64,
+        /// How long one load of the manifests (reading and validating the files) may take, in
+        /// milliseconds; a load that overruns is a manifest error and the last good manifests
+        /// stay in force.
+        #[arg(long, env = "SIDENET_LOAD_DEADLINE_MS", default_value_t = 30_000)]
+        load_deadline_ms: u64,
         /// Connection limit of the embedded broker; lowered at start to the open-file limit
         /// minus the files open minus 256 if that is less (logged; docs/security.md).
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
@@ -219,6 +224,7 @@ async fn main() -> ExitCode {
             tls_cert,
             tls_key,
             poll_ms,
+            load_deadline_ms,
             max_connections,
             agents,
         } => {
@@ -256,6 +262,7 @@ async fn main() -> ExitCode {
                 listen,
                 tls,
                 poll: Duration::from_millis(poll_ms.max(50)),
+                load_deadline: Duration::from_millis(load_deadline_ms.max(100)),
                 refresh: Duration::from_secs(60),
                 max_connections,
                 agents,

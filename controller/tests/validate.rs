@@ -1,6 +1,6 @@
 //! `sidenetctl validate` on the committed broken manifests: each gives exactly one clear error
-//! naming the file and the field (the `# expect:` line of the fixture), and exits non-zero. The
-//! example mesh validates clean.
+//! naming the file, the document and the field (the `# expect:` line of the fixture), and exits
+//! non-zero. The example mesh validates clean.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -19,7 +19,7 @@ fn every_broken_fixture_gives_one_clear_error() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 15, "only {} broken fixtures", files.len());
+    assert!(files.len() >= 60, "only {} broken fixtures", files.len());
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
         let expect = text
@@ -60,6 +60,11 @@ fn every_broken_fixture_gives_one_clear_error() {
         assert!(
             errors[0].contains(&expect),
             "error does not mention {expect:?}: {}",
+            errors[0]
+        );
+        assert!(
+            errors[0].contains(": document "),
+            "error does not name the document: {}",
             errors[0]
         );
     }

@@ -13,7 +13,7 @@
 //! - `subnets`: `mesh/node` → subnet id (u16 as decimal text).
 //! - `tokens`: SHA-256 of an enrolment token → [`TokenRecord`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -157,7 +157,7 @@ pub struct Store {
     /// Subnet allocations: (mesh, node) → id.
     pub subnets: BTreeMap<(String, String), u16>,
     /// Taken subnet ids per mesh.
-    pub taken: BTreeMap<String, BTreeSet<u16>>,
+    pub taken: BTreeMap<String, crate::spec::ipam::Taken>,
     /// Tokens by hash.
     pub tokens: BTreeMap<String, TokenRecord>,
 }
@@ -404,7 +404,7 @@ impl Store {
             return Some(*id);
         }
         let taken = self.taken.entry(mesh.to_string()).or_default();
-        let id = crate::spec::ipam::allocate(mesh, node, |x| taken.contains(&x))?;
+        let id = crate::spec::ipam::allocate(mesh, node, taken)?;
         taken.insert(id);
         self.subnets
             .insert((mesh.to_string(), node.to_string()), id);

@@ -1,7 +1,12 @@
 //! Layer 1, what the admin wrote: manifests and their validation, the regulatory rules, and the
 //! address plan.
 
+pub mod checks;
+pub mod hints;
 pub mod ipam;
+pub mod loader;
 pub mod manifest;
 pub mod openwrt;
+pub mod parse;
 pub mod regdb;
+pub mod set;

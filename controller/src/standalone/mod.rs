@@ -5,6 +5,8 @@
 //! talk to it over channels. Whenever the MQTT connection is (re)established, every announcement
 //! and every stored config is republished (retained), so a restarted broker converges again.
 
+pub mod loading;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -25,7 +27,8 @@ use crate::reconcile::core::Controller;
 use crate::reconcile::model::{Publish, Secrets};
 use crate::reconcile::render::Renderer;
 use crate::reconcile::store::Store;
-use crate::spec::manifest::{self, ManifestSet};
+use crate::spec::manifest::ManifestSet;
+use loading::Loader;
 
 /// Options of the standalone controller.
 #[derive(Debug, Clone)]
@@ -46,6 +49,8 @@ pub struct Options {
     pub tls: Option<crate::transport::broker::TlsListen>,
     /// How often the manifest folder is checked.
     pub poll: Duration,
+    /// How long one load of the manifests may take ([`loading`]).
+    pub load_deadline: Duration,
     /// How often configs are checked for renewal.
     pub refresh: Duration,
     /// Connection limit of the embedded broker.
@@ -256,30 +261,6 @@ enum MqttEvent {
 
 type AdminCall = (Request, oneshot::Sender<Response>);
 
-/// Content hash of the manifest files (so edits, additions and removals are all noticed).
-fn manifest_texts(paths: &[PathBuf]) -> Result<Vec<(PathBuf, String)>, String> {
-    let files = manifest::collect_files(paths).map_err(|e| e.to_string())?;
-    files
-        .into_iter()
-        .map(|f| {
-            std::fs::read_to_string(&f)
-                .map(|t| (f.clone(), t))
-                .map_err(|e| format!("{}: cannot read: {e}", f.display()))
-        })
-        .collect()
-}
-
-fn texts_hash(texts: &[(PathBuf, String)]) -> String {
-    let mut all = Vec::new();
-    for (p, t) in texts {
-        all.extend_from_slice(p.to_string_lossy().as_bytes());
-        all.push(0);
-        all.extend_from_slice(t.as_bytes());
-        all.push(0);
-    }
-    sidenet_wire::codec::sha256_hex(&all)
-}
-
 /// Runs the standalone controller until `shutdown` completes.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), StandaloneError> {
     let state_err = |message: String| StandaloneError::State {
@@ -310,15 +291,19 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         adm_tx.clone(),
     );
 
-    let mut manifest_errors: Vec<String> = Vec::new();
-    let mut last_hash = String::new();
-    reload(
-        &opts,
-        &mut ctl,
-        &mut jobs,
-        &mut last_hash,
-        &mut manifest_errors,
-    );
+    // The first load before anything is published; later ones in the background.
+    let mut loader = Loader::new(opts.manifests.clone(), opts.load_deadline);
+    loader.poll();
+    match tokio::time::timeout(opts.load_deadline, loader.done()).await {
+        Ok(Some(outcome)) => {
+            if let Some(set) = loader.take(outcome) {
+                apply(&mut ctl, &mut jobs, set);
+            }
+        }
+        Ok(None) => {}
+        // Past the deadline: reported as a manifest error, the controller starts without.
+        Err(_) => loader.poll(),
+    }
     // A mesh-wide change is rendered, committed and published a chunk at a time.
     ctl.set_chunk(Some(RECONCILE_CHUNK));
     // Nothing is connected yet: commit, and let the first connection publish everything.
@@ -499,7 +484,12 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         // change in one transaction and only then publishes.
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = poll.tick() => reload(&opts, &mut ctl, &mut jobs, &mut last_hash, &mut manifest_errors),
+            _ = poll.tick() => loader.poll(),
+            outcome = loader.done() => {
+                if let Some(set) = outcome.and_then(|o| loader.take(o)) {
+                    apply(&mut ctl, &mut jobs, set);
+                }
+            }
             Some(done) = jobs_done.recv() => {
                 let keys = provision_keys(&mut ctl);
                 jobs.finished(done, &ctl.set, &mut |mesh| keys.get(mesh).cloned());
@@ -574,7 +564,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 }
             }
             Some((req, reply)) = adm_rx.recv() => {
-                let resp = handle_admin(&mut ctl, &jobs, req, &manifest_errors);
+                let resp = handle_admin(&mut ctl, &jobs, req, loader.errors());
                 // Commit before answering, so "approved" means it is on disk.
                 let out = ctl.flush()?;
                 let changes = ctl.take_credentials();
@@ -689,54 +679,13 @@ fn provision_keys(ctl: &mut Controller) -> std::collections::BTreeMap<String, St
     out
 }
 
-fn reload(
-    opts: &Options,
-    ctl: &mut Controller,
-    jobs: &mut Runner,
-    last_hash: &mut String,
-    manifest_errors: &mut Vec<String>,
-) {
-    let texts = match manifest_texts(&opts.manifests) {
-        Ok(t) => t,
-        Err(e) => {
-            if manifest_errors.first() != Some(&e) {
-                tracing::error!("{e}; keeping the last good manifests");
-            }
-            *manifest_errors = vec![e];
-            return;
-        }
-    };
-    let hash = texts_hash(&texts);
-    if hash == *last_hash {
-        return;
+/// Puts a new manifest set in force.
+fn apply(ctl: &mut Controller, jobs: &mut Runner, set: ManifestSet) {
+    if let Err(e) = ctl.set_manifests(set, crate::now()) {
+        tracing::error!("reconcile: {e}");
     }
-    *last_hash = hash;
-    match manifest::load_texts(&texts) {
-        Ok(set) => {
-            manifest_errors.clear();
-            tracing::info!(
-                meshes = set.meshes.len(),
-                nodes = set.nodes.len(),
-                profiles = set.profiles.len(),
-                "manifests loaded"
-            );
-            if let Err(e) = ctl.set_manifests(set, crate::now()) {
-                tracing::error!("reconcile: {e}");
-            }
-            let keys = provision_keys(ctl);
-            jobs.update(&ctl.set, &mut |mesh| keys.get(mesh).cloned());
-        }
-        Err(errs) => {
-            for e in &errs.0 {
-                tracing::error!("{e}");
-            }
-            tracing::error!(
-                "{} manifest error(s); nothing changed, the last good configs stay published",
-                errs.0.len()
-            );
-            *manifest_errors = errs.0.iter().map(|e| e.to_string()).collect();
-        }
-    }
+    let keys = provision_keys(ctl);
+    jobs.update(&ctl.set, &mut |mesh| keys.get(mesh).cloned());
 }
 
 fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[String]) -> Response {
