@@ -765,6 +765,7 @@ impl Backend for Linux {
             wireguard: Some(WireguardInfo {
                 public_key: self.key.public().to_string(),
                 endpoints,
+                heard: Vec::new(),
             }),
             neighbours,
             links: self.peers.len(),

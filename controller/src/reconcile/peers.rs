@@ -547,6 +547,7 @@ mod tests {
             wireguard: Some(WireguardInfo {
                 public_key: key.into(),
                 endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+                heard: Vec::new(),
             }),
             ..Default::default()
         }
