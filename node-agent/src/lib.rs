@@ -15,6 +15,7 @@
 //! - [`discovery`]: neighbours over the air (signed beacons on the underlay's link-local addresses).
 //! - [`radio`]: radio bring-up on Linux (`iw`: the mesh point on the profile's phy).
 //! - [`requires`]: the packages a config needs, checked before each apply (`missing: ...`).
+//! - [`uapi`]: userspace WireGuard's control socket (scoped endpoints `wg` cannot pass on).
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
 //! - [`shell`]: the thin tokio/MQTT shell that carries out effects.
 //! - `tls` (cargo feature `tls`): TLS to the broker, pinned to the CA bundle the agent was given.
@@ -29,7 +30,7 @@
 //!
 //! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
 //! 0. [`core`] (sans-IO: it knows only the wire format), [`files`], [`babel`], [`probe`], [`ca`],
-//!    [`discovery`];
+//!    [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
 //! 3. [`uci`], [`requires`], [`radio`];
@@ -47,6 +48,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("probe", 0),
     ("ca", 0),
     ("discovery", 0),
+    ("uapi", 0),
     ("wgkey", 1),
     ("tls", 1),
     ("state", 2),
@@ -76,5 +78,6 @@ pub mod shell;
 pub mod state;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod uapi;
 pub mod uci;
 pub mod wgkey;

@@ -570,7 +570,7 @@ impl Linux {
                 .iter()
                 .any(|o| o.public_key == p.public_key && o.matches(p))
             {
-                self.run(&[
+                let set = self.run(&[
                     "wg",
                     "set",
                     &p.iface,
@@ -582,7 +582,18 @@ impl Linux {
                     "::/0,0.0.0.0/0",
                     "persistent-keepalive",
                     KEEPALIVE,
-                ])?;
+                ]);
+                // A link-local endpoint on userspace WireGuard: through its socket (crate::uapi).
+                let userspace = self.run.join(format!("wg-{}.pid", p.iface)).exists();
+                match (set, crate::uapi::numeric_scope(&p.endpoint)) {
+                    (Ok(_), _) => {}
+                    (Err(_), Some(numeric)) if userspace => {
+                        let req = crate::uapi::set_peer_request(&p.public_key, &numeric, KEEPALIVE)
+                            .map_err(BackendError)?;
+                        crate::uapi::send(&p.iface, &req).map_err(BackendError)?;
+                    }
+                    (Err(e), _) => return Err(e),
+                }
             }
             self.run(&["ip", "link", "set", "dev", &p.iface, "mtu", WG_MTU, "up"])?;
             if let Some(ll) = &want.link_local {
