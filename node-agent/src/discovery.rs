@@ -28,6 +28,15 @@ struct Entry {
     at: Instant,
 }
 
+/// Who receives: the mesh and node id beacons must be for and not from.
+#[derive(Debug, Clone, Copy)]
+pub struct Receiver<'a> {
+    /// Mesh name.
+    pub mesh: &'a str,
+    /// This node's id.
+    pub node: &'a str,
+}
+
 /// The neighbours heard, by (node id, interface).
 #[derive(Debug, Default)]
 pub struct Table {
@@ -41,11 +50,11 @@ impl Table {
         frame: &[u8],
         src: Ipv6Addr,
         iface: &str,
-        mesh: &str,
-        me: &str,
+        me: &Receiver<'_>,
         now: u64,
         at: Instant,
     ) -> Result<(), String> {
+        let Receiver { mesh, node: me } = *me;
         if src.segments()[0] & 0xffc0 != 0xfe80 {
             return Err(format!("from {src}, not a link-local address"));
         }
@@ -167,8 +176,9 @@ pub async fn run(settings: Settings, key: NodeKey, table: Shared) {
             r = sock.recv_from(&mut buf) => {
                 let Ok((n, SocketAddr::V6(src))) = r else { continue };
                 let Some(iface) = names.get(&src.scope_id()) else { continue };
+                let who = Receiver { mesh: &settings.mesh, node: &me };
                 let res = table.lock().map_err(|e| e.to_string()).and_then(|mut t| {
-                    t.receive(&buf[..n], *src.ip(), iface, &settings.mesh, &me, unix_now(), Instant::now())
+                    t.receive(&buf[..n], *src.ip(), iface, &who, unix_now(), Instant::now())
                 });
                 if let Err(e) = res {
                     tracing::debug!("beacon from {src} on {iface}: {e}");
@@ -195,6 +205,11 @@ mod tests {
         (key.public().node_id(), b.seal(&key))
     }
 
+    const R: &Receiver<'static> = &Receiver {
+        mesh: "riverside",
+        node: "me",
+    };
+
     #[test]
     fn keeps_what_it_hears_refuses_replays_and_forgets_the_silent() {
         let mut t = Table::default();
@@ -203,39 +218,17 @@ mod tests {
         let ll: Ipv6Addr = "fe80::b".parse().unwrap();
         let (b, f1) = frame(2, 1000, 0);
         let (c, f2) = frame(3, 1000, 0);
+        assert!(t.receive(&f1, ll, "mesh0", R, 1001, t0).is_ok());
         assert!(
-            t.receive(&f1, ll, "mesh0", "riverside", "me", 1001, t0)
+            t.receive(&f2, "fe80::c".parse().unwrap(), "mesh0", R, 1001, t0)
                 .is_ok()
         );
-        assert!(
-            t.receive(
-                &f2,
-                "fe80::c".parse().unwrap(),
-                "mesh0",
-                "riverside",
-                "me",
-                1001,
-                t0
-            )
-            .is_ok()
-        );
         // The same frame again is a replay; a global source is not a link neighbour.
-        assert!(
-            t.receive(&f1, ll, "mesh0", "riverside", "me", 1001, t0)
-                .is_err()
-        );
+        assert!(t.receive(&f1, ll, "mesh0", R, 1001, t0).is_err());
         let (_, f3) = frame(2, 1002, 1);
         assert!(
-            t.receive(
-                &f3,
-                "2001:db8::b".parse().unwrap(),
-                "mesh0",
-                "riverside",
-                "me",
-                1002,
-                t0
-            )
-            .is_err()
+            t.receive(&f3, "2001:db8::b".parse().unwrap(), "mesh0", R, 1002, t0)
+                .is_err()
         );
         let heard = t.heard(t0, hold);
         assert_eq!(heard.len(), 2);
@@ -254,10 +247,7 @@ mod tests {
         );
         // b keeps sending, c falls silent: after the hold time only b is left.
         let later = t0 + Duration::from_secs(6);
-        assert!(
-            t.receive(&f3, ll, "mesh0", "riverside", "me", 1006, later)
-                .is_ok()
-        );
+        assert!(t.receive(&f3, ll, "mesh0", R, 1006, later).is_ok());
         let heard = t.heard(t0 + Duration::from_secs(9), hold);
         assert_eq!(heard.len(), 1);
         assert_eq!(heard[0].node, b);
