@@ -571,7 +571,7 @@ fn radio_segment_pairs_by_mutual_observation() {
     must(&["ip", "-n", &tb.ns("air"), "link", "set", "a-r", "nomaster"]);
     let mut configs_at = None;
     let mut links_at = None;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while configs_at.is_none() || links_at.is_none() {
         tb.check_agents();
         let rows = tb.rows();
