@@ -37,6 +37,7 @@ impl Node {
             wg: WireguardInfo {
                 public_key: format!("wg-public-key-of-node-{seed:03}-padding-to-44="),
                 endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+                heard: Vec::new(),
             },
         }
     }

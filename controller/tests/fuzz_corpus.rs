@@ -178,6 +178,7 @@ fn status_report() -> StatusReport {
         wireguard: Some(WireguardInfo {
             public_key: KeyPair::from_seed(&[3; 32]).public().to_base64(),
             endpoints: vec!["10.0.1.7/24".into(), "2001:db8:5::7/64".into()],
+            heard: Vec::new(),
         }),
         trial: Some(Trial {
             revision: Revision {

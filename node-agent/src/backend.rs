@@ -86,6 +86,13 @@ pub struct DataplaneArgs {
     /// it, with `-c ROOT/etc/config`).
     #[arg(long, env = "SIDENET_UCI", default_value = "uci")]
     pub uci: String,
+    /// Seconds between discovery beacons on each underlay interface (neighbours over the air,
+    /// `crate::discovery`).
+    #[arg(long, env = "SIDENET_BEACON_INTERVAL", default_value_t = 2)]
+    pub beacon_interval: u64,
+    /// Seconds after its last beacon a neighbour heard over the air is no longer reported.
+    #[arg(long, env = "SIDENET_BEACON_HOLD", default_value_t = 8)]
+    pub beacon_hold: u64,
 }
 
 impl Default for DataplaneArgs {
@@ -97,6 +104,8 @@ impl Default for DataplaneArgs {
             health_deadline: 60,
             probe_interval: 5,
             uci: "uci".into(),
+            beacon_interval: 2,
+            beacon_hold: 8,
         }
     }
 }

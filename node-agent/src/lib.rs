@@ -12,7 +12,10 @@
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
+//! - [`discovery`]: neighbours over the air (signed beacons on the underlay's link-local addresses).
+//! - [`radio`]: radio bring-up on Linux (`iw`: the mesh point on the profile's phy).
 //! - [`requires`]: the packages a config needs, checked before each apply (`missing: ...`).
+//! - [`uapi`]: userspace WireGuard's control socket (scoped endpoints `wg` cannot pass on).
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
 //! - [`shell`]: the thin tokio/MQTT shell that carries out effects.
 //! - `tls` (cargo feature `tls`): TLS to the broker, pinned to the CA bundle the agent was given.
@@ -26,10 +29,11 @@
 //! # The layer rule
 //!
 //! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
-//! 0. [`core`] (sans-IO: it knows only the wire format), [`files`], [`babel`], [`probe`], [`ca`];
+//! 0. [`core`] (sans-IO: it knows only the wire format), [`files`], [`babel`], [`probe`], [`ca`],
+//!    [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
-//! 3. [`uci`], [`requires`];
+//! 3. [`uci`], [`requires`], [`radio`];
 //! 4. [`linux`], [`openwrt`] (the implementations);
 //! 5. [`backends`] (constructs them);
 //! 6. [`shell`] (carries out the core's effects with all of the above).
@@ -43,12 +47,15 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("babel", 0),
     ("probe", 0),
     ("ca", 0),
+    ("discovery", 0),
+    ("uapi", 0),
     ("wgkey", 1),
     ("tls", 1),
     ("state", 2),
     ("backend", 2),
     ("uci", 3),
     ("requires", 3),
+    ("radio", 3),
     ("linux", 4),
     ("openwrt", 4),
     ("backends", 5),
@@ -60,14 +67,17 @@ pub mod backend;
 pub mod backends;
 pub mod ca;
 pub mod core;
+pub mod discovery;
 pub mod files;
 pub mod linux;
 pub mod openwrt;
 pub mod probe;
+pub mod radio;
 pub mod requires;
 pub mod shell;
 pub mod state;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod uapi;
 pub mod uci;
 pub mod wgkey;

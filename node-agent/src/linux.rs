@@ -7,7 +7,7 @@
 //! | action | file | what it does |
 //! | --- | --- | --- |
 //! | `apply:firewall` | `etc/sidenet/firewall.nft` | `nft -f` (one atomic table) |
-//! | `restart:mesh` | `etc/sidenet/wpa_supplicant-mesh.conf` (and `-next.conf` during a passphrase rotation) | runs wpa_supplicant on `mesh0` if the radio interface exists (and a second one on `mesh1` with the next passphrase) |
+//! | `restart:mesh` | `etc/sidenet/radio`, `etc/sidenet/wpa_supplicant-mesh.conf` (and `-next.conf` during a passphrase rotation) | creates and tunes `mesh0` on the profile's phy when that radio is here ([`crate::radio`]), then runs wpa_supplicant on it (and a second one on `mesh1` with the next passphrase) |
 //! | `apply:addresses` | `etc/sidenet/addresses` | creates `sidenet0` (dummy; ifb where the kernel has no dummy module), sets its addresses and the unreachable route for the mesh prefix, removes what it set before and no longer should |
 //! | `apply:wireguard` | `etc/sidenet/wireguard` | one interface per neighbour (kernel WireGuard, or the userspace implementation), keys, endpoints, link-local address; removes links that went away |
 //! | `restart:babeld` | `etc/sidenet/babeld.conf` | (re)starts babeld when its config changed or it is not running; stops it when no interface is left |
@@ -307,12 +307,17 @@ impl Linux {
     }
 
     fn mesh(&mut self) -> Result<(), BackendError> {
-        if !self.exists(MESH_IFACE) {
+        // The mesh point on the profile's phy (crate::radio); else one made by the admin.
+        let radio = crate::radio::converge(self.runner.as_mut(), &self.root, &self.run)?;
+        if let crate::radio::Managed::No(why) = radio
+            && !(self.exists(MESH_IFACE)
+                && self.runner.run(&["iw", "dev", MESH_IFACE, "info"]).is_ok())
+        {
             self.stop_daemon(&self.run.join("wpa_supplicant.pid"), "wpa_supplicant");
             self.stop_daemon(&self.run.join("wpa_supplicant-next.pid"), "wpa_supplicant");
             if !self.radio_noted {
                 tracing::info!(
-                    "no {MESH_IFACE} interface: the mesh radio is not managed here; the side-net runs over the underlay interfaces"
+                    "{why} and no wireless {MESH_IFACE} interface: the mesh radio is not managed here; the side-net runs over the underlay interfaces"
                 );
                 self.radio_noted = true;
             }
@@ -565,7 +570,7 @@ impl Linux {
                 .iter()
                 .any(|o| o.public_key == p.public_key && o.matches(p))
             {
-                self.run(&[
+                let set = self.run(&[
                     "wg",
                     "set",
                     &p.iface,
@@ -577,7 +582,18 @@ impl Linux {
                     "::/0,0.0.0.0/0",
                     "persistent-keepalive",
                     KEEPALIVE,
-                ])?;
+                ]);
+                // A link-local endpoint on userspace WireGuard: through its socket (crate::uapi).
+                let userspace = self.run.join(format!("wg-{}.pid", p.iface)).exists();
+                match (set, crate::uapi::numeric_scope(&p.endpoint)) {
+                    (Ok(_), _) => {}
+                    (Err(_), Some(numeric)) if userspace => {
+                        let req = crate::uapi::set_peer_request(&p.public_key, &numeric, KEEPALIVE)
+                            .map_err(BackendError)?;
+                        crate::uapi::send(&p.iface, &req).map_err(BackendError)?;
+                    }
+                    (Err(e), _) => return Err(e),
+                }
             }
             self.run(&["ip", "link", "set", "dev", &p.iface, "mtu", WG_MTU, "up"])?;
             if let Some(ll) = &want.link_local {
@@ -677,6 +693,7 @@ impl Linux {
         self.firewall_down();
         self.stop_daemon(&self.run.join("wpa_supplicant.pid"), "wpa_supplicant");
         self.stop_daemon(&self.run.join("wpa_supplicant-next.pid"), "wpa_supplicant");
+        crate::radio::down(self.runner.as_mut(), &self.run);
         self.plan = None;
     }
 }
@@ -712,6 +729,8 @@ impl Backend for Linux {
         }
         if has("restart:mesh") {
             self.mesh()?;
+        } else {
+            crate::radio::down(self.runner.as_mut(), &self.run);
         }
         if has("apply:addresses") {
             self.addresses()?;
@@ -765,6 +784,7 @@ impl Backend for Linux {
             wireguard: Some(WireguardInfo {
                 public_key: self.key.public().to_string(),
                 endpoints,
+                heard: Vec::new(),
             }),
             neighbours,
             links: self.peers.len(),

@@ -336,6 +336,7 @@ impl Backend for Openwrt {
             wireguard: Some(WireguardInfo {
                 public_key: self.key.public().to_string(),
                 endpoints,
+                heard: Vec::new(),
             }),
             neighbours,
             links,

@@ -234,6 +234,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         status_every: opts.status_every,
         enroll_every: 15,
     };
+    let beacon_key = key.clone();
     let mut agent = Agent::new(settings, key, pinned, applied, seq_epoch, now());
     agent.set_failed(state.failed());
     // Backends that run programs check the packages a config needs (crate::requires).
@@ -252,12 +253,27 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
         agent.set_missing(missing);
     }
+    let mut wg_public = None;
     if needs_trial {
         agent.enable_trial(opts.dataplane.health_deadline);
         let b = backend.clone();
         let first = blocking(move || Ok(lock(&b).observe())).await;
-        agent.set_wireguard(first.ok().and_then(|o| o.wireguard));
+        let wg = first.ok().and_then(|o| o.wireguard);
+        wg_public = wg.as_ref().map(|w| w.public_key.clone());
+        agent.set_wireguard(wg);
     }
+    // Neighbours over the air (crate::discovery): beacons on the underlay interfaces.
+    let heard: crate::discovery::Shared = Arc::default();
+    let discovery = wg_public.map(|wg| {
+        let settings = crate::discovery::Settings {
+            mesh: opts.mesh.clone(),
+            ifaces: opts.dataplane.underlay.clone(),
+            wireguard: wg,
+            interval: Duration::from_secs(opts.dataplane.beacon_interval.max(1)),
+        };
+        tokio::spawn(crate::discovery::run(settings, beacon_key, heard.clone()))
+    });
+    let hold = Duration::from_secs(opts.dataplane.beacon_hold);
 
     // The prober answers and sends pathfinder probes along the converged config's plan.
     let (plan_tx, plan_rx) = watch::channel(lock(&backend).probe_plan());
@@ -320,6 +336,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     let b = backend.clone();
                     if let Ok(mut obs) = blocking(move || Ok(lock(&b).observe())).await {
                         obs.probes = probes.lock().map(|p| p.clone()).unwrap_or_default();
+                        if let (Some(wg), Ok(mut t)) = (obs.wireguard.as_mut(), heard.lock()) {
+                            wg.heard = t.heard(std::time::Instant::now(), hold);
+                        }
                         queue.push(Event::Observed(Box::new(obs)));
                     }
                 }
@@ -575,6 +594,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     if let Some(p) = prober {
         p.abort();
+    }
+    if let Some(d) = discovery {
+        d.abort();
     }
     let _ = client
         .publish(

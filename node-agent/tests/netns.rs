@@ -549,7 +549,12 @@ impl Testbed {
             "--state",
             self.dir.join("state").to_str().unwrap(),
         ])?;
-        serde_json::from_str(&out).map_err(|e| e.to_string())
+        // `{"nodes": [...], "manifestErrors": [...]}`.
+        let v: Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        v.get("nodes")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or_else(|| format!("sidenetctl status -o json printed no nodes: {out}"))
     }
 
     fn row(&self, n: &str) -> Value {

@@ -17,8 +17,10 @@
 //! - [`messages`]: the bodies (announcement, config, enrolment, status).
 //! - [`rotation`]: mesh signing key rotation (endorsement chains).
 //! - [`seal`]: secrets sealed to one node (the mesh passphrase in configs).
+//! - [`beacon`]: the signed discovery beacon of radio links (neighbours by link-local address).
 //! - [`codec`]: hex and base32 helpers.
 
+pub mod beacon;
 pub mod codec;
 pub mod envelope;
 #[doc(hidden)]

@@ -141,6 +141,24 @@ pub struct WireguardInfo {
     /// have addresses in the same subnet (see `docs/dataplane.md`).
     #[serde(default)]
     pub endpoints: Vec<String>,
+    /// Nodes whose discovery beacons ([`crate::beacon`]) this node hears on its underlay
+    /// interfaces, sorted by node id then interface. The controller pairs two nodes that hear
+    /// each other (see `docs/dataplane.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heard: Vec<Heard>,
+}
+
+/// A neighbour heard over the air: a verified discovery beacon arrived recently.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Heard {
+    /// The sender's node id.
+    pub node: String,
+    /// The local interface the beacon arrived on (`mesh0`).
+    pub interface: String,
+    /// The beacon's source address: the sender's link-local address on that link.
+    pub address: String,
+    /// The WireGuard public key the beacon carried (base64).
+    pub public_key: String,
 }
 
 /// A config that is applied and being health-checked, not yet confirmed.

@@ -93,6 +93,7 @@ fn wireguard() -> WireguardInfo {
     WireguardInfo {
         public_key: other_key().public().to_base64(),
         endpoints: vec!["10.0.1.7/24".into(), "2001:db8:5::7/64".into()],
+        heard: Vec::new(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! should run. No I/O but the state store; no Kubernetes, files or MQTT.
 
 pub mod admission;
+pub mod air;
 pub mod core;
 pub mod credentials;
 pub mod health;

@@ -37,7 +37,7 @@ use crate::spec::manifest::{ManifestSet, network_name};
 use crate::spec::openwrt::{IFNAMSIZ, PREFIX};
 
 /// Expected number of WireGuard peers a node gets on one large link.
-pub const MAX_LINK_PEERS: usize = 8;
+pub const MAX_LINK_PEERS: usize = crate::reconcile::air::MAX_LINK_PEERS;
 /// Listen ports are `WG_PORT_MIN..=WG_PORT_MAX`.
 pub const WG_PORT_MIN: u16 = 51821;
 /// See [`WG_PORT_MIN`].
@@ -56,6 +56,8 @@ pub struct Dataplane {
     pub wg_port_max: u16,
     /// UDP port of the probe responder.
     pub probe_port: u16,
+    /// UDP port of the discovery beacons (on the underlay, from link-local addresses).
+    pub beacon_port: u16,
     /// WireGuard neighbours, by node id.
     pub peers: Vec<PeerCtx>,
     /// Mesh gateways (MeshNodes with role `gateway`) to probe across the side-net.
@@ -106,6 +108,7 @@ impl Dataplane {
             wg_port_min: WG_PORT_MIN,
             wg_port_max: WG_PORT_MAX,
             probe_port: PROBE_PORT,
+            beacon_port: sidenet_wire::beacon::PORT,
             peers: Vec::new(),
             gateways: Vec::new(),
         }
@@ -171,10 +174,12 @@ pub fn link_of(cidr: &str) -> Option<(String, IpAddr)> {
     }
 }
 
-fn endpoint(addr: IpAddr, port: u16) -> String {
-    match addr {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
+/// `ADDR:PORT`, with an IPv6 address (and its `%scope`) in brackets.
+fn endpoint(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -189,7 +194,8 @@ fn pair_hash(a: &str, b: &str) -> u64 {
     hash64(&["sidenet-pair", x, y])
 }
 
-type LinkKey = (String, String);
+/// A subnet link: (mesh, subnet).
+pub type LinkKey = (String, String);
 
 /// Links → members, kept up to date as nodes report.
 #[derive(Debug, Clone, Default)]
@@ -198,6 +204,22 @@ pub struct Index {
     links: BTreeMap<LinkKey, BTreeMap<String, IpAddr>>,
     /// node → the links it is on.
     of: BTreeMap<String, Vec<LinkKey>>,
+    /// node → what it hears over the air (see [`crate::reconcile::air`]).
+    air: BTreeMap<String, crate::reconcile::air::Air>,
+    /// node → the nodes it picks over the air ([`crate::reconcile::air::picks_of`]).
+    air_picks: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// How a node reaches one of its neighbours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// A shared subnet (mesh, subnet).
+    Subnet(LinkKey),
+    /// Over the air: the two hear each other's beacons; this node heard the peer on `iface`.
+    Air {
+        /// The local interface.
+        iface: String,
+    },
 }
 
 impl Index {
@@ -207,7 +229,21 @@ impl Index {
         for (id, rec) in nodes {
             idx.insert(id, rec);
         }
+        let ids: Vec<String> = idx.air.keys().cloned().collect();
+        idx.refresh_picks(&ids);
         idx
+    }
+
+    /// Recomputes what `ids` pick over the air.
+    fn refresh_picks(&mut self, ids: &[String]) {
+        for id in ids {
+            let p = crate::reconcile::air::picks_of(&self.air, id, |a, b| self.share_a_link(a, b));
+            if p.is_empty() {
+                self.air_picks.remove(id);
+            } else {
+                self.air_picks.insert(id.clone(), p);
+            }
+        }
     }
 
     fn insert(&mut self, id: &str, rec: &NodeRecord) {
@@ -215,6 +251,10 @@ impl Index {
         if wg.public_key.is_empty() {
             return;
         }
+        self.air.insert(
+            id.to_string(),
+            crate::reconcile::air::Air::of(&rec.mesh, wg),
+        );
         let mut keys = Vec::new();
         for e in &wg.endpoints {
             if let Some((subnet, addr)) = link_of(e) {
@@ -235,6 +275,7 @@ impl Index {
     }
 
     fn remove(&mut self, id: &str) {
+        self.air.remove(id);
         for key in self.of.remove(id).unwrap_or_default() {
             if let Some(m) = self.links.get_mut(&key) {
                 m.remove(id);
@@ -255,11 +296,28 @@ impl Index {
             .map(|k| (k.clone(), size(self, k)))
             .collect();
         let mut affected = self.around(id);
+        // Over the air, a change of id's reports changes the candidates of the nodes it hears
+        // (or heard), and with them their own picks.
+        let heard_before = self.air_candidates(id);
+        for b in &heard_before {
+            affected.extend(self.around(b));
+        }
         self.remove(id);
         if let Some(rec) = rec {
             self.insert(id, rec);
         }
+        // Only id's candidates, and the candidates of those it gained or lost, change.
+        let heard_after = self.air_candidates(id);
+        let mut changed: Vec<String> = heard_before.clone();
+        changed.extend(heard_after.iter().cloned());
+        changed.push(id.to_string());
+        changed.sort();
+        changed.dedup();
+        self.refresh_picks(&changed);
         affected.extend(self.around(id));
+        for b in heard_before.iter().chain(heard_after.iter()) {
+            affected.extend(self.around(b));
+        }
         let new_keys = self.of.get(id).cloned().unwrap_or_default();
         let mut keys: Vec<LinkKey> = old_keys;
         keys.extend(new_keys);
@@ -298,23 +356,55 @@ impl Index {
         out
     }
 
-    /// The neighbours of `id` with the link each is reached over: (peer, (mesh, subnet)).
-    /// Admission (approval) is not checked here.
-    pub fn neighbours(&self, id: &str) -> Vec<(String, LinkKey)> {
-        let mut out: BTreeMap<String, LinkKey> = BTreeMap::new();
+    /// The neighbours of `id` with the link each is reached over: a shared subnet first, else
+    /// over the air. Admission (approval) is not checked here.
+    pub fn neighbours(&self, id: &str) -> Vec<(String, Via)> {
+        let mut out: BTreeMap<String, Via> = BTreeMap::new();
         for key in self.of.get(id).into_iter().flatten() {
             let Some(members) = self.links.get(key) else {
                 continue;
             };
             for peer in select(id, members.keys()) {
-                out.entry(peer).or_insert_with(|| key.clone());
+                out.entry(peer).or_insert_with(|| Via::Subnet(key.clone()));
             }
+        }
+        for (peer, iface) in
+            crate::reconcile::air::neighbours(&self.air, &self.air_picks, id, |a, b| {
+                self.share_a_link(a, b)
+            })
+        {
+            out.entry(peer).or_insert(Via::Air { iface });
         }
         out.into_iter().collect()
     }
 
-    fn address(&self, id: &str, key: &LinkKey) -> Option<IpAddr> {
-        self.links.get(key)?.get(id).copied()
+    /// Whether `a` and `b` are members of one subnet link (then they never pair over the air).
+    fn share_a_link(&self, a: &str, b: &str) -> bool {
+        let (Some(x), Some(y)) = (self.of.get(a), self.of.get(b)) else {
+            return false;
+        };
+        x.iter().any(|k| y.contains(k))
+    }
+
+    /// The nodes `id` and that hear each other (and share no subnet).
+    fn air_candidates(&self, id: &str) -> Vec<String> {
+        crate::reconcile::air::candidates(&self.air, id, |a, b| self.share_a_link(a, b))
+            .into_keys()
+            .collect()
+    }
+
+    /// Where `id` reaches `peer` over `via`: (host, shown link).
+    fn reach(&self, id: &str, peer: &str, via: &Via) -> Option<(String, String)> {
+        match via {
+            Via::Subnet(key) => {
+                let addr = *self.links.get(key)?.get(peer)?;
+                Some((addr.to_string(), key.1.clone()))
+            }
+            Via::Air { iface } => {
+                let addr = self.air.get(id)?.address_of(peer)?;
+                Some((format!("{addr}%{iface}"), format!("{iface} (heard)")))
+            }
+        }
     }
 
     /// Number of links known.
@@ -424,7 +514,7 @@ pub fn dataplane(
             && crate::reconcile::admission::approved(mesh, set.nodes.get(node), rec)
     };
     if admitted(id) {
-        let mine: Vec<(String, LinkKey)> = index
+        let mine: Vec<(String, Via)> = index
             .neighbours(id)
             .into_iter()
             .filter(|(p, _)| admitted(p))
@@ -435,7 +525,7 @@ pub fn dataplane(
                 continue;
             };
             let Some(wg) = &rec.wireguard else { continue };
-            let Some(addr) = index.address(peer, key) else {
+            let Some((host, link)) = index.reach(id, peer, key) else {
                 continue;
             };
             let theirs: Vec<String> = index
@@ -453,11 +543,11 @@ pub fn dataplane(
                 iface: iface_for(peer),
                 listen_port: my_ports.get(peer).copied().unwrap_or(WG_PORT_MIN),
                 public_key: wg.public_key.clone(),
-                endpoint: endpoint(addr, their_port),
-                endpoint_host: addr.to_string(),
+                endpoint: endpoint(&host, their_port),
+                endpoint_host: host,
                 endpoint_port: their_port,
                 link_local: link_local(peer).to_string(),
-                link: key.1.clone(),
+                link,
             });
         }
     }
@@ -547,6 +637,7 @@ mod tests {
             wireguard: Some(WireguardInfo {
                 public_key: key.into(),
                 endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+                heard: Vec::new(),
             }),
             ..Default::default()
         }
@@ -554,6 +645,73 @@ mod tests {
 
     fn nbrs(idx: &Index, id: &str) -> Vec<String> {
         idx.neighbours(id).into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// A node on mesh `m` with `endpoints`, hearing each of `heard` on mesh0 at fe80::<name>.
+    fn air_rec(name: &str, endpoints: &[&str], heard: &[&str]) -> NodeRecord {
+        let mut r = rec("m", &format!("k{name}"), endpoints);
+        if let Some(wg) = r.wireguard.as_mut() {
+            wg.heard = heard
+                .iter()
+                .map(|h| sidenet_wire::messages::Heard {
+                    node: h.to_string(),
+                    interface: "mesh0".into(),
+                    // a, b, c and d are hex digits.
+                    address: format!("fe80::{h}"),
+                    public_key: format!("k{h}"),
+                })
+                .collect();
+        }
+        r
+    }
+
+    #[test]
+    fn nodes_that_hear_each_other_pair_over_the_air_and_unpair_when_one_falls_silent() {
+        let mut nodes = BTreeMap::new();
+        // a and b also share a wire (that link wins); c and d are on the radio only.
+        nodes.insert("a".into(), air_rec("a", &["10.0.1.1/24"], &["b", "c", "d"]));
+        nodes.insert("b".into(), air_rec("b", &["10.0.1.2/24"], &["a", "c", "d"]));
+        nodes.insert("c".into(), air_rec("c", &[], &["a", "b", "d"]));
+        nodes.insert("d".into(), air_rec("d", &[], &["a", "b", "c"]));
+        let mut idx = Index::build(&nodes);
+        let a = idx.neighbours("a");
+        assert_eq!(
+            a,
+            [
+                ("b".into(), Via::Subnet(("m".into(), "10.0.1.0/24".into()))),
+                (
+                    "c".into(),
+                    Via::Air {
+                        iface: "mesh0".into()
+                    }
+                ),
+                (
+                    "d".into(),
+                    Via::Air {
+                        iface: "mesh0".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            idx.reach("a", "c", &a[1].1),
+            Some(("fe80::c%mesh0".to_string(), "mesh0 (heard)".to_string()))
+        );
+        assert_eq!(endpoint("fe80::c%mesh0", 51900), "[fe80::c%mesh0]:51900");
+        assert_eq!(nbrs(&idx, "c"), ["a", "b", "d"]);
+        // d stops hearing c (c left the segment, or d did): the pair is no longer mutual.
+        let silent = air_rec("d", &[], &["a", "b"]);
+        let affected = idx.replace("d", Some(&silent));
+        assert!(
+            affected.contains("c") && affected.contains("d"),
+            "{affected:?}"
+        );
+        assert_eq!(nbrs(&idx, "c"), ["a", "b"]);
+        assert_eq!(nbrs(&idx, "d"), ["a", "b"]);
+        // One-sided hearing never pairs; c's report alone does not bring d back.
+        assert_eq!(nbrs(&idx, "a"), ["b", "c", "d"]);
+        idx.replace("c", None);
+        assert_eq!(nbrs(&idx, "a"), ["b", "d"]);
     }
 
     #[test]

@@ -329,6 +329,10 @@ pub struct RadioCtx {
     pub htmodes: Vec<String>,
     /// Transmit power in dBm, if set.
     pub tx_power: Option<u32>,
+    /// Control frequency of `channel`, MHz.
+    pub freq: u32,
+    /// Centre frequency of the `width` block around `channel`, MHz (`iw`'s center1).
+    pub center_freq: u32,
     /// Interface name to create for the mesh.
     pub iface: String,
     /// Interface name of the second mesh point during a passphrase rotation's overlap.
@@ -429,6 +433,8 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         htmode,
         htmodes: crate::spec::openwrt::htmodes_for(band, width, &radio.htmodes),
         tx_power,
+        freq: regdb::frequency_mhz(band, channel).unwrap_or(0),
+        center_freq: regdb::block(band, channel, width).map_or(0, |b| b.center_mhz()),
         iface: "mesh0".into(),
         iface_next: "mesh1".into(),
     };
