@@ -14,6 +14,11 @@
 //! asks for [`Effect::RollBack`], remembers the revision as failed (it is never tried again) and
 //! reports the failure. Configs that arrive meanwhile wait for the trial to end.
 
+pub mod join;
+pub mod throttle;
+
+use self::join::Trust;
+use self::throttle::{Throttle, bounded, held_back_note};
 use sidenet_wire::envelope::Expect;
 use sidenet_wire::keys::KeyPair;
 use sidenet_wire::messages::{
@@ -27,6 +32,11 @@ use sidenet_wire::{Envelope, Header, Kind, PublicKey, Revision, WireError, seal,
 const MESSAGE_VALIDITY: u64 = 600;
 /// Seconds between checks of missing packages.
 pub const RECHECK_S: u64 = 10;
+/// At most one log line per kind of refused message, and one status report for refused
+/// configs, per this many seconds (anyone who can publish on the broker can send them).
+pub const REFUSALS_EVERY_S: u64 = 60;
+/// Longest failure text a status report carries, in bytes.
+pub const MAX_FAILURE_TEXT: usize = 300;
 
 /// What a backend sees of the running data plane.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -249,6 +259,14 @@ pub struct Agent {
     missing_checked: u64,
     /// The revision last found waiting for packages (logged once).
     waiting: Option<Revision>,
+    /// How a key may be trusted while none is pinned.
+    trust: Trust,
+    /// Log lines about refused announcements.
+    announce_log: Throttle,
+    /// Log lines about other refused messages (acknowledgements, configs before a key).
+    noise_log: Throttle,
+    /// Status reports sent because a config was refused.
+    refusal_reports: Throttle,
 }
 
 impl Agent {
@@ -298,6 +316,37 @@ impl Agent {
             missing: Vec::new(),
             missing_checked: now,
             waiting: None,
+            trust: Trust::Nothing,
+            announce_log: Throttle::new(REFUSALS_EVERY_S),
+            noise_log: Throttle::new(REFUSALS_EVERY_S),
+            refusal_reports: Throttle::new(REFUSALS_EVERY_S),
+        }
+    }
+
+    /// How the agent may come to trust a mesh key while none is pinned (default: not at all).
+    pub fn set_trust(&mut self, trust: Trust) {
+        self.trust = trust;
+    }
+
+    /// Whether the agent may ask to join now: it trusts a key, or a join code lets it learn the
+    /// key from its first config.
+    fn may_enrol(&self) -> bool {
+        self.mesh_key.is_some() || self.trust.enrols_before_pinning()
+    }
+
+    /// A warning about a refused message, at most one a minute per `kind` (with a count of
+    /// those left out).
+    fn refused_log(&mut self, out: &mut Vec<Effect>, announce: bool, text: String) {
+        let t = if announce {
+            &mut self.announce_log
+        } else {
+            &mut self.noise_log
+        };
+        if let Some(n) = t.allow(self.now) {
+            out.push(Effect::Log(
+                Level::Warn,
+                format!("{text}{}", held_back_note(n, REFUSALS_EVERY_S)),
+            ));
         }
     }
 
@@ -381,7 +430,7 @@ impl Agent {
                     &self.settings.mesh,
                     &self.node,
                 )));
-                if self.mesh_key.is_some() {
+                if self.may_enrol() {
                     self.enroll_if_needed(&mut out, true);
                 }
                 self.status(&mut out);
@@ -459,7 +508,7 @@ impl Agent {
             }
             Event::Tick => {
                 if self.connected {
-                    if self.mesh_key.is_some() {
+                    if self.may_enrol() {
                         self.enroll_if_needed(&mut out, false);
                     }
                     // While on trial, report every second until the controller acknowledges.
@@ -678,10 +727,7 @@ impl Agent {
         let (seq, ack) = match checked {
             Ok(x) => x,
             Err(e) => {
-                out.push(Effect::Log(
-                    Level::Warn,
-                    format!("ignored acknowledgement: {e}"),
-                ));
+                self.refused_log(out, false, format!("ignored acknowledgement: {e}"));
                 return;
             }
         };
@@ -784,21 +830,15 @@ impl Agent {
         {
             Ok(v) => v,
             Err(e) => {
-                out.push(Effect::Log(
-                    Level::Warn,
-                    format!("ignored announcement: {e}"),
-                ));
+                self.refused_log(out, true, format!("ignored announcement: {e}"));
                 return;
             }
         };
         if verified.header.mesh != self.settings.mesh {
-            out.push(Effect::Log(
-                Level::Warn,
-                "ignored announcement for another mesh".into(),
-            ));
+            self.refused_log(out, true, "ignored announcement for another mesh".into());
             return;
         }
-        if self.mesh_key.is_none_or(|k| k == verified.signer) {
+        if self.mesh_key == Some(verified.signer) {
             self.controller_acks = verified.body_json::<Announce>().is_ok_and(|a| a.acks);
         }
         match self.mesh_key {
@@ -845,40 +885,50 @@ impl Agent {
                             Err(e) => e,
                             Ok(_) => "the key chain leads elsewhere".into(),
                         };
-                        out.push(Effect::Log(
-                            Level::Warn,
-                            format!(
-                                "ignored announcement signed by {} (pinned key is {}): {why}",
-                                verified.signer.fingerprint(),
-                                k.fingerprint()
-                            ),
-                        ));
+                        let text = format!(
+                            "ignored announcement signed by {} (pinned key is {}): {why}",
+                            verified.signer.fingerprint(),
+                            k.fingerprint()
+                        );
+                        self.refused_log(out, true, text);
                     }
                 }
             }
             None => {
                 let body: Result<Announce, _> = verified.body_json();
-                let ok = body
-                    .as_ref()
-                    .is_ok_and(|a| a.key == verified.signer.to_base64());
-                if !ok {
-                    out.push(Effect::Log(
-                        Level::Warn,
-                        "ignored malformed announcement".into(),
-                    ));
+                let Some(announce) = body.ok().filter(|a| a.key == verified.signer.to_base64())
+                else {
+                    self.refused_log(out, true, "ignored malformed announcement".into());
+                    return;
+                };
+                let mesh = self.settings.mesh.clone();
+                if let Err(why) = self
+                    .trust
+                    .admits_announcement(&mesh, &verified.signer, &announce)
+                {
+                    self.refused_log(out, true, format!("mesh {mesh}: {why}"));
                     return;
                 }
+                self.controller_acks = announce.acks;
                 self.mesh_key = Some(verified.signer);
                 out.push(Effect::PinMeshKey(verified.signer));
-                out.push(Effect::Log(
-                    Level::Info,
-                    format!(
-                        "trusting mesh {} key {} on first use (fingerprint {})",
-                        self.settings.mesh,
-                        verified.signer,
-                        verified.signer.fingerprint()
+                let code = sidenet_wire::join::JoinCode::new(&mesh, &verified.signer);
+                out.push(match &self.trust {
+                    Trust::FirstKey => Effect::Log(
+                        Level::Warn,
+                        format!(
+                            "trusting mesh {mesh} key {} because it announced itself first (--trust-first-key): anyone who can publish on the broker could have been first; check its join code {code} against `sidenetctl join-code --mesh {mesh}`",
+                            verified.signer
+                        ),
                     ),
-                ));
+                    _ => Effect::Log(
+                        Level::Info,
+                        format!(
+                            "trusting mesh {mesh} key {}: it matches join code {code}",
+                            verified.signer
+                        ),
+                    ),
+                });
                 self.enroll_if_needed(out, true);
             }
         }
@@ -953,11 +1003,18 @@ impl Agent {
             return;
         }
         self.withdrawn = false;
-        let Some(mesh_key) = self.mesh_key else {
-            out.push(Effect::Log(
-                Level::Warn,
-                "config ignored: no mesh key pinned yet".into(),
-            ));
+        // No key pinned yet: with a join code, the config's own signer may be the mesh's key.
+        let Some(mesh_key) = self.mesh_key.or_else(|| {
+            Envelope::parse(payload, self.settings.max_envelope)
+                .and_then(|e| e.claimed_signer())
+                .ok()
+                .filter(|k| self.trust.admits_config_signer(k))
+        }) else {
+            self.refused_log(
+                out,
+                false,
+                "config ignored: no mesh key pinned yet, and its signer is not the key of this agent's join code".into(),
+            );
             return;
         };
         let busy = self.applying.or(self.trial.as_ref().map(|t| t.revision));
@@ -998,15 +1055,37 @@ impl Agent {
                 return;
             }
             Err(e) => {
-                out.push(Effect::Log(Level::Warn, format!("config refused: {e}")));
+                // Anyone who can publish on the broker can send these: the failure text is
+                // bounded, and at most one report a minute says so (the next heartbeat carries
+                // the latest one).
+                let error = bounded(&format!("config refused: {e}"), MAX_FAILURE_TEXT);
                 self.failure = Some(Failure {
                     revision: None,
-                    error: format!("config refused: {e}"),
+                    error: error.clone(),
                 });
-                self.status(out);
+                if let Some(n) = self.refusal_reports.allow(self.now) {
+                    out.push(Effect::Log(
+                        Level::Warn,
+                        format!("{error}{}", held_back_note(n, REFUSALS_EVERY_S)),
+                    ));
+                    self.status(out);
+                }
                 return;
             }
         };
+        if self.mesh_key.is_none() {
+            // Verified with the key of the join code: the mesh's key.
+            self.mesh_key = Some(mesh_key);
+            out.push(Effect::PinMeshKey(mesh_key));
+            out.push(Effect::Log(
+                Level::Info,
+                format!(
+                    "trusting mesh {} key {mesh_key}: it signed this node's config and matches join code {}",
+                    self.settings.mesh,
+                    sidenet_wire::join::JoinCode::new(&self.settings.mesh, &mesh_key)
+                ),
+            ));
+        }
         if self.failed.contains(&revision) {
             return;
         }
@@ -1018,7 +1097,10 @@ impl Agent {
             return;
         }
         if let Some(bad) = config.files.iter().find(|f| !f.path_is_safe()) {
-            let e = format!("unsafe file path {:?}", bad.path);
+            let e = bounded(
+                &format!("unsafe file path {:?}", bad.path),
+                MAX_FAILURE_TEXT,
+            );
             out.push(Effect::Log(Level::Warn, format!("config refused: {e}")));
             self.failed.push(revision);
             self.failure = Some(Failure {
@@ -1048,7 +1130,7 @@ impl Agent {
                 self.failed.push(revision);
                 self.failure = Some(Failure {
                     revision: Some(revision),
-                    error: e.to_string(),
+                    error: bounded(&e.to_string(), MAX_FAILURE_TEXT),
                 });
                 self.status(out);
                 return;

@@ -309,19 +309,32 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 nodes,
                 manifest_errors,
                 provisions,
+                counters,
                 ..
             } => {
+                let overflow = (counters.pending_rate_limited, counters.pending_evicted);
                 match output {
                     Output::Json => {
                         let text = serde_json::to_string_pretty(&serde_json::json!({
                             "nodes": nodes,
                             "manifestErrors": manifest_errors,
+                            "enrolmentOverflow": {
+                                "rateLimited": overflow.0,
+                                "evicted": overflow.1,
+                            },
                         }))
                         .map_err(|e| e.to_string())?;
                         outln!("{text}");
                     }
                     Output::Table => {
                         print_table(&nodes);
+                        if overflow != (0, 0) {
+                            outln!(
+                                "\nenrolment overflow since start: {} request(s) of new nodes not listed as pending (rate limit), {} pending node(s) pushed out by newer ones (list full); approve an expected node by its id",
+                                overflow.0,
+                                overflow.1
+                            );
+                        }
                         if !provisions.is_empty() {
                             outln!();
                             print_provisions(&provisions);
@@ -342,7 +355,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
             other => Err(format!("unexpected answer: {other:?}")),
         },
         Cmd::Approve { node, state } => match admin::call(&state, &Request::Approve { node })? {
-            Response::Approved { node, published } => {
+            Response::Approved {
+                node, ahead: true, ..
+            } => {
+                outln!(
+                    "approved {node} ahead: it has not asked to join yet, and is admitted when it does"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Approved {
+                node, published, ..
+            } => {
                 outln!("approved {node} ({published} config(s) published)");
                 Ok(ExitCode::SUCCESS)
             }
@@ -350,8 +373,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
             other => Err(format!("unexpected answer: {other:?}")),
         },
         Cmd::Remove { node, state } => match admin::call(&state, &Request::Remove { node })? {
-            Response::Removed { node, topic } => {
+            Response::Removed {
+                node,
+                topic: Some(topic),
+            } => {
                 outln!("removed {node} (credentials revoked, {topic} cleared)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Removed { node, topic: None } => {
+                outln!(
+                    "removed {node} (it was waiting for approval, or approved ahead; it had no config)"
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
