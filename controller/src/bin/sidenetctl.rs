@@ -121,6 +121,21 @@ enum Cmd {
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
     },
+    /// Print the mesh's join code, MESH~FINGERPRINT: give it to a new agent (`sidenet-agent
+    /// --join CODE`), which then trusts only the mesh key it names. The fingerprint is the first
+    /// 20 characters of lowercase base32 (RFC 4648, no padding) of SHA-256("sidenet-join-v1",
+    /// 0x00, mesh name, 0x00, the 32 bytes of the ed25519 key). Reads STATE/keys/MESH.key.
+    JoinCode {
+        /// Mesh network name.
+        #[arg(long)]
+        mesh: String,
+        /// State folder of the controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+        /// Output format: the code alone (table), or JSON with the key too.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Create a single-use enrolment token (token mode). Shown once; only its hash is stored.
     Token {
         /// Mesh network name.
@@ -415,6 +430,26 @@ fn run(args: Args) -> Result<ExitCode, String> {
             Response::Error { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         },
+        Cmd::JoinCode {
+            mesh,
+            state,
+            output,
+        } => {
+            let (key, code) = sidenet_controller::cli::join_code(&state, &mesh)?;
+            match output {
+                Output::Table => outln!("{code}"),
+                Output::Json => outln!(
+                    "{}",
+                    serde_json::json!({
+                        "mesh": mesh,
+                        "key": key.to_base64(),
+                        "fingerprint": code.fingerprint(),
+                        "joinCode": code.to_string(),
+                    })
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Token { mesh, hours, state } => {
             match admin::call(
                 &state,

@@ -227,8 +227,31 @@ impl Controller {
         }
     }
 
-    /// Admits the waiting nodes a MeshNode now approves (called when the manifests change).
+    /// Admits the waiting nodes a MeshNode now approves, and records as admitted every node of
+    /// a mesh in `auto` mode (records written before admission was recorded in auto mode too),
+    /// so a later switch to approval keeps them. Called when the manifests change.
     pub(super) fn admit_approved_waiting(&mut self, now: u64) -> Result<(), CoreError> {
+        let auto: Vec<String> = self
+            .store
+            .nodes
+            .iter()
+            .filter(|(_, r)| {
+                !r.approved
+                    && self
+                        .set
+                        .mesh_by_network(&r.mesh)
+                        .is_some_and(|m| m.spec.enrollment.mode == EnrollmentMode::Auto)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut batch = Batch::default();
+        for id in auto {
+            if let Some(mut rec) = self.store.nodes.get(&id).cloned() {
+                rec.approved = true;
+                self.store.put_node(&mut batch, &id, rec);
+            }
+        }
+        self.batch.merge(batch);
         let ids: Vec<String> = self
             .pending
             .iter()
