@@ -167,7 +167,7 @@ pub enum Offer {
     RateLimited,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct MeshList {
     nodes: HashMap<String, PendingNode>,
     /// (stamp, node id), oldest request first.
@@ -182,7 +182,7 @@ struct MeshList {
 }
 
 /// The waiting lists of every mesh (see the module docs).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Pending {
     limits: Limits,
     meshes: BTreeMap<String, MeshList>,
