@@ -411,15 +411,18 @@ fn switching_auto_to_approval_keeps_admitted_nodes() {
         "both admitted nodes to apply the change",
         WAIT,
         || {
-            let ok = |i: usize| {
-                std::fs::read_to_string(m.agents[i].1.join("etc/sidenet/wpa_supplicant-mesh.conf"))
+            // Applied and confirmed (current.json is written last).
+            let ok = |i: usize, before: u64| {
+                applied_rev(&m.agents[i].1).is_some_and(|r| r > before)
+                    && std::fs::read_to_string(
+                        m.agents[i].1.join("etc/sidenet/wpa_supplicant-mesh.conf"),
+                    )
                     .is_ok_and(|t| t.contains("frequency=5220"))
             };
-            (ok(a) && ok(b)).then_some(())
+            (ok(a, ra) && ok(b, rb)).then_some(())
         },
         || m.logs(),
     );
-    assert!(rev(a) > ra && rev(b) > rb);
     // A restarted admitted agent asks to join again: still admitted.
     m.agents[a].0.kill();
     let restarted = m.start_agent("alpha", &["--join", &code]);
