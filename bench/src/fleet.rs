@@ -35,7 +35,8 @@ pub struct FleetOptions {
     pub seed: u64,
     /// Hardware profile the agents ask for.
     pub profile: String,
-    /// Mesh key pinned at start (as provisioning pins it); `None`: trust on first use.
+    /// Mesh key pinned at start (as provisioning pins it); `None`: trust the first key
+    /// announced (as `sidenet-agent --trust-first-key`).
     pub mesh_key: Option<sidenet_wire::PublicKey>,
 }
 
@@ -292,6 +293,10 @@ async fn run_agent(
     };
     let node_id = key.public().node_id();
     let mut agent = Agent::new(settings, key, opts.mesh_key, None, now(), now());
+    if opts.mesh_key.is_none() {
+        // The simulated fleet trusts the first announced key (`--trust-first-key`).
+        agent.set_trust(sidenet_agent::core::join::Trust::FirstKey);
+    }
     let mut mo = MqttOptions::new(node_id.clone(), opts.host.clone(), opts.port);
     mo.set_keep_alive(Duration::from_secs(120));
     mo.set_clean_session(true);

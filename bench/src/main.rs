@@ -847,8 +847,21 @@ async fn agent_footprint_with(
     let _ctl = Controller::start(repo, dir.path(), None, listen).await?;
     wait_port(listen).await?;
     let root = dir.path().join("node");
+    let key_file = dir.path().join("state/keys/riverside.key");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let key = loop {
+        match std::fs::read_to_string(&key_file) {
+            Ok(k) => break k,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => bail!("the controller never wrote {}: {e}", key_file.display()),
+        }
+    };
+    let key = KeyPair::from_file_text(&key).map_err(|e| anyhow::anyhow!("mesh key: {e}"))?;
+    let join = sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string();
     let child = cmd
-        .args(["--mesh", "riverside", "--broker"])
+        .args(["--mesh", "riverside", "--join", &join, "--broker"])
         .arg(format!("mqtt://127.0.0.1:{listen}"))
         .arg("--root")
         .arg(&root)

@@ -81,13 +81,18 @@ pub enum Response {
         node: String,
         /// Configs published as a result.
         published: usize,
+        /// The node has not asked to join yet: it is admitted when it does.
+        #[serde(default)]
+        ahead: bool,
     },
     /// Removed.
     Removed {
         /// Node id.
         node: String,
-        /// Its config topic (cleared).
-        topic: String,
+        /// Its config topic (cleared); none for a node that was only waiting for approval, or
+        /// approved ahead.
+        #[serde(default)]
+        topic: Option<String>,
     },
     /// A new token (shown once; only its hash is stored).
     Token {

@@ -95,3 +95,24 @@ pub fn relative_hint(p: &std::path::Path) -> String {
         Err(_) => String::new(),
     }
 }
+
+/// The public key and join code of mesh `mesh` (network name), read from the standalone
+/// controller's state folder (`STATE/keys/MESH.key`, which the controller writes when it first
+/// loads the mesh). See `sidenet_wire::join` for how the code is made.
+pub fn join_code(
+    state: &std::path::Path,
+    mesh: &str,
+) -> Result<(sidenet_wire::PublicKey, sidenet_wire::join::JoinCode), String> {
+    sidenet_wire::names::check_mesh_name(mesh).map_err(|e| format!("--mesh {mesh:?}: {e}"))?;
+    let path = state.join("keys").join(format!("{mesh}.key"));
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "no signing key of mesh {mesh}: {}: {e} (the standalone controller creates it when it loads a Mesh whose network name is {mesh}: run this where its --state is, or pass --state)",
+            path.display()
+        )
+    })?;
+    let key = sidenet_wire::keys::KeyPair::from_file_text(&text)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .public();
+    Ok((key, sidenet_wire::join::JoinCode::new(mesh, &key)))
+}

@@ -162,6 +162,8 @@ struct Snapshot {
     counters: Counters,
     peers: Index,
     set: ManifestSet,
+    pending: crate::reconcile::pending::Pending,
+    approvals: BTreeMap<String, u64>,
 }
 
 /// A controller fixture for the `node_messages` and `manifest_load` targets.
@@ -240,6 +242,8 @@ impl Fixture {
         }
         ctl.flush().map_err(|e| e.to_string())?;
         let snapshot = Snapshot {
+            pending: ctl.pending.clone(),
+            approvals: ctl.store.approvals.clone(),
             nodes: ctl.store.nodes.clone(),
             published: ctl.store.published.clone(),
             subnets: ctl.store.subnets.clone(),
@@ -343,6 +347,8 @@ impl Fixture {
         self.ctl.counters = s.counters;
         self.ctl.peers.clone_from(&s.peers);
         self.ctl.set.clone_from(&s.set);
+        self.ctl.pending.clone_from(&s.pending);
+        self.ctl.store.approvals.clone_from(&s.approvals);
     }
 
     /// Target `manifest_load`: [`load_manifests`], then a valid set goes to the controller as a

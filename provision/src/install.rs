@@ -371,6 +371,9 @@ pub struct Bootstrap {
     pub broker_ca: Option<String>,
     /// Pinned mesh public key (base64).
     pub mesh_key: String,
+    /// The mesh's join code (`sidenet_wire::join`): names the same key as `mesh_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_code: Option<String>,
     /// Root the files backend writes under.
     pub root: String,
     /// State folder.
@@ -594,6 +597,7 @@ mod tests {
             broker: "mqtt://10.0.0.1:1883".into(),
             broker_ca: None,
             mesh_key: "KEY".into(),
+            join_code: None,
             root: "/".into(),
             state: "/etc/sidenet-agent".into(),
             hostname: "kitchen".into(),

@@ -315,14 +315,20 @@ fn fleet_provisioning_is_idempotent_and_reports_each_failure() {
         assert_eq!(cfg["mesh"], "riverside");
         assert_eq!(cfg["broker"], ctl.broker());
         assert_eq!(cfg["hostname"], name);
-        // The mesh key was pinned at install, not trusted on first use.
-        let mesh_pub = sidenet_wire::keys::KeyPair::from_file_text(
+        // The mesh key was pinned at install, not trusted on first use; the join code names it.
+        let mesh_key = sidenet_wire::keys::KeyPair::from_file_text(
             &std::fs::read_to_string(state.join("keys/riverside.key")).unwrap(),
         )
         .unwrap()
-        .public()
-        .to_base64();
+        .public();
+        let mesh_pub = mesh_key.to_base64();
         assert_eq!(cfg["meshKey"], mesh_pub.as_str());
+        assert_eq!(
+            cfg["joinCode"],
+            sidenet_wire::join::JoinCode::new("riverside", &mesh_key)
+                .to_string()
+                .as_str()
+        );
         let state_dir = root.join(if openwrt {
             "etc/sidenet-agent"
         } else {

@@ -13,6 +13,7 @@
 //! - [`names`]: validation of mesh names and node ids (safe in MQTT topics and 802.11s mesh ids).
 //! - [`topics`]: the MQTT topic tree under `sidenet/v1/`.
 //! - [`keys`]: ed25519 key handling, node ids derived from public keys, key file encoding.
+//! - [`join`]: join codes (a mesh name and the fingerprint of its signing key).
 //! - [`envelope`]: framing, signing and verification.
 //! - [`messages`]: the bodies (announcement, config, enrolment, status).
 //! - [`rotation`]: mesh signing key rotation (endorsement chains).
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod envelope;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod join;
 pub mod keys;
 pub mod messages;
 pub mod names;

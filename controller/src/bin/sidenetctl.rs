@@ -121,6 +121,21 @@ enum Cmd {
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
         state: PathBuf,
     },
+    /// Print the mesh's join code, MESH~FINGERPRINT: give it to a new agent (`sidenet-agent
+    /// --join CODE`), which then trusts only the mesh key it names. The fingerprint is the first
+    /// 20 characters of lowercase base32 (RFC 4648, no padding) of SHA-256("sidenet-join-v1",
+    /// 0x00, mesh name, 0x00, the 32 bytes of the ed25519 key). Reads STATE/keys/MESH.key.
+    JoinCode {
+        /// Mesh network name.
+        #[arg(long)]
+        mesh: String,
+        /// State folder of the controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+        /// Output format: the code alone (table), or JSON with the key too.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Create a single-use enrolment token (token mode). Shown once; only its hash is stored.
     Token {
         /// Mesh network name.
@@ -309,19 +324,32 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 nodes,
                 manifest_errors,
                 provisions,
+                counters,
                 ..
             } => {
+                let overflow = (counters.pending_rate_limited, counters.pending_evicted);
                 match output {
                     Output::Json => {
                         let text = serde_json::to_string_pretty(&serde_json::json!({
                             "nodes": nodes,
                             "manifestErrors": manifest_errors,
+                            "enrolmentOverflow": {
+                                "rateLimited": overflow.0,
+                                "evicted": overflow.1,
+                            },
                         }))
                         .map_err(|e| e.to_string())?;
                         outln!("{text}");
                     }
                     Output::Table => {
                         print_table(&nodes);
+                        if overflow != (0, 0) {
+                            outln!(
+                                "\nenrolment overflow since start: {} request(s) of new nodes not listed as pending (rate limit), {} pending node(s) pushed out by newer ones (list full); approve an expected node by its id",
+                                overflow.0,
+                                overflow.1
+                            );
+                        }
                         if !provisions.is_empty() {
                             outln!();
                             print_provisions(&provisions);
@@ -342,7 +370,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
             other => Err(format!("unexpected answer: {other:?}")),
         },
         Cmd::Approve { node, state } => match admin::call(&state, &Request::Approve { node })? {
-            Response::Approved { node, published } => {
+            Response::Approved {
+                node, ahead: true, ..
+            } => {
+                outln!(
+                    "approved {node} ahead: it has not asked to join yet, and is admitted when it does"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Approved {
+                node, published, ..
+            } => {
                 outln!("approved {node} ({published} config(s) published)");
                 Ok(ExitCode::SUCCESS)
             }
@@ -350,8 +388,17 @@ fn run(args: Args) -> Result<ExitCode, String> {
             other => Err(format!("unexpected answer: {other:?}")),
         },
         Cmd::Remove { node, state } => match admin::call(&state, &Request::Remove { node })? {
-            Response::Removed { node, topic } => {
+            Response::Removed {
+                node,
+                topic: Some(topic),
+            } => {
                 outln!("removed {node} (credentials revoked, {topic} cleared)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Response::Removed { node, topic: None } => {
+                outln!(
+                    "removed {node} (it was waiting for approval, or approved ahead; it had no config)"
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Response::Error { message } => Err(message),
@@ -383,6 +430,26 @@ fn run(args: Args) -> Result<ExitCode, String> {
             Response::Error { message } => Err(message),
             other => Err(format!("unexpected answer: {other:?}")),
         },
+        Cmd::JoinCode {
+            mesh,
+            state,
+            output,
+        } => {
+            let (key, code) = sidenet_controller::cli::join_code(&state, &mesh)?;
+            match output {
+                Output::Table => outln!("{code}"),
+                Output::Json => outln!(
+                    "{}",
+                    serde_json::json!({
+                        "mesh": mesh,
+                        "key": key.to_base64(),
+                        "fingerprint": code.fingerprint(),
+                        "joinCode": code.to_string(),
+                    })
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Token { mesh, hours, state } => {
             match admin::call(
                 &state,

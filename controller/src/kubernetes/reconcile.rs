@@ -799,10 +799,13 @@ pub(crate) async fn write_status(
             .get(id)
             .filter(|p| !p.sha256.is_empty()),
         subnet_id: net.and_then(|n| eng.ctl.store.subnets.get(&(n, id.clone())).copied()),
-        enrolled: rec.is_some(),
+        // A node waiting for approval proved its key too (it has no record yet).
+        enrolled: rec.is_some() || eng.ctl.pending.get(id).is_some(),
         record_approved: rec.is_some_and(|r| r.approved),
         reported_hostname: rec.map(|r| r.hostname.clone()),
-        enrolled_key: rec.map(|r| r.public_key.clone()),
+        enrolled_key: rec
+            .map(|r| r.public_key.clone())
+            .or_else(|| eng.ctl.pending.get(id).map(|p| p.public_key.clone())),
         broker_login: rec.is_some_and(|r| r.mqtt_armed),
         applied_sha256: rec.and_then(|r| r.applied_sha256.clone()),
         invalid,
@@ -1284,11 +1287,12 @@ async fn handle_mqtt(ctx: &Ctx, eng: &mut Engine, ev: MqttEvent) -> Result<(), K
                 Ordering::Relaxed,
             );
             if enroll
-                && eng.ctl.store.nodes.contains_key(&node)
+                && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
                 && !eng.node_objs.contains_key(&node)
             {
                 create_meshnode(ctx, eng, &node).await?;
             }
+            delete_evicted(ctx, eng).await;
             persist_and_publish(ctx, eng, started).await?;
             if let Some((ns, name)) = eng.node_objs.get(&node).cloned()
                 && let Some(obj) = ctx.node_obj(&ns, &name)
@@ -1310,10 +1314,45 @@ fn valid_name(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// The MeshNodes made for nodes pushed out of a full waiting list (crate::reconcile::pending),
+/// while still unapproved, are deleted: an enrolment flood leaves at most the list's bound of
+/// them.
+async fn delete_evicted(ctx: &Ctx, eng: &mut Engine) {
+    for (_, id) in eng.ctl.take_pending_evictions() {
+        let Some((ns, name)) = eng.node_objs.get(&id).cloned() else {
+            continue;
+        };
+        let Some(obj) = ctx.node_obj(&ns, &name) else {
+            continue;
+        };
+        let ours = obj
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .is_some_and(|v| v == "sidenet-controller");
+        if !ours || obj.spec.approved {
+            continue;
+        }
+        let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &ns);
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {
+                eng.node_objs.remove(&id);
+            }
+            Err(e) => {
+                tracing::warn!(node = %id, "cannot delete MeshNode {ns}/{name} of a node pushed out of the waiting list: {e}")
+            }
+        }
+    }
+}
+
 /// A node enrolled without a MeshNode: create one, owned by its Mesh (pending in approval
 /// mode until `spec.approved` is set).
 async fn create_meshnode(ctx: &Ctx, eng: &mut Engine, id: &str) -> Result<(), KubeError> {
-    let Some(rec) = eng.ctl.store.nodes.get(id).cloned() else {
+    // A node waiting for approval has no record: its MeshNode is made from its request.
+    let waiting = eng.ctl.pending.get(id).map(|p| NodeRecord {
+        approved: false,
+        ..p.approved_record()
+    });
+    let Some(rec) = eng.ctl.store.nodes.get(id).cloned().or(waiting) else {
         return Ok(());
     };
     let Some((ns, mesh_name)) = eng.mesh_objs.get(&rec.mesh).cloned() else {

@@ -8,5 +8,6 @@ pub mod credentials;
 pub mod health;
 pub mod model;
 pub mod peers;
+pub mod pending;
 pub mod render;
 pub mod store;

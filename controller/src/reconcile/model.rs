@@ -86,6 +86,13 @@ pub struct Counters {
     pub refused: u64,
     /// Messages refused (bad signature, replay, ...).
     pub rejected_messages: u64,
+    /// Enrolment requests of new nodes not listed as pending: too many new nodes asked at
+    /// once ([`crate::reconcile::pending`]).
+    #[serde(default)]
+    pub pending_rate_limited: u64,
+    /// Pending nodes pushed out of a full list by newer ones.
+    #[serde(default)]
+    pub pending_evicted: u64,
 }
 
 /// One row of `sidenetctl status`.

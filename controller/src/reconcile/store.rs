@@ -12,6 +12,11 @@
 //! - `envelopes`: node id → the exact signed bytes last published (raw).
 //! - `subnets`: `mesh/node` → subnet id (u16 as decimal text).
 //! - `tokens`: SHA-256 of an enrolment token → [`TokenRecord`].
+//! - `approvals`: node id → Unix seconds: nodes an admin approved before they asked to join
+//!   (`sidenetctl approve NODE_ID`); consumed when the node enrols.
+//!
+//! Nodes waiting for approval have no record here (they wait in memory:
+//! [`crate::reconcile::pending`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +32,7 @@ const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published"
 const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("envelopes");
 const SUBNETS: TableDefinition<&str, &str> = TableDefinition::new("subnets");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const APPROVALS: TableDefinition<&str, &str> = TableDefinition::new("approvals");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +166,8 @@ pub struct Store {
     pub taken: BTreeMap<String, crate::spec::ipam::Taken>,
     /// Tokens by hash.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Node ids approved before they enrolled → when.
+    pub approvals: BTreeMap<String, u64>,
 }
 
 /// Pending writes, committed together.
@@ -171,6 +179,10 @@ pub struct Batch {
     tokens: BTreeMap<String, Vec<u8>>,
     /// Node records to delete.
     removed: std::collections::BTreeSet<String>,
+    /// Approvals to write (`Some`) or delete (`None`).
+    approvals: BTreeMap<String, Option<u64>>,
+    /// Subnet allocations to delete (`mesh/node`).
+    subnets_removed: std::collections::BTreeSet<String>,
 }
 
 impl Batch {
@@ -188,8 +200,16 @@ impl Batch {
             let env = env.or_else(|| self.published.remove(&k).and_then(|(_, e)| e));
             self.published.insert(k, (rec, env));
         }
+        for k in other.subnets_removed {
+            self.subnets.remove(&k);
+            self.subnets_removed.insert(k);
+        }
+        for k in other.subnets.keys() {
+            self.subnets_removed.remove(k);
+        }
         self.subnets.extend(other.subnets);
         self.tokens.extend(other.tokens);
+        self.approvals.extend(other.approvals);
     }
 
     /// Whether nothing is pending.
@@ -199,6 +219,8 @@ impl Batch {
             && self.subnets.is_empty()
             && self.tokens.is_empty()
             && self.removed.is_empty()
+            && self.approvals.is_empty()
+            && self.subnets_removed.is_empty()
     }
 }
 
@@ -249,6 +271,7 @@ impl Store {
             txn.open_table(ENVELOPES).map_err(db_err)?;
             txn.open_table(SUBNETS).map_err(db_err)?;
             txn.open_table(TOKENS).map_err(db_err)?;
+            txn.open_table(APPROVALS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
 
@@ -260,6 +283,7 @@ impl Store {
             subnets: BTreeMap::new(),
             taken: BTreeMap::new(),
             tokens: BTreeMap::new(),
+            approvals: BTreeMap::new(),
         };
         let read = store.db.begin_read().map_err(db_err)?;
         for row in read
@@ -320,6 +344,20 @@ impl Store {
                 k.value().to_string(),
                 decode("tokens", k.value(), v.value())?,
             );
+        }
+        for row in read
+            .open_table(APPROVALS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let at: u64 = v.value().parse().map_err(|_| StoreError::Corrupt {
+                table: "approvals",
+                key: k.value().to_string(),
+                message: "not a time".into(),
+            })?;
+            store.approvals.insert(k.value().to_string(), at);
         }
         Ok(store)
     }
@@ -414,6 +452,33 @@ impl Store {
         Some(id)
     }
 
+    /// Frees the subnet of `node` in `mesh`, if it has one (in memory now, on disk at commit).
+    pub fn free_subnet(&mut self, batch: &mut Batch, mesh: &str, node: &str) {
+        let key = (mesh.to_string(), node.to_string());
+        if let Some(id) = self.subnets.remove(&key) {
+            if let Some(t) = self.taken.get_mut(mesh) {
+                t.remove(&id);
+            }
+            let k = format!("{mesh}/{node}");
+            batch.subnets.remove(&k);
+            batch.subnets_removed.insert(k);
+        }
+    }
+
+    /// Records that an admin approved node `id` before it enrolled (`Some(time)`), or
+    /// forgets that approval (`None`).
+    pub fn put_approval(&mut self, batch: &mut Batch, id: &str, at: Option<u64>) {
+        match at {
+            Some(t) => {
+                self.approvals.insert(id.to_string(), t);
+            }
+            None => {
+                self.approvals.remove(id);
+            }
+        }
+        batch.approvals.insert(id.to_string(), at);
+    }
+
     /// Records a token.
     pub fn put_token(&mut self, batch: &mut Batch, hash: &str, rec: TokenRecord) {
         batch.tokens.insert(
@@ -450,8 +515,24 @@ impl Store {
                 }
             }
             let mut subnets = txn.open_table(SUBNETS).map_err(db_err)?;
+            for k in &batch.subnets_removed {
+                subnets.remove(k.as_str()).map_err(db_err)?;
+            }
             for (k, v) in &batch.subnets {
                 subnets.insert(k.as_str(), v.as_str()).map_err(db_err)?;
+            }
+            let mut approvals = txn.open_table(APPROVALS).map_err(db_err)?;
+            for (k, v) in &batch.approvals {
+                match v {
+                    Some(t) => {
+                        approvals
+                            .insert(k.as_str(), t.to_string().as_str())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        approvals.remove(k.as_str()).map_err(db_err)?;
+                    }
+                }
             }
             let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
             for (k, v) in &batch.tokens {

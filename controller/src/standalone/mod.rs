@@ -573,7 +573,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     send_dynsec(&client, crate::transport::dynsec::commands(&changes)).await;
                 }
                 let mut out = out;
-                if let Response::Removed { topic, .. } = &resp {
+                if let Response::Removed { topic: Some(topic), .. } = &resp {
                     // An empty retained message deletes the retained config.
                     out.push(crate::reconcile::model::Publish { topic: topic.clone(), payload: Vec::new(), retain: true });
                 }
@@ -583,7 +583,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 // A chunked reconcile (a key rotation of a large mesh) finishes before the answer.
                 drain_deferred(&mut ctl, &client, connected, &mut sent, &book, dynsec_user.as_deref()).await?;
                 let resp = match resp {
-                    Response::Approved { node, .. } => Response::Approved { node, published: sent.all },
+                    Response::Approved { node, ahead, .. } => Response::Approved { node, published: sent.all, ahead },
                     Response::Rotated { mesh, key, previous_until, .. } => Response::Rotated {
                         mesh,
                         key,
@@ -701,13 +701,11 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             epoch: ctl.store.epoch,
             provisions: jobs.rows(),
         },
-        Request::Approve { node } => match ctl.resolve(&node).and_then(|id| {
-            ctl.approve(&id, now)?;
-            Ok(id)
-        }) {
-            Ok(id) => Response::Approved {
-                node: id,
+        Request::Approve { node } => match ctl.approve(&node, now) {
+            Ok(a) => Response::Approved {
+                node: a.node().to_string(),
                 published: 0,
+                ahead: matches!(a, crate::reconcile::core::Approval::Ahead(_)),
             },
             Err(e) => fail(&e),
         },

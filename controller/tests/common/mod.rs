@@ -167,7 +167,7 @@ pub fn mosquitto_dynsec(dir: &Path) -> (Proc, u16) {
     )
 }
 
-fn mosquitto_with(dir: &Path, extra: &str) -> (Proc, u16) {
+pub fn mosquitto_with(dir: &Path, extra: &str) -> (Proc, u16) {
     let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .iter()
         .map(PathBuf::from)
@@ -194,4 +194,13 @@ fn mosquitto_with(dir: &Path, extra: &str) -> (Proc, u16) {
         String::new,
     );
     (p, port)
+}
+
+/// The join code of mesh `riverside` of the controller whose state folder is `state` (the
+/// controller writes the key when it loads the mesh).
+pub fn join_code(state: &Path) -> String {
+    let text = std::fs::read_to_string(state.join("keys/riverside.key"))
+        .expect("the controller's key of mesh riverside");
+    let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
+    sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
 }

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use sidenet_crds::EnrollmentMode;
 use sidenet_wire::codec::sha256_hex;
 use sidenet_wire::envelope::Expect;
-use sidenet_wire::messages::{EnrollRequest, StatusReport};
+use sidenet_wire::messages::StatusReport;
 use sidenet_wire::topics::{self, Incoming};
 use sidenet_wire::{Envelope, Kind, PublicKey, WireError};
 
-use super::state::{Controller, CoreError, NODE_MESSAGE_MAX_AGE};
+use super::state::{Controller, CoreError};
 use crate::reconcile::model::{MAX_FAILED_REVISIONS, Rejection};
-use crate::reconcile::store::{Batch, NodeRecord, TokenRecord};
+use crate::reconcile::store::{Batch, TokenRecord};
 use crate::spec::manifest::closest;
 
 impl Controller {
@@ -29,8 +29,13 @@ impl Controller {
                 self.on_status(&mesh, &node, payload, now)
             }
             Some(Incoming::Online { node, .. }) => {
-                let online = payload == b"online";
-                self.online.insert(node.to_string(), online);
+                // Only for nodes the controller knows: anyone can publish presence for any id.
+                if self.store.nodes.contains_key(node)
+                    || self.set.nodes.contains_key(node)
+                    || self.pending.get(node).is_some()
+                {
+                    self.online.insert(node.to_string(), payload == b"online");
+                }
                 Ok(())
             }
             None => Ok(()),
@@ -92,9 +97,13 @@ impl Controller {
     /// Removes an enrolled node (standalone `sidenetctl remove`): its record is deleted, its
     /// broker credentials revoked, its retained config cleared; its revision counter stays, so
     /// if it enrols again (and is approved) its configs continue above what it runs. Returns
-    /// the config topic to clear.
-    pub fn remove_node(&mut self, id: &str, now: u64) -> Result<String, CoreError> {
+    /// the config topic to clear (`None` for a node that waited for approval, or was approved
+    /// ahead: that is taken back, and it has no config).
+    pub fn remove_node(&mut self, id: &str, now: u64) -> Result<Option<String>, CoreError> {
         let Some(rec) = self.store.nodes.get(id).cloned() else {
+            if self.forget_unenrolled(id) {
+                return Ok(None);
+            }
             return Err(CoreError::Request(format!("node {id} is not enrolled")));
         };
         let mut batch = Batch::default();
@@ -113,116 +122,7 @@ impl Controller {
         let mut affected = self.peers.replace(id, None);
         affected.remove(id);
         self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)?;
-        Ok(topics::config(&rec.mesh, id))
-    }
-
-    pub(super) fn on_enroll(
-        &mut self,
-        mesh: &str,
-        node: &str,
-        payload: &[u8],
-        now: u64,
-    ) -> Result<(), CoreError> {
-        let verified = match Envelope::parse(payload, 64 * 1024)
-            .and_then(|e| e.verify_self_signed(Kind::Enroll))
-        {
-            Ok(v) => v,
-            Err(e) => {
-                self.reject("enrolment", node, e);
-                return Ok(());
-            }
-        };
-        if verified.signer.node_id() != node {
-            self.reject(
-                "enrolment",
-                node,
-                format!("signed by the key of node {}", verified.signer.node_id()),
-            );
-            return Ok(());
-        }
-        let last = self.store.nodes.get(node).and_then(|r| r.last_seq);
-        if let Err(e) = verified.check(&Expect {
-            mesh,
-            node: Some(node),
-            after: last,
-            now,
-        }) {
-            self.reject("enrolment", node, e);
-            return Ok(());
-        }
-        // `iat` is whatever the sender signed: near u64::MAX the sum must not overflow.
-        if verified.header.iat.saturating_add(NODE_MESSAGE_MAX_AGE) < now {
-            self.reject("enrolment", node, "too old");
-            return Ok(());
-        }
-        let req: EnrollRequest = match verified.body_json() {
-            Ok(r) => r,
-            Err(e) => {
-                self.reject("enrolment", node, e);
-                return Ok(());
-            }
-        };
-        let Some(m) = self.set.mesh_by_network(mesh).cloned() else {
-            self.reject("enrolment", node, format!("no mesh named {mesh}"));
-            return Ok(());
-        };
-        let mut batch = Batch::default();
-        let existing = self.store.nodes.get(node).cloned();
-        let mut approved = existing.as_ref().is_some_and(|r| r.approved);
-        if m.spec.enrollment.mode == EnrollmentMode::Token && !approved {
-            let manifest_ok = self.set.nodes.get(node).is_some_and(|n| n.spec.approved);
-            if !manifest_ok {
-                let Some(token) = req.token.as_deref() else {
-                    self.counters.refused += 1;
-                    self.reject("enrolment", node, "this mesh needs an enrolment token");
-                    return Ok(());
-                };
-                let hash = sha256_hex(token.as_bytes());
-                match self.store.tokens.get(&hash).cloned() {
-                    Some(t) if t.mesh == mesh && t.used_by.is_none() && t.expires > now => {
-                        let mut t = t;
-                        t.used_by = Some(node.to_string());
-                        self.store.put_token(&mut batch, &hash, t);
-                        approved = true;
-                    }
-                    Some(t) if t.used_by.is_some() => {
-                        self.counters.refused += 1;
-                        self.reject("enrolment", node, "token already used");
-                        return Ok(());
-                    }
-                    _ => {
-                        self.counters.refused += 1;
-                        self.reject("enrolment", node, "invalid or expired token");
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        let rec = NodeRecord {
-            mesh: mesh.to_string(),
-            public_key: verified.signer.to_base64(),
-            hostname: req.hostname.clone(),
-            board: req.board.clone(),
-            profile: req.profile.clone(),
-            backend: req.backend.clone(),
-            approved,
-            enrolled_at: existing.as_ref().map_or(now, |r| r.enrolled_at),
-            last_seen: Some(now),
-            last_seq: Some(verified.header.revision()),
-            wireguard: req
-                .wireguard
-                .clone()
-                .or_else(|| existing.as_ref().and_then(|r| r.wireguard.clone())),
-            ..existing.clone().unwrap_or_default()
-        };
-        if existing.is_none() {
-            self.counters.enrolled += 1;
-            tracing::info!(mesh = %mesh, node = %node, hostname = %req.hostname, "node enrolled");
-        }
-        self.store.put_node(&mut batch, node, rec);
-        self.batch.merge(batch);
-        let affected = self.peers.replace(node, self.store.nodes.get(node));
-        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
+        Ok(Some(topics::config(&rec.mesh, id)))
     }
 
     pub(super) fn on_status(
@@ -336,21 +236,6 @@ impl Controller {
         Ok(())
     }
 
-    /// Approves a node (by id or MeshNode name) and reconciles it.
-    pub fn approve(&mut self, who: &str, now: u64) -> Result<(), CoreError> {
-        let id = self.resolve(who)?;
-        let Some(mut rec) = self.store.nodes.get(&id).cloned() else {
-            return Err(CoreError::Request(format!(
-                "node {id} has not enrolled yet; approve it once it shows as pending, or write a MeshNode with approved: true"
-            )));
-        };
-        rec.approved = true;
-        let mut batch = Batch::default();
-        self.store.put_node(&mut batch, &id, rec);
-        self.batch.merge(batch);
-        self.reconcile(&[id], now)
-    }
-
     /// Creates a single-use enrolment token for a mesh, valid for `ttl` seconds. Only its hash
     /// is stored.
     pub fn create_token(
@@ -386,7 +271,11 @@ impl Controller {
     /// one it reported at enrolment or the one its MeshNode sets), when that hostname names
     /// exactly one node. An ambiguous hostname gives the candidates.
     pub fn resolve(&self, who: &str) -> Result<String, CoreError> {
-        if self.store.nodes.contains_key(who) || self.set.nodes.contains_key(who) {
+        if self.store.nodes.contains_key(who)
+            || self.set.nodes.contains_key(who)
+            || self.pending.get(who).is_some()
+            || self.store.approvals.contains_key(who)
+        {
             return Ok(who.to_string());
         }
         if let Some((id, _)) = self
@@ -401,6 +290,11 @@ impl Controller {
         for (id, rec) in &self.store.nodes {
             if rec.hostname == who {
                 by_hostname.insert(id, &rec.mesh);
+            }
+        }
+        for (id, p) in self.pending.iter() {
+            if p.hostname == who {
+                by_hostname.insert(id, &p.mesh);
             }
         }
         for (id, n) in &self.set.nodes {
@@ -434,6 +328,11 @@ impl Controller {
             .nodes
             .iter()
             .flat_map(|(id, r)| [id.clone(), r.hostname.clone()])
+            .chain(
+                self.pending
+                    .iter()
+                    .flat_map(|(id, p)| [id.clone(), p.hostname.clone()]),
+            )
             .chain(self.set.nodes.iter().flat_map(|(id, n)| {
                 std::iter::once(id.clone())
                     .chain(n.metadata.name.clone())

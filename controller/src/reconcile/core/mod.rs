@@ -9,11 +9,13 @@
 //! one last published, nothing is rendered. Otherwise render, hash the body, and publish a new
 //! revision only if the body changed (or the signature is due for renewal).
 
+mod enrol;
 mod keys;
 mod messages;
 mod plan;
 mod state;
 mod status;
 
+pub use enrol::Approval;
 pub use plan::{build_config, build_config_with, config_body};
 pub use state::{Controller, CoreError, NODE_MESSAGE_CAP};

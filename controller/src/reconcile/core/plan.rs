@@ -165,6 +165,14 @@ impl Controller {
             }
         };
         let mesh_fp = mesh_fp.clone();
+        // No subnet for a node nobody admitted (docs/security.md, "Enrolment floods").
+        if let Some(m) = self.set.meshes.get(&mesh_name)
+            && !approved(m, self.set.nodes.get(id), self.store.nodes.get(id))
+        {
+            self.blocked
+                .insert(id.to_string(), super::enrol::pending_reason(id));
+            return Ok(None);
+        }
         let Some(subnet_id) = self.store.subnet(batch, &net, id) else {
             self.blocked.insert(
                 id.to_string(),

@@ -67,6 +67,8 @@ pub struct Controller {
     pub(super) chunk: Option<usize>,
     /// Nodes waiting for [`Controller::reconcile_deferred`].
     pub(super) deferred: std::collections::VecDeque<String>,
+    /// Nodes waiting for approval (in memory only, bounded).
+    pub pending: crate::reconcile::pending::Pending,
 }
 
 impl std::fmt::Debug for Controller {
@@ -104,6 +106,7 @@ impl Controller {
             rejections: Vec::new(),
             chunk: None,
             deferred: std::collections::VecDeque::new(),
+            pending: crate::reconcile::pending::Pending::new(Default::default()),
         }
     }
 
@@ -130,6 +133,7 @@ impl Controller {
         self.set = set;
         let announcements = self.announcements(now)?;
         self.outbox.extend(announcements);
+        self.admit_approved_waiting(now)?;
         self.reconcile_all(now)
     }
 

@@ -48,10 +48,29 @@ impl Controller {
 
     /// Status of every known node.
     pub fn status(&self) -> Vec<StatusRow> {
-        self.candidates()
+        let mut rows: Vec<StatusRow> = self
+            .candidates()
             .into_iter()
             .map(|id| self.status_row(id))
-            .collect()
+            .collect();
+        // Nodes waiting for approval (in memory; see crate::reconcile::pending).
+        for (id, p) in self.pending.iter() {
+            if !self.set.nodes.contains_key(id) && !self.store.nodes.contains_key(id) {
+                rows.push(StatusRow {
+                    mesh: p.mesh.clone(),
+                    hostname: Some(p.hostname.clone()),
+                    phase: "Pending".into(),
+                    reason: Some(super::enrol::pending_reason(id)),
+                    online: self.online.get(id).copied(),
+                    last_seen: Some(p.last_seen),
+                    agent_version: Some(p.agent_version.clone()),
+                    agent_epoch: Some(p.last_seq.epoch),
+                    ..self.status_row(id.clone())
+                });
+            }
+        }
+        rows.sort_by(|a, b| a.node.cmp(&b.node));
+        rows
     }
 
     /// Status of one node, if it is known (a MeshNode or an enrolled node).
@@ -73,7 +92,12 @@ impl Controller {
         let applied = rec.and_then(|r| r.applied);
         let reason = self.blocked.get(&id).cloned();
         let online = self.online.get(&id).copied();
-        let reason = reason.or_else(|| crate::reconcile::health::missing_reason(rec));
+        let reason = reason
+            .or_else(|| crate::reconcile::health::missing_reason(rec))
+            .or_else(|| {
+                (rec.is_none() && self.pending.get(&id).is_some())
+                    .then(|| super::enrol::pending_reason(&id))
+            });
         let phase = if let Some(r) = &reason {
             if r.starts_with("waiting for approval") {
                 "Pending"
