@@ -115,6 +115,8 @@ impl Setup {
                 name,
                 "--status-interval",
                 "2",
+                "--join",
+                &common::join_code(&self.state()),
             ]),
             &self.path(&format!("{name}.log")),
         )

@@ -324,7 +324,20 @@ impl Radiobed {
         poll("the controller's admin socket", WAIT, || self.status().ok());
     }
 
+    /// The join code of mesh riverside, once the controller wrote its key.
+    fn join_code(&self) -> String {
+        let path = self.dir.join("state/keys/riverside.key");
+        let text = poll(
+            "the controller to write the mesh key",
+            WAIT,
+            || std::fs::read_to_string(&path).ok(),
+        );
+        let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
+        sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
+    }
+
     fn start_agent(&mut self, n: &str) {
+        let join = self.join_code();
         let node = self.node(n);
         let log = std::fs::File::create(node.dir.join("agent.log")).unwrap();
         let script = format!(
@@ -332,7 +345,7 @@ impl Radiobed {
              --mesh riverside --broker mqtt://10.201.0.1:{port} --backend linux \
              --root {root} --state {state} --profile {PROFILE} --hostname {n} \
              --status-interval 2 --underlay {underlay} --wg-userspace {us} \
-             --health-deadline 10 --probe-interval 1",
+             --health-deadline 10 --probe-interval 1 --join {join}",
             wg = node.dir.join("wireguard").display(),
             agent = bin("sidenet-agent").display(),
             port = self.port,

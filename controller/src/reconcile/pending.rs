@@ -464,6 +464,7 @@ mod tests {
         req.wireguard = Some(WireguardInfo {
             public_key: "k".into(),
             endpoints: vec!["10.0.0.1/24".into(); 1000],
+            heard: Vec::new(),
         });
         let n = PendingNode::new("m", "key", &req, Revision { epoch: 1, rev: 1 }, 0);
         assert_eq!(n.hostname.len(), MAX_TEXT);
