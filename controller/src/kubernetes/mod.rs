@@ -9,20 +9,32 @@
 //!
 //! # Layout
 //!
-//! - [`reconcile`]: the reconcilers, the engine around the core, enrolment → MeshNode,
-//!   finalizers, the MQTT task.
+//! - [`engine`]: the context the reconcilers share, the engine around the core, Events, the
+//!   error policy; [`credentials`]: node broker credentials (embedded broker, dynsec, none).
+//! - [`sync`]: from the watch caches to the core's validated set, and what the cluster remembers.
+//! - [`publish`]: durable facts (status) first, then configs; clearing a node.
+//! - [`nodes`], [`meshes`]: the MeshNode, Mesh and HardwareProfile reconcilers and finalizers.
+//! - [`mqtt`]: broker (re)connections, enrolments and status reports; [`enrol`]: the MeshNode
+//!   of a node that enrolled without one.
 //! - [`status`]: conditions and status (pure functions).
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod credentials;
+pub mod engine;
+pub mod enrol;
 pub mod http;
 pub mod leader;
+pub mod meshes;
+pub mod mqtt;
+pub mod nodes;
 pub mod options;
-pub mod reconcile;
+pub mod publish;
 pub mod state;
 pub mod status;
+pub mod sync;
 
 pub use options::{KubeError, Options};
 
@@ -42,8 +54,10 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
 
 use crate::reconcile::render::Renderer;
+use credentials::{BrokerCredentials, NoBrokerCredentials};
+use engine::Ctx;
 use leader::Elector;
-use reconcile::{BrokerCredentials, Ctx, MqttEvent, NoBrokerCredentials};
+use mqtt::MqttEvent;
 
 /// Aborts a task when dropped.
 struct TaskGuard(tokio::task::JoinHandle<()>);
@@ -305,7 +319,7 @@ async fn lead(
     };
     let credentials: Box<dyn BrokerCredentials> = match (&opts.broker, opts.broker_dynsec) {
         (None, _) => Box::new(book),
-        (Some(_), true) => Box::new(reconcile::DynsecCredentials {
+        (Some(_), true) => Box::new(credentials::DynsecCredentials {
             mqtt: mqtt.clone(),
             user: opts.broker_username.clone().ok_or_else(|| {
                 KubeError::Other(
@@ -331,33 +345,33 @@ async fn lead(
         failures: Default::default(),
         credentials,
     });
-    let _events = TaskGuard(tokio::spawn(reconcile::mqtt_loop(ctx.clone(), ev_rx)));
+    let _events = TaskGuard(tokio::spawn(mqtt::mqtt_loop(ctx.clone(), ev_rx)));
 
     let (s1, s2) = (node_store.clone(), node_store);
     let nodes = node_ctl
         .watches(mesh_api, wc.clone(), move |m: Mesh| {
-            reconcile::nodes_of_mesh(&s1, &m)
+            nodes::nodes_of_mesh(&s1, &m)
         })
         .watches(profile_api, wc, move |p: HardwareProfile| {
-            reconcile::nodes_of_profile(&s2, &p)
+            nodes::nodes_of_profile(&s2, &p)
         })
         .run(
-            reconcile::reconcile_node,
-            reconcile::error_policy::<MeshNode>,
+            nodes::reconcile_node,
+            engine::error_policy::<MeshNode>,
             ctx.clone(),
         )
         .for_each(|_| async {});
     let meshes = mesh_ctl
         .run(
-            reconcile::reconcile_mesh,
-            reconcile::error_policy::<Mesh>,
+            meshes::reconcile_mesh,
+            engine::error_policy::<Mesh>,
             ctx.clone(),
         )
         .for_each(|_| async {});
     let profiles = profile_ctl
         .run(
-            reconcile::reconcile_profile,
-            reconcile::error_policy::<HardwareProfile>,
+            meshes::reconcile_profile,
+            engine::error_policy::<HardwareProfile>,
             ctx.clone(),
         )
         .for_each(|_| async {});
