@@ -23,11 +23,28 @@ use super::credentials::BrokerCredentials;
 use super::http::Metrics;
 use super::options::{KubeError, Options};
 use super::state::{KubeSecrets, SecretCache};
+use super::tenancy::{Claims, Validated};
 use crate::reconcile::core::Controller;
 use crate::reconcile::model::Publish;
 use crate::reconcile::render::Renderer;
 use crate::reconcile::store::Store as StateStore;
 use crate::spec::manifest::network_name;
+
+/// See [`Ctx::signatures`].
+pub(crate) struct Signatures {
+    pub(crate) total: u64,
+    per_ns: BTreeMap<String, u64>,
+    profiles: u64,
+}
+
+impl Signatures {
+    /// What one namespace's validation depends on: its objects and the profiles.
+    pub(crate) fn namespace(&self, ns: &str) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ns, self.per_ns.get(ns), self.profiles).hash(&mut h);
+        h.finish()
+    }
+}
 
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
@@ -62,8 +79,10 @@ pub struct Engine {
     pub(crate) high_water: BTreeMap<String, u64>,
     pub(crate) seeded: BTreeSet<String>,
     pub(crate) topics: BTreeMap<String, String>,
-    pub(crate) node_objs: BTreeMap<String, (String, String)>,
-    pub(crate) mesh_objs: BTreeMap<String, (String, String)>,
+    /// Which object owns each mesh name, network name and node id.
+    pub(crate) claims: Claims,
+    /// The validated set of each namespace.
+    pub(crate) namespaces: BTreeMap<String, Validated>,
     pub(crate) warned: BTreeSet<String>,
     pub(crate) phases_at: Option<Instant>,
 }
@@ -143,10 +162,12 @@ impl Ctx {
                     if let Some(s) = &m.status
                         && s.state_epoch == Some(epoch)
                     {
-                        high_water.insert(
-                            network_name(&m).to_string(),
-                            s.highest_revision.unwrap_or(0),
-                        );
+                        // The highest of every Mesh with this network name (one of them may
+                        // have been refused): a revision must never be reused.
+                        let h = high_water
+                            .entry(network_name(&m).to_string())
+                            .or_insert(0u64);
+                        *h = (*h).max(s.highest_revision.unwrap_or(0));
                     }
                 }
                 tracing::info!(
@@ -164,8 +185,8 @@ impl Ctx {
                     high_water,
                     seeded: BTreeSet::new(),
                     topics: BTreeMap::new(),
-                    node_objs: BTreeMap::new(),
-                    mesh_objs: BTreeMap::new(),
+                    claims: Claims::default(),
+                    namespaces: BTreeMap::new(),
                     warned: BTreeSet::new(),
                     phases_at: None,
                 }))
@@ -173,18 +194,27 @@ impl Ctx {
             .await
     }
 
-    /// Changes when any object's spec, identity or deletion changes (not on status writes).
-    pub(crate) fn signature(&self) -> u64 {
-        let mut rows: Vec<String> = Vec::new();
-        let mut add = |kind: &str, m: &ObjectMeta| {
-            rows.push(format!(
-                "{kind}|{}|{}|{}|{:?}|{}",
-                m.namespace.as_deref().unwrap_or(""),
+    /// Signatures of the objects' specs, identities and deletions (not of status writes):
+    /// one per namespace, one of the HardwareProfiles, and one of everything.
+    pub(crate) fn signatures(&self) -> Signatures {
+        fn row(kind: &str, m: &ObjectMeta) -> u64 {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (
+                kind,
                 m.name.as_deref().unwrap_or(""),
                 m.uid.as_deref().unwrap_or(""),
                 m.generation,
-                m.deletion_timestamp.is_some()
-            ));
+                m.deletion_timestamp.is_some(),
+            )
+                .hash(&mut h);
+            h.finish()
+        }
+        // Order-independent sums: the caches' order is not stable.
+        let mut per_ns: BTreeMap<String, u64> = BTreeMap::new();
+        let mut add = |kind: &str, m: &ObjectMeta| {
+            let ns = m.namespace.clone().unwrap_or_default();
+            let e = per_ns.entry(ns).or_default();
+            *e = e.wrapping_add(row(kind, m));
         };
         for o in self.meshes.state() {
             add("Mesh", &o.metadata);
@@ -192,13 +222,17 @@ impl Ctx {
         for o in self.nodes.state() {
             add("MeshNode", &o.metadata);
         }
+        let mut profiles = 0u64;
         for o in self.profiles.state() {
-            add("HardwareProfile", &o.metadata);
+            profiles = profiles.wrapping_add(row("HardwareProfile", &o.metadata));
         }
-        rows.sort();
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        rows.hash(&mut h);
-        h.finish()
+        (&per_ns, profiles).hash(&mut h);
+        Signatures {
+            total: h.finish(),
+            per_ns,
+            profiles,
+        }
     }
 
     pub(crate) async fn event(

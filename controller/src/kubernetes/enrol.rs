@@ -30,7 +30,7 @@ pub(crate) async fn create_meshnode(
     let Some(rec) = eng.ctl.store.nodes.get(id).cloned() else {
         return Ok(());
     };
-    let Some((ns, mesh_name)) = eng.mesh_objs.get(&rec.mesh).cloned() else {
+    let Some((ns, mesh_name)) = eng.claims.networks.get(&rec.mesh).cloned() else {
         return Ok(());
     };
     let Some(mesh) = ctx.mesh_obj(&ns, &mesh_name) else {
@@ -98,7 +98,7 @@ pub(crate) async fn create_meshnode(
                 note,
             )
             .await;
-            eng.node_objs.insert(id.to_string(), (ns, name));
+            eng.claims.nodes.insert(id.to_string(), (ns, name));
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => return Err(e.into()),

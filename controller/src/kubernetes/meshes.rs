@@ -49,20 +49,42 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
     if let Err(e) = &loaded.passphrase {
         problems.push(("PassphraseMissing".to_string(), e.clone()));
     }
-    let changed = ctx
-        .secrets
-        .lock()
-        .map(|mut c| c.put(mesh, loaded))
-        .unwrap_or(false);
     let engine = ctx.engine().await?;
+    let ns = ns_of(mesh);
+    let name = mesh.name_any();
+    let net = network_name(mesh).to_string();
+    // Only the Mesh that owns its name and network name hands its keys to the core: a
+    // same-named Mesh in another namespace must never replace the running one's signing key
+    // or passphrase. Without a rival (the usual case) the keys go in before the set is
+    // synced, so the nodes never see a mesh without keys.
+    let rival = ctx.meshes.state().iter().any(|m| {
+        (ns_of(&**m), m.name_any()) != (ns.clone(), name.clone())
+            && (m.name_any() == name || network_name(m) == net)
+    });
+    let mut loaded = Some(loaded);
+    let put = |loaded: &mut Option<super::state::Loaded>| {
+        loaded.take().is_some_and(|l| {
+            ctx.secrets
+                .lock()
+                .map(|mut c| c.put(mesh, l))
+                .unwrap_or(false)
+        })
+    };
+    let mut changed = !rival && put(&mut loaded);
     let mut eng = engine.lock().await;
     if changed {
         eng.force = true;
     }
     sync(ctx, &mut eng).await?;
+    let owner = eng.claims.owns_mesh(&ns, &name);
+    if rival && owner {
+        changed = put(&mut loaded);
+        if changed {
+            eng.force = true;
+            sync(ctx, &mut eng).await?;
+        }
+    }
     persist_and_publish(ctx, &mut eng, started).await?;
-    let ns = ns_of(mesh);
-    let name = mesh.name_any();
     if let Some(e) = eng.invalid.get(&key_of("Mesh", &ns, &name)) {
         problems.push(("InvalidSpec".to_string(), e.clone()));
     }
@@ -73,22 +95,34 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
                 .await;
         }
     }
-    let net = network_name(mesh).to_string();
-    let public_key = ctx.secrets.lock().ok().and_then(|c| c.public_key(&net));
+    let public_key = ctx
+        .secrets
+        .lock()
+        .ok()
+        .and_then(|c| c.public_key(&net))
+        .filter(|_| owner);
     let facts = MeshFacts {
         public_key,
         problems,
-        nodes: u32::try_from(
-            eng.ctl
-                .store
-                .nodes
-                .values()
-                .filter(|r| r.mesh == net)
-                .count(),
-        )
-        .unwrap_or(u32::MAX),
+        nodes: if owner {
+            u32::try_from(
+                eng.ctl
+                    .store
+                    .nodes
+                    .values()
+                    .filter(|r| r.mesh == net)
+                    .count(),
+            )
+            .unwrap_or(u32::MAX)
+        } else {
+            0
+        },
         epoch: eng.ctl.store.epoch,
-        highest_revision: eng.high_water.get(&net).copied().unwrap_or(0),
+        highest_revision: if owner {
+            eng.high_water.get(&net).copied().unwrap_or(0)
+        } else {
+            0
+        },
     };
     let mut new = status::mesh_status(mesh, &facts);
     let old = ctx.mesh_obj(&ns, &name).and_then(|m| m.status.clone());
@@ -121,6 +155,10 @@ pub(crate) async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeE
     let mut eng = engine.lock().await;
     let net = network_name(mesh).to_string();
     let name = mesh.name_any();
+    if !eng.claims.owns_mesh(&ns_of(mesh), &name) {
+        // A refused Mesh published nothing, and its network belongs to another one.
+        return Ok(Action::await_change());
+    }
     let mut ids: BTreeSet<String> = eng
         .topics
         .iter()
@@ -156,6 +194,8 @@ pub(crate) async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeE
             .await?;
         }
     }
+    eng.claims.mesh_names.remove(&name);
+    eng.claims.networks.remove(&net);
     eng.force = true;
     persist_and_publish(ctx, &mut eng, Instant::now()).await?;
     Ok(Action::await_change())

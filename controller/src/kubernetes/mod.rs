@@ -35,6 +35,7 @@ pub mod publish;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod tenancy;
 
 pub use options::{KubeError, Options};
 

@@ -131,12 +131,12 @@ pub(crate) async fn handle_mqtt(
             );
             if enroll
                 && eng.ctl.store.nodes.contains_key(&node)
-                && !eng.node_objs.contains_key(&node)
+                && !eng.claims.nodes.contains_key(&node)
             {
                 create_meshnode(ctx, eng, &node).await?;
             }
             persist_and_publish(ctx, eng, started).await?;
-            if let Some((ns, name)) = eng.node_objs.get(&node).cloned()
+            if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
                 && let Some(obj) = ctx.node_obj(&ns, &name)
             {
                 write_status(ctx, eng, &obj).await?;

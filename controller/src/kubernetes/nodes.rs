@@ -57,18 +57,26 @@ pub(crate) async fn cleanup_node(ctx: &Ctx, node: &MeshNode) -> Result<Action, K
     let engine = ctx.engine().await?;
     let mut eng = engine.lock().await;
     let id = node.spec.node_id.clone();
-    let ns = ns_of(node);
-    // Another live MeshNode claims the same node: leave its config alone.
-    let other = ctx
-        .nodes
-        .state()
-        .iter()
-        .any(|n| n.spec.node_id == id && !deleting(&**n) && n.name_any() != node.name_any());
-    if !other {
+    let (ns, name) = (ns_of(node), node.name_any());
+    // The node's config is this object's to clear only when it owns the node id (another
+    // namespace's MeshNode naming the same id takes nothing with it), and no other live
+    // MeshNode claims the id.
+    let owned = eng.claims.owns_node(&id, &ns, &name);
+    let mine = owned || !eng.claims.nodes.contains_key(&id);
+    let other = ctx.nodes.state().iter().any(|n| {
+        n.spec.node_id == id
+            && !deleting(&**n)
+            && (ns_of(&**n), n.name_any()) != (ns.clone(), name.clone())
+    });
+    if mine && !other {
         let topic = ctx
             .mesh_obj(&ns, &node.spec.mesh)
+            .filter(|m| eng.claims.owns_mesh(&ns, &m.name_any()))
             .map(|m| topics::config(network_name(&m), &id));
         clear_node(ctx, &mut eng, &id, topic).await?;
+    }
+    if owned {
+        eng.claims.nodes.remove(&id);
     }
     persist_and_publish(ctx, &mut eng, Instant::now()).await?;
     Ok(Action::await_change())

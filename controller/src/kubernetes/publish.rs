@@ -29,7 +29,7 @@ pub(crate) async fn persist_and_publish(
     }
     let rejections = std::mem::take(&mut eng.ctl.rejections);
     for r in rejections {
-        if let Some((ns, name)) = eng.mesh_objs.get(&r.mesh).cloned()
+        if let Some((ns, name)) = eng.claims.networks.get(&r.mesh).cloned()
             && let Some(m) = ctx.mesh_obj(&ns, &name)
         {
             let note = format!("refused {} of node {}: {}", r.what, r.node, r.why);
@@ -64,7 +64,7 @@ pub(crate) async fn persist_and_publish(
         if eng.high_water.get(&net).is_some_and(|h| *h >= rev) {
             continue;
         }
-        let Some((ns, name)) = eng.mesh_objs.get(&net).cloned() else {
+        let Some((ns, name)) = eng.claims.networks.get(&net).cloned() else {
             blocked_meshes.insert(net);
             continue;
         };
@@ -96,7 +96,7 @@ pub(crate) async fn persist_and_publish(
             eng.held.insert(id);
             continue;
         }
-        let Some((ns, name)) = eng.node_objs.get(&id).cloned() else {
+        let Some((ns, name)) = eng.claims.nodes.get(&id).cloned() else {
             // Enrolled a moment ago: its MeshNode is being created.
             eng.held.insert(id);
             continue;
@@ -147,9 +147,14 @@ pub(crate) async fn write_status(
     let ns = ns_of(node);
     let name = node.name_any();
     let invalid = eng.invalid.get(&key_of("MeshNode", &ns, &name)).cloned();
+    // Another namespace's mesh or node never shows here (docs/helm.md, namespaces).
+    let owner = eng.claims.owns_node(id, &ns, &name);
     let set = &eng.ctl.set;
-    let mesh = set.meshes.get(&node.spec.mesh);
-    let rec = eng.ctl.store.nodes.get(id);
+    let mesh = set
+        .meshes
+        .get(&node.spec.mesh)
+        .filter(|_| eng.claims.owns_mesh(&ns, &node.spec.mesh));
+    let rec = eng.ctl.store.nodes.get(id).filter(|_| owner);
     let net = mesh.map(|m| network_name(m).to_string());
     let facts = NodeFacts {
         mesh,
@@ -158,8 +163,10 @@ pub(crate) async fn write_status(
             .store
             .published
             .get(id)
-            .filter(|p| !p.sha256.is_empty()),
-        subnet_id: net.and_then(|n| eng.ctl.store.subnets.get(&(n, id.clone())).copied()),
+            .filter(|p| owner && !p.sha256.is_empty()),
+        subnet_id: net
+            .filter(|_| owner)
+            .and_then(|n| eng.ctl.store.subnets.get(&(n, id.clone())).copied()),
         enrolled: rec.is_some(),
         record_approved: rec.is_some_and(|r| r.approved),
         reported_hostname: rec.map(|r| r.hostname.clone()),
@@ -171,7 +178,7 @@ pub(crate) async fn write_status(
             .filter(|r| r.last_seen.is_some() && !r.neighbours.is_empty())
             .map(status::links),
     };
-    let row = eng.ctl.status_of(id);
+    let row = if owner { eng.ctl.status_of(id) } else { None };
     let mut new = status::node_status(node, row.as_ref(), &facts);
     let old = node.status.as_ref();
     status::carry_transitions(
@@ -180,7 +187,8 @@ pub(crate) async fn write_status(
         crate::now(),
     );
     // Seeded but not yet re-signed: keep the recorded revision.
-    if facts.published.is_none()
+    if owner
+        && facts.published.is_none()
         && let Some(o) = old
     {
         new.desired_revision = new.desired_revision.or(o.desired_revision);

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sidenet_crds::{API_VERSION, MeshNode};
@@ -25,6 +26,7 @@ use sidenet_wire::topics::{self};
 
 use super::engine::{Ctx, Engine, deleting, key_of, ns_of};
 use super::options::KubeError;
+use super::tenancy::{self, Claims, Validated};
 use crate::reconcile::store::{NodeRecord, Published};
 use crate::spec::manifest::{self, ManifestSet, network_name};
 
@@ -42,62 +44,13 @@ pub(crate) fn spec_value<T: serde::Serialize>(spec: &T) -> Value {
     serde_json::to_value(spec).unwrap_or(Value::Null)
 }
 
-/// Rebuilds the set when an object changed, then reconciles every node (the core renders only
-/// those whose inputs changed).
-pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
-    let sig = ctx.signature();
-    if sig == eng.signature && !eng.force {
-        return Ok(());
-    }
-    eng.signature = sig;
-    eng.force = false;
-    let now = crate::now();
-
-    let mut objs: BTreeMap<String, Value> = BTreeMap::new();
-    let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
-    let mut deleting_meshes = BTreeSet::new();
-    for m in ctx.meshes.state() {
-        let (ns, name) = (ns_of(&*m), m.name_any());
-        if deleting(&*m) {
-            deleting_meshes.insert((ns, name));
-            continue;
-        }
-        let key = key_of("Mesh", &ns, &name);
-        objs.insert(
-            key.clone(),
-            manifest_value("Mesh", &m.metadata, spec_value(&m.spec)),
-        );
-        refs.insert(key, m.object_ref(&()));
-    }
-    for p in ctx.profiles.state() {
-        let key = key_of("HardwareProfile", "", &p.name_any());
-        objs.insert(
-            key.clone(),
-            manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
-        );
-        refs.insert(key, p.object_ref(&()));
-    }
-    let mut going = Vec::new();
-    for n in ctx.nodes.state() {
-        let ns = ns_of(&*n);
-        if deleting(&*n) || deleting_meshes.contains(&(ns.clone(), n.spec.mesh.clone())) {
-            going.push(n.spec.node_id.clone());
-            continue;
-        }
-        let key = key_of("MeshNode", &ns, &n.name_any());
-        objs.insert(
-            key.clone(),
-            manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)),
-        );
-        refs.insert(key, n.object_ref(&()));
-    }
-    // Nodes on their way out are not reconciled again; their finalizer clears their topic.
-    for id in going {
-        if eng.ctl.store.nodes.contains_key(&id) || eng.ctl.store.published.contains_key(&id) {
-            eng.ctl.forget(&id, now)?;
-        }
-    }
-
+/// Validates `objs` (one namespace's Meshes and MeshNodes, and every HardwareProfile) with the
+/// standalone loader. An object with an error is replaced by its last good version, or left
+/// out when it has none, until what is left validates.
+fn validate(
+    objs: &BTreeMap<String, Value>,
+    last_good: &mut BTreeMap<String, Value>,
+) -> Option<Validated> {
     let mut current = objs.clone();
     let mut fallback = BTreeSet::new();
     let mut invalid: BTreeMap<String, String> = BTreeMap::new();
@@ -133,7 +86,7 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
                         continue;
                     }
                     progressed = true;
-                    match eng.last_good.get(&key) {
+                    match last_good.get(&key) {
                         Some(good)
                             if !fallback.contains(&key) && current.get(&key) != Some(good) =>
                         {
@@ -151,16 +104,172 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
             }
         }
     }
-    let Some(set) = set else {
-        return Err(KubeError::Other(
-            "the objects could not be validated into a usable set; keeping the last one".into(),
-        ));
-    };
-    eng.last_good.retain(|k, _| objs.contains_key(k));
+    let set = set?;
     for (k, v) in &current {
         if !fallback.contains(k) {
-            eng.last_good.insert(k.clone(), v.clone());
+            last_good.insert(k.clone(), v.clone());
         }
+    }
+    Some(Validated {
+        signature: None,
+        set,
+        invalid,
+        fallback,
+    })
+}
+
+/// Rebuilds the set when an object changed, then reconciles every node (the core renders only
+/// those whose inputs changed).
+///
+/// Each namespace is validated on its own (a MeshNode's `spec.mesh` names a Mesh of its own
+/// namespace), and again only when one of its objects or a HardwareProfile changed; the
+/// namespaces' sets are then merged ([`tenancy::merge`]: one owner per mesh name, network name
+/// and node id).
+pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
+    let sigs = ctx.signatures();
+    if sigs.total == eng.signature && !eng.force {
+        return Ok(());
+    }
+    eng.signature = sigs.total;
+    eng.force = false;
+    let now = crate::now();
+
+    let mut profiles: BTreeMap<String, Value> = BTreeMap::new();
+    let mut by_ns: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
+    let mut created: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut leaving = Claims::default();
+    let mut deleting_meshes = BTreeSet::new();
+    for m in ctx.meshes.state() {
+        let (ns, name) = (ns_of(&*m), m.name_any());
+        if deleting(&*m) {
+            if eng.claims.owns_mesh(&ns, &name) {
+                leaving.mesh_names.insert(name.clone(), ns.clone());
+                leaving
+                    .networks
+                    .insert(network_name(&m).to_string(), (ns.clone(), name.clone()));
+            }
+            deleting_meshes.insert((ns, name));
+            continue;
+        }
+        let key = key_of("Mesh", &ns, &name);
+        if let Some(t) = &m.metadata.creation_timestamp {
+            created.insert(key.clone(), t.0);
+        }
+        by_ns.entry(ns).or_default().insert(
+            key.clone(),
+            manifest_value("Mesh", &m.metadata, spec_value(&m.spec)),
+        );
+        refs.insert(key, m.object_ref(&()));
+    }
+    for p in ctx.profiles.state() {
+        let key = key_of("HardwareProfile", "", &p.name_any());
+        profiles.insert(
+            key.clone(),
+            manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
+        );
+        refs.insert(key, p.object_ref(&()));
+    }
+    let mut going = Vec::new();
+    for n in ctx.nodes.state() {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        let id = &n.spec.node_id;
+        if deleting(&*n) || deleting_meshes.contains(&(ns.clone(), n.spec.mesh.clone())) {
+            // Only the owner of a node id takes the node with it.
+            if eng.claims.owns_node(id, &ns, &name) {
+                leaving.nodes.insert(id.clone(), (ns, name));
+                going.push(id.clone());
+            }
+            continue;
+        }
+        let key = key_of("MeshNode", &ns, &name);
+        if let Some(t) = &n.metadata.creation_timestamp {
+            created.insert(key.clone(), t.0);
+        }
+        by_ns.entry(ns).or_default().insert(
+            key.clone(),
+            manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)),
+        );
+        refs.insert(key, n.object_ref(&()));
+    }
+    // Nodes on their way out are not reconciled again; their finalizer clears their topic.
+    for id in going {
+        if eng.ctl.store.nodes.contains_key(&id) || eng.ctl.store.published.contains_key(&id) {
+            eng.ctl.forget(&id, now)?;
+        }
+    }
+
+    // Validate each namespace whose objects (or the profiles) changed.
+    if by_ns.is_empty() {
+        // Profiles alone: the core still learns them.
+        by_ns.insert(String::new(), BTreeMap::new());
+    }
+    eng.namespaces.retain(|ns, _| by_ns.contains_key(ns));
+    let mut all_keys: BTreeSet<String> = profiles.keys().cloned().collect();
+    for (ns, objs) in &by_ns {
+        all_keys.extend(objs.keys().cloned());
+        let sig = sigs.namespace(ns);
+        if eng
+            .namespaces
+            .get(ns)
+            .is_some_and(|v| v.signature == Some(sig))
+        {
+            continue;
+        }
+        let mut texts = objs.clone();
+        texts.extend(profiles.iter().map(|(k, v)| (k.clone(), v.clone())));
+        match validate(&texts, &mut eng.last_good) {
+            Some(mut v) => {
+                v.signature = Some(sig);
+                eng.namespaces.insert(ns.clone(), v);
+            }
+            None => {
+                // Keep the namespace's last set; validate again at the next sync.
+                tracing::error!(
+                    namespace = %ns,
+                    "the objects of namespace {ns:?} could not be validated into a usable set; keeping its last one"
+                );
+                eng.force = true;
+                if let Some(v) = eng.namespaces.get_mut(ns) {
+                    v.signature = None;
+                }
+            }
+        }
+    }
+    eng.last_good.retain(|k, _| all_keys.contains(k));
+
+    let sets: BTreeMap<String, ManifestSet> = eng
+        .namespaces
+        .iter()
+        .map(|(ns, v)| (ns.clone(), v.set.clone()))
+        .collect();
+    let enrolled = eng
+        .ctl
+        .store
+        .nodes
+        .iter()
+        .map(|(id, r)| (id.clone(), r.mesh.clone()))
+        .collect();
+    let merged = tenancy::merge(
+        &sets,
+        &tenancy::Context {
+            held: Some(&eng.claims),
+            leaving,
+            created,
+            enrolled,
+        },
+    );
+    let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+    let mut fallback: BTreeSet<String> = BTreeSet::new();
+    for v in eng.namespaces.values() {
+        for (k, m) in &v.invalid {
+            invalid.entry(k.clone()).or_insert_with(|| m.clone());
+        }
+        fallback.extend(v.fallback.iter().cloned());
+    }
+    for (k, why) in &merged.refused {
+        invalid.insert(k.clone(), why.clone());
+        fallback.remove(k);
     }
     for (key, msg) in &invalid {
         if let Some(r) = refs.get(key) {
@@ -173,23 +282,33 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         }
     }
     eng.invalid = invalid;
-
-    eng.mesh_objs.clear();
-    for m in ctx.meshes.state() {
-        if set.meshes.contains_key(&m.name_any()) && !deleting(&*m) {
-            eng.mesh_objs
-                .insert(network_name(&m).to_string(), (ns_of(&*m), m.name_any()));
+    let set = merged.set;
+    eng.claims = merged.claims;
+    // A MeshNode the merge left out (an invalid spec) still shows its node's state when it is
+    // in the namespace the node enrolled into.
+    for n in ctx.nodes.state() {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        let id = &n.spec.node_id;
+        if deleting(&*n) || eng.claims.nodes.contains_key(id) {
+            continue;
+        }
+        let home = eng
+            .ctl
+            .store
+            .nodes
+            .get(id)
+            .and_then(|r| eng.claims.networks.get(&r.mesh))
+            .is_some_and(|(owner_ns, _)| *owner_ns == ns);
+        if home {
+            eng.claims.nodes.insert(id.clone(), (ns, name));
         }
     }
-    eng.node_objs.clear();
     for n in ctx.nodes.state() {
-        if !deleting(&*n) {
-            eng.node_objs
-                .insert(n.spec.node_id.clone(), (ns_of(&*n), n.name_any()));
-        }
-    }
-    for n in ctx.nodes.state() {
-        if set.nodes.contains_key(&n.spec.node_id) && !deleting(&*n) {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        if set.nodes.contains_key(&n.spec.node_id)
+            && eng.claims.owns_node(&n.spec.node_id, &ns, &name)
+            && !deleting(&*n)
+        {
             seed(eng, &set, &n, now);
         }
     }
