@@ -46,6 +46,22 @@ impl Signatures {
     }
 }
 
+/// The longest Event note `events.k8s.io/v1` accepts, in bytes.
+pub const MAX_NOTE: usize = 1024;
+
+/// `note` cut to [`MAX_NOTE`] bytes on a character boundary, ending in "…" when cut.
+pub fn truncate_note(note: &str) -> String {
+    if note.len() <= MAX_NOTE {
+        return note.to_string();
+    }
+    let ellipsis = "…";
+    let mut end = MAX_NOTE - ellipsis.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &note[..end])
+}
+
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
 
@@ -252,7 +268,7 @@ impl Ctx {
         let ev = Event {
             type_,
             reason: reason.to_string(),
-            note: Some(note),
+            note: Some(truncate_note(&note)),
             action: "Reconcile".into(),
             secondary: None,
         };

@@ -36,6 +36,7 @@ pub mod state;
 pub mod status;
 pub mod sync;
 pub mod tenancy;
+pub mod watch;
 
 pub use options::{KubeError, Options};
 
@@ -47,9 +48,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Controller as KubeController;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
@@ -301,23 +303,93 @@ async fn lead(
         }
     }));
 
+    // Each kind is watched as DynamicObjects and decoded one object at a time (watch.rs): one
+    // object the types cannot read does not stall the kind.
     let wc = watcher::Config::default();
-    let (mesh_api, node_api): (Api<Mesh>, Api<MeshNode>) = match &opts.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let profile_api: Api<HardwareProfile> = Api::all(client.clone());
-    let mesh_ctl = KubeController::new(mesh_api.clone(), wc.clone());
-    let node_ctl = KubeController::new(node_api, wc.clone());
-    let profile_ctl = KubeController::new(profile_api.clone(), wc.clone());
-    let node_store = node_ctl.store();
     let reporter = Reporter {
         controller: "sidenet-controller".into(),
         instance: Some(opts.pod_name.clone()),
     };
+    let report = watch::Undecodable {
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        event_namespace: opts.pod_namespace.clone(),
+        metrics: metrics.clone(),
+        seen: Default::default(),
+    };
+    let dyn_api = |ar: &ApiResource, namespaced: bool| -> Api<DynamicObject> {
+        match (&opts.namespace, namespaced) {
+            (Some(ns), true) => Api::namespaced_with(client.clone(), ns, ar),
+            _ => Api::all_with(client.clone(), ar),
+        }
+    };
+    let (mesh_ar, node_ar, profile_ar) = (
+        ApiResource::erase::<Mesh>(&()),
+        ApiResource::erase::<MeshNode>(&()),
+        ApiResource::erase::<HardwareProfile>(&()),
+    );
+    let mesh_writer = reflector::store::Writer::<Mesh>::default();
+    let node_writer = reflector::store::Writer::<MeshNode>::default();
+    let profile_writer = reflector::store::Writer::<HardwareProfile>::default();
+    let (mesh_store, node_store, profile_store) = (
+        mesh_writer.as_reader(),
+        node_writer.as_reader(),
+        profile_writer.as_reader(),
+    );
+    let cfg = PredicateConfig::default;
+    let mesh_stream = reflector::reflector(
+        mesh_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&mesh_ar, true), wc.clone()),
+            mesh_ar.clone(),
+            mesh_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<Mesh>, cfg());
+    let node_stream = reflector::reflector(
+        node_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&node_ar, true), wc.clone()),
+            node_ar,
+            node_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<MeshNode>, cfg());
+    let profile_stream = reflector::reflector(
+        profile_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&profile_ar, false), wc.clone()),
+            profile_ar.clone(),
+            profile_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
+    // What re-reconciles MeshNodes: their Mesh's spec or key, a profile's spec (a second watch
+    // of each kind, like kube-runtime's `watches`).
+    let mesh_trigger = watch::typed(
+        watcher::watcher(dyn_api(&mesh_ar, true), wc.clone()),
+        mesh_ar,
+        mesh_store.clone(),
+        report.clone(),
+    )
+    .applied_objects()
+    .predicate_filter(watch::mesh_changes, cfg());
+    let profile_trigger = watch::typed(
+        watcher::watcher(dyn_api(&profile_ar, false), wc),
+        profile_ar,
+        profile_store.clone(),
+        report,
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
+    let mesh_ctl = KubeController::for_stream(mesh_stream, mesh_store.clone());
+    let node_ctl = KubeController::for_stream(node_stream, node_store.clone());
+    let profile_ctl = KubeController::for_stream(profile_stream, profile_store.clone());
     let credentials: Box<dyn BrokerCredentials> = match (&opts.broker, opts.broker_dynsec) {
         (None, _) => Box::new(book),
         (Some(_), true) => Box::new(credentials::DynsecCredentials {
@@ -333,9 +405,9 @@ async fn lead(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts: opts.clone(),
-        meshes: mesh_ctl.store(),
+        meshes: mesh_store,
         nodes: node_store.clone(),
-        profiles: profile_ctl.store(),
+        profiles: profile_store,
         engine: Default::default(),
         renderer: std::sync::Mutex::new(Some(renderer)),
         secrets: Default::default(),
@@ -350,10 +422,8 @@ async fn lead(
 
     let (s1, s2) = (node_store.clone(), node_store);
     let nodes = node_ctl
-        .watches(mesh_api, wc.clone(), move |m: Mesh| {
-            nodes::nodes_of_mesh(&s1, &m)
-        })
-        .watches(profile_api, wc, move |p: HardwareProfile| {
+        .watches_stream(mesh_trigger, move |m: Mesh| nodes::nodes_of_mesh(&s1, &m))
+        .watches_stream(profile_trigger, move |p: HardwareProfile| {
             nodes::nodes_of_profile(&s2, &p)
         })
         .run(
