@@ -143,3 +143,48 @@ async fn an_undecodable_meshnode_stalls_nothing() {
     .await;
     ctl.stop().await;
 }
+
+/// A status field the controller no longer sets is cleared on the server (status is written
+/// as a merge patch with explicit nulls): `brokerLogin` true → false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_field_going_back_to_its_default_is_cleared() {
+    let c = Cluster::new();
+    let (mut kitchen, mut attic) = test_keys();
+    c.riverside(true, with_keys(&kitchen, &attic)).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    c.enrol_riverside(&mqtt, &mut kitchen, &mut attic).await;
+    let (rev, sha, _) = eventually(
+        "kitchen's config",
+        || config_of(&obs, &key, &kitchen.id()),
+        || c.dump(),
+    )
+    .await;
+    // A previous run recorded that the node logs in with its broker password; this one's
+    // node does not (its reports say so).
+    Api::<MeshNode>::namespaced(c.client.clone(), "default")
+        .patch_status(
+            "kitchen",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"brokerLogin": true}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        c.node("kitchen").unwrap()["status"]["brokerLogin"],
+        json!(true)
+    );
+    kitchen.report(&mqtt, rev, &sha).await;
+    eventually(
+        "brokerLogin cleared on the server",
+        || {
+            c.node("kitchen")
+                .filter(|n| n["status"]["brokerLogin"].is_null())
+                .filter(|n| n["status"]["appliedRevision"] == json!(rev.rev))
+        },
+        || c.dump(),
+    )
+    .await;
+    ctl.stop().await;
+}

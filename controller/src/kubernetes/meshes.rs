@@ -136,7 +136,10 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
         api.patch_status(
             &name,
             &PatchParams::default(),
-            &Patch::Merge(&json!({"status": new})),
+            &Patch::Merge(&json!({"status": status::merge_patch(
+                &serde_json::to_value(&old).unwrap_or_default(),
+                &serde_json::to_value(&new).unwrap_or_default(),
+            )})),
         )
         .await?;
     }

@@ -198,11 +198,16 @@ pub(crate) async fn write_status(
     if !status::worth_writing(old, &new, 60) {
         return Ok(());
     }
+    // Only what changed, with explicit nulls: a field the new status leaves out is cleared.
+    let patch = status::merge_patch(
+        &serde_json::to_value(old).unwrap_or_default(),
+        &serde_json::to_value(&new).unwrap_or_default(),
+    );
     let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &ns);
     api.patch_status(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(&json!({"status": new})),
+        &Patch::Merge(&json!({"status": patch})),
     )
     .await?;
     Ok(())

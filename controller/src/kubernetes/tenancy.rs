@@ -82,6 +82,10 @@ pub struct Merged {
     pub refused: BTreeMap<String, String>,
 }
 
+/// How a MeshNode ranks for its node id, best first: (not in the namespace it enrolled into,
+/// not the holder, creation time, namespace, name).
+type NodeRank<'a> = (bool, bool, Timestamp, &'a str, &'a str);
+
 fn key(kind: &str, ns: &str, name: &str) -> String {
     format!("{kind}/{ns}/{name}")
 }
@@ -159,7 +163,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
     }
 
     // Nodes: the enrolment's namespace first, then holders, then the oldest.
-    let mut by_id: BTreeMap<&str, Vec<(bool, bool, Timestamp, &str, &str)>> = BTreeMap::new();
+    let mut by_id: BTreeMap<&str, Vec<NodeRank<'_>>> = BTreeMap::new();
     for (ns, set) in sets {
         for (id, node) in &set.nodes {
             let name = node.metadata.name.as_deref().unwrap_or_default();
@@ -222,6 +226,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
     use crate::spec::manifest;
     use std::path::PathBuf;
