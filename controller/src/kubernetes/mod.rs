@@ -11,7 +11,11 @@
 //!
 //! - [`engine`]: the context the reconcilers share, the engine around the core, Events, the
 //!   error policy; [`credentials`]: node broker credentials (embedded broker, dynsec, none).
-//! - [`sync`]: from the watch caches to the core's validated set, and what the cluster remembers.
+//! - [`watch`]: watch streams decoded one object at a time (an undecodable object stalls
+//!   nothing) and the predicates of the triggers (status writes do not re-reconcile).
+//! - [`sync`]: from the watch caches to the core's validated set (each namespace validated on
+//!   its own), and what the cluster remembers; [`tenancy`]: which namespace owns each mesh
+//!   name, network name and node id.
 //! - [`publish`]: durable facts (status) first, then configs; clearing a node.
 //! - [`nodes`], [`meshes`]: the MeshNode, Mesh and HardwareProfile reconcilers and finalizers.
 //! - [`mqtt`]: broker (re)connections, enrolments and status reports; [`enrol`]: the MeshNode

@@ -1,9 +1,11 @@
 //! From the watch caches to the core: the validated set, and what the cluster remembers.
 //!
-//! The core ([`Controller`]) works on a validated [`ManifestSet`]; here that set is rebuilt
+//! The core ([`Controller`](crate::reconcile::core::Controller)) works on a validated [`ManifestSet`]; here that set is rebuilt
 //! from the watch caches whenever an object's spec changed (a signature over uid, generation
-//! and deletion of every object), validated with the standalone loader (JSON Schema + semantic
-//! checks), and handed to the core, which re-renders only the nodes whose inputs changed.
+//! and deletion of every object, per namespace), each changed namespace validated on its own
+//! with the standalone loader (JSON Schema + semantic checks), the namespaces merged
+//! ([`super::tenancy`]), and handed to the core, which re-renders only the nodes whose inputs
+//! changed.
 //! Unlike standalone mode, one bad object does not freeze everything: it is replaced by its
 //! last good version (or left out when it never had one), gets a `Warning` Event and an
 //! `InvalidSpec` condition, and the rest of the set goes ahead.

@@ -65,7 +65,7 @@ pub struct Context<'a> {
     pub held: Option<&'a Claims>,
     /// Claims of objects being deleted: reserved until they are gone.
     pub leaving: Claims,
-    /// Creation time by object key (`Kind/namespace/name`, [`super::engine::key_of`]).
+    /// Creation time by object key (`Kind/namespace/name`, as `engine::key_of` writes it).
     pub created: BTreeMap<String, Timestamp>,
     /// Network name of each enrolled node id (the core's enrolment records).
     pub enrolled: BTreeMap<String, String>,

@@ -5,12 +5,12 @@
 //! (a `txPower` of 5000000000 admitted by an API server without the CRD's bounds, a field
 //! written by a newer version) fails every list and watch of the kind, so the cache never
 //! becomes ready and nothing is published in any namespace. Here each kind is watched as
-//! [`DynamicObject`]s and decoded one object at a time ([`typed`]): an object that does not
+//! [`DynamicObject`]s and decoded one object at a time (`typed`): an object that does not
 //! decode is reported on itself (log and a Warning Event `Undecodable`, once per
 //! resourceVersion) and left out, while its last decodable version, if any, stays in the
 //! cache (the last good spec, as for an invalid one) until it is deleted.
 //!
-//! [`spec_changes`] and [`mesh_changes`] are the predicates of the triggers: a reconcile runs
+//! `spec_changes` and `mesh_changes` are the predicates of the triggers: a reconcile runs
 //! for a change of spec (generation), deletion or finalizers, not for the controller's own
 //! status writes.
 
