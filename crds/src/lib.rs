@@ -681,12 +681,73 @@ pub enum PortRole {
 
 /// The kinds this crate defines, with the file name of their generated CRD.
 pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![
+    let mut out = vec![
         ("mesh.yaml", Mesh::crd()),
         ("meshnode.yaml", MeshNode::crd()),
         ("hardwareprofile.yaml", HardwareProfile::crd()),
         ("nodeprovision.yaml", NodeProvision::crd()),
-    ]
+    ];
+    for (_, crd) in &mut out {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                && let Ok(mut v) = serde_json::to_value(&*schema)
+            {
+                bound_integers(&mut v);
+                if let Ok(bounded) = serde_json::from_value(v) {
+                    *schema = bounded;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The largest integer every JSON implementation reads exactly (2^53 - 1): the bound of the
+/// `u64` fields.
+pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+/// Bounds every integer field by its Rust type, and drops the `uint*` formats.
+///
+/// API servers know only the `int32` and `int64` formats: they warn about `uint32` ("unrecognized
+/// format") and do not enforce it, so without a `maximum` an object with `txPower: 5000000000`
+/// is admitted and then cannot be decoded by any client, which stalls every list and watch of
+/// the kind. Each unsigned field therefore gets `minimum: 0` and the `maximum` of its type
+/// (`u64`: [`MAX_SAFE_INTEGER`]), or keeps a tighter bound its field declares.
+fn bound_integers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let max = match map.get("format").and_then(|f| f.as_str()) {
+                Some("uint8") => Some(u64::from(u8::MAX)),
+                Some("uint16") => Some(u64::from(u16::MAX)),
+                Some("uint32") => Some(u64::from(u32::MAX)),
+                Some("uint64") => Some(MAX_SAFE_INTEGER),
+                _ => None,
+            };
+            if let Some(max) = max {
+                map.remove("format");
+                let tighter = |k: &str, bound: f64, lower: bool| {
+                    map.get(k)
+                        .and_then(|b| b.as_f64())
+                        .map_or(bound, |b| if lower { b.max(bound) } else { b.min(bound) })
+                };
+                #[allow(clippy::cast_precision_loss)]
+                let (lo, hi) = (
+                    tighter("minimum", 0.0, true),
+                    tighter("maximum", max as f64, false),
+                );
+                map.insert("minimum".into(), serde_json::json!(lo));
+                map.insert("maximum".into(), serde_json::json!(hi));
+            }
+            for child in map.values_mut() {
+                bound_integers(child);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(bound_integers),
+        _ => {}
+    }
 }
 
 /// The generated CRD YAML documents, file name → contents.
@@ -752,5 +813,77 @@ fn make_strict(v: &mut serde_json::Value, top: bool) {
         }
         serde_json::Value::Array(items) => items.iter_mut().for_each(|c| make_strict(c, false)),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    /// Every integer field of every CRD, with its path.
+    fn integers(v: &serde_json::Value, path: &str, out: &mut Vec<(String, serde_json::Value)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if map.get("type") == Some(&serde_json::json!("integer")) {
+                    out.push((path.to_string(), v.clone()));
+                }
+                for (k, c) in map {
+                    integers(c, &format!("{path}.{k}"), out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, c) in items.iter().enumerate() {
+                    integers(c, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_integer_is_bounded_and_no_uint_format_is_left() {
+        let mut found = Vec::new();
+        for (file, crd) in crds() {
+            integers(&serde_json::to_value(&crd).unwrap(), file, &mut found);
+        }
+        assert!(found.len() > 20, "{found:?}");
+        for (path, schema) in &found {
+            let format = schema["format"].as_str().unwrap_or("int64");
+            assert!(
+                format == "int64" || format == "int32",
+                "{path}: format {format}"
+            );
+            if format == "int64" && schema.get("maximum").is_none() {
+                // Signed 64-bit fields (observedGeneration) are Kubernetes' own int64, and
+                // printer columns are not schemas.
+                assert!(
+                    path.contains("observedGeneration") || path.contains("PrinterColumns"),
+                    "{path}: no maximum"
+                );
+            }
+        }
+        let tx = found
+            .iter()
+            .find(|(p, _)| p.contains("overrides.properties.txPower"))
+            .unwrap();
+        assert_eq!(tx.1["maximum"], serde_json::json!(4294967295.0));
+        assert_eq!(tx.1["minimum"], serde_json::json!(0.0));
+        // A field's own tighter bound stays.
+        let channel = found
+            .iter()
+            .find(|(p, _)| p.contains("5g.properties.channel"))
+            .unwrap();
+        assert_eq!(channel.1["maximum"], serde_json::json!(233.0));
+    }
+
+    #[test]
+    fn the_strict_schema_refuses_an_out_of_range_tx_power() {
+        let schema = strict_schema("MeshNode").unwrap();
+        let overrides = &schema["properties"]["spec"]["properties"]["overrides"]["properties"];
+        assert_eq!(
+            overrides["txPower"]["maximum"],
+            serde_json::json!(4294967295.0)
+        );
     }
 }

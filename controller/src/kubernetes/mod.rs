@@ -9,20 +9,38 @@
 //!
 //! # Layout
 //!
-//! - [`reconcile`]: the reconcilers, the engine around the core, enrolment → MeshNode,
-//!   finalizers, the MQTT task.
+//! - [`engine`]: the context the reconcilers share, the engine around the core, Events, the
+//!   error policy; [`credentials`]: node broker credentials (embedded broker, dynsec, none).
+//! - [`watch`]: watch streams decoded one object at a time (an undecodable object stalls
+//!   nothing) and the predicates of the triggers (status writes do not re-reconcile).
+//! - [`sync`]: from the watch caches to the core's validated set (each namespace validated on
+//!   its own), and what the cluster remembers; [`tenancy`]: which namespace owns each mesh
+//!   name, network name and node id.
+//! - [`publish`]: durable facts (status) first, then configs; clearing a node.
+//! - [`nodes`], [`meshes`]: the MeshNode, Mesh and HardwareProfile reconcilers and finalizers.
+//! - [`mqtt`]: broker (re)connections, enrolments and status reports; [`enrol`]: the MeshNode
+//!   of a node that enrolled without one.
 //! - [`status`]: conditions and status (pure functions).
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 
+pub mod credentials;
+pub mod engine;
+pub mod enrol;
 pub mod http;
 pub mod leader;
+pub mod meshes;
+pub mod mqtt;
+pub mod nodes;
 pub mod options;
-pub mod reconcile;
+pub mod publish;
 pub mod state;
 pub mod status;
+pub mod sync;
+pub mod tenancy;
+pub mod watch;
 
 pub use options::{KubeError, Options};
 
@@ -34,16 +52,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::controller::Controller as KubeController;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
 
 use crate::reconcile::render::Renderer;
+use credentials::{BrokerCredentials, NoBrokerCredentials};
+use engine::Ctx;
 use leader::Elector;
-use reconcile::{BrokerCredentials, Ctx, MqttEvent, NoBrokerCredentials};
+use mqtt::MqttEvent;
 
 /// Aborts a task when dropped.
 struct TaskGuard(tokio::task::JoinHandle<()>);
@@ -286,26 +307,96 @@ async fn lead(
         }
     }));
 
+    // Each kind is watched as DynamicObjects and decoded one object at a time (watch.rs): one
+    // object the types cannot read does not stall the kind.
     let wc = watcher::Config::default();
-    let (mesh_api, node_api): (Api<Mesh>, Api<MeshNode>) = match &opts.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let profile_api: Api<HardwareProfile> = Api::all(client.clone());
-    let mesh_ctl = KubeController::new(mesh_api.clone(), wc.clone());
-    let node_ctl = KubeController::new(node_api, wc.clone());
-    let profile_ctl = KubeController::new(profile_api.clone(), wc.clone());
-    let node_store = node_ctl.store();
     let reporter = Reporter {
         controller: "sidenet-controller".into(),
         instance: Some(opts.pod_name.clone()),
     };
+    let report = watch::Undecodable {
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        event_namespace: opts.pod_namespace.clone(),
+        metrics: metrics.clone(),
+        seen: Default::default(),
+    };
+    let dyn_api = |ar: &ApiResource, namespaced: bool| -> Api<DynamicObject> {
+        match (&opts.namespace, namespaced) {
+            (Some(ns), true) => Api::namespaced_with(client.clone(), ns, ar),
+            _ => Api::all_with(client.clone(), ar),
+        }
+    };
+    let (mesh_ar, node_ar, profile_ar) = (
+        ApiResource::erase::<Mesh>(&()),
+        ApiResource::erase::<MeshNode>(&()),
+        ApiResource::erase::<HardwareProfile>(&()),
+    );
+    let mesh_writer = reflector::store::Writer::<Mesh>::default();
+    let node_writer = reflector::store::Writer::<MeshNode>::default();
+    let profile_writer = reflector::store::Writer::<HardwareProfile>::default();
+    let (mesh_store, node_store, profile_store) = (
+        mesh_writer.as_reader(),
+        node_writer.as_reader(),
+        profile_writer.as_reader(),
+    );
+    let cfg = PredicateConfig::default;
+    let mesh_stream = reflector::reflector(
+        mesh_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&mesh_ar, true), wc.clone()),
+            mesh_ar.clone(),
+            mesh_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<Mesh>, cfg());
+    let node_stream = reflector::reflector(
+        node_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&node_ar, true), wc.clone()),
+            node_ar,
+            node_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<MeshNode>, cfg());
+    let profile_stream = reflector::reflector(
+        profile_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&profile_ar, false), wc.clone()),
+            profile_ar.clone(),
+            profile_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
+    // What re-reconciles MeshNodes: their Mesh's spec or key, a profile's spec (a second watch
+    // of each kind, like kube-runtime's `watches`).
+    let mesh_trigger = watch::typed(
+        watcher::watcher(dyn_api(&mesh_ar, true), wc.clone()),
+        mesh_ar,
+        mesh_store.clone(),
+        report.clone(),
+    )
+    .applied_objects()
+    .predicate_filter(watch::mesh_changes, cfg());
+    let profile_trigger = watch::typed(
+        watcher::watcher(dyn_api(&profile_ar, false), wc),
+        profile_ar,
+        profile_store.clone(),
+        report,
+    )
+    .applied_objects()
+    .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
+    let mesh_ctl = KubeController::for_stream(mesh_stream, mesh_store.clone());
+    let node_ctl = KubeController::for_stream(node_stream, node_store.clone());
+    let profile_ctl = KubeController::for_stream(profile_stream, profile_store.clone());
     let credentials: Box<dyn BrokerCredentials> = match (&opts.broker, opts.broker_dynsec) {
         (None, _) => Box::new(book),
-        (Some(_), true) => Box::new(reconcile::DynsecCredentials {
+        (Some(_), true) => Box::new(credentials::DynsecCredentials {
             mqtt: mqtt.clone(),
             user: opts.broker_username.clone().ok_or_else(|| {
                 KubeError::Other(
@@ -318,9 +409,9 @@ async fn lead(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         opts: opts.clone(),
-        meshes: mesh_ctl.store(),
+        meshes: mesh_store,
         nodes: node_store.clone(),
-        profiles: profile_ctl.store(),
+        profiles: profile_store,
         engine: Default::default(),
         renderer: std::sync::Mutex::new(Some(renderer)),
         secrets: Default::default(),
@@ -331,33 +422,31 @@ async fn lead(
         failures: Default::default(),
         credentials,
     });
-    let _events = TaskGuard(tokio::spawn(reconcile::mqtt_loop(ctx.clone(), ev_rx)));
+    let _events = TaskGuard(tokio::spawn(mqtt::mqtt_loop(ctx.clone(), ev_rx)));
 
     let (s1, s2) = (node_store.clone(), node_store);
     let nodes = node_ctl
-        .watches(mesh_api, wc.clone(), move |m: Mesh| {
-            reconcile::nodes_of_mesh(&s1, &m)
-        })
-        .watches(profile_api, wc, move |p: HardwareProfile| {
-            reconcile::nodes_of_profile(&s2, &p)
+        .watches_stream(mesh_trigger, move |m: Mesh| nodes::nodes_of_mesh(&s1, &m))
+        .watches_stream(profile_trigger, move |p: HardwareProfile| {
+            nodes::nodes_of_profile(&s2, &p)
         })
         .run(
-            reconcile::reconcile_node,
-            reconcile::error_policy::<MeshNode>,
+            nodes::reconcile_node,
+            engine::error_policy::<MeshNode>,
             ctx.clone(),
         )
         .for_each(|_| async {});
     let meshes = mesh_ctl
         .run(
-            reconcile::reconcile_mesh,
-            reconcile::error_policy::<Mesh>,
+            meshes::reconcile_mesh,
+            engine::error_policy::<Mesh>,
             ctx.clone(),
         )
         .for_each(|_| async {});
     let profiles = profile_ctl
         .run(
-            reconcile::reconcile_profile,
-            reconcile::error_policy::<HardwareProfile>,
+            meshes::reconcile_profile,
+            engine::error_policy::<HardwareProfile>,
             ctx.clone(),
         )
         .for_each(|_| async {});

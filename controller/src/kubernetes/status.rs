@@ -311,6 +311,37 @@ pub fn worth_writing(
     }
 }
 
+/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed and added fields,
+/// and an explicit `null` for every field `new` leaves out (a writer skips empty optional
+/// fields, and a merge patch without the field would leave the old value on the server).
+/// Objects are merged field by field, anything else is replaced whole.
+pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, nv) in n {
+                match o.get(k) {
+                    Some(ov) if ov == nv => {}
+                    Some(ov) if ov.is_object() && nv.is_object() => {
+                        out.insert(k.clone(), merge_patch(ov, nv));
+                    }
+                    _ => {
+                        out.insert(k.clone(), nv.clone());
+                    }
+                }
+            }
+            for k in o.keys() {
+                if !n.contains_key(k) {
+                    out.insert(k.clone(), Value::Null);
+                }
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
+}
+
 /// Inputs of a Mesh's status.
 #[derive(Debug, Default)]
 pub struct MeshFacts {
@@ -371,6 +402,7 @@ pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use sidenet_wire::Revision;
 
     fn node(approved: bool) -> MeshNode {
@@ -455,6 +487,37 @@ mod tests {
             d.message
         );
         assert_eq!(get(&s, "ConfigApplied").reason, "Blocked");
+    }
+
+    #[test]
+    fn merge_patches_clear_what_the_new_status_leaves_out() {
+        let old = json!({"brokerLogin": true, "phase": "Ready", "enrolledKey": "k",
+                         "links": [{"peer": "a"}], "nested": {"a": 1, "b": 2}});
+        let new = json!({"phase": "Ready", "links": [], "nested": {"a": 1}});
+        assert_eq!(
+            merge_patch(&old, &new),
+            json!({"brokerLogin": null, "enrolledKey": null, "links": [], "nested": {"b": null}})
+        );
+        let mut applied = old.clone();
+        json_merge(&mut applied, &merge_patch(&old, &new));
+        assert_eq!(applied, new);
+        assert_eq!(merge_patch(&new, &new), json!({}));
+    }
+
+    /// RFC 7386, to check the patches above.
+    fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target.as_object_mut(), patch.as_object()) {
+            (Some(t), Some(p)) => {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                    }
+                }
+            }
+            _ => *target = patch.clone(),
+        }
     }
 
     #[test]

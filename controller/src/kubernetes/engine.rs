@@ -1,0 +1,360 @@
+//! The engine around the core: the context every reconciler shares ([`Ctx`]), the core and
+//! what the adapter remembers about it ([`Engine`]), Events, and the error policy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource};
+use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use tokio::sync::{Mutex, OnceCell};
+
+use super::credentials::BrokerCredentials;
+use super::http::Metrics;
+use super::options::{KubeError, Options};
+use super::state::{KubeSecrets, SecretCache};
+use super::tenancy::{Claims, Validated};
+use crate::reconcile::core::Controller;
+use crate::reconcile::model::Publish;
+use crate::reconcile::render::Renderer;
+use crate::reconcile::store::Store as StateStore;
+use crate::spec::manifest::network_name;
+
+/// See [`Ctx::signatures`].
+pub(crate) struct Signatures {
+    pub(crate) total: u64,
+    per_ns: BTreeMap<String, u64>,
+    profiles: u64,
+}
+
+impl Signatures {
+    /// What one namespace's validation depends on: its objects and the profiles.
+    pub(crate) fn namespace(&self, ns: &str) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ns, self.per_ns.get(ns), self.profiles).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The longest Event note `events.k8s.io/v1` accepts, in bytes.
+pub const MAX_NOTE: usize = 1024;
+
+/// `note` cut to [`MAX_NOTE`] bytes on a character boundary, ending in "…" when cut.
+pub fn truncate_note(note: &str) -> String {
+    if note.len() <= MAX_NOTE {
+        return note.to_string();
+    }
+    let ellipsis = "…";
+    let mut end = MAX_NOTE - ellipsis.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &note[..end])
+}
+
+/// Finalizer on Mesh and MeshNode objects.
+pub const FINALIZER: &str = "sidenet.io/cleanup";
+
+/// Shared by every reconciler and the MQTT task.
+pub struct Ctx {
+    pub(crate) client: Client,
+    pub(crate) opts: Options,
+    pub(crate) meshes: Store<Mesh>,
+    pub(crate) nodes: Store<MeshNode>,
+    pub(crate) profiles: Store<HardwareProfile>,
+    pub(crate) engine: OnceCell<Mutex<Engine>>,
+    pub(crate) renderer: std::sync::Mutex<Option<Renderer>>,
+    pub(crate) secrets: Arc<std::sync::Mutex<SecretCache>>,
+    pub(crate) mqtt: AsyncClient,
+    pub(crate) connected: Arc<AtomicBool>,
+    pub(crate) recorder: Recorder,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
+    pub(crate) credentials: Box<dyn BrokerCredentials>,
+}
+
+/// The core and what the adapter remembers about it. Behind one async mutex: one reconcile
+/// at a time touches the core.
+pub struct Engine {
+    pub(crate) ctl: Controller,
+    pub(crate) signature: u64,
+    pub(crate) force: bool,
+    pub(crate) last_good: BTreeMap<String, Value>,
+    pub(crate) invalid: BTreeMap<String, String>,
+    pub(crate) held: BTreeSet<String>,
+    pub(crate) high_water: BTreeMap<String, u64>,
+    pub(crate) seeded: BTreeSet<String>,
+    pub(crate) topics: BTreeMap<String, String>,
+    /// Which object owns each mesh name, network name and node id.
+    pub(crate) claims: Claims,
+    /// The validated set of each namespace.
+    pub(crate) namespaces: BTreeMap<String, Validated>,
+    pub(crate) warned: BTreeSet<String>,
+    pub(crate) phases_at: Option<Instant>,
+}
+
+pub(crate) fn ns_of<K: Resource>(o: &K) -> String {
+    o.meta().namespace.clone().unwrap_or_default()
+}
+
+pub(crate) fn key_of(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+pub(crate) fn deleting<K: Resource>(o: &K) -> bool {
+    o.meta().deletion_timestamp.is_some()
+}
+
+/// Node id of a config topic (`sidenet/v1/MESH/nodes/NODE/config`).
+pub(crate) fn config_node(topic: &str) -> Option<String> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    (parts.len() == 6 && parts[3] == "nodes" && parts[5] == "config").then(|| parts[4].to_string())
+}
+
+impl Ctx {
+    /// The engine, created on first use once every watch cache has its initial list: the
+    /// state epoch and each node's revision, subnet and enrolment are read back from the
+    /// objects' status, and the database (a cache in `SIDENET_CACHE_DIR`) starts empty.
+    pub(crate) async fn engine(&self) -> Result<&Mutex<Engine>, KubeError> {
+        self.engine
+            .get_or_try_init(|| async {
+                // kube-runtime's readiness signal wakes only its most recent waiter (the
+                // controllers' runners also wait on it), so poll it instead of trusting a wakeup.
+                let lost = |_| KubeError::Other("a watch stopped before its first list".into());
+                loop {
+                    let tick = Duration::from_millis(100);
+                    let ready = async {
+                        self.meshes.wait_until_ready().await?;
+                        self.nodes.wait_until_ready().await?;
+                        self.profiles.wait_until_ready().await
+                    };
+                    if let Ok(r) = tokio::time::timeout(tick, ready).await {
+                        r.map_err(lost)?;
+                        break;
+                    }
+                }
+                let persisted = self
+                    .meshes
+                    .state()
+                    .iter()
+                    .filter_map(|m| m.status.as_ref().and_then(|s| s.state_epoch))
+                    .chain(
+                        self.nodes
+                            .state()
+                            .iter()
+                            .filter_map(|n| n.status.as_ref().and_then(|s| s.desired_epoch)),
+                    )
+                    .max();
+                let epoch = persisted.unwrap_or_else(crate::now);
+                let dir = &self.opts.cache_dir;
+                let _ = std::fs::remove_dir_all(dir);
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    KubeError::Other(format!("cache folder {}: {e}", dir.display()))
+                })?;
+                let store = StateStore::open(&dir.join("cache.redb"), epoch)?;
+                let renderer = self
+                    .renderer
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.take())
+                    .ok_or_else(|| KubeError::Other("templates already taken".into()))?;
+                let mut ctl =
+                    Controller::new(store, renderer, Box::new(KubeSecrets(self.secrets.clone())));
+                if let Err(e) = self.credentials.apply(&ctl.credential_snapshot()) {
+                    tracing::error!("broker credentials: {e}");
+                }
+                let mut high_water = BTreeMap::new();
+                for m in self.meshes.state() {
+                    if let Some(s) = &m.status
+                        && s.state_epoch == Some(epoch)
+                    {
+                        // The highest of every Mesh with this network name (one of them may
+                        // have been refused): a revision must never be reused.
+                        let h = high_water
+                            .entry(network_name(&m).to_string())
+                            .or_insert(0u64);
+                        *h = (*h).max(s.highest_revision.unwrap_or(0));
+                    }
+                }
+                tracing::info!(
+                    epoch,
+                    from_cluster = persisted.is_some(),
+                    "state epoch; revisions continue from the MeshNode status"
+                );
+                Ok::<_, KubeError>(Mutex::new(Engine {
+                    ctl,
+                    signature: 0,
+                    force: true,
+                    last_good: BTreeMap::new(),
+                    invalid: BTreeMap::new(),
+                    held: BTreeSet::new(),
+                    high_water,
+                    seeded: BTreeSet::new(),
+                    topics: BTreeMap::new(),
+                    claims: Claims::default(),
+                    namespaces: BTreeMap::new(),
+                    warned: BTreeSet::new(),
+                    phases_at: None,
+                }))
+            })
+            .await
+    }
+
+    /// Signatures of the objects' specs, identities and deletions (not of status writes):
+    /// one per namespace, one of the HardwareProfiles, and one of everything.
+    pub(crate) fn signatures(&self) -> Signatures {
+        fn row(kind: &str, m: &ObjectMeta) -> u64 {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (
+                kind,
+                m.name.as_deref().unwrap_or(""),
+                m.uid.as_deref().unwrap_or(""),
+                m.generation,
+                m.deletion_timestamp.is_some(),
+            )
+                .hash(&mut h);
+            h.finish()
+        }
+        // Order-independent sums: the caches' order is not stable.
+        let mut per_ns: BTreeMap<String, u64> = BTreeMap::new();
+        let mut add = |kind: &str, m: &ObjectMeta| {
+            let ns = m.namespace.clone().unwrap_or_default();
+            let e = per_ns.entry(ns).or_default();
+            *e = e.wrapping_add(row(kind, m));
+        };
+        for o in self.meshes.state() {
+            add("Mesh", &o.metadata);
+        }
+        for o in self.nodes.state() {
+            add("MeshNode", &o.metadata);
+        }
+        let mut profiles = 0u64;
+        for o in self.profiles.state() {
+            profiles = profiles.wrapping_add(row("HardwareProfile", &o.metadata));
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&per_ns, profiles).hash(&mut h);
+        Signatures {
+            total: h.finish(),
+            per_ns,
+            profiles,
+        }
+    }
+
+    pub(crate) async fn event(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        // Events about cluster-scoped objects (HardwareProfiles) go to the controller's own
+        // namespace, where the chart lets it write them.
+        let mut reference = reference.clone();
+        if reference.namespace.is_none() {
+            reference.namespace = Some(self.opts.pod_namespace.clone());
+        }
+        let reference = &reference;
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(truncate_note(&note)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, reference).await {
+            tracing::warn!("cannot record Event {reason}: {e}");
+        }
+    }
+
+    /// A Warning Event, once per object and message.
+    pub(crate) async fn warn_once(
+        &self,
+        eng: &mut Engine,
+        reference: &ObjectReference,
+        reason: &str,
+        note: String,
+    ) {
+        let key = format!(
+            "{}/{}/{}|{reason}|{note}",
+            reference.kind.as_deref().unwrap_or(""),
+            reference.namespace.as_deref().unwrap_or(""),
+            reference.name.as_deref().unwrap_or("")
+        );
+        if eng.warned.insert(key) {
+            tracing::warn!(
+                object = %format!("{}/{}", reference.kind.as_deref().unwrap_or(""), reference.name.as_deref().unwrap_or("")),
+                "{reason}: {note}"
+            );
+            self.event(reference, EventType::Warning, reason, note)
+                .await;
+        }
+    }
+
+    pub(crate) fn mesh_obj(&self, ns: &str, name: &str) -> Option<Arc<Mesh>> {
+        self.meshes.get(&ObjectRef::new(name).within(ns))
+    }
+
+    pub(crate) fn node_obj(&self, ns: &str, name: &str) -> Option<Arc<MeshNode>> {
+        self.nodes.get(&ObjectRef::new(name).within(ns))
+    }
+
+    pub(crate) async fn send(&self, p: Publish) -> Result<(), KubeError> {
+        self.mqtt
+            .publish(p.topic.clone(), QoS::AtLeastOnce, p.retain, p.payload)
+            .await
+            .map_err(|e| KubeError::Other(format!("MQTT publish {}: {e}", p.topic)))
+    }
+}
+
+pub(crate) fn backoff(ctx: &Ctx, key: &str) -> Duration {
+    let n = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let ms = 500u64.saturating_mul(1u64 << (n.min(10) - 1));
+    Duration::from_millis(ms.min(300_000))
+}
+
+pub(crate) fn succeeded(ctx: &Ctx, key: &str) {
+    if let Ok(mut f) = ctx.failures.lock() {
+        f.remove(key);
+    }
+}
+
+/// Error policy of every kind: exponential backoff per object (0.5 s doubling, at most 5 min).
+pub(crate) fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &KubeError,
+    ctx: Arc<Ctx>,
+) -> Action {
+    let kind = K::kind(&()).to_string();
+    let key = key_of(
+        &kind,
+        &ns_of(&*obj),
+        &obj.meta().name.clone().unwrap_or_default(),
+    );
+    ctx.metrics.failed(&kind);
+    let delay = backoff(&ctx, &key);
+    tracing::warn!(object = %key, "reconcile failed: {err}; retrying in {delay:?}");
+    Action::requeue(delay)
+}
+
+pub(crate) fn finalizer_err(e: finalizer::Error<KubeError>) -> KubeError {
+    KubeError::Finalizer(Box::new(e))
+}

@@ -1,0 +1,149 @@
+//! The MQTT task's side of the engine: broker (re)connections, enrolments and status reports.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rumqttc::QoS;
+use sidenet_wire::topics::{self, Incoming};
+
+use super::engine::{Ctx, Engine, config_node};
+use super::enrol::{create_meshnode, delete_evicted};
+use super::options::KubeError;
+use super::publish::{persist_and_publish, update_phases, write_status};
+use super::sync::{seed_revision, sync};
+
+/// What the MQTT task hands over.
+#[derive(Debug)]
+pub(crate) enum MqttEvent {
+    Connected,
+    Disconnected,
+    Message(String, Vec<u8>),
+}
+
+/// Handles broker (re)connections, enrolments and status reports.
+pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::transport::inbox::Receiver<MqttEvent>) {
+    while let Some(ev) = rx.recv().await {
+        let engine = match ctx.engine().await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("{e}");
+                continue;
+            }
+        };
+        let mut eng = engine.lock().await;
+        if let Err(e) = handle_mqtt(&ctx, &mut eng, ev).await {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+pub(crate) async fn handle_mqtt(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    ev: MqttEvent,
+) -> Result<(), KubeError> {
+    let started = Instant::now();
+    match ev {
+        MqttEvent::Disconnected => {
+            ctx.connected.store(false, Ordering::SeqCst);
+            ctx.metrics.ready.store(false, Ordering::SeqCst);
+        }
+        MqttEvent::Connected => {
+            for f in topics::controller_filters("+") {
+                ctx.mqtt
+                    .subscribe(f, QoS::AtLeastOnce)
+                    .await
+                    .map_err(|e| KubeError::Other(format!("MQTT subscribe: {e}")))?;
+            }
+            ctx.connected.store(true, Ordering::SeqCst);
+            if let Err(e) = sync(ctx, eng).await {
+                tracing::error!("{e}");
+            }
+            if let Err(e) = ctx.credentials.on_connected(&mut eng.ctl) {
+                tracing::error!("broker credentials: {e}");
+            }
+            let mut out = eng.ctl.announcements(crate::now())?;
+            let held = eng.held.clone();
+            out.extend(eng.ctl.stored_configs()?.into_iter().filter(|p| {
+                config_node(&p.topic).is_some_and(|id| {
+                    !held.contains(&id)
+                        && eng
+                            .ctl
+                            .store
+                            .published
+                            .get(&id)
+                            .is_some_and(|r| !r.sha256.is_empty())
+                })
+            }));
+            tracing::info!(
+                "connected to the MQTT broker; publishing announcements and {} configs",
+                out.len()
+            );
+            ctx.connected.store(true, Ordering::SeqCst);
+            let configs = out
+                .iter()
+                .filter(|p| config_node(&p.topic).is_some())
+                .count();
+            for p in out {
+                ctx.send(p).await?;
+            }
+            ctx.metrics
+                .published
+                .fetch_add(configs as u64, Ordering::Relaxed);
+            persist_and_publish(ctx, eng, started).await?;
+            ctx.metrics.ready.store(true, Ordering::SeqCst);
+        }
+        MqttEvent::Message(topic, payload) if topic == crate::transport::dynsec::RESPONSE_TOPIC => {
+            for e in crate::transport::dynsec::response_errors(&payload) {
+                tracing::error!("Mosquitto dynamic security: {e}");
+            }
+            if let Err(e) = ctx.credentials.on_response(&payload) {
+                tracing::error!("broker credentials: {e}");
+            }
+        }
+        MqttEvent::Message(topic, payload) => {
+            let parsed = topics::parse(&topic);
+            let (mesh, node, enroll) = match parsed {
+                Some(Incoming::Enroll { mesh, node }) => (mesh.to_string(), node.to_string(), true),
+                Some(Incoming::Status { mesh, node }) | Some(Incoming::Online { mesh, node }) => {
+                    (mesh.to_string(), node.to_string(), false)
+                }
+                None => return Ok(()),
+            };
+            if enroll {
+                sync(ctx, eng).await?;
+                if !eng.seeded.contains(&node) && !eng.ctl.store.published.contains_key(&node) {
+                    let hw = eng.high_water.get(&mesh).copied().unwrap_or(0);
+                    seed_revision(eng, &node, &mesh, hw);
+                    eng.seeded.insert(node.clone());
+                }
+            }
+            let before = eng.ctl.counters;
+            eng.ctl.on_message(&topic, &payload, crate::now())?;
+            let after = eng.ctl.counters;
+            ctx.metrics
+                .enrolled
+                .fetch_add(after.enrolled - before.enrolled, Ordering::Relaxed);
+            ctx.metrics.rejected.fetch_add(
+                after.rejected_messages - before.rejected_messages,
+                Ordering::Relaxed,
+            );
+            if enroll
+                && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
+                && !eng.claims.nodes.contains_key(&node)
+            {
+                create_meshnode(ctx, eng, &node).await?;
+            }
+            delete_evicted(ctx, eng).await;
+            persist_and_publish(ctx, eng, started).await?;
+            if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
+                && let Some(obj) = ctx.node_obj(&ns, &name)
+            {
+                write_status(ctx, eng, &obj).await?;
+            }
+            update_phases(ctx, eng);
+        }
+    }
+    Ok(())
+}

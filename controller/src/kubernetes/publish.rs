@@ -1,0 +1,268 @@
+//! Durable facts first, then configs: status writes, publishing, clearing a node.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use sidenet_crds::{Mesh, MeshNode};
+
+use super::engine::{Ctx, Engine, config_node, key_of, ns_of};
+use super::options::KubeError;
+use super::status::{self, NodeFacts};
+use crate::reconcile::model::Publish;
+use crate::spec::manifest::network_name;
+
+/// Commits the core's state, writes the durable facts of every new config to the cluster, then
+/// publishes. Configs whose facts could not be written are held and retried.
+pub(crate) async fn persist_and_publish(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    started: Instant,
+) -> Result<(), KubeError> {
+    let out = eng.ctl.flush()?;
+    let changes = eng.ctl.take_credentials();
+    if let Err(e) = ctx.credentials.apply(&changes) {
+        tracing::error!("broker credentials: {e}");
+    }
+    let rejections = std::mem::take(&mut eng.ctl.rejections);
+    for r in rejections {
+        if let Some((ns, name)) = eng.claims.networks.get(&r.mesh).cloned()
+            && let Some(m) = ctx.mesh_obj(&ns, &name)
+        {
+            let note = format!("refused {} of node {}: {}", r.what, r.node, r.why);
+            ctx.warn_once(eng, &m.object_ref(&()), "NodeRejected", note)
+                .await;
+        }
+    }
+    let connected = ctx.connected.load(Ordering::SeqCst);
+    let mut configs: BTreeSet<String> = std::mem::take(&mut eng.held);
+    let mut others = Vec::new();
+    for p in out {
+        match config_node(&p.topic) {
+            Some(id) => {
+                eng.topics.insert(id.clone(), p.topic);
+                configs.insert(id);
+            }
+            None => others.push(p),
+        }
+    }
+    // The mesh's highest revision first: a node created later starts above it.
+    let epoch = eng.ctl.store.epoch;
+    let mut per_mesh: BTreeMap<String, u64> = BTreeMap::new();
+    for id in &configs {
+        if let (Some(p), Some(t)) = (eng.ctl.store.published.get(id), eng.topics.get(id)) {
+            let net = t.split('/').nth(2).unwrap_or_default().to_string();
+            let e = per_mesh.entry(net).or_default();
+            *e = (*e).max(p.revision.rev);
+        }
+    }
+    let mut blocked_meshes = BTreeSet::new();
+    for (net, rev) in per_mesh {
+        if eng.high_water.get(&net).is_some_and(|h| *h >= rev) {
+            continue;
+        }
+        let Some((ns, name)) = eng.claims.networks.get(&net).cloned() else {
+            blocked_meshes.insert(net);
+            continue;
+        };
+        let api: Api<Mesh> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": {"stateEpoch": epoch, "highestRevision": rev}});
+        match api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                eng.high_water.insert(net, rev);
+            }
+            Err(e) => {
+                tracing::warn!(mesh = %net, "cannot record the highest revision in Mesh {ns}/{name} status: {e}; holding its configs");
+                blocked_meshes.insert(net);
+            }
+        }
+    }
+    let mut sent = 0;
+    for id in configs {
+        if !eng.ctl.store.published.contains_key(&id) {
+            continue;
+        }
+        let Some(topic) = eng.topics.get(&id).cloned() else {
+            continue;
+        };
+        let net = topic.split('/').nth(2).unwrap_or_default().to_string();
+        if blocked_meshes.contains(&net) {
+            eng.held.insert(id);
+            continue;
+        }
+        let Some((ns, name)) = eng.claims.nodes.get(&id).cloned() else {
+            // Enrolled a moment ago: its MeshNode is being created.
+            eng.held.insert(id);
+            continue;
+        };
+        let Some(obj) = ctx.node_obj(&ns, &name) else {
+            eng.held.insert(id);
+            continue;
+        };
+        if let Err(e) = write_status(ctx, eng, &obj).await {
+            tracing::warn!(node = %id, "cannot record the revision in MeshNode {ns}/{name} status: {e}; holding its config");
+            eng.held.insert(id);
+            continue;
+        }
+        let Some(payload) = eng.ctl.store.envelope(&id)? else {
+            continue;
+        };
+        if connected {
+            ctx.send(Publish {
+                topic,
+                payload,
+                retain: true,
+            })
+            .await?;
+            sent += 1;
+        }
+    }
+    if sent > 0 {
+        ctx.metrics
+            .published
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.observe_publish(started.elapsed());
+    }
+    if connected {
+        for p in others {
+            ctx.send(p).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a MeshNode's status when it changed.
+pub(crate) async fn write_status(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    node: &MeshNode,
+) -> Result<(), KubeError> {
+    let id = &node.spec.node_id;
+    let ns = ns_of(node);
+    let name = node.name_any();
+    let invalid = eng.invalid.get(&key_of("MeshNode", &ns, &name)).cloned();
+    // Another namespace's mesh or node never shows here (docs/helm.md, namespaces).
+    let owner = eng.claims.owns_node(id, &ns, &name);
+    let set = &eng.ctl.set;
+    let mesh = set
+        .meshes
+        .get(&node.spec.mesh)
+        .filter(|_| eng.claims.owns_mesh(&ns, &node.spec.mesh));
+    let rec = eng.ctl.store.nodes.get(id).filter(|_| owner);
+    let net = mesh.map(|m| network_name(m).to_string());
+    let facts = NodeFacts {
+        mesh,
+        published: eng
+            .ctl
+            .store
+            .published
+            .get(id)
+            .filter(|p| owner && !p.sha256.is_empty()),
+        subnet_id: net
+            .filter(|_| owner)
+            .and_then(|n| eng.ctl.store.subnets.get(&(n, id.clone())).copied()),
+        // A node waiting for approval proved its key too (it has no record yet).
+        enrolled: rec.is_some() || eng.ctl.pending.get(id).is_some(),
+        record_approved: rec.is_some_and(|r| r.approved),
+        reported_hostname: rec.map(|r| r.hostname.clone()),
+        enrolled_key: rec
+            .map(|r| r.public_key.clone())
+            .or_else(|| eng.ctl.pending.get(id).map(|p| p.public_key.clone())),
+        broker_login: rec.is_some_and(|r| r.mqtt_armed),
+        applied_sha256: rec.and_then(|r| r.applied_sha256.clone()),
+        invalid,
+        links: rec
+            .filter(|r| r.last_seen.is_some() && !r.neighbours.is_empty())
+            .map(status::links),
+    };
+    let row = if owner { eng.ctl.status_of(id) } else { None };
+    let mut new = status::node_status(node, row.as_ref(), &facts);
+    let old = node.status.as_ref();
+    status::carry_transitions(
+        &mut new.conditions,
+        old.map(|o| o.conditions.as_slice()).unwrap_or(&[]),
+        crate::now(),
+    );
+    // Seeded but not yet re-signed: keep the recorded revision.
+    if owner
+        && facts.published.is_none()
+        && let Some(o) = old
+    {
+        new.desired_revision = new.desired_revision.or(o.desired_revision);
+        new.desired_epoch = new.desired_epoch.or(o.desired_epoch);
+        new.config_sha256 = new.config_sha256.or(o.config_sha256.clone());
+    }
+    if !status::worth_writing(old, &new, 60) {
+        return Ok(());
+    }
+    // Only what changed, with explicit nulls: a field the new status leaves out is cleared.
+    let patch = status::merge_patch(
+        &serde_json::to_value(old).unwrap_or_default(),
+        &serde_json::to_value(&new).unwrap_or_default(),
+    );
+    let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &ns);
+    api.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": patch})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Refreshes the nodes-by-phase gauge, at most every 2 s (it walks every node).
+pub(crate) fn update_phases(ctx: &Ctx, eng: &mut Engine) {
+    if eng
+        .phases_at
+        .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+    {
+        return;
+    }
+    eng.phases_at = Some(Instant::now());
+    let mut phases: BTreeMap<String, u64> = BTreeMap::new();
+    for row in eng.ctl.status() {
+        *phases.entry(row.phase).or_default() += 1;
+    }
+    if let Ok(mut p) = ctx.metrics.phases.lock() {
+        *p = phases;
+    }
+}
+
+/// Clears a node's retained config, revokes its broker credentials and forgets it.
+pub(crate) async fn clear_node(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    id: &str,
+    topic: Option<String>,
+) -> Result<(), KubeError> {
+    let topic = eng.topics.get(id).cloned().or(topic);
+    if let Some(topic) = &topic {
+        if !ctx.connected.load(Ordering::SeqCst) {
+            return Err(KubeError::Other(format!(
+                "cannot clear {topic}: not connected to the MQTT broker"
+            )));
+        }
+        ctx.send(Publish {
+            topic: topic.clone(),
+            payload: Vec::new(),
+            retain: true,
+        })
+        .await?;
+        let net = topic.split('/').nth(2).unwrap_or_default();
+        ctx.credentials.revoke(net, id).map_err(|e| {
+            KubeError::Other(format!("revoking broker credentials of node {id}: {e}"))
+        })?;
+        tracing::info!(node = %id, "cleared retained config {topic}");
+    }
+    eng.ctl.forget(id, crate::now())?;
+    eng.topics.remove(id);
+    eng.held.remove(id);
+    eng.seeded.remove(id);
+    Ok(())
+}

@@ -1,0 +1,419 @@
+//! From the watch caches to the core: the validated set, and what the cluster remembers.
+//!
+//! The core ([`Controller`](crate::reconcile::core::Controller)) works on a validated [`ManifestSet`]; here that set is rebuilt
+//! from the watch caches whenever an object's spec changed (a signature over uid, generation
+//! and deletion of every object, per namespace), each changed namespace validated on its own
+//! with the standalone loader (JSON Schema + semantic checks), the namespaces merged
+//! ([`super::tenancy`]), and handed to the core, which re-renders only the nodes whose inputs
+//! changed.
+//! Unlike standalone mode, one bad object does not freeze everything: it is replaced by its
+//! last good version (or left out when it never had one), gets a `Warning` Event and an
+//! `InvalidSpec` condition, and the rest of the set goes ahead.
+//!
+//! Durable facts are written to the cluster *before* a config is published: the node's
+//! revision, body hash and subnet in its MeshNode status, the mesh's highest revision in its
+//! Mesh status. A node whose status write fails keeps its new config held back and retried.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use sidenet_crds::{API_VERSION, MeshNode};
+use sidenet_wire::Revision;
+use sidenet_wire::topics::{self};
+
+use super::engine::{Ctx, Engine, deleting, key_of, ns_of};
+use super::options::KubeError;
+use super::tenancy::{self, Claims, Validated};
+use crate::reconcile::store::{NodeRecord, Published};
+use crate::spec::manifest::{self, ManifestSet, network_name};
+
+/// The manifest form of an object: what the standalone loader validates.
+pub(crate) fn manifest_value(kind: &str, meta: &ObjectMeta, spec: Value) -> Value {
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "metadata": {"name": meta.name.clone().unwrap_or_default()},
+        "spec": spec,
+    })
+}
+
+pub(crate) fn spec_value<T: serde::Serialize>(spec: &T) -> Value {
+    serde_json::to_value(spec).unwrap_or(Value::Null)
+}
+
+/// Validates `objs` (one namespace's Meshes and MeshNodes, and every HardwareProfile) with the
+/// standalone loader. An object with an error is replaced by its last good version, or left
+/// out when it has none, until what is left validates.
+fn validate(
+    objs: &BTreeMap<String, Value>,
+    last_good: &mut BTreeMap<String, Value>,
+) -> Option<Validated> {
+    let mut current = objs.clone();
+    let mut fallback = BTreeSet::new();
+    let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+    let mut set = None;
+    for _ in 0..12 {
+        let texts: Vec<(PathBuf, String)> = current
+            .iter()
+            .map(|(k, v)| (PathBuf::from(k), v.to_string()))
+            .collect();
+        match manifest::load_texts(&texts) {
+            Ok(s) => {
+                set = Some(s);
+                break;
+            }
+            Err(errs) => {
+                let mut progressed = false;
+                for e in errs.0 {
+                    let key = e.file.display().to_string();
+                    let msg = match &e.field {
+                        Some(f) => format!("{f}: {}", e.message),
+                        None => e.message.clone(),
+                    };
+                    invalid
+                        .entry(key.clone())
+                        .and_modify(|m| {
+                            if !m.contains(&msg) {
+                                m.push_str("; ");
+                                m.push_str(&msg);
+                            }
+                        })
+                        .or_insert(msg);
+                    if !current.contains_key(&key) {
+                        continue;
+                    }
+                    progressed = true;
+                    match last_good.get(&key) {
+                        Some(good)
+                            if !fallback.contains(&key) && current.get(&key) != Some(good) =>
+                        {
+                            current.insert(key.clone(), good.clone());
+                            fallback.insert(key);
+                        }
+                        _ => {
+                            current.remove(&key);
+                        }
+                    }
+                }
+                if !progressed {
+                    break;
+                }
+            }
+        }
+    }
+    let set = set?;
+    for (k, v) in &current {
+        if !fallback.contains(k) {
+            last_good.insert(k.clone(), v.clone());
+        }
+    }
+    Some(Validated {
+        signature: None,
+        set,
+        invalid,
+        fallback,
+    })
+}
+
+/// Rebuilds the set when an object changed, then reconciles every node (the core renders only
+/// those whose inputs changed).
+///
+/// Each namespace is validated on its own (a MeshNode's `spec.mesh` names a Mesh of its own
+/// namespace), and again only when one of its objects or a HardwareProfile changed; the
+/// namespaces' sets are then merged ([`tenancy::merge`]: one owner per mesh name, network name
+/// and node id).
+pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
+    let sigs = ctx.signatures();
+    if sigs.total == eng.signature && !eng.force {
+        return Ok(());
+    }
+    eng.signature = sigs.total;
+    eng.force = false;
+    let now = crate::now();
+
+    let mut profiles: BTreeMap<String, Value> = BTreeMap::new();
+    let mut by_ns: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
+    let mut created: BTreeMap<String, Timestamp> = BTreeMap::new();
+    let mut leaving = Claims::default();
+    let mut deleting_meshes = BTreeSet::new();
+    for m in ctx.meshes.state() {
+        let (ns, name) = (ns_of(&*m), m.name_any());
+        if deleting(&*m) {
+            if eng.claims.owns_mesh(&ns, &name) {
+                leaving.mesh_names.insert(name.clone(), ns.clone());
+                leaving
+                    .networks
+                    .insert(network_name(&m).to_string(), (ns.clone(), name.clone()));
+            }
+            deleting_meshes.insert((ns, name));
+            continue;
+        }
+        let key = key_of("Mesh", &ns, &name);
+        if let Some(t) = &m.metadata.creation_timestamp {
+            created.insert(key.clone(), t.0);
+        }
+        by_ns.entry(ns).or_default().insert(
+            key.clone(),
+            manifest_value("Mesh", &m.metadata, spec_value(&m.spec)),
+        );
+        refs.insert(key, m.object_ref(&()));
+    }
+    for p in ctx.profiles.state() {
+        let key = key_of("HardwareProfile", "", &p.name_any());
+        profiles.insert(
+            key.clone(),
+            manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
+        );
+        refs.insert(key, p.object_ref(&()));
+    }
+    let mut going = Vec::new();
+    for n in ctx.nodes.state() {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        let id = &n.spec.node_id;
+        if deleting(&*n) || deleting_meshes.contains(&(ns.clone(), n.spec.mesh.clone())) {
+            // Only the owner of a node id takes the node with it.
+            if eng.claims.owns_node(id, &ns, &name) {
+                leaving.nodes.insert(id.clone(), (ns, name));
+                going.push(id.clone());
+            }
+            continue;
+        }
+        let key = key_of("MeshNode", &ns, &name);
+        if let Some(t) = &n.metadata.creation_timestamp {
+            created.insert(key.clone(), t.0);
+        }
+        by_ns.entry(ns).or_default().insert(
+            key.clone(),
+            manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)),
+        );
+        refs.insert(key, n.object_ref(&()));
+    }
+    // Nodes on their way out are not reconciled again; their finalizer clears their topic.
+    for id in going {
+        if eng.ctl.store.nodes.contains_key(&id) || eng.ctl.store.published.contains_key(&id) {
+            eng.ctl.forget(&id, now)?;
+        }
+    }
+
+    // Validate each namespace whose objects (or the profiles) changed.
+    if by_ns.is_empty() {
+        // Profiles alone: the core still learns them.
+        by_ns.insert(String::new(), BTreeMap::new());
+    }
+    eng.namespaces.retain(|ns, _| by_ns.contains_key(ns));
+    let mut all_keys: BTreeSet<String> = profiles.keys().cloned().collect();
+    for (ns, objs) in &by_ns {
+        all_keys.extend(objs.keys().cloned());
+        let sig = sigs.namespace(ns);
+        if eng
+            .namespaces
+            .get(ns)
+            .is_some_and(|v| v.signature == Some(sig))
+        {
+            continue;
+        }
+        let mut texts = objs.clone();
+        texts.extend(profiles.iter().map(|(k, v)| (k.clone(), v.clone())));
+        match validate(&texts, &mut eng.last_good) {
+            Some(mut v) => {
+                v.signature = Some(sig);
+                eng.namespaces.insert(ns.clone(), v);
+            }
+            None => {
+                // Keep the namespace's last set; validate again at the next sync.
+                tracing::error!(
+                    namespace = %ns,
+                    "the objects of namespace {ns:?} could not be validated into a usable set; keeping its last one"
+                );
+                eng.force = true;
+                if let Some(v) = eng.namespaces.get_mut(ns) {
+                    v.signature = None;
+                }
+            }
+        }
+    }
+    eng.last_good.retain(|k, _| all_keys.contains(k));
+
+    let sets: BTreeMap<String, ManifestSet> = eng
+        .namespaces
+        .iter()
+        .map(|(ns, v)| (ns.clone(), v.set.clone()))
+        .collect();
+    let enrolled = eng
+        .ctl
+        .store
+        .nodes
+        .iter()
+        .map(|(id, r)| (id.clone(), r.mesh.clone()))
+        .collect();
+    let merged = tenancy::merge(
+        &sets,
+        &tenancy::Context {
+            held: Some(&eng.claims),
+            leaving,
+            created,
+            enrolled,
+        },
+    );
+    let mut invalid: BTreeMap<String, String> = BTreeMap::new();
+    let mut fallback: BTreeSet<String> = BTreeSet::new();
+    for v in eng.namespaces.values() {
+        for (k, m) in &v.invalid {
+            invalid.entry(k.clone()).or_insert_with(|| m.clone());
+        }
+        fallback.extend(v.fallback.iter().cloned());
+    }
+    for (k, why) in &merged.refused {
+        invalid.insert(k.clone(), why.clone());
+        fallback.remove(k);
+    }
+    for (key, msg) in &invalid {
+        if let Some(r) = refs.get(key) {
+            let note = if fallback.contains(key) {
+                format!("{msg} (the previous valid spec stays in use)")
+            } else {
+                format!("{msg} (this object is not used until it is fixed)")
+            };
+            ctx.warn_once(eng, r, "InvalidManifest", note).await;
+        }
+    }
+    eng.invalid = invalid;
+    let set = merged.set;
+    eng.claims = merged.claims;
+    // A MeshNode the merge left out (an invalid spec) still shows its node's state when it is
+    // in the namespace the node enrolled into.
+    for n in ctx.nodes.state() {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        let id = &n.spec.node_id;
+        if deleting(&*n) || eng.claims.nodes.contains_key(id) {
+            continue;
+        }
+        let home = eng
+            .ctl
+            .store
+            .nodes
+            .get(id)
+            .and_then(|r| eng.claims.networks.get(&r.mesh))
+            .is_some_and(|(owner_ns, _)| *owner_ns == ns);
+        if home {
+            eng.claims.nodes.insert(id.clone(), (ns, name));
+        }
+    }
+    for n in ctx.nodes.state() {
+        let (ns, name) = (ns_of(&*n), n.name_any());
+        if set.nodes.contains_key(&n.spec.node_id)
+            && eng.claims.owns_node(&n.spec.node_id, &ns, &name)
+            && !deleting(&*n)
+        {
+            seed(eng, &set, &n, now);
+        }
+    }
+    tracing::info!(
+        meshes = set.meshes.len(),
+        nodes = set.nodes.len(),
+        profiles = set.profiles.len(),
+        invalid = eng.invalid.len(),
+        "objects loaded"
+    );
+    if let Err(e) = eng.ctl.set_manifests(set, now) {
+        // Try again at the next reconcile instead of waiting for another change.
+        eng.force = true;
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Puts what the cluster remembers about a node into the core, once per node and process:
+/// its revision (so the next one continues the sequence), subnet and enrolment.
+pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64) {
+    let id = node.spec.node_id.clone();
+    if eng.seeded.contains(&id) {
+        return;
+    }
+    let Some(mesh) = set.meshes.get(&node.spec.mesh) else {
+        return;
+    };
+    let net = network_name(mesh).to_string();
+    eng.seeded.insert(id.clone());
+    let epoch = eng.ctl.store.epoch;
+    let st = node.status.clone().unwrap_or_default();
+    if !eng.ctl.store.published.contains_key(&id) {
+        let counter = match (st.desired_epoch, st.desired_revision) {
+            (Some(e), Some(r)) if e == epoch => r,
+            _ => eng.high_water.get(&net).copied().unwrap_or(0),
+        };
+        seed_revision(eng, &id, &net, counter);
+    }
+    if let Some(sid) = st.subnet_id {
+        let key = (net.clone(), id.clone());
+        let taken = eng.ctl.store.taken.entry(net.clone()).or_default();
+        if !eng.ctl.store.subnets.contains_key(&key) && !taken.contains(&sid) {
+            taken.insert(sid);
+            eng.ctl.store.subnets.insert(key, sid);
+        }
+    }
+    let enrolled = st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Enrolled" && c.status == "True");
+    // The key the node enrolled with: the declared one, else the one the status recorded (a
+    // node declared without `spec.publicKey` does not enrol again once it runs a config, and
+    // without its key the core publishes nothing to it).
+    let enrolled_key = node
+        .spec
+        .public_key
+        .as_ref()
+        .or(st.enrolled_key.as_ref())
+        .filter(|k| sidenet_wire::PublicKey::from_base64(k).is_ok_and(|k| k.node_id() == id));
+    if enrolled
+        && !eng.ctl.store.nodes.contains_key(&id)
+        && let Some(pk) = enrolled_key
+    {
+        let rec = NodeRecord {
+            mesh: net,
+            public_key: pk.clone(),
+            hostname: st
+                .reported_hostname
+                .clone()
+                .unwrap_or_else(|| node.name_any()),
+            profile: node.spec.hardware_profile.clone(),
+            enrolled_at: now,
+            mqtt_armed: st.broker_login,
+            ..Default::default()
+        };
+        eng.ctl.store.nodes.insert(id.clone(), rec);
+        let rec = eng.ctl.store.nodes.get(&id).cloned();
+        let _ = eng.ctl.peers.replace(&id, rec.as_ref());
+    }
+}
+
+/// Records revision `counter` as the node's last one, without its envelope: the core then
+/// signs the node's next config as `counter + 1` (it has no bytes to republish under
+/// `counter`, and one revision must never carry two payloads).
+pub(crate) fn seed_revision(eng: &mut Engine, id: &str, net: &str, counter: u64) {
+    if counter == 0 {
+        return;
+    }
+    let epoch = eng.ctl.store.epoch;
+    eng.ctl.store.published.insert(
+        id.to_string(),
+        Published {
+            revision: Revision {
+                epoch,
+                rev: counter,
+            },
+            sha256: String::new(),
+            input: String::new(),
+            iat: 0,
+            exp: 0,
+            signer: None,
+        },
+    );
+    eng.topics.insert(id.to_string(), topics::config(net, id));
+}

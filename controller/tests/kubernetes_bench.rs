@@ -1,0 +1,293 @@
+//! Figures of Kubernetes mode against the in-memory API server (`kubefake`) and a real MQTT
+//! broker: how long N declared MeshNodes take to get their first status, how many API calls
+//! that costs per node, how many status writes an idle minute costs, what one spec change
+//! costs, and an enrolment storm of N nodes (docs/benchmarks.md).
+//!
+//! Ignored by default (they print figures, they assert only that the work got done):
+//!
+//! ```text
+//! SIDENET_BENCH_NODES=1000 cargo test -p sidenet-controller --test kubernetes_bench -- --ignored --nocapture --test-threads=1
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+mod kubecluster;
+mod kubefake;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use rumqttc::QoS;
+use serde_json::json;
+use sidenet_crds::MeshNode;
+use sidenet_wire::keys::KeyPair;
+
+use kubecluster::*;
+
+fn nodes_wanted() -> usize {
+    std::env::var("SIDENET_BENCH_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+fn agent(i: usize) -> Agent {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    Agent {
+        key: KeyPair::from_seed(&seed),
+        seq: 0,
+    }
+}
+
+/// The controller's API calls so far (the test's own are tagged), by `METHOD resource`.
+fn controller_calls(c: &Cluster) -> Vec<String> {
+    c.api
+        .requests()
+        .into_iter()
+        .filter(|r| !r.ends_with(" test-client"))
+        .collect()
+}
+
+fn summary(calls: &[String]) -> BTreeMap<String, usize> {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for r in calls {
+        let mut parts = r.split(' ');
+        let method = parts.next().unwrap_or("");
+        let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+        let segs: Vec<&str> = path.split('/').collect();
+        // .../namespaces/NS/PLURAL[/NAME[/SUB]] or .../PLURAL[/NAME[/SUB]]
+        let tail: Vec<&str> = match segs.iter().position(|s| *s == "namespaces") {
+            Some(i) => segs[i + 2..].to_vec(),
+            None => segs.iter().skip(3).copied().collect(),
+        };
+        let what = match tail.as_slice() {
+            [plural] => plural.to_string(),
+            [plural, _] => format!("{plural}/NAME"),
+            [plural, _, sub, ..] => format!("{plural}/NAME/{sub}"),
+            _ => path.to_string(),
+        };
+        *by.entry(format!("{method} {what}")).or_default() += 1;
+    }
+    by
+}
+
+fn rss_kib() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Polls `done` every 200 ms until it holds, for at most `limit`.
+async fn until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t0.elapsed()
+}
+
+fn with_status(c: &Cluster, field: &str) -> usize {
+    c.api
+        .list(NODES)
+        .iter()
+        .filter(|n| !n["status"][field].is_null())
+        .count()
+}
+
+/// N declared MeshNodes (not enrolled): time to the first status of every node, API calls per
+/// node, status writes while idle, and the cost of one spec change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_declared_meshnodes() {
+    let n = nodes_wanted();
+    let c = Cluster::new();
+    c.riverside(false, |_| {}).await;
+    for i in 0..n {
+        let a = agent(i);
+        c.create(json!({
+            "apiVersion": "sidenet.io/v1alpha1", "kind": "MeshNode",
+            "metadata": {"name": format!("node-{i}")},
+            "spec": {"mesh": "riverside", "nodeId": a.id(),
+                     "publicKey": a.key.public().to_base64(),
+                     "hardwareProfile": "tplink-archer-c7-v2", "approved": true}
+        }))
+        .await;
+    }
+    let limit = Duration::from_secs(600);
+    let t0 = Instant::now();
+    let ctl = c.start(c.opts("ctl-a"));
+    until("every MeshNode has a status", limit, || {
+        with_status(&c, "phase") == n
+    })
+    .await;
+    let first = t0.elapsed();
+    let calls = controller_calls(&c);
+    let by = summary(&calls);
+
+    // Idle: nothing changes for 10 s.
+    let mark = calls.len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle = controller_calls(&c)[mark..].to_vec();
+    let idle_status = idle.iter().filter(|r| r.contains("/status")).count();
+
+    // One spec change.
+    let mark = controller_calls(&c).len();
+    let api: Api<MeshNode> = Api::namespaced(c.client.clone(), "default");
+    let t1 = Instant::now();
+    api.patch(
+        "node-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"overrides": {"hostname": "node-zero"}}})),
+    )
+    .await
+    .unwrap();
+    let generation = c.node("node-0").unwrap()["metadata"]["generation"].clone();
+    until("node-0 observed its new generation", limit, || {
+        c.node("node-0").unwrap()["status"]["observedGeneration"] == generation
+    })
+    .await;
+    let change = t1.elapsed();
+    let change_calls = controller_calls(&c)[mark..].len();
+    let (rss, hwm) = rss_kib();
+    println!("== Kubernetes mode, {n} declared MeshNodes (debug build unless --release)");
+    println!(
+        "first status of every node: {:.2} s; controller API calls: {} ({:.2} per node)",
+        first.as_secs_f64(),
+        calls.len(),
+        calls.len() as f64 / n as f64
+    );
+    for (k, v) in &by {
+        println!("  {k}: {v}");
+    }
+    println!(
+        "idle 10 s: {} API calls, {idle_status} status writes",
+        idle.len()
+    );
+    println!(
+        "one spec change: {:.0} ms until its status shows it, {change_calls} API calls",
+        change.as_secs_f64() * 1000.0
+    );
+    println!(
+        "RSS of the test process (controller + in-memory API server + observer): {} MiB, peak {} MiB",
+        rss / 1024,
+        hwm / 1024
+    );
+    ctl.stop().await;
+}
+
+/// N nodes enrol at once into an auto-mode mesh: each gets a MeshNode created by the
+/// controller, a status, and a config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_enrolment_storm() {
+    let n = nodes_wanted();
+    let c = Cluster::new();
+    c.riverside(false, |_| {}).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mut agents: Vec<Agent> = (0..n).map(agent).collect();
+    let limit = Duration::from_secs(900);
+    let t0 = Instant::now();
+    let mark = controller_calls(&c).len();
+    // Like real agents, a node sends its request again (every 10 s here) until it has a
+    // config: a broker drops QoS 1 messages beyond a client's queue.
+    let enrolled_ids = || -> std::collections::BTreeSet<String> {
+        c.api
+            .list(NODES)
+            .iter()
+            .filter(|m| {
+                m["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Enrolled" && c["status"] == "True")
+                })
+            })
+            .filter_map(|m| m["spec"]["nodeId"].as_str().map(String::from))
+            .collect()
+    };
+    let mut sent = 0usize;
+    let mut published = None;
+    loop {
+        let done = enrolled_ids();
+        if done.len() == n {
+            break;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "timed out: {} of {n} enrolled",
+            done.len()
+        );
+        // An agent stops asking once it has a config.
+        let configured: std::collections::BTreeSet<String> = obs
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, p)| t.ends_with("/config") && !p.is_empty())
+            .filter_map(|(t, _)| t.split('/').nth(4).map(String::from))
+            .collect();
+        for (i, a) in agents.iter_mut().enumerate() {
+            if done.contains(&a.id()) || configured.contains(&a.id()) {
+                continue;
+            }
+            let (topic, payload) = a.enroll_message(&format!("host-{i}"), "tplink-archer-c7-v2");
+            mqtt.publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        published.get_or_insert(t0.elapsed());
+        let again = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < again && enrolled_ids().len() < n {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let published = published.unwrap_or_default();
+    let enrolled = t0.elapsed();
+    let configs = {
+        let seen = obs.seen.lock().unwrap();
+        let mut topics: Vec<&String> = seen
+            .iter()
+            .filter(|(t, p)| t.ends_with("/config") && !p.is_empty())
+            .map(|(t, _)| t)
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics.len()
+    };
+    let calls = controller_calls(&c)[mark..].to_vec();
+    let by = summary(&calls);
+    let (rss, hwm) = rss_kib();
+    println!("== Kubernetes mode, enrolment storm of {n} nodes (debug build unless --release)");
+    println!(
+        "{sent} requests sent (first round in {:.2} s); every node enrolled with a MeshNode and a status after {:.2} s ({:.0} nodes/s); {configs} configs published",
+        published.as_secs_f64(),
+        enrolled.as_secs_f64(),
+        n as f64 / enrolled.as_secs_f64()
+    );
+    println!(
+        "controller API calls: {} ({:.2} per node)",
+        calls.len(),
+        calls.len() as f64 / n as f64
+    );
+    for (k, v) in &by {
+        println!("  {k}: {v}");
+    }
+    println!(
+        "RSS of the test process (controller + in-memory API server + observer): {} MiB, peak {} MiB",
+        rss / 1024,
+        hwm / 1024
+    );
+    ctl.stop().await;
+}
