@@ -327,11 +327,9 @@ impl Radiobed {
     /// The join code of mesh riverside, once the controller wrote its key.
     fn join_code(&self) -> String {
         let path = self.dir.join("state/keys/riverside.key");
-        let text = poll(
-            "the controller to write the mesh key",
-            WAIT,
-            || std::fs::read_to_string(&path).ok(),
-        );
+        let text = poll("the controller to write the mesh key", WAIT, || {
+            std::fs::read_to_string(&path).ok()
+        });
         let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
         sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
     }
