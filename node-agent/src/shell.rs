@@ -373,6 +373,8 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     let (client, mut eventloop) = AsyncClient::new(mqtt, 64);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // After a long connect, carry on from now rather than firing the missed ticks at once.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(250);
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut connected = false;
@@ -386,7 +388,11 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         let mut queue = Vec::new();
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {
+            // Not while a connection is being made: dropping rumqttc's poll in the middle of
+            // its CONNECT would leave that half-made session to the broker and start another
+            // with the same client id (the broker then takes the first over, and the agent
+            // sees a broken pipe). Connecting ends within rumqttc's connection timeout.
+            _ = tick.tick(), if connected || retry_at.is_some() => {
                 queue.push(Event::Tick);
                 if needs_trial {
                     let b = backend.clone();
