@@ -98,11 +98,19 @@ async fn enrolment_creates_a_pending_meshnode_that_is_approved_published_and_rep
         pending.2.contains("kubectl patch meshnode node1"),
         "{pending:?}"
     );
-    assert_eq!(c.condition("node1", "Enrolled").unwrap().0, "True");
-    assert_eq!(
-        c.node("node1").unwrap()["status"]["phase"],
-        json!("Pending")
-    );
+    // The conditions and the phase may reach the server in separate status patches.
+    eventually(
+        "node1 enrolled and in phase Pending",
+        || {
+            (c.condition("node1", "Enrolled")
+                .is_some_and(|e| e.0 == "True")
+                && c.node("node1")
+                    .is_some_and(|n| n["status"]["phase"] == json!("Pending")))
+            .then_some(())
+        },
+        || c.dump(),
+    )
+    .await;
     assert!(
         c.events()
             .iter()
