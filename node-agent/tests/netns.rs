@@ -23,62 +23,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod netns_common;
+use netns_common::{bin, join_code, must, poll, repo, sh};
+
 const NODES: [&str; 5] = ["a", "b", "c", "d", "e"];
 const PROFILE: &str = "raspberrypi-4b-awus036acm";
 const DEADLINE: u64 = 10;
 const WAIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A binary next to this test's (target/debug).
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} missing: build the workspace binaries first (tests/netns/run does)",
-        p.display()
-    );
-    p
-}
-
-fn sh(argv: &[&str]) -> Result<String, String> {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{}`: {}{}",
-            argv.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn must(argv: &[&str]) -> String {
-    sh(argv).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct Node {
     name: &'static str,
@@ -474,18 +425,6 @@ impl Testbed {
         }
     }
 
-    /// The join code of mesh riverside, once the controller wrote its key.
-    fn join_code(&self) -> String {
-        let path = self.dir.join("state/keys/riverside.key");
-        let text = poll(
-            "the controller to write the mesh key",
-            Duration::from_secs(30),
-            || std::fs::read_to_string(&path).ok(),
-        );
-        let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
-        sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
-    }
-
     fn start_agent(&mut self, n: &str, broker_port: u16) {
         let node = self.node(n);
         let log = std::fs::OpenOptions::new()
@@ -501,7 +440,7 @@ impl Testbed {
              --root {root} --state {state} --profile {PROFILE} --hostname {n} \
              --status-interval 2 --underlay {underlay} --wg-userspace {us} \
              --health-deadline {DEADLINE} --probe-interval 1 --join {join}",
-            join = self.join_code(),
+            join = join_code(&self.dir.join("state")),
             wg = node.dir.join("wireguard").display(),
             agent = bin("sidenet-agent").display(),
             root = node.root().display(),

@@ -25,61 +25,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod netns_common;
+use netns_common::{bin, join_code, must, poll, repo, sh};
+
 const NODES: [&str; 5] = ["p", "q", "r", "s", "w"];
 const RADIO: [&str; 4] = ["p", "q", "r", "s"];
 const PROFILE: &str = "raspberrypi-4b-awus036acm";
 const WAIT: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        p.exists(),
-        "{} missing: tests/netns/run builds it",
-        p.display()
-    );
-    p
-}
-
-fn sh(argv: &[&str]) -> Result<String, String> {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", argv.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{}`: {}{}",
-            argv.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn must(argv: &[&str]) -> String {
-    sh(argv).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn poll<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct Node {
     name: &'static str,
@@ -324,18 +276,8 @@ impl Radiobed {
         poll("the controller's admin socket", WAIT, || self.status().ok());
     }
 
-    /// The join code of mesh riverside, once the controller wrote its key.
-    fn join_code(&self) -> String {
-        let path = self.dir.join("state/keys/riverside.key");
-        let text = poll("the controller to write the mesh key", WAIT, || {
-            std::fs::read_to_string(&path).ok()
-        });
-        let key = sidenet_wire::keys::KeyPair::from_file_text(&text).unwrap();
-        sidenet_wire::join::JoinCode::new("riverside", &key.public()).to_string()
-    }
-
     fn start_agent(&mut self, n: &str) {
-        let join = self.join_code();
+        let join = join_code(&self.dir.join("state"));
         let node = self.node(n);
         let log = std::fs::File::create(node.dir.join("agent.log")).unwrap();
         let script = format!(
