@@ -25,7 +25,7 @@ use sidenet_wire::messages::NodeConfig;
 use crate::probe::ProbePlan;
 
 /// Which backend applies configs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Write the rendered files under --root and nothing else.
     Files,
@@ -47,7 +47,7 @@ impl Kind {
 }
 
 /// How WireGuard interfaces are created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WgMode {
     /// Kernel WireGuard if the module is there, else the userspace implementation.
     Auto,
@@ -58,40 +58,27 @@ pub enum WgMode {
 }
 
 /// Data-plane options of the `linux` and `openwrt` backends (flattened into the agent's flags).
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct DataplaneArgs {
     /// Interfaces that carry the side-net underneath WireGuard (the mesh radio, wired links).
     /// Their addresses are reported as WireGuard endpoints. Repeat for several.
-    #[arg(
-        long = "underlay",
-        env = "SIDENET_UNDERLAY",
-        value_delimiter = ',',
-        default_value = "mesh0"
-    )]
     pub underlay: Vec<String>,
     /// How WireGuard interfaces are created.
-    #[arg(long, value_enum, env = "SIDENET_WG_MODE", default_value = "auto")]
     pub wg_mode: WgMode,
     /// Userspace WireGuard implementation (used where the kernel has no WireGuard).
-    #[arg(long, env = "SIDENET_WG_USERSPACE", default_value = "boringtun-cli")]
     pub wg_userspace: String,
     /// Seconds a new config has to pass its health check (the controller acknowledges it, babel
     /// neighbours are back) before it is rolled back.
-    #[arg(long, env = "SIDENET_HEALTH_DEADLINE", default_value_t = 60)]
     pub health_deadline: u64,
     /// Seconds between pathfinder probes to each neighbour and gateway.
-    #[arg(long, env = "SIDENET_PROBE_INTERVAL", default_value_t = 5)]
     pub probe_interval: u64,
     /// OpenWrt's `uci` command (the `openwrt` backend changes the router's config only through
     /// it, with `-c ROOT/etc/config`).
-    #[arg(long, env = "SIDENET_UCI", default_value = "uci")]
     pub uci: String,
     /// Seconds between discovery beacons on each underlay interface (neighbours over the air,
     /// `crate::discovery`).
-    #[arg(long, env = "SIDENET_BEACON_INTERVAL", default_value_t = 2)]
     pub beacon_interval: u64,
     /// Seconds after its last beacon a neighbour heard over the air is no longer reported.
-    #[arg(long, env = "SIDENET_BEACON_HOLD", default_value_t = 8)]
     pub beacon_hold: u64,
 }
 

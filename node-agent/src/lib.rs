@@ -12,6 +12,7 @@
 //!   with system commands behind a [`backend::Runner`] (real, or a recorder for tests);
 //!   [`backends`] constructs the backend of each kind.
 //! - [`ca`]: the CA bundle pinned for an `mqtts://` broker.
+//! - [`cli`]: the command line, a table of options read from the arguments and the environment.
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
@@ -32,7 +33,7 @@
 //! # The layer rule
 //!
 //! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
-//! 0. [`core`] (sans-IO: it knows only the wire format), [`files`], [`babel`], [`probe`], [`ca`],
+//! 0. [`core`] (sans-IO: it knows only the wire format), [`cli`], [`files`], [`babel`], [`probe`], [`ca`],
 //!    [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
@@ -46,6 +47,7 @@
 /// The layer of each module (see the crate docs); `node-agent/tests/layers.rs` reads it.
 pub const LAYERS: &[(&str, u8)] = &[
     ("core", 0),
+    ("cli", 0),
     ("files", 0),
     ("babel", 0),
     ("probe", 0),
@@ -69,6 +71,7 @@ pub mod babel;
 pub mod backend;
 pub mod backends;
 pub mod ca;
+pub mod cli;
 pub mod core;
 pub mod discovery;
 pub mod files;

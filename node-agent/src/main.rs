@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use sidenet_agent::backend::Kind as Backend;
 use sidenet_agent::shell::BrokerCa;
 
@@ -20,81 +19,169 @@ const ABOUT: &str = "sidenet node agent (this build speaks mqtt:// and mqtts://)
 const ABOUT: &str =
     "sidenet node agent (this build speaks mqtt:// only: mqtts:// needs the cargo feature `tls`)";
 
-#[derive(Debug, Parser)]
-#[command(name = "sidenet-agent", version = VERSION, about = ABOUT)]
+use sidenet_agent::backend::{DataplaneArgs, WgMode};
+use sidenet_agent::cli::{Opt, Parsed, UsageError};
+
+/// The agent's options, in the order `--help` lists them (`sidenet_agent::cli`).
+static OPTS: &[Opt] = &[
+    Opt::value("mesh", "MESH", "The mesh to join (its network name). Required, here, in --config or as part of --join.")
+        .env("SIDENET_MESH"),
+    Opt::value("join", "CODE", "The mesh's join code, MESH~FINGERPRINT (`sidenetctl join-code --mesh MESH` prints it): only the mesh key with this fingerprint is trusted. Or joinCode in --config.")
+        .env("SIDENET_JOIN"),
+    Opt::flag("trust-first-key", "Without a join code or a pinned key, trust whichever mesh key announces itself first. Unsafe on a broker others can publish to: anyone can announce first.")
+        .env("SIDENET_TRUST_FIRST_KEY"),
+    Opt::value("broker", "BROKER", "MQTT broker URL [default: mqtt://127.0.0.1:1883]. mqtts://HOST[:PORT] (default port 8883) is MQTT over TLS and needs --ca, and an agent built with the cargo feature `tls`.")
+        .env("SIDENET_BROKER"),
+    Opt::value("ca", "FILE", "CA bundle (PEM) for an mqtts:// broker. The agent trusts only these certificates (no system roots): the broker's certificate must be signed by one of them and name the broker's host or IP address as written in --broker. Or brokerCa in --config.")
+        .env("SIDENET_BROKER_CA"),
+    Opt::value("mesh-key", "MESH_KEY", "The mesh public key (base64) to pin.").env("SIDENET_MESH_KEY"),
+    Opt::value("backend", "BACKEND", "How configs are applied: files (write the rendered files under --root and nothing else), linux (a Debian-like host: addresses, WireGuard, babeld and nftables; needs root), openwrt (sidenet's own sidenet_* sections of the router's UCI config, through `uci`).")
+        .choices(&["files", "linux", "openwrt"])
+        .default("files")
+        .env("SIDENET_BACKEND"),
+    Opt::value("root", "ROOT", "Root folder the backend writes under [default: /].").env("SIDENET_ROOT"),
+    Opt::value("state", "STATE", "State folder (node key, pinned mesh key, journal). Default: ROOT/etc/sidenet-agent.")
+        .env("SIDENET_AGENT_STATE"),
+    Opt::value("hostname", "HOSTNAME", "Hostname to report at enrolment (default: this machine's).")
+        .env("SIDENET_HOSTNAME"),
+    Opt::value("board", "BOARD", "Board name to report (OpenWrt board_name), used to pick the hardware profile.")
+        .env("SIDENET_BOARD"),
+    Opt::value("profile", "PROFILE", "Hardware profile to ask for.").env("SIDENET_PROFILE"),
+    Opt::value("token", "TOKEN", "Single-use enrolment token (meshes in token mode).").env("SIDENET_TOKEN"),
+    Opt::value("config", "CONFIG", "Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, brokerCa (PEM text), meshKey, joinCode, root, state, hostname, board, profile, token. Options given on the command line or in the environment take precedence.")
+        .env("SIDENET_CONFIG"),
+    Opt::flag("show-id", "Print the node id and public key as JSON and exit (creates the node key if there is none yet)."),
+    Opt::flag("uninstall", "Remove sidenet from this device and exit: finish or roll back an interrupted apply, undo everything the backend set up (openwrt: delete every sidenet_* uci section and put each /etc/config file sidenet changed back byte for byte, then reload what changed), delete the files of the applied config and the agent's state folder (node key included). Stop the agent's service first. The agent binary, its service and its --config file are left to whoever installed them (`sidenetctl provision`).")
+        .conflicts(&["show-id"]),
+    Opt::value("max-config-bytes", "MAX_CONFIG_BYTES", "Largest config accepted, in bytes.")
+        .default(DEFAULT_MAX),
+    Opt::value("status-interval", "STATUS_INTERVAL", "Seconds between status reports.").default("60"),
+    Opt::flag("log-json", "Log as JSON lines.").env("SIDENET_LOG_JSON"),
+    Opt::value("underlay", "UNDERLAY", "Interfaces that carry the side-net underneath WireGuard (the mesh radio, wired links). Their addresses are reported as WireGuard endpoints. Repeat for several.")
+        .list()
+        .default("mesh0")
+        .env("SIDENET_UNDERLAY"),
+    Opt::value("wg-mode", "WG_MODE", "How WireGuard interfaces are created: auto (kernel WireGuard if the module is there, else the userspace implementation), kernel (kernel WireGuard only), userspace (the userspace implementation only, --wg-userspace).")
+        .choices(&["auto", "kernel", "userspace"])
+        .default("auto")
+        .env("SIDENET_WG_MODE"),
+    Opt::value("wg-userspace", "WG_USERSPACE", "Userspace WireGuard implementation (used where the kernel has no WireGuard).")
+        .default("boringtun-cli")
+        .env("SIDENET_WG_USERSPACE"),
+    Opt::value("health-deadline", "HEALTH_DEADLINE", "Seconds a new config has to pass its health check (the controller acknowledges it, babel neighbours are back) before it is rolled back.")
+        .default("60")
+        .env("SIDENET_HEALTH_DEADLINE"),
+    Opt::value("probe-interval", "PROBE_INTERVAL", "Seconds between pathfinder probes to each neighbour and gateway.")
+        .default("5")
+        .env("SIDENET_PROBE_INTERVAL"),
+    Opt::value("uci", "UCI", "OpenWrt's `uci` command (the `openwrt` backend changes the router's config only through it, with `-c ROOT/etc/config`).")
+        .default("uci")
+        .env("SIDENET_UCI"),
+    Opt::value("beacon-interval", "BEACON_INTERVAL", "Seconds between discovery beacons on each underlay interface (neighbours over the air).")
+        .default("2")
+        .env("SIDENET_BEACON_INTERVAL"),
+    Opt::value("beacon-hold", "BEACON_HOLD", "Seconds after its last beacon a neighbour heard over the air is no longer reported.")
+        .default("8")
+        .env("SIDENET_BEACON_HOLD"),
+];
+
+/// `--max-config-bytes`'s default, as text for the table (checked against the shell's
+/// constant by a test).
+const DEFAULT_MAX: &str = "262144";
+
+#[derive(Debug)]
 struct Args {
-    /// The mesh to join (its network name). Required, here, in --config or as part of --join.
-    #[arg(long, env = "SIDENET_MESH")]
     mesh: Option<String>,
-    /// The mesh's join code, MESH~FINGERPRINT (`sidenetctl join-code --mesh MESH` prints it):
-    /// only the mesh key with this fingerprint is trusted. Or joinCode in --config.
-    #[arg(long = "join", env = "SIDENET_JOIN", value_name = "CODE")]
     join: Option<String>,
-    /// Without a join code or a pinned key, trust whichever mesh key announces itself first.
-    /// Unsafe on a broker others can publish to: anyone can announce first.
-    #[arg(long, env = "SIDENET_TRUST_FIRST_KEY")]
     trust_first_key: bool,
-    /// MQTT broker URL [default: mqtt://127.0.0.1:1883]. mqtts://HOST[:PORT] (default port
-    /// 8883) is MQTT over TLS and needs --ca, and an agent built with the cargo feature `tls`.
-    #[arg(long, env = "SIDENET_BROKER")]
     broker: Option<String>,
-    /// CA bundle (PEM) for an mqtts:// broker. The agent trusts only these certificates (no
-    /// system roots): the broker's certificate must be signed by one of them and name the
-    /// broker's host or IP address as written in --broker. Or brokerCa in --config.
-    #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// The mesh public key (base64) to pin.
-    #[arg(long, env = "SIDENET_MESH_KEY")]
     mesh_key: Option<String>,
-    /// How configs are applied.
-    #[arg(long, value_enum, default_value = "files", env = "SIDENET_BACKEND")]
     backend: Backend,
-    /// Root folder the backend writes under [default: /].
-    #[arg(long, env = "SIDENET_ROOT")]
     root: Option<PathBuf>,
-    /// State folder (node key, pinned mesh key, journal). Default: ROOT/etc/sidenet-agent.
-    #[arg(long, env = "SIDENET_AGENT_STATE")]
     state: Option<PathBuf>,
-    /// Hostname to report at enrolment (default: this machine's).
-    #[arg(long, env = "SIDENET_HOSTNAME")]
     hostname: Option<String>,
-    /// Board name to report (OpenWrt board_name), used to pick the hardware profile.
-    #[arg(long, env = "SIDENET_BOARD")]
     board: Option<String>,
-    /// Hardware profile to ask for.
-    #[arg(long, env = "SIDENET_PROFILE")]
     profile: Option<String>,
-    /// Single-use enrolment token (meshes in token mode).
-    #[arg(long, env = "SIDENET_TOKEN")]
     token: Option<String>,
-    /// Bootstrap config (JSON, as `sidenetctl provision` writes it): mesh, broker, brokerCa
-    /// (PEM text), meshKey, joinCode, root, state, hostname, board, profile, token. Options
-    /// given on the command line or in the environment take precedence.
-    #[arg(long, env = "SIDENET_CONFIG")]
     config: Option<PathBuf>,
-    /// Print the node id and public key as JSON and exit (creates the node key if there is
-    /// none yet).
-    #[arg(long)]
     show_id: bool,
-    /// Remove sidenet from this device and exit: finish or roll back an interrupted apply,
-    /// undo everything the backend set up (openwrt: delete every sidenet_* uci section and put
-    /// each /etc/config file sidenet changed back byte for byte, then reload what changed),
-    /// delete the files of the applied config and the agent's state folder (node key
-    /// included). Stop the agent's service first. The agent binary, its service and its
-    /// --config file are left to whoever installed them (`sidenetctl provision`).
-    #[arg(long, conflicts_with = "show_id")]
     uninstall: bool,
-    /// Largest config accepted, in bytes.
-    #[arg(long, default_value_t = sidenet_agent::shell::DEFAULT_MAX)]
     max_config_bytes: usize,
-    /// Seconds between status reports.
-    #[arg(long, default_value_t = 60)]
     status_interval: u64,
-    /// Log as JSON lines.
-    #[arg(long, env = "SIDENET_LOG_JSON")]
     log_json: bool,
-    #[command(flatten)]
-    dataplane: sidenet_agent::backend::DataplaneArgs,
+    dataplane: DataplaneArgs,
+}
+
+/// What the command line asks for: run with these arguments, or exit with this code.
+fn parse_args() -> Result<Args, ExitCode> {
+    let parsed =
+        sidenet_agent::cli::parse(OPTS, std::env::args_os().skip(1), |k| std::env::var_os(k));
+    let m = match parsed {
+        Ok(Parsed::Run(m)) => m,
+        Ok(Parsed::Help) => {
+            print!("{}", sidenet_agent::cli::help("sidenet-agent", ABOUT, OPTS));
+            return Err(ExitCode::SUCCESS);
+        }
+        Ok(Parsed::Version) => {
+            println!("sidenet-agent {VERSION}");
+            return Err(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(usage(&e)),
+    };
+    from_matches(&m).map_err(|e| usage(&e))
+}
+
+/// The agent's arguments from what the command line and the environment gave.
+fn from_matches(m: &sidenet_agent::cli::Matches) -> Result<Args, UsageError> {
+    let text = |k: &str| m.get(k).map(str::to_string);
+    let path = |k: &str| m.get(k).map(PathBuf::from);
+    let num = |k: &str| -> Result<u64, UsageError> { Ok(m.number(k)?.unwrap_or_default()) };
+    Ok(Args {
+        mesh: text("mesh"),
+        join: text("join"),
+        trust_first_key: m.flag("trust-first-key"),
+        broker: text("broker"),
+        ca: path("ca"),
+        mesh_key: text("mesh-key"),
+        backend: match m.get("backend") {
+            Some("linux") => Backend::Linux,
+            Some("openwrt") => Backend::Openwrt,
+            _ => Backend::Files,
+        },
+        root: path("root"),
+        state: path("state"),
+        hostname: text("hostname"),
+        board: text("board"),
+        profile: text("profile"),
+        token: text("token"),
+        config: path("config"),
+        show_id: m.flag("show-id"),
+        uninstall: m.flag("uninstall"),
+        max_config_bytes: m.number("max-config-bytes")?.unwrap_or_default(),
+        status_interval: num("status-interval")?,
+        log_json: m.flag("log-json"),
+        dataplane: DataplaneArgs {
+            underlay: m.list("underlay"),
+            wg_mode: match m.get("wg-mode") {
+                Some("kernel") => WgMode::Kernel,
+                Some("userspace") => WgMode::Userspace,
+                _ => WgMode::Auto,
+            },
+            wg_userspace: text("wg-userspace").unwrap_or_default(),
+            health_deadline: num("health-deadline")?,
+            probe_interval: num("probe-interval")?,
+            uci: text("uci").unwrap_or_default(),
+            beacon_interval: num("beacon-interval")?,
+            beacon_hold: num("beacon-hold")?,
+        },
+    })
+}
+
+/// Prints a usage error; exit code 2.
+fn usage(e: &UsageError) -> ExitCode {
+    eprintln!("sidenet-agent: {e}\nFor more information, try '--help'.");
+    ExitCode::from(2)
 }
 
 /// The bootstrap config file (`--config`).
@@ -243,7 +330,10 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let mut broker_ca = None;
     if let Some(path) = args.config.clone() {
         match read_bootstrap(&path) {
@@ -362,5 +452,81 @@ fn main() -> ExitCode {
             eprintln!("sidenet-agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        match sidenet_agent::cli::parse(OPTS, args.iter().map(Into::into), |_| None) {
+            Ok(Parsed::Run(m)) => from_matches(&m).map_err(|e| e.0),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.0),
+        }
+    }
+
+    #[test]
+    fn the_tables_defaults_are_the_libraries() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.max_config_bytes, sidenet_agent::shell::DEFAULT_MAX);
+        let d = DataplaneArgs::default();
+        assert_eq!(a.dataplane.underlay, d.underlay);
+        assert_eq!(a.dataplane.wg_userspace, d.wg_userspace);
+        assert_eq!(a.dataplane.health_deadline, d.health_deadline);
+        assert_eq!(a.dataplane.probe_interval, d.probe_interval);
+        assert_eq!(a.dataplane.uci, d.uci);
+        assert_eq!(a.dataplane.beacon_interval, d.beacon_interval);
+        assert_eq!(a.dataplane.beacon_hold, d.beacon_hold);
+    }
+
+    #[test]
+    fn options_reach_the_arguments() {
+        let a = parse(&[
+            "--join",
+            "riverside~abc",
+            "--backend",
+            "openwrt",
+            "--wg-mode=userspace",
+            "--underlay",
+            "wan,lan",
+            "--status-interval",
+            "7",
+            "--trust-first-key",
+        ])
+        .unwrap();
+        assert_eq!(a.join.as_deref(), Some("riverside~abc"));
+        assert_eq!(a.backend, Backend::Openwrt);
+        assert_eq!(a.dataplane.wg_mode, WgMode::Userspace);
+        assert_eq!(a.dataplane.underlay, vec!["wan", "lan"]);
+        assert_eq!(a.status_interval, 7);
+        assert!(a.trust_first_key && !a.show_id && !a.uninstall);
+        assert_eq!(
+            parse(&["--beacon-hold", "-1"]).unwrap_err(),
+            "invalid value '-1' for --beacon-hold: invalid digit found in string"
+        );
+    }
+
+    #[test]
+    fn every_option_is_unique_and_documented() {
+        let mut seen = std::collections::BTreeSet::new();
+        for o in OPTS {
+            assert!(seen.insert(o.long), "--{} twice", o.long);
+            assert!(!o.help.is_empty(), "--{} has no help", o.long);
+            for c in o.conflicts {
+                assert!(
+                    OPTS.iter().any(|x| x.long == *c),
+                    "--{} conflicts with unknown --{c}",
+                    o.long
+                );
+            }
+        }
+        let help = sidenet_agent::cli::help("sidenet-agent", ABOUT, OPTS);
+        assert!(
+            help.contains("      --uninstall\n"),
+            "provisioning greps --help for --uninstall"
+        );
     }
 }
