@@ -378,6 +378,39 @@ impl Cluster {
         }
     }
 
+    /// Sends `agent`'s report that it applied `rev` (body `sha`) every second until MeshNode
+    /// `default/name` shows it in `status.appliedRevision`: proof that a (re)started
+    /// controller has subscribed and loaded the cluster (it handles reports after that).
+    pub async fn report_until_applied(
+        &self,
+        mqtt: &AsyncClient,
+        agent: &mut Agent,
+        name: &str,
+        rev: Revision,
+        sha: &str,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            agent.report(mqtt, rev, sha).await;
+            let retry = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < retry {
+                if self
+                    .node(name)
+                    .is_some_and(|n| n["status"]["appliedRevision"] == json!(rev.rev))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {name} to show applied revision {}\n{}",
+                rev.rev,
+                self.dump()
+            );
+        }
+    }
+
     /// Enrols the test keys of the example's `kitchen` and `attic-pi` (see [`test_keys`]).
     pub async fn enrol_riverside(
         &self,
