@@ -501,7 +501,8 @@ pub fn with_keys(kitchen: &Agent, attic: &Agent) -> impl Fn(&mut Value) + use<> 
 /// The rules the chart (charts/sidenet/templates/rbac.yaml; the table of docs/helm.md) binds
 /// to the controller's service account for these options: a Role in the watched namespace, or
 /// a ClusterRole when every namespace is watched; always a ClusterRole that reads
-/// HardwareProfiles; with leader election, a Role in the pod's namespace for its Lease.
+/// HardwareProfiles; a Role in `default` for the Events about HardwareProfiles when the watched
+/// namespace is another one; with leader election, a Role in the pod's namespace for its Lease.
 pub fn chart_rbac(opts: &Options) -> Vec<Rule> {
     let ns = opts.namespace.as_deref();
     let mut rules = vec![
@@ -538,6 +539,17 @@ pub fn chart_rbac(opts: &Options) -> Vec<Rule> {
             &["get", "list", "watch"],
         ),
     ];
+    // Events about HardwareProfiles (cluster-scoped) go to `default`.
+    if ns.is_some_and(|n| n != "default") {
+        for g in ["", "events.k8s.io"] {
+            rules.push(Rule::new(
+                Some("default"),
+                g,
+                &["events"],
+                &["create", "patch"],
+            ));
+        }
+    }
     if opts.leader_election {
         let pod_ns = Some(opts.pod_namespace.as_str());
         rules.push(Rule::new(
