@@ -609,8 +609,31 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
 
     // A new pod: empty cache folder, same cluster. The enrolments are known from the cluster
     // (the agents do not enrol again once they run a config): from `spec.publicKey`, or for
-    // the porch from the key its status recorded.
+    // the porch from the key its status recorded. The configs it renders are those of
+    // revision 2 (same digest, recorded in the status with their validity): it publishes
+    // nothing (docs/helm.md, "Restarts").
     let ctl = c.start(c.opts("ctl-b"));
+    let sha2 = c.node("kitchen").unwrap()["status"]["configSha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.report_until_applied(&mqtt, &mut kitchen, "kitchen", r2, &sha2)
+        .await;
+    assert_eq!(obs.revisions(&kitchen_id), vec![1, 2], "{}", c.dump());
+    assert_eq!(obs.revisions(&porch_id), vec![1, 2], "{}", c.dump());
+    let after = c.node("kitchen").unwrap();
+    assert_eq!(after["status"]["desiredRevision"], json!(2));
+    assert_eq!(after["status"]["subnetId"], before["status"]["subnetId"]);
+    // A change continues the sequence from the cluster, with the same subnet, key and
+    // passphrase.
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 48}}}}})),
+        )
+        .await
+        .unwrap();
     let (r3, _, c3) = eventually(
         "kitchen revision 3",
         || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 3),
@@ -622,9 +645,8 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         c3.subnet, c2.subnet,
         "the subnet changed across the restart"
     );
-    assert_eq!(c3.files, c2.files);
     assert_eq!(c3.sealed, c2.sealed, "same key, node key and passphrase");
-    let after = eventually(
+    eventually(
         "revision 3 recorded",
         || {
             c.node("kitchen")
@@ -633,7 +655,6 @@ async fn a_restarted_controller_continues_the_revisions_from_the_cluster() {
         || c.dump(),
     )
     .await;
-    assert_eq!(after["status"]["subnetId"], before["status"]["subnetId"]);
     assert_eq!(obs.revisions(&kitchen_id), vec![1, 2, 3]);
     eventually(
         "porch's revision 3 from the new pod",
@@ -772,23 +793,40 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     assert_eq!(ready, 200, "a standby must report ready");
     assert_eq!(obs.revisions(&kitchen_id), vec![1]);
 
-    // The holder stops (SIGTERM path: it releases the Lease); the standby takes over and, with
-    // no envelope bytes of its own, re-signs under the next revision.
+    // The holder stops (SIGTERM path: it releases the Lease); the standby takes over. The
+    // configs are unchanged, so it publishes nothing (docs/helm.md, "Restarts") until the
+    // mesh changes; then it signs the next revision.
     let started = Instant::now();
     running[lead].take().unwrap().stop().await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = scrape(ports[standby], "/metrics").await.unwrap().1;
+        if leader(&text) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no takeover\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "takeover took {:?}",
+        started.elapsed()
+    );
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 44}}}}})),
+        )
+        .await
+        .unwrap();
     eventually(
         "the standby publishing revision 2",
         || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
         || c.dump(),
     )
     .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "takeover took {:?}",
-        started.elapsed()
-    );
-    let text = scrape(ports[standby], "/metrics").await.unwrap().1;
-    assert!(leader(&text), "{text}");
+    assert_eq!(obs.revisions(&kitchen_id), vec![1, 2], "{}", c.dump());
 
     // The Lease was only ever created, read and updated.
     for r in c.api.requests() {
@@ -827,9 +865,18 @@ async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
     // pod-a dies without releasing the Lease.
     a.task.abort();
     let started = Instant::now();
+    let holder = || {
+        c.api
+            .get(
+                "coordination.k8s.io/v1/leases",
+                "default",
+                "sidenet-controller",
+            )
+            .map(|l| l["spec"]["holderIdentity"].clone())
+    };
     eventually(
-        "pod-b publishing revision 2",
-        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        "pod-b holding the Lease",
+        || (holder() == Some(json!("pod-b"))).then_some(()),
         || c.dump(),
     )
     .await;
@@ -838,15 +885,23 @@ async fn a_crashed_leader_is_replaced_after_the_lease_expires() {
         took >= Duration::from_millis(1500),
         "took over before the Lease expired: {took:?}"
     );
-    let holder = c
-        .api
-        .get(
-            "coordination.k8s.io/v1/leases",
-            "default",
-            "sidenet-controller",
+    // pod-b serves: a change gets the next revision from it (the unchanged config was not
+    // published again).
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 44}}}}})),
         )
+        .await
         .unwrap();
-    assert_eq!(holder["spec"]["holderIdentity"], json!("pod-b"));
+    eventually(
+        "pod-b publishing revision 2",
+        || config_of(&obs, &key, &kitchen_id).filter(|c| c.0.rev == 2),
+        || c.dump(),
+    )
+    .await;
+    assert_eq!(obs.revisions(&kitchen_id), vec![1, 2], "{}", c.dump());
     b.stop().await;
 }
 
@@ -1131,8 +1186,16 @@ async fn an_external_broker_over_tls_with_a_ca_from_a_file() {
     o.metrics_listen = Some(format!("127.0.0.1:{}", free_port()).parse().unwrap());
     let port = o.metrics_listen.unwrap().port();
     let ctl = c.start(o);
-    // The new process re-signs (revision 2 is recorded before publishing) but cannot connect:
-    // revision 2 never reaches the broker and the pod is not ready.
+    // A change: the new process signs revision 2 (recorded before publishing) but cannot
+    // connect: revision 2 never reaches the broker and the pod is not ready.
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"radio": {"channels": {"5g": {"channel": 44}}}}})),
+        )
+        .await
+        .unwrap();
     eventually(
         "revision 2 recorded",
         || {

@@ -2,8 +2,8 @@
 //! `txPower` beyond `u32`, as an API server without the CRD's `maximum` would admit) is
 //! reported on itself and stalls nothing; the rest of the cluster is served.
 //!
-//! Against the in-memory API server (`kubefake`, which does no schema validation: the object
-//! is injected past admission) and a real MQTT broker, with the harness of `kubernetes.rs`.
+//! Against the in-memory API server (`kubefake`; the object is injected past admission, through
+//! its unchecked client) and a real MQTT broker, with the harness of `kubernetes.rs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -19,9 +19,11 @@ use sidenet_wire::topics;
 
 use kubecluster::*;
 
+/// MeshNodes through the client that skips admission (the fake's CRD schema would refuse
+/// the out-of-range objects this test injects).
 fn meshnodes(c: &Cluster) -> Api<DynamicObject> {
     Api::namespaced_with(
-        c.client.clone(),
+        c.unchecked_client.clone(),
         "default",
         &ApiResource::erase::<MeshNode>(&()),
     )
@@ -187,4 +189,65 @@ async fn a_status_field_going_back_to_its_default_is_cleared() {
     )
     .await;
     ctl.stop().await;
+}
+
+/// The in-memory API server refuses at admission what the CRD's schema refuses (the bound of
+/// `txPower`, generated from the type): the object that the test above injects past admission
+/// never reaches the store through an ordinary client, and the error names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_range_object_is_refused_at_admission() {
+    let c = Cluster::new();
+    let bad: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "sidenet.io/v1alpha1", "kind": "MeshNode",
+        "metadata": {"name": "porch"},
+        "spec": {"mesh": "riverside", "nodeId": "aaaaaaaaaaaaaaaa",
+                 "overrides": {"txPower": 5000000000u64}}
+    }))
+    .unwrap();
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        c.client.clone(),
+        "default",
+        &ApiResource::erase::<MeshNode>(&()),
+    );
+    let err = api
+        .create(&PostParams::default(), &bad)
+        .await
+        .expect_err("an out-of-range txPower was admitted");
+    let kube::Error::Api(s) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(s.code, 422, "{s:?}");
+    assert!(
+        s.message.contains("spec.overrides.txPower"),
+        "{}",
+        s.message
+    );
+    assert!(c.node("porch").is_none());
+
+    // In range, it is admitted, with the schema's defaults filled in and unknown fields pruned.
+    let mut ok = bad.clone();
+    ok.data["spec"]["overrides"]["txPower"] = json!(20);
+    ok.data["spec"]["colour"] = json!("blue");
+    api.create(&PostParams::default(), &ok).await.unwrap();
+    let stored = c.node("porch").unwrap();
+    assert_eq!(stored["spec"]["overrides"]["txPower"], json!(20));
+    assert_eq!(stored["spec"]["approved"], json!(false), "{stored:#}");
+    assert_eq!(stored["spec"]["role"], json!("router"), "{stored:#}");
+    assert!(stored["spec"].get("colour").is_none(), "{stored:#}");
+
+    // A patch that takes it out of range is refused too, and changes nothing.
+    let rv = stored["metadata"]["resourceVersion"].clone();
+    let err = api
+        .patch(
+            "porch",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"overrides": {"txPower": 5000000000u64}}})),
+        )
+        .await
+        .expect_err("an out-of-range patch was admitted");
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 422),
+        "{err}"
+    );
+    assert_eq!(c.node("porch").unwrap()["metadata"]["resourceVersion"], rv);
 }

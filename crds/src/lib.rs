@@ -495,6 +495,15 @@ pub struct MeshNodeStatus {
     /// SHA-256 of the body of the desired config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
+    /// Issued-at time (Unix seconds) in the header of the desired config's envelope.
+    /// Kubernetes mode: with `desiredEpoch`, `desiredRevision`, `configSha256` and
+    /// `configExpiresAt` it lets a restarted controller prove that a node's config is unchanged
+    /// (and re-sign the same envelope byte for byte) instead of publishing a new revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_issued_at: Option<u64>,
+    /// Expiry time (Unix seconds) in the header of the desired config's envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_expires_at: Option<u64>,
     /// The node's /64 within the mesh prefix (its subnet id), kept so it survives controller
     /// restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]

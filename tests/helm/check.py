@@ -300,6 +300,8 @@ def expected_permissions(release_ns: str, facts: dict) -> set:
     for g in ("", "events.k8s.io"):
         for v in ("create", "patch"):
             perms.add((scope, g, "events", v, "*"))
+            # Events about HardwareProfiles (cluster-scoped) go to `default`.
+            perms.add(("*" if scope == "*" else "default", g, "events", v, "*"))
     for v in ("get", "list", "watch"):
         perms.add(("*", "sidenet.io", "hardwareprofiles", v, "*"))
     if facts["leader"]:

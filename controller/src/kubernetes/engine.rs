@@ -258,13 +258,9 @@ impl Ctx {
         reason: &str,
         note: String,
     ) {
-        // Events about cluster-scoped objects (HardwareProfiles) go to the controller's own
-        // namespace, where the chart lets it write them.
-        let mut reference = reference.clone();
-        if reference.namespace.is_none() {
-            reference.namespace = Some(self.opts.pod_namespace.clone());
-        }
-        let reference = &reference;
+        // An Event is written in its object's namespace; one about a cluster-scoped object
+        // (a HardwareProfile: `regarding` without a namespace) in `default`, the only
+        // namespace besides `kube-system` the API accepts for it (docs/helm.md, RBAC).
         let ev = Event {
             type_,
             reason: reason.to_string(),

@@ -316,7 +316,6 @@ async fn lead(
     };
     let report = watch::Undecodable {
         recorder: Recorder::new(client.clone(), reporter.clone()),
-        event_namespace: opts.pod_namespace.clone(),
         metrics: metrics.clone(),
         seen: Default::default(),
     };

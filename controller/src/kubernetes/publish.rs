@@ -197,6 +197,8 @@ pub(crate) async fn write_status(
         new.desired_revision = new.desired_revision.or(o.desired_revision);
         new.desired_epoch = new.desired_epoch.or(o.desired_epoch);
         new.config_sha256 = new.config_sha256.or(o.config_sha256.clone());
+        new.config_issued_at = new.config_issued_at.or(o.config_issued_at);
+        new.config_expires_at = new.config_expires_at.or(o.config_expires_at);
     }
     if !status::worth_writing(old, &new, 60) {
         return Ok(());

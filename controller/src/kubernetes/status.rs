@@ -281,6 +281,8 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
         observed_generation: g,
         desired_epoch: f.published.map(|p| p.revision.epoch),
         config_sha256: f.published.map(|p| p.sha256.clone()),
+        config_issued_at: f.published.map(|p| p.iat).filter(|t| *t > 0),
+        config_expires_at: f.published.map(|p| p.exp).filter(|t| *t > 0),
         subnet_id: f.subnet_id,
         reported_hostname: f.reported_hostname.clone(),
         enrolled_key: f.enrolled_key.clone(),

@@ -311,7 +311,7 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
             && eng.claims.owns_node(&n.spec.node_id, &ns, &name)
             && !deleting(&*n)
         {
-            seed(eng, &set, &n, now);
+            seed(eng, &set, &n, now, ctx.opts.broker.is_some());
         }
     }
     tracing::info!(
@@ -330,8 +330,11 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
 }
 
 /// Puts what the cluster remembers about a node into the core, once per node and process:
-/// its revision (so the next one continues the sequence), subnet and enrolment.
-pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64) {
+/// its revision (so the next one continues the sequence), subnet and enrolment. With an
+/// external broker (`external`), whose retained configs outlive this process, also the last
+/// config's digest and validity ([`restored`]), so that an unchanged config is not published
+/// again; the embedded broker starts empty with the process, so every config is signed anew.
+pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64, external: bool) {
     let id = node.spec.node_id.clone();
     if eng.seeded.contains(&id) {
         return;
@@ -344,11 +347,19 @@ pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u6
     let epoch = eng.ctl.store.epoch;
     let st = node.status.clone().unwrap_or_default();
     if !eng.ctl.store.published.contains_key(&id) {
-        let counter = match (st.desired_epoch, st.desired_revision) {
-            (Some(e), Some(r)) if e == epoch => r,
-            _ => eng.high_water.get(&net).copied().unwrap_or(0),
-        };
-        seed_revision(eng, &id, &net, counter);
+        match restored(&st, epoch).filter(|_| external) {
+            Some(p) => {
+                eng.ctl.store.published.insert(id.clone(), p);
+                eng.topics.insert(id.clone(), topics::config(&net, &id));
+            }
+            None => {
+                let counter = match (st.desired_epoch, st.desired_revision) {
+                    (Some(e), Some(r)) if e == epoch => r,
+                    _ => eng.high_water.get(&net).copied().unwrap_or(0),
+                };
+                seed_revision(eng, &id, &net, counter);
+            }
+        }
     }
     if let Some(sid) = st.subnet_id {
         let key = (net.clone(), id.clone());
@@ -391,6 +402,36 @@ pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u6
         let rec = eng.ctl.store.nodes.get(&id).cloned();
         let _ = eng.ctl.peers.replace(&id, rec.as_ref());
     }
+}
+
+/// The node's last published config as its status recorded it (docs/helm.md, "Restarts"):
+/// revision, body digest and validity window, when all are there and of the current epoch.
+/// The core then renders the node's config; when the body has the same digest and the config
+/// is not due for re-signing, it publishes nothing: the broker still retains that revision.
+/// The fingerprint of the inputs is left empty, so the config is always rendered once to
+/// compare.
+pub(crate) fn restored(st: &sidenet_crds::MeshNodeStatus, epoch: u64) -> Option<Published> {
+    let (Some(e), Some(rev), Some(sha), Some(iat), Some(exp)) = (
+        st.desired_epoch,
+        st.desired_revision,
+        st.config_sha256.as_ref(),
+        st.config_issued_at,
+        st.config_expires_at,
+    ) else {
+        return None;
+    };
+    if e != epoch || rev == 0 || sha.len() != 64 || exp <= iat {
+        return None;
+    }
+    Some(Published {
+        revision: Revision { epoch, rev },
+        sha256: sha.clone(),
+        input: String::new(),
+        iat,
+        exp,
+        // Signed by the mesh's key as the Secret holds it; after a rotation the core re-signs.
+        signer: None,
+    })
 }
 
 /// Records revision `counter` as the node's last one, without its envelope: the core then

@@ -34,8 +34,6 @@ use super::http::Metrics;
 #[derive(Clone)]
 pub(crate) struct Undecodable {
     pub(crate) recorder: Recorder,
-    /// Namespace of Events about cluster-scoped objects.
-    pub(crate) event_namespace: String,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) seen: Arc<Mutex<HashSet<(String, String)>>>,
 }
@@ -69,7 +67,8 @@ impl Undecodable {
             api_version: Some(ar.api_version.clone()),
             kind: Some(ar.kind.clone()),
             name: Some(name),
-            namespace: Some(ns.unwrap_or_else(|| self.event_namespace.clone())),
+            // Cluster-scoped: none, and the Event goes to `default` (engine::Ctx::event).
+            namespace: ns,
             uid: Some(uid),
             ..Default::default()
         };

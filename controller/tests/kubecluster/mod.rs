@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::{self, free_port, repo};
-use crate::kubefake::FakeApi;
+use crate::kubefake::{FakeApi, Rule};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use kube::{Api, Client};
@@ -137,8 +137,10 @@ pub struct Cluster {
     pub api: FakeApi,
     /// The test's own client (its requests are tagged `test-client`).
     pub client: Client,
-    /// The controllers' client.
+    /// The controllers' client (RBAC-checked once a controller starts: [`chart_rbac`]).
     pub ctl_client: Client,
+    /// A client whose writes skip admission: objects injected past the CRD schemas.
+    pub unchecked_client: Client,
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub _mosquitto: common::Proc,
@@ -162,10 +164,12 @@ impl Cluster {
         let api = FakeApi::new();
         let client = Client::new(api.tagged("test-client"), "default");
         let ctl_client = Client::new(api.clone(), "default");
+        let unchecked_client = Client::new(api.unchecked("unchecked-client"), "default");
         Cluster {
             api,
             client,
             ctl_client,
+            unchecked_client,
             dir,
             port,
             _mosquitto: mosq,
@@ -199,6 +203,8 @@ impl Cluster {
     }
 
     pub fn start(&self, opts: Options) -> Running {
+        self.api
+            .set_policy("system:serviceaccount:default:sidenet", chart_rbac(&opts));
         let (tx, rx) = oneshot::channel::<()>();
         let client = self.ctl_client.clone();
         let task = tokio::spawn(kubernetes::run(opts, client, async {
@@ -372,6 +378,39 @@ impl Cluster {
         }
     }
 
+    /// Sends `agent`'s report that it applied `rev` (body `sha`) every second until MeshNode
+    /// `default/name` shows it in `status.appliedRevision`: proof that a (re)started
+    /// controller has subscribed and loaded the cluster (it handles reports after that).
+    pub async fn report_until_applied(
+        &self,
+        mqtt: &AsyncClient,
+        agent: &mut Agent,
+        name: &str,
+        rev: Revision,
+        sha: &str,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            agent.report(mqtt, rev, sha).await;
+            let retry = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < retry {
+                if self
+                    .node(name)
+                    .is_some_and(|n| n["status"]["appliedRevision"] == json!(rev.rev))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {name} to show applied revision {}\n{}",
+                rev.rev,
+                self.dump()
+            );
+        }
+    }
+
     /// Enrols the test keys of the example's `kitchen` and `attic-pi` (see [`test_keys`]).
     pub async fn enrol_riverside(
         &self,
@@ -457,6 +496,79 @@ pub fn with_keys(kitchen: &Agent, attic: &Agent) -> impl Fn(&mut Value) + use<> 
             }
         }
     }
+}
+
+/// The rules the chart (charts/sidenet/templates/rbac.yaml; the table of docs/helm.md) binds
+/// to the controller's service account for these options: a Role in the watched namespace, or
+/// a ClusterRole when every namespace is watched; always a ClusterRole that reads
+/// HardwareProfiles; a Role in `default` for the Events about HardwareProfiles when the watched
+/// namespace is another one; with leader election, a Role in the pod's namespace for its Lease.
+pub fn chart_rbac(opts: &Options) -> Vec<Rule> {
+    let ns = opts.namespace.as_deref();
+    let mut rules = vec![
+        Rule::new(
+            ns,
+            "sidenet.io",
+            &["meshes", "meshnodes", "nodeprovisions"],
+            &["get", "list", "watch", "patch"],
+        ),
+        Rule::new(ns, "sidenet.io", &["meshnodes"], &["create"]),
+        Rule::new(
+            ns,
+            "sidenet.io",
+            &["meshes/status", "meshnodes/status", "nodeprovisions/status"],
+            &["patch"],
+        ),
+        Rule::new(
+            ns,
+            "sidenet.io",
+            &[
+                "meshes/finalizers",
+                "meshnodes/finalizers",
+                "nodeprovisions/finalizers",
+            ],
+            &["update"],
+        ),
+        Rule::new(ns, "", &["secrets"], &["get", "create", "patch"]),
+        Rule::new(ns, "", &["events"], &["create", "patch"]),
+        Rule::new(ns, "events.k8s.io", &["events"], &["create", "patch"]),
+        Rule::new(
+            None,
+            "sidenet.io",
+            &["hardwareprofiles"],
+            &["get", "list", "watch"],
+        ),
+    ];
+    // Events about HardwareProfiles (cluster-scoped) go to `default`.
+    if ns.is_some_and(|n| n != "default") {
+        for g in ["", "events.k8s.io"] {
+            rules.push(Rule::new(
+                Some("default"),
+                g,
+                &["events"],
+                &["create", "patch"],
+            ));
+        }
+    }
+    if opts.leader_election {
+        let pod_ns = Some(opts.pod_namespace.as_str());
+        rules.push(Rule::new(
+            pod_ns,
+            "coordination.k8s.io",
+            &["leases"],
+            &["create"],
+        ));
+        rules.push(
+            Rule::new(
+                pod_ns,
+                "coordination.k8s.io",
+                &["leases"],
+                &["get", "update"],
+            )
+            .names(&["sidenet-controller"]),
+        );
+    }
+    rules
 }
 
 /// Checks every request the controllers made against the RBAC table of docs/helm.md.

@@ -15,8 +15,22 @@
 //! collection through `ownerReferences`. `metadata.generation` grows when anything outside
 //! metadata and status changes, and when deletion starts.
 //!
-//! Not supported: label and field selectors, pagination, bookmarks, admission, schema
-//! validation and defaulting, RBAC.
+//! A write that changes nothing (after admission) is not stored: no new resourceVersion, no
+//! watch event (as the API server does).
+//!
+//! Admission ([`admission`]): custom resources are pruned, defaulted and validated against
+//! their CRD's `openAPIV3Schema` from the repo's `crds/`; `events.k8s.io/v1` Events are
+//! validated (required fields, length limits with the note's 1024 bytes, namespace). A refused
+//! write answers 422 Invalid. A handle from [`FakeApi::unchecked`] skips admission: it stands
+//! for an API server without the CRD's current bounds (objects injected past admission).
+//!
+//! RBAC ([`rbac`]): with [`FakeApi::set_policy`], every request of the untagged handle (the
+//! controllers') is checked against the rules bound to its service account, by verb, group,
+//! resource, namespace and resourceNames; a denied request answers 403 Forbidden. Tagged
+//! handles (the test's own client) are cluster admins.
+//!
+//! Not supported: label and field selectors, pagination, bookmarks, CEL rules and formats,
+//! webhooks.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -34,6 +48,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+
+pub mod admission;
+pub mod rbac;
+
+pub use rbac::Rule;
 
 /// Plurals whose kinds have a status subresource.
 const STATUS_SUBRESOURCE: [&str; 3] = ["meshes", "meshnodes", "nodeprovisions"];
@@ -53,6 +72,10 @@ struct State {
     log: Vec<(u64, String, Key, Value)>,
     watchers: Vec<Watcher>,
     requests: Vec<String>,
+    /// The controllers' service account and the rules bound to it.
+    policy: Option<(String, Vec<Rule>)>,
+    /// Writes refused at admission, as `resource ns/name: message`.
+    refused: Vec<String>,
 }
 
 /// The fake API server. Clones share state.
@@ -60,6 +83,8 @@ struct State {
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
     tag: String,
+    /// Skips admission (schema and Event validation).
+    unchecked: bool,
 }
 
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -80,7 +105,7 @@ fn status(code: u16, reason: &str, message: String) -> Response<Body> {
     )
 }
 
-struct Target {
+pub struct Target {
     resource: String,
     namespace: Option<String>,
     name: Option<String>,
@@ -206,8 +231,16 @@ impl State {
         Some(obj)
     }
 
-    /// Writes an updated object: status rules, generation, finalizer-driven removal.
-    fn update(&mut self, key: &Key, old: &Value, mut new: Value, sub: Option<&str>) -> Value {
+    /// Writes an updated object: status rules, admission, generation, finalizer-driven removal.
+    /// Nothing is stored when the result equals the stored object.
+    fn update(
+        &mut self,
+        key: &Key,
+        old: &Value,
+        mut new: Value,
+        sub: Option<&str>,
+        check: bool,
+    ) -> Result<Value, String> {
         let has_status_sub = STATUS_SUBRESOURCE
             .iter()
             .any(|p| key.0.ends_with(&format!("/{p}")));
@@ -239,6 +272,9 @@ impl State {
                 }
             }
         }
+        if check {
+            admit(&key.0, &key.1, &mut new, Some(old))?;
+        }
         let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
         new["metadata"]["generation"] = json!(if spec_part(old) != spec_part(&new) {
             g + 1
@@ -252,9 +288,22 @@ impl State {
         if deleting && !finalizers_left {
             self.objects.insert(key.clone(), new.clone());
             self.remove(key);
-            return new;
+            return Ok(new);
         }
-        self.store(key, new, "MODIFIED")
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if new == *old {
+            return Ok(new);
+        }
+        Ok(self.store(key, new, "MODIFIED"))
+    }
+}
+
+/// Admission of a create or update of `resource` in namespace `ns` (module docs).
+fn admit(resource: &str, ns: &str, obj: &mut Value, old: Option<&Value>) -> Result<(), String> {
+    if resource == "events.k8s.io/v1/events" {
+        admission::validate_event(ns, obj)
+    } else {
+        admission::admit_custom(resource, obj, old)
     }
 }
 
@@ -263,12 +312,32 @@ impl FakeApi {
         Self::default()
     }
 
+    /// A handle on the same state whose writes skip admission (module docs).
+    pub fn unchecked(&self, tag: &str) -> Self {
+        Self {
+            state: self.state.clone(),
+            tag: tag.to_string(),
+            unchecked: true,
+        }
+    }
+
+    /// Checks every request of the untagged handle against `rules`, bound to `user`.
+    pub fn set_policy(&self, user: &str, rules: Vec<Rule>) {
+        self.state.lock().unwrap().policy = Some((user.to_string(), rules));
+    }
+
+    /// Requests refused by RBAC and writes refused at admission, in order.
+    pub fn refused(&self) -> Vec<String> {
+        self.state.lock().unwrap().refused.clone()
+    }
+
     /// A handle on the same state whose requests are logged with `tag` (to tell the test's own
     /// requests from the controller's).
     pub fn tagged(&self, tag: &str) -> Self {
         Self {
             state: self.state.clone(),
             tag: tag.to_string(),
+            unchecked: false,
         }
     }
 
@@ -322,6 +391,18 @@ impl FakeApi {
         };
         let q = query(&uri);
         let ns = t.namespace.clone().unwrap_or_default();
+        if self.tag.is_empty()
+            && let Some((user, rules)) = &st.policy
+        {
+            let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+            let a = rbac::Attributes::of(&method, &t, watch);
+            if !rbac::allowed(rules, &a) {
+                let m = a.forbidden(user);
+                st.refused.push(format!("403 {m}"));
+                return status(403, "Forbidden", m);
+            }
+        }
+        let check = !self.unchecked;
         let parsed: Option<Value> = if body.is_empty() {
             None
         } else {
@@ -426,6 +507,10 @@ impl FakeApi {
                 {
                     m.remove("status");
                 }
+                if check && let Err(m) = admit(&t.resource, &ns, &mut obj, None) {
+                    st.refused.push(format!("422 {m}"));
+                    return status(422, "Invalid", m);
+                }
                 let stored = st.store(&key, obj, "ADDED");
                 full(stored, StatusCode::CREATED)
             }
@@ -453,8 +538,13 @@ impl FakeApi {
                         ),
                     );
                 }
-                let out = st.update(&key, &old, new, t.sub.as_deref());
-                full(out, StatusCode::OK)
+                match st.update(&key, &old, new, t.sub.as_deref(), check) {
+                    Ok(out) => full(out, StatusCode::OK),
+                    Err(m) => {
+                        st.refused.push(format!("422 {m}"));
+                        status(422, "Invalid", m)
+                    }
+                }
             }
             (Method::PATCH, Some(name)) => {
                 let key = (t.resource.clone(), ns.clone(), name.clone());
@@ -489,8 +579,13 @@ impl FakeApi {
                 } else {
                     json_patch::merge(&mut new, &patch);
                 }
-                let out = st.update(&key, &old, new, t.sub.as_deref());
-                full(out, StatusCode::OK)
+                match st.update(&key, &old, new, t.sub.as_deref(), check) {
+                    Ok(out) => full(out, StatusCode::OK),
+                    Err(m) => {
+                        st.refused.push(format!("422 {m}"));
+                        status(422, "Invalid", m)
+                    }
+                }
             }
             (Method::DELETE, Some(name)) => {
                 let key = (t.resource.clone(), ns.clone(), name.clone());
