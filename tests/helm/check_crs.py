@@ -10,6 +10,7 @@
 - INVALID_DIR/*.yaml: one custom resource each, with a `# expect-error: TEXT` line and a
   `# rejected-by: schema|cel` line. Each must be refused by that layer, with TEXT in the message
   (the JSON Schema error's path and message, or the CEL rule's message);
+- no integer field of a CRD has a `uint*` format;
 - VALID_FILE...: custom resources (JSON, as check.py wrote them) that must pass every CEL rule
   (the JSON Schema check of these is check-jsonschema's, in tests/helm/run).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 import celpy
@@ -98,6 +100,12 @@ def main(argv: list[str]) -> int:
         return 2
     schemas_dir, crd_dir, invalid_dir, *valid = argv[1:]
     rules = load_crd_rules(crd_dir)
+    # Kubernetes knows only the int32 and int64 integer formats: uint* warns on 1.34+ and is
+    # not enforced.
+    for key, schema in rules.items():
+        for fmt in sorted(set(re.findall(r'"format": "(u?int[0-9]*)"', json.dumps(schema)))):
+            if fmt.startswith("uint"):
+                fail(f"{key[1]} CRD: format {fmt} (API servers do not know it; bound the field instead)")
     n_rules = sum(json.dumps(s).count('"x-kubernetes-validations"') for s in rules.values())
     if n_rules == 0:
         fail(f"{crd_dir}: no CRD has a CEL rule (x-kubernetes-validations)")
