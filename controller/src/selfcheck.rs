@@ -112,7 +112,42 @@ pub fn tcp_open(addr: &str, timeout: Duration) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::net::TcpListener;
+
+    /// A one-shot HTTP server answering `status_line`; returns its address.
+    fn serve_once(status_line: &'static str) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = write!(s, "{status_line}\r\nContent-Length: 0\r\n\r\n");
+        });
+        addr
+    }
+
+    #[test]
+    fn http_ok_wants_status_200() {
+        let t = Duration::from_secs(5);
+        let a = serve_once("HTTP/1.1 200 OK");
+        http_ok(&format!("http://{a}/readyz"), t).unwrap();
+        let a = serve_once("HTTP/1.1 503 Service Unavailable");
+        let e = http_ok(&format!("http://{a}/readyz"), t).unwrap_err();
+        assert!(
+            e.contains("503") && e.contains("expected status 200"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_port_that_is_not_a_broker_fails_the_mqtt_check() {
+        let a = serve_once("HTTP/1.1 200 OK");
+        let e = mqtt_connack(&a, Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("expected a CONNACK"), "{e}");
+    }
 
     #[test]
     fn the_connect_packet_is_mqtt_3_1_1() {

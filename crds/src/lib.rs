@@ -920,6 +920,54 @@ mod tests {
         assert_eq!(channel.1["maximum"], serde_json::json!(233.0));
     }
 
+    /// The admission rules are in the CRDs the API server gets, and only there: standalone mode
+    /// checks the same fields itself, with messages that name the file and document.
+    #[test]
+    fn crds_carry_patterns_and_cel_rules_and_the_strict_schema_does_not() {
+        let crd = |kind: &str| {
+            let c = crds()
+                .into_iter()
+                .find(|(_, c)| c.spec.names.kind == kind)
+                .unwrap()
+                .1;
+            serde_json::to_value(&c.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone()
+        };
+        let mesh = crd("Mesh");
+        let spec = &mesh["properties"]["spec"]["properties"];
+        assert_eq!(spec["prefix"]["pattern"], patterns::ULA48);
+        assert_eq!(
+            spec["radio"]["properties"]["country"]["pattern"],
+            patterns::COUNTRY
+        );
+        assert_eq!(spec["networkName"]["pattern"], patterns::LABEL);
+        assert_eq!(spec["networkName"]["maxLength"], 32);
+        let policy = &spec["policies"]["items"];
+        assert!(
+            policy["x-kubernetes-validations"][0]["rule"]
+                .as_str()
+                .unwrap()
+                .contains("rateLimit")
+        );
+        let node = crd("MeshNode");
+        let spec = &node["properties"]["spec"]["properties"];
+        assert_eq!(spec["nodeId"]["pattern"], patterns::LABEL);
+        assert_eq!(
+            spec["overrides"]["properties"]["hostname"]["pattern"],
+            patterns::LABEL
+        );
+
+        let strict = serde_json::to_string(&strict_schema("Mesh").unwrap()).unwrap();
+        assert!(!strict.contains("\"pattern\"") && !strict.contains("x-kubernetes-validations"));
+        // A property that happens to be called `pattern` would stay (none exists today).
+        let mut v =
+            serde_json::json!({"properties": {"pattern": {"type": "string", "pattern": "^a$"}}});
+        make_strict(&mut v, false);
+        assert_eq!(
+            v["properties"]["pattern"],
+            serde_json::json!({"type": "string"})
+        );
+    }
+
     #[test]
     fn the_strict_schema_refuses_an_out_of_range_tx_power() {
         let schema = strict_schema("MeshNode").unwrap();
