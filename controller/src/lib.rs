@@ -31,7 +31,8 @@
 //! 6. The two adapters, side by side: [`standalone`] (folder watch, embedded broker, MQTT,
 //!    admin socket) and [`kubernetes`] (kube-runtime controllers, status, Secrets, Lease,
 //!    metrics).
-//! 7. [`cli`] (output, completions and default paths of the two programs) and `fuzzing`
+//! 7. [`cli`] (output, completions and default paths of the two programs), [`selfcheck`] (the
+//!    `check` subcommand the chart's `helm test` runs) and `fuzzing`
 //!    (hidden: the fuzz targets' bodies, shared with the corpus replay tests).
 
 /// The layer of each top-level module or folder of this crate, lowest first (see the crate
@@ -48,6 +49,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("kubernetes", 6),
     ("cli", 7),
     ("fuzzing", 7),
+    ("selfcheck", 7),
 ];
 
 pub mod admin;
@@ -58,6 +60,7 @@ pub mod kubernetes;
 pub mod provisioning;
 pub mod random;
 pub mod reconcile;
+pub mod selfcheck;
 pub mod spec;
 pub mod standalone;
 pub mod time;

@@ -163,6 +163,23 @@ enum Mode {
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
         max_connections: usize,
     },
+    /// Check a running controller and exit 0 if every check passes (what the chart's `helm test`
+    /// Pod runs): `--http` URLs answer 200, `--mqtt` addresses answer an MQTT CONNECT with a
+    /// CONNACK, `--tcp` addresses accept a connection.
+    Check {
+        /// http://HOST:PORT/PATH that must answer 200 (e.g. the /readyz of the metrics Service).
+        #[arg(long)]
+        http: Vec<String>,
+        /// HOST:PORT of an MQTT broker (plain MQTT).
+        #[arg(long)]
+        mqtt: Vec<String>,
+        /// HOST:PORT that must accept a TCP connection (e.g. the TLS listener).
+        #[arg(long)]
+        tcp: Vec<String>,
+        /// Timeout of each check, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
     /// Print a shell completion script, e.g. `sidenet-controller completions bash >
     /// /etc/bash_completion.d/sidenet-controller`.
     Completions {
@@ -181,6 +198,51 @@ fn init_logs(json: bool) {
         b.json().init();
     } else {
         b.init();
+    }
+}
+
+/// `sidenet-controller check`: one line per check, exit 1 if any failed.
+fn check(
+    http: &[String],
+    mqtt: &[String],
+    tcp: &[String],
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use sidenet_controller::selfcheck;
+    let mut failed = false;
+    let mut report = |what: String, r: Result<String, String>| match r {
+        Ok(m) => println!("ok   {what}: {m}"),
+        Err(e) => {
+            failed = true;
+            println!("FAIL {what}: {e}");
+        }
+    };
+    for u in http {
+        report(
+            format!("GET {u}"),
+            selfcheck::http_ok(u, timeout).map(|()| "200".into()),
+        );
+    }
+    for a in mqtt {
+        report(
+            format!("MQTT {a}"),
+            selfcheck::mqtt_connack(a, timeout).map(|rc| format!("CONNACK, return code {rc}")),
+        );
+    }
+    for a in tcp {
+        report(
+            format!("TCP {a}"),
+            selfcheck::tcp_open(a, timeout).map(|()| "accepted".into()),
+        );
+    }
+    if http.is_empty() && mqtt.is_empty() && tcp.is_empty() {
+        eprintln!("sidenet-controller check: nothing to check (give --http, --mqtt or --tcp)");
+        return ExitCode::from(2);
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -206,9 +268,18 @@ async fn main() -> ExitCode {
         sidenet_controller::cli::completions(shell, Args::command());
         return ExitCode::SUCCESS;
     }
+    if let Mode::Check {
+        http,
+        mqtt,
+        tcp,
+        timeout,
+    } = &args.mode
+    {
+        return check(http, mqtt, tcp, std::time::Duration::from_secs(*timeout));
+    }
     init_logs(args.log_json);
     match args.mode {
-        Mode::Completions { .. } => ExitCode::SUCCESS,
+        Mode::Completions { .. } | Mode::Check { .. } => ExitCode::SUCCESS,
         Mode::Standalone {
             mut manifests,
             profiles,

@@ -69,9 +69,11 @@ pub struct MeshSpec {
     /// The mesh name nodes join by. It is also the 802.11s mesh id and part of every MQTT topic:
     /// lowercase letters, digits and '-', at most 32 characters. Defaults to `metadata.name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = patterns::LABEL), length(min = 1, max = 32))]
     pub network_name: Option<String>,
     /// The mesh's IPv6 unique local prefix, a /48 inside fc00::/7 (e.g. fd5e:1d0e:7a00::/48).
     /// Each node gets its own /64 from it.
+    #[schemars(regex(pattern = patterns::ULA48), length(max = 45))]
     pub prefix: String,
     /// Radio settings shared by all nodes (nodes may override the channel and tx power).
     pub radio: RadioSpec,
@@ -99,6 +101,7 @@ pub struct MeshSpec {
 pub struct RadioSpec {
     /// ISO 3166-1 alpha-2 country code, which sets the regulatory domain (e.g. DE, US, GB): any
     /// country of the Linux wireless-regdb, whose rules the channels and widths must follow.
+    #[schemars(regex(pattern = patterns::COUNTRY))]
     pub country: String,
     /// The band the mesh (802.11s) interface uses.
     pub mesh_band: Band,
@@ -208,8 +211,10 @@ pub struct PassphraseRotation {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Secret name.
+    #[schemars(regex(pattern = patterns::SUBDOMAIN), length(min = 1, max = 253))]
     pub name: String,
     /// Key within the Secret.
+    #[schemars(regex(pattern = patterns::SECRET_KEY), length(min = 1, max = 253))]
     pub key: String,
 }
 
@@ -287,6 +292,10 @@ impl EnrollmentMode {
 /// One mesh policy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.type == 'rateLimit' ? has(self.rateKbit) : !has(self.rateKbit)",
+    "message": "rateKbit is required for type rateLimit and allowed only there"
+}]))]
 pub struct Policy {
     /// Policy type: `noInternet` (never forward side-net traffic to an internet uplink),
     /// `allowInternet` (gateways listed in `nodes` may forward it), or `rateLimit`.
@@ -294,6 +303,7 @@ pub struct Policy {
     pub type_: PolicyType,
     /// Nodes (by MeshNode name or node id) the policy applies to; empty means all nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = patterns::SUBDOMAIN), length(min = 1, max = 253)))]
     pub nodes: Vec<String>,
     /// For `rateLimit`: egress limit of side-net traffic per node, in kbit/s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -400,9 +410,11 @@ pub struct Condition {
 #[serde(rename_all = "camelCase")]
 pub struct MeshNodeSpec {
     /// Name of the Mesh this node belongs to (its `metadata.name`).
+    #[schemars(regex(pattern = patterns::SUBDOMAIN), length(min = 1, max = 253))]
     pub mesh: String,
     /// Node id: derived from the node's public key (16 base32 characters). Shown by the agent
     /// at start and in enrolment requests.
+    #[schemars(regex(pattern = patterns::LABEL), length(min = 1, max = 63))]
     pub node_id: String,
     /// The node's ed25519 public key (base64). Learnt at enrolment when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +422,7 @@ pub struct MeshNodeSpec {
     /// Name of the HardwareProfile of this device. When omitted, the profile is matched from the
     /// board name the node reports at enrolment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = patterns::SUBDOMAIN), length(min = 1, max = 253))]
     pub hardware_profile: Option<String>,
     /// Role of the node.
     #[serde(default)]
@@ -460,6 +473,7 @@ pub struct NodeOverrides {
     pub tx_power: Option<u32>,
     /// Hostname (a DNS label). Defaults to the MeshNode name or the name the node reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = patterns::LABEL), length(min = 1, max = 63))]
     pub hostname: Option<String>,
 }
 
@@ -714,6 +728,26 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     out
 }
 
+/// Patterns the CRD schemas carry for the API server (admission refuses a non-matching object;
+/// standalone mode leaves them to the controller's own checks, which say more: see
+/// [`strict_schema`]). They accept exactly what those checks accept, or more, never less.
+pub mod patterns {
+    /// A mesh name or node id (`sidenet_wire::names`): lowercase letters, digits and '-', not at
+    /// either end.
+    pub const LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+    /// A Kubernetes object name (DNS-1123 subdomain), at most 253 characters.
+    pub const SUBDOMAIN: &str =
+        "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+    /// A key of a Secret's data.
+    pub const SECRET_KEY: &str = "^[-._a-zA-Z0-9]+$";
+    /// An IPv6 unique local /48: the first group fc00-fdff written with four digits, then groups
+    /// of hex digits and colons, then `/48` (the controller checks the rest: a valid address,
+    /// no host bits).
+    pub const ULA48: &str = "^[fF][cdCD][0-9a-fA-F]{2}(:[0-9a-fA-F]{0,4}){1,7}/48$";
+    /// An ISO 3166-1 alpha-2 country code in capitals, or wireless-regdb's world domain `00`.
+    pub const COUNTRY: &str = "^([A-Z]{2}|00)$";
+}
+
 /// The largest integer every JSON implementation reads exactly (2^53 - 1): the bound of the
 /// `u64` fields.
 pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
@@ -792,6 +826,15 @@ pub fn strict_schema(kind: &str) -> Option<serde_json::Value> {
 fn make_strict(v: &mut serde_json::Value, top: bool) {
     match v {
         serde_json::Value::Object(map) => {
+            // Admission-only rules ([`patterns`], CEL): the controller's own checks of the same
+            // fields give better messages (file, document, field, what was expected). A field
+            // named `pattern` is a property, not a keyword: only strip strings here.
+            if map.get("pattern").is_some_and(serde_json::Value::is_string) {
+                map.remove("pattern");
+                map.remove("minLength");
+                map.remove("maxLength");
+            }
+            map.remove("x-kubernetes-validations");
             let preserve = map
                 .get("x-kubernetes-preserve-unknown-fields")
                 .and_then(|b| b.as_bool())
@@ -884,6 +927,54 @@ mod tests {
             .find(|(p, _)| p.contains("5g.properties.channel"))
             .unwrap();
         assert_eq!(channel.1["maximum"], serde_json::json!(233.0));
+    }
+
+    /// The admission rules are in the CRDs the API server gets, and only there: standalone mode
+    /// checks the same fields itself, with messages that name the file and document.
+    #[test]
+    fn crds_carry_patterns_and_cel_rules_and_the_strict_schema_does_not() {
+        let crd = |kind: &str| {
+            let c = crds()
+                .into_iter()
+                .find(|(_, c)| c.spec.names.kind == kind)
+                .unwrap()
+                .1;
+            serde_json::to_value(&c.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone()
+        };
+        let mesh = crd("Mesh");
+        let spec = &mesh["properties"]["spec"]["properties"];
+        assert_eq!(spec["prefix"]["pattern"], patterns::ULA48);
+        assert_eq!(
+            spec["radio"]["properties"]["country"]["pattern"],
+            patterns::COUNTRY
+        );
+        assert_eq!(spec["networkName"]["pattern"], patterns::LABEL);
+        assert_eq!(spec["networkName"]["maxLength"], 32);
+        let policy = &spec["policies"]["items"];
+        assert!(
+            policy["x-kubernetes-validations"][0]["rule"]
+                .as_str()
+                .unwrap()
+                .contains("rateLimit")
+        );
+        let node = crd("MeshNode");
+        let spec = &node["properties"]["spec"]["properties"];
+        assert_eq!(spec["nodeId"]["pattern"], patterns::LABEL);
+        assert_eq!(
+            spec["overrides"]["properties"]["hostname"]["pattern"],
+            patterns::LABEL
+        );
+
+        let strict = serde_json::to_string(&strict_schema("Mesh").unwrap()).unwrap();
+        assert!(!strict.contains("\"pattern\"") && !strict.contains("x-kubernetes-validations"));
+        // A property that happens to be called `pattern` would stay (none exists today).
+        let mut v =
+            serde_json::json!({"properties": {"pattern": {"type": "string", "pattern": "^a$"}}});
+        make_strict(&mut v, false);
+        assert_eq!(
+            v["properties"]["pattern"],
+            serde_json::json!({"type": "string"})
+        );
     }
 
     #[test]

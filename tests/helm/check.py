@@ -57,7 +57,6 @@ CONTRACT_ENV = {
     "SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY",
 }
 LEASE_NAME = "sidenet-controller"
-MESH_KINDS = ["meshes", "meshnodes", "nodeprovisions"]
 
 failures: list[str] = []
 
@@ -212,16 +211,22 @@ def check_contract(where: str, dep: dict) -> dict:
     metrics = value("SIDENET_METRICS_LISTEN") or ""
     if "metrics" not in ports or port_of(metrics) != ports["metrics"]:
         fail(where, f"SIDENET_METRICS_LISTEN {metrics!r} does not match container port 'metrics' {ports.get('metrics')}")
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = c.get(probe, {}).get("httpGet", {})
         if get.get("path") != path or get.get("port") != "metrics":
             fail(where, f"{probe} must GET {path} on port 'metrics', is {get}")
 
-    embedded = "mqtt" in ports
+    embedded = "SIDENET_BROKER" not in env
     if embedded:
         listen = value("SIDENET_LISTEN") or ""
-        if port_of(listen) != ports["mqtt"]:
-            fail(where, f"SIDENET_LISTEN {listen!r} does not match container port 'mqtt' {ports['mqtt']}")
+        if "mqtt" in ports:
+            if port_of(listen) != ports["mqtt"] or not listen.startswith("0.0.0.0:"):
+                fail(where, f"SIDENET_LISTEN {listen!r} does not match container port 'mqtt' {ports['mqtt']}")
+        elif "mqtts" not in ports:
+            fail(where, "embedded broker without a container port 'mqtt' or 'mqtts'")
+        elif not listen.startswith("127.0.0.1:"):
+            # TLS only: plain MQTT must stay inside the pod.
+            fail(where, f"TLS only, but SIDENET_LISTEN {listen!r} is not on 127.0.0.1")
         for name in ("SIDENET_BROKER", "SIDENET_BROKER_USERNAME", "SIDENET_BROKER_PASSWORD", "SIDENET_BROKER_CA"):
             if name in env:
                 fail(where, f"embedded broker, but {name} is set")
@@ -282,36 +287,77 @@ def check_contract(where: str, dep: dict) -> dict:
         "watch": watch or "",
         "leader": value("SIDENET_LEADER_ELECTION") == "true",
         "ports": ports,
+        "tls_only": embedded and "mqtt" not in ports,
     }
 
 
-def expected_permissions(release_ns: str, facts: dict) -> set:
-    """(scope, apiGroup, resource, verb, resourceName) the contract grants; scope "*" = cluster."""
-    scope = facts["watch"] or "*"
+RBAC_TABLE: list[dict] = []
+
+
+def load_rbac_table(path: str) -> None:
+    """The table between `<!-- rbac-table:begin -->` and `<!-- rbac-table:end -->` of
+    docs/helm.md: one dict per row (where, group, resource, verbs, names)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"<!-- rbac-table:begin -->\n(.*?)<!-- rbac-table:end -->", text, re.S)
+    if not m:
+        fail(path, "no <!-- rbac-table:begin --> ... <!-- rbac-table:end --> table")
+        return
+    rows = [line for line in m.group(1).splitlines() if line.startswith("|")][2:]
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 6:
+            fail(path, f"RBAC table row with {len(cells)} cells, expected 6: {line}")
+            continue
+        where, group, resource, verbs, names, _why = cells
+        group = "" if group == "core" else group.strip("`")
+        if where not in ("watched", "cluster", "default, elsewhere", "release, leader"):
+            fail(path, f"RBAC table: unknown 'Where' {where!r}")
+            continue
+        RBAC_TABLE.append({
+            "where": where,
+            "group": group,
+            "resource": resource.strip("`"),
+            "verbs": [v.strip() for v in verbs.split(",")],
+            "names": names,
+        })
+    if not RBAC_TABLE:
+        fail(path, "the RBAC table has no rows")
+
+
+def expected_permissions(release_ns: str, facts: dict, values: dict) -> set:
+    """(scope, apiGroup, resource, verb, resourceName) the documented table grants this variant;
+    scope "*" = cluster-wide, else a namespace."""
+    watched = facts["watch"] or "*"
     perms = set()
-    for r in MESH_KINDS:
-        for v in ("get", "list", "watch", "patch"):
-            perms.add((scope, "sidenet.io", r, v, "*"))
-        perms.add((scope, "sidenet.io", f"{r}/status", "patch", "*"))
-        perms.add((scope, "sidenet.io", f"{r}/finalizers", "update", "*"))
-    perms.add((scope, "sidenet.io", "meshnodes", "create", "*"))
-    for v in ("get", "create", "patch"):
-        perms.add((scope, "", "secrets", v, "*"))
-    for g in ("", "events.k8s.io"):
-        for v in ("create", "patch"):
-            perms.add((scope, g, "events", v, "*"))
-            # Events about HardwareProfiles (cluster-scoped) go to `default`.
-            perms.add(("*" if scope == "*" else "default", g, "events", v, "*"))
-    for v in ("get", "list", "watch"):
-        perms.add(("*", "sidenet.io", "hardwareprofiles", v, "*"))
-    if facts["leader"]:
-        perms.add((release_ns, "coordination.k8s.io", "leases", "create", "*"))
-        for v in ("get", "update"):
-            perms.add((release_ns, "coordination.k8s.io", "leases", v, LEASE_NAME))
+    for row in RBAC_TABLE:
+        where = row["where"]
+        if where == "watched":
+            scope = watched
+        elif where == "cluster":
+            scope = "*"
+        elif where == "default, elsewhere":
+            if watched in ("*", "default"):
+                continue
+            scope = "default"
+        else:  # release, leader
+            if not facts["leader"]:
+                continue
+            scope = release_ns
+        names = row["names"]
+        if names == "any":
+            names_list = ["*"]
+        elif names.startswith("`rbac.secretNames`"):
+            names_list = values.get("rbac", {}).get("secretNames") or ["*"]
+        else:
+            names_list = [n.strip().strip("`") for n in names.split(",")]
+        for v in row["verbs"]:
+            for n in names_list:
+                perms.add((scope, row["group"], row["resource"], v, n))
     return perms
 
 
-def check_rbac(where: str, docs: list[dict], release_ns: str, sa: str, facts: dict) -> None:
+def check_rbac(where: str, docs: list[dict], release_ns: str, sa: str, facts: dict, values: dict) -> None:
     roles = {}
     for d in docs:
         if d["kind"] == "Role":
@@ -349,11 +395,76 @@ def check_rbac(where: str, docs: list[dict], release_ns: str, sa: str, facts: di
                             granted.add((scope, g, r, v, rn))
     for key in sorted(set(roles) - used_roles, key=str):
         fail(where, f"{key[0]}/{key[2]} is bound to nobody")
-    want = expected_permissions(release_ns, facts)
+    # A cluster-wide grant covers every namespace: a namespaced copy of it is no extra right.
+    granted = {p for p in granted if p[0] == "*" or ("*",) + p[1:] not in granted}
+    want = expected_permissions(release_ns, facts, values)
     for p in sorted(granted - want):
         fail(where, f"RBAC grants more than the contract: {fmt_perm(p)}")
     for p in sorted(want - granted):
         fail(where, f"RBAC lacks a permission of the contract: {fmt_perm(p)}")
+
+
+def check_hardening(where: str, docs: list[dict], dep: dict, facts: dict, pod_labels: dict, release_ns: str) -> None:
+    """High availability, NetworkPolicy and the `helm test` Pod (docs/helm.md)."""
+    pod = dep["spec"]["template"]["spec"]
+    replicas = dep["spec"].get("replicas", 1)
+    if replicas > 1:
+        anti = pod.get("affinity", {}).get("podAntiAffinity", {})
+        spread = pod.get("topologySpreadConstraints", [])
+        terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution", []) + [
+            t.get("podAffinityTerm", {}) for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        ]
+        if not any(matches(t.get("labelSelector", {}).get("matchLabels", {}), pod_labels) for t in terms) and not any(
+            matches(c.get("labelSelector", {}).get("matchLabels", {}), pod_labels) for c in spread
+        ):
+            fail(where, f"{replicas} replicas, but no pod anti-affinity or topology spread selects the controller pods")
+    ports = facts["ports"]
+    for np in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        spec = np["spec"]
+        if not matches(spec["podSelector"].get("matchLabels", {}), pod_labels):
+            fail(where, "the NetworkPolicy selects no controller pod")
+        if sorted(spec.get("policyTypes", [])) != ["Egress", "Ingress"]:
+            fail(where, "the NetworkPolicy must restrict both Ingress and Egress")
+        opened = {p.get("port") for r in spec.get("ingress", []) for p in r.get("ports", [])}
+        if opened != set(ports):
+            fail(where, f"the NetworkPolicy opens ports {sorted(map(str, opened))}, the container serves {sorted(ports)}")
+        egress_ports = {p.get("port") for r in spec.get("egress", []) for p in r.get("ports", [])}
+        if 53 not in egress_ports:
+            fail(where, "the NetworkPolicy allows no DNS")
+        for r in spec.get("egress", []):
+            if not r.get("ports"):
+                fail(where, f"a NetworkPolicy egress rule without ports allows everything: {r}")
+    services = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service"}
+    tests = [d for d in docs if d["kind"] == "Pod"]
+    for t in tests:
+        tname = t["metadata"]["name"]
+        if t["metadata"].get("annotations", {}).get("helm.sh/hook") != "test":
+            fail(where, f"Pod {tname} is not a helm test hook")
+        if matches(dep["spec"]["selector"]["matchLabels"], t["metadata"].get("labels", {})):
+            fail(where, f"the test Pod {tname} carries the controller's selector labels: Services would route to it")
+        args = t["spec"]["containers"][0].get("args", [])
+        if args[:1] != ["check"] or len(args) < 3:
+            fail(where, f"the test Pod {tname} runs {args}, expected `check` with at least one target")
+        for flag, target in zip(args[1::2], args[2::2]):
+            m = re.fullmatch(r"(?:http://)?([a-z0-9-]+)\.([a-z0-9-]+)\.svc:([0-9]+)(/readyz)?", target)
+            if not m:
+                fail(where, f"the test Pod checks {flag} {target}, not a Service of the release")
+                continue
+            svc = services.get(m.group(1))
+            if svc is None or m.group(2) != release_ns:
+                fail(where, f"the test Pod checks {target}, which is no rendered Service")
+                continue
+            targets = {p["port"]: p.get("targetPort") for p in svc["spec"]["ports"]}
+            want = {"--http": "metrics", "--mqtt": "mqtt", "--tcp": "mqtts"}.get(flag)
+            if targets.get(int(m.group(3))) != want:
+                fail(where, f"the test Pod checks {flag} {target}, but that Service port targets {targets.get(int(m.group(3)))!r}, not {want!r}")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def fmt_perm(p: tuple) -> str:
@@ -387,7 +498,8 @@ def first_difference(a, b, path: str = "") -> str | None:
 
 
 def check_variant(
-    name: str, path: str, expect: str, custom_kinds: dict, profiles: dict, work: str, seen: set
+    name: str, path: str, expect: str, custom_kinds: dict, profiles: dict, work: str, seen: set,
+    values: dict,
 ) -> list[dict]:
     """Returns the variant's custom resources; writes its built-in objects for kubernetes-validate
     (those no earlier variant rendered identically: `seen`)."""
@@ -428,7 +540,8 @@ def check_variant(
     sas = [d for d in docs if d["kind"] == "ServiceAccount"]
     if sas and [s["metadata"]["name"] for s in sas] != [sa]:
         fail(where, f"ServiceAccount {[s['metadata']['name'] for s in sas]} is not the pods' {sa}")
-    check_rbac(where, docs, release_ns, sa, facts)
+    check_rbac(where, docs, release_ns, sa, facts, values)
+    check_hardening(where, docs, dep, facts, pod_labels, release_ns)
 
     services = [d for d in docs if d["kind"] == "Service"]
     for s in services:
@@ -440,9 +553,14 @@ def check_variant(
         for p in s["spec"]["ports"]:
             if p.get("targetPort") not in facts["ports"]:
                 fail(where, f"Service {sname} targets port {p.get('targetPort')!r}, which the container does not name")
-    mqtt = [s for s in services if any(p.get("targetPort") == "mqtt" for p in s["spec"]["ports"])]
+    mqtt = [s for s in services if any(p.get("targetPort") in ("mqtt", "mqtts") for p in s["spec"]["ports"])]
     if facts["embedded"] != bool(mqtt):
         fail(where, f"embedded broker is {facts['embedded']}, but {len(mqtt)} MQTT Service(s) rendered")
+    if facts["tls_only"]:
+        for s in mqtt:
+            for p in s["spec"]["ports"]:
+                if p.get("targetPort") != "mqtts" or p.get("port") == 1883:
+                    fail(where, f"TLS is on, but Service {s['metadata']['name']} exposes {p}: no plaintext MQTT")
 
     replicas = dep["spec"].get("replicas", 1)
     pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
@@ -509,6 +627,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     work, crd_dir, variants_tsv, profiles_dir, *examples = argv[1:]
+    load_rbac_table(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "helm.md"))
+    with open(os.path.join(crd_dir, "..", "values.yaml"), encoding="utf-8") as f:
+        defaults = yaml.load(f, Loader=LOADER)
     for sub in ("schemas", "builtin", "custom"):
         os.makedirs(os.path.join(work, sub), exist_ok=True)
 
@@ -538,9 +659,13 @@ def main(argv: list[str]) -> int:
     seen_builtin: set[str] = set()
     with open(variants_tsv, encoding="utf-8") as f:
         for line in f:
-            name, path, expect = (line.rstrip("\n").split("\t") + [""])[:3]
+            name, path, expect, values_file = (line.rstrip("\n").split("\t") + ["", ""])[:4]
             variants += 1
-            for i, d in enumerate(check_variant(name, path, expect, custom_kinds, profiles, work, seen_builtin)):
+            values = defaults
+            if values_file:
+                with open(values_file, encoding="utf-8") as vf:
+                    values = deep_merge(defaults, yaml.load(vf, Loader=LOADER) or {})
+            for i, d in enumerate(check_variant(name, path, expect, custom_kinds, profiles, work, seen_builtin, values)):
                 add_custom(f"{name}#{i}-{d['metadata']['name']}", d)
 
     example_builtin = []

@@ -124,7 +124,37 @@ the Deployment, so `helm lint`, `helm template` and `helm install` all stop on t
 {{- fail "broker.embedded.service.loadBalancerSourceRanges needs type LoadBalancer" }}
 {{- end }}
 {{- end }}
+{{- /* Port clashes inside the pod and on the MQTT Service. */}}
+{{- $ports := dict (toString (int $v.metrics.containerPort)) "metrics.containerPort" }}
+{{- if eq $v.broker.mode "embedded" }}
+{{- $e := $v.broker.embedded }}
+{{- $cp := toString (int $e.containerPort) }}
+{{- if hasKey $ports $cp }}
+{{- fail (printf "broker.embedded.containerPort %s is also %s: each listener of the pod needs its own port" $cp (get $ports $cp)) }}
+{{- end }}
+{{- $_ := set $ports $cp "broker.embedded.containerPort" }}
+{{- if $e.tls.secretName }}
+{{- $tp := toString (int $e.tls.containerPort) }}
+{{- if hasKey $ports $tp }}
+{{- fail (printf "broker.embedded.tls.containerPort %s is also %s: each listener of the pod needs its own port" $tp (get $ports $tp)) }}
+{{- end }}
+{{- if and $e.tls.plaintext (eq (int $e.tls.servicePort) (int $e.service.port)) }}
+{{- fail (printf "broker.embedded.tls.servicePort %d is also broker.embedded.service.port: the MQTT Service needs two ports for plain MQTT and MQTT over TLS" (int $e.tls.servicePort)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (not $v.serviceAccount.create) (not $v.serviceAccount.name) }}
 {{- fail "serviceAccount.create=false needs serviceAccount.name (an existing ServiceAccount bound to the RBAC this chart creates)" }}
 {{- end }}
+{{- end }}
+
+{{/*
+Port of broker.external.url: the one it names, else 1883 (mqtt://) or 8883 (mqtts://), as the
+controller reads it.
+*/}}
+{{- define "sidenet.brokerPort" -}}
+{{- $url := .Values.broker.external.url }}
+{{- $hostport := trimSuffix "/" (regexReplaceAll "^mqtts?://" $url "") }}
+{{- $m := regexFind ":[0-9]+$" $hostport }}
+{{- if $m }}{{ trimPrefix ":" $m }}{{ else if hasPrefix "mqtts://" $url }}8883{{ else }}1883{{ end }}
 {{- end }}
