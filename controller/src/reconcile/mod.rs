@@ -5,6 +5,7 @@ pub mod admission;
 pub mod air;
 pub mod core;
 pub mod credentials;
+pub mod diff;
 pub mod health;
 pub mod model;
 pub mod peers;
