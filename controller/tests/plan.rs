@@ -136,7 +136,7 @@ fn normalise(text: &str) -> String {
 }
 
 fn check_golden(name: &str, got: &str, mismatches: &mut Vec<String>) {
-    let path = repo().join(format!("controller/tests/golden/plan/{name}"));
+    let path = repo().join(format!("controller/tests/golden-plan/{name}"));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, got).unwrap();

@@ -11,4 +11,5 @@ pub mod model;
 pub mod peers;
 pub mod pending;
 pub mod render;
+pub mod rollout;
 pub mod store;
