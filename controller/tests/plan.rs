@@ -414,7 +414,8 @@ fn a_plan_of_a_running_mesh_matches_what_is_then_published() {
         "---\napiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: n1\nspec:\n  mesh: riverside\n  nodeId: {}\n  hardwareProfile: {LINUX}\n  overrides:\n    hostname: riverside-n1\n",
         node_of(&roots[1])
     );
-    write_manifests(&next, &channel44(mesh_text()), &[n1]);
+    // One file changes (a change of two files may be read half done, between the renames).
+    write_manifests(&next, &format!("{}{n1}", channel44(mesh_text())), &[]);
     let plan = |dir: &Path| {
         let out = Command::new(bin("sidenetctl"))
             .args(["plan", "--json", "-f"])
@@ -431,8 +432,46 @@ fn a_plan_of_a_running_mesh_matches_what_is_then_published() {
                 .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr))),
         )
     };
-    let (code, same) = plan(&manifests);
-    assert_eq!(code, Some(0), "{same:?}");
+    // The mesh settles first: agents report their WireGuard keys after their first config, and
+    // the neighbours' configs change with them. Settled: every node runs its desired revision
+    // and nothing is left to publish, unchanged for 5 s (more than two status intervals).
+    let desired_now = || -> Option<Vec<(String, u64)>> {
+        let Response::Status { nodes, .. } = admin::call(&state, &Request::Status).ok()? else {
+            return None;
+        };
+        let ready = nodes.len() == 4
+            && nodes
+                .iter()
+                .all(|n| n.applied.is_some() && n.applied == n.desired);
+        let mut d: Vec<(String, u64)> = nodes
+            .iter()
+            .map(|n| (n.node.clone(), n.desired.map_or(0, |r| r.rev)))
+            .collect();
+        d.sort();
+        ready.then_some(d)
+    };
+    let mut stable: Option<(Vec<(String, u64)>, std::time::Instant)> = None;
+    wait_for(
+        "the mesh to settle",
+        WAIT,
+        || {
+            let now = desired_now().filter(|_| plan(&manifests).0 == Some(0));
+            match (now, &stable) {
+                (Some(d), Some((s, since))) if *s == d => {
+                    (since.elapsed() >= Duration::from_secs(5)).then_some(())
+                }
+                (Some(d), _) => {
+                    stable = Some((d, std::time::Instant::now()));
+                    None
+                }
+                (None, _) => {
+                    stable = None;
+                    None
+                }
+            }
+        },
+        logs,
+    );
     let (code, report) = plan(&next);
     assert_eq!(code, Some(2));
     assert_eq!(report.summary.update, 4, "{}", report.to_text());
@@ -444,11 +483,9 @@ fn a_plan_of_a_running_mesh_matches_what_is_then_published() {
     assert!(n1_change.fields.iter().any(|f| f.field == "hostname"));
 
     // Put them in force; every node ends on exactly the planned revision.
-    for f in ["mesh.yaml", "nodes.yaml"] {
-        let tmp = manifests.join(format!(".{f}.new"));
-        std::fs::copy(next.join(f), &tmp).unwrap();
-        std::fs::rename(&tmp, manifests.join(f)).unwrap();
-    }
+    let tmp = dir.path().join("mesh.yaml.new");
+    std::fs::copy(next.join("mesh.yaml"), &tmp).unwrap();
+    std::fs::rename(&tmp, manifests.join("mesh.yaml")).unwrap();
     for c in &report.changes {
         let root = roots.iter().find(|r| node_of(r) == c.node).unwrap();
         wait_for(
@@ -471,7 +508,13 @@ fn a_plan_of_a_running_mesh_matches_what_is_then_published() {
         .iter()
         .map(|c| (c.node.clone(), c.revision.rev))
         .collect();
-    assert_eq!(planned, desired, "published revisions differ from the plan");
+    assert_eq!(
+        planned,
+        desired,
+        "published revisions differ from the plan:\n{}\n{}",
+        report.to_text(),
+        logs()
+    );
     // And planning again now finds nothing to do.
     let (code, again) = plan(&manifests);
     assert_eq!(code, Some(0), "{}", again.to_text());
