@@ -54,6 +54,13 @@ pub enum Request {
         /// Node id or MeshNode name.
         node: String,
     },
+    /// What putting these manifests in force would publish (`sidenetctl plan`): the
+    /// controller reads the files and folders itself (it runs on the same host), checks them,
+    /// and compares against what it has published. Nothing is applied.
+    Plan {
+        /// Manifest files and folders (absolute paths), hardware profiles included.
+        files: Vec<std::path::PathBuf>,
+    },
 }
 
 /// A response.
@@ -120,6 +127,11 @@ pub enum Response {
     Render {
         /// The config.
         config: Box<NodeConfig>,
+    },
+    /// A plan.
+    Plan {
+        /// What would change.
+        report: Box<crate::reconcile::diff::PlanReport>,
     },
     /// The request failed.
     Error {

@@ -116,3 +116,36 @@ pub fn join_code(
         .public();
     Ok((key, sidenet_wire::join::JoinCode::new(mesh, &key)))
 }
+
+/// `sidenetctl plan --offline`: the plan against a stopped controller's state folder, with the
+/// controller's own secrets (a mesh new in the manifests gets its key there, as on a start).
+pub fn plan_offline(
+    files: &[std::path::PathBuf],
+    state: &std::path::Path,
+    templates: &std::path::Path,
+) -> Result<crate::reconcile::diff::PlanReport, String> {
+    let set = crate::spec::manifest::load(files).map_err(|e| e.to_string())?;
+    let db = state.join("sidenet.redb");
+    if !db.is_file() {
+        return Err(format!(
+            "--state {}: no controller state there ({} is missing)",
+            state.display(),
+            db.display()
+        ));
+    }
+    let store = crate::reconcile::store::Store::open(&db, crate::now()).map_err(|e| {
+        format!(
+            "{}: {e} (a running controller holds it: plan without --offline)",
+            db.display()
+        )
+    })?;
+    let renderer =
+        crate::reconcile::render::Renderer::load(templates).map_err(|e| e.to_string())?;
+    let mut ctl = crate::reconcile::core::Controller::new(
+        store,
+        renderer,
+        Box::new(crate::standalone::FsSecrets::new(state)),
+    );
+    ctl.plan_changes(set, crate::now())
+        .map_err(|e| e.to_string())
+}

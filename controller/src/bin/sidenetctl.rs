@@ -64,6 +64,34 @@ enum Cmd {
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
     },
+    /// Show what putting these manifests in force would publish: each node that would get a
+    /// new revision, with a unified diff of each changed file (secrets masked), and counts.
+    /// Asks the running controller, or with --offline reads the state folder of a stopped one.
+    /// Exit status: 0 nothing changes, 2 something changes, 1 error.
+    Plan {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Hardware profile folder(s) to load with them [default: hardware-profiles, when the
+        /// working directory has it].
+        #[arg(long, value_delimiter = ',')]
+        profiles: Option<Vec<PathBuf>>,
+        /// State folder of the controller.
+        #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+        state: PathBuf,
+        /// Plan against the state folder directly (the controller must be stopped).
+        #[arg(long)]
+        offline: bool,
+        /// Template folder, for --offline.
+        #[arg(long, default_value = "templates")]
+        templates: PathBuf,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value = "table")]
+        output: Output,
+        /// The same as `-o json`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Nodes: phase, online, desired vs applied revision, last seen.
     Status {
         /// State folder of the running controller.
@@ -318,6 +346,41 @@ fn run(args: Args) -> Result<ExitCode, String> {
                 None => print_config(&config),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plan {
+            files,
+            profiles,
+            state,
+            offline,
+            templates,
+            output,
+            json,
+        } => {
+            let files = with_profiles(files, profiles)?;
+            let report = if offline {
+                sidenet_controller::cli::plan_offline(&files, &state, &templates)?
+            } else {
+                let files = files
+                    .iter()
+                    .map(|f| std::path::absolute(f).map_err(|e| format!("-f {}: {e}", f.display())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                match admin::call(&state, &Request::Plan { files })? {
+                    Response::Plan { report } => *report,
+                    Response::Error { message } => return Err(message),
+                    other => return Err(format!("unexpected answer: {other:?}")),
+                }
+            };
+            if json || matches!(output, Output::Json) {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                outln!("{text}");
+            } else {
+                out!("{}", report.to_text());
+            }
+            Ok(if report.changes_anything() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Cmd::Status { state, output } => match admin::call(&state, &Request::Status)? {
             Response::Status {

@@ -747,6 +747,15 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
                 Err(e) => fail(&e),
             }
         }
+        Request::Plan { files } => match crate::spec::manifest::load(&files) {
+            Ok(set) => match ctl.plan_changes(set, now) {
+                Ok(report) => Response::Plan {
+                    report: Box::new(report),
+                },
+                Err(e) => fail(&e),
+            },
+            Err(errs) => fail(&errs),
+        },
         Request::Render { node } => match ctl.preview(&node) {
             Ok(config) => Response::Render {
                 config: Box::new(config),

@@ -9,6 +9,7 @@
 //! one last published, nothing is rendered. Otherwise render, hash the body, and publish a new
 //! revision only if the body changed (or the signature is due for renewal).
 
+mod dryrun;
 mod enrol;
 mod keys;
 mod messages;

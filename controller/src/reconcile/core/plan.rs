@@ -592,6 +592,13 @@ pub(super) struct OwnedInputs {
 }
 
 impl OwnedInputs {
+    /// The secrets these inputs carry (masked in plans).
+    pub(super) fn secrets(&self) -> Vec<String> {
+        let mut v = vec![self.passphrase.clone()];
+        v.extend(self.passphrase_next.clone());
+        v
+    }
+
     fn from(i: &NodeInputs<'_>, mesh: &str, profile: &str) -> Self {
         Self {
             mesh: mesh.to_string(),
@@ -629,13 +636,13 @@ impl OwnedInputs {
 
 /// A node whose inputs changed: to be rendered and, if its content changed, signed.
 pub(super) struct Plan {
-    id: String,
-    net: String,
-    inputs: OwnedInputs,
+    pub(super) id: String,
+    pub(super) net: String,
+    pub(super) inputs: OwnedInputs,
     fingerprint: String,
-    prev: Option<Published>,
-    refresh_due: bool,
-    revision: Revision,
+    pub(super) prev: Option<Published>,
+    pub(super) refresh_due: bool,
+    pub(super) revision: Revision,
     key: KeyPair,
     /// The node's key, to seal secrets to.
     recipient: PublicKey,
@@ -644,18 +651,18 @@ pub(super) struct Plan {
     /// What `sealed` was sealed from (passphrase, broker password and node key hash).
     seal_id: String,
     /// The node's broker password.
-    mqtt_password: String,
+    pub(super) mqtt_password: String,
     validity: u64,
     dataplane: crate::reconcile::peers::Dataplane,
 }
 
 /// The result of rendering a plan.
 pub(super) struct Rendered {
-    sha256: String,
+    pub(super) sha256: String,
     /// The sealed secrets the config carries (kept for the next render).
     sealed: BTreeMap<String, String>,
     /// `None` when the content did not change (nothing to sign).
-    envelope: Option<Vec<u8>>,
+    pub(super) envelope: Option<Vec<u8>>,
 }
 
 /// A config's JSON body, as signed. The buffer is sized for the files' contents up front (a

@@ -1,0 +1,342 @@
+//! Staged rollouts, the decision part (not wired to publishing yet; see docs/rollouts.md):
+//! which wave each node is in, and when a rollout moves on, bakes, completes or halts. Pure
+//! functions of the spec, the rollout's progress and each node's health, so the standalone and
+//! Kubernetes adapters can share them and tests need no clock or broker.
+//!
+//! Waves are stable under membership changes: a node's place is a hash of the rollout id and
+//! its node id, a number in 0..10000 (basis points), and wave `i` holds the nodes whose place is
+//! below the wave's cumulative percentage. A node that comes online mid-rollout therefore lands
+//! in the wave it would have been in from the start, whatever other nodes joined or left.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Which nodes go first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Canary {
+    /// These node ids (or MeshNode names, resolved by the caller).
+    Nodes(Vec<String>),
+    /// This many nodes, the lowest places first.
+    Count(usize),
+    /// This percentage of the nodes (rounded up, at least one), the lowest places first.
+    Percent(u8),
+}
+
+/// How a new revision spreads over a mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    /// The canary wave.
+    pub canary: Canary,
+    /// Cumulative percentages of the remaining nodes after the canary, increasing, the last
+    /// 100 (e.g. `[25, 50, 100]`).
+    pub waves: Vec<u8>,
+    /// Seconds a wave must stay healthy before the next one starts.
+    pub bake_seconds: u64,
+    /// Failed nodes tolerated; one more halts the rollout.
+    pub failure_budget: usize,
+}
+
+/// What a node reports about the rollout's revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not applied and confirmed yet (or offline).
+    Waiting,
+    /// Applied, confirmed, neighbours back, probes within thresholds.
+    Healthy,
+    /// Rolled back, refused, or unhealthy: why.
+    Failed(String),
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Waves are being handed out.
+    Progressing,
+    /// An admin paused it: no new wave starts.
+    Paused,
+    /// Failures beyond the budget: stopped, reached nodes go back to the last good content.
+    Halted,
+    /// An admin aborted it: as halted.
+    Aborted,
+    /// Every wave healthy.
+    Complete,
+}
+
+/// A rollout's progress, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Identifies the rollout (e.g. the SHA-256 of the mesh spec it rolls out): it seeds the
+    /// node places, so each rollout orders nodes differently.
+    pub id: String,
+    /// Where it is.
+    pub phase: Phase,
+    /// The wave being handed out (0: the canary).
+    pub wave: usize,
+    /// When every node of `wave` was first seen healthy (baking since), if it is.
+    pub healthy_since: Option<u64>,
+    /// When each wave started, Unix seconds.
+    pub started: Vec<u64>,
+    /// Failed nodes and why.
+    pub failed: BTreeMap<String, String>,
+}
+
+impl Progress {
+    /// A new rollout at the canary wave.
+    pub fn new(id: &str, now: u64) -> Self {
+        Self {
+            id: id.to_string(),
+            phase: Phase::Progressing,
+            wave: 0,
+            healthy_since: None,
+            started: vec![now],
+            failed: BTreeMap::new(),
+        }
+    }
+}
+
+/// A node's place in rollout `id`, 0..10000.
+pub fn place(id: &str, node: &str) -> u32 {
+    let h = sidenet_wire::codec::sha256(format!("{id}\0{node}").as_bytes());
+    u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % 10_000
+}
+
+/// The waves of `nodes` (node ids) under `plan` for rollout `id`: wave 0 the canary, then one
+/// per entry of `plan.waves`. Every node is in exactly one wave; within a wave, by node id.
+pub fn waves(plan: &Plan, id: &str, nodes: &[String]) -> Vec<Vec<String>> {
+    let mut ranked: Vec<(u32, &String)> = nodes.iter().map(|n| (place(id, n), n)).collect();
+    ranked.sort();
+    let canary: BTreeSet<&String> = match &plan.canary {
+        Canary::Nodes(names) => nodes.iter().filter(|n| names.contains(n)).collect(),
+        Canary::Count(c) => ranked.iter().take(*c).map(|(_, n)| *n).collect(),
+        Canary::Percent(p) => {
+            let c = (nodes.len() * usize::from(*p)).div_ceil(100).max(1);
+            ranked.iter().take(c).map(|(_, n)| *n).collect()
+        }
+    };
+    let mut out = vec![canary.iter().map(|n| (*n).clone()).collect::<Vec<_>>()];
+    let mut bounds: Vec<u32> = plan.waves.iter().map(|p| u32::from(*p) * 100).collect();
+    if bounds.last() != Some(&10_000) {
+        bounds.push(10_000);
+    }
+    out.extend(bounds.iter().map(|_| Vec::new()));
+    for (p, n) in ranked {
+        if canary.contains(n) {
+            continue;
+        }
+        let w = bounds
+            .iter()
+            .position(|b| p < *b)
+            .unwrap_or(bounds.len() - 1);
+        out[w + 1].push(n.clone());
+    }
+    for w in &mut out {
+        w.sort();
+    }
+    out
+}
+
+/// The wave node `node` is in (for a node that comes online mid-rollout).
+pub fn wave_of(waves: &[Vec<String>], node: &str) -> Option<usize> {
+    waves.iter().position(|w| w.iter().any(|n| n == node))
+}
+
+/// One step: given each node's health, the progress after `now`. Handed-out waves are
+/// `0..=progress.wave`; a failure beyond the budget halts; a wave whose nodes are all healthy
+/// (failed nodes within the budget count as done) bakes for `bake_seconds`, then the next wave
+/// starts; after the last one the rollout is complete.
+pub fn step(
+    plan: &Plan,
+    progress: &Progress,
+    waves: &[Vec<String>],
+    health: &dyn Fn(&str) -> Health,
+    now: u64,
+) -> Progress {
+    let mut p = progress.clone();
+    if p.phase != Phase::Progressing && p.phase != Phase::Paused {
+        return p;
+    }
+    for w in waves.iter().take(p.wave + 1) {
+        for n in w {
+            if let Health::Failed(why) = health(n) {
+                p.failed.entry(n.clone()).or_insert(why);
+            }
+        }
+    }
+    if p.failed.len() > plan.failure_budget {
+        p.phase = Phase::Halted;
+        return p;
+    }
+    let current = waves.get(p.wave).map_or(&[][..], Vec::as_slice);
+    let done = current
+        .iter()
+        .all(|n| p.failed.contains_key(n) || health(n) == Health::Healthy);
+    if !done {
+        p.healthy_since = None;
+        return p;
+    }
+    let since = *p.healthy_since.get_or_insert(now);
+    if p.phase == Phase::Paused || now < since.saturating_add(plan.bake_seconds) {
+        return p;
+    }
+    if p.wave + 1 >= waves.len() {
+        p.phase = Phase::Complete;
+    } else {
+        p.wave += 1;
+        p.healthy_since = None;
+        p.started.push(now);
+    }
+    p
+}
+
+/// Whether node `node` may get the rollout's revision now: it is in a handed-out wave and the
+/// rollout is neither halted nor aborted.
+pub fn may_receive(progress: &Progress, waves: &[Vec<String>], node: &str) -> bool {
+    matches!(
+        progress.phase,
+        Phase::Progressing | Phase::Paused | Phase::Complete
+    ) && wave_of(waves, node).is_some_and(|w| w <= progress.wave)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node{i:03}")).collect()
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            canary: Canary::Count(2),
+            waves: vec![25, 50, 100],
+            bake_seconds: 30,
+            failure_budget: 0,
+        }
+    }
+
+    #[test]
+    fn every_node_is_in_one_wave_and_waves_grow_by_percentage() {
+        let nodes = ids(400);
+        let w = waves(&plan(), "r1", &nodes);
+        assert_eq!(w.len(), 4);
+        assert_eq!(w[0].len(), 2);
+        let all: BTreeSet<&String> = w.iter().flatten().collect();
+        assert_eq!(all.len(), 400);
+        assert_eq!(w.iter().map(Vec::len).sum::<usize>(), 400);
+        // About 25 % of the rest each in waves 1 and 2, 50 % in wave 3 (hash places).
+        assert!((60..140).contains(&w[1].len()), "{}", w[1].len());
+        assert!((60..140).contains(&w[2].len()), "{}", w[2].len());
+        assert!((150..250).contains(&w[3].len()), "{}", w[3].len());
+        let pct = Plan {
+            canary: Canary::Percent(10),
+            ..plan()
+        };
+        assert_eq!(waves(&pct, "r1", &nodes)[0].len(), 40);
+        let named = Plan {
+            canary: Canary::Nodes(vec!["node007".into(), "nobody".into()]),
+            ..plan()
+        };
+        assert_eq!(waves(&named, "r1", &nodes)[0], vec!["node007".to_string()]);
+    }
+
+    #[test]
+    fn a_node_joining_later_lands_in_the_wave_it_had_from_the_start() {
+        let nodes = ids(100);
+        let with_late = {
+            let mut n = nodes[..90].to_vec();
+            n.extend(nodes[95..].iter().cloned());
+            n
+        };
+        let p = Plan {
+            canary: Canary::Nodes(vec!["node000".into()]),
+            ..plan()
+        };
+        let full = waves(&p, "r1", &nodes);
+        let partial = waves(&p, "r1", &with_late);
+        for n in &with_late {
+            assert_eq!(wave_of(&full, n), wave_of(&partial, n), "{n}");
+        }
+    }
+
+    #[test]
+    fn waves_advance_after_baking_and_halt_beyond_the_budget() {
+        let nodes = ids(20);
+        let p = plan();
+        let w = waves(&p, "r1", &nodes);
+        let mut pr = Progress::new("r1", 1000);
+        let healthy_upto = |wave: usize| {
+            let w = w.clone();
+            move |n: &str| {
+                if wave_of(&w, n).unwrap() <= wave {
+                    Health::Healthy
+                } else {
+                    Health::Waiting
+                }
+            }
+        };
+        // The canary is not healthy yet: nothing moves.
+        pr = step(&p, &pr, &w, &|_| Health::Waiting, 1001);
+        assert_eq!((pr.wave, pr.healthy_since), (0, None));
+        // Healthy: bakes 30 s, then wave 1 starts.
+        pr = step(&p, &pr, &w, &healthy_upto(0), 1010);
+        assert_eq!((pr.wave, pr.healthy_since), (0, Some(1010)));
+        pr = step(&p, &pr, &w, &healthy_upto(0), 1039);
+        assert_eq!(pr.wave, 0);
+        pr = step(&p, &pr, &w, &healthy_upto(0), 1040);
+        assert_eq!((pr.wave, pr.started.clone()), (1, vec![1000, 1040]));
+        assert!(may_receive(&pr, &w, &w[1][0]) && !may_receive(&pr, &w, &w[2][0]));
+        // Paused: healthy waves do not advance.
+        pr.phase = Phase::Paused;
+        pr = step(&p, &pr, &w, &healthy_upto(1), 2000);
+        pr = step(&p, &pr, &w, &healthy_upto(1), 3000);
+        assert_eq!(pr.wave, 1);
+        pr.phase = Phase::Progressing;
+        pr = step(&p, &pr, &w, &healthy_upto(1), 3001);
+        assert_eq!(pr.wave, 2);
+        // One failure with a budget of 0: halted, nothing more is handed out.
+        let bad = w[2][0].clone();
+        let h = |n: &str| {
+            if n == bad {
+                Health::Failed("rolled back: probes lost".into())
+            } else {
+                Health::Healthy
+            }
+        };
+        pr = step(&p, &pr, &w, &h, 3002);
+        assert_eq!(pr.phase, Phase::Halted);
+        assert_eq!(pr.failed.keys().collect::<Vec<_>>(), vec![&bad]);
+        assert!(!may_receive(&pr, &w, &w[3][0]));
+        assert_eq!(step(&p, &pr, &w, &healthy_upto(9), 9999), pr);
+    }
+
+    #[test]
+    fn failures_within_the_budget_count_as_done_and_the_rollout_completes() {
+        let nodes = ids(10);
+        let p = Plan {
+            canary: Canary::Count(1),
+            waves: vec![100],
+            bake_seconds: 0,
+            failure_budget: 1,
+        };
+        let w = waves(&p, "r2", &nodes);
+        assert_eq!(w.len(), 2);
+        let bad = w[1][0].clone();
+        let h = |n: &str| {
+            if n == bad {
+                Health::Failed("refused".into())
+            } else {
+                Health::Healthy
+            }
+        };
+        let mut pr = Progress::new("r2", 0);
+        pr = step(&p, &pr, &w, &h, 1);
+        assert_eq!(pr.wave, 1);
+        pr = step(&p, &pr, &w, &h, 2);
+        assert_eq!((pr.phase, pr.failed.len()), (Phase::Complete, 1));
+    }
+}
