@@ -99,9 +99,8 @@ fn render_variant(
             .policies
             .retain(|p| p.type_ != PolicyType::NoInternet);
         mesh.spec.policies.push(Policy {
-            type_: PolicyType::AllowInternet,
             nodes: vec!["golden".into()],
-            rate_kbit: None,
+            ..Policy::new(PolicyType::AllowInternet)
         });
     }
     let inputs = NodeInputs {
