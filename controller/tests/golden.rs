@@ -117,6 +117,7 @@ fn render_variant(
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
         passphrase_next: None,
+        labels: None,
     };
     let mut ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
     if with_peers {

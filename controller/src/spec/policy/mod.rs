@@ -3,6 +3,7 @@
 //! the policy tests run at every load) and [`explain`] (`sidenetctl explain`).
 
 pub mod check;
+pub mod compile;
 pub mod eval;
 pub mod explain;
 pub mod schedule;
