@@ -278,6 +278,7 @@ fn render_sign(repo: &Path, nodes: usize, threads: usize) -> anyhow::Result<f64>
                             subnet_id: (i % 65_000 + 1) as u16,
                             passphrase: "bench passphrase",
                             passphrase_next: None,
+                            labels: None,
                         };
                         let Ok(config) =
                             sidenet_controller::reconcile::core::build_config(renderer, &inputs)
@@ -346,6 +347,7 @@ fn breakdown(repo: &Path, nodes: usize) -> anyhow::Result<Value> {
             subnet_id: (i % 65_000 + 1) as u16,
             passphrase: "bench passphrase",
             passphrase_next: None,
+            labels: None,
         };
         let s0 = Instant::now();
         let ctx = render::context(&inputs)?;
@@ -727,6 +729,7 @@ fn agent_apply(repo: &Path, iterations: u64) -> anyhow::Result<f64> {
         subnet_id: 7,
         passphrase: "bench passphrase",
         passphrase_next: None,
+        labels: None,
     };
     let mut config = sidenet_controller::reconcile::core::build_config(&renderer, &inputs)
         .map_err(anyhow::Error::msg)?;
@@ -907,6 +910,7 @@ fn netjsonconfig_per_s(repo: &Path, n: usize) -> anyhow::Result<f64> {
         subnet_id: 7,
         passphrase: "bench passphrase",
         passphrase_next: None,
+        labels: None,
     };
     let config = sidenet_controller::reconcile::core::build_config(&renderer, &inputs)
         .map_err(anyhow::Error::msg)?;

@@ -14,7 +14,8 @@
 //!    folder within limits, [`spec::parse`] checks each document against the JSON Schema from
 //!    the CRD types, [`spec::checks`] the set as a whole); [`spec::regdb`] the regulatory checks of channels, widths, DFS and tx power
 //!    (wireless-regdb);
-//!    [`spec::ipam`] one /64 per node out of the mesh /48; [`spec::openwrt`] the rules of a
+//!    [`spec::ipam`] one /64 per node out of the mesh /48; [`spec::policy`] rate windows,
+//!    allow/deny rules and policy tests (`docs/policies.md`); [`spec::openwrt`] the rules of a
 //!    guest on an OpenWrt household router (`sidenet_*` sections only, the radio rule).
 //! 2. [`reconcile`]: the pure reconcile core, no I/O but its state store. [`reconcile::model`]
 //!    (the types the layer shares), [`reconcile::credentials`] (per-node broker passwords),

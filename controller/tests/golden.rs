@@ -99,9 +99,8 @@ fn render_variant(
             .policies
             .retain(|p| p.type_ != PolicyType::NoInternet);
         mesh.spec.policies.push(Policy {
-            type_: PolicyType::AllowInternet,
             nodes: vec!["golden".into()],
-            rate_kbit: None,
+            ..Policy::new(PolicyType::AllowInternet)
         });
     }
     let inputs = NodeInputs {
@@ -118,6 +117,7 @@ fn render_variant(
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
         passphrase_next: None,
+        labels: None,
     };
     let mut ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
     if with_peers {

@@ -82,6 +82,7 @@ fn render(
         subnet_id: 0x1c2d,
         passphrase: "golden passphrase 1",
         passphrase_next: rotating.then_some("golden passphrase 2"),
+        labels: None,
     };
     let mut ctx = render::context(&inputs).unwrap();
     let mut dp = Dataplane::for_node(NODE);

@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //!
-//! - [`Mesh`]: one community mesh: name, prefix, radio, encryption, routing, enrolment, policies.
+//! - [`Mesh`]: one community mesh: name, prefix, radio, encryption, routing, enrolment, policies
+//!   (the policy types are in `policy.rs`).
 //! - [`MeshNode`]: one router or dongle host in a mesh.
 //! - [`HardwareProfile`]: the facts of one device model (radios, channels, ports, flash).
 //! - [`NodeProvision`]: hosts to install the agent on over SSH and enrol (`provision.rs`).
@@ -24,8 +25,10 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod policy;
 mod provision;
 pub mod yaml;
+pub use policy::*;
 pub use provision::*;
 
 /// API group of every sidenet kind.
@@ -86,9 +89,21 @@ pub struct MeshSpec {
     #[serde(default)]
     pub enrollment: EnrollmentSpec,
     /// Mesh policies. When no internet policy is listed, `noInternet` applies: traffic from the
-    /// side-net is never forwarded to an internet uplink.
+    /// side-net is never forwarded to an internet uplink. Rate limits, time windows, per-path
+    /// limits, allow/deny rules and how they combine: `docs/policies.md`.
     #[serde(default)]
     pub policies: Vec<Policy>,
+    /// The IANA time zone (e.g. `Europe/Berlin`) the `hh:mm` times of policy schedules and
+    /// policy tests are in. Required when a policy has a schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Named groups of nodes, for policies and policy tests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_groups: Vec<NodeGroup>,
+    /// Statements about the policies that must hold (checked by `sidenetctl validate` and at
+    /// every load; a failing one refuses the manifest set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_tests: Vec<PolicyTest>,
     /// How long a signed config stays valid, in seconds (default 30 days). The controller
     /// re-signs configs before they expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,40 +302,6 @@ impl EnrollmentMode {
             Self::Token => "token",
         }
     }
-}
-
-/// One mesh policy.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "self.type == 'rateLimit' ? has(self.rateKbit) : !has(self.rateKbit)",
-    "message": "rateKbit is required for type rateLimit and allowed only there"
-}]))]
-pub struct Policy {
-    /// Policy type: `noInternet` (never forward side-net traffic to an internet uplink),
-    /// `allowInternet` (gateways listed in `nodes` may forward it), or `rateLimit`.
-    #[serde(rename = "type")]
-    pub type_: PolicyType,
-    /// Nodes (by MeshNode name or node id) the policy applies to; empty means all nodes.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(inner(regex(pattern = patterns::SUBDOMAIN), length(min = 1, max = 253)))]
-    pub nodes: Vec<String>,
-    /// For `rateLimit`: egress limit of side-net traffic per node, in kbit/s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 64))]
-    pub rate_kbit: Option<u64>,
-}
-
-/// Policy types.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum PolicyType {
-    /// Never forward side-net traffic to an internet uplink (the default).
-    NoInternet,
-    /// Let the listed gateway nodes forward side-net traffic to their uplink.
-    AllowInternet,
-    /// Limit each node's side-net egress rate.
-    RateLimit,
 }
 
 /// Observed state of a mesh.

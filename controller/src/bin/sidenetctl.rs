@@ -39,6 +39,35 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         profiles: Option<Vec<PathBuf>>,
     },
+    /// Explain which policies apply to a connection between two nodes, and why.
+    Explain {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Hardware profile folder(s) to load with them [default: hardware-profiles, when the
+        /// working directory has it].
+        #[arg(long, value_delimiter = ',')]
+        profiles: Option<Vec<PathBuf>>,
+        /// The mesh (needed when the manifests hold more than one).
+        #[arg(long)]
+        mesh: Option<String>,
+        /// The node that opens the connection (MeshNode name or node id).
+        #[arg(long)]
+        from: String,
+        /// The node it connects to.
+        #[arg(long)]
+        to: String,
+        /// Destination port.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65535))]
+        port: Option<u32>,
+        /// Transport protocol.
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        protocol: String,
+        /// When: a day and local time in the Mesh's time zone ("tue 23:30") or an RFC 3339
+        /// time [default: now].
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// Show what a node would receive, before signing.
     Render {
         /// Node id or MeshNode name.
@@ -311,6 +340,59 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Cmd::Explain {
+            files,
+            profiles,
+            mesh,
+            from,
+            to,
+            port,
+            protocol,
+            at,
+        } => {
+            let set = match manifest::load(&with_profiles(files, profiles)?) {
+                Ok(set) => set,
+                Err(errs) => {
+                    for e in &errs.0 {
+                        outln!("error: {e}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let (name, m) = match (&mesh, set.meshes.len()) {
+                (Some(n), _) => set
+                    .meshes
+                    .get_key_value(n)
+                    .ok_or_else(|| format!("--mesh {n:?}: no such Mesh in the manifests"))?,
+                (None, 1) => set
+                    .meshes
+                    .iter()
+                    .next()
+                    .ok_or_else(|| "no Mesh in the manifests".to_string())?,
+                (None, 0) => return Err("no Mesh in the manifests".into()),
+                (None, _) => {
+                    return Err("the manifests hold several meshes; name one with --mesh".into());
+                }
+            };
+            use sidenet_controller::spec::policy::{check, eval, explain};
+            let mp = eval::MeshPolicies::new(m, check::members(&set, name));
+            let q = explain::Question {
+                from,
+                to,
+                protocol: if protocol == "udp" {
+                    sidenet_crds::Protocol::Udp
+                } else {
+                    sidenet_crds::Protocol::Tcp
+                },
+                port,
+                at,
+            };
+            out!(
+                "{}",
+                explain::explain(&mp, &q, sidenet_controller::now() as i64)?
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Render {
             node,

@@ -267,7 +267,9 @@ pub struct MeshCtx {
     /// During a scheduled passphrase rotation's overlap, the next passphrase: templates bring
     /// up a second mesh point with it.
     pub passphrase_next: Option<String>,
-    /// Egress limit in kbit/s.
+    /// The node's budget for its own side-net egress, kbit/s: the smallest rate of the
+    /// rateLimit policies without schedule, `toward` or `direction: ingress` and with scope own
+    /// (the default) that apply to it ([`crate::spec::policy::compile::node_budget`]).
     pub rate_kbit: Option<u64>,
     /// Whether this node may forward side-net traffic to its uplink.
     pub internet: bool,
@@ -366,6 +368,8 @@ pub struct NodeInputs<'a> {
     pub passphrase: &'a str,
     /// The next mesh passphrase, during a scheduled rotation's overlap.
     pub passphrase_next: Option<&'a str>,
+    /// The MeshNode's labels (policies select nodes by them).
+    pub labels: Option<&'a std::collections::BTreeMap<String, String>>,
 }
 
 fn sanitize_hostname(h: &str) -> Option<String> {
@@ -444,6 +448,14 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
                 .iter()
                 .any(|n| n == inp.id || Some(n.as_str()) == inp.name)
     };
+    let rate_kbit = crate::spec::policy::compile::node_budget(
+        inp.mesh,
+        &crate::spec::policy::eval::Member {
+            id: inp.id.to_string(),
+            name: inp.name.unwrap_or(inp.id).to_string(),
+            labels: inp.labels.cloned().unwrap_or_default(),
+        },
+    );
     let internet = spec
         .policies
         .iter()
@@ -452,12 +464,6 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             .policies
             .iter()
             .any(|p| p.type_ == PolicyType::NoInternet && applies(&p.nodes));
-    let rate_kbit = spec
-        .policies
-        .iter()
-        .filter(|p| p.type_ == PolicyType::RateLimit && applies(&p.nodes))
-        .filter_map(|p| p.rate_kbit)
-        .min();
     let hostname = inp
         .hostname
         .map(str::to_string)

@@ -200,30 +200,8 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                 }
             }
         }
-        for (i, p) in mesh.spec.policies.iter().enumerate() {
-            if p.type_ == PolicyType::RateLimit && p.rate_kbit.is_none() {
-                errors.push(err(
-                    &key,
-                    &format!("spec.policies[{i}].rateKbit"),
-                    "missing: a rateLimit policy needs rateKbit (kbit/s)".into(),
-                ));
-            }
-            for (j, n) in p.nodes.iter().enumerate() {
-                if let Some(message) = policy_node_error(set, name, n) {
-                    errors.push(err(
-                        &key,
-                        &format!("spec.policies[{i}].nodes[{j}]"),
-                        message,
-                    ));
-                }
-            }
-            if p.type_ != PolicyType::RateLimit && p.rate_kbit.is_some() {
-                errors.push(err(
-                    &key,
-                    &format!("spec.policies[{i}].rateKbit"),
-                    "only a rateLimit policy takes rateKbit".into(),
-                ));
-            }
+        for (field, message) in crate::spec::policy::check::check_mesh(set, name, mesh) {
+            errors.push(err(&key, &field, message));
         }
         let no = mesh
             .spec
@@ -367,36 +345,6 @@ pub const MIN_CONFIG_VALIDITY: u64 = 300;
 
 /// What is wrong with `n` in the `nodes` of a policy of Mesh `mesh`, if anything: it must be the
 /// name or node id of a MeshNode of that mesh, or the node id of a node enrolled without one.
-fn policy_node_error(set: &ManifestSet, mesh: &str, n: &str) -> Option<String> {
-    let by_id = set.nodes.get(n);
-    let by_name = set
-        .nodes
-        .values()
-        .find(|m| m.metadata.name.as_deref() == Some(n));
-    match by_id.or(by_name) {
-        Some(m) if m.spec.mesh == mesh => None,
-        Some(m) => Some(format!(
-            "MeshNode/{} belongs to mesh {:?}, not to this one",
-            m.metadata.name.as_deref().unwrap_or_default(),
-            m.spec.mesh
-        )),
-        // A well-formed node id may be a node that enrols without a MeshNode (auto mode).
-        None if names::check_node_id(n).is_ok() && n.len() == 16 => None,
-        None => {
-            let known: Vec<String> = set
-                .nodes
-                .values()
-                .filter(|m| m.spec.mesh == mesh)
-                .filter_map(|m| m.metadata.name.clone())
-                .collect();
-            Some(format!(
-                "{n:?} names no MeshNode of this mesh (by name or node id) and is not a node id; closest: {}",
-                closest(n, known.iter())
-            ))
-        }
-    }
-}
-
 /// References of a `NodeProvision`: its mesh, hardware profiles and credential Secrets must be
 /// in the set, and its broker URL must be one the agents can use.
 fn check_provision(set: &ManifestSet, np: &NodeProvision, report: &mut dyn FnMut(&str, String)) {

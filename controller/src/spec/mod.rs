@@ -8,5 +8,6 @@ pub mod loader;
 pub mod manifest;
 pub mod openwrt;
 pub mod parse;
+pub mod policy;
 pub mod regdb;
 pub mod set;

@@ -491,6 +491,7 @@ pub(super) fn decide<'a>(
             subnet_id,
             passphrase,
             passphrase_next: None,
+            labels: manifest.and_then(|m| m.metadata.labels.as_ref()),
         }),
     }
 }
@@ -554,6 +555,7 @@ pub(super) fn fingerprint(
         "subnet": inputs.subnet_id,
         "passphrase": sha256_hex(inputs.passphrase.as_bytes()),
         "passphraseNext": inputs.passphrase_next.map(|p| sha256_hex(p.as_bytes())),
+        "labels": inputs.labels,
     });
     sha256_hex(&serde_json::to_vec(&doc).unwrap_or_default())
 }
@@ -589,6 +591,7 @@ pub(super) struct OwnedInputs {
     subnet_id: u16,
     passphrase: String,
     passphrase_next: Option<String>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl OwnedInputs {
@@ -613,6 +616,7 @@ impl OwnedInputs {
             subnet_id: i.subnet_id,
             passphrase: i.passphrase.to_string(),
             passphrase_next: i.passphrase_next.map(str::to_string),
+            labels: i.labels.cloned(),
         }
     }
 
@@ -630,6 +634,7 @@ impl OwnedInputs {
             subnet_id: self.subnet_id,
             passphrase: &self.passphrase,
             passphrase_next: self.passphrase_next.as_deref(),
+            labels: self.labels.as_ref(),
         })
     }
 }
