@@ -951,12 +951,17 @@ fn dataplane_in_network_namespaces() {
     let switched = poll("A's route to C to switch to D", WAIT, || {
         (tb.via("a", &c_addr).as_deref() == Some("d")).then(|| t.elapsed().as_secs_f64())
     });
+    // Babel has converged when both ends moved: C's route back to A (the echo replies) can
+    // switch later than A's, under load by seconds.
+    let back = poll("C's route to A to switch to D", WAIT, || {
+        (tb.via("c", &a_addr).as_deref() == Some("d")).then(|| t.elapsed().as_secs_f64())
+    });
     let t_route = Instant::now();
     poll("A to reach C via D", Duration::from_secs(10), || {
         tb.ping("a", &c_addr, "1").then_some(())
     });
     let reached = t_route.elapsed().as_secs_f64();
-    tb.say(&format!("2: B's links down: babel moved A->C to D after {switched:.1}s; A pings C {reached:.1}s after that (limit 10s)"));
+    tb.say(&format!("2: B's links down: babel moved A->C to D after {switched:.1}s and C->A after {back:.1}s; A pings C {reached:.1}s after that (limit 10s)"));
     let b_id = tb.node("b").id.clone();
     let seen = poll(
         "A's status to show B gone and probes to B lost",
