@@ -444,8 +444,11 @@ impl Cluster {
         let d = eventually(
             &format!("{name} blocked on its enrolment"),
             || {
+                // Blocked for another reason first is right (e.g. "the signing key Secret
+                // of mesh riverside has not been read yet" right after a start): wait for the
+                // steady reason.
                 self.condition(name, "Degraded")
-                    .filter(|d| d.0 == "True" && d.1 == "Blocked")
+                    .filter(|d| d.0 == "True" && d.1 == "Blocked" && d.2 == WHY)
             },
             || self.dump(),
         )
