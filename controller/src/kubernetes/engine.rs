@@ -16,7 +16,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::Value;
-use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode, NodeProvision};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::credentials::BrokerCredentials;
@@ -81,6 +81,8 @@ pub struct Ctx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
     pub(crate) credentials: Box<dyn BrokerCredentials>,
+    pub(crate) nodeprovisions: Store<NodeProvision>,
+    pub(crate) provisions: super::provisions::Jobs,
 }
 
 /// The core and what the adapter remembers about it. Behind one async mutex: one reconcile
@@ -303,6 +305,10 @@ impl Ctx {
 
     pub(crate) fn node_obj(&self, ns: &str, name: &str) -> Option<Arc<MeshNode>> {
         self.nodes.get(&ObjectRef::new(name).within(ns))
+    }
+
+    pub(crate) fn provision_obj(&self, ns: &str, name: &str) -> Option<Arc<NodeProvision>> {
+        self.nodeprovisions.get(&ObjectRef::new(name).within(ns))
     }
 
     pub(crate) async fn send(&self, p: Publish) -> Result<(), KubeError> {
