@@ -65,6 +65,20 @@ pub fn truncate_note(note: &str) -> String {
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
 
+/// A running NodeProvision job (kubernetes::provisions): the fingerprint it works on and its
+/// task.
+pub(crate) struct RunningJob {
+    pub(crate) fingerprint: String,
+    pub(crate) task: tokio::task::AbortHandle,
+}
+
+impl RunningJob {
+    /// Stops the run.
+    pub(crate) fn abort(&self) {
+        self.task.abort();
+    }
+}
+
 /// Shared by every reconciler and the MQTT task.
 pub struct Ctx {
     pub(crate) client: Client,
@@ -82,7 +96,8 @@ pub struct Ctx {
     pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
     pub(crate) credentials: Box<dyn BrokerCredentials>,
     pub(crate) nodeprovisions: Store<NodeProvision>,
-    pub(crate) provisions: super::provisions::Jobs,
+    /// The running NodeProvision jobs, by `NodeProvision/NS/NAME`.
+    pub(crate) provisions: std::sync::Mutex<BTreeMap<String, RunningJob>>,
 }
 
 /// The core and what the adapter remembers about it. Behind one async mutex: one reconcile

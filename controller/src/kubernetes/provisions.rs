@@ -29,26 +29,10 @@ use serde_json::json;
 use sidenet_crds::{Condition, EnrollmentMode, NodeProvision, NodeProvisionStatus, SecretKeyRef};
 use sidenet_provision::{ControlPlane, NodeSeen, Settings};
 
-use super::engine::{Ctx, key_of, ns_of, succeeded};
+use super::engine::{Ctx, RunningJob, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::status::merge_patch;
 use crate::spec::manifest::network_name;
-
-/// A running job: the fingerprint it works on and its task.
-pub(crate) struct RunningJob {
-    fingerprint: String,
-    task: tokio::task::AbortHandle,
-}
-
-impl RunningJob {
-    /// Stops the run.
-    pub(crate) fn abort(&self) {
-        self.task.abort();
-    }
-}
-
-/// The running jobs, by `NodeProvision/NS/NAME`.
-pub(crate) type Jobs = std::sync::Mutex<BTreeMap<String, RunningJob>>;
 
 /// SHA-256 of the spec and the annotations.
 pub fn fingerprint(np: &NodeProvision) -> String {
