@@ -61,7 +61,7 @@ fn finished(c: &Cluster, name: &str, not: Option<&str>) -> Option<Value> {
     (Some(fp) != not).then_some(st)
 }
 
-fn host<'a>(st: &'a Value, port: u16) -> &'a Value {
+fn host(st: &Value, port: u16) -> &Value {
     st["hosts"]
         .as_array()
         .unwrap()
