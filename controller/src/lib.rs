@@ -32,7 +32,8 @@
 //! 6. The two adapters, side by side: [`standalone`] (folder watch, embedded broker, MQTT,
 //!    admin socket) and [`kubernetes`] (kube-runtime controllers, status, Secrets, Lease,
 //!    metrics).
-//! 7. [`cli`] (output, completions and default paths of the two programs), [`selfcheck`] (the
+//! 7. [`cli`] (output, completions and default paths of the two programs), [`clusterctl`]
+//!    (`sidenetctl --kubeconfig`: the admin commands against a cluster), [`selfcheck`] (the
 //!    `check` subcommand the chart's `helm test` runs) and `fuzzing`
 //!    (hidden: the fuzz targets' bodies, shared with the corpus replay tests).
 
@@ -49,12 +50,14 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("standalone", 6),
     ("kubernetes", 6),
     ("cli", 7),
+    ("clusterctl", 7),
     ("fuzzing", 7),
     ("selfcheck", 7),
 ];
 
 pub mod admin;
 pub mod cli;
+pub mod clusterctl;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kubernetes;

@@ -158,6 +158,14 @@ enum Mode {
         /// Folder for the state cache (rebuilt from the cluster at every start).
         #[arg(long, env = "SIDENET_CACHE_DIR", default_value = "/tmp/sidenet-cache")]
         cache_dir: PathBuf,
+        /// Agent binaries for `NodeProvision` objects, one folder per architecture:
+        /// AGENTS/<arch>/sidenet-agent.
+        #[arg(
+            long,
+            env = "SIDENET_AGENTS",
+            default_value = "/usr/share/sidenet/agents"
+        )]
+        agents: PathBuf,
         /// Connection limit of the embedded broker; lowered at start to the open-file limit
         /// minus the files open minus 256 if that is less (logged; docs/security.md).
         #[arg(long, env = "SIDENET_MAX_CONNECTIONS", default_value_t = 20_000)]
@@ -365,6 +373,7 @@ async fn main() -> ExitCode {
             pod_namespace,
             templates,
             cache_dir,
+            agents,
             max_connections,
         } => {
             let tls = match embedded_tls(
@@ -394,6 +403,7 @@ async fn main() -> ExitCode {
                 pod_namespace,
                 templates,
                 cache_dir,
+                agents,
                 lease: Default::default(),
                 refresh: Duration::from_secs(300),
                 max_connections,

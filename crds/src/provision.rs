@@ -144,6 +144,10 @@ pub struct NodeProvisionStatus {
     /// One entry per target, in the order of `spec.targets`.
     #[serde(default)]
     pub hosts: Vec<ProvisionHostStatus>,
+    /// Kubernetes mode: SHA-256 (hex) of the spec and annotations the last finished run
+    /// worked on. The controller does not run a job again while they are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// What happened to one host in the last run.

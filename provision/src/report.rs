@@ -290,6 +290,7 @@ pub fn status(
                 duration_ms: r.duration_ms,
             })
             .collect(),
+        fingerprint: None,
     }
 }
 

@@ -19,6 +19,15 @@ use sidenet_wire::keys::KeyPair;
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Work against a cluster in Kubernetes mode through this kubeconfig (its current
+    /// context) instead of a standalone controller's state folder: status, approve, remove,
+    /// token and join-code read and write the custom resources (docs/helm.md).
+    #[arg(long, global = true, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubeconfig: the namespace of the Mesh and MeshNode objects [default: the
+    /// context's namespace, else default].
+    #[arg(long, global = true, value_name = "NS")]
+    namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -320,6 +329,9 @@ fn with_profiles(
 }
 
 fn run(args: Args) -> Result<ExitCode, String> {
+    if let Some(kubeconfig) = &args.kubeconfig {
+        return cluster(kubeconfig, args.namespace.as_deref(), args.cmd);
+    }
     match args.cmd {
         Cmd::Validate { files, profiles } => {
             match manifest::load(&with_profiles(files, profiles)?) {
@@ -1029,5 +1041,132 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The commands of `--kubeconfig`: against the custom resources of a cluster.
+fn cluster(kubeconfig: &Path, namespace: Option<&str>, cmd: Cmd) -> Result<ExitCode, String> {
+    use sidenet_controller::clusterctl;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (client, ns) = clusterctl::connect(kubeconfig, namespace).await?;
+        match cmd {
+            Cmd::Status { output, .. } => {
+                let (nodes, provisions) = clusterctl::status(&client, &ns).await?;
+                match output {
+                    Output::Json => outln!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "namespace": ns,
+                            "nodes": nodes,
+                            "provisions": provisions,
+                        }))
+                        .map_err(|e| e.to_string())?
+                    ),
+                    Output::Table => {
+                        let mut table = vec![
+                            ["MESHNODE", "NODE", "MESH", "APPROVED", "PHASE", "APPLIED", "DESIRED", "LAST SEEN", "ADDRESS"]
+                                .map(String::from)
+                                .to_vec(),
+                        ];
+                        for n in &nodes {
+                            table.push(vec![
+                                n.name.clone(),
+                                n.node.clone(),
+                                n.mesh.clone(),
+                                if n.approved { "yes" } else { "no" }.into(),
+                                n.phase.clone(),
+                                n.applied.map_or("-".into(), |v| v.to_string()),
+                                n.desired.map_or("-".into(), |v| v.to_string()),
+                                n.last_seen.clone().unwrap_or_else(|| "-".into()),
+                                n.addresses.first().cloned().unwrap_or_else(|| "-".into()),
+                            ]);
+                        }
+                        print_columns(&table);
+                        for p in &provisions {
+                            outln!(
+                                "NodeProvision/{}  mesh {}  {} ({} succeeded, {} failed)",
+                                p.name,
+                                p.mesh,
+                                p.state,
+                                p.succeeded,
+                                p.failed
+                            );
+                        }
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Approve { node, .. } => {
+                let (name, id) = clusterctl::approve(&client, &ns, &node).await?;
+                outln!("approved {id} (MeshNode {ns}/{name}: spec.approved: true)");
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Remove { node, .. } => {
+                let (name, id) = clusterctl::remove(&client, &ns, &node).await?;
+                outln!(
+                    "removed {id} (MeshNode {ns}/{name} deleted; the controller clears its config and revokes its broker login)"
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::Token { mesh, hours, .. } => {
+                let (token, _, mode) =
+                    clusterctl::token(&client, &ns, &mesh, hours.saturating_mul(3600)).await?;
+                outln!("{token}");
+                if mode == sidenet_crds::EnrollmentMode::Token {
+                    errln!("single-use, valid for {hours} h; give it to the agent with --token");
+                } else {
+                    errln!(
+                        "warning: mesh {mesh} enrols in {} mode, where a token changes nothing; it admits a node only once the Mesh sets enrollment.mode: token",
+                        mode.as_str()
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Cmd::JoinCode { mesh, output, .. } => {
+                let (key, code) = clusterctl::join_code(&client, &ns, &mesh).await?;
+                match output {
+                    Output::Table => outln!("{code}"),
+                    Output::Json => outln!(
+                        "{}",
+                        serde_json::json!({
+                            "mesh": mesh,
+                            "key": key.to_base64(),
+                            "fingerprint": code.fingerprint(),
+                            "joinCode": code.to_string(),
+                        })
+                    ),
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            _ => Err(
+                "--kubeconfig works with status, approve, remove, token and join-code; run the other commands against a standalone controller".into(),
+            ),
+        }
+    })
+}
+
+/// Left-aligned columns, two spaces apart.
+fn print_columns(table: &[Vec<String>]) {
+    let cols = table.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in table {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        outln!("{}", line.join("  ").trim_end());
     }
 }

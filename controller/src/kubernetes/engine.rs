@@ -16,7 +16,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::Value;
-use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode, NodeProvision};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::credentials::BrokerCredentials;
@@ -65,6 +65,20 @@ pub fn truncate_note(note: &str) -> String {
 /// Finalizer on Mesh and MeshNode objects.
 pub const FINALIZER: &str = "sidenet.io/cleanup";
 
+/// A running NodeProvision job (kubernetes::provisions): the fingerprint it works on and its
+/// task.
+pub(crate) struct RunningJob {
+    pub(crate) fingerprint: String,
+    pub(crate) task: tokio::task::AbortHandle,
+}
+
+impl RunningJob {
+    /// Stops the run.
+    pub(crate) fn abort(&self) {
+        self.task.abort();
+    }
+}
+
 /// Shared by every reconciler and the MQTT task.
 pub struct Ctx {
     pub(crate) client: Client,
@@ -81,6 +95,9 @@ pub struct Ctx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) failures: std::sync::Mutex<HashMap<String, u32>>,
     pub(crate) credentials: Box<dyn BrokerCredentials>,
+    pub(crate) nodeprovisions: Store<NodeProvision>,
+    /// The running NodeProvision jobs, by `NodeProvision/NS/NAME`.
+    pub(crate) provisions: std::sync::Mutex<BTreeMap<String, RunningJob>>,
 }
 
 /// The core and what the adapter remembers about it. Behind one async mutex: one reconcile
@@ -303,6 +320,10 @@ impl Ctx {
 
     pub(crate) fn node_obj(&self, ns: &str, name: &str) -> Option<Arc<MeshNode>> {
         self.nodes.get(&ObjectRef::new(name).within(ns))
+    }
+
+    pub(crate) fn provision_obj(&self, ns: &str, name: &str) -> Option<Arc<NodeProvision>> {
+        self.nodeprovisions.get(&ObjectRef::new(name).within(ns))
     }
 
     pub(crate) async fn send(&self, p: Publish) -> Result<(), KubeError> {

@@ -19,7 +19,9 @@
 //! - [`publish`]: durable facts (status) first, then configs; clearing a node.
 //! - [`nodes`], [`meshes`]: the MeshNode, Mesh and HardwareProfile reconcilers and finalizers.
 //! - [`mqtt`]: broker (re)connections, enrolments and status reports; [`enrol`]: the MeshNode
-//!   of a node that enrolled without one.
+//!   of a node that enrolled without one; [`tokens`]: enrolment tokens, hashed in a Secret per
+//!   Mesh.
+//! - [`provisions`]: the NodeProvision reconciler (the provisioning code of standalone mode).
 //! - [`status`]: conditions and status (pure functions).
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
@@ -35,11 +37,13 @@ pub mod meshes;
 pub mod mqtt;
 pub mod nodes;
 pub mod options;
+pub mod provisions;
 pub mod publish;
 pub mod state;
 pub mod status;
 pub mod sync;
 pub mod tenancy;
+pub mod tokens;
 pub mod watch;
 
 pub use options::{KubeError, Options};
@@ -58,7 +62,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-use sidenet_crds::{HardwareProfile, Mesh, MeshNode};
+use sidenet_crds::{HardwareProfile, Mesh, MeshNode, NodeProvision};
 
 use crate::reconcile::render::Renderer;
 use credentials::{BrokerCredentials, NoBrokerCredentials};
@@ -338,6 +342,9 @@ async fn lead(
         node_writer.as_reader(),
         profile_writer.as_reader(),
     );
+    let np_ar = ApiResource::erase::<NodeProvision>(&());
+    let np_writer = reflector::store::Writer::<NodeProvision>::default();
+    let np_store = np_writer.as_reader();
     let cfg = PredicateConfig::default;
     let mesh_stream = reflector::reflector(
         mesh_writer,
@@ -372,6 +379,17 @@ async fn lead(
     )
     .applied_objects()
     .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
+    let np_stream = reflector::reflector(
+        np_writer,
+        watch::typed(
+            watcher::watcher(dyn_api(&np_ar, true), wc.clone()),
+            np_ar,
+            np_store.clone(),
+            report.clone(),
+        ),
+    )
+    .applied_objects()
+    .predicate_filter(provisions::provision_changes, cfg());
     // What re-reconciles MeshNodes: their Mesh's spec or key, a profile's spec (a second watch
     // of each kind, like kube-runtime's `watches`).
     let mesh_trigger = watch::typed(
@@ -393,6 +411,7 @@ async fn lead(
     let mesh_ctl = KubeController::for_stream(mesh_stream, mesh_store.clone());
     let node_ctl = KubeController::for_stream(node_stream, node_store.clone());
     let profile_ctl = KubeController::for_stream(profile_stream, profile_store.clone());
+    let np_ctl = KubeController::for_stream(np_stream, np_store.clone());
     let credentials: Box<dyn BrokerCredentials> = match (&opts.broker, opts.broker_dynsec) {
         (None, _) => Box::new(book),
         (Some(_), true) => Box::new(credentials::DynsecCredentials {
@@ -420,6 +439,8 @@ async fn lead(
         metrics,
         failures: Default::default(),
         credentials,
+        nodeprovisions: np_store,
+        provisions: Default::default(),
     });
     let _events = TaskGuard(tokio::spawn(mqtt::mqtt_loop(ctx.clone(), ev_rx)));
 
@@ -449,6 +470,13 @@ async fn lead(
             ctx.clone(),
         )
         .for_each(|_| async {});
+    let provisions = np_ctl
+        .run(
+            provisions::reconcile_provision,
+            engine::error_policy::<NodeProvision>,
+            ctx.clone(),
+        )
+        .for_each(|_| async {});
     let init = {
         let ctx = ctx.clone();
         async move {
@@ -462,7 +490,11 @@ async fn lead(
     };
     tokio::select! {
         _ = shutdown => {}
-        _ = futures::future::join4(nodes, meshes, profiles, init) => {}
+        _ = futures::future::join5(nodes, meshes, profiles, provisions, init) => {}
+    }
+    // Provisioning runs are tasks of their own: they stop with the leadership.
+    for (_, job) in std::mem::take(&mut *ctx.provisions.lock().unwrap_or_else(|e| e.into_inner())) {
+        job.abort();
     }
     let _ = mqtt.disconnect().await;
     Ok(())

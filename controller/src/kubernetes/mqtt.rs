@@ -119,8 +119,14 @@ pub(crate) async fn handle_mqtt(
                     eng.seeded.insert(node.clone());
                 }
             }
+            let unused = if enroll {
+                super::tokens::before_enrol(ctx, eng, &mesh).await?
+            } else {
+                Default::default()
+            };
             let before = eng.ctl.counters;
             eng.ctl.on_message(&topic, &payload, crate::now())?;
+            super::tokens::after_enrol(ctx, eng, &mesh, &unused).await?;
             let after = eng.ctl.counters;
             ctx.metrics
                 .enrolled

@@ -40,6 +40,9 @@ pub struct Options {
     pub templates: PathBuf,
     /// Folder of the state database, a cache rebuilt from the cluster at every start.
     pub cache_dir: PathBuf,
+    /// Agent binaries for `NodeProvision` objects, one folder per architecture
+    /// (`SIDENET_AGENTS`).
+    pub agents: PathBuf,
     /// Lease timing.
     pub lease: LeaseTiming,
     /// How often every object is reconciled even without a change (config renewal, Secrets).

@@ -191,6 +191,7 @@ impl Cluster {
             pod_namespace: "default".into(),
             templates: repo().join("templates"),
             cache_dir: self.dir.path().join(format!("cache-{name}")),
+            agents: self.dir.path().join("agents"),
             lease: LeaseTiming {
                 duration: Duration::from_secs(2),
                 renew_deadline: Duration::from_millis(1500),
@@ -687,11 +688,30 @@ impl Agent {
 
     /// A signed enrolment request: its topic and payload.
     pub fn enroll_message(&mut self, hostname: &str, profile: &str) -> (String, Vec<u8>) {
+        self.enroll_message_token(hostname, profile, None)
+    }
+
+    /// An enrolment request that presents `token`, published.
+    pub async fn enroll_token(&mut self, mqtt: &AsyncClient, hostname: &str, token: &str) {
+        let (topic, payload) =
+            self.enroll_message_token(hostname, "pcengines-apu2-wle600vx", Some(token));
+        mqtt.publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    /// A signed enrolment request with an enrolment token: its topic and payload.
+    pub fn enroll_message_token(
+        &mut self,
+        hostname: &str,
+        profile: &str,
+        token: Option<&str>,
+    ) -> (String, Vec<u8>) {
         let body = EnrollRequest {
             hostname: hostname.into(),
             board: None,
             profile: Some(profile.into()),
-            token: None,
+            token: token.map(str::to_string),
             backend: "files".into(),
             agent_version: "test".into(),
             wireguard: None,

@@ -51,6 +51,7 @@ use tokio::sync::mpsc;
 
 pub mod admission;
 pub mod rbac;
+pub mod serve;
 
 pub use rbac::Rule;
 
