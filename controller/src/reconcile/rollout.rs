@@ -373,6 +373,54 @@ pub struct Status {
     pub completed: Option<u64>,
 }
 
+impl Status {
+    /// The text `sidenetctl rollout status` prints (docs/rollouts.md):
+    ///
+    /// ```text
+    /// mesh MESH: rollout ID PHASE, wave W of N, F failed (budget B)[, baking S s more]
+    ///   wave I (canary): T nodes, H healthy, started RFC3339, took S s
+    ///   wave I: T nodes, not started
+    ///   failed NODE_ID: WHY
+    /// ```
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "mesh {}: rollout {} {:?}, wave {} of {}, {} failed (budget {})",
+            self.mesh,
+            &self.id[..self.id.len().min(12)],
+            self.phase,
+            self.wave,
+            self.waves.len(),
+            self.failed.len(),
+            self.failure_budget
+        );
+        if let Some(b) = self.bake_remaining {
+            s.push_str(&format!(", baking {b} s more"));
+        }
+        s.push('\n');
+        for (i, w) in self.waves.iter().enumerate() {
+            s.push_str(&format!(
+                "  wave {i}{}: {} nodes, ",
+                if i == 0 { " (canary)" } else { "" },
+                w.nodes.len()
+            ));
+            match w.started {
+                Some(t) => {
+                    s.push_str(&format!("{} healthy, started {}", w.healthy, crate::rfc3339(t)));
+                    if let Some(d) = w.seconds {
+                        s.push_str(&format!(", took {d} s"));
+                    }
+                }
+                None => s.push_str("not started"),
+            }
+            s.push('\n');
+        }
+        for (n, why) in &self.failed {
+            s.push_str(&format!("  failed {n}: {why}\n"));
+        }
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
