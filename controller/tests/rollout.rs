@@ -102,10 +102,9 @@ impl Fleet {
                     "the agent's node key",
                     WAIT,
                     || {
-                        let t = std::fs::read_to_string(
-                            f.roots[i].join("etc/sidenet-agent/node.key"),
-                        )
-                        .ok()?;
+                        let t =
+                            std::fs::read_to_string(f.roots[i].join("etc/sidenet-agent/node.key"))
+                                .ok()?;
                         Some(KeyPair::from_file_text(&t).ok()?.public().node_id())
                     },
                     || f.logs(),
@@ -448,7 +447,11 @@ fn a_good_change_reaches_every_node_wave_by_wave_across_a_kill_9() {
     assert_eq!(resumed.wave, before_kill.wave, "{}", resumed.to_text());
     assert_eq!(
         resumed.waves.iter().map(|w| w.started).collect::<Vec<_>>(),
-        before_kill.waves.iter().map(|w| w.started).collect::<Vec<_>>()
+        before_kill
+            .waves
+            .iter()
+            .map(|w| w.started)
+            .collect::<Vec<_>>()
     );
     // The offline node comes back.
     fleet.start_agent(late);

@@ -509,11 +509,14 @@ fn run(args: Args) -> Result<ExitCode, String> {
             };
             match admin::call(&a.state, &req)? {
                 Response::Rollouts { rollouts } if matches!(a.output, Output::Json) => {
-                    let text = serde_json::to_string_pretty(&rollouts).map_err(|e| e.to_string())?;
+                    let text =
+                        serde_json::to_string_pretty(&rollouts).map_err(|e| e.to_string())?;
                     outln!("{text}");
                 }
                 Response::Rollouts { rollouts } if rollouts.is_empty() => {
-                    outln!("no rollout has started (a Mesh with spec.rollout rolls out its next change)");
+                    outln!(
+                        "no rollout has started (a Mesh with spec.rollout rolls out its next change)"
+                    );
                 }
                 Response::Rollouts { rollouts } => {
                     for r in rollouts {

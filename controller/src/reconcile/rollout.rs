@@ -261,7 +261,11 @@ impl Record {
         if bounds.last() != Some(&10_000) {
             bounds.push(10_000);
         }
-        bounds.iter().position(|b| at < *b).unwrap_or(bounds.len() - 1) + 1
+        bounds
+            .iter()
+            .position(|b| at < *b)
+            .unwrap_or(bounds.len() - 1)
+            + 1
     }
 
     /// Whether `node` may run the target spec now.
@@ -270,8 +274,10 @@ impl Record {
             return true;
         }
         self.progress.as_ref().is_some_and(|p| {
-            matches!(p.phase, Phase::Progressing | Phase::Paused | Phase::Complete)
-                && self.wave_of(node) <= p.wave
+            matches!(
+                p.phase,
+                Phase::Progressing | Phase::Paused | Phase::Complete
+            ) && self.wave_of(node) <= p.wave
         })
     }
 }
@@ -405,7 +411,11 @@ impl Status {
             ));
             match w.started {
                 Some(t) => {
-                    s.push_str(&format!("{} healthy, started {}", w.healthy, crate::rfc3339(t)));
+                    s.push_str(&format!(
+                        "{} healthy, started {}",
+                        w.healthy,
+                        crate::rfc3339(t)
+                    ));
                     if let Some(d) = w.seconds {
                         s.push_str(&format!(", took {d} s"));
                     }

@@ -583,9 +583,7 @@ impl Store {
             for (k, v) in &batch.rollouts {
                 match v {
                     Some(b) => {
-                        rollouts
-                            .insert(k.as_str(), b.as_slice())
-                            .map_err(db_err)?;
+                        rollouts.insert(k.as_str(), b.as_slice()).map_err(db_err)?;
                     }
                     None => {
                         rollouts.remove(k.as_str()).map_err(db_err)?;

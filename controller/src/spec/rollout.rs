@@ -21,7 +21,11 @@ pub fn check(set: &ManifestSet, mesh: &Mesh) -> Vec<(String, String)> {
             "spec.rollout.canary".to_string(),
             format!(
                 "{}; expected exactly one of nodes (MeshNode names or node ids), count or percent",
-                if kinds == 0 { "empty" } else { "more than one kind of canary" }
+                if kinds == 0 {
+                    "empty"
+                } else {
+                    "more than one kind of canary"
+                }
             ),
         ));
     }

@@ -182,7 +182,10 @@ impl Controller {
         };
         let rev = publ.revision;
         if node.failed_revisions.contains(&rev)
-            || node.failure.as_ref().is_some_and(|f| f.revision == Some(rev))
+            || node
+                .failure
+                .as_ref()
+                .is_some_and(|f| f.revision == Some(rev))
         {
             let why = node
                 .failure
@@ -240,7 +243,9 @@ impl Controller {
             .unwrap_or(now);
         let since = gate.map_or(wave_start, |g| g.since.max(wave_start));
         if now >= since.saturating_add(deadline) {
-            Health::Failed(format!("not healthy {deadline} s after its wave started: {why}"))
+            Health::Failed(format!(
+                "not healthy {deadline} s after its wave started: {why}"
+            ))
         } else {
             Health::Waiting
         }
@@ -374,7 +379,11 @@ impl Controller {
         let Some(mut rec) = self.store.rollouts.get(&name).cloned() else {
             return Err(CoreError::Request(format!("mesh {mesh} has no rollout")));
         };
-        let Some(p) = rec.progress.as_mut().filter(|_| rec.target_fp != rec.good_fp) else {
+        let Some(p) = rec
+            .progress
+            .as_mut()
+            .filter(|_| rec.target_fp != rec.good_fp)
+        else {
             return Err(CoreError::Request(format!(
                 "mesh {mesh} has no rollout in progress"
             )));
@@ -458,7 +467,10 @@ impl Controller {
                     ws.healthy += usize::from(healthy);
                 }
             }
-            if waves.last().is_some_and(|w| w.nodes.is_empty() && w.started.is_none()) {
+            if waves
+                .last()
+                .is_some_and(|w| w.nodes.is_empty() && w.started.is_none())
+            {
                 waves.pop();
             }
             let bake_remaining = p.healthy_since.and_then(|s| {
