@@ -274,6 +274,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let store = Store::open(&opts.state.join("sidenet.redb"), crate::now())?;
     let renderer = Renderer::load(&opts.templates)?;
     let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(&opts.state)));
+    ctl.enable_rollouts();
     tracing::info!(
         epoch = ctl.store.epoch,
         nodes = ctl.store.nodes.len(),

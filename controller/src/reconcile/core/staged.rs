@@ -31,9 +31,19 @@ pub enum RolloutAction {
 }
 
 impl Controller {
+    /// Lets `Mesh.spec.rollout` stage Mesh changes (standalone mode, which steps rollouts with
+    /// [`Controller::rollout_tick`] and keeps them in its state database). Off, the default,
+    /// every node gets a change at once, as in Kubernetes mode for now.
+    pub fn enable_rollouts(&mut self) {
+        self.staging = true;
+    }
+
     /// Reconciles `ids`: nodes of a mesh whose rollout holds them back are rendered from the
     /// mesh's last good spec, the others from the current one.
     pub(super) fn reconcile_staged(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+        if !self.staging {
+            return self.reconcile_plain(ids, now);
+        }
         self.rollout_sync(now);
         if !self.store.rollouts.values().any(Record::in_flight) {
             return self.reconcile_plain(ids, now);
