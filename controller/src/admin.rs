@@ -61,6 +61,15 @@ pub enum Request {
         /// Manifest files and folders (absolute paths), hardware profiles included.
         files: Vec<std::path::PathBuf>,
     },
+    /// Staged rollouts (`sidenetctl rollout`): `action` is `status`, `pause`, `resume` or
+    /// `abort`; `mesh` (Mesh name or network name) is required but for `status`.
+    Rollout {
+        /// What to do.
+        action: String,
+        /// Which mesh.
+        #[serde(default)]
+        mesh: Option<String>,
+    },
 }
 
 /// A response.
@@ -132,6 +141,11 @@ pub enum Response {
     Plan {
         /// What would change.
         report: Box<crate::reconcile::diff::PlanReport>,
+    },
+    /// Rollouts: every mesh's for `status`, else the one acted on.
+    Rollouts {
+        /// The rollouts.
+        rollouts: Vec<crate::reconcile::rollout::Status>,
     },
     /// The request failed.
     Error {

@@ -27,9 +27,11 @@ use serde::{Deserialize, Serialize};
 
 mod policy;
 mod provision;
+mod rollout;
 pub mod yaml;
 pub use policy::*;
 pub use provision::*;
+pub use rollout::*;
 
 /// API group of every sidenet kind.
 pub const GROUP: &str = "sidenet.io";
@@ -108,6 +110,10 @@ pub struct MeshSpec {
     /// re-signs configs before they expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_validity_seconds: Option<u64>,
+    /// Staged, health-gated rollout of changes to this spec (docs/rollouts.md). Without it,
+    /// every node gets a change at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// Radio settings of a mesh.

@@ -36,6 +36,32 @@ enum Output {
     Json,
 }
 
+/// `sidenetctl rollout ...`.
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Every mesh's rollout (or --mesh's): phase, waves, healthy nodes, failed nodes and why.
+    Status(RolloutArgs),
+    /// No new wave starts until `resume` (the current wave still bakes).
+    Pause(RolloutArgs),
+    /// A paused rollout goes on.
+    Resume(RolloutArgs),
+    /// Stop the rollout: nodes that got the new revision get the last good content again.
+    Abort(RolloutArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RolloutArgs {
+    /// Mesh (Mesh name or network name); required but for `status`.
+    #[arg(long)]
+    mesh: Option<String>,
+    /// State folder of the running controller.
+    #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
+    state: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    output: Output,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Check manifests offline with the controller's own checks.
@@ -129,6 +155,12 @@ enum Cmd {
         /// The same as `-o json`.
         #[arg(long)]
         json: bool,
+    },
+    /// Staged rollouts of Mesh spec changes (Mesh.spec.rollout, docs/rollouts.md).
+    Rollout {
+        /// What to do.
+        #[command(subcommand)]
+        action: RolloutCmd,
     },
     /// Nodes: phase, online, desired vs applied revision, last seen.
     Status {
@@ -475,6 +507,38 @@ fn run(args: Args) -> Result<ExitCode, String> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Cmd::Rollout { action } => {
+            let (name, a) = match action {
+                RolloutCmd::Status(a) => ("status", a),
+                RolloutCmd::Pause(a) => ("pause", a),
+                RolloutCmd::Resume(a) => ("resume", a),
+                RolloutCmd::Abort(a) => ("abort", a),
+            };
+            let req = Request::Rollout {
+                action: name.to_string(),
+                mesh: a.mesh.clone(),
+            };
+            match admin::call(&a.state, &req)? {
+                Response::Rollouts { rollouts } if matches!(a.output, Output::Json) => {
+                    let text =
+                        serde_json::to_string_pretty(&rollouts).map_err(|e| e.to_string())?;
+                    outln!("{text}");
+                }
+                Response::Rollouts { rollouts } if rollouts.is_empty() => {
+                    outln!(
+                        "no rollout has started (a Mesh with spec.rollout rolls out its next change)"
+                    );
+                }
+                Response::Rollouts { rollouts } => {
+                    for r in rollouts {
+                        out!("{}", r.to_text());
+                    }
+                }
+                Response::Error { message } => return Err(message),
+                other => return Err(format!("unexpected answer: {other:?}")),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { state, output } => match admin::call(&state, &Request::Status)? {
             Response::Status {

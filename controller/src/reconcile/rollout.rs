@@ -1,7 +1,8 @@
-//! Staged rollouts, the decision part (not wired to publishing yet; see docs/rollouts.md):
-//! which wave each node is in, and when a rollout moves on, bakes, completes or halts. Pure
-//! functions of the spec, the rollout's progress and each node's health, so the standalone and
-//! Kubernetes adapters can share them and tests need no clock or broker.
+//! Staged rollouts, the decision part (docs/rollouts.md): which wave each node is in, and when a
+//! rollout moves on, bakes, completes or halts. Pure functions of the spec, the rollout's
+//! progress and each node's health, so the adapters can share them and tests need no clock or
+//! broker. [`Record`] is what the state database keeps per mesh; the core applies it
+//! (`reconcile::core::staged`).
 //!
 //! Waves are stable under membership changes: a node's place is a hash of the rollout id and
 //! its node id, a number in 0..10000 (basis points), and wave `i` holds the nodes whose place is
@@ -82,6 +83,9 @@ pub struct Progress {
     pub started: Vec<u64>,
     /// Failed nodes and why.
     pub failed: BTreeMap<String, String>,
+    /// When the last wave was done and baked, Unix seconds.
+    #[serde(default)]
+    pub completed: Option<u64>,
 }
 
 impl Progress {
@@ -94,6 +98,7 @@ impl Progress {
             healthy_since: None,
             started: vec![now],
             failed: BTreeMap::new(),
+            completed: None,
         }
     }
 }
@@ -184,6 +189,7 @@ pub fn step(
     }
     if p.wave + 1 >= waves.len() {
         p.phase = Phase::Complete;
+        p.completed = Some(now);
     } else {
         p.wave += 1;
         p.healthy_since = None;
@@ -199,6 +205,230 @@ pub fn may_receive(progress: &Progress, waves: &[Vec<String>], node: &str) -> bo
         progress.phase,
         Phase::Progressing | Phase::Paused | Phase::Complete
     ) && wave_of(waves, node).is_some_and(|w| w <= progress.wave)
+}
+
+/// A node's rollout-relevant state when it entered the gate of its wave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gate {
+    /// Babel neighbours it reported then.
+    pub neighbours: usize,
+    /// When, Unix seconds.
+    pub since: u64,
+}
+
+/// What the state database keeps per mesh (table `rollouts`, by Mesh name).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The last good Mesh: the spec every node may run (held-back nodes are rendered from it).
+    pub good: sidenet_crds::Mesh,
+    /// [`spec_fingerprint`] of `good`.
+    pub good_fp: String,
+    /// [`spec_fingerprint`] of the spec being rolled out (`good_fp` when none is).
+    pub target_fp: String,
+    /// The rollout of `target_fp`, if one started (kept after it completes, for status).
+    pub progress: Option<Progress>,
+    /// Its plan, the canary resolved to node ids when it started.
+    pub plan: Option<Plan>,
+    /// Nodes reconciled with the target spec (their published revision is the rollout's).
+    #[serde(default)]
+    pub reached: BTreeSet<String>,
+    /// Nodes whose health gates their wave, with their state when they entered it.
+    #[serde(default)]
+    pub gated: BTreeMap<String, Gate>,
+}
+
+impl Record {
+    /// Whether nodes are held back from the current spec (a rollout runs, is paused, halted or
+    /// aborted).
+    pub fn in_flight(&self) -> bool {
+        self.target_fp != self.good_fp && self.progress.is_some()
+    }
+
+    /// The wave of `node`, from its place alone (the canary was resolved at the start).
+    pub fn wave_of(&self, node: &str) -> usize {
+        let (Some(plan), Some(p)) = (&self.plan, &self.progress) else {
+            return 0;
+        };
+        if let Canary::Nodes(c) = &plan.canary
+            && c.iter().any(|n| n == node)
+        {
+            return 0;
+        }
+        let at = place(&p.id, node);
+        let mut bounds: Vec<u32> = plan.waves.iter().map(|w| u32::from(*w) * 100).collect();
+        if bounds.last() != Some(&10_000) {
+            bounds.push(10_000);
+        }
+        bounds
+            .iter()
+            .position(|b| at < *b)
+            .unwrap_or(bounds.len() - 1)
+            + 1
+    }
+
+    /// Whether `node` may run the target spec now.
+    pub fn may_receive(&self, node: &str) -> bool {
+        if !self.in_flight() {
+            return true;
+        }
+        self.progress.as_ref().is_some_and(|p| {
+            matches!(
+                p.phase,
+                Phase::Progressing | Phase::Paused | Phase::Complete
+            ) && self.wave_of(node) <= p.wave
+        })
+    }
+}
+
+/// The fingerprint a rollout follows: SHA-256 of the Mesh's name and spec, without `rollout`
+/// (changing only how changes roll out starts no rollout).
+pub fn spec_fingerprint(mesh: &sidenet_crds::Mesh) -> String {
+    let mut spec = mesh.spec.clone();
+    spec.rollout = None;
+    sidenet_wire::codec::sha256_hex(
+        &serde_json::to_vec(&(&mesh.metadata.name, &spec)).unwrap_or_default(),
+    )
+}
+
+/// The plan of `spec`, the canary given as `canary` node ids (resolved by the caller).
+pub fn plan_of(spec: &sidenet_crds::RolloutSpec, canary: Vec<String>) -> Plan {
+    Plan {
+        canary: Canary::Nodes(canary),
+        waves: if spec.waves.is_empty() {
+            vec![100]
+        } else {
+            spec.waves.clone()
+        },
+        bake_seconds: spec.bake_seconds.unwrap_or(300),
+        failure_budget: spec.failure_budget as usize,
+    }
+}
+
+/// The canary of `spec` among `nodes` (node ids; `names` maps MeshNode names to node ids).
+pub fn resolve_canary(
+    spec: &sidenet_crds::RolloutSpec,
+    id: &str,
+    nodes: &[String],
+    names: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let c = &spec.canary;
+    let canary = if !c.nodes.is_empty() {
+        Canary::Nodes(
+            c.nodes
+                .iter()
+                .map(|n| names.get(n).cloned().unwrap_or_else(|| n.clone()))
+                .collect(),
+        )
+    } else if let Some(n) = c.count {
+        Canary::Count(n as usize)
+    } else {
+        Canary::Percent(c.percent.unwrap_or(1))
+    };
+    if let Canary::Nodes(v) = &canary {
+        let mut v = v.clone();
+        v.sort();
+        v.dedup();
+        return v;
+    }
+    let plan = Plan {
+        canary,
+        waves: vec![100],
+        bake_seconds: 0,
+        failure_budget: 0,
+    };
+    waves(&plan, id, nodes).swap_remove(0)
+}
+
+/// One wave in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveStatus {
+    /// Nodes of the wave (node ids).
+    pub nodes: Vec<String>,
+    /// Of them, healthy on the rollout's revision.
+    pub healthy: usize,
+    /// When the wave was handed out, Unix seconds (none yet: not handed out).
+    pub started: Option<u64>,
+    /// Seconds from its start to the start of the next wave (or to completion).
+    pub seconds: Option<u64>,
+}
+
+/// A rollout as `sidenetctl rollout status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Mesh name.
+    pub mesh: String,
+    /// The rollout id (the target spec's fingerprint).
+    pub id: String,
+    /// Where it is.
+    pub phase: Phase,
+    /// The wave being handed out (0: the canary).
+    pub wave: usize,
+    /// The waves.
+    pub waves: Vec<WaveStatus>,
+    /// Failed nodes and why.
+    pub failed: BTreeMap<String, String>,
+    /// Failures tolerated.
+    pub failure_budget: usize,
+    /// Seconds the current wave still bakes, when it is baking.
+    pub bake_remaining: Option<u64>,
+    /// When it completed, Unix seconds.
+    pub completed: Option<u64>,
+}
+
+impl Status {
+    /// The text `sidenetctl rollout status` prints (docs/rollouts.md):
+    ///
+    /// ```text
+    /// mesh MESH: rollout ID PHASE, wave W of N, F failed (budget B)[, baking S s more]
+    ///   wave I (canary): T nodes, H healthy, started RFC3339, took S s
+    ///   wave I: T nodes, not started
+    ///   failed NODE_ID: WHY
+    /// ```
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "mesh {}: rollout {} {:?}, wave {} of {}, {} failed (budget {})",
+            self.mesh,
+            &self.id[..self.id.len().min(12)],
+            self.phase,
+            self.wave,
+            self.waves.len(),
+            self.failed.len(),
+            self.failure_budget
+        );
+        if let Some(b) = self.bake_remaining {
+            s.push_str(&format!(", baking {b} s more"));
+        }
+        s.push('\n');
+        for (i, w) in self.waves.iter().enumerate() {
+            s.push_str(&format!(
+                "  wave {i}{}: {} nodes, ",
+                if i == 0 { " (canary)" } else { "" },
+                w.nodes.len()
+            ));
+            match w.started {
+                Some(t) => {
+                    s.push_str(&format!(
+                        "{} healthy, started {}",
+                        w.healthy,
+                        crate::rfc3339(t)
+                    ));
+                    if let Some(d) = w.seconds {
+                        s.push_str(&format!(", took {d} s"));
+                    }
+                }
+                None => s.push_str("not started"),
+            }
+            s.push('\n');
+        }
+        for (n, why) in &self.failed {
+            s.push_str(&format!("  failed {n}: {why}\n"));
+        }
+        s
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 //! - `tokens`: SHA-256 of an enrolment token → [`TokenRecord`].
 //! - `approvals`: node id → Unix seconds: nodes an admin approved before they asked to join
 //!   (`sidenetctl approve NODE_ID`); consumed when the node enrols.
+//! - `rollouts`: Mesh name → [`crate::reconcile::rollout::Record`] (the last good spec and the
+//!   progress of a staged rollout, so a restarted controller resumes the right wave).
 //!
 //! Nodes waiting for approval have no record here (they wait in memory:
 //! [`crate::reconcile::pending`]).
@@ -33,6 +35,7 @@ const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("envelopes"
 const SUBNETS: TableDefinition<&str, &str> = TableDefinition::new("subnets");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const APPROVALS: TableDefinition<&str, &str> = TableDefinition::new("approvals");
+const ROLLOUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("rollouts");
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +171,8 @@ pub struct Store {
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Node ids approved before they enrolled → when.
     pub approvals: BTreeMap<String, u64>,
+    /// Staged rollouts by Mesh name.
+    pub rollouts: BTreeMap<String, crate::reconcile::rollout::Record>,
 }
 
 /// Pending writes, committed together.
@@ -183,6 +188,8 @@ pub struct Batch {
     approvals: BTreeMap<String, Option<u64>>,
     /// Subnet allocations to delete (`mesh/node`).
     subnets_removed: std::collections::BTreeSet<String>,
+    /// Rollout records to write (`Some`) or delete (`None`).
+    rollouts: BTreeMap<String, Option<Vec<u8>>>,
 }
 
 impl Batch {
@@ -210,6 +217,7 @@ impl Batch {
         self.subnets.extend(other.subnets);
         self.tokens.extend(other.tokens);
         self.approvals.extend(other.approvals);
+        self.rollouts.extend(other.rollouts);
     }
 
     /// Whether nothing is pending.
@@ -221,6 +229,7 @@ impl Batch {
             && self.removed.is_empty()
             && self.approvals.is_empty()
             && self.subnets_removed.is_empty()
+            && self.rollouts.is_empty()
     }
 }
 
@@ -272,6 +281,7 @@ impl Store {
             txn.open_table(SUBNETS).map_err(db_err)?;
             txn.open_table(TOKENS).map_err(db_err)?;
             txn.open_table(APPROVALS).map_err(db_err)?;
+            txn.open_table(ROLLOUTS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
 
@@ -284,6 +294,7 @@ impl Store {
             taken: BTreeMap::new(),
             tokens: BTreeMap::new(),
             approvals: BTreeMap::new(),
+            rollouts: BTreeMap::new(),
         };
         let read = store.db.begin_read().map_err(db_err)?;
         for row in read
@@ -358,6 +369,18 @@ impl Store {
                 message: "not a time".into(),
             })?;
             store.approvals.insert(k.value().to_string(), at);
+        }
+        for row in read
+            .open_table(ROLLOUTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            store.rollouts.insert(
+                k.value().to_string(),
+                decode("rollouts", k.value(), v.value())?,
+            );
         }
         Ok(store)
     }
@@ -479,6 +502,28 @@ impl Store {
         batch.approvals.insert(id.to_string(), at);
     }
 
+    /// Records the rollout of mesh `mesh` (`None`: forgets it), in memory now, on disk at
+    /// commit.
+    pub fn put_rollout(
+        &mut self,
+        batch: &mut Batch,
+        mesh: &str,
+        rec: Option<crate::reconcile::rollout::Record>,
+    ) {
+        let bytes = rec
+            .as_ref()
+            .map(|r| serde_json::to_vec(r).unwrap_or_default());
+        batch.rollouts.insert(mesh.to_string(), bytes);
+        match rec {
+            Some(r) => {
+                self.rollouts.insert(mesh.to_string(), r);
+            }
+            None => {
+                self.rollouts.remove(mesh);
+            }
+        }
+    }
+
     /// Records a token.
     pub fn put_token(&mut self, batch: &mut Batch, hash: &str, rec: TokenRecord) {
         batch.tokens.insert(
@@ -531,6 +576,17 @@ impl Store {
                     }
                     None => {
                         approvals.remove(k.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_err)?;
+            for (k, v) in &batch.rollouts {
+                match v {
+                    Some(b) => {
+                        rollouts.insert(k.as_str(), b.as_slice()).map_err(db_err)?;
+                    }
+                    None => {
+                        rollouts.remove(k.as_str()).map_err(db_err)?;
                     }
                 }
             }

@@ -136,6 +136,9 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                 ),
             ));
         }
+        for (field, message) in crate::spec::rollout::check(set, mesh) {
+            errors.push(err(&key, &field, message));
+        }
         let radio = &mesh.spec.radio;
         for (field, message) in regdb::check_mesh_radio(radio) {
             errors.push(err(&key, &field, message));

@@ -10,4 +10,5 @@ pub mod openwrt;
 pub mod parse;
 pub mod policy;
 pub mod regdb;
+pub mod rollout;
 pub mod set;

@@ -6,6 +6,7 @@
 //! and every stored config is republished (retained), so a restarted broker converges again.
 
 pub mod loading;
+mod rollout;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -273,6 +274,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let store = Store::open(&opts.state.join("sidenet.redb"), crate::now())?;
     let renderer = Renderer::load(&opts.templates)?;
     let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(&opts.state)));
+    ctl.enable_rollouts();
     tracing::info!(
         epoch = ctl.store.epoch,
         nodes = ctl.store.nodes.len(),
@@ -475,6 +477,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     let mut connected = false;
     let mut poll = tokio::time::interval(opts.poll);
     let mut refresh = tokio::time::interval(opts.refresh);
+    let mut rollout_timer = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     // Scheduled passphrase switches up to this time are handled (the start reconciles all).
     let mut switched_upto = crate::now();
@@ -485,6 +488,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         tokio::select! {
             _ = &mut shutdown => break,
             _ = poll.tick() => loader.poll(),
+            _ = rollout_timer.tick() => {}
             outcome = loader.done() => {
                 if let Some(set) = outcome.and_then(|o| loader.take(o)) {
                     apply(&mut ctl, &mut jobs, set);
@@ -596,6 +600,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 continue;
             }
         }
+        rollout::tick(&mut ctl);
         // A failed commit leaves memory ahead of the disk: stop, the state reloads on restart.
         let out = ctl.flush()?;
         let changes = ctl.take_credentials();
@@ -756,6 +761,7 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             },
             Err(errs) => fail(&errs),
         },
+        Request::Rollout { action, mesh } => rollout::admin(ctl, &action, mesh.as_deref(), now),
         Request::Render { node } => match ctl.preview(&node) {
             Ok(config) => Response::Render {
                 config: Box::new(config),

@@ -14,9 +14,11 @@ mod enrol;
 mod keys;
 mod messages;
 mod plan;
+mod staged;
 mod state;
 mod status;
 
 pub use enrol::Approval;
 pub use plan::{build_config, build_config_with, config_body};
+pub use staged::RolloutAction;
 pub use state::{Controller, CoreError, NODE_MESSAGE_CAP};

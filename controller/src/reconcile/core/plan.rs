@@ -71,10 +71,14 @@ impl Controller {
         }
     }
 
+    fn reconcile_now(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+        self.reconcile_staged(ids, now) // holds back nodes of a staged rollout (staged.rs)
+    }
+
     /// Three phases: plan each node (sequential: approval, profile, subnet, fingerprint), render
     /// and sign the ones whose inputs changed (in parallel, on every core), then record the new
     /// revisions (sequential).
-    fn reconcile_now(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
+    pub(super) fn reconcile_plain(&mut self, ids: &[String], now: u64) -> Result<(), CoreError> {
         let mut batch = Batch::default();
         let mut plans = Vec::new();
         let mut cache = PlanCache::default();

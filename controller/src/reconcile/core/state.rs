@@ -69,6 +69,8 @@ pub struct Controller {
     pub(super) deferred: std::collections::VecDeque<String>,
     /// Nodes waiting for approval (in memory only, bounded).
     pub pending: crate::reconcile::pending::Pending,
+    /// Whether `Mesh.spec.rollout` stages changes ([`Controller::enable_rollouts`]).
+    pub(super) staging: bool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -107,6 +109,7 @@ impl Controller {
             chunk: None,
             deferred: std::collections::VecDeque::new(),
             pending: crate::reconcile::pending::Pending::new(Default::default()),
+            staging: false,
         }
     }
 
