@@ -6,6 +6,7 @@
 //! and every stored config is republished (retained), so a restarted broker converges again.
 
 pub mod loading;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub struct Options {
     /// user may administer it: the controller manages node credentials and ACLs there
     /// ([`crate::transport::dynsec`]).
     pub broker_dynsec: bool,
+    /// The HTTP service (map, `/metrics`); `None`: off ([`web`]).
+    pub http: Option<web::HttpOptions>,
 }
 
 /// Standalone mode failed to start or stopped on an error.
@@ -86,6 +89,9 @@ pub enum StandaloneError {
     /// Bad broker URL.
     #[error("{0}")]
     Url(String),
+    /// The HTTP service could not start.
+    #[error("HTTP service: {0}")]
+    Http(String),
 }
 
 /// Mesh keys and generated passphrases in the state folder, files of mode 0600.
@@ -436,6 +442,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
     });
 
+    let http_task = web::start(opts.http.as_ref(), &opts.state, adm_tx.clone()).await?;
     let sock_path = opts.state.join(admin::SOCKET);
     let _ = std::fs::remove_file(&sock_path);
     let listener =
@@ -625,6 +632,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     mqtt_task.abort();
     admin_task.abort();
+    if let Some(t) = http_task {
+        t.abort();
+    }
     let _ = client.disconnect().await;
     let _ = std::fs::remove_file(&sock_path);
     Ok(())
