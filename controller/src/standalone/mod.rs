@@ -30,6 +30,7 @@ use crate::reconcile::render::Renderer;
 use crate::reconcile::store::Store;
 use crate::spec::manifest::ManifestSet;
 use loading::Loader;
+use web::AdminCall;
 
 /// Options of the standalone controller.
 #[derive(Debug, Clone)]
@@ -265,8 +266,6 @@ enum MqttEvent {
     Message(String, Vec<u8>),
 }
 
-type AdminCall = (Request, oneshot::Sender<Response>);
-
 /// Runs the standalone controller until `shutdown` completes.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), StandaloneError> {
     let state_err = |message: String| StandaloneError::State {
@@ -442,7 +441,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
     });
 
-    let http_task = web::start(opts.http.as_ref(), &opts.state, adm_tx.clone()).await?;
+    let http_task = web::start(opts.http.as_ref(), &opts.state, adm_tx.clone())
+        .await
+        .map_err(StandaloneError::Http)?;
     let sock_path = opts.state.join(admin::SOCKET);
     let _ = std::fs::remove_file(&sock_path);
     let listener =

@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AdminCall, StandaloneError};
 use crate::admin::{Request, Response};
 use crate::web::{Service, Source, View, ViewFuture};
+
+/// A request to the engine task, as the admin socket sends them.
+pub type AdminCall = (Request, oneshot::Sender<Response>);
 
 /// Default listen address of the HTTP service.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
@@ -66,19 +68,18 @@ async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
 }
 
 /// Starts the service, if `http` says so.
-pub(super) async fn start(
+pub async fn start(
     http: Option<&HttpOptions>,
     state: &Path,
     engine: mpsc::Sender<AdminCall>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, StandaloneError> {
+) -> Result<Option<tokio::task::JoinHandle<()>>, String> {
     let Some(h) = http else { return Ok(None) };
-    let err = |message: String| StandaloneError::Http(message);
     let token = if crate::web::token_required(&h.listen) {
         let t = match &h.token_file {
             Some(p) => crate::web::read_token(p),
             None => crate::web::ensure_token(&state.join(TOKEN_FILE)),
         };
-        Some(t.map_err(|e| err(format!("--http-listen {}: {e}", h.listen)))?)
+        Some(t.map_err(|e| format!("--http-listen {}: {e}", h.listen))?)
     } else {
         None
     };
@@ -91,7 +92,7 @@ pub(super) async fn start(
             );
             return Ok(None);
         }
-        Err(e) => return Err(err(format!("--http-listen {}: {e}", h.listen))),
+        Err(e) => return Err(format!("--http-listen {}: {e}", h.listen)),
     };
     let addr = listener.local_addr().unwrap_or(h.listen);
     let mut svc = Service::new(h.listen, token);
