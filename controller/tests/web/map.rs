@@ -26,7 +26,7 @@ fn chromium() -> PathBuf {
 
 /// Runs headless Chromium on `url` with every network path but loopback dead (a proxy that
 /// does not exist for everything else, no host name resolves), recording its network log.
-/// Returns the DOM after `budget_ms` of virtual time, and every URL the browser requested.
+/// Returns the DOM after `budget_ms` of virtual time, and every URL the page requested.
 fn browse(
     s: &Setup,
     url: &str,
@@ -46,7 +46,7 @@ fn browse(
         "--disable-sync",
         "--disable-default-apps",
         "--proxy-server=http://127.0.0.1:9",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
         "--window-size=1500,1000",
         &format!("--virtual-time-budget={budget_ms}"),
         &format!("--user-data-dir={}", profile.path().display()),
@@ -62,12 +62,22 @@ fn browse(
         "chromium failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let log = std::fs::read_to_string(&netlog).unwrap_or_default();
-    let mut urls: Vec<String> = log
-        .split("\"url\":\"")
-        .skip(1)
-        .filter_map(|rest| rest.split('"').next())
-        .map(str::to_string)
+    let log = std::fs::read_to_string(&netlog).unwrap();
+    let log: serde_json::Value = serde_json::from_str(&log)
+        .or_else(|_| serde_json::from_str(&format!("{}]}}", log.trim_end().trim_end_matches(','))))
+        .unwrap_or_else(|e| panic!("{}: {e}", netlog.display()));
+    // Requests the page made: those whose initiator is the page's origin (the browser's own
+    // background requests have none), plus the navigation itself.
+    let origin = url.trim_end_matches('/').to_string();
+    let mut urls: Vec<String> = log["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            let p = &e["params"];
+            let u = p["url"].as_str()?;
+            (p["initiator"].as_str() == Some(origin.as_str()) || u == url).then(|| u.to_string())
+        })
         .collect();
     urls.sort();
     urls.dedup();
