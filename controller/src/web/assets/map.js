@@ -102,19 +102,22 @@ function layout(nodes, prs) {
   });
   const live = new Set(ids);
   for (const id of [...pos.keys()]) if (!live.has(id)) pos.delete(id);
-  const len = Math.max(18, Math.min(70, 900 / Math.sqrt(n + 1)));
-  const cell = len * 2;
+  // Fruchterman-Reingold: repulsion k²/d (only within 2k, through a grid), attraction d²/k
+  // along links, a pull to the centre, moves capped by a cooling temperature.
+  const k = Math.max(10, 0.5 * Math.sqrt((W * H) / Math.max(n, 1)));
+  const cell = 2 * k;
   const steps = n <= 500 ? 300 : n <= 5000 ? 80 : 20;
   const P = ids.map((id) => pos.get(id));
   const index = new Map(ids.map((id, i) => [id, i]));
   const springs = prs.map((p) => [index.get(p.a), index.get(p.b)]).filter(([a, b]) => a !== undefined && b !== undefined);
   for (let s = 0; s < steps; s++) {
-    const heat = 1 - s / steps;
+    const temp = (W / 8) * (1 - s / steps) + 0.5;
     const grid = new Map();
     P.forEach((p, i) => {
-      const k = Math.floor(p.x / cell) + ',' + Math.floor(p.y / cell);
-      if (!grid.has(k)) grid.set(k, []);
-      grid.get(k).push(i);
+      p.vx = 0; p.vy = 0;
+      const key = Math.floor(p.x / cell) + ',' + Math.floor(p.y / cell);
+      if (!grid.has(key)) grid.set(key, []);
+      grid.get(key).push(i);
     });
     P.forEach((p, i) => {
       const cx = Math.floor(p.x / cell), cy = Math.floor(p.y / cell);
@@ -123,26 +126,27 @@ function layout(nodes, prs) {
           if (j === i) continue;
           const q = P[j];
           let ddx = p.x - q.x, ddy = p.y - q.y;
-          let d2 = ddx * ddx + ddy * ddy;
-          if (d2 < 0.01) { ddx = Math.random() - 0.5; ddy = Math.random() - 0.5; d2 = 0.5; }
-          const f = (len * len) / d2 * 0.5;
-          p.vx += ddx * f * 0.05; p.vy += ddy * f * 0.05;
+          let d = Math.sqrt(ddx * ddx + ddy * ddy);
+          if (d < 0.01) { ddx = Math.random() - 0.5; ddy = Math.random() - 0.5; d = 0.7; }
+          if (d > cell) continue;
+          const f = (k * k) / d;
+          p.vx += (ddx / d) * f; p.vy += (ddy / d) * f;
         }
       }
     });
     for (const [a, b] of springs) {
       const p = P[a], q = P[b];
       const dx = q.x - p.x, dy = q.y - p.y;
-      const d = Math.sqrt(dx * dx + dy * dy) || 1;
-      const f = (d - len) / d * 0.1;
-      p.vx += dx * f; p.vy += dy * f; q.vx -= dx * f; q.vy -= dy * f;
+      const d = Math.sqrt(dx * dx + dy * dy) || 0.01;
+      const f = (d * d) / k;
+      p.vx += (dx / d) * f; p.vy += (dy / d) * f; q.vx -= (dx / d) * f; q.vy -= (dy / d) * f;
     }
     for (const p of P) {
-      p.vx += (W / 2 - p.x) * 0.002; p.vy += (H / 2 - p.y) * 0.002;
-      const v = Math.sqrt(p.vx * p.vx + p.vy * p.vy), cap = 30 * heat + 1;
-      if (v > cap) { p.vx *= cap / v; p.vy *= cap / v; }
-      p.x = Math.min(W - 10, Math.max(10, p.x + p.vx)); p.y = Math.min(H - 10, Math.max(10, p.y + p.vy));
-      p.vx *= 0.5; p.vy *= 0.5;
+      p.vx += (W / 2 - p.x) * 0.08 * (k / 40); p.vy += (H / 2 - p.y) * 0.08 * (k / 40);
+      const v = Math.sqrt(p.vx * p.vx + p.vy * p.vy) || 1;
+      const m = Math.min(v, temp);
+      p.x = Math.min(W - 12, Math.max(12, p.x + (p.vx / v) * m));
+      p.y = Math.min(H - 12, Math.max(12, p.y + (p.vy / v) * m));
     }
   }
 }
