@@ -375,15 +375,15 @@ fn status_filters_and_summary() {
         String::from_utf8(out.stdout).unwrap()
     };
     let all = text(&["status"]);
-    assert!(all.lines().any(|l| l == "2 nodes: 2 Declared"), "{all}");
-    let one = text(&["status", "--phase", "declared", "--name", "KITCH"]);
+    assert!(all.lines().any(|l| l == "2 nodes: 2 Blocked"), "{all}");
+    let one = text(&["status", "--phase", "blocked", "--name", "KITCH"]);
     assert!(
         one.contains("kitchen") && !one.contains("attic-pi"),
         "{one}"
     );
     assert!(
         one.lines()
-            .any(|l| l == "2 nodes: 2 Declared; 1 shown (--phase Declared --name KITCH)"),
+            .any(|l| l == "2 nodes: 2 Blocked; 1 shown (--phase Blocked --name KITCH)"),
         "{one}"
     );
     let glob = text(&["status", "--name", "attic-*"]);
@@ -396,7 +396,7 @@ fn status_filters_and_summary() {
     assert_eq!(v["nodes"], serde_json::json!([]));
     assert_eq!(
         v["summary"],
-        "2 nodes: 2 Declared; 0 shown (--mesh nowhere)"
+        "2 nodes: 2 Blocked; 0 shown (--mesh nowhere)"
     );
     let v: serde_json::Value = serde_json::from_str(&text(&[
         "status",
@@ -405,7 +405,7 @@ fn status_filters_and_summary() {
         "--mesh",
         "riverside",
         "--phase",
-        "Ready,Declared",
+        "Ready,blocked",
     ]))
     .unwrap();
     assert_eq!(v["nodes"].as_array().unwrap().len(), 2);
