@@ -394,10 +394,7 @@ fn status_filters_and_summary() {
     let v: serde_json::Value =
         serde_json::from_str(&text(&["status", "-o", "json", "--mesh", "nowhere"])).unwrap();
     assert_eq!(v["nodes"], serde_json::json!([]));
-    assert_eq!(
-        v["summary"],
-        "2 nodes: 2 Blocked; 0 shown (--mesh nowhere)"
-    );
+    assert_eq!(v["summary"], "2 nodes: 2 Blocked; 0 shown (--mesh nowhere)");
     let v: serde_json::Value = serde_json::from_str(&text(&[
         "status",
         "-o",
