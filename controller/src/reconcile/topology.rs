@@ -143,8 +143,9 @@ pub struct TopoLink {
     pub quality: Quality,
 }
 
-/// A rollout in progress, as the map shows it. A hook for the rollout engine: nothing fills it
-/// yet (`reconcile::rollout` has no running state to read), so it is always absent.
+/// A rollout in progress, as the map shows it. A hook for the rollout engine: the adapters pass
+/// them in `web::View::rollouts`; none does yet (`reconcile::rollout` has no running state to
+/// read), so the list is empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutView {
     /// Mesh network name.

@@ -60,6 +60,7 @@ async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
             manifest_errors,
             counters,
             epoch,
+            rollouts: Vec::new(),
         }),
         Ok(Response::Error { message }) => Err(message),
         Ok(_) => Err("unexpected answer to a status request".to_string()),

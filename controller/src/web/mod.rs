@@ -38,6 +38,9 @@ pub struct View {
     pub counters: Counters,
     /// State epoch.
     pub epoch: u64,
+    /// Rollouts in progress, for the map. The hook for the rollout engine: no adapter fills it
+    /// yet, so it is empty.
+    pub rollouts: Vec<topology::RolloutView>,
 }
 
 /// A future the [`Source`] returns.
@@ -106,13 +109,15 @@ impl Service {
 
     async fn snapshot(&self) -> Result<Snapshot, String> {
         let v = self.view().await?;
-        Ok(topology::snapshot(
+        let mut s = topology::snapshot(
             &v.rows,
             &v.manifest_errors,
             v.epoch,
             crate::now(),
             &self.thresholds,
-        ))
+        );
+        s.rollouts = v.rollouts.clone();
+        Ok(s)
     }
 
     fn authorized(&self, head: &str) -> bool {

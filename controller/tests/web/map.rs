@@ -211,7 +211,40 @@ fn the_map_in_headless_chromium_shows_a_fleet_of_50_agents() {
         },
         || ctl.log_text(),
     );
+    // A broken manifest: listed above the map (the controller keeps the last good ones).
+    std::fs::write(
+        s.path("manifests/broken.yaml"),
+        "apiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata: {name: x}\nspec: {}\n",
+    )
+    .unwrap();
+    wait_for(
+        "the manifest error in the status",
+        WAIT,
+        || match admin::call(&s.state(), &Request::Status).ok()? {
+            Response::Status {
+                manifest_errors, ..
+            } => manifest_errors
+                .iter()
+                .any(|e| e.contains("broken.yaml"))
+                .then_some(()),
+            _ => None,
+        },
+        || ctl.log_text(),
+    );
     let (dom, _) = browse(&s, &url, 6000, None);
+    let errors = &dom[dom.find("<ul id=\"errors\"").unwrap()..];
+    let errors = &errors[..errors.find("</ul>").unwrap()];
+    assert!(
+        errors.contains("<li>manifest: ") && errors.contains("broken.yaml"),
+        "{errors}"
+    );
+    let listed = errors.matches("<li>").count();
+    let summary = &dom[dom.find("<span id=\"summary\">").unwrap()..];
+    let summary = &summary[..summary.find("</span>").unwrap()];
+    assert!(
+        listed >= 1 && summary.ends_with(&format!("· {listed} manifest errors")),
+        "{summary}"
+    );
     let bad = tag_with(&dom, &pair(ring[0], ring[1])).unwrap();
     assert_eq!(attr(bad, "stroke"), Some("#d62728"), "{bad}");
     assert_eq!(attr(bad, "data-quality"), Some("bad"), "{bad}");
