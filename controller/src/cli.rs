@@ -149,3 +149,228 @@ pub fn plan_offline(
     ctl.plan_changes(set, crate::now())
         .map_err(|e| e.to_string())
 }
+
+/// The phases a node can be in, as `sidenetctl status` shows them.
+pub const PHASES: [&str; 7] = [
+    "Ready",
+    "Configuring",
+    "Offline",
+    "Failed",
+    "Blocked",
+    "Pending",
+    "Declared",
+];
+
+/// `sidenetctl status --phase/--mesh/--name`: which rows to show. Each given filter must
+/// match; a filter given several times (or with commas) matches any of its values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusFilter {
+    /// Phases (canonical spelling, see [`PHASES`]).
+    pub phases: Vec<String>,
+    /// Mesh network names, exactly.
+    pub meshes: Vec<String>,
+    /// Patterns matched against the MeshNode name, the hostname and the node id: `*` matches
+    /// any run of characters and the pattern must match the whole value; without `*`, a
+    /// case-insensitive substring.
+    pub names: Vec<String>,
+}
+
+impl StatusFilter {
+    /// Checks and normalises the `--phase` values (any case; `ready` is `Ready`).
+    pub fn new(phases: &[String], meshes: &[String], names: &[String]) -> Result<Self, String> {
+        let split = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .flat_map(|s| s.split(','))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        let phases = split(phases)
+            .into_iter()
+            .map(|p| {
+                PHASES
+                    .iter()
+                    .find(|k| k.eq_ignore_ascii_case(&p))
+                    .map(|k| k.to_string())
+                    .ok_or_else(|| {
+                        format!("--phase {p}: not a phase (one of {})", PHASES.join(", "))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            phases,
+            meshes: split(meshes),
+            names: split(names),
+        })
+    }
+
+    /// No filter given.
+    pub fn is_empty(&self) -> bool {
+        self.phases.is_empty() && self.meshes.is_empty() && self.names.is_empty()
+    }
+
+    /// Whether `r` passes.
+    pub fn matches(&self, r: &crate::reconcile::model::StatusRow) -> bool {
+        (self.phases.is_empty() || self.phases.contains(&r.phase))
+            && (self.meshes.is_empty() || self.meshes.contains(&r.mesh))
+            && (self.names.is_empty()
+                || self.names.iter().any(|p| {
+                    [
+                        r.name.as_deref(),
+                        r.hostname.as_deref(),
+                        Some(r.node.as_str()),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .any(|v| name_matches(p, v))
+                }))
+    }
+}
+
+/// `*` globs match the whole value (case-insensitive); plain text is a substring.
+fn name_matches(pattern: &str, value: &str) -> bool {
+    let (p, v) = (pattern.to_lowercase(), value.to_lowercase());
+    if !p.contains('*') {
+        return v.contains(&p);
+    }
+    let parts: Vec<&str> = p.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !v.starts_with(first) || v.len() < first.len() + last.len() || !v.ends_with(last) {
+        return false;
+    }
+    let mut rest = &v[first.len()..v.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// The summary line under `sidenetctl status`: every node by phase (in [`PHASES`] order), then
+/// how many the filters let through, e.g.
+/// `50 nodes: 48 Ready, 2 Offline; 2 shown (--phase Offline)`.
+pub fn status_summary(
+    all: &[crate::reconcile::model::StatusRow],
+    shown: usize,
+    filter: &StatusFilter,
+) -> String {
+    let mut counts: Vec<String> = PHASES
+        .iter()
+        .filter_map(|p| {
+            let n = all.iter().filter(|r| r.phase == *p).count();
+            (n > 0).then(|| format!("{n} {p}"))
+        })
+        .collect();
+    let other = all
+        .iter()
+        .filter(|r| !PHASES.contains(&r.phase.as_str()))
+        .count();
+    if other > 0 {
+        counts.push(format!("{other} other"));
+    }
+    let plural = if all.len() == 1 { "node" } else { "nodes" };
+    let mut line = format!("{} {plural}", all.len());
+    if !counts.is_empty() {
+        line.push_str(": ");
+        line.push_str(&counts.join(", "));
+    }
+    if !filter.is_empty() {
+        let mut given = Vec::new();
+        for (flag, v) in [
+            ("--phase", &filter.phases),
+            ("--mesh", &filter.meshes),
+            ("--name", &filter.names),
+        ] {
+            if !v.is_empty() {
+                given.push(format!("{flag} {}", v.join(",")));
+            }
+        }
+        line.push_str(&format!("; {shown} shown ({})", given.join(" ")));
+    }
+    line
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use crate::reconcile::model::StatusRow;
+
+    fn row(node: &str, name: Option<&str>, mesh: &str, phase: &str) -> StatusRow {
+        StatusRow {
+            node: node.into(),
+            name: name.map(str::to_string),
+            mesh: mesh.into(),
+            hostname: Some(format!("host-{node}")),
+            phase: phase.into(),
+            reason: None,
+            online: None,
+            desired: None,
+            applied: None,
+            last_seen: None,
+            address: None,
+            failure: None,
+            neighbours: vec![],
+            probes: vec![],
+            agent_version: None,
+            agent_epoch: None,
+            missing: vec![],
+        }
+    }
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn filters_by_phase_mesh_and_name() -> Result<(), String> {
+        let rows = [
+            row("aaaa1111", Some("kitchen"), "riverside", "Ready"),
+            row("bbbb2222", Some("garden-shed"), "riverside", "Offline"),
+            row("cccc3333", None, "hilltop", "Ready"),
+            row("dddd4444", Some("garden-gate"), "hilltop", "Failed"),
+        ];
+        let pick = |f: &StatusFilter| -> Vec<String> {
+            rows.iter()
+                .filter(|r| f.matches(r))
+                .map(|r| r.node.clone())
+                .collect()
+        };
+        let f = StatusFilter::new(&v(&["ready"]), &[], &[])?;
+        assert_eq!(f.phases, v(&["Ready"]));
+        assert_eq!(pick(&f), v(&["aaaa1111", "cccc3333"]));
+        let f = StatusFilter::new(&v(&["Ready,failed"]), &v(&["hilltop"]), &[])?;
+        assert_eq!(pick(&f), v(&["cccc3333", "dddd4444"]));
+        let f = StatusFilter::new(&[], &[], &v(&["garden-*"]))?;
+        assert_eq!(pick(&f), v(&["bbbb2222", "dddd4444"]));
+        let f = StatusFilter::new(&[], &[], &v(&["*shed"]))?;
+        assert_eq!(pick(&f), v(&["bbbb2222"]));
+        let f = StatusFilter::new(&[], &[], &v(&["GATE"]))?;
+        assert_eq!(pick(&f), v(&["dddd4444"]));
+        // Hostnames and ids match too.
+        let f = StatusFilter::new(&[], &[], &v(&["host-cccc*", "aaaa"]))?;
+        assert_eq!(pick(&f), v(&["aaaa1111", "cccc3333"]));
+        let f = StatusFilter::new(&[], &[], &v(&["g*n*e"]))?;
+        assert_eq!(pick(&f), v(&["dddd4444"]));
+        let e = StatusFilter::new(&v(&["Redy"]), &[], &[])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("--phase Redy: not a phase (one of Ready, "),
+            "{e}"
+        );
+        // The summary counts every node, then what is shown.
+        let f = StatusFilter::new(&v(&["Ready"]), &[], &[])?;
+        assert_eq!(
+            status_summary(&rows, 2, &f),
+            "4 nodes: 2 Ready, 1 Offline, 1 Failed; 2 shown (--phase Ready)"
+        );
+        assert_eq!(
+            status_summary(&rows, 4, &StatusFilter::default()),
+            "4 nodes: 2 Ready, 1 Offline, 1 Failed"
+        );
+        assert_eq!(status_summary(&[], 0, &StatusFilter::default()), "0 nodes");
+        Ok(())
+    }
+}

@@ -21,13 +21,15 @@
 //!    (the types the layer shares), [`reconcile::credentials`] (per-node broker passwords),
 //!    [`reconcile::store`] (the state and its embedded database), [`reconcile::render`]
 //!    (templates × hardware profiles → files), [`reconcile::peers`] (WireGuard neighbours),
-//!    [`reconcile::health`] (acknowledgements, withheld revisions, link metrics) and
+//!    [`reconcile::health`] (acknowledgements, withheld revisions, link metrics),
+//!    [`reconcile::topology`] (the mesh as a graph: the map, NetJSON, later ALTO) and
 //!    [`reconcile::core`] (enrolment, approval, revisions, signing, status).
 //! 3. [`transport`]: what both adapters need to reach the broker: [`transport::inbox`] (the
 //!    bounded queue between MQTT and the engine), [`transport::broker`] (the embedded broker),
 //!    [`transport::acl`] (its topic rules and credentials), [`transport::dynsec`] (the same on
 //!    Mosquitto), [`transport::tls`] (TLS to an external broker).
-//! 4. [`admin`]: the admin protocol `sidenetctl` speaks to a running controller.
+//! 4. [`admin`]: the admin protocol `sidenetctl` speaks to a running controller; [`web`]: the
+//!    HTTP service of both modes (the mesh map, NetJSON, `/metrics`, probes; docs/web.md).
 //! 5. [`provisioning`]: running `NodeProvision` manifests (standalone mode).
 //! 6. The two adapters, side by side: [`standalone`] (folder watch, embedded broker, MQTT,
 //!    admin socket) and [`kubernetes`] (kube-runtime controllers, status, Secrets, Lease,
@@ -46,6 +48,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("reconcile", 2),
     ("transport", 3),
     ("admin", 4),
+    ("web", 4),
     ("provisioning", 5),
     ("standalone", 6),
     ("kubernetes", 6),
@@ -69,5 +72,6 @@ pub mod spec;
 pub mod standalone;
 pub mod time;
 pub mod transport;
+pub mod web;
 
 pub use time::{now, parse_rfc3339, rfc3339};

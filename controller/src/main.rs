@@ -67,6 +67,16 @@ enum Mode {
         /// CA bundle (PEM) for an mqtts:// --broker; without it, the system roots.
         #[arg(long, env = "SIDENET_BROKER_CA", value_name = "FILE")]
         broker_ca: Option<PathBuf>,
+        /// Listen address of the HTTP service: the mesh map, /api/nodes, /api/netjson, /metrics
+        /// (docs/web.md). Default 127.0.0.1:8480 (if that port is taken, the controller runs
+        /// without it and says so); `off` disables it. A non-loopback address needs a bearer
+        /// token for the data routes.
+        #[arg(long, env = "SIDENET_HTTP_LISTEN", value_name = "ADDR|off")]
+        http_listen: Option<String>,
+        /// File holding the bearer token for a non-loopback --http-listen (first line, at least
+        /// 16 characters); default STATE/http-token, created if missing.
+        #[arg(long, env = "SIDENET_HTTP_TOKEN_FILE", value_name = "FILE")]
+        http_token_file: Option<PathBuf>,
         /// Listen address of the embedded broker. Use 0.0.0.0:1883 to let routers on the LAN in.
         #[arg(long, env = "SIDENET_LISTEN", default_value = "127.0.0.1:1883")]
         listen: SocketAddr,
@@ -136,9 +146,13 @@ enum Mode {
         /// administers it: the controller gives each node its own credentials and ACLs there.
         #[arg(long, env = "SIDENET_BROKER_DYNSEC")]
         broker_dynsec: bool,
-        /// Address of /metrics, /healthz and /readyz.
+        /// Address of /metrics, /healthz, /readyz and the mesh map (docs/web.md).
         #[arg(long, env = "SIDENET_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
         metrics_listen: SocketAddr,
+        /// File holding the bearer token of the map's data routes (e.g. a mounted Secret's key);
+        /// without it they answer 401 on a non-loopback address.
+        #[arg(long, env = "SIDENET_HTTP_TOKEN_FILE", value_name = "FILE")]
+        http_token_file: Option<PathBuf>,
         /// Take the Lease `sidenet-controller` before reconciling.
         #[arg(long, env = "SIDENET_LEADER_ELECTION", default_value = "false", action = clap::ArgAction::Set)]
         leader_election: bool,
@@ -207,6 +221,27 @@ fn init_logs(json: bool) {
     } else {
         b.init();
     }
+}
+
+/// `--http-listen`: an address, `off`, or the default.
+fn http_options(
+    listen: Option<&str>,
+    token_file: Option<PathBuf>,
+) -> Result<Option<sidenet_controller::standalone::web::HttpOptions>, String> {
+    use sidenet_controller::standalone::web::{DEFAULT_LISTEN, HttpOptions};
+    let (text, explicit) = match listen.map(str::trim) {
+        Some("off") => return Ok(None),
+        Some(a) if !a.is_empty() => (a, true),
+        _ => (DEFAULT_LISTEN, false),
+    };
+    let listen = text.parse().map_err(|e| {
+        format!("--http-listen {text}: {e} (expected IP:PORT, e.g. {DEFAULT_LISTEN}, or off)")
+    })?;
+    Ok(Some(HttpOptions {
+        listen,
+        explicit,
+        token_file: token_file.filter(|p| !p.as_os_str().is_empty()),
+    }))
 }
 
 /// `sidenet-controller check`: one line per check, exit 1 if any failed.
@@ -306,6 +341,8 @@ async fn main() -> ExitCode {
             load_deadline_ms,
             max_connections,
             agents,
+            http_listen,
+            http_token_file,
         } => {
             // Every path is relative to the working directory: say which one is missing and
             // where it was looked for, before anything starts.
@@ -332,6 +369,13 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let http = match http_options(http_listen.as_deref(), http_token_file) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("sidenet-controller: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let opts = sidenet_controller::standalone::Options {
                 manifests,
                 templates,
@@ -347,6 +391,7 @@ async fn main() -> ExitCode {
                 agents,
                 broker_login: broker_username.zip(broker_password),
                 broker_dynsec,
+                http,
             };
             match sidenet_controller::standalone::run(opts, shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -368,6 +413,7 @@ async fn main() -> ExitCode {
             broker_ca,
             broker_dynsec,
             metrics_listen,
+            http_token_file,
             leader_election,
             pod_name,
             pod_namespace,
@@ -388,6 +434,16 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            let http_token = match http_token_file.filter(|p| !p.as_os_str().is_empty()) {
+                Some(p) => match sidenet_controller::web::read_token(&p) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        eprintln!("sidenet-controller: --http-token-file {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                None => None,
+            };
             let opts = sidenet_controller::kubernetes::Options {
                 namespace: Some(namespace).filter(|n| !n.is_empty()),
                 broker: broker.filter(|b| !b.is_empty()),
@@ -398,6 +454,7 @@ async fn main() -> ExitCode {
                 broker_ca: broker_ca.filter(|p| !p.as_os_str().is_empty()),
                 broker_dynsec,
                 metrics_listen: Some(metrics_listen),
+                http_token,
                 leader_election,
                 pod_name,
                 pod_namespace,

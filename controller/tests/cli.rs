@@ -343,3 +343,74 @@ fn status_fails_while_manifests_are_broken() {
             .contains("manifest error (last good manifests still in force)")
     );
 }
+
+/// `status --phase/--mesh/--name` show the matching rows, and the summary line counts every
+/// node by phase and says how many are shown; a misspelt phase is refused by name.
+#[test]
+fn status_filters_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = controller(dir.path(), |t| t);
+    std::fs::copy(
+        repo().join("examples/riverside/nodes.yaml"),
+        dir.path().join("manifests/nodes.yaml"),
+    )
+    .unwrap();
+    wait_for(
+        "the two MeshNodes in the status",
+        WAIT,
+        || {
+            let out = sidenetctl(dir.path(), &["status", "-o", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["nodes"].as_array()?.len() == 2).then_some(())
+        },
+        || ctl.log_text(),
+    );
+    let text = |args: &[&str]| {
+        let out = sidenetctl(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let all = text(&["status"]);
+    assert!(all.lines().any(|l| l == "2 nodes: 2 Blocked"), "{all}");
+    let one = text(&["status", "--phase", "blocked", "--name", "KITCH"]);
+    assert!(
+        one.contains("kitchen") && !one.contains("attic-pi"),
+        "{one}"
+    );
+    assert!(
+        one.lines()
+            .any(|l| l == "2 nodes: 2 Blocked; 1 shown (--phase Blocked --name KITCH)"),
+        "{one}"
+    );
+    let glob = text(&["status", "--name", "attic-*"]);
+    assert!(
+        glob.contains("attic-pi") && !glob.contains("kitchen"),
+        "{glob}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&text(&["status", "-o", "json", "--mesh", "nowhere"])).unwrap();
+    assert_eq!(v["nodes"], serde_json::json!([]));
+    assert_eq!(v["summary"], "2 nodes: 2 Blocked; 0 shown (--mesh nowhere)");
+    let v: serde_json::Value = serde_json::from_str(&text(&[
+        "status",
+        "-o",
+        "json",
+        "--mesh",
+        "riverside",
+        "--phase",
+        "Ready,blocked",
+    ]))
+    .unwrap();
+    assert_eq!(v["nodes"].as_array().unwrap().len(), 2);
+    let out = sidenetctl(dir.path(), &["status", "--phase", "Redy"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--phase Redy: not a phase (one of Ready, Configuring"),
+        "{err}"
+    );
+}

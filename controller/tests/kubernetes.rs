@@ -790,6 +790,24 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     for p in ports {
         assert_eq!(scrape(p, "/healthz").await.unwrap().0, 200);
     }
+    // The map's data (docs/web.md): the holder's node table; a standby has none.
+    let (code, body) = scrape(ports[lead], "/api/nodes").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let snap: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        snap["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == kitchen_id.as_str() && n["desired"]["rev"] == 1),
+        "{body}"
+    );
+    let (code, body) = scrape(ports[lead], "/api/netjson").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"type\":\"NetworkGraph\""), "{body}");
+    let (code, body) = scrape(ports[standby], "/api/nodes").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("does not reconcile"), "{body}");
     eventually("both ready", || Some(()), String::new).await;
     let ready = scrape(ports[standby], "/readyz").await.unwrap().0;
     assert_eq!(ready, 200, "a standby must report ready");

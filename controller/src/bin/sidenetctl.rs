@@ -162,7 +162,8 @@ enum Cmd {
         #[command(subcommand)]
         action: RolloutCmd,
     },
-    /// Nodes: phase, online, desired vs applied revision, last seen.
+    /// Nodes: phase, online, desired vs applied revision, last seen; then a summary line (every
+    /// node by phase, and how many the filters show).
     Status {
         /// State folder of the running controller.
         #[arg(long, env = "SIDENET_STATE", default_value = ".sidenet-state")]
@@ -170,6 +171,17 @@ enum Cmd {
         /// Output format.
         #[arg(long, short = 'o', value_enum, default_value = "table")]
         output: Output,
+        /// Only nodes in this phase (Ready, Configuring, Offline, Failed, Blocked, Pending,
+        /// Declared; any case). Repeat or separate with commas for several.
+        #[arg(long, value_name = "PHASE")]
+        phase: Vec<String>,
+        /// Only nodes of this mesh (network name). Repeat for several.
+        #[arg(long, value_name = "MESH")]
+        mesh: Vec<String>,
+        /// Only nodes whose MeshNode name, hostname or id contains this text (any case), or
+        /// matches it whole with `*` wildcards (`garden-*`). Repeat for several.
+        #[arg(long, value_name = "PATTERN")]
+        name: Vec<String>,
     },
     /// NodeProvision jobs of the running controller: live progress per host while a job runs,
     /// then the result per host (board, profile, node id, result, duration).
@@ -540,18 +552,29 @@ fn run(args: Args) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { state, output } => match admin::call(&state, &Request::Status)? {
+        Cmd::Status {
+            state,
+            output,
+            phase,
+            mesh,
+            name,
+        } => match admin::call(&state, &Request::Status)? {
             Response::Status {
-                nodes,
+                nodes: all,
                 manifest_errors,
                 provisions,
                 counters,
                 ..
             } => {
+                let filter = sidenet_controller::cli::StatusFilter::new(&phase, &mesh, &name)?;
+                let nodes: Vec<StatusRow> =
+                    all.iter().filter(|r| filter.matches(r)).cloned().collect();
+                let summary = sidenet_controller::cli::status_summary(&all, nodes.len(), &filter);
                 let overflow = (counters.pending_rate_limited, counters.pending_evicted);
                 match output {
                     Output::Json => {
                         let text = serde_json::to_string_pretty(&serde_json::json!({
+                            "summary": summary,
                             "nodes": nodes,
                             "manifestErrors": manifest_errors,
                             "enrolmentOverflow": {
@@ -564,6 +587,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     }
                     Output::Table => {
                         print_table(&nodes);
+                        outln!("{summary}");
                         if overflow != (0, 0) {
                             outln!(
                                 "\nenrolment overflow since start: {} request(s) of new nodes not listed as pending (rate limit), {} pending node(s) pushed out by newer ones (list full); approve an expected node by its id",

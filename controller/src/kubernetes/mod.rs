@@ -26,7 +26,8 @@
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` (the shared [`crate::web`] service).
+//! - [`web`]: the node table of the pod that reconciles, for the map's data routes.
 
 pub mod credentials;
 pub mod engine;
@@ -45,6 +46,7 @@ pub mod sync;
 pub mod tenancy;
 pub mod tokens;
 pub mod watch;
+pub mod web;
 
 pub use options::{KubeError, Options};
 
@@ -110,15 +112,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KubeError> {
     let metrics = Arc::new(http::Metrics::default());
+    let slot = web::Slot::default();
     let _http = match opts.metrics_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| KubeError::Other(format!("SIDENET_METRICS_LISTEN {addr}: {e}")))?;
             tracing::info!("serving /metrics, /healthz and /readyz on {addr}");
-            Some(TaskGuard(tokio::spawn(http::serve(
+            let mut svc = crate::web::Service::new(addr, opts.http_token.clone());
+            svc.metrics = Some(metrics.clone());
+            svc.open_metrics = true;
+            svc.source = Some(Arc::new(web::EngineSource(slot.clone())));
+            Some(TaskGuard(tokio::spawn(crate::web::serve(
                 listener,
-                metrics.clone(),
+                Arc::new(svc),
             ))))
         }
         None => None,
@@ -128,7 +135,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     if !opts.leader_election {
         metrics.leader.store(true, Ordering::SeqCst);
-        return lead(&opts, client, metrics, renderer, shutdown).await;
+        return lead(&opts, client, metrics, &slot, renderer, shutdown).await;
     }
     let api = Api::namespaced(client.clone(), &opts.pod_namespace);
     let mut elector = Elector::new(api, opts.pod_name.clone(), opts.lease);
@@ -142,7 +149,7 @@ pub async fn run(
     metrics.ready.store(false, Ordering::SeqCst);
     metrics.leader.store(true, Ordering::SeqCst);
     let result = tokio::select! {
-        r = lead(&opts, client, metrics.clone(), renderer, &mut shutdown) => r,
+        r = lead(&opts, client, metrics.clone(), &slot, renderer, &mut shutdown) => r,
         _ = elector.hold() => Err(KubeError::LeaseLost),
     };
     // Reconcilers and the MQTT client are stopped by now (their futures were dropped).
@@ -238,6 +245,7 @@ async fn lead(
     opts: &Options,
     client: Client,
     metrics: Arc<http::Metrics>,
+    slot: &web::Slot,
     renderer: Renderer,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), KubeError> {
@@ -442,6 +450,9 @@ async fn lead(
         nodeprovisions: np_store,
         provisions: Default::default(),
     });
+    if let Ok(mut w) = slot.lock() {
+        *w = Arc::downgrade(&ctx);
+    }
     let _events = TaskGuard(tokio::spawn(mqtt::mqtt_loop(ctx.clone(), ev_rx)));
 
     let (s1, s2) = (node_store.clone(), node_store);

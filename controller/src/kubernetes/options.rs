@@ -30,6 +30,9 @@ pub struct Options {
     pub broker_dynsec: bool,
     /// `/metrics`, `/healthz`, `/readyz` (`SIDENET_METRICS_LISTEN`); `None` serves nothing.
     pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token of the map's data routes on a non-loopback `metrics_listen` (read from
+    /// `SIDENET_HTTP_TOKEN_FILE`, a mounted Secret); `None` refuses them there (docs/web.md).
+    pub http_token: Option<String>,
     /// Take the Lease before reconciling (`SIDENET_LEADER_ELECTION`).
     pub leader_election: bool,
     /// Lease holder identity (`POD_NAME`).

@@ -13,3 +13,4 @@ pub mod pending;
 pub mod render;
 pub mod rollout;
 pub mod store;
+pub mod topology;

@@ -7,6 +7,7 @@
 
 pub mod loading;
 mod rollout;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use crate::reconcile::render::Renderer;
 use crate::reconcile::store::Store;
 use crate::spec::manifest::ManifestSet;
 use loading::Loader;
+use web::AdminCall;
 
 /// Options of the standalone controller.
 #[derive(Debug, Clone)]
@@ -64,6 +66,8 @@ pub struct Options {
     /// user may administer it: the controller manages node credentials and ACLs there
     /// ([`crate::transport::dynsec`]).
     pub broker_dynsec: bool,
+    /// The HTTP service (map, `/metrics`); `None`: off ([`web`]).
+    pub http: Option<web::HttpOptions>,
 }
 
 /// Standalone mode failed to start or stopped on an error.
@@ -87,6 +91,9 @@ pub enum StandaloneError {
     /// Bad broker URL.
     #[error("{0}")]
     Url(String),
+    /// The HTTP service could not start.
+    #[error("HTTP service: {0}")]
+    Http(String),
 }
 
 /// Mesh keys and generated passphrases in the state folder, files of mode 0600.
@@ -259,8 +266,6 @@ enum MqttEvent {
     Connected,
     Message(String, Vec<u8>),
 }
-
-type AdminCall = (Request, oneshot::Sender<Response>);
 
 /// Runs the standalone controller until `shutdown` completes.
 pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<(), StandaloneError> {
@@ -438,6 +443,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
         }
     });
 
+    let http_task = web::start(opts.http.as_ref(), &opts.state, adm_tx.clone())
+        .await
+        .map_err(StandaloneError::Http)?;
     let sock_path = opts.state.join(admin::SOCKET);
     let _ = std::fs::remove_file(&sock_path);
     let listener =
@@ -630,6 +638,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     mqtt_task.abort();
     admin_task.abort();
+    if let Some(t) = http_task {
+        t.abort();
+    }
     let _ = client.disconnect().await;
     let _ = std::fs::remove_file(&sock_path);
     Ok(())

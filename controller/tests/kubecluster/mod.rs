@@ -186,6 +186,7 @@ impl Cluster {
             broker_ca: None,
             broker_dynsec: false,
             metrics_listen: None,
+            http_token: None,
             leader_election: false,
             pod_name: name.into(),
             pod_namespace: "default".into(),
