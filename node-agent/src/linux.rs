@@ -629,6 +629,12 @@ impl Linux {
     fn shaping_down(&mut self) {
         if let Some(s) = self.shaper.take() {
             s.down(self.runner.as_mut());
+            return;
+        }
+        // Left by an earlier run of the agent (a restart onto a config without a table).
+        if crate::shaping::IFBS.iter().any(|d| self.exists(d)) {
+            let ifaces: Vec<String> = self.peers.iter().map(|p| p.iface.clone()).collect();
+            crate::shaping::remove_all(self.runner.as_mut(), &ifaces);
         }
     }
 
@@ -852,6 +858,7 @@ mod tests {
             "etc/sidenet/wpa_supplicant-mesh.conf",
             "etc/sidenet/addresses",
             "etc/sidenet/wireguard",
+            "etc/sidenet/shaping",
             "etc/sidenet/babeld.conf",
             "etc/sidenet/probes",
         ]
@@ -956,6 +963,16 @@ mod tests {
             "{cmds:#?}"
         );
         assert!(cmds[set].ends_with("listen-port 51837"), "{}", cmds[set]);
+        // The shaping table after the links exist, before babeld; each link's egress through
+        // the ifb; fq_codel when the kernel takes it.
+        let htb = pos(&cmds, "tc qdisc replace dev sneg0 root handle 1: htb");
+        let redirect = pos(
+            &cmds,
+            "tc filter add dev sn-peercccccccc egress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev sneg0",
+        );
+        assert!(set < htb && htb < redirect && redirect < babel, "{cmds:#?}");
+        assert!(cmds.iter().any(|c| c == "tc qdisc replace dev sneg0 parent 1:10 handle 1010: fq_codel"));
+        assert_eq!(lx.observe().shaping.map(|s| s.leaf), Some("fq_codel".to_string()));
         assert!(cmds.iter().any(|c| c
             == "wg set sn-peerbbbbbbbb peer xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= endpoint 10.0.1.2:51990 allowed-ips ::/0,0.0.0.0/0 persistent-keepalive 15"));
         assert!(
@@ -1063,7 +1080,8 @@ mod tests {
         );
         let mut lx = backend(dir.path(), WgMode::Kernel, &rec)?;
         let mut cfg = golden_config(&dir.path().join("root"));
-        cfg.actions.retain(|a| a != "restart:babeld");
+        cfg.actions
+            .retain(|a| a != "restart:babeld" && a != "apply:shaping");
         lx.converge(Some(&cfg))?;
         let wg: Vec<String> = rec
             .commands()

@@ -69,7 +69,7 @@ const WEEK: i64 = 7 * 1440;
 fn word(w: &str) -> bool {
     !w.is_empty()
         && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_:.,/+*[]".contains(c))
+            .all(|c| c.is_ascii_alphanumeric() || "-_:.,/+*[]=".contains(c))
 }
 
 /// Parses the table; the error names the line and what was expected.
@@ -187,19 +187,21 @@ fn s(v: &[&str]) -> Vec<String> {
 }
 
 /// The `tc class` arguments after `tc class add|change dev DEV` for class `c` at `kbit`: every
-/// class guarantees little (so siblings borrow from their parent and never exceed it) and is
-/// capped at its ceiling; bursts of 10 ms (at least 15,000 bytes).
+/// class but the root guarantees 8 kbit/s (so siblings borrow from their parent and together
+/// never exceed it) with a 15,000-byte burst, and is capped at its ceiling with a burst of 10 ms
+/// (at least 15,000 bytes).
 pub fn class_args(ifb: &Ifb, c: &Class, kbit: u64) -> Vec<String> {
-    let parent = if c.parent == "root" {
+    let root = c.parent == "root";
+    let parent = if root {
         format!("{}:", ifb.major)
     } else {
         c.parent.clone()
     };
-    let burst = (kbit * 125 / 100).max(15_000).to_string();
-    let rate = if c.parent == "root" {
-        format!("{kbit}kbit")
+    let cburst = (kbit * 125 / 100).max(15_000).to_string();
+    let (rate, burst) = if root {
+        (format!("{kbit}kbit"), cburst.clone())
     } else {
-        "8kbit".to_string()
+        ("8kbit".to_string(), "15000".to_string())
     };
     let mut v = s(&["parent", &parent, "classid", &c.id, "htb", "rate", &rate]);
     v.extend(s(&[
@@ -208,7 +210,7 @@ pub fn class_args(ifb: &Ifb, c: &Class, kbit: u64) -> Vec<String> {
         "burst",
         &burst,
         "cburst",
-        &burst,
+        &cburst,
         "quantum",
         "1514",
     ]));
@@ -451,6 +453,19 @@ impl Shaper {
     /// Removes the trees and the links' redirects.
     pub fn down(&self, r: &mut dyn Runner) {
         remove(r, &self.table, &self.ifaces);
+    }
+}
+
+/// The ifb devices the controller's tables name (`controller/src/spec/policy/compile.rs`).
+pub const IFBS: [&str; 2] = ["sneg0", "snin0"];
+
+/// Deletes the ifb devices [`IFBS`] and the `clsact` qdiscs of `ifaces`, whatever table made them.
+pub fn remove_all(r: &mut dyn Runner, ifaces: &[String]) {
+    for d in IFBS {
+        let _ = r.run(&["ip", "link", "del", d]);
+    }
+    for i in ifaces {
+        let _ = r.run(&["tc", "qdisc", "del", "dev", i, "clsact"]);
     }
 }
 
