@@ -189,7 +189,7 @@ fn status_report() -> StatusReport {
         }),
         mqtt_auth: false,
         missing: Vec::new(),
-            shaping: None,
+        shaping: None,
     }
 }
 

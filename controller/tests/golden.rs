@@ -132,17 +132,21 @@ fn with_peers_policies() -> Vec<Policy> {
 
 /// The with-peers node and its two neighbours with their /64s in the example's prefix.
 fn located() -> Vec<compile::Located> {
-    [(NODE, "golden", 0x1c2d), ("peerbbbbbbbbbbbb", "kitchen", 2), ("peercccccccccccc", "attic", 3)]
-        .into_iter()
-        .map(|(id, name, sid)| compile::Located {
-            member: Member {
-                id: id.into(),
-                name: name.into(),
-                labels: Default::default(),
-            },
-            subnet: format!("fdfc:b395:f348:{sid:x}::/64"),
-        })
-        .collect()
+    [
+        (NODE, "golden", 0x1c2d),
+        ("peerbbbbbbbbbbbb", "kitchen", 2),
+        ("peercccccccccccc", "attic", 3),
+    ]
+    .into_iter()
+    .map(|(id, name, sid)| compile::Located {
+        member: Member {
+            id: id.into(),
+            name: name.into(),
+            labels: Default::default(),
+        },
+        subnet: format!("fdfc:b395:f348:{sid:x}::/64"),
+    })
+    .collect()
 }
 
 fn render_variant(

@@ -971,8 +971,14 @@ mod tests {
             "tc filter add dev sn-peercccccccc egress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev sneg0",
         );
         assert!(set < htb && htb < redirect && redirect < babel, "{cmds:#?}");
-        assert!(cmds.iter().any(|c| c == "tc qdisc replace dev sneg0 parent 1:10 handle 1010: fq_codel"));
-        assert_eq!(lx.observe().shaping.map(|s| s.leaf), Some("fq_codel".to_string()));
+        assert!(
+            cmds.iter()
+                .any(|c| c == "tc qdisc replace dev sneg0 parent 1:10 handle 1010: fq_codel")
+        );
+        assert_eq!(
+            lx.observe().shaping.map(|s| s.leaf),
+            Some("fq_codel".to_string())
+        );
         assert!(cmds.iter().any(|c| c
             == "wg set sn-peerbbbbbbbb peer xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= endpoint 10.0.1.2:51990 allowed-ips ::/0,0.0.0.0/0 persistent-keepalive 15"));
         assert!(

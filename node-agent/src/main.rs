@@ -266,8 +266,8 @@ fn show_id(state: &std::path::Path) -> Result<(), String> {
 /// prints each switch (`windows open: ...` with the local minute) until killed.
 fn shape(path: &std::path::Path) -> Result<(), String> {
     use sidenet_agent::backend::{Runner, SystemRunner};
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut r = SystemRunner::default();
     let links = r.run(&["ip", "-o", "link", "show"])?;
     let ifaces: Vec<String> = links
@@ -284,7 +284,11 @@ fn shape(path: &std::path::Path) -> Result<(), String> {
             "leaf {} links {} windows open: {}",
             s.leaf(),
             ifaces.join(","),
-            if w.is_empty() { "none".to_string() } else { w.join(",") }
+            if w.is_empty() {
+                "none".to_string()
+            } else {
+                w.join(",")
+            }
         );
     };
     show(&s);

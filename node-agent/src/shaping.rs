@@ -403,7 +403,11 @@ impl Shaper {
         tracing::info!(
             "shaping: {} leaves, windows open: {}",
             leaf,
-            if windows.is_empty() { "none".to_string() } else { windows.join(",") }
+            if windows.is_empty() {
+                "none".to_string()
+            } else {
+                windows.join(",")
+            }
         );
         Ok(Shaper {
             table,
@@ -431,7 +435,11 @@ impl Shaper {
         tracing::info!(
             "shaping: local minute {} of the week, windows open: {}",
             self.table.week_minute(now),
-            if w.is_empty() { "none".to_string() } else { w.join(",") }
+            if w.is_empty() {
+                "none".to_string()
+            } else {
+                w.join(",")
+            }
         );
         // Retried at the next tick when a command failed.
         if ok {

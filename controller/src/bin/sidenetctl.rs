@@ -806,7 +806,11 @@ fn print_table(rows: &[StatusRow]) {
             } else {
                 s.windows.join(", ")
             };
-            outln!("  {}: shaping: {} leaves, windows open: {w}", r.node, s.leaf);
+            outln!(
+                "  {}: shaping: {} leaves, windows open: {w}",
+                r.node,
+                s.leaf
+            );
         }
         for line in sidenet_controller::reconcile::health::link_lines(r) {
             outln!("  {}: {line}", r.node);

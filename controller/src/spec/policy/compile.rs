@@ -125,9 +125,11 @@ fn classes(
             && p.direction.unwrap_or(Direction::Egress) == direction
             && mp.applies(p, node)
         {
-            let e = slots
-                .entry(slot_key(p))
-                .or_insert((p.scope.unwrap_or(Scope::Own), Some(p), Vec::new()));
+            let e = slots.entry(slot_key(p)).or_insert((
+                p.scope.unwrap_or(Scope::Own),
+                Some(p),
+                Vec::new(),
+            ));
             e.2.push(i);
         }
     }
@@ -205,7 +207,9 @@ fn classes(
             .iter()
             .map(|&s| {
                 let (p, v) = toward[s];
-                p.name.clone().unwrap_or_else(|| format!("policies[{}]", v[0]))
+                p.name
+                    .clone()
+                    .unwrap_or_else(|| format!("policies[{}]", v[0]))
             })
             .collect();
         out.push(Class {
@@ -337,10 +341,12 @@ pub fn node_policy(mesh: &Mesh, members: &[Located], node_id: &str) -> NodePolic
     if !eg.is_empty() {
         let m = EGRESS_IFB.1;
         if relayed_shaped(&eg) {
-            out.marks
-                .push(format!("iifname {{ \"sidenet0\", \"sn-*\" }} meta priority set {m}:4 return"));
+            out.marks.push(format!(
+                "iifname {{ \"sidenet0\", \"sn-*\" }} meta priority set {m}:4 return"
+            ));
         } else {
-            out.marks.push("iifname { \"sidenet0\", \"sn-*\" } return".into());
+            out.marks
+                .push("iifname { \"sidenet0\", \"sn-*\" } return".into());
         }
         for (id, subnets) in &eg_paths {
             out.marks.push(format!(
@@ -566,7 +572,11 @@ mod tests {
             },
         ]);
         m.spec.time_zone = Some("Europe/Berlin".into());
-        let members = vec![located("a", "0", 1), located("b", "1", 2), located("c", "0", 3)];
+        let members = vec![
+            located("a", "0", 1),
+            located("b", "1", 2),
+            located("c", "0", 3),
+        ];
         let a = node_policy(&m, &members, "a-id");
         let lines: Vec<&str> = a.shaping.lines().collect();
         assert!(lines.contains(&"ifb egress sneg0 1"), "{}", a.shaping);
@@ -593,8 +603,13 @@ mod tests {
         let b = node_policy(&m, &members, "b-id");
         assert_eq!(
             b.access,
-            ["ip6 saddr { fd00:1:2:1::/64 } meta l4proto tcp th dport { 22 } reject with icmpx admin-prohibited comment \"no-ssh\""]
+            [
+                "ip6 saddr { fd00:1:2:1::/64 } meta l4proto tcp th dport { 22 } reject with icmpx admin-prohibited comment \"no-ssh\""
+            ]
         );
-        assert_eq!(node_policy(&mesh(vec![]), &members, "a-id"), NodePolicy::default());
+        assert_eq!(
+            node_policy(&mesh(vec![]), &members, "a-id"),
+            NodePolicy::default()
+        );
     }
 }
