@@ -106,7 +106,7 @@ pub fn parse(text: &str) -> Result<Table, String> {
                     name: f[4].to_string(),
                 });
             }
-            "filter" if f.len() % 2 == 0 => {
+            "filter" if f.len().is_multiple_of(2) => {
                 let mut dst = None;
                 let mut src = None;
                 for kv in f[2..].chunks(2) {
