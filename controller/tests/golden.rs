@@ -22,7 +22,7 @@ use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
 use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_controller::spec::policy::compile;
 use sidenet_controller::spec::policy::eval::Member;
-use sidenet_crds::{NodeRole, NodeSelector, Policy, PolicyType, PortSpec, Protocol, Window};
+use sidenet_crds::{Direction, NodeRole, NodeSelector, Policy, PolicyType, PortSpec, Protocol, Window};
 
 const NODE: &str = "goldennode234567";
 const SUBNET: u16 = 0x1c2d;
@@ -89,8 +89,8 @@ fn sample_dataplane() -> Dataplane {
 }
 
 /// The with-peers node's policies (on top of the example's 20000 kbit/s budget): 40000 kbit/s
-/// from 23:00 to 07:00 Berlin time, 8000 kbit/s toward attic, kitchen may reach it on tcp/5201
-/// and attic may not reach it at all. `tests/netns/shaping` measures these files.
+/// from 23:00 to 07:00 Berlin time, 8000 kbit/s toward attic, 12000 kbit/s received from
+/// kitchen, kitchen may reach it on tcp/5201 and attic may not reach it at all. `tests/netns/shaping` measures these files.
 fn with_peers_policies() -> Vec<Policy> {
     let sel = |n: &str| NodeSelector {
         nodes: vec![n.into()],
@@ -111,6 +111,13 @@ fn with_peers_policies() -> Vec<Policy> {
             name: Some("to-attic".into()),
             rate_kbit: Some(8000),
             toward: Some(sel("attic")),
+            ..Policy::new(PolicyType::RateLimit)
+        },
+        Policy {
+            name: Some("from-kitchen".into()),
+            rate_kbit: Some(12000),
+            direction: Some(Direction::Ingress),
+            toward: Some(sel("kitchen")),
             ..Policy::new(PolicyType::RateLimit)
         },
         Policy {
