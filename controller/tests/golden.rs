@@ -22,7 +22,9 @@ use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
 use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_controller::spec::policy::compile;
 use sidenet_controller::spec::policy::eval::Member;
-use sidenet_crds::{Direction, NodeRole, NodeSelector, Policy, PolicyType, PortSpec, Protocol, Window};
+use sidenet_crds::{
+    Direction, NodeRole, NodeSelector, Policy, PolicyType, PortSpec, Protocol, Window,
+};
 
 const NODE: &str = "goldennode234567";
 const SUBNET: u16 = 0x1c2d;

@@ -278,10 +278,14 @@ fn shape(path: &std::path::Path) -> Result<(), String> {
         .collect();
     let now = sidenet_agent::shaping::now;
     let mut s = sidenet_agent::shaping::Shaper::apply(&mut r, &text, &ifaces, now())?;
+    // With the real time (not the shifted one) at which the rates were in place, for measuring.
     let show = |s: &sidenet_agent::shaping::Shaper| {
         let w = s.windows();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         println!(
-            "leaf {} links {} windows open: {}",
+            "leaf {} links {} applied at {at:.3} windows open: {}",
             s.leaf(),
             ifaces.join(","),
             if w.is_empty() {
