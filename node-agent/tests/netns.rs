@@ -1312,7 +1312,7 @@ fn tc_rate(bits: u64) -> String {
     let mut rate = bits;
     let mut i = 0;
     while i < units.len() - 1 {
-        if rate < 1000 || (rate % 1000 != 0 && rate < 1_000_000) {
+        if rate < 1000 || (!rate.is_multiple_of(1000) && rate < 1_000_000) {
             break;
         }
         rate /= 1000;
