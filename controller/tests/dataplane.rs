@@ -125,6 +125,7 @@ fn report(
         trial,
         mqtt_auth: false,
         missing: Vec::new(),
+        shaping: None,
     }
 }
 

@@ -189,6 +189,7 @@ fn status_report() -> StatusReport {
         }),
         mqtt_auth: false,
         missing: Vec::new(),
+        shaping: None,
     }
 }
 

@@ -20,7 +20,11 @@ use common::repo;
 use sidenet_controller::reconcile::peers::{self, Dataplane, GatewayCtx, PeerCtx};
 use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
 use sidenet_controller::spec::manifest::{self, ManifestSet};
-use sidenet_crds::{NodeRole, Policy, PolicyType};
+use sidenet_controller::spec::policy::compile;
+use sidenet_controller::spec::policy::eval::Member;
+use sidenet_crds::{
+    Direction, NodeRole, NodeSelector, Policy, PolicyType, PortSpec, Protocol, Window,
+};
 
 const NODE: &str = "goldennode234567";
 const SUBNET: u16 = 0x1c2d;
@@ -86,6 +90,74 @@ fn sample_dataplane() -> Dataplane {
     dp
 }
 
+/// The with-peers node's policies (on top of the example's 20000 kbit/s budget): 40000 kbit/s
+/// from 23:00 to 07:00 Berlin time, 8000 kbit/s toward attic, 12000 kbit/s received from
+/// kitchen, kitchen may reach it on tcp/5201 and attic may not reach it at all. `tests/netns/shaping` measures these files.
+fn with_peers_policies() -> Vec<Policy> {
+    let sel = |n: &str| NodeSelector {
+        nodes: vec![n.into()],
+        ..Default::default()
+    };
+    vec![
+        Policy {
+            name: Some("night".into()),
+            rate_kbit: Some(40000),
+            schedule: vec![Window {
+                days: vec![],
+                start: "23:00".into(),
+                end: "07:00".into(),
+            }],
+            ..Policy::new(PolicyType::RateLimit)
+        },
+        Policy {
+            name: Some("to-attic".into()),
+            rate_kbit: Some(8000),
+            toward: Some(sel("attic")),
+            ..Policy::new(PolicyType::RateLimit)
+        },
+        Policy {
+            name: Some("from-kitchen".into()),
+            rate_kbit: Some(12000),
+            direction: Some(Direction::Ingress),
+            toward: Some(sel("kitchen")),
+            ..Policy::new(PolicyType::RateLimit)
+        },
+        Policy {
+            name: Some("kitchen-iperf".into()),
+            from: Some(sel("kitchen")),
+            to: Some(sel("golden")),
+            protocol: Some(Protocol::Tcp),
+            ports: vec![PortSpec::Number(5201)],
+            ..Policy::new(PolicyType::Allow)
+        },
+        Policy {
+            name: Some("no-attic".into()),
+            from: Some(sel("attic")),
+            to: Some(sel("golden")),
+            ..Policy::new(PolicyType::Deny)
+        },
+    ]
+}
+
+/// The with-peers node and its two neighbours with their /64s in the example's prefix.
+fn located() -> Vec<compile::Located> {
+    [
+        (NODE, "golden", 0x1c2d),
+        ("peerbbbbbbbbbbbb", "kitchen", 2),
+        ("peercccccccccccc", "attic", 3),
+    ]
+    .into_iter()
+    .map(|(id, name, sid)| compile::Located {
+        member: Member {
+            id: id.into(),
+            name: name.into(),
+            labels: Default::default(),
+        },
+        subnet: format!("fdfc:b395:f348:{sid:x}::/64"),
+    })
+    .collect()
+}
+
 fn render_variant(
     set: &ManifestSet,
     renderer: &Renderer,
@@ -102,6 +174,8 @@ fn render_variant(
             nodes: vec!["golden".into()],
             ..Policy::new(PolicyType::AllowInternet)
         });
+        mesh.spec.policies.extend(with_peers_policies());
+        mesh.spec.time_zone = Some("Europe/Berlin".into());
     }
     let inputs = NodeInputs {
         mesh: &mesh,
@@ -122,6 +196,7 @@ fn render_variant(
     let mut ctx = render::context(&inputs).unwrap_or_else(|e| panic!("{profile}: {e}"));
     if with_peers {
         ctx.dataplane = sample_dataplane();
+        ctx.dataplane.policy = compile::node_policy(&mesh, &located(), NODE);
     }
     renderer
         .render(p.spec.firmware.as_str(), &ctx)

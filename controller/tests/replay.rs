@@ -50,6 +50,7 @@ fn status(key: &KeyPair, epoch: u64, seq: u64, iat: u64) -> Vec<u8> {
         trial: None,
         mqtt_auth: false,
         missing: Vec::new(),
+        shaping: None,
     };
     seal(
         Kind::Status,

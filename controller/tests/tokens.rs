@@ -216,6 +216,7 @@ fn reported_failures_are_bounded() {
             trial: None,
             mqtt_auth: false,
             missing: Vec::new(),
+            shaping: None,
         };
         let header = Header {
             mesh: "riverside".into(),

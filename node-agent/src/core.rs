@@ -49,6 +49,8 @@ pub struct Observation {
     pub links: usize,
     /// Pathfinder probe results (filled in by the shell from the prober).
     pub probes: Vec<Probe>,
+    /// The policy shaping running now.
+    pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
 }
 
 /// Something that happened.
@@ -588,6 +590,7 @@ impl Agent {
             }
             Event::Observed(obs) => {
                 let changed = obs.neighbours != self.observed.neighbours
+                    || obs.shaping != self.observed.shaping
                     || (obs.wireguard.is_some() && obs.wireguard != self.observed.wireguard);
                 let obs = *obs;
                 self.observed = Observation {
@@ -812,6 +815,7 @@ impl Agent {
             }),
             mqtt_auth: self.mqtt_auth,
             missing: self.missing.clone(),
+            shaping: self.observed.shaping.clone(),
         };
         let header = self.next_header();
         let body = serde_json::to_vec(&report).unwrap_or_default();

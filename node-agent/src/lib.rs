@@ -18,6 +18,8 @@
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
 //! - [`discovery`]: neighbours over the air (signed beacons on the underlay's link-local addresses).
 //! - [`radio`]: radio bring-up on Linux (`iw`: the mesh point on the profile's phy).
+//! - [`shaping`]: the policy shaping table (HTB classes, rates per stretch of the week, switched
+//!   from the node's own clock).
 //! - [`requires`]: the packages a config needs, checked before each apply (`missing: ...`).
 //! - [`uapi`]: userspace WireGuard's control socket (scoped endpoints `wg` cannot pass on).
 //! - [`wgkey`]: the node's WireGuard key, generated on the node.
@@ -37,7 +39,7 @@
 //!    [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
-//! 3. [`uci`], [`requires`], [`radio`];
+//! 3. [`uci`], [`requires`], [`radio`], [`shaping`];
 //! 4. [`linux`], [`openwrt`] (the implementations);
 //! 5. [`backends`] (constructs them);
 //! 6. [`shell`] (carries out the core's effects with all of the above).
@@ -61,6 +63,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("uci", 3),
     ("requires", 3),
     ("radio", 3),
+    ("shaping", 3),
     ("linux", 4),
     ("openwrt", 4),
     ("backends", 5),
@@ -80,6 +83,7 @@ pub mod openwrt;
 pub mod probe;
 pub mod radio;
 pub mod requires;
+pub mod shaping;
 pub mod shell;
 pub mod state;
 #[cfg(feature = "tls")]

@@ -10,6 +10,7 @@
 //! | `restart:mesh` | `etc/sidenet/radio`, `etc/sidenet/wpa_supplicant-mesh.conf` (and `-next.conf` during a passphrase rotation) | creates and tunes `mesh0` on the profile's phy when that radio is here ([`crate::radio`]), then runs wpa_supplicant on it (and a second one on `mesh1` with the next passphrase) |
 //! | `apply:addresses` | `etc/sidenet/addresses` | creates `sidenet0` (dummy; ifb where the kernel has no dummy module), sets its addresses and the unreachable route for the mesh prefix, removes what it set before and no longer should |
 //! | `apply:wireguard` | `etc/sidenet/wireguard` | one interface per neighbour (kernel WireGuard, or the userspace implementation), keys, endpoints, link-local address; removes links that went away |
+//! | `apply:shaping` | `etc/sidenet/shaping` | the policy's HTB classes on ifb devices, the WireGuard links' traffic redirected through them, the rates of the stretch of the week in force; switched at each window boundary from the node's clock ([`crate::shaping`]); removed when the config has no table |
 //! | `restart:babeld` | `etc/sidenet/babeld.conf` | (re)starts babeld when its config changed or it is not running; stops it when no interface is left |
 //! | `apply:probes` | `etc/sidenet/probes` | hands the targets to the prober |
 //! | `apply:hostname` | `etc/hostname` | sets the hostname |
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sidenet_wire::messages::{Neighbour, NodeConfig, WireguardInfo};
+use sidenet_wire::messages::{Neighbour, NodeConfig, ShapingStatus, WireguardInfo};
 
 use crate::backend::{
     Backend, BackendError, DataplaneArgs, Kind, Observation, Runner, WgMode, poll_until, read_pid,
@@ -46,11 +47,12 @@ pub const WG_MTU: &str = "1420";
 /// Seconds between WireGuard keepalives (keeps NAT and babel's view of the link fresh).
 pub const KEEPALIVE: &str = "15";
 /// The actions this backend knows, in the order it runs them.
-pub const ACTIONS: [&str; 7] = [
+pub const ACTIONS: [&str; 8] = [
     "apply:firewall",
     "restart:mesh",
     "apply:addresses",
     "apply:wireguard",
+    "apply:shaping",
     "restart:babeld",
     "apply:probes",
     "apply:hostname",
@@ -228,6 +230,7 @@ pub struct Linux {
     plan: Option<ProbePlan>,
     peers: Vec<WgPeer>,
     radio_noted: bool,
+    shaper: Option<crate::shaping::Shaper>,
 }
 
 impl std::fmt::Debug for Linux {
@@ -263,6 +266,7 @@ impl Linux {
             plan: None,
             peers: Vec::new(),
             radio_noted: false,
+            shaper: None,
         }
     }
 
@@ -607,6 +611,33 @@ impl Linux {
         Ok(())
     }
 
+    fn shaping(&mut self) -> Result<(), BackendError> {
+        let text = self.file("etc/sidenet/shaping")?;
+        self.shaping_down();
+        let ifaces: Vec<String> = self.peers.iter().map(|p| p.iface.clone()).collect();
+        let s = crate::shaping::Shaper::apply(
+            self.runner.as_mut(),
+            &text,
+            &ifaces,
+            crate::shaping::now(),
+        )
+        .map_err(BackendError)?;
+        self.shaper = Some(s);
+        Ok(())
+    }
+
+    fn shaping_down(&mut self) {
+        if let Some(s) = self.shaper.take() {
+            s.down(self.runner.as_mut());
+            return;
+        }
+        // Left by an earlier run of the agent (a restart onto a config without a table).
+        if crate::shaping::IFBS.iter().any(|d| self.exists(d)) {
+            let ifaces: Vec<String> = self.peers.iter().map(|p| p.iface.clone()).collect();
+            crate::shaping::remove_all(self.runner.as_mut(), &ifaces);
+        }
+    }
+
     fn wireguard_down(&mut self) {
         for iface in self.wg_ifaces() {
             self.wg_remove(&iface);
@@ -688,6 +719,7 @@ impl Linux {
 
     fn teardown(&mut self) {
         self.babeld_down();
+        self.shaping_down();
         self.wireguard_down();
         self.addresses_down();
         self.firewall_down();
@@ -742,6 +774,11 @@ impl Backend for Linux {
         } else {
             self.wireguard_down();
         }
+        if has("apply:shaping") {
+            self.shaping()?;
+        } else {
+            self.shaping_down();
+        }
         if has("restart:babeld") {
             self.babeld()?;
         } else {
@@ -759,6 +796,9 @@ impl Backend for Linux {
     }
 
     fn observe(&mut self) -> Observation {
+        if let Some(s) = self.shaper.as_mut() {
+            s.tick(self.runner.as_mut(), crate::shaping::now());
+        }
         let endpoints = underlay_endpoints(self.runner.as_mut(), &self.underlay);
         let mut neighbours = Vec::new();
         if self
@@ -789,6 +829,10 @@ impl Backend for Linux {
             neighbours,
             links: self.peers.len(),
             probes: Vec::new(),
+            shaping: self.shaper.as_ref().map(|s| ShapingStatus {
+                leaf: s.leaf().to_string(),
+                windows: s.windows().to_vec(),
+            }),
         }
     }
 
@@ -814,6 +858,7 @@ mod tests {
             "etc/sidenet/wpa_supplicant-mesh.conf",
             "etc/sidenet/addresses",
             "etc/sidenet/wireguard",
+            "etc/sidenet/shaping",
             "etc/sidenet/babeld.conf",
             "etc/sidenet/probes",
         ]
@@ -918,6 +963,22 @@ mod tests {
             "{cmds:#?}"
         );
         assert!(cmds[set].ends_with("listen-port 51837"), "{}", cmds[set]);
+        // The shaping table after the links exist, before babeld; each link's egress through
+        // the ifb; fq_codel when the kernel takes it.
+        let htb = pos(&cmds, "tc qdisc replace dev sneg0 root handle 1: htb");
+        let redirect = pos(
+            &cmds,
+            "tc filter add dev sn-peercccccccc egress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev sneg0",
+        );
+        assert!(set < htb && htb < redirect && redirect < babel, "{cmds:#?}");
+        assert!(
+            cmds.iter()
+                .any(|c| c == "tc qdisc replace dev sneg0 parent 1:10 handle 1010: fq_codel")
+        );
+        assert_eq!(
+            lx.observe().shaping.map(|s| s.leaf),
+            Some("fq_codel".to_string())
+        );
         assert!(cmds.iter().any(|c| c
             == "wg set sn-peerbbbbbbbb peer xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg= endpoint 10.0.1.2:51990 allowed-ips ::/0,0.0.0.0/0 persistent-keepalive 15"));
         assert!(
@@ -1025,7 +1086,8 @@ mod tests {
         );
         let mut lx = backend(dir.path(), WgMode::Kernel, &rec)?;
         let mut cfg = golden_config(&dir.path().join("root"));
-        cfg.actions.retain(|a| a != "restart:babeld");
+        cfg.actions
+            .retain(|a| a != "restart:babeld" && a != "apply:shaping");
         lx.converge(Some(&cfg))?;
         let wg: Vec<String> = rec
             .commands()

@@ -53,6 +53,8 @@ static OPTS: &[Opt] = &[
     Opt::flag("show-id", "Print the node id and public key as JSON and exit (creates the node key if there is none yet)."),
     Opt::flag("uninstall", "Remove sidenet from this device and exit: finish or roll back an interrupted apply, undo everything the backend set up (openwrt: delete every sidenet_* uci section and put each /etc/config file sidenet changed back byte for byte, then reload what changed), delete the files of the applied config and the agent's state folder (node key included). Stop the agent's service first. The agent binary, its service and its --config file are left to whoever installed them (`sidenetctl provision`).")
         .conflicts(&["show-id"]),
+    Opt::value("shape", "FILE", "Apply the shaping table FILE (the format of etc/sidenet/shaping, docs/policies.md) to this host's sn-* links and keep switching its windows from the clock until killed; nothing else (no broker, no config). What the linux backend does with the table, for measuring it (tests/netns/shaping). The environment variable SIDENET_TEST_CLOCK_OFFSET (seconds, tests only) shifts the clock the table reads, in this mode and in the linux backend.")
+        .conflicts(&["show-id", "uninstall"]),
     Opt::value("max-config-bytes", "MAX_CONFIG_BYTES", "Largest config accepted, in bytes.")
         .default(DEFAULT_MAX),
     Opt::value("status-interval", "STATUS_INTERVAL", "Seconds between status reports.").default("60"),
@@ -107,6 +109,7 @@ struct Args {
     config: Option<PathBuf>,
     show_id: bool,
     uninstall: bool,
+    shape: Option<PathBuf>,
     max_config_bytes: usize,
     status_interval: u64,
     log_json: bool,
@@ -158,6 +161,7 @@ fn from_matches(m: &sidenet_agent::cli::Matches) -> Result<Args, UsageError> {
         config: path("config"),
         show_id: m.flag("show-id"),
         uninstall: m.flag("uninstall"),
+        shape: path("shape"),
         max_config_bytes: m.number("max-config-bytes")?.unwrap_or_default(),
         status_interval: num("status-interval")?,
         log_json: m.flag("log-json"),
@@ -256,6 +260,48 @@ fn show_id(state: &std::path::Path) -> Result<(), String> {
     });
     println!("{line}");
     Ok(())
+}
+
+/// `--shape` (see its option): applies the table, then checks the clock five times a second and
+/// prints each switch (`windows open: ...` with the local minute) until killed.
+fn shape(path: &std::path::Path) -> Result<(), String> {
+    use sidenet_agent::backend::{Runner, SystemRunner};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut r = SystemRunner::default();
+    let links = r.run(&["ip", "-o", "link", "show"])?;
+    let ifaces: Vec<String> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("sn-"))
+        .collect();
+    let now = sidenet_agent::shaping::now;
+    let mut s = sidenet_agent::shaping::Shaper::apply(&mut r, &text, &ifaces, now())?;
+    // With the real time (not the shifted one) at which the rates were in place, for measuring.
+    let show = |s: &sidenet_agent::shaping::Shaper| {
+        let w = s.windows();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        println!(
+            "leaf {} links {} applied at {at:.3} windows open: {}",
+            s.leaf(),
+            ifaces.join(","),
+            if w.is_empty() {
+                "none".to_string()
+            } else {
+                w.join(",")
+            }
+        );
+    };
+    show(&s);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if s.tick(&mut r, now()) {
+            show(&s);
+        }
+    }
 }
 
 /// `--uninstall` (see its flag).
@@ -363,6 +409,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sidenet-agent: --uninstall: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(path) = &args.shape {
+        return match shape(path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidenet-agent: --shape: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -341,6 +341,7 @@ impl Backend for Openwrt {
             neighbours,
             links,
             probes: Vec::new(),
+            shaping: None,
         }
     }
 

@@ -1262,7 +1262,28 @@ fn dataplane_in_network_namespaces() {
                 )),
             "iteration {i} ({at}): the running firewall is not revision {rev}'s (rate {rate}):\n{table}"
         );
-        tb.say(&format!("4: kill -9 #{:2} aimed at {target:<10} hit {at:<13} -> revision {rev} (old {old}), files and firewall consistent", i + 1));
+        // With a shaping table the budget is HTB class 1:3 on the ifb sneg0 (docs/policies.md):
+        // its ceiling must be this revision's (the `at` line; this mesh has no windows).
+        let budget = config
+            .files
+            .iter()
+            .find(|f| f.path == "etc/sidenet/shaping")
+            .and_then(|f| f.content.lines().find(|l| l.starts_with("at ")))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("1:3=")))
+            .and_then(|k| k.parse::<u64>().ok());
+        if let Some(kbit) = budget {
+            let classes = tb
+                .nsx("e", &["tc", "class", "show", "dev", "sneg0"])
+                .unwrap_or_default();
+            let want = format!(" ceil {} ", tc_rate(kbit * 1000));
+            assert!(
+                classes
+                    .lines()
+                    .any(|l| l.starts_with("class htb 1:3 ") && l.contains(&want)),
+                "iteration {i} ({at}): the running shaping is not revision {rev}'s (1:3 at {kbit} kbit/s):\n{classes}"
+            );
+        }
+        tb.say(&format!("4: kill -9 #{:2} aimed at {target:<10} hit {at:<13} -> revision {rev} (old {old}), files, firewall and shaping consistent", i + 1));
         tb.stop_agent("e");
         tb.start_agent("e", port);
         poll("E to apply the new revision", WAIT, || {
@@ -1283,4 +1304,19 @@ fn dataplane_in_network_namespaces() {
     let total = tb.started.elapsed().as_secs_f64();
     tb.say(&format!("6: testbed checks done in {total:.0}s"));
     assert!(total < 300.0, "the testbed took {total:.0}s");
+}
+
+/// A rate in bit/s as `tc` prints it (iproute2's print_rate: `20Mbit`, `10003Kbit`).
+fn tc_rate(bits: u64) -> String {
+    let units = ["", "K", "M", "G", "T"];
+    let mut rate = bits;
+    let mut i = 0;
+    while i < units.len() - 1 {
+        if rate < 1000 || (!rate.is_multiple_of(1000) && rate < 1_000_000) {
+            break;
+        }
+        rate /= 1000;
+        i += 1;
+    }
+    format!("{rate}{}bit", units[i])
 }

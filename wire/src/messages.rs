@@ -281,6 +281,19 @@ pub struct StatusReport {
     /// they are installed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// What the node's policy shaping runs now (`docs/policies.md`); none: no shaping table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<ShapingStatus>,
+}
+
+/// The shaping a node runs: its leaf qdisc and the windows open now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapingStatus {
+    /// The leaf qdisc under the HTB classes: `fq_codel`, or `pfifo` where the kernel lacks it.
+    pub leaf: String,
+    /// The scheduled rate policies whose windows are open now, by name.
+    #[serde(default)]
+    pub windows: Vec<String>,
 }
 
 #[cfg(test)]

@@ -196,6 +196,7 @@ fn bodies() -> Vec<(Kind, Vec<u8>)> {
         }),
         mqtt_auth: true,
         missing: vec!["wpad-mesh-mbedtls".into()],
+        shaping: None,
     };
     let ack = Ack {
         revision: Revision { epoch: 5, rev: 5 },

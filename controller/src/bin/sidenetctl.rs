@@ -900,6 +900,18 @@ fn print_table(rows: &[StatusRow]) {
         if let Some(f) = &r.failure {
             outln!("  {}: last failure: {f}", r.node);
         }
+        if let Some(s) = &r.shaping {
+            let w = if s.windows.is_empty() {
+                "none".to_string()
+            } else {
+                s.windows.join(", ")
+            };
+            outln!(
+                "  {}: shaping: {} leaves, windows open: {w}",
+                r.node,
+                s.leaf
+            );
+        }
         for line in sidenet_controller::reconcile::health::link_lines(r) {
             outln!("  {}: {line}", r.node);
         }

@@ -439,6 +439,7 @@ mod tests {
             agent_version: Some("0.1.0".into()),
             agent_epoch: Some(1_700_000_000),
             missing: vec![],
+            shaping: None,
         }
     }
 

@@ -470,6 +470,7 @@ mod tests {
             agent_version: None,
             agent_epoch: None,
             missing: vec![],
+            shaping: None,
         };
         let l = links(&row);
         assert_eq!(l.len(), 2, "{l:?}");
@@ -512,6 +513,7 @@ mod tests {
             }],
             agent_version: Some("0.1.0".into()),
             agent_epoch: Some(7),
+            shaping: None,
             missing: vec!["babeld".into()],
         };
         let text = prometheus(&[row]);

@@ -137,6 +137,9 @@ pub struct StatusRow {
     /// Packages the node says are missing (it applies nothing new until they are installed).
     #[serde(default)]
     pub missing: Vec<String>,
+    /// The policy shaping the node runs (leaf qdisc, windows open), as it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
 }
 
 /// A node message the core refused.

@@ -62,6 +62,8 @@ pub struct Dataplane {
     pub peers: Vec<PeerCtx>,
     /// Mesh gateways (MeshNodes with role `gateway`) to probe across the side-net.
     pub gateways: Vec<GatewayCtx>,
+    /// What the node enforces of the mesh's policies ([`crate::spec::policy::compile`]).
+    pub policy: crate::spec::policy::compile::NodePolicy,
 }
 
 /// One WireGuard neighbour.
@@ -111,6 +113,7 @@ impl Dataplane {
             beacon_port: sidenet_wire::beacon::PORT,
             peers: Vec::new(),
             gateways: Vec::new(),
+            policy: Default::default(),
         }
     }
 }
@@ -492,6 +495,39 @@ pub fn gateways(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<GatewayCtx
                 name: name_of(store, set, node),
                 address: crate::spec::ipam::node_address(base, *sid).to_string(),
             })
+        })
+        .collect()
+}
+
+/// The mesh's nodes that have a /64, as the policy compiler selects them (MeshNode name and
+/// labels, else the node id).
+pub fn located(
+    store: &Store,
+    set: &ManifestSet,
+    mesh: &Mesh,
+) -> Vec<crate::spec::policy::compile::Located> {
+    let net = network_name(mesh);
+    let Ok(base) = crate::spec::manifest::parse_ula48(&mesh.spec.prefix) else {
+        return Vec::new();
+    };
+    store
+        .subnets
+        .iter()
+        .filter(|((n, _), _)| n == net)
+        .map(|((_, id), sid)| {
+            let m = set.nodes.get(id);
+            crate::spec::policy::compile::Located {
+                member: crate::spec::policy::eval::Member {
+                    id: id.clone(),
+                    name: m
+                        .and_then(|m| m.metadata.name.clone())
+                        .unwrap_or_else(|| id.clone()),
+                    labels: m
+                        .and_then(|m| m.metadata.labels.clone())
+                        .unwrap_or_default(),
+                },
+                subnet: format!("{}/64", crate::spec::ipam::subnet(base, *sid)),
+            }
         })
         .collect()
 }

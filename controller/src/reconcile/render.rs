@@ -448,13 +448,22 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
                 .iter()
                 .any(|n| n == inp.id || Some(n.as_str()) == inp.name)
     };
-    let rate_kbit = crate::spec::policy::compile::node_budget(
+    let me = crate::spec::policy::eval::Member {
+        id: inp.id.to_string(),
+        name: inp.name.unwrap_or(inp.id).to_string(),
+        labels: inp.labels.cloned().unwrap_or_default(),
+    };
+    let rate_kbit = crate::spec::policy::compile::node_budget(inp.mesh, &me);
+    // Without the other nodes (a preview): only what this node's own policies say; the
+    // reconciler replaces the data plane with one compiled against every node of the mesh.
+    let mut dataplane = crate::reconcile::peers::Dataplane::for_node(inp.id);
+    dataplane.policy = crate::spec::policy::compile::node_policy(
         inp.mesh,
-        &crate::spec::policy::eval::Member {
-            id: inp.id.to_string(),
-            name: inp.name.unwrap_or(inp.id).to_string(),
-            labels: inp.labels.cloned().unwrap_or_default(),
-        },
+        &[crate::spec::policy::compile::Located {
+            member: me,
+            subnet: format!("{}/64", crate::spec::ipam::subnet(base, inp.subnet_id)),
+        }],
+        inp.id,
     );
     let internet = spec
         .policies
@@ -506,7 +515,7 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             cpu_arch: inp.profile.spec.cpu_arch.clone(),
         },
         mesh_radio,
-        dataplane: crate::reconcile::peers::Dataplane::for_node(inp.id),
+        dataplane,
     })
 }
 

@@ -119,6 +119,9 @@ pub struct NodeRecord {
     /// Packages the last status report says are missing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub missing: Vec<String>,
+    /// The policy shaping the last status report says runs (leaf qdisc, open windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
 }
 
 /// The last config published to a node.

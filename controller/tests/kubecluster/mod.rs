@@ -793,6 +793,7 @@ impl Agent {
             trial: None,
             mqtt_auth,
             missing: Vec::new(),
+            shaping: None,
         };
         let h = self.header();
         let payload = seal(

@@ -240,8 +240,13 @@ impl Controller {
             .gateways
             .entry(mesh_name.clone())
             .or_insert_with(|| crate::reconcile::peers::gateways(&self.store, set, mesh));
-        let dataplane =
+        let mut dataplane =
             crate::reconcile::peers::dataplane(&self.peers, &self.store, set, mesh, id, gateways);
+        let located = cache
+            .located
+            .entry(mesh_name.clone())
+            .or_insert_with(|| crate::reconcile::peers::located(&self.store, set, mesh));
+        dataplane.policy = crate::spec::policy::compile::node_policy(mesh, located, id);
         let fingerprint = crate::reconcile::peers::fingerprint(
             fingerprint(
                 &self.renderer.fingerprint,
@@ -579,6 +584,8 @@ pub(super) struct PlanCache {
     profiles: BTreeMap<String, String>,
     /// Mesh name → its gateways.
     gateways: BTreeMap<String, Vec<crate::reconcile::peers::GatewayCtx>>,
+    /// Mesh name → its nodes with their /64s (the policy compiler's input).
+    located: BTreeMap<String, Vec<crate::spec::policy::compile::Located>>,
 }
 
 /// [`NodeInputs`] without borrows, so plans outlive the borrow of the manifest set.

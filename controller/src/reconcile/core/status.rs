@@ -140,6 +140,7 @@ impl Controller {
             agent_version: rec.and_then(|r| r.agent_version.clone()),
             agent_epoch: rec.and_then(|r| r.last_seq.map(|s| s.epoch)),
             missing: rec.map(|r| r.missing.clone()).unwrap_or_default(),
+            shaping: rec.and_then(|r| r.shaping.clone()),
             node: id,
         }
     }
