@@ -25,9 +25,11 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod cache;
 mod policy;
 mod provision;
 pub mod yaml;
+pub use cache::*;
 pub use policy::*;
 pub use provision::*;
 
@@ -108,6 +110,9 @@ pub struct MeshSpec {
     /// re-signs configs before they expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_validity_seconds: Option<u64>,
+    /// The neighbourhood web cache (`docs/content.md`). Off when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<MeshCache>,
 }
 
 /// Radio settings of a mesh.
@@ -414,6 +419,10 @@ pub struct MeshNodeSpec {
     /// Per-node overrides of mesh settings.
     #[serde(default)]
     pub overrides: NodeOverrides,
+    /// This node's part in the neighbourhood web cache: turn it off, restrict it to public
+    /// content, give its LAN addresses (`docs/content.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<NodeCache>,
 }
 
 /// Role of a node.
@@ -588,6 +597,10 @@ pub struct HardwareProfileSpec {
     /// RAM size in MiB.
     #[schemars(range(min = 1))]
     pub ram_mb: u32,
+    /// The storage the device may give the neighbourhood web cache. Devices without it never
+    /// run the cache (`docs/content.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStorage>,
 }
 
 /// Firmware family.
