@@ -37,7 +37,7 @@
 //!    [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
-//! 3. [`uci`], [`requires`], [`radio`];
+//! 3. [`uci`], [`requires`], [`radio`], [`squid`] (the web cache's daemon, for both backends);
 //! 4. [`linux`], [`openwrt`] (the implementations);
 //! 5. [`backends`] (constructs them);
 //! 6. [`shell`] (carries out the core's effects with all of the above).
@@ -61,6 +61,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("uci", 3),
     ("requires", 3),
     ("radio", 3),
+    ("squid", 3),
     ("linux", 4),
     ("openwrt", 4),
     ("backends", 5),
@@ -81,6 +82,7 @@ pub mod probe;
 pub mod radio;
 pub mod requires;
 pub mod shell;
+pub mod squid;
 pub mod state;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -11,6 +11,7 @@
 //! | `apply:addresses` | `etc/sidenet/addresses` | creates `sidenet0` (dummy; ifb where the kernel has no dummy module), sets its addresses and the unreachable route for the mesh prefix, removes what it set before and no longer should |
 //! | `apply:wireguard` | `etc/sidenet/wireguard` | one interface per neighbour (kernel WireGuard, or the userspace implementation), keys, endpoints, link-local address; removes links that went away |
 //! | `restart:babeld` | `etc/sidenet/babeld.conf` | (re)starts babeld when its config changed or it is not running; stops it when no interface is left |
+//! | `restart:squid` | `etc/sidenet/squid.conf` | (re)starts the neighbourhood web cache when its config changed or it is not running; stops it when a config has none ([`crate::squid`]) |
 //! | `apply:probes` | `etc/sidenet/probes` | hands the targets to the prober |
 //! | `apply:hostname` | `etc/hostname` | sets the hostname |
 //!
@@ -46,12 +47,13 @@ pub const WG_MTU: &str = "1420";
 /// Seconds between WireGuard keepalives (keeps NAT and babel's view of the link fresh).
 pub const KEEPALIVE: &str = "15";
 /// The actions this backend knows, in the order it runs them.
-pub const ACTIONS: [&str; 7] = [
+pub const ACTIONS: [&str; 8] = [
     "apply:firewall",
     "restart:mesh",
     "apply:addresses",
     "apply:wireguard",
     "restart:babeld",
+    crate::squid::ACTION,
     "apply:probes",
     "apply:hostname",
 ];
@@ -687,6 +689,7 @@ impl Linux {
     }
 
     fn teardown(&mut self) {
+        crate::squid::stop(self.runner.as_mut(), &self.run);
         self.babeld_down();
         self.wireguard_down();
         self.addresses_down();
@@ -747,6 +750,13 @@ impl Backend for Linux {
         } else {
             self.babeld_down();
         }
+        crate::squid::converge(
+            self.runner.as_mut(),
+            &self.root,
+            &self.run,
+            has(crate::squid::ACTION),
+        )
+        .map_err(BackendError)?;
         if has("apply:probes") {
             self.probes()?;
         } else {

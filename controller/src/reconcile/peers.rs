@@ -62,6 +62,11 @@ pub struct Dataplane {
     pub peers: Vec<PeerCtx>,
     /// Mesh gateways (MeshNodes with role `gateway`) to probe across the side-net.
     pub gateways: Vec<GatewayCtx>,
+    /// The node's web cache and its siblings among the peers ([`crate::reconcile::cache`]),
+    /// when it runs one. Left out of the fingerprint's document when absent, so a node without
+    /// the cache keeps its fingerprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::reconcile::cache::CacheCtx>,
 }
 
 /// One WireGuard neighbour.
@@ -111,6 +116,7 @@ impl Dataplane {
             beacon_port: sidenet_wire::beacon::PORT,
             peers: Vec::new(),
             gateways: Vec::new(),
+            cache: None,
         }
     }
 }
@@ -552,6 +558,14 @@ pub fn dataplane(
         }
     }
     dp.gateways = gateways.iter().filter(|g| g.node != id).cloned().collect();
+    dp.cache = crate::reconcile::cache::for_node(
+        set,
+        &store.nodes,
+        &store.subnets,
+        mesh,
+        id,
+        dp.peers.iter().map(|p| (p.node.as_str(), p.name.as_str())),
+    );
     dp
 }
 
