@@ -19,7 +19,7 @@ pub fn dir_ok(dir: &str) -> Result<(), String> {
     if dir.split('/').any(|part| part == "..") {
         return Err(format!("{dir:?} contains '..'; write the folder itself"));
     }
-    if dir.trim_end_matches('/') == "" || ["/tmp", "/var", "/etc", "/usr"].contains(&dir) {
+    if dir.trim_end_matches('/').is_empty() || ["/tmp", "/var", "/etc", "/usr"].contains(&dir) {
         return Err(format!(
             "{dir:?} is a system folder; give the cache a folder of its own (e.g. {dir}/sidenet-squid)"
         ));
