@@ -202,3 +202,80 @@ pub fn requires(mut family: Vec<Requirement>, cache: &Option<CacheCtx>) -> Vec<R
     }
     family
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn set(mesh_cache: bool) -> ManifestSet {
+        let cache = if mesh_cache {
+            "  cache:\n    enabled: true\n"
+        } else {
+            ""
+        };
+        let nodes = [
+            ("a", "aaaaaaaaaaaaaaaa", "raspberrypi-4b-awus036acm", ""),
+            ("b", "bbbbbbbbbbbbbbbb", "raspberrypi-4b-awus036acm", ""),
+            ("c", "cccccccccccccccc", "raspberrypi-4b-awus036acm", "  cache:\n    enabled: false\n"),
+            ("d", "dddddddddddddddd", "tplink-archer-c7-v2", ""),
+        ];
+        let mut text = format!(
+            "apiVersion: sidenet.io/v1alpha1\nkind: Mesh\nmetadata:\n  name: m\nspec:\n  prefix: fd00:1:2::/48\n  radio:\n    country: DE\n    meshBand: 5g\n    channels:\n      5g:\n        channel: 36\n  encryption:\n    passphraseSecretRef:\n      name: m\n      key: p\n{cache}"
+        );
+        for (name, id, profile, extra) in nodes {
+            text.push_str(&format!(
+                "---\napiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: {name}\nspec:\n  mesh: m\n  nodeId: {id}\n  hardwareProfile: {profile}\n{extra}"
+            ));
+        }
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hardware-profiles");
+        let mut texts = vec![(PathBuf::from("m.yaml"), text)];
+        for p in ["raspberrypi-4b-awus036acm", "tplink-archer-c7-v2"] {
+            let f = dir.join(format!("{p}.yaml"));
+            texts.push((f.clone(), std::fs::read_to_string(f).unwrap()));
+        }
+        crate::spec::manifest::load_texts(&texts).unwrap()
+    }
+
+    use std::path::PathBuf;
+
+    #[test]
+    fn siblings_are_the_neighbours_that_run_the_cache() {
+        let subnets: BTreeMap<(String, String), u16> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (("m".to_string(), n.repeat(16)), i as u16 + 1))
+            .collect();
+        let s = set(true);
+        let mesh = &s.meshes["m"];
+        let nbrs = [
+            ("bbbbbbbbbbbbbbbb", "b"),
+            ("cccccccccccccccc", "c"),
+            ("dddddddddddddddd", "d"),
+        ];
+        let a = for_node(&s, &BTreeMap::new(), &subnets, mesh, "aaaaaaaaaaaaaaaa", nbrs.into_iter())
+            .unwrap();
+        // c turned it off, d's profile gives it no storage: b alone.
+        assert_eq!(
+            a.siblings,
+            [SiblingCtx {
+                node: "bbbbbbbbbbbbbbbb".into(),
+                name: "b".into(),
+                address: "fd00:1:2:2::1".into(),
+            }]
+        );
+        assert_eq!((a.disk_mb, a.memory_mb), (2048, 64));
+        // c and d run none themselves.
+        for id in ["cccccccccccccccc", "dddddddddddddddd"] {
+            assert!(for_node(&s, &BTreeMap::new(), &subnets, mesh, id, nbrs.into_iter()).is_none());
+        }
+        // Without the mesh's cache nobody runs it.
+        let s = set(false);
+        let mesh = &s.meshes["m"];
+        assert!(
+            for_node(&s, &BTreeMap::new(), &subnets, mesh, "aaaaaaaaaaaaaaaa", nbrs.into_iter())
+                .is_none()
+        );
+    }
+}
