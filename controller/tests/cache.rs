@@ -158,9 +158,18 @@ fn parse(file: &Path) -> Result<(), String> {
 fn the_parse_check_refuses_what_squid_complains_about() {
     let d = tempfile::tempdir().unwrap();
     for (name, text) in [
-        ("unknown-acl-type.conf", "acl both anyof a b\nhttp_port 3128\n"),
-        ("two-headers.conf", "acl x req_header Cookie .\nacl x req_header Authorization .\nhttp_port 3128\n"),
-        ("unknown-user.conf", "http_port 3128\ncache_effective_user sidenet-no-such-user\n"),
+        (
+            "unknown-acl-type.conf",
+            "acl both anyof a b\nhttp_port 3128\n",
+        ),
+        (
+            "two-headers.conf",
+            "acl x req_header Cookie .\nacl x req_header Authorization .\nhttp_port 3128\n",
+        ),
+        (
+            "unknown-user.conf",
+            "http_port 3128\ncache_effective_user sidenet-no-such-user\n",
+        ),
     ] {
         let f = d.path().join(name);
         std::fs::write(&f, text).unwrap();
@@ -206,8 +215,18 @@ fn every_rendered_squid_conf_matches_its_golden_file_and_passes_squid_parse() {
     let scratch = tempfile::tempdir().unwrap();
     for name in &with_cache {
         let variants = [
-            ("siblings", mesh(&set, name, false), Some(v4_lan.clone()), siblings()),
-            ("public-only", mesh(&set, name, false), Some(v6_lan.clone()), siblings()[..1].to_vec()),
+            (
+                "siblings",
+                mesh(&set, name, false),
+                Some(v4_lan.clone()),
+                siblings(),
+            ),
+            (
+                "public-only",
+                mesh(&set, name, false),
+                Some(v6_lan.clone()),
+                siblings()[..1].to_vec(),
+            ),
             ("alone", mesh(&set, name, true), None, Vec::new()),
         ];
         for (variant, mesh, node_cache, sibs) in variants {
@@ -216,7 +235,12 @@ fn every_rendered_squid_conf_matches_its_golden_file_and_passes_squid_parse() {
                 .unwrap_or_else(|| panic!("{name}/{variant}: no squid.conf"))
                 .to_string();
             assert!(config.actions.iter().any(|a| a == "restart:squid"));
-            assert!(config.requires.iter().any(|r| r.package == "squid" && r.program == "squid"));
+            assert!(
+                config
+                    .requires
+                    .iter()
+                    .any(|r| r.package == "squid" && r.program == "squid")
+            );
             let file = golden.join(format!("{name}.{variant}.conf"));
             if update {
                 std::fs::create_dir_all(&golden).unwrap();
@@ -234,7 +258,10 @@ fn every_rendered_squid_conf_matches_its_golden_file_and_passes_squid_parse() {
         mismatches.is_empty(),
         "rendered squid.conf differs from its golden file (UPDATE_GOLDEN=1 to regenerate, then review the diff): {mismatches:?}"
     );
-    println!("squid -k parse accepted {} configs: {checked:?}", checked.len());
+    println!(
+        "squid -k parse accepted {} configs: {checked:?}",
+        checked.len()
+    );
     assert!(checked.len() >= 12, "{checked:?}");
 }
 
@@ -248,18 +275,26 @@ fn the_rendered_rules_keep_siblings_to_hits_and_listen_only_where_they_should() 
         lan: vec!["192.168.1.1/24".into()],
         ..NodeCache::default()
     }));
-    let config = render(&renderer, &set, profile, &mesh(&set, profile, false), &node, siblings());
+    let config = render(
+        &renderer,
+        &set,
+        profile,
+        &mesh(&set, profile, false),
+        &node,
+        siblings(),
+    );
     let text = squid_conf(&config).unwrap();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
         .collect();
-    let own = sidenet_controller::spec::ipam::node_address(
-        "fdfc:b395:f348::".parse().unwrap(),
-        SUBNET,
-    );
+    let own =
+        sidenet_controller::spec::ipam::node_address("fdfc:b395:f348::".parse().unwrap(), SUBNET);
     // Listens on the side-net address and the LAN address only.
-    let ports: Vec<&&str> = lines.iter().filter(|l| l.starts_with("http_port")).collect();
+    let ports: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("http_port"))
+        .collect();
     assert_eq!(
         ports,
         [
@@ -269,7 +304,10 @@ fn the_rendered_rules_keep_siblings_to_hits_and_listen_only_where_they_should() 
     );
     assert!(lines.contains(&&*format!("udp_incoming_address {own}")));
     // Siblings over side-net addresses only, proxy-only, ICP.
-    let peers: Vec<&&str> = lines.iter().filter(|l| l.starts_with("cache_peer ")).collect();
+    let peers: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("cache_peer "))
+        .collect();
     assert_eq!(peers.len(), 2);
     for (p, s) in peers.iter().zip(siblings()) {
         assert_eq!(
@@ -281,9 +319,18 @@ fn the_rendered_rules_keep_siblings_to_hits_and_listen_only_where_they_should() 
         );
     }
     // Misses are denied to siblings before anything allows them; LAN and siblings only.
-    let miss: Vec<&&str> = lines.iter().filter(|l| l.starts_with("miss_access")).collect();
-    assert_eq!(miss, [&"miss_access deny siblings", &"miss_access allow all"]);
-    let access: Vec<&&str> = lines.iter().filter(|l| l.starts_with("http_access")).collect();
+    let miss: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("miss_access"))
+        .collect();
+    assert_eq!(
+        miss,
+        [&"miss_access deny siblings", &"miss_access allow all"]
+    );
+    let access: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("http_access"))
+        .collect();
     assert_eq!(access.last().unwrap(), &&"http_access deny all");
     assert!(access.contains(&&"http_access allow lan"));
     assert!(access.contains(&&"http_access deny siblings CONNECT"));
@@ -311,10 +358,20 @@ fn nodes_without_the_cache_get_no_squid() {
     }));
     let mut cases = vec![
         ("mesh without cache", off, meshnode(None), with.to_string()),
-        ("MeshNode opts out", mesh(&set, with, false), opted_out, with.to_string()),
+        (
+            "MeshNode opts out",
+            mesh(&set, with, false),
+            opted_out,
+            with.to_string(),
+        ),
     ];
     if let Some(w) = without {
-        cases.push(("profile without storage", mesh(&set, &w, false), meshnode(None), w));
+        cases.push((
+            "profile without storage",
+            mesh(&set, &w, false),
+            meshnode(None),
+            w,
+        ));
     }
     let openwrt_without = set
         .profiles
@@ -331,8 +388,14 @@ fn nodes_without_the_cache_get_no_squid() {
     for (what, mesh, node, profile) in cases {
         let config = render(&renderer, &set, &profile, &mesh, &node, siblings());
         assert!(squid_conf(&config).is_none(), "{what}");
-        assert!(!config.actions.iter().any(|a| a == "restart:squid"), "{what}");
-        assert!(!config.requires.iter().any(|r| r.package == "squid"), "{what}");
+        assert!(
+            !config.actions.iter().any(|a| a == "restart:squid"),
+            "{what}"
+        );
+        assert!(
+            !config.requires.iter().any(|r| r.package == "squid"),
+            "{what}"
+        );
     }
 }
 
@@ -360,14 +423,8 @@ fn wrong_cache_settings_name_file_document_and_field() {
             node("    lan: [\"192.168.1.1/24\", \"10.0.0.0/8\"]\n"),
             "spec.cache.lan[1]: 10.0.0.0/8 is the subnet's network address",
         ),
-        (
-            node("    enabled: maybe\n"),
-            "spec.cache.enabled",
-        ),
-        (
-            node("    sizeMb: 5\n"),
-            "spec.cache",
-        ),
+        (node("    enabled: maybe\n"), "spec.cache.enabled"),
+        (node("    sizeMb: 5\n"), "spec.cache"),
     ];
     for (text, want) in cases {
         let e = manifest::load_texts(&[

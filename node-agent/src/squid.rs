@@ -81,9 +81,14 @@ pub fn converge(
     });
     if !started || !runner.alive(pid, "squid") {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
-        let cache_log = std::fs::read_to_string(Path::new(&dir).join("cache.log"))
-            .unwrap_or_default();
-        let tail: Vec<&str> = said.lines().chain(cache_log.lines()).rev().take(5).collect();
+        let cache_log =
+            std::fs::read_to_string(Path::new(&dir).join("cache.log")).unwrap_or_default();
+        let tail: Vec<&str> = said
+            .lines()
+            .chain(cache_log.lines())
+            .rev()
+            .take(5)
+            .collect();
         stop(runner, run);
         return Err(format!(
             "squid did not start: {}",

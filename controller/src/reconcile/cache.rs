@@ -123,7 +123,9 @@ pub fn node_cache(
 ) -> Option<CacheCtx> {
     let store = storage(mesh, manifest, profile)?;
     let mesh_cache = mesh.spec.cache.clone().unwrap_or_default();
-    let node = manifest.and_then(|m| m.spec.cache.clone()).unwrap_or_default();
+    let node = manifest
+        .and_then(|m| m.spec.cache.clone())
+        .unwrap_or_default();
     let lan = node
         .lan
         .iter()
@@ -159,11 +161,7 @@ pub fn for_node<'a>(
     neighbours: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Option<CacheCtx> {
     let manifest = set.nodes.get(id);
-    let mut ctx = node_cache(
-        mesh,
-        manifest,
-        profile_of(set, manifest, nodes.get(id)),
-    )?;
+    let mut ctx = node_cache(mesh, manifest, profile_of(set, manifest, nodes.get(id)))?;
     let net = network_name(mesh);
     let base = mesh
         .spec
@@ -218,7 +216,12 @@ mod tests {
         let nodes = [
             ("a", "aaaaaaaaaaaaaaaa", "raspberrypi-4b-awus036acm", ""),
             ("b", "bbbbbbbbbbbbbbbb", "raspberrypi-4b-awus036acm", ""),
-            ("c", "cccccccccccccccc", "raspberrypi-4b-awus036acm", "  cache:\n    enabled: false\n"),
+            (
+                "c",
+                "cccccccccccccccc",
+                "raspberrypi-4b-awus036acm",
+                "  cache:\n    enabled: false\n",
+            ),
             ("d", "dddddddddddddddd", "tplink-archer-c7-v2", ""),
         ];
         let mut text = format!(
@@ -254,8 +257,15 @@ mod tests {
             ("cccccccccccccccc", "c"),
             ("dddddddddddddddd", "d"),
         ];
-        let a = for_node(&s, &BTreeMap::new(), &subnets, mesh, "aaaaaaaaaaaaaaaa", nbrs.into_iter())
-            .unwrap();
+        let a = for_node(
+            &s,
+            &BTreeMap::new(),
+            &subnets,
+            mesh,
+            "aaaaaaaaaaaaaaaa",
+            nbrs.into_iter(),
+        )
+        .unwrap();
         // c turned it off, d's profile gives it no storage: b alone.
         assert_eq!(
             a.siblings,
@@ -274,8 +284,15 @@ mod tests {
         let s = set(false);
         let mesh = &s.meshes["m"];
         assert!(
-            for_node(&s, &BTreeMap::new(), &subnets, mesh, "aaaaaaaaaaaaaaaa", nbrs.into_iter())
-                .is_none()
+            for_node(
+                &s,
+                &BTreeMap::new(),
+                &subnets,
+                mesh,
+                "aaaaaaaaaaaaaaaa",
+                nbrs.into_iter()
+            )
+            .is_none()
         );
     }
 }

@@ -47,7 +47,9 @@ pub fn parse_lan(cidr: &str) -> Result<(IpAddr, u8), String> {
         ));
     }
     let special = match addr {
-        IpAddr::V4(a) => a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_link_local(),
+        IpAddr::V4(a) => {
+            a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_link_local()
+        }
         IpAddr::V6(a) => {
             a.is_loopback()
                 || a.is_unspecified()
@@ -77,7 +79,11 @@ pub fn parse_lan(cidr: &str) -> Result<(IpAddr, u8), String> {
 pub fn lan_subnet(addr: IpAddr, len: u8) -> String {
     match addr {
         IpAddr::V4(a) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(a) & mask))
         }
         IpAddr::V6(a) => {
