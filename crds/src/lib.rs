@@ -25,10 +25,12 @@ use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod cache;
 mod policy;
 mod provision;
 mod rollout;
 pub mod yaml;
+pub use cache::*;
 pub use policy::*;
 pub use provision::*;
 pub use rollout::*;
@@ -114,6 +116,9 @@ pub struct MeshSpec {
     /// every node gets a change at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+    /// The neighbourhood web cache (`docs/content.md`). Off when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<MeshCache>,
 }
 
 /// Radio settings of a mesh.
@@ -420,6 +425,10 @@ pub struct MeshNodeSpec {
     /// Per-node overrides of mesh settings.
     #[serde(default)]
     pub overrides: NodeOverrides,
+    /// This node's part in the neighbourhood web cache: turn it off, restrict it to public
+    /// content, give its LAN addresses (`docs/content.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<NodeCache>,
 }
 
 /// Role of a node.
@@ -594,6 +603,10 @@ pub struct HardwareProfileSpec {
     /// RAM size in MiB.
     #[schemars(range(min = 1))]
     pub ram_mb: u32,
+    /// The storage the device may give the neighbourhood web cache. Devices without it never
+    /// run the cache (`docs/content.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStorage>,
 }
 
 /// Firmware family.

@@ -40,6 +40,7 @@
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
 //! 3. [`uci`], [`requires`], [`radio`], [`shaping`];
+//! 3. [`uci`], [`requires`], [`radio`], [`squid`] (the web cache's daemon, for both backends);
 //! 4. [`linux`], [`openwrt`] (the implementations);
 //! 5. [`backends`] (constructs them);
 //! 6. [`shell`] (carries out the core's effects with all of the above).
@@ -64,6 +65,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("requires", 3),
     ("radio", 3),
     ("shaping", 3),
+    ("squid", 3),
     ("linux", 4),
     ("openwrt", 4),
     ("backends", 5),
@@ -85,6 +87,7 @@ pub mod radio;
 pub mod requires;
 pub mod shaping;
 pub mod shell;
+pub mod squid;
 pub mod state;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -12,6 +12,7 @@
 //! | `apply:wireguard` | `etc/sidenet/wireguard` | one interface per neighbour (kernel WireGuard, or the userspace implementation), keys, endpoints, link-local address; removes links that went away |
 //! | `apply:shaping` | `etc/sidenet/shaping` | the policy's HTB classes on ifb devices, the WireGuard links' traffic redirected through them, the rates of the stretch of the week in force; switched at each window boundary from the node's clock ([`crate::shaping`]); removed when the config has no table |
 //! | `restart:babeld` | `etc/sidenet/babeld.conf` | (re)starts babeld when its config changed or it is not running; stops it when no interface is left |
+//! | `restart:squid` | `etc/sidenet/squid.conf` | (re)starts the neighbourhood web cache when its config changed or it is not running; stops it when a config has none ([`crate::squid`]) |
 //! | `apply:probes` | `etc/sidenet/probes` | hands the targets to the prober |
 //! | `apply:hostname` | `etc/hostname` | sets the hostname |
 //!
@@ -54,6 +55,7 @@ pub const ACTIONS: [&str; 8] = [
     "apply:wireguard",
     "apply:shaping",
     "restart:babeld",
+    crate::squid::ACTION,
     "apply:probes",
     "apply:hostname",
 ];
@@ -718,6 +720,7 @@ impl Linux {
     }
 
     fn teardown(&mut self) {
+        crate::squid::stop(self.runner.as_mut(), &self.run);
         self.babeld_down();
         self.shaping_down();
         self.wireguard_down();
@@ -784,6 +787,13 @@ impl Backend for Linux {
         } else {
             self.babeld_down();
         }
+        crate::squid::converge(
+            self.runner.as_mut(),
+            &self.root,
+            &self.run,
+            has(crate::squid::ACTION),
+        )
+        .map_err(BackendError)?;
         if has("apply:probes") {
             self.probes()?;
         } else {
@@ -882,7 +892,12 @@ mod tests {
             subnet: "fdfc:b395:f348:1c2d::/64".into(),
             addresses: vec!["fdfc:b395:f348:1c2d::1/64".into()],
             files,
-            actions: ACTIONS.iter().map(|s| s.to_string()).collect(),
+            // These renders have no web cache (tests/netns/cache runs Squid for real).
+            actions: ACTIONS
+                .iter()
+                .filter(|a| **a != crate::squid::ACTION)
+                .map(|s| s.to_string())
+                .collect(),
             sealed: Default::default(),
             requires: Vec::new(),
         }

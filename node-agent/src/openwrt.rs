@@ -21,7 +21,9 @@
 //! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/ratelimit.nft` changed) |
 //! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
 //!
-//! (Paths are under `--root`, `/` on a router.) `apply:probes` hands `etc/sidenet/probes` to
+//! (Paths are under `--root`, `/` on a router.) `restart:squid` runs sidenet's own Squid with
+//! `etc/sidenet/squid.conf` ([`crate::squid`]; the squid package's own service and config stay
+//! the owner's). `apply:probes` hands `etc/sidenet/probes` to
 //! the prober. `--uninstall` ([`Backend::uninstall`])
 //! removes every `sidenet_*` section and puts each file sidenet changed back byte for byte.
 //!
@@ -51,11 +53,12 @@ pub const BATCH_DIR: &str = "etc/sidenet/uci";
 /// The rate-limit include fw4 reads (firewall `sidenet_ratelimit`).
 pub const RATELIMIT: &str = "etc/sidenet/ratelimit.nft";
 /// The actions an OpenWrt config may carry.
-pub const ACTIONS: [&str; 5] = [
+pub const ACTIONS: [&str; 6] = [
     "reload:network",
     "reload:wireless",
     "reload:firewall",
     "restart:babeld",
+    crate::squid::ACTION,
     "apply:probes",
 ];
 
@@ -81,6 +84,8 @@ pub struct Openwrt {
     uci: Uci,
     /// The rate-limit include as last converged (`None`: not known yet, as after a start).
     ratelimit: Option<Option<String>>,
+    /// Pid files of the daemons the agent runs itself (Squid): `STATE/run`.
+    run: PathBuf,
 }
 
 impl std::fmt::Debug for Openwrt {
@@ -127,6 +132,7 @@ impl Openwrt {
             plan: None,
             uci: Uci::new(&args.uci, root, state),
             ratelimit: None,
+            run: state.join("run"),
         }
     }
 
@@ -262,6 +268,13 @@ impl Backend for Openwrt {
             changed.push("firewall");
         }
         self.reload(&changed)?;
+        let squid = config.is_some_and(|c| c.actions.iter().any(|a| a == crate::squid::ACTION));
+        if squid {
+            std::fs::create_dir_all(&self.run)
+                .map_err(|e| BackendError(format!("cannot create {}: {e}", self.run.display())))?;
+        }
+        crate::squid::converge(self.runner.as_mut(), &self.root, &self.run, squid)
+            .map_err(BackendError)?;
         self.plan = None;
         if let Some(c) = config
             && c.actions.iter().any(|a| a == "apply:probes")

@@ -96,6 +96,7 @@ pub(crate) async fn create_meshnode(
             role: Default::default(),
             approved: false,
             overrides: NodeOverrides::default(),
+            cache: None,
         },
     );
     node.metadata.namespace = Some(ns.clone());

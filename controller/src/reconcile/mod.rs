@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod air;
+pub mod cache;
 pub mod core;
 pub mod credentials;
 pub mod diff;

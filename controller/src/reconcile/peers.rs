@@ -64,6 +64,11 @@ pub struct Dataplane {
     pub gateways: Vec<GatewayCtx>,
     /// What the node enforces of the mesh's policies ([`crate::spec::policy::compile`]).
     pub policy: crate::spec::policy::compile::NodePolicy,
+    /// The node's web cache and its siblings among the peers ([`crate::reconcile::cache`]),
+    /// when it runs one. Left out of the fingerprint's document when absent, so a node without
+    /// the cache keeps its fingerprint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<crate::reconcile::cache::CacheCtx>,
 }
 
 /// One WireGuard neighbour.
@@ -114,6 +119,7 @@ impl Dataplane {
             peers: Vec::new(),
             gateways: Vec::new(),
             policy: Default::default(),
+            cache: None,
         }
     }
 }
@@ -588,6 +594,14 @@ pub fn dataplane(
         }
     }
     dp.gateways = gateways.iter().filter(|g| g.node != id).cloned().collect();
+    dp.cache = crate::reconcile::cache::for_node(
+        set,
+        &store.nodes,
+        &store.subnets,
+        mesh,
+        id,
+        dp.peers.iter().map(|p| (p.node.as_str(), p.name.as_str())),
+    );
     dp
 }
 

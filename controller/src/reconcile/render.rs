@@ -245,6 +245,8 @@ pub struct Context {
     pub mesh_radio: RadioCtx,
     /// WireGuard neighbours, gateways and ports (see [`crate::reconcile::peers`]).
     pub dataplane: crate::reconcile::peers::Dataplane,
+    /// The node's web cache, when it runs one (see [`crate::reconcile::cache`]).
+    pub cache: Option<crate::reconcile::cache::CacheCtx>,
 }
 
 /// Mesh-wide settings as templates see them.
@@ -516,6 +518,7 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         },
         mesh_radio,
         dataplane,
+        cache: None,
     })
 }
 

@@ -335,6 +335,11 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
         }
     }
 
+    // The neighbourhood web cache's settings (docs/content.md).
+    for (key, field, message) in crate::spec::cache::check(set) {
+        errors.push(err(&key, &field, message));
+    }
+
     for (name, np) in &set.provisions {
         let key = format!("NodeProvision/{name}");
         check_provision(set, np, &mut |field, message| {

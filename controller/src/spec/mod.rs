@@ -1,6 +1,7 @@
 //! Layer 1, what the admin wrote: manifests and their validation, the regulatory rules, and the
 //! address plan.
 
+pub mod cache;
 pub mod checks;
 pub mod hints;
 pub mod ipam;

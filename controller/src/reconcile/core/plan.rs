@@ -518,6 +518,7 @@ pub fn build_config_with(
 ) -> Result<NodeConfig, String> {
     let mut ctx = render::context(inputs).map_err(|e| e.to_string())?;
     if let Some(dp) = dataplane {
+        ctx.cache = crate::reconcile::cache::with_address(dp.cache.clone(), &ctx.node.address);
         ctx.dataplane = dp;
     }
     let family = inputs.profile.spec.firmware.as_str();
@@ -542,7 +543,7 @@ pub fn build_config_with(
         files: files.into_iter().map(|f| f.file).collect(),
         actions,
         sealed: BTreeMap::new(),
-        requires: renderer.requirements(family),
+        requires: crate::reconcile::cache::requires(renderer.requirements(family), &ctx.cache),
     })
 }
 
