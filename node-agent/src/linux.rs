@@ -48,7 +48,7 @@ pub const WG_MTU: &str = "1420";
 /// Seconds between WireGuard keepalives (keeps NAT and babel's view of the link fresh).
 pub const KEEPALIVE: &str = "15";
 /// The actions this backend knows, in the order it runs them.
-pub const ACTIONS: [&str; 8] = [
+pub const ACTIONS: [&str; 9] = [
     "apply:firewall",
     "restart:mesh",
     "apply:addresses",
