@@ -316,6 +316,7 @@ mod status_tests {
             agent_version: None,
             agent_epoch: None,
             missing: vec![],
+            shaping: None,
         }
     }
 

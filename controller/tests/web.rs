@@ -320,6 +320,7 @@ fn report_as_node(
         trial: None,
         mqtt_auth: true,
         missing: vec![],
+        shaping: None,
     };
     let now = sidenet_controller::now();
     let header = Header {

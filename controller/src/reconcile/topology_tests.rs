@@ -22,6 +22,7 @@ fn row(id: &str, mesh: &str, phase: &str, sid: u16) -> StatusRow {
         agent_version: Some("0.1.0".into()),
         agent_epoch: Some(1),
         missing: vec![],
+        shaping: None,
     }
 }
 
