@@ -681,19 +681,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
             output,
         } => {
             let (key, code) = sidenet_controller::cli::join_code(&state, &mesh)?;
-            match output {
-                Output::Table => outln!("{code}"),
-                Output::Json => outln!(
-                    "{}",
-                    serde_json::json!({
-                        "mesh": mesh,
-                        "key": key.to_base64(),
-                        "fingerprint": code.fingerprint(),
-                        "joinCode": code.to_string(),
-                    })
-                ),
-            }
-            Ok(ExitCode::SUCCESS)
+            print_join_code(&mesh, &key, &code, &output)
         }
         Cmd::Token { mesh, hours, state } => {
             match admin::call(
@@ -1228,19 +1216,7 @@ fn cluster(kubeconfig: &Path, namespace: Option<&str>, cmd: Cmd) -> Result<ExitC
             }
             Cmd::JoinCode { mesh, output, .. } => {
                 let (key, code) = clusterctl::join_code(&client, &ns, &mesh).await?;
-                match output {
-                    Output::Table => outln!("{code}"),
-                    Output::Json => outln!(
-                        "{}",
-                        serde_json::json!({
-                            "mesh": mesh,
-                            "key": key.to_base64(),
-                            "fingerprint": code.fingerprint(),
-                            "joinCode": code.to_string(),
-                        })
-                    ),
-                }
-                Ok(ExitCode::SUCCESS)
+                print_join_code(&mesh, &key, &code, &output)
             }
             _ => Err(
                 "--kubeconfig works with status, approve, remove, token and join-code; run the other commands against a standalone controller".into(),
@@ -1269,4 +1245,26 @@ fn print_columns(table: &[Vec<String>]) {
             .collect();
         outln!("{}", line.join("  ").trim_end());
     }
+}
+
+/// `join-code`'s output, the same from a state folder and from a cluster.
+fn print_join_code(
+    mesh: &str,
+    key: &sidenet_wire::PublicKey,
+    code: &sidenet_wire::join::JoinCode,
+    output: &Output,
+) -> Result<ExitCode, String> {
+    match output {
+        Output::Table => outln!("{code}"),
+        Output::Json => outln!(
+            "{}",
+            serde_json::json!({
+                "mesh": mesh,
+                "key": key.to_base64(),
+                "fingerprint": code.fingerprint(),
+                "joinCode": code.to_string(),
+            })
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
