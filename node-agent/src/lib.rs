@@ -13,6 +13,7 @@
 //!   [`backends`] constructs the backend of each kind.
 //! - [`ca`]: the CA bundle pinned for an `mqtts://` broker.
 //! - [`cli`]: the command line, a table of options read from the arguments and the environment.
+//! - [`logs`]: the log lines on stderr (text or JSON), a small `tracing` subscriber.
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
@@ -35,12 +36,12 @@
 //! # The layer rule
 //!
 //! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
-//! 0. [`core`] (sans-IO: it knows only the wire format), [`cli`], [`files`], [`babel`], [`probe`], [`ca`],
-//!    [`discovery`], [`uapi`];
+//! 0. [`core`] (sans-IO: it knows only the wire format), [`cli`], [`logs`], [`files`], [`babel`],
+//!    [`probe`], [`ca`], [`discovery`], [`uapi`];
 //! 1. [`wgkey`], `tls`;
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
-//! 3. [`uci`], [`requires`], [`radio`], [`shaping`];
-//! 3. [`uci`], [`requires`], [`radio`], [`squid`] (the web cache's daemon, for both backends);
+//! 3. [`uci`], [`requires`], [`radio`], [`shaping`], [`squid`] (the web cache's daemon, for both
+//!    backends);
 //! 4. [`linux`], [`openwrt`] (the implementations);
 //! 5. [`backends`] (constructs them);
 //! 6. [`shell`] (carries out the core's effects with all of the above).
@@ -51,6 +52,7 @@
 pub const LAYERS: &[(&str, u8)] = &[
     ("core", 0),
     ("cli", 0),
+    ("logs", 0),
     ("files", 0),
     ("babel", 0),
     ("probe", 0),
@@ -81,6 +83,7 @@ pub mod core;
 pub mod discovery;
 pub mod files;
 pub mod linux;
+pub mod logs;
 pub mod openwrt;
 pub mod probe;
 pub mod radio;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use sidenet_agent::backend::Kind as Backend;
+use sidenet_agent::logs::Logger;
 use sidenet_agent::shell::BrokerCa;
 
 /// `--version`: the version and whether this build speaks mqtts:// (provisioning and the tests
@@ -453,23 +454,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    // A level, not a filter expression: the regex engine behind filters would double the size of
-    // a binary meant for 16 MB of flash.
-    let level = match std::env::var("RUST_LOG").unwrap_or_default().as_str() {
-        "trace" => tracing::Level::TRACE,
-        "debug" => tracing::Level::DEBUG,
-        "warn" => tracing::Level::WARN,
-        "error" => tracing::Level::ERROR,
-        _ => tracing::Level::INFO,
-    };
-    let b = tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr);
-    if args.log_json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    let level = Logger::level_from(&std::env::var("RUST_LOG").unwrap_or_default());
+    // Only fails when a subscriber is already set, which nothing else in this program does.
+    let _ = tracing::subscriber::set_global_default(Logger::new(level, args.log_json));
     let opts = sidenet_agent::shell::Options {
         mesh,
         broker: args

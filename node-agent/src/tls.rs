@@ -32,10 +32,30 @@ pub fn roots(ca: &BrokerCa) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The agent holds no TLS private key (no client certificates: it logs in to the broker with a
+/// password), so its provider loads none. Without ring's key loading the RSA and ECDSA signing
+/// code is left out of the binary.
+#[derive(Debug)]
+struct NoKeys;
+
+impl rustls::crypto::KeyProvider for NoKeys {
+    fn load_private_key(
+        &self,
+        _: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        Err(rustls::Error::General(
+            "the agent uses no TLS client key".into(),
+        ))
+    }
+}
+
 /// The rustls client settings for a broker whose certificate must chain to `ca`.
 pub fn client_config(ca: &BrokerCa) -> Result<rumqttc::TlsConfiguration, String> {
     let roots = roots(ca)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        key_provider: &NoKeys,
+        ..rustls::crypto::ring::default_provider()
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
