@@ -169,9 +169,7 @@ fn render_variant(
 
 /// The web cache of a with-peers node: both neighbours are siblings (`docs/content.md`).
 fn sample_cache() -> sidenet_controller::reconcile::cache::CacheCtx {
-    use sidenet_controller::reconcile::cache::{
-        CacheCtx, HTTP_PORT, ICP_PORT, LanCtx, SiblingCtx,
-    };
+    use sidenet_controller::reconcile::cache::{CacheCtx, HTTP_PORT, ICP_PORT, LanCtx, SiblingCtx};
     CacheCtx {
         address: "fdfc:b395:f348:1c2d::1".into(),
         http_port: HTTP_PORT,
@@ -406,10 +404,8 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
         .iter()
         .filter(|(_, p)| p.spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
         .map(|(n, _)| (n.clone(), false, false));
-    let cached: Vec<(String, bool, bool)> = openwrt
-        .clone()
-        .map(|(n, _, _)| (n, true, true))
-        .collect();
+    let cached: Vec<(String, bool, bool)> =
+        openwrt.clone().map(|(n, _, _)| (n, true, true)).collect();
     let with_peers = WITH_PEERS
         .iter()
         .filter(|n| set.profiles[**n].spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
@@ -583,5 +579,8 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
         checked += 1;
     }
     assert!(checked >= 15, "only {checked} OpenWrt renders checked");
-    assert!(cache_checked >= 7, "only {cache_checked} cache renders checked");
+    assert!(
+        cache_checked >= 7,
+        "only {cache_checked} cache renders checked"
+    );
 }

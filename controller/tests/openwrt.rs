@@ -500,7 +500,10 @@ fn every_profile_renders_openwrt_shaping_that_nft_and_uci_take() {
             "class 1:4 1:2 leaf relayed",
             "class 1:10 1:3 leaf toward:to-kitchen",
         ] {
-            assert!(table.lines().any(|l| l == want), "{profile}: no {want:?}:\n{table}");
+            assert!(
+                table.lines().any(|l| l == want),
+                "{profile}: no {want:?}:\n{table}"
+            );
         }
         // fw4 includes the classification inside its table: nft itself checks it there.
         let nft = file(&files, "etc/sidenet/shaping.nft");
@@ -510,9 +513,15 @@ fn every_profile_renders_openwrt_shaping_that_nft_and_uci_take() {
             "\tip6 daddr { fdfc:b395:f348:2::/64 } meta priority set 1:10 return",
             "\tmeta priority set 1:9",
         ] {
-            assert!(nft.lines().any(|l| l == want), "{profile}: no {want:?}:\n{nft}");
+            assert!(
+                nft.lines().any(|l| l == want),
+                "{profile}: no {want:?}:\n{nft}"
+            );
         }
-        assert!(!nft.contains(" drop"), "{profile}: the include drops:\n{nft}");
+        assert!(
+            !nft.contains(" drop"),
+            "{profile}: the include drops:\n{nft}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("fw4.nft");
         std::fs::write(&f, fw4_with_include(nft)).unwrap();
@@ -550,7 +559,10 @@ fn every_profile_renders_openwrt_shaping_that_nft_and_uci_take() {
         "etc/sidenet/shaping.nft",
         "etc/hotplug.d/iface/50-sidenet-shaping",
     ] {
-        assert!(!files.iter().any(|(f, _)| f == p), "{p} rendered without a rate policy");
+        assert!(
+            !files.iter().any(|(f, _)| f == p),
+            "{p} rendered without a rate policy"
+        );
     }
     assert!(!file(&files, "etc/sidenet/uci/firewall").contains("sidenet_shaping"));
 }
@@ -614,9 +626,20 @@ fn check_hotplug(script: &str) {
     assert!(counters[1] >= 3, "ingress did not go through snin0: {text}");
     let (filters, lan) = text.split_once("\nLAN").unwrap();
     // The link's u32 filters (its clsact hooks share one u32 table, so both show): one each.
-    assert_eq!(filters.matches("Redirect to device sneg0").count(), 1, "{filters}");
-    assert_eq!(filters.matches("Redirect to device snin0").count(), 1, "{filters}");
-    assert!(!lan.contains("clsact"), "a LAN interface was touched: {lan}");
+    assert_eq!(
+        filters.matches("Redirect to device sneg0").count(),
+        1,
+        "{filters}"
+    );
+    assert_eq!(
+        filters.matches("Redirect to device snin0").count(),
+        1,
+        "{filters}"
+    );
+    assert!(
+        !lan.contains("clsact"),
+        "a LAN interface was touched: {lan}"
+    );
 }
 
 fn check_nft(f: &Path) {

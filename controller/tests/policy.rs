@@ -150,7 +150,11 @@ fn in_prefix(addr: Ipv6Addr, prefix: &str) -> bool {
     let (net, len) = prefix.split_once('/').unwrap();
     let net: Ipv6Addr = net.parse().unwrap();
     let len: u32 = len.parse().unwrap();
-    let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+    let mask = if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - len)
+    };
     u128::from(addr) & mask == u128::from(net) & mask
 }
 
@@ -187,23 +191,28 @@ fn linux_decides(nft: &str, src: Ipv6Addr, proto: &str, port: u32) -> bool {
     );
     let set = |s: &str| -> Vec<String> { s.split(", ").map(str::to_string).collect() };
     for rule in chain("mesh_access") {
-        let (head, verdict) = if let Some(h) = rule.split(" accept comment ").next().filter(|h| *h != rule) {
-            (h.to_string(), true)
-        } else {
-            let h = rule
-                .split(" reject with icmpx admin-prohibited comment ")
-                .next()
-                .unwrap();
-            assert_ne!(h, rule, "a rule form this test does not read: {rule}");
-            (h.to_string(), false)
-        };
-        let rest = head.strip_prefix("ip6 saddr { ").unwrap_or_else(|| panic!("{rule}"));
+        let (head, verdict) =
+            if let Some(h) = rule.split(" accept comment ").next().filter(|h| *h != rule) {
+                (h.to_string(), true)
+            } else {
+                let h = rule
+                    .split(" reject with icmpx admin-prohibited comment ")
+                    .next()
+                    .unwrap();
+                assert_ne!(h, rule, "a rule form this test does not read: {rule}");
+                (h.to_string(), false)
+            };
+        let rest = head
+            .strip_prefix("ip6 saddr { ")
+            .unwrap_or_else(|| panic!("{rule}"));
         let (srcs, rest) = rest.split_once(" }").unwrap();
         let rest = rest.trim();
         let (protos, ports): (Vec<String>, Vec<String>) = if rest.is_empty() {
             (vec!["tcp".into(), "udp".into()], Vec::new())
         } else {
-            let r = rest.strip_prefix("meta l4proto ").unwrap_or_else(|| panic!("{rule}"));
+            let r = rest
+                .strip_prefix("meta l4proto ")
+                .unwrap_or_else(|| panic!("{rule}"));
             let (p, r) = match r.strip_prefix("{ ") {
                 Some(x) => {
                     let (a, b) = x.split_once(" }").unwrap();
@@ -239,7 +248,10 @@ fn openwrt_decides(batch: &str, src: Ipv6Addr, proto: &str, port: u32) -> bool {
     let mut rules: Vec<(String, Vec<(String, String)>)> = Vec::new();
     let mut zone_input = None;
     for l in batch.lines() {
-        let Some(rest) = l.strip_prefix("set ").or_else(|| l.strip_prefix("add_list ")) else {
+        let Some(rest) = l
+            .strip_prefix("set ")
+            .or_else(|| l.strip_prefix("add_list "))
+        else {
             continue;
         };
         let (path, value) = rest.split_once('=').unwrap();
@@ -254,7 +266,11 @@ fn openwrt_decides(batch: &str, src: Ipv6Addr, proto: &str, port: u32) -> bool {
         if parts.len() == 2 {
             rules.push((parts[1].to_string(), Vec::new()));
         } else {
-            rules.last_mut().unwrap().1.push((parts[2].to_string(), value));
+            rules
+                .last_mut()
+                .unwrap()
+                .1
+                .push((parts[2].to_string(), value));
         }
     }
     assert_eq!(zone_input.as_deref(), Some("REJECT"), "{batch}");
@@ -345,7 +361,10 @@ fn explain_and_both_backends_agree_on_every_connection() {
                 .unwrap_or_else(|| panic!("no {path}"))
                 .1
         };
-        let (nft, batch) = (file("etc/sidenet/firewall.nft"), file("etc/sidenet/uci/firewall"));
+        let (nft, batch) = (
+            file("etc/sidenet/firewall.nft"),
+            file("etc/sidenet/uci/firewall"),
+        );
         for src in located.iter().filter(|m| m.member.id != dest.member.id) {
             let addr: Ipv6Addr = src.subnet.replace("::/64", "::1").parse().unwrap();
             for (proto, port) in [
@@ -382,5 +401,8 @@ fn explain_and_both_backends_agree_on_every_connection() {
         }
     }
     // The cases cover allowed, denied by a rule and refused by default.
-    assert!(allowed > 0 && by_default > 0, "{allowed} allowed, {by_default} by default");
+    assert!(
+        allowed > 0 && by_default > 0,
+        "{allowed} allowed, {by_default} by default"
+    );
 }

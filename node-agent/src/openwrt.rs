@@ -41,7 +41,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sidenet_wire::messages::{Neighbour, NodeConfig, ShapingStatus, WireguardInfo};
+use sidenet_wire::messages::{Neighbour, NodeConfig, WireguardInfo};
 
 use crate::backend::{
     Backend, BackendError, DataplaneArgs, Kind, Observation, Runner, underlay_endpoints,
@@ -214,34 +214,18 @@ impl Openwrt {
     /// Applies the shaping table (`table`: its text) to the WireGuard links of `batches` that
     /// exist now, or removes the classes (`None`).
     fn shaping(&mut self, batches: &[Batch], table: Option<&str>) -> Result<(), BackendError> {
-        let links: Vec<String> = batches
-            .iter()
-            .filter(|b| b.package == "network")
-            .flat_map(|b| b.sections.iter())
-            .filter(|s| {
-                s.options.iter().any(|(k, v)| {
-                    k == "proto" && matches!(v, crate::uci::Value::One(p) if p == "wireguard")
-                })
-            })
-            .map(|s| s.name.clone())
-            .filter(|d| self.has_dev(d))
-            .collect();
-        if let Some(s) = self.shaper.take() {
-            s.down(self.runner.as_mut());
-        } else if crate::shaping::IFBS.iter().any(|d| self.has_dev(d)) {
-            crate::shaping::remove_all(self.runner.as_mut(), &links);
+        let mut links = Vec::new();
+        for s in batches.iter().flat_map(|b| b.sections.iter()) {
+            if s.options.iter().any(|(k, v)| {
+                k == "proto" && matches!(v, crate::uci::Value::One(p) if p == "wireguard")
+            }) && self.has_dev(&s.name)
+            {
+                links.push(s.name.clone());
+            }
         }
-        if let Some(text) = table {
-            let s = crate::shaping::Shaper::apply(
-                self.runner.as_mut(),
-                text,
-                &links,
-                crate::shaping::now(),
-            )
-            .map_err(BackendError)?;
-            self.shaper = Some(s);
-        }
-        Ok(())
+        let left = self.shaper.is_none() && crate::shaping::IFBS.iter().any(|d| self.has_dev(d));
+        crate::shaping::converge(self.runner.as_mut(), &mut self.shaper, table, &links, left)
+            .map_err(BackendError)
     }
 }
 
@@ -381,9 +365,8 @@ impl Backend for Openwrt {
         if self.include_changed() && !changed.contains(&"firewall") {
             changed.push("firewall");
         }
-        if let Err(e) = self.shaping(&[], None) {
-            notes.push(format!("shaping: {e}"));
-        }
+        // Removing the classes cannot fail.
+        let _ = self.shaping(&[], None);
         if let Err(e) = self.reload(&changed) {
             notes.push(format!("reloading: {e}"));
         }
@@ -392,9 +375,7 @@ impl Backend for Openwrt {
     }
 
     fn observe(&mut self) -> Observation {
-        if let Some(s) = self.shaper.as_mut() {
-            s.tick(self.runner.as_mut(), crate::shaping::now());
-        }
+        let shaping = crate::shaping::observe(self.runner.as_mut(), self.shaper.as_mut());
         let endpoints = underlay_endpoints(self.runner.as_mut(), &self.underlay);
         let neighbours = crate::babel::dump_port(BABEL_PORT, Duration::from_secs(1))
             .map(|d| {
@@ -421,10 +402,7 @@ impl Backend for Openwrt {
             neighbours,
             links,
             probes: Vec::new(),
-            shaping: self.shaper.as_ref().map(|s| ShapingStatus {
-                leaf: s.leaf().to_string(),
-                windows: s.windows().to_vec(),
-            }),
+            shaping,
         }
     }
 

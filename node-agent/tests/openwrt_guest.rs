@@ -833,5 +833,9 @@ fn the_shaping_table_is_applied_after_the_reloads_and_removed_with_it() {
         assert!(cmds.iter().any(|x| x == c), "no {c:?} in {cmds:#?}");
     }
     assert!(r.ow.observe().shaping.is_none());
-    assert!(!r.root.join("etc/hotplug.d/iface/50-sidenet-shaping").exists());
+    assert!(
+        !r.root
+            .join("etc/hotplug.d/iface/50-sidenet-shaping")
+            .exists()
+    );
 }
