@@ -164,6 +164,49 @@ fn render_variant(
     profile: &str,
     with_peers: bool,
 ) -> Vec<(String, String)> {
+    render_cached(set, renderer, profile, with_peers, false)
+}
+
+/// The web cache of a with-peers node: both neighbours are siblings (`docs/content.md`).
+fn sample_cache() -> sidenet_controller::reconcile::cache::CacheCtx {
+    use sidenet_controller::reconcile::cache::{CacheCtx, HTTP_PORT, ICP_PORT, LanCtx, SiblingCtx};
+    CacheCtx {
+        address: "fdfc:b395:f348:1c2d::1".into(),
+        http_port: HTTP_PORT,
+        icp_port: ICP_PORT,
+        dir: "/var/spool/sidenet-squid".into(),
+        disk_mb: 256,
+        memory_mb: 16,
+        max_object_mb: 16,
+        public_only: true,
+        lan: vec![LanCtx {
+            address: "192.168.1.1".into(),
+            ipv6: false,
+            subnet: "192.168.1.0/24".into(),
+        }],
+        siblings: vec![
+            SiblingCtx {
+                node: "peerbbbbbbbbbbbb".into(),
+                name: "kitchen".into(),
+                address: "fdfc:b395:f348:2::1".into(),
+            },
+            SiblingCtx {
+                node: "peercccccccccccc".into(),
+                name: "attic".into(),
+                address: "fdfc:b395:f348:3::1".into(),
+            },
+        ],
+    }
+}
+
+/// [`render_variant`], optionally with the node running the web cache ([`sample_cache`]).
+fn render_cached(
+    set: &ManifestSet,
+    renderer: &Renderer,
+    profile: &str,
+    with_peers: bool,
+    cache: bool,
+) -> Vec<(String, String)> {
     let p = set.profiles.get(profile).unwrap();
     let mut mesh = mesh_for(set, profile);
     if with_peers {
@@ -197,6 +240,9 @@ fn render_variant(
     if with_peers {
         ctx.dataplane = sample_dataplane();
         ctx.dataplane.policy = compile::node_policy(&mesh, &located(), NODE);
+    }
+    if cache {
+        ctx.cache = Some(sample_cache());
     }
     renderer
         .render(p.spec.firmware.as_str(), &ctx)
@@ -344,7 +390,9 @@ fn sections(export: &str) -> Vec<(Option<String>, String)> {
 /// tool on that profile's stock config: each command of each sidenet batch (every line that
 /// is not blank, a comment or a `require`) must be taken without a complaint, one change each,
 /// and only `sidenet_*` sections may change. Then sidenet's sections (and the owner's radio the
-/// mesh point uses) are parsed back by OpenWISP's netjsonconfig.
+/// mesh point uses) are parsed back by OpenWISP's netjsonconfig. Every profile is also fed once
+/// with WireGuard neighbours and the web cache: the cache's firewall rules must come out of
+/// `uci export` with the siblings' addresses.
 #[test]
 fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
     let set = set();
@@ -355,16 +403,19 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
         .profiles
         .iter()
         .filter(|(_, p)| p.spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
-        .map(|(n, _)| (n.clone(), false));
+        .map(|(n, _)| (n.clone(), false, false));
+    let cached: Vec<(String, bool, bool)> =
+        openwrt.clone().map(|(n, _, _)| (n, true, true)).collect();
     let with_peers = WITH_PEERS
         .iter()
         .filter(|n| set.profiles[**n].spec.firmware == sidenet_crds::FirmwareFamily::Openwrt)
-        .map(|n| (n.to_string(), true));
-    for (name, peers) in openwrt.chain(with_peers) {
+        .map(|n| (n.to_string(), true, false));
+    let mut cache_checked = 0;
+    for (name, peers, cache) in openwrt.chain(with_peers).chain(cached) {
         let name = &name;
         let dir = tempfile::tempdir().unwrap();
         let conf = stock_config(name, dir.path());
-        let rendered = render_variant(&set, &renderer, name, peers);
+        let rendered = render_cached(&set, &renderer, name, peers, cache);
         assert!(
             !rendered.iter().any(|(p, _)| p.starts_with("etc/config/")),
             "{name}: an OpenWrt render must not write /etc/config files whole"
@@ -426,6 +477,36 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
                     .collect()
             };
             assert_eq!(owner(&now), owner(was), "{name}: the owner's {p} changed");
+        }
+        if cache {
+            let fw: String =
+                String::from_utf8_lossy(&uci(&conf, &["export", "firewall"], None).stdout).into();
+            for (rule, proto, port) in [
+                ("sidenet_allow_cache_http", "tcp", "3128"),
+                ("sidenet_allow_cache_icp", "udp", "3130"),
+            ] {
+                let (_, text) = sections(&fw)
+                    .into_iter()
+                    .find(|(n, _)| n.as_deref() == Some(rule))
+                    .unwrap_or_else(|| panic!("{name}: no {rule} in uci export:\n{fw}"));
+                let lines: Vec<&str> = text.lines().map(str::trim).collect();
+                for want in [
+                    format!("config rule '{rule}'"),
+                    "option src 'sidenet'".to_string(),
+                    format!("option proto '{proto}'"),
+                    format!("option dest_port '{port}'"),
+                    "option family 'ipv6'".to_string(),
+                    "list src_ip 'fdfc:b395:f348:2::1'".to_string(),
+                    "list src_ip 'fdfc:b395:f348:3::1'".to_string(),
+                    "option target 'ACCEPT'".to_string(),
+                ] {
+                    assert!(
+                        lines.contains(&want.as_str()),
+                        "{name}: {rule} has no {want:?}:\n{text}"
+                    );
+                }
+            }
+            cache_checked += 1;
         }
         // netjsonconfig reads sidenet's sections and the owner's radio the mesh point uses.
         let view = tempfile::tempdir().unwrap();
@@ -497,5 +578,9 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
         }
         checked += 1;
     }
-    assert!(checked >= 8, "only {checked} OpenWrt renders checked");
+    assert!(checked >= 15, "only {checked} OpenWrt renders checked");
+    assert!(
+        cache_checked >= 7,
+        "only {cache_checked} cache renders checked"
+    );
 }

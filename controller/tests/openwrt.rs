@@ -6,7 +6,10 @@
 //!   babeld.conf the OpenWrt init script makes of the uci config);
 //! - no render names the board's ethernet ports (the owner's LAN and WAN, DSA or swconfig), and
 //!   each profile's ports are those its stock OpenWrt config really has;
-//! - the rate limit covers both mesh points of a passphrase rotation (checked by nft itself).
+//! - the policy shaping of every profile: the table the agent applies, the classification that
+//!   fw4 includes in its table (checked by nft itself, inside a table like fw4's), the firewall
+//!   section that includes it, and the hotplug script that puts re-created WireGuard links back
+//!   through the classes (run for real in a network namespace of its own).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,7 +25,11 @@ use common::repo;
 use sidenet_controller::reconcile::peers::{self, Dataplane, PeerCtx};
 use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
 use sidenet_controller::spec::manifest::{self, ManifestSet};
-use sidenet_crds::{FirmwareFamily, NodeRole};
+use sidenet_controller::spec::policy::compile;
+use sidenet_controller::spec::policy::eval::Member;
+use sidenet_crds::{
+    Direction, FirmwareFamily, NodeRole, NodeSelector, Policy, PolicyType, Scope, Window,
+};
 
 const NODE: &str = "goldennode234567";
 
@@ -64,8 +71,32 @@ fn render(
     peers: Vec<PeerCtx>,
     rotating: bool,
 ) -> Vec<(String, String)> {
+    let mesh = set.meshes.get("riverside").unwrap().clone();
+    render_mesh(set, profile, &mesh, peers, rotating, None)
+}
+
+/// The files of `profile` in `mesh` with these peers and the policy compiled for the node
+/// (`None`: the node's own policies only, as the render context compiles them).
+fn render_with(
+    set: &ManifestSet,
+    profile: &str,
+    mesh: &sidenet_crds::Mesh,
+    peers: Vec<PeerCtx>,
+    policy: Option<compile::NodePolicy>,
+) -> Vec<(String, String)> {
+    render_mesh(set, profile, mesh, peers, false, policy)
+}
+
+fn render_mesh(
+    set: &ManifestSet,
+    profile: &str,
+    mesh: &sidenet_crds::Mesh,
+    peers: Vec<PeerCtx>,
+    rotating: bool,
+    policy: Option<compile::NodePolicy>,
+) -> Vec<(String, String)> {
     let p = set.profiles.get(profile).unwrap();
-    let mut mesh = set.meshes.get("riverside").unwrap().clone();
+    let mut mesh = mesh.clone();
     if p.spec.mesh_radio(mesh.spec.radio.mesh_band).is_none() {
         mesh.spec.radio.mesh_band = sidenet_crds::Band::TwoG;
     }
@@ -87,6 +118,7 @@ fn render(
     let mut ctx = render::context(&inputs).unwrap();
     let mut dp = Dataplane::for_node(NODE);
     dp.peers = peers;
+    dp.policy = policy.unwrap_or_else(|| ctx.dataplane.policy.clone());
     ctx.dataplane = dp;
     Renderer::load(&repo().join("templates"))
         .unwrap()
@@ -379,34 +411,235 @@ fn renders_leave_the_boards_ports_to_the_owner() {
     }
 }
 
+/// Policies with every kind of class: a budget, a window that opens it, a per-path limit
+/// toward kitchen, an ingress limit from attic and a relayed-scope limit.
+fn shaping_policies() -> Vec<Policy> {
+    let sel = |n: &str| NodeSelector {
+        nodes: vec![n.into()],
+        ..Default::default()
+    };
+    let rate = |k| Policy {
+        rate_kbit: Some(k),
+        ..Policy::new(PolicyType::RateLimit)
+    };
+    vec![
+        Policy {
+            name: Some("night".into()),
+            schedule: vec![Window {
+                days: vec![],
+                start: "23:00".into(),
+                end: "07:00".into(),
+            }],
+            ..rate(40000)
+        },
+        Policy {
+            name: Some("to-kitchen".into()),
+            toward: Some(sel("kitchen")),
+            ..rate(8000)
+        },
+        Policy {
+            name: Some("from-attic".into()),
+            direction: Some(Direction::Ingress),
+            toward: Some(sel("attic")),
+            ..rate(12000)
+        },
+        Policy {
+            name: Some("relay".into()),
+            scope: Some(Scope::Relayed),
+            ..rate(30000)
+        },
+    ]
+}
+
+/// fw4's table as `fw4 print` starts it, with sidenet's include where fw4 puts a
+/// `position 'table-append'` include: at the end of the table's body.
+fn fw4_with_include(include: &str) -> String {
+    format!(
+        "table inet fw4\nflush table inet fw4\n\ntable inet fw4 {{\n\tchain input {{\n\t\ttype filter hook input priority filter; policy drop;\n\t}}\n\n\tchain forward {{\n\t\ttype filter hook forward priority filter; policy drop;\n\t}}\n\n\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\t}}\n\n{include}}}\n"
+    )
+}
+
 #[test]
-fn the_rate_limit_covers_both_mesh_points_of_a_rotation() {
+fn every_profile_renders_openwrt_shaping_that_nft_and_uci_take() {
     let set = set();
-    for rotating in [false, true] {
-        let files = render(&set, "linksys-e8450", Vec::new(), rotating);
-        let mesh_points: Vec<String> = batch_options(file(&files, "etc/sidenet/uci/wireless"))
-            .into_iter()
-            .filter(|(_, o, _)| o == "ifname")
-            .map(|(_, _, v)| v)
-            .collect();
-        assert_eq!(mesh_points.len(), if rotating { 2 } else { 1 });
-        let nft = file(&files, "etc/sidenet/ratelimit.nft");
-        let limit = nft
-            .lines()
-            .find(|l| l.contains("limit rate over"))
-            .unwrap_or_else(|| panic!("no policer:\n{nft}"));
-        for m in &mesh_points {
+    let peers = vec![
+        peer("peerbbbbbbbbbbbb", "kitchen"),
+        peer("peercccccccccccc", "attic"),
+    ];
+    let located: Vec<compile::Located> = [
+        (NODE, "golden", 0x1c2d),
+        ("peerbbbbbbbbbbbb", "kitchen", 2),
+        ("peercccccccccccc", "attic", 3),
+    ]
+    .into_iter()
+    .map(|(id, name, sid)| compile::Located {
+        member: Member {
+            id: id.into(),
+            name: name.into(),
+            labels: Default::default(),
+        },
+        subnet: format!("fdfc:b395:f348:{sid:x}::/64"),
+    })
+    .collect();
+    let mut checked = 0;
+    for profile in openwrt_profiles(&set) {
+        let mut mesh = set.meshes.get("riverside").unwrap().clone();
+        mesh.spec.policies.extend(shaping_policies());
+        mesh.spec.time_zone = Some("Europe/Berlin".into());
+        let policy = compile::node_policy(&mesh, &located, NODE);
+        let files = render_with(&set, &profile, &mesh, peers.clone(), Some(policy.clone()));
+        // The table the agent applies: the same as a Linux node's.
+        assert_eq!(
+            file(&files, "etc/sidenet/shaping").trim_end(),
+            policy.shaping.trim_end()
+        );
+        let table = file(&files, "etc/sidenet/shaping");
+        for want in [
+            "ifb egress sneg0 1",
+            "ifb ingress snin0 2",
+            "class 1:4 1:2 leaf relayed",
+            "class 1:10 1:3 leaf toward:to-kitchen",
+        ] {
             assert!(
-                limit.contains(&format!("\"{m}\"")),
-                "rotating={rotating}: the policer does not cover mesh point {m}: {limit}"
+                table.lines().any(|l| l == want),
+                "{profile}: no {want:?}:\n{table}"
             );
         }
-        // fw4 includes the file inside its table: nft itself checks it there.
+        // fw4 includes the classification inside its table: nft itself checks it there.
+        let nft = file(&files, "etc/sidenet/shaping.nft");
+        for want in [
+            "\toifname != \"sidenet_*\" return",
+            "\tiifname \"sidenet_*\" meta priority set 1:4 return",
+            "\tip6 daddr { fdfc:b395:f348:2::/64 } meta priority set 1:10 return",
+            "\tmeta priority set 1:9",
+        ] {
+            assert!(
+                nft.lines().any(|l| l == want),
+                "{profile}: no {want:?}:\n{nft}"
+            );
+        }
+        assert!(
+            !nft.contains(" drop"),
+            "{profile}: the include drops:\n{nft}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("fw4.nft");
-        std::fs::write(&f, format!("table inet fw4 {{\n{nft}}}\n")).unwrap();
+        std::fs::write(&f, fw4_with_include(nft)).unwrap();
         check_nft(&f);
+        // The firewall batch names it (the golden test feeds every batch to the real uci).
+        let fw = batch_options(file(&files, "etc/sidenet/uci/firewall"));
+        for (o, v) in [
+            ("type", "nftables"),
+            ("path", "/etc/sidenet/shaping.nft"),
+            ("position", "table-append"),
+        ] {
+            assert!(
+                fw.iter()
+                    .any(|(s, oo, vv)| s == "sidenet_shaping" && oo == o && vv == v),
+                "{profile}: firewall.sidenet_shaping.{o} is not {v}"
+            );
+        }
+        assert!(
+            !files.iter().any(|(p, _)| p.ends_with("ratelimit.nft")),
+            "{profile}: the old policer is still rendered"
+        );
+        let hotplug = file(&files, "etc/hotplug.d/iface/50-sidenet-shaping");
+        check_hotplug(hotplug);
+        checked += 1;
     }
+    assert!(checked >= 7, "only {checked} OpenWrt profiles checked");
+    // Without a rate policy nothing of it is rendered, and fw4 includes nothing.
+    let mut mesh = set.meshes.get("riverside").unwrap().clone();
+    mesh.spec
+        .policies
+        .retain(|p| p.type_ != PolicyType::RateLimit);
+    let files = render_with(&set, "linksys-e8450", &mesh, peers, None);
+    for p in [
+        "etc/sidenet/shaping",
+        "etc/sidenet/shaping.nft",
+        "etc/hotplug.d/iface/50-sidenet-shaping",
+    ] {
+        assert!(
+            !files.iter().any(|(f, _)| f == p),
+            "{p} rendered without a rate policy"
+        );
+    }
+    assert!(!file(&files, "etc/sidenet/uci/firewall").contains("sidenet_shaping"));
+}
+
+/// Runs the hotplug script as OpenWrt's hotplug-call does (sourced in a subshell, with the
+/// event in the environment) in network and mount namespaces of their own (sysfs mounted
+/// again, so `/sys/class/net` shows that namespace's devices), with the ifbs `sneg0` and
+/// `snin0` and a WireGuard-like link `sidenet_peerbbb` (a veth, the other end `lan0`): after
+/// an ifup of that link (twice, as netifd may), its traffic goes through both ifbs (their
+/// packet counters move with a ping across the link) without the filters piling up; other
+/// interfaces and events are left alone.
+fn check_hotplug(script: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("50-sidenet-shaping");
+    std::fs::write(&f, script).unwrap();
+    let ev = |action: &str, iface: &str, dev: &str| {
+        format!(
+            "(ACTION={action} INTERFACE={iface} DEVICE={dev}; . {f})",
+            f = f.display()
+        )
+    };
+    let cmd = [
+        "set -e".to_string(),
+        "mount -t sysfs sysfs /sys".into(),
+        "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0".into(),
+        "ip link add sneg0 type ifb".into(),
+        "ip link add snin0 type ifb".into(),
+        "ip link add sidenet_peerbbb type veth peer name lan0".into(),
+        "for d in sneg0 snin0 sidenet_peerbbb lan0; do ip link set $d up; done".into(),
+        ev("ifup", "sidenet_peerbbb", "sidenet_peerbbb"),
+        ev("ifup", "sidenet_peerbbb", "sidenet_peerbbb"),
+        ev("ifup", "lan", "lan0"),
+        ev("ifdown", "sidenet_peerbbb", "sidenet_peerbbb"),
+        "e0=$(cat /sys/class/net/sneg0/statistics/tx_packets)".into(),
+        "i0=$(cat /sys/class/net/snin0/statistics/tx_packets)".into(),
+        "ping -6 -c 3 -i 0.2 -W 2 -I sidenet_peerbbb ff02::1 >/dev/null".into(),
+        "echo COUNTERS $(( $(cat /sys/class/net/sneg0/statistics/tx_packets) - e0 )) $(( $(cat /sys/class/net/snin0/statistics/tx_packets) - i0 ))".into(),
+        "echo FILTERS; tc filter show dev sidenet_peerbbb egress".into(),
+        "echo LAN; tc qdisc show dev lan0".into(),
+    ]
+    .join("\n");
+    let out = Command::new("unshare")
+        .args(["-nm", "sh", "-c", &cmd])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the hotplug script failed: {}\n{text}\n{script}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counters: Vec<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("COUNTERS "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    // Three echo requests out through sneg0, their replies in through snin0.
+    assert!(counters[0] >= 3, "egress did not go through sneg0: {text}");
+    assert!(counters[1] >= 3, "ingress did not go through snin0: {text}");
+    let (filters, lan) = text.split_once("\nLAN").unwrap();
+    // The link's u32 filters (its clsact hooks share one u32 table, so both show): one each.
+    assert_eq!(
+        filters.matches("Redirect to device sneg0").count(),
+        1,
+        "{filters}"
+    );
+    assert_eq!(
+        filters.matches("Redirect to device snin0").count(),
+        1,
+        "{filters}"
+    );
+    assert!(
+        !lan.contains("clsact"),
+        "a LAN interface was touched: {lan}"
+    );
 }
 
 fn check_nft(f: &Path) {

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sidenet_wire::messages::{Neighbour, NodeConfig, ShapingStatus, WireguardInfo};
+use sidenet_wire::messages::{Neighbour, NodeConfig, WireguardInfo};
 
 use crate::backend::{
     Backend, BackendError, DataplaneArgs, Kind, Observation, Runner, WgMode, poll_until, read_pid,
@@ -613,31 +613,28 @@ impl Linux {
         Ok(())
     }
 
-    fn shaping(&mut self) -> Result<(), BackendError> {
-        let text = self.file("etc/sidenet/shaping")?;
-        self.shaping_down();
+    /// The config's shaping table (`apply:shaping`), or none (`text` false).
+    fn shaping(&mut self, text: bool) -> Result<(), BackendError> {
+        let text = if text {
+            Some(self.file("etc/sidenet/shaping")?)
+        } else {
+            None
+        };
         let ifaces: Vec<String> = self.peers.iter().map(|p| p.iface.clone()).collect();
-        let s = crate::shaping::Shaper::apply(
+        // Left by an earlier run of the agent (a restart onto a config without a table).
+        let left = self.shaper.is_none() && crate::shaping::IFBS.iter().any(|d| self.exists(d));
+        crate::shaping::converge(
             self.runner.as_mut(),
-            &text,
+            &mut self.shaper,
+            text.as_deref(),
             &ifaces,
-            crate::shaping::now(),
+            left,
         )
-        .map_err(BackendError)?;
-        self.shaper = Some(s);
-        Ok(())
+        .map_err(BackendError)
     }
 
     fn shaping_down(&mut self) {
-        if let Some(s) = self.shaper.take() {
-            s.down(self.runner.as_mut());
-            return;
-        }
-        // Left by an earlier run of the agent (a restart onto a config without a table).
-        if crate::shaping::IFBS.iter().any(|d| self.exists(d)) {
-            let ifaces: Vec<String> = self.peers.iter().map(|p| p.iface.clone()).collect();
-            crate::shaping::remove_all(self.runner.as_mut(), &ifaces);
-        }
+        let _ = self.shaping(false);
     }
 
     fn wireguard_down(&mut self) {
@@ -777,11 +774,7 @@ impl Backend for Linux {
         } else {
             self.wireguard_down();
         }
-        if has("apply:shaping") {
-            self.shaping()?;
-        } else {
-            self.shaping_down();
-        }
+        self.shaping(has("apply:shaping"))?;
         if has("restart:babeld") {
             self.babeld()?;
         } else {
@@ -806,9 +799,7 @@ impl Backend for Linux {
     }
 
     fn observe(&mut self) -> Observation {
-        if let Some(s) = self.shaper.as_mut() {
-            s.tick(self.runner.as_mut(), crate::shaping::now());
-        }
+        let shaping = crate::shaping::observe(self.runner.as_mut(), self.shaper.as_mut());
         let endpoints = underlay_endpoints(self.runner.as_mut(), &self.underlay);
         let mut neighbours = Vec::new();
         if self
@@ -839,10 +830,7 @@ impl Backend for Linux {
             neighbours,
             links: self.peers.len(),
             probes: Vec::new(),
-            shaping: self.shaper.as_ref().map(|s| ShapingStatus {
-                leaf: s.leaf().to_string(),
-                windows: s.windows().to_vec(),
-            }),
+            shaping,
         }
     }
 

@@ -2,8 +2,10 @@
 //! `sidenet_*` sections in the `network`, `wireless`, `firewall` and `babeld` UCI packages and
 //! changes them only through OpenWrt's `uci` command ([`crate::uci`]); the owner's access points,
 //! LAN, WAN, DHCP and firewall rules are never written. A config carries one sidenet batch per
-//! package (`etc/sidenet/uci/<package>`) and sidenet's own files (`etc/sidenet/ratelimit.nft`,
-//! `etc/sidenet/probes`); a config that would write a file under `etc/config/` is refused.
+//! package (`etc/sidenet/uci/<package>`) and sidenet's own files (`etc/sidenet/shaping.nft`,
+//! `etc/sidenet/shaping`, `etc/sidenet/probes`, the hotplug script
+//! `etc/hotplug.d/iface/50-sidenet-shaping`); a config that would write a file under
+//! `etc/config/` is refused.
 //!
 //! The journal ([`crate::files`]) stages, backs up and rolls back only those own files;
 //! [`Backend::converge`] then makes the `sidenet_*` sections of every package exactly what the
@@ -18,12 +20,16 @@
 //! | --- | --- |
 //! | `network` | `/etc/init.d/network reload` (netifd: the node address, WireGuard interfaces) |
 //! | `wireless` | `/sbin/wifi reload` (the mesh point on the owner's radio) |
-//! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/ratelimit.nft` changed) |
+//! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/shaping.nft` changed) |
 //! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
 //!
 //! (Paths are under `--root`, `/` on a router.) `restart:squid` runs sidenet's own Squid with
 //! `etc/sidenet/squid.conf` ([`crate::squid`]; the squid package's own service and config stay
-//! the owner's). `apply:probes` hands `etc/sidenet/probes` to
+//! the owner's). `apply:shaping` builds the policy's HTB classes from `etc/sidenet/shaping` after
+//! the reloads, with the same code as the `linux` backend ([`crate::shaping`]): the WireGuard
+//! links netifd has up (the network batch's `wireguard` interfaces) are redirected through them
+//! at once, links it brings up later by the rendered hotplug script, and the rates follow the
+//! windows from the node's clock (at each [`Backend::observe`]). `apply:probes` hands `etc/sidenet/probes` to
 //! the prober. `--uninstall` ([`Backend::uninstall`])
 //! removes every `sidenet_*` section and puts each file sidenet changed back byte for byte.
 //!
@@ -50,10 +56,13 @@ pub const KEY_PLACEHOLDER: &str = "@sidenet-wireguard-private-key@";
 pub const BABEL_PORT: u16 = 33123;
 /// Where a config's batch for a UCI package is.
 pub const BATCH_DIR: &str = "etc/sidenet/uci";
-/// The rate-limit include fw4 reads (firewall `sidenet_ratelimit`).
-pub const RATELIMIT: &str = "etc/sidenet/ratelimit.nft";
+/// The shaping include fw4 reads (firewall `sidenet_shaping`).
+pub const SHAPING_NFT: &str = "etc/sidenet/shaping.nft";
+/// The shaping table (`apply:shaping`).
+pub const SHAPING: &str = "etc/sidenet/shaping";
 /// The actions an OpenWrt config may carry.
-pub const ACTIONS: [&str; 6] = [
+pub const ACTIONS: [&str; 7] = [
+    "apply:shaping",
     "reload:network",
     "reload:wireless",
     "reload:firewall",
@@ -82,8 +91,10 @@ pub struct Openwrt {
     runner: Box<dyn Runner>,
     plan: Option<ProbePlan>,
     uci: Uci,
-    /// The rate-limit include as last converged (`None`: not known yet, as after a start).
-    ratelimit: Option<Option<String>>,
+    /// The shaping include as last converged (`None`: not known yet, as after a start).
+    include: Option<Option<String>>,
+    /// The applied shaping table.
+    shaper: Option<crate::shaping::Shaper>,
     /// Pid files of the daemons the agent runs itself (Squid): `STATE/run`.
     run: PathBuf,
 }
@@ -131,7 +142,8 @@ impl Openwrt {
             runner,
             plan: None,
             uci: Uci::new(&args.uci, root, state),
-            ratelimit: None,
+            include: None,
+            shaper: None,
             run: state.join("run"),
         }
     }
@@ -182,16 +194,38 @@ impl Openwrt {
         Ok(())
     }
 
-    /// Whether the rate-limit include changed since the last converge (unknown counts as
+    /// Whether the shaping include changed since the last converge (unknown counts as
     /// changed when the file is there).
-    fn ratelimit_changed(&mut self) -> bool {
-        let now = std::fs::read_to_string(self.root.join(RATELIMIT)).ok();
-        let changed = match &self.ratelimit {
+    fn include_changed(&mut self) -> bool {
+        let now = std::fs::read_to_string(self.root.join(SHAPING_NFT)).ok();
+        let changed = match &self.include {
             Some(before) => *before != now,
             None => now.is_some(),
         };
-        self.ratelimit = Some(now);
+        self.include = Some(now);
         changed
+    }
+
+    /// Whether network device `dev` exists (`ROOT/sys/class/net/DEV`).
+    fn has_dev(&self, dev: &str) -> bool {
+        self.root.join("sys/class/net").join(dev).exists()
+    }
+
+    /// Applies the shaping table (`table`: its text) to the WireGuard links of `batches` that
+    /// exist now, or removes the classes (`None`).
+    fn shaping(&mut self, batches: &[Batch], table: Option<&str>) -> Result<(), BackendError> {
+        let mut links = Vec::new();
+        for s in batches.iter().flat_map(|b| b.sections.iter()) {
+            if s.options.iter().any(|(k, v)| {
+                k == "proto" && matches!(v, crate::uci::Value::One(p) if p == "wireguard")
+            }) && self.has_dev(&s.name)
+            {
+                links.push(s.name.clone());
+            }
+        }
+        let left = self.shaper.is_none() && crate::shaping::IFBS.iter().any(|d| self.has_dev(d));
+        crate::shaping::converge(self.runner.as_mut(), &mut self.shaper, table, &links, left)
+            .map_err(BackendError)
     }
 }
 
@@ -264,10 +298,21 @@ impl Backend for Openwrt {
                 changed.push(package);
             }
         }
-        if self.ratelimit_changed() && !changed.contains(&"firewall") {
+        if self.include_changed() && !changed.contains(&"firewall") {
             changed.push("firewall");
         }
         self.reload(&changed)?;
+        let table = match config {
+            Some(c) if c.actions.iter().any(|a| a == "apply:shaping") => {
+                let p = self.root.join(SHAPING);
+                Some(
+                    std::fs::read_to_string(&p)
+                        .map_err(|e| BackendError(format!("cannot read {}: {e}", p.display())))?,
+                )
+            }
+            _ => None,
+        };
+        self.shaping(&batches, table.as_deref())?;
         let squid = config.is_some_and(|c| c.actions.iter().any(|a| a == crate::squid::ACTION));
         if squid {
             std::fs::create_dir_all(&self.run)
@@ -317,9 +362,11 @@ impl Backend for Openwrt {
                 }
             }
         }
-        if self.ratelimit_changed() && !changed.contains(&"firewall") {
+        if self.include_changed() && !changed.contains(&"firewall") {
             changed.push("firewall");
         }
+        // Removing the classes cannot fail.
+        let _ = self.shaping(&[], None);
         if let Err(e) = self.reload(&changed) {
             notes.push(format!("reloading: {e}"));
         }
@@ -328,6 +375,7 @@ impl Backend for Openwrt {
     }
 
     fn observe(&mut self) -> Observation {
+        let shaping = crate::shaping::observe(self.runner.as_mut(), self.shaper.as_mut());
         let endpoints = underlay_endpoints(self.runner.as_mut(), &self.underlay);
         let neighbours = crate::babel::dump_port(BABEL_PORT, Duration::from_secs(1))
             .map(|d| {
@@ -354,7 +402,7 @@ impl Backend for Openwrt {
             neighbours,
             links,
             probes: Vec::new(),
-            shaping: None,
+            shaping,
         }
     }
 

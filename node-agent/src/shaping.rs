@@ -464,6 +464,41 @@ impl Shaper {
     }
 }
 
+/// What both backends do with a config's table (`text`; none: the config has no table): the
+/// classes of `current` removed (with none applied, what an earlier run of the agent left, when
+/// `left`), then `text` applied to the side-net links `links`.
+pub fn converge(
+    r: &mut dyn Runner,
+    current: &mut Option<Shaper>,
+    text: Option<&str>,
+    links: &[String],
+    left: bool,
+) -> Result<(), String> {
+    match current.take() {
+        Some(s) => s.down(r),
+        None if left => remove_all(r, links),
+        None => {}
+    }
+    if let Some(t) = text {
+        *current = Some(Shaper::apply(r, t, links, now())?);
+    }
+    Ok(())
+}
+
+/// Moves the applied table (if any) to the stretch in force now, and what the status reports of
+/// it.
+pub fn observe(
+    r: &mut dyn Runner,
+    current: Option<&mut Shaper>,
+) -> Option<sidenet_wire::messages::ShapingStatus> {
+    let s = current?;
+    s.tick(r, now());
+    Some(sidenet_wire::messages::ShapingStatus {
+        leaf: s.leaf.clone(),
+        windows: s.windows().to_vec(),
+    })
+}
+
 /// The ifb devices the controller's tables name (`controller/src/spec/policy/compile.rs`).
 pub const IFBS: [&str; 2] = ["sneg0", "snin0"];
 

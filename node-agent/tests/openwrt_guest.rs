@@ -95,7 +95,7 @@ fn rendered(profile: &str, with_peers: bool) -> NodeConfig {
     let files = [
         ("etc/sidenet/uci/network", "reload:network", 0o644),
         ("etc/sidenet/uci/wireless", "reload:wireless", 0o600),
-        ("etc/sidenet/ratelimit.nft", "reload:firewall", 0o644),
+        ("etc/sidenet/shaping.nft", "reload:firewall", 0o644),
         ("etc/sidenet/uci/firewall", "reload:firewall", 0o644),
         ("etc/sidenet/uci/babeld", "restart:babeld", 0o644),
         ("etc/sidenet/probes", "apply:probes", 0o644),
@@ -757,4 +757,85 @@ fn babel_neighbours_map_to_node_ids_through_the_rendered_names() {
             "babeld does not run on {dev}"
         );
     }
+}
+
+/// The policy shaping on OpenWrt (docs/policies.md, "OpenWrt"): after the reloads, the agent
+/// builds the with-peers golden table's HTB classes and redirects the WireGuard links netifd has
+/// up (here one of the two) through them; the other link is left to the hotplug script. The
+/// status reports the leaf and the open windows; a config without the table takes the classes
+/// and the redirects away again.
+#[test]
+fn the_shaping_table_is_applied_after_the_reloads_and_removed_with_it() {
+    let profile = "tplink-archer-c7-v2";
+    let mut r = router(profile);
+    let base = repo()
+        .join("controller/tests/golden/with-peers")
+        .join(profile);
+    let plain = rendered(profile, true);
+    let mut cfg = plain.clone();
+    for (path, action) in [
+        ("etc/sidenet/shaping", "apply:shaping"),
+        ("etc/hotplug.d/iface/50-sidenet-shaping", "apply:shaping"),
+    ] {
+        cfg.files.push(FileSpec {
+            path: path.into(),
+            mode: 0o644,
+            content: std::fs::read_to_string(base.join(path))
+                .unwrap_or_else(|e| panic!("{path}: {e}")),
+        });
+        if !cfg.actions.iter().any(|a| a == action) {
+            cfg.actions.push(action.into());
+        }
+    }
+    // netifd has brought up the link to kitchen, not yet the one to attic.
+    std::fs::create_dir_all(r.root.join("sys/class/net/sidenet_peerbbb")).unwrap();
+    r.apply(&cfg, 1).unwrap();
+    r.confirm();
+    let cmds = r.reloads();
+    let pos = |c: &str| {
+        cmds.iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("no {c:?} in {cmds:#?}"))
+    };
+    let firewall = pos("/etc/init.d/firewall reload");
+    let ifb = pos("ip link add sneg0 type ifb");
+    assert!(firewall < ifb, "{cmds:#?}");
+    pos("tc qdisc replace dev sneg0 root handle 1: htb");
+    pos("tc qdisc replace dev snin0 root handle 2: htb");
+    pos("tc qdisc replace dev sneg0 parent 1:10 handle 1010: fq_codel");
+    pos("tc qdisc add dev sidenet_peerbbb clsact");
+    pos(
+        "tc filter add dev sidenet_peerbbb egress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev sneg0",
+    );
+    pos(
+        "tc filter add dev sidenet_peerbbb ingress protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev snin0",
+    );
+    assert!(
+        !cmds.iter().any(|c| c.contains("sidenet_peerccc")),
+        "a link netifd has not brought up was touched: {cmds:#?}"
+    );
+    let status = r.ow.observe().shaping.expect("no shaping status");
+    assert_eq!(status.leaf, "fq_codel");
+    // The hotplug script is sidenet's own file, installed by the journal.
+    assert!(
+        std::fs::read_to_string(r.root.join("etc/hotplug.d/iface/50-sidenet-shaping"))
+            .unwrap()
+            .contains("redirect dev sneg0")
+    );
+    r.apply(&plain, 2).unwrap();
+    r.confirm();
+    let cmds = r.reloads();
+    for c in [
+        "ip link del sneg0",
+        "ip link del snin0",
+        "tc qdisc del dev sidenet_peerbbb clsact",
+    ] {
+        assert!(cmds.iter().any(|x| x == c), "no {c:?} in {cmds:#?}");
+    }
+    assert!(r.ow.observe().shaping.is_none());
+    assert!(
+        !r.root
+            .join("etc/hotplug.d/iface/50-sidenet-shaping")
+            .exists()
+    );
 }

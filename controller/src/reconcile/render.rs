@@ -223,6 +223,32 @@ impl Renderer {
     }
 }
 
+/// What an OpenWrt config with a shaping table needs besides its family's packages
+/// (`docs/policies.md`, "OpenWrt"): `tc` and `ip` (stock images have neither), and the kernel
+/// modules for ifb devices and HTB, fq_codel, u32 and mirred, checked by their files (OpenWrt
+/// installs modules flat in `/lib/modules/VERSION`) without loading them.
+pub fn openwrt_shaping_requirements() -> Vec<sidenet_wire::messages::Requirement> {
+    let req = |package: &str, program: &str, args: &[&str]| sidenet_wire::messages::Requirement {
+        package: package.into(),
+        program: program.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    vec![
+        req("tc-tiny", "tc", &[]),
+        req("ip-tiny", "ip", &[]),
+        req(
+            "kmod-ifb",
+            "/bin/sh",
+            &["-c", "test -e /lib/modules/$(uname -r)/ifb.ko"],
+        ),
+        req(
+            "kmod-sched-core",
+            "/bin/sh",
+            &["-c", "test -e /lib/modules/$(uname -r)/sch_htb.ko"],
+        ),
+    ]
+}
+
 /// A rendered file with the actions it triggers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderedFile {

@@ -531,6 +531,12 @@ pub fn build_config_with(
             }
         }
     }
+    let mut requires = crate::reconcile::cache::requires(renderer.requirements(family), &ctx.cache);
+    if family == sidenet_crds::FirmwareFamily::Openwrt.as_str()
+        && !ctx.dataplane.policy.shaping.is_empty()
+    {
+        requires.extend(crate::reconcile::render::openwrt_shaping_requirements());
+    }
     Ok(NodeConfig {
         mesh: ctx.mesh.network_name.clone(),
         node: inputs.id.to_string(),
@@ -543,7 +549,7 @@ pub fn build_config_with(
         files: files.into_iter().map(|f| f.file).collect(),
         actions,
         sealed: BTreeMap::new(),
-        requires: crate::reconcile::cache::requires(renderer.requirements(family), &ctx.cache),
+        requires,
     })
 }
 

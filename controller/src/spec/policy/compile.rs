@@ -2,11 +2,13 @@
 //! node needs no policy logic and no time zone database (`docs/policies.md`, "What the nodes
 //! enforce"):
 //!
-//! - [`node_budget`]: the node's plain budget for its own egress (the OpenWrt policer);
-//! - [`node_policy`]: the Linux node's shaping table (`etc/sidenet/shaping`, read by the agent:
-//!   HTB classes on two ifb devices, their rates for every stretch of the local week, the UTC
-//!   offsets of the Mesh's time zone), the nftables rules that put its egress into those classes
-//!   (`meta priority`), and the allow/deny rules it enforces as the destination.
+//! - [`node_budget`]: the node's plain budget for its own egress (`mesh.rate_kbit` of the
+//!   templates);
+//! - [`node_policy`]: the node's shaping table (`etc/sidenet/shaping`, read by the agent on Linux
+//!   and OpenWrt alike: HTB classes on two ifb devices, their rates for every stretch of the
+//!   local week, the UTC offsets of the Mesh's time zone), the nftables rules that put its egress
+//!   into those classes (`meta priority`; for Linux's own table and for an OpenWrt fw4 include),
+//!   and the allow/deny rules it enforces as the destination.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,6 +46,9 @@ pub struct NodePolicy {
     /// nftables rules (in order) of the egress classification chain: each ends in a
     /// `meta priority set` of an HTB class of [`EGRESS_IFB`].
     pub marks: Vec<String>,
+    /// The same classification for OpenWrt, where the side-net links are netifd's WireGuard
+    /// devices `sidenet_*` (`etc/sidenet/shaping.nft`, included by fw4).
+    pub marks_openwrt: Vec<String>,
     /// nftables rules (in order) of the chain `mesh_access`: the allow/deny policies whose `to`
     /// selects this node, first match decides (`accept` or `reject`).
     pub access: Vec<String>,
@@ -272,6 +277,49 @@ fn nft_rule(r: &AccessRule) -> String {
     t
 }
 
+/// The side-net interfaces of a Linux node, as an nftables set: its address's dummy and the
+/// WireGuard links.
+pub const LINUX_LINKS: &str = "{ \"sidenet0\", \"sn-*\" }";
+/// The side-net interfaces of an OpenWrt node: netifd's WireGuard devices, named after their
+/// `sidenet_*` network sections.
+pub const OPENWRT_LINKS: &str = "\"sidenet_*\"";
+
+/// Own traffic is classified when some own, all or per-path slot exists.
+fn own_shaped(cl: &[Class]) -> bool {
+    cl.iter()
+        .any(|c| !c.slots.is_empty() && c.name != "relayed")
+}
+
+/// Relayed traffic is classified when a relayed or all slot exists: other traffic bypasses the
+/// classes (HTB's direct queue).
+fn relayed_shaped(cl: &[Class]) -> bool {
+    cl.iter()
+        .any(|c| !c.slots.is_empty() && (c.name == "relayed" || c.name == "scope-all"))
+}
+
+/// The egress classification rules (`meta priority` of an HTB class of [`EGRESS_IFB`]) for a
+/// node whose side-net interfaces are `links`: in from one of them is relayed, then the
+/// per-path leaves by destination, then the rest of the node's own traffic.
+fn marks(eg: &[Class], eg_paths: &[(String, Vec<String>)], links: &str) -> Vec<String> {
+    let m = EGRESS_IFB.1;
+    let mut out = Vec::new();
+    if relayed_shaped(eg) {
+        out.push(format!("iifname {links} meta priority set {m}:4 return"));
+    } else {
+        out.push(format!("iifname {links} return"));
+    }
+    for (id, subnets) in eg_paths {
+        out.push(format!(
+            "ip6 daddr {{ {} }} meta priority set {id} return",
+            subnets.join(", ")
+        ));
+    }
+    if own_shaped(eg) && eg.iter().any(|c| c.id == format!("{m}:9")) {
+        out.push(format!("meta priority set {m}:9"));
+    }
+    out
+}
+
 /// Compiles what node `node_id` enforces: its shaping table and classification rules, and the
 /// allow/deny rules for connections to it. `members` are the mesh's nodes with their /64s (the
 /// node itself among them); nodes without one cannot be matched and are left out.
@@ -327,36 +375,9 @@ pub fn node_policy(mesh: &Mesh, members: &[Located], node_id: &str) -> NodePolic
     if eg.is_empty() && ing.is_empty() {
         return out;
     }
-    let classed = |cl: &[Class], id: &str| cl.iter().any(|c| c.id == id);
-    // Own traffic is classified when some own, all or per-path slot exists; relayed traffic
-    // when a relayed or all slot does: other traffic bypasses the classes (HTB's direct queue).
-    let own_shaped = |cl: &[Class]| {
-        cl.iter()
-            .any(|c| !c.slots.is_empty() && c.name != "relayed")
-    };
-    let relayed_shaped = |cl: &[Class]| {
-        cl.iter()
-            .any(|c| !c.slots.is_empty() && (c.name == "relayed" || c.name == "scope-all"))
-    };
     if !eg.is_empty() {
-        let m = EGRESS_IFB.1;
-        if relayed_shaped(&eg) {
-            out.marks.push(format!(
-                "iifname {{ \"sidenet0\", \"sn-*\" }} meta priority set {m}:4 return"
-            ));
-        } else {
-            out.marks
-                .push("iifname { \"sidenet0\", \"sn-*\" } return".into());
-        }
-        for (id, subnets) in &eg_paths {
-            out.marks.push(format!(
-                "ip6 daddr {{ {} }} meta priority set {id} return",
-                subnets.join(", ")
-            ));
-        }
-        if own_shaped(&eg) && classed(&eg, &format!("{m}:9")) {
-            out.marks.push(format!("meta priority set {m}:9"));
-        }
+        out.marks = marks(&eg, &eg_paths, LINUX_LINKS);
+        out.marks_openwrt = marks(&eg, &eg_paths, OPENWRT_LINKS);
     }
 
     let mut t = String::new();
@@ -595,6 +616,14 @@ mod tests {
             a.marks,
             [
                 "iifname { \"sidenet0\", \"sn-*\" } return",
+                "ip6 daddr { fd00:1:2:2::/64 } meta priority set 1:10 return",
+                "meta priority set 1:9",
+            ]
+        );
+        assert_eq!(
+            a.marks_openwrt,
+            [
+                "iifname \"sidenet_*\" return",
                 "ip6 daddr { fd00:1:2:2::/64 } meta priority set 1:10 return",
                 "meta priority set 1:9",
             ]

@@ -71,7 +71,8 @@ pub struct Idle {
 pub struct Verdict {
     /// Whether the connection is allowed.
     pub allowed: bool,
-    /// The allow/deny policy that decided (index in `spec.policies`); none: the default (allow).
+    /// The allow/deny policy that decided (index in `spec.policies`); none: the default (denied:
+    /// a node refuses what no allow rule lets in).
     pub decided_by: Option<usize>,
     /// The limits in force; the traffic is held to the smallest.
     pub limits: Vec<Limit>,
@@ -170,7 +171,8 @@ impl<'a> MeshPolicies<'a> {
     }
 
     /// The allow/deny decision for a connection from `from` to `to`: the first allow or deny
-    /// policy in list order that matches decides; when none matches, the connection is allowed.
+    /// policy in list order that matches decides; when none matches, the connection is refused
+    /// (the destination node's default, on every backend: `docs/policies.md`, "Precedence").
     pub fn access(
         &self,
         from: &Member,
@@ -192,7 +194,7 @@ impl<'a> MeshPolicies<'a> {
                 return (allow, Some(i));
             }
         }
-        (true, None)
+        (false, None)
     }
 
     /// The rate policies on `node` for traffic of `direction` between it and `peer` (own
