@@ -268,8 +268,16 @@ fn exposed_service_needs_the_bearer_token() {
     let post = |auth: &str| {
         let out = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-            .args(["-H", "Content-Type: application/alto-costmapfilter+json", "-H", auth])
-            .args(["--data-binary", r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "routingcost"}}"#])
+            .args([
+                "-H",
+                "Content-Type: application/alto-costmapfilter+json",
+                "-H",
+                auth,
+            ])
+            .args([
+                "--data-binary",
+                r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "routingcost"}}"#,
+            ])
             .arg(s.url("/alto/costmap/filter"))
             .output()
             .unwrap();

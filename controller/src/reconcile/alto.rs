@@ -201,12 +201,15 @@ pub fn network_map(s: &Snapshot) -> Value {
     json!({"meta": {"vtag": vtag(&pids)}, "network-map": map})
 }
 
+/// A usable link from a node: (target, babel cost, round-trip time in µs).
+type Hop<'a> = (&'a str, u64, Option<u64>);
+
 /// Per source PID, per destination PID: (babel cost, round-trip time in µs if every link of
 /// the path has one) along the least-cost path. Every PID reaches itself at (0, 0).
 pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, (u64, Option<u64>)>> {
     let pids = pids(s);
     // Adjacency: source → [(target, cost, rtt µs)], usable links only.
-    let mut adj: BTreeMap<&str, Vec<(&str, u64, Option<u64>)>> = BTreeMap::new();
+    let mut adj: BTreeMap<&str, Vec<Hop<'_>>> = BTreeMap::new();
     for l in &s.links {
         let Some(cost) = l.cost.filter(|c| l.up && *c < BABEL_INFINITY) else {
             continue;

@@ -66,12 +66,18 @@ fn pids_are_nodes_with_a_prefix() {
     let m = network_map(&fleet(10.0));
     let map = m["network-map"].as_object().unwrap();
     assert_eq!(map.keys().collect::<Vec<_>>(), ["a", "b", "c", "d"]);
-    assert_eq!(m["network-map"]["c"], json!({"ipv6": ["fd12:3456:789a:3::/64"]}));
+    assert_eq!(
+        m["network-map"]["c"],
+        json!({"ipv6": ["fd12:3456:789a:3::/64"]})
+    );
     assert_eq!(m["meta"]["vtag"]["resource-id"], "networkmap");
     let tag = m["meta"]["vtag"]["tag"].as_str().unwrap().to_string();
     assert_eq!(tag.len(), 32);
     // Same map, same tag, whatever the links; another map, another tag.
-    assert_eq!(network_map(&fleet(80.0))["meta"]["vtag"]["tag"], tag.as_str());
+    assert_eq!(
+        network_map(&fleet(80.0))["meta"]["vtag"]["tag"],
+        tag.as_str()
+    );
     let mut s = fleet(10.0);
     s.nodes.retain(|n| n.id != "d");
     assert_ne!(network_map(&s)["meta"]["vtag"]["tag"], tag.as_str());
@@ -90,7 +96,10 @@ fn costs_follow_babels_route() {
     );
     let rt = cost_map(&s, Metric::DelayRt, None);
     // a→c goes through b (96 + 96 < 500): 10 ms + 20 ms, not the direct 5 ms.
-    assert_eq!(rt["cost-map"]["a"], json!({"a": 0, "b": 10_000, "c": 30_000}));
+    assert_eq!(
+        rt["cost-map"]["a"],
+        json!({"a": 0, "b": 10_000, "c": 30_000})
+    );
     // The a—b link slows down: the delay changes, the route does not.
     let slow = cost_map(&fleet(80.0), Metric::DelayRt, None);
     assert_eq!(slow["cost-map"]["a"]["c"], 100_000);
@@ -104,7 +113,10 @@ fn costs_follow_babels_route() {
     let rc = cost_map(&rows_cost, Metric::RoutingCost, None);
     assert_eq!(rc["cost-map"]["a"], json!({"a": 0, "b": 596, "c": 500}));
     let rt = cost_map(&rows_cost, Metric::DelayRt, None);
-    assert_eq!(rt["cost-map"]["a"], json!({"a": 0, "b": 25_000, "c": 5_000}));
+    assert_eq!(
+        rt["cost-map"]["a"],
+        json!({"a": 0, "b": 25_000, "c": 5_000})
+    );
     // Unreachable (infinite cost, or babel does not list it): no entry.
     for l in &mut rows_cost.links {
         if l.source == "a" {
@@ -158,11 +170,17 @@ fn bad_filters_name_code_and_field() {
     assert!(e.body()["meta"]["syntax-error"].is_string());
     assert_eq!(err("[1]").code, "E_SYNTAX");
     let e = err("{}");
-    assert_eq!((e.code, e.field.as_deref()), ("E_MISSING_FIELD", Some("cost-type")));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("E_MISSING_FIELD", Some("cost-type"))
+    );
     let e = err(r#"{"cost-type": {"cost-metric": "routingcost"}}"#);
     assert_eq!(e.field.as_deref(), Some("cost-type/cost-mode"));
     let e = err(r#"{"cost-type": "routingcost"}"#);
-    assert_eq!((e.code, e.field.as_deref()), ("E_INVALID_FIELD_TYPE", Some("cost-type")));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("E_INVALID_FIELD_TYPE", Some("cost-type"))
+    );
     let e = err(r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "hopcount"}}"#);
     assert_eq!(
         e.body(),
@@ -170,15 +188,32 @@ fn bad_filters_name_code_and_field() {
     );
     let e = err(r#"{"cost-type": {"cost-mode": "ordinal", "cost-metric": "routingcost"}}"#);
     assert_eq!(e.field.as_deref(), Some("cost-type/cost-mode"));
-    for c in ["\"below 3\"", "\"le\"", "\"le 3 4\"", "\"le inf\"", "\"le NaN\"", "\"lt  3\""] {
+    for c in [
+        "\"below 3\"",
+        "\"le\"",
+        "\"le 3 4\"",
+        "\"le inf\"",
+        "\"le NaN\"",
+        "\"lt  3\"",
+    ] {
         let e = err(&format!("{{{ct}, \"constraints\": [{c}]}}"));
-        assert_eq!((e.code, e.field.as_deref()), ("E_INVALID_FIELD_VALUE", Some("constraints")), "{c}");
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("E_INVALID_FIELD_VALUE", Some("constraints")),
+            "{c}"
+        );
         assert_eq!(e.value.unwrap(), serde_json::from_str::<Value>(c).unwrap());
     }
     let e = err(&format!("{{{ct}, \"constraints\": \"le 3\"}}"));
-    assert_eq!((e.code, e.field.as_deref()), ("E_INVALID_FIELD_TYPE", Some("constraints")));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("E_INVALID_FIELD_TYPE", Some("constraints"))
+    );
     let e = err(&format!("{{{ct}, \"pids\": {{\"srcs\": \"a\"}}}}"));
-    assert_eq!((e.code, e.field.as_deref()), ("E_INVALID_FIELD_TYPE", Some("pids/srcs")));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        ("E_INVALID_FIELD_TYPE", Some("pids/srcs"))
+    );
     let e = err(&format!("{{{ct}, \"pids\": {{\"dsts\": [1]}}}}"));
     assert_eq!(e.field.as_deref(), Some("pids/dsts"));
 }
@@ -187,11 +222,19 @@ fn bad_filters_name_code_and_field() {
 fn the_directory_lists_every_resource() {
     let d = directory();
     assert_eq!(d["meta"]["default-alto-network-map"], "networkmap");
-    assert_eq!(d["meta"]["cost-types"]["num-delay-rt"]["cost-metric"], "delay-rt");
+    assert_eq!(
+        d["meta"]["cost-types"]["num-delay-rt"]["cost-metric"],
+        "delay-rt"
+    );
     let r = d["resources"].as_object().unwrap();
     assert_eq!(
         r.keys().collect::<Vec<_>>(),
-        ["costmap-delay-rt", "costmap-routingcost", "filtered-costmap", "networkmap"]
+        [
+            "costmap-delay-rt",
+            "costmap-routingcost",
+            "filtered-costmap",
+            "networkmap"
+        ]
     );
     for (id, res) in r {
         assert!(is_identifier(id));

@@ -209,6 +209,15 @@ struct Reply {
     extra: &'static str,
 }
 
+fn from(a: alto::Answer) -> Reply {
+    Reply {
+        code: a.code,
+        content_type: a.content_type,
+        body: a.body,
+        extra: a.extra,
+    }
+}
+
 fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
     Reply {
         code,
@@ -248,7 +257,7 @@ async fn handle(mut stream: TcpStream, svc: &Service) -> std::io::Result<()> {
             return respond(&mut stream, unauthorized(svc), false).await;
         }
         let r = match read_body(&mut stream, &buf, end, &head).await? {
-            Ok(body) => alto::post(svc, &head, &body).await,
+            Ok(body) => from(alto::post(&head, &body, || svc.snapshot()).await),
             Err(r) => r,
         };
         return respond(&mut stream, r, false).await;
@@ -289,7 +298,11 @@ async fn read_body(
     while body.len() < len {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(Err(reply(400, TEXT, "the body is shorter than Content-Length\n")));
+            return Ok(Err(reply(
+                400,
+                TEXT,
+                "the body is shorter than Content-Length\n",
+            )));
         }
         body.extend_from_slice(&chunk[..n]);
     }
@@ -343,8 +356,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
         return r;
     }
     let metrics_open = path == "/metrics" && svc.open_metrics;
-    let known =
-        matches!(path, "/metrics" | "/api/nodes" | "/api/netjson") || alto::is_route(path);
+    let known = matches!(path, "/metrics" | "/api/nodes" | "/api/netjson") || alto::is_route(path);
     if !known {
         return reply(404, TEXT, "not found\n");
     }
@@ -352,7 +364,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
         return unauthorized(svc);
     }
     if alto::is_route(path) {
-        return alto::get(svc, path, head).await;
+        return from(alto::get(path, head, || svc.snapshot()).await);
     }
     match path {
         "/metrics" => {

@@ -31,7 +31,10 @@ fn schema(name: &str) -> jsonschema::Validator {
 }
 
 fn valid(name: &str, doc: &serde_json::Value) {
-    let errors: Vec<String> = schema(name).iter_errors(doc).map(|e| e.to_string()).collect();
+    let errors: Vec<String> = schema(name)
+        .iter_errors(doc)
+        .map(|e| e.to_string())
+        .collect();
     assert!(errors.is_empty(), "{name}: {errors:?}\n{doc:#}");
 }
 
@@ -57,7 +60,12 @@ fn filter(s: &Setup, body: &str, request_valid: bool) -> (u16, String, serde_jso
         assert_eq!(ok, request_valid, "the filter schema on {body}");
     }
     let accept = format!("Accept: {COSTMAP},{ERROR}");
-    let (code, ct, text) = fetch("POST", &s.url("/alto/costmap/filter"), &[FILTER, &accept], Some(body));
+    let (code, ct, text) = fetch(
+        "POST",
+        &s.url("/alto/costmap/filter"),
+        &[FILTER, &accept],
+        Some(body),
+    );
     let doc = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
     if code == 200 {
         assert_eq!(ct, COSTMAP);
@@ -75,7 +83,11 @@ fn alto_maps_validate_and_follow_the_links() {
     let names = ["alpha", "bravo", "charlie"];
     let agents: Vec<Proc> = names.iter().map(|n| s.agent(n)).collect();
     let rows = wait_ready(&s, 3, &|| ctl.log_text());
-    let by = |h: &str| rows.iter().find(|r| r.hostname.as_deref() == Some(h)).unwrap();
+    let by = |h: &str| {
+        rows.iter()
+            .find(|r| r.hostname.as_deref() == Some(h))
+            .unwrap()
+    };
     let (a, b, c) = (by("alpha"), by("bravo"), by("charlie"));
     let report = |r: &StatusRow, i: usize, rev: u64, links: &[(&StatusRow, u32, f64)]| {
         report_as_node(
@@ -84,8 +96,14 @@ fn alto_maps_validate_and_follow_the_links() {
             &s.path(names[i]),
             r,
             rev,
-            links.iter().map(|(to, cost, _)| neighbour(to, *cost)).collect(),
-            links.iter().map(|(to, _, rtt)| probe(to, *rtt, 0.0)).collect(),
+            links
+                .iter()
+                .map(|(to, cost, _)| neighbour(to, *cost))
+                .collect(),
+            links
+                .iter()
+                .map(|(to, _, rtt)| probe(to, *rtt, 0.0))
+                .collect(),
         );
     };
     // A line alpha—bravo—charlie (babel cost 96, 10 ms and 20 ms) and a direct alpha—charlie
@@ -95,23 +113,45 @@ fn alto_maps_validate_and_follow_the_links() {
     report(c, 2, 1_000_000, &[(b, 96, 20.0), (a, 500, 5.0)]);
 
     // The directory: every resource, cost type and dependency.
-    let dir = get(&s, "/alto/directory", "application/alto-directory+json", "directory");
+    let dir = get(
+        &s,
+        "/alto/directory",
+        "application/alto-directory+json",
+        "directory",
+    );
     let res = &dir["resources"];
     assert_eq!(res["networkmap"]["uri"], "/alto/networkmap");
-    assert_eq!(res["costmap-routingcost"]["uri"], "/alto/costmap/routingcost");
+    assert_eq!(
+        res["costmap-routingcost"]["uri"],
+        "/alto/costmap/routingcost"
+    );
     assert_eq!(res["costmap-delay-rt"]["uri"], "/alto/costmap/delay-rt");
-    assert_eq!(res["filtered-costmap"]["accepts"], "application/alto-costmapfilter+json");
-    assert_eq!(dir["meta"]["cost-types"]["num-delay-rt"]["cost-metric"], "delay-rt");
+    assert_eq!(
+        res["filtered-costmap"]["accepts"],
+        "application/alto-costmapfilter+json"
+    );
+    assert_eq!(
+        dir["meta"]["cost-types"]["num-delay-rt"]["cost-metric"],
+        "delay-rt"
+    );
 
     // The network map: one PID per node, its /64.
-    let map = get(&s, "/alto/networkmap", "application/alto-networkmap+json", "networkmap");
+    let map = get(
+        &s,
+        "/alto/networkmap",
+        "application/alto-networkmap+json",
+        "networkmap",
+    );
     let pids = map["network-map"].as_object().unwrap();
     assert_eq!(pids.len(), 3, "{map:#}");
     for r in [a, b, c] {
         let addr: std::net::Ipv6Addr = r.address.as_deref().unwrap().parse().unwrap();
         let seg = addr.segments();
         let prefix = std::net::Ipv6Addr::new(seg[0], seg[1], seg[2], seg[3], 0, 0, 0, 0);
-        assert_eq!(pids[&r.node]["ipv6"], serde_json::json!([format!("{prefix}/64")]));
+        assert_eq!(
+            pids[&r.node]["ipv6"],
+            serde_json::json!([format!("{prefix}/64")])
+        );
     }
     let vtag = map["meta"]["vtag"].clone();
 
@@ -144,14 +184,32 @@ fn alto_maps_validate_and_follow_the_links() {
     };
     let (code, _, doc) = filter(&s, &body("delay-rt", ""), true);
     assert_eq!(code, 200, "{doc}");
-    assert_eq!(doc["cost-map"], serde_json::json!({ &a.node: { &c.node: 30_000 } }));
-    let (_, _, doc) = filter(&s, &body("delay-rt", r#", "constraints": ["lt 20000"]"#), true);
+    assert_eq!(
+        doc["cost-map"],
+        serde_json::json!({ &a.node: { &c.node: 30_000 } })
+    );
+    let (_, _, doc) = filter(
+        &s,
+        &body("delay-rt", r#", "constraints": ["lt 20000"]"#),
+        true,
+    );
     assert_eq!(doc["cost-map"], serde_json::json!({}));
-    let (_, _, doc) = filter(&s, &body("routingcost", r#", "constraints": ["ge 192", "le 192"]"#), true);
-    assert_eq!(doc["cost-map"], serde_json::json!({ &a.node: { &c.node: 192 } }));
+    let (_, _, doc) = filter(
+        &s,
+        &body("routingcost", r#", "constraints": ["ge 192", "le 192"]"#),
+        true,
+    );
+    assert_eq!(
+        doc["cost-map"],
+        serde_json::json!({ &a.node: { &c.node: 192 } })
+    );
 
     // Errors.
-    let (code, ct, doc) = filter(&s, &body("delay-rt", r#", "constraints": ["below 3"]"#), false);
+    let (code, ct, doc) = filter(
+        &s,
+        &body("delay-rt", r#", "constraints": ["below 3"]"#),
+        false,
+    );
     assert_eq!((code, ct.as_str()), (400, ERROR));
     assert_eq!(doc["meta"]["code"], "E_INVALID_FIELD_VALUE");
     assert_eq!(doc["meta"]["field"], "constraints");
@@ -164,7 +222,11 @@ fn alto_maps_validate_and_follow_the_links() {
     assert_eq!(code, 400);
     assert_eq!(doc["meta"]["code"], "E_MISSING_FIELD");
     assert_eq!(doc["meta"]["field"], "cost-type");
-    let (code, _, doc) = filter(&s, r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "routingcost"}, "pids": {"srcs": "all", "dsts": []}}"#, false);
+    let (code, _, doc) = filter(
+        &s,
+        r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "routingcost"}, "pids": {"srcs": "all", "dsts": []}}"#,
+        false,
+    );
     assert_eq!(code, 400);
     assert_eq!(doc["meta"]["code"], "E_INVALID_FIELD_TYPE");
     assert_eq!(doc["meta"]["field"], "pids/srcs");
@@ -176,9 +238,19 @@ fn alto_maps_validate_and_follow_the_links() {
     let wrong_type = fetch("POST", &url, &["Content-Type: application/json"], Some(&ok));
     assert_eq!(wrong_type.0, 415, "{wrong_type:?}");
     assert_eq!(fetch("GET", &url, &[], None).0, 405);
-    let html = fetch("GET", &s.url("/alto/networkmap"), &["Accept: text/html"], None);
+    let html = fetch(
+        "GET",
+        &s.url("/alto/networkmap"),
+        &["Accept: text/html"],
+        None,
+    );
     assert_eq!(html.0, 406, "{html:?}");
-    let any = fetch("GET", &s.url("/alto/networkmap"), &["Accept: application/*;q=0.5"], None);
+    let any = fetch(
+        "GET",
+        &s.url("/alto/networkmap"),
+        &["Accept: application/*;q=0.5"],
+        None,
+    );
     assert_eq!(any.0, 200);
 
     // Alpha's link to bravo slows to 80 ms: the delay changes, the route does not.
@@ -191,6 +263,11 @@ fn alto_maps_validate_and_follow_the_links() {
     assert_eq!(cost("delay-rt", a, c), Some(5_000));
     assert_eq!(cost("routingcost", a, b), Some(596));
     // The network map did not change: same tag.
-    let again = get(&s, "/alto/networkmap", "application/alto-networkmap+json", "networkmap");
+    let again = get(
+        &s,
+        "/alto/networkmap",
+        "application/alto-networkmap+json",
+        "networkmap",
+    );
     assert_eq!(again["meta"]["vtag"], vtag);
 }
