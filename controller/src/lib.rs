@@ -22,14 +22,15 @@
 //!    [`reconcile::store`] (the state and its embedded database), [`reconcile::render`]
 //!    (templates × hardware profiles → files), [`reconcile::peers`] (WireGuard neighbours),
 //!    [`reconcile::health`] (acknowledgements, withheld revisions, link metrics),
-//!    [`reconcile::topology`] (the mesh as a graph: the map, NetJSON, later ALTO) and
+//!    [`reconcile::topology`] (the mesh as a graph: the map, NetJSON), [`reconcile::alto`]
+//!    (that graph as an ALTO service, RFC 7285: directory, network map, cost maps) and
 //!    [`reconcile::core`] (enrolment, approval, revisions, signing, status).
 //! 3. [`transport`]: what both adapters need to reach the broker: [`transport::inbox`] (the
 //!    bounded queue between MQTT and the engine), [`transport::broker`] (the embedded broker),
 //!    [`transport::acl`] (its topic rules and credentials), [`transport::dynsec`] (the same on
 //!    Mosquitto), [`transport::tls`] (TLS to an external broker).
 //! 4. [`admin`]: the admin protocol `sidenetctl` speaks to a running controller; [`web`]: the
-//!    HTTP service of both modes (the mesh map, NetJSON, `/metrics`, probes; docs/web.md).
+//!    HTTP service of both modes (the mesh map, NetJSON, ALTO, `/metrics`, probes; docs/web.md).
 //! 5. [`provisioning`]: running `NodeProvision` manifests (standalone mode).
 //! 6. The two adapters, side by side: [`standalone`] (folder watch, embedded broker, MQTT,
 //!    admin socket) and [`kubernetes`] (kube-runtime controllers, status, Secrets, Lease,

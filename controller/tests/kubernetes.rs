@@ -808,6 +808,28 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
     let (code, body) = scrape(ports[standby], "/api/nodes").await.unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("does not reconcile"), "{body}");
+    // The ALTO service (docs/content.md) in this mode too: the holder's network map has the
+    // node's /64 as its PID (or no PID while it has none); a standby has no topology.
+    let (code, body) = scrape(ports[lead], "/alto/networkmap").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let map: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(map["meta"]["vtag"]["resource-id"], "networkmap", "{body}");
+    let kitchen_prefix = snap["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == kitchen_id.as_str())
+        .map(|n| n["prefix"].clone())
+        .unwrap();
+    match kitchen_prefix.as_str() {
+        Some(p) => assert_eq!(map["network-map"][&kitchen_id]["ipv6"][0], p, "{body}"),
+        None => assert!(map["network-map"].get(&kitchen_id).is_none(), "{body}"),
+    }
+    assert_eq!(scrape(ports[lead], "/alto/directory").await.unwrap().0, 200);
+    let (code, body) = scrape(ports[standby], "/alto/costmap/routingcost")
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
     eventually("both ready", || Some(()), String::new).await;
     let ready = scrape(ports[standby], "/readyz").await.unwrap().0;
     assert_eq!(ready, 200, "a standby must report ready");

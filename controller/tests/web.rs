@@ -3,6 +3,7 @@
 //! - `/metrics` fetched with curl parses with the `prometheus_client` Python parser;
 //! - exposed on a non-loopback address, the data routes answer 401 without the token;
 //! - `/api/netjson` validates against the NetJSON NetworkGraph schema (docs/schemas/);
+//! - the ALTO resources (web/alto.rs): schemas, errors, costs that follow the links;
 //! - the map in headless Chromium with a fleet of 50 agents: node count, link count, a node's
 //!   revision, a degraded link's colour, a screenshot kept in `target/web-map/`, and every
 //!   request the browser made went to the controller.
@@ -248,13 +249,42 @@ fn exposed_service_needs_the_bearer_token() {
         0o600
     );
     assert!(token.len() >= 40);
-    for path in ["/api/nodes", "/api/netjson", "/metrics"] {
+    for path in [
+        "/api/nodes",
+        "/api/netjson",
+        "/metrics",
+        "/alto/directory",
+        "/alto/networkmap",
+        "/alto/costmap/routingcost",
+        "/alto/costmap/delay-rt",
+    ] {
         let (code, body) = curl(&s.url(path), None);
         assert_eq!(code, 401, "{path}: {body}");
         assert!(body.contains("Authorization: Bearer"), "{body}");
         assert_eq!(curl(&s.url(path), Some("wrong-token-wrong-token")).0, 401);
         assert_eq!(curl(&s.url(path), Some(&token)).0, 200, "{path}");
     }
+    // The filtered cost map (POST) too.
+    let post = |auth: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args([
+                "-H",
+                "Content-Type: application/alto-costmapfilter+json",
+                "-H",
+                auth,
+            ])
+            .args([
+                "--data-binary",
+                r#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "routingcost"}}"#,
+            ])
+            .arg(s.url("/alto/costmap/filter"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(post("X-None: x"), "401");
+    assert_eq!(post(&format!("Authorization: Bearer {token}")), "200");
     let out = Command::new("curl")
         .args(["-s", "-D", "-", "-o", "/dev/null", &s.url("/api/nodes")])
         .output()
@@ -416,3 +446,6 @@ fn probe(to: &StatusRow, rtt: f64, loss: f64) -> Probe {
 
 #[path = "web/map.rs"]
 mod map;
+
+#[path = "web/alto.rs"]
+mod alto;

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod air;
+pub mod alto;
 pub mod cache;
 pub mod core;
 pub mod credentials;

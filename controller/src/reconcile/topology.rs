@@ -3,7 +3,8 @@
 //! table alone, so both adapters produce it the same way.
 //!
 //! The map page (`/api/nodes`), the NetJSON NetworkGraph (`/api/netjson`, [`netjson`]) and
-//! later the ALTO network and cost maps (RFC 7285) are renderings of a [`Snapshot`]:
+//! the ALTO network and cost maps (RFC 7285, [`crate::reconcile::alto`]) are renderings of a
+//! [`Snapshot`]:
 //! - a node is named by its node id and carries its mesh and its /64 ([`TopoNode::prefix`]),
 //!   the ALTO network map's PID contents;
 //! - a link is *directed*: what `source` reports about its neighbour `target` (babel's cost is

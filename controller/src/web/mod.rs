@@ -1,14 +1,16 @@
 //! The controller's HTTP service, the same in both modes (docs/web.md): the mesh map and its
 //! assets, the topology as JSON and NetJSON, `/metrics`, `/healthz` and `/readyz`.
 //!
-//! A deliberately small HTTP/1.1 server: GET and HEAD only, one request per connection
-//! (`Connection: close`), request head capped at 8 KiB and read within 5 s. Every asset is
-//! compiled in ([`assets`]): the page needs nothing but this port.
+//! A deliberately small HTTP/1.1 server: GET and HEAD, and POST for the ALTO filtered cost map
+//! only ([`alto`], a body of at most 64 KiB with `Content-Length`), one request per connection
+//! (`Connection: close`), request head capped at 8 KiB, the request read within 5 s. Every
+//! asset is compiled in ([`assets`]): the page needs nothing but this port.
 //!
 //! Access: on a loopback address nothing is asked. On any other address the data routes
-//! (`/api/...`, and `/metrics` unless [`Service::open_metrics`]) need `Authorization: Bearer
+//! (`/api/...`, `/alto/...`, and `/metrics` unless [`Service::open_metrics`]) need `Authorization: Bearer
 //! TOKEN`, else 401; the probes and the static page (which holds no data) stay open.
 
+pub mod alto;
 pub mod assets;
 pub mod metrics;
 
@@ -207,6 +209,15 @@ struct Reply {
     extra: &'static str,
 }
 
+fn from(a: alto::Answer) -> Reply {
+    Reply {
+        code: a.code,
+        content_type: a.content_type,
+        body: a.body,
+        extra: a.extra,
+    }
+}
+
 fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
     Reply {
         code,
@@ -235,15 +246,79 @@ async fn handle(mut stream: TcpStream, svc: &Service) -> std::io::Result<()> {
             return respond(&mut stream, r, false).await;
         }
     }
-    let head = String::from_utf8_lossy(&buf);
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&buf[..end.unwrap_or(buf.len())]).into_owned();
     let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let head_only = method == "HEAD";
+    let path = target.split('?').next().unwrap_or("");
+    if method == "POST" && path == crate::reconcile::alto::PATH_FILTER {
+        if !svc.authorized(&head) {
+            return respond(&mut stream, unauthorized(svc), false).await;
+        }
+        let r = match read_body(&mut stream, &buf, end, &head).await? {
+            Ok(body) => from(alto::post(&head, &body, || svc.snapshot()).await),
+            Err(r) => r,
+        };
+        return respond(&mut stream, r, false).await;
+    }
     if method != "GET" && !head_only {
-        return respond(&mut stream, reply(405, TEXT, "only GET\n"), false).await;
+        let mut r = reply(405, TEXT, "only GET\n");
+        r.extra = "Allow: GET, HEAD\r\n";
+        return respond(&mut stream, r, false).await;
     }
     let r = route(svc, target, &head).await;
     respond(&mut stream, r, head_only).await
+}
+
+/// The request's body: `Content-Length` bytes (at most [`alto::MAX_BODY`]), some of them
+/// maybe already in `buf` after the head ending at `end`.
+async fn read_body(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    end: Option<usize>,
+    head: &str,
+) -> std::io::Result<Result<Vec<u8>, Reply>> {
+    let Some(end) = end else {
+        return Ok(Err(reply(400, TEXT, "incomplete request head\n")));
+    };
+    let Some(len) = alto::header(head, "content-length").and_then(|v| v.parse::<usize>().ok())
+    else {
+        return Ok(Err(reply(411, TEXT, "a body needs Content-Length\n")));
+    };
+    if len > alto::MAX_BODY {
+        return Ok(Err(reply(
+            413,
+            TEXT,
+            format!("the body may have at most {} bytes\n", alto::MAX_BODY),
+        )));
+    }
+    let mut body = buf[end + 4..].to_vec();
+    let mut chunk = [0u8; 4096];
+    while body.len() < len {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Err(reply(
+                400,
+                TEXT,
+                "the body is shorter than Content-Length\n",
+            )));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok(Ok(body))
+}
+
+fn unauthorized(svc: &Service) -> Reply {
+    let why = if svc.token.is_some() {
+        "this address needs `Authorization: Bearer TOKEN` (docs/web.md says where the token is)\n"
+    } else {
+        "no token is configured for this non-loopback address: every data request is refused (docs/web.md)\n"
+    };
+    let mut r = reply(401, TEXT, why);
+    r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n";
+    r
 }
 
 /// The value of `key` in the query of `target`.
@@ -281,19 +356,15 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
         return r;
     }
     let metrics_open = path == "/metrics" && svc.open_metrics;
-    let known = matches!(path, "/metrics" | "/api/nodes" | "/api/netjson");
+    let known = matches!(path, "/metrics" | "/api/nodes" | "/api/netjson") || alto::is_route(path);
     if !known {
         return reply(404, TEXT, "not found\n");
     }
     if !metrics_open && !svc.authorized(head) {
-        let why = if svc.token.is_some() {
-            "this address needs `Authorization: Bearer TOKEN` (docs/web.md says where the token is)\n"
-        } else {
-            "no token is configured for this non-loopback address: every data request is refused (docs/web.md)\n"
-        };
-        let mut r = reply(401, TEXT, why);
-        r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n";
-        return r;
+        return unauthorized(svc);
+    }
+    if alto::is_route(path) {
+        return from(alto::get(path, head, || svc.snapshot()).await);
     }
     match path {
         "/metrics" => {
@@ -331,9 +402,14 @@ fn json<T: serde::Serialize>(v: &T) -> Reply {
 async fn respond(stream: &mut TcpStream, r: Reply, head_only: bool) -> std::io::Result<()> {
     let reason = match r.code {
         200 => "OK",
+        400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         _ => "Service Unavailable",
