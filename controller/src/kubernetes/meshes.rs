@@ -13,7 +13,7 @@ use serde_json::json;
 use sidenet_crds::{HardwareProfile, Mesh};
 use sidenet_wire::topics::{self};
 
-use super::engine::{Ctx, FINALIZER, finalizer_err, key_of, ns_of, succeeded};
+use super::engine::{Ctx, Engine, FINALIZER, finalizer_err, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::publish::{clear_node, persist_and_publish, update_phases};
 use super::status::{self, MeshFacts};
@@ -95,12 +95,48 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
                 .await;
         }
     }
+    eng.rollouts
+        .problems
+        .insert(key_of("Mesh", &ns, &name), problems.clone());
+    let again = if problems.is_empty() {
+        ctx.opts.refresh
+    } else {
+        ctx.opts.refresh.min(Duration::from_secs(10))
+    };
+    write_mesh_status(ctx, &mut eng, mesh, problems).await?;
+    update_phases(ctx, &mut eng);
+    // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
+    Ok(Action::requeue(again))
+}
+
+/// Writes the status of `mesh` when it changed: `problems` (from its last reconcile), its key,
+/// nodes and revisions, and its rollout with the conditions `RolloutProgressing` and
+/// `RolloutHalted`; tells rollout changes by Events (kubernetes::rollouts).
+pub(crate) async fn write_mesh_status(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    mesh: &Mesh,
+    problems: Vec<(String, String)>,
+) -> Result<(), KubeError> {
+    let ns = ns_of(mesh);
+    let name = mesh.name_any();
+    let net = network_name(mesh).to_string();
+    let owner = eng.claims.owns_mesh(&ns, &name);
     let public_key = ctx
         .secrets
         .lock()
         .ok()
         .and_then(|c| c.public_key(&net))
         .filter(|_| owner);
+    let rollout = if owner {
+        eng.ctl
+            .rollout_status(crate::now())
+            .into_iter()
+            .find(|r| r.mesh == name)
+    } else {
+        None
+    };
+    let names = super::rollouts::node_names(eng);
     let facts = MeshFacts {
         public_key,
         problems,
@@ -123,6 +159,15 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
         } else {
             0
         },
+        rollout: if owner {
+            super::rollouts::field_of(eng, &name)
+        } else {
+            None
+        },
+        rollout_conditions: rollout
+            .as_ref()
+            .map(|r| status::rollout_conditions(r, &names, mesh.metadata.generation))
+            .unwrap_or_default(),
     };
     let mut new = status::mesh_status(mesh, &facts);
     let old = ctx.mesh_obj(&ns, &name).and_then(|m| m.status.clone());
@@ -143,14 +188,8 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
         )
         .await?;
     }
-    update_phases(ctx, &mut eng);
-    // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
-    let again = if facts.problems.is_empty() {
-        ctx.opts.refresh
-    } else {
-        ctx.opts.refresh.min(Duration::from_secs(10))
-    };
-    Ok(Action::requeue(again))
+    super::rollouts::announce(ctx, eng, mesh, rollout.as_ref()).await;
+    Ok(())
 }
 
 pub(crate) async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {

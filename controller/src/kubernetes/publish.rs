@@ -59,7 +59,9 @@ pub(crate) async fn persist_and_publish(
             *e = (*e).max(p.revision.rev);
         }
     }
-    let mut blocked_meshes = BTreeSet::new();
+    // The rollouts' progress first (kubernetes::rollouts): a mesh whose record could not be
+    // written keeps its configs held.
+    let mut blocked_meshes = super::rollouts::persist(ctx, eng).await;
     for (net, rev) in per_mesh {
         if eng.high_water.get(&net).is_some_and(|h| *h >= rev) {
             continue;

@@ -357,6 +357,96 @@ pub struct MeshFacts {
     pub epoch: u64,
     /// Highest revision counter published in this mesh (in `epoch`).
     pub highest_revision: u64,
+    /// The staged rollout's record, when the core has one.
+    pub rollout: Option<sidenet_crds::MeshRolloutStatus>,
+    /// `RolloutProgressing` and `RolloutHalted` ([`rollout_conditions`]), once a rollout
+    /// started.
+    pub rollout_conditions: Vec<Condition>,
+}
+
+/// The conditions of a Mesh with a rollout (docs/rollouts.md, "Kubernetes mode"):
+///
+/// | Phase | `RolloutProgressing` | `RolloutHalted` |
+/// | --- | --- | --- |
+/// | Progressing | True, `Progressing` | False, `Progressing` |
+/// | Paused | False, `Paused` | False, `Paused` |
+/// | Halted | False, `Halted` | True, `FailureBudgetExceeded`, naming the failed nodes |
+/// | Aborted | False, `Aborted` | True, `Aborted` |
+/// | Complete | False, `Complete` | False, `Complete` |
+///
+/// `names` maps node ids to MeshNode names. Messages are cut to 1024 bytes.
+pub fn rollout_conditions(
+    s: &crate::reconcile::rollout::Status,
+    names: &std::collections::BTreeMap<String, String>,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    use crate::reconcile::rollout::Phase;
+    let id = &s.id[..s.id.len().min(12)];
+    let n = s.waves.len();
+    let nodes = s.waves.get(s.wave).map_or(0, |w| w.nodes.len());
+    let stopped = |what: &str| {
+        format!(
+            "rollout {id} {what} at wave {} of {n} (see RolloutHalted)",
+            s.wave
+        )
+    };
+    let (progressing, p_msg) = match s.phase {
+        Phase::Progressing => (
+            true,
+            format!(
+                "rollout {id}: wave {} of {n} ({nodes} nodes) handed out",
+                s.wave
+            ),
+        ),
+        Phase::Paused => (
+            false,
+            format!(
+                "rollout {id} paused at wave {} of {n}: no new wave starts (annotate sidenet.io/rollout=resume)",
+                s.wave
+            ),
+        ),
+        Phase::Halted => (false, stopped("halted")),
+        Phase::Aborted => (false, stopped("aborted")),
+        Phase::Complete => (false, format!("rollout {id} complete: every wave healthy")),
+    };
+    let phase = format!("{:?}", s.phase);
+    let (halted, h_reason, h_msg) = match s.phase {
+        Phase::Halted => (
+            true,
+            "FailureBudgetExceeded".to_string(),
+            format!(
+                "rollout {id} halted at wave {}: {} failed nodes (budget {}): {}; the nodes that got it are sent the last good content again",
+                s.wave,
+                s.failed.len(),
+                s.failure_budget,
+                super::rollouts::failed_text(s, names)
+            ),
+        ),
+        Phase::Aborted => (
+            true,
+            "Aborted".to_string(),
+            format!(
+                "rollout {id} aborted at wave {}: the nodes that got it are sent the last good content again",
+                s.wave
+            ),
+        ),
+        _ => (
+            false,
+            phase.clone(),
+            format!("rollout {id} is {phase}: not halted"),
+        ),
+    };
+    let cut = super::engine::truncate_note;
+    vec![
+        cond(
+            "RolloutProgressing",
+            progressing,
+            &phase,
+            cut(&p_msg),
+            generation,
+        ),
+        cond("RolloutHalted", halted, &h_reason, cut(&h_msg), generation),
+    ]
 }
 
 /// The status a Mesh should have.
@@ -391,6 +481,7 @@ pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
             ));
         }
     }
+    conditions.extend(f.rollout_conditions.iter().cloned());
     MeshStatus {
         conditions,
         observed_generation: g,
@@ -398,6 +489,7 @@ pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
         nodes: f.nodes,
         state_epoch: Some(f.epoch),
         highest_revision: Some(f.highest_revision),
+        rollout: f.rollout.clone(),
     }
 }
 
