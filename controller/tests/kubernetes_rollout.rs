@@ -8,9 +8,9 @@
 //! - a good change, paused at the canary with `sidenet.io/rollout=pause` (the annotation is
 //!   removed once acted on) and resumed with `=resume`, reaches every node wave by wave
 //!   (per-wave timings printed);
-//! - a third change survives a controller restart (its record is in the Mesh status) and is
-//!   aborted by `sidenet.io/rollout=abort` on the new controller: the canary runs the last good
-//!   content again.
+//! - a third change survives a controller crash (its task aborted, as by kill -9) and restart
+//!   (its record is in the Mesh status) and is aborted by `sidenet.io/rollout=abort` on the new
+//!   controller: the canary runs the last good content again.
 //!
 //! The failing config, as in `rollout.rs`: a passphrase rotation adds the file
 //! `etc/sidenet/wpa_supplicant-mesh-next.conf`, and every agent's root has a folder there.
@@ -465,11 +465,13 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         || fleet.context(),
     )
     .await;
-    assert!(
-        !fleet.events("RolloutAnnotation").is_empty(),
-        "{}",
-        fleet.context()
-    );
+    until(
+        "the RolloutAnnotation Event",
+        LONG,
+        || fleet.events("RolloutAnnotation").pop(),
+        || fleet.context(),
+    )
+    .await;
     // Paused at wave W (the canary, unless a wave went by before the annotation was seen):
     // the nodes of waves 0..=W get the change, and no later wave starts.
     let paused_wave = fleet.record().unwrap().progress.unwrap().wave;
@@ -566,11 +568,14 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
             times.iter().cloned().fold(0.0, f64::max)
         );
     }
-    assert!(
-        !fleet.events("RolloutComplete").is_empty(),
-        "{}",
-        fleet.context()
-    );
+    // The Event follows the status write.
+    until(
+        "the RolloutComplete Event",
+        LONG,
+        || fleet.events("RolloutComplete").pop(),
+        || fleet.context(),
+    )
+    .await;
     fleet.settle().await;
 
     // 3. Another change (channel 48, a long bake): the canary gets it; the controller restarts
@@ -604,7 +609,11 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     )
     .await;
     let before_restart = fleet.record().unwrap().progress.unwrap();
-    ctl.stop().await;
+    // As a crash (kill -9): the controller's task is aborted, nothing is released or flushed.
+    let Running { stop, task } = ctl;
+    task.abort();
+    let _ = task.await;
+    drop(stop);
     let ctl = fleet.c.start(fleet.c.opts("ctl-b"));
     // The new controller knows the rollout: it acts on the abort (without the record it would
     // take the current spec as the last good one and refuse).
@@ -640,11 +649,14 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         || fleet.context(),
     )
     .await;
-    assert!(
-        !fleet.events("RolloutAborted").is_empty(),
-        "{}",
-        fleet.context()
-    );
+    // The Event follows the status write.
+    until(
+        "the RolloutAborted Event",
+        LONG,
+        || fleet.events("RolloutAborted").pop(),
+        || fleet.context(),
+    )
+    .await;
     // Event notes stay within the API's limit.
     for (_, _, note) in fleet.c.events() {
         assert!(note.len() <= 1024, "{note}");

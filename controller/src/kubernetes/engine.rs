@@ -121,7 +121,7 @@ pub struct Engine {
     /// Whether the set was handed to the core at least once (rollouts step only then).
     pub(crate) synced: bool,
     /// Staged rollouts (kubernetes::rollouts): what the Mesh status holds, per Mesh name.
-    pub(crate) rollouts: super::rollouts::Persisted,
+    pub(crate) rollouts: super::rollstate::Persisted,
 }
 
 pub(crate) fn ns_of<K: Resource>(o: &K) -> String {
@@ -193,7 +193,7 @@ impl Ctx {
                     Controller::new(store, renderer, Box::new(KubeSecrets(self.secrets.clone())));
                 // Staged rollouts: their records come back from the Mesh status.
                 ctl.enable_rollouts();
-                let rollouts = super::rollouts::load(&mut ctl, &self.meshes.state());
+                let rollouts = super::rollstate::load(&mut ctl, &self.meshes.state());
                 if let Err(e) = self.credentials.apply(&ctl.credential_snapshot()) {
                     tracing::error!("broker credentials: {e}");
                 }

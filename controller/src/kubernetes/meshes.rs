@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -16,9 +17,11 @@ use sidenet_wire::topics::{self};
 use super::engine::{Ctx, Engine, FINALIZER, finalizer_err, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::publish::{clear_node, persist_and_publish, update_phases};
+use super::rollstate::{self, ANNOTATION};
 use super::status::{self, MeshFacts};
 use super::sync::sync;
 use crate::reconcile::model::Publish;
+use crate::reconcile::rollout::{Phase, Status};
 use crate::spec::manifest::network_name;
 
 /// Reconciles one Mesh: its Secrets, status and, on deletion, every node's retained config.
@@ -136,7 +139,7 @@ pub(crate) async fn write_mesh_status(
     } else {
         None
     };
-    let names = super::rollouts::node_names(eng);
+    let names = rollstate::node_names(&eng.claims);
     let facts = MeshFacts {
         public_key,
         problems,
@@ -160,7 +163,7 @@ pub(crate) async fn write_mesh_status(
             0
         },
         rollout: if owner {
-            super::rollouts::field_of(eng, &name)
+            rollstate::field_of(&eng.ctl, &name)
         } else {
             None
         },
@@ -188,7 +191,7 @@ pub(crate) async fn write_mesh_status(
         )
         .await?;
     }
-    super::rollouts::announce(ctx, eng, mesh, rollout.as_ref()).await;
+    announce_rollout(ctx, eng, mesh, rollout.as_ref()).await;
     Ok(())
 }
 
@@ -255,4 +258,99 @@ pub(crate) async fn reconcile_profile(
     sync(&ctx, &mut eng).await?;
     persist_and_publish(&ctx, &mut eng, Instant::now()).await?;
     Ok(Action::await_change())
+}
+
+/// An Event on the Mesh for every new rollout, wave and phase since the last one told.
+pub(crate) async fn announce_rollout(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    mesh: &Mesh,
+    status: Option<&Status>,
+) {
+    let name = mesh.name_any();
+    let Some(s) = status else {
+        return;
+    };
+    let now = (s.id.clone(), s.phase, s.wave);
+    let before = eng.rollouts.reported.get(&name).cloned();
+    if before.as_ref() == Some(&now) {
+        return;
+    }
+    eng.rollouts.reported.insert(name.clone(), now);
+    let names = rollstate::node_names(&eng.claims);
+    let id = rollstate::short(&s.id);
+    let n = s.waves.len();
+    let nodes_of = |w: usize| s.waves.get(w).map_or(0, |w| w.nodes.len());
+    let same_rollout = before.as_ref().is_some_and(|b| b.0 == s.id);
+    let (kind, reason, note) = match s.phase {
+        Phase::Progressing if !same_rollout => (
+            EventType::Normal,
+            "RolloutStarted",
+            format!(
+                "rollout {id} of the Mesh spec started: the canary ({} nodes) gets it first; {n} waves, failure budget {}",
+                nodes_of(0),
+                s.failure_budget
+            ),
+        ),
+        Phase::Progressing if before.as_ref().is_some_and(|b| b.1 == Phase::Paused) => (
+            EventType::Normal,
+            "RolloutResumed",
+            format!("rollout {id} resumed at wave {} of {n}", s.wave),
+        ),
+        Phase::Progressing => (
+            EventType::Normal,
+            "RolloutWaveStarted",
+            format!(
+                "rollout {id}: wave {} of {n} started ({} nodes); the waves before it are healthy and baked",
+                s.wave,
+                nodes_of(s.wave)
+            ),
+        ),
+        Phase::Paused => (
+            EventType::Normal,
+            "RolloutPaused",
+            format!(
+                "rollout {id} paused at wave {} of {n}: no new wave starts (annotate {ANNOTATION}=resume to go on)",
+                s.wave
+            ),
+        ),
+        Phase::Halted => (
+            EventType::Warning,
+            "RolloutHalted",
+            format!(
+                "rollout {id} halted at wave {} of {n}: {} failed nodes (budget {}): {}; the nodes that got it are sent the last good content again, the others never get it",
+                s.wave,
+                s.failed.len(),
+                s.failure_budget,
+                rollstate::failed_text(s, &names)
+            ),
+        ),
+        Phase::Aborted => (
+            EventType::Warning,
+            "RolloutAborted",
+            format!(
+                "rollout {id} aborted at wave {} of {n}: the nodes that got it are sent the last good content again",
+                s.wave
+            ),
+        ),
+        Phase::Complete => (
+            EventType::Normal,
+            "RolloutComplete",
+            format!(
+                "rollout {id} complete: every wave healthy ({}); its spec is the last good one",
+                s.waves
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| format!(
+                        "wave {i}: {} nodes{}",
+                        w.nodes.len(),
+                        w.seconds.map(|t| format!(" in {t} s")).unwrap_or_default()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    };
+    tracing::info!(mesh = %name, "{reason}: {note}");
+    ctx.event(&mesh.object_ref(&()), kind, reason, note).await;
 }

@@ -23,8 +23,8 @@
 //!   Mesh.
 //! - [`provisions`]: the NodeProvision reconciler (the provisioning code of standalone mode).
 //! - [`status`]: conditions and status (pure functions).
-//! - [`rollouts`]: staged rollouts: their records in the Mesh status, the once-a-second step,
-//!   the `sidenet.io/rollout` annotation, Events.
+//! - [`rollouts`]: staged rollouts: the once-a-second step and the `sidenet.io/rollout`
+//!   annotation; [`rollstate`]: their records in the Mesh status.
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
@@ -43,6 +43,7 @@ pub mod options;
 pub mod provisions;
 pub mod publish;
 pub mod rollouts;
+pub mod rollstate;
 pub mod state;
 pub mod status;
 pub mod sync;

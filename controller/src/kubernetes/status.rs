@@ -419,7 +419,7 @@ pub fn rollout_conditions(
                 s.wave,
                 s.failed.len(),
                 s.failure_budget,
-                super::rollouts::failed_text(s, names)
+                super::rollstate::failed_text(s, names)
             ),
         ),
         Phase::Aborted => (
@@ -540,6 +540,88 @@ mod tests {
             .iter()
             .find(|c| c.type_ == t)
             .unwrap_or_else(|| unreachable!())
+    }
+
+    fn rollout(
+        phase: crate::reconcile::rollout::Phase,
+        failed: &[&str],
+    ) -> crate::reconcile::rollout::Status {
+        use crate::reconcile::rollout::{Status, WaveStatus};
+        let wave = |n: usize| WaveStatus {
+            nodes: (0..n).map(|i| format!("node{i}")).collect(),
+            healthy: 0,
+            started: None,
+            seconds: None,
+        };
+        Status {
+            mesh: "riverside".into(),
+            id: "0123456789abcdef".into(),
+            phase,
+            wave: 1,
+            waves: vec![wave(2), wave(5), wave(10)],
+            failed: failed
+                .iter()
+                .map(|n| (n.to_string(), "revision 7: rolled back".to_string()))
+                .collect(),
+            failure_budget: 0,
+            bake_remaining: None,
+            completed: None,
+        }
+    }
+
+    #[test]
+    fn rollout_conditions_follow_the_phase_and_name_the_failed_nodes() {
+        use crate::reconcile::rollout::Phase;
+        let names = std::collections::BTreeMap::from([(
+            "qi4chuluc3u2giv7".to_string(),
+            "kitchen".to_string(),
+        )]);
+        let get = |p: Phase, failed: &[&str]| {
+            let c = rollout_conditions(&rollout(p, failed), &names, Some(4));
+            assert_eq!(c.len(), 2);
+            assert!(c.iter().all(|c| c.observed_generation == Some(4)));
+            (
+                (c[0].type_.clone(), c[0].status.clone(), c[0].reason.clone()),
+                (
+                    c[1].type_.clone(),
+                    c[1].status.clone(),
+                    c[1].reason.clone(),
+                    c[1].message.clone(),
+                ),
+            )
+        };
+        let t = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        let (p, h) = get(Phase::Progressing, &[]);
+        assert_eq!(p, t("RolloutProgressing", "True", "Progressing"));
+        assert_eq!((h.0, h.1, h.2), t("RolloutHalted", "False", "Progressing"));
+        let (p, h) = get(Phase::Paused, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Paused"));
+        assert_eq!((h.1, h.2), ("False".to_string(), "Paused".to_string()));
+        let (p, h) = get(Phase::Halted, &["qi4chuluc3u2giv7", "bhctvmiyz6ovk27g"]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Halted"));
+        assert_eq!(
+            (h.1.as_str(), h.2.as_str()),
+            ("True", "FailureBudgetExceeded")
+        );
+        assert!(
+            h.3.contains("rollout 0123456789ab halted at wave 1: 2 failed nodes (budget 0)")
+                && h.3
+                    .contains("kitchen (qi4chuluc3u2giv7): revision 7: rolled back")
+                && h.3.contains("bhctvmiyz6ovk27g: revision 7: rolled back"),
+            "{}",
+            h.3
+        );
+        let (p, h) = get(Phase::Aborted, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Aborted"));
+        assert_eq!((h.1.as_str(), h.2.as_str()), ("True", "Aborted"));
+        let (p, h) = get(Phase::Complete, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Complete"));
+        assert_eq!((h.1.as_str(), h.2.as_str()), ("False", "Complete"));
+        // Many failed nodes: the message is cut to the Event limit.
+        let many: Vec<String> = (0..200).map(|i| format!("node{i:012}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let (_, h) = get(Phase::Halted, &many);
+        assert!(h.3.len() <= 1024 && h.3.ends_with('…'), "{}", h.3.len());
     }
 
     #[test]
