@@ -57,11 +57,11 @@ pub(crate) fn load(ctl: &mut Controller, meshes: &[Arc<Mesh>]) -> Persisted {
     sorted.sort_by_key(|m| {
         (
             m.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            ns_of(&***m),
+            ns_of(m),
         )
     });
     for m in sorted {
-        let (ns, name) = (ns_of(&**m), m.name_any());
+        let (ns, name) = (ns_of(m), m.name_any());
         if out.written.contains_key(&name) {
             continue;
         }
