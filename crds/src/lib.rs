@@ -340,6 +340,37 @@ pub struct MeshStatus {
     /// starts above it, so an agent that kept an older config never sees a revision reused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub highest_revision: Option<u64>,
+    /// Kubernetes mode: the staged rollout of this Mesh's spec (`spec.rollout`,
+    /// docs/rollouts.md). Written before the configs it causes are published, read back by a
+    /// restarted controller or a new leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<MeshRolloutStatus>,
+}
+
+/// The staged rollout of a Mesh, in its status (Kubernetes mode).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshRolloutStatus {
+    /// The rollout id: SHA-256 (hex) of the spec being rolled out; absent before the first
+    /// rollout of this Mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `Progressing`, `Paused`, `Halted`, `Aborted` or `Complete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The wave being handed out (0: the canary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
+    /// Number of waves, the canary included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves: Option<u32>,
+    /// Failed nodes, each as `NODE_ID: WHY`, by node id.
+    #[serde(default)]
+    pub failed: Vec<String>,
+    /// The controller's record of the rollout as JSON text (last good spec, plan, progress,
+    /// reached and gating nodes; docs/rollouts.md, "Surviving a restart"). Not for editing.
+    #[serde(default)]
+    pub state: String,
 }
 
 /// A status condition.

@@ -9,7 +9,7 @@
 2. Every rendered variant (lines of VARIANTS_TSV: name, rendered YAML, expected kind counts):
    - kind counts (`Kind=N`, from the values file's `# expect:` line);
    - the contract with the controller (docs/helm.md): command, args, env vars, probes, the broker
-     CA mount;
+     CA mount, the HTTP token mount;
    - references a cluster would resolve: Service and PodDisruptionBudget selectors match the pods,
      named ports exist, the ServiceMonitor selects the metrics Service, bindings name rendered
      roles and the ServiceAccount;
@@ -54,7 +54,7 @@ CONTRACT_ENV = {
     "SIDENET_NAMESPACE", "SIDENET_BROKER", "SIDENET_LISTEN", "SIDENET_BROKER_USERNAME",
     "SIDENET_BROKER_PASSWORD", "SIDENET_BROKER_CA", "SIDENET_METRICS_LISTEN",
     "SIDENET_LEADER_ELECTION", "SIDENET_LOG_JSON", "SIDENET_TEMPLATES", "POD_NAME", "POD_NAMESPACE",
-    "SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY",
+    "SIDENET_TLS_LISTEN", "SIDENET_TLS_CERT", "SIDENET_TLS_KEY", "SIDENET_HTTP_TOKEN_FILE",
 }
 LEASE_NAME = "sidenet-controller"
 
@@ -277,6 +277,25 @@ def check_contract(where: str, dep: dict) -> dict:
                 items = volumes[m["name"]]["secret"].get("items")
                 if items is not None and rel not in [i["path"] for i in items]:
                     fail(where, f"SIDENET_BROKER_CA {ca}: the Secret volume has no item {rel}")
+    token = value("SIDENET_HTTP_TOKEN_FILE")
+    if token is not None:
+        # The map's bearer token: one item of a Secret volume, mounted read-only.
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounted = [
+            m for m in c.get("volumeMounts", [])
+            if token.startswith(m["mountPath"].rstrip("/") + "/")
+            and "secret" in volumes.get(m["name"], {})
+        ]
+        if not mounted:
+            fail(where, f"SIDENET_HTTP_TOKEN_FILE {token} is not inside a mounted Secret")
+        else:
+            m = mounted[0]
+            rel = token[len(m["mountPath"].rstrip("/")) + 1:]
+            items = volumes[m["name"]]["secret"].get("items")
+            if not m.get("readOnly"):
+                fail(where, "the Secret of SIDENET_HTTP_TOKEN_FILE is not mounted read-only")
+            if items is None or rel not in [i["path"] for i in items]:
+                fail(where, f"SIDENET_HTTP_TOKEN_FILE {token}: the Secret volume has no item {rel}")
     sc = c.get("securityContext", {})
     psc = pod.get("securityContext", {})
     if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")) or not sc.get("readOnlyRootFilesystem") \

@@ -118,6 +118,10 @@ pub struct Engine {
     pub(crate) namespaces: BTreeMap<String, Validated>,
     pub(crate) warned: BTreeSet<String>,
     pub(crate) phases_at: Option<Instant>,
+    /// Whether the set was handed to the core at least once (rollouts step only then).
+    pub(crate) synced: bool,
+    /// Staged rollouts (kubernetes::rollouts): what the Mesh status holds, per Mesh name.
+    pub(crate) rollouts: super::rollstate::Persisted,
 }
 
 pub(crate) fn ns_of<K: Resource>(o: &K) -> String {
@@ -187,6 +191,9 @@ impl Ctx {
                     .ok_or_else(|| KubeError::Other("templates already taken".into()))?;
                 let mut ctl =
                     Controller::new(store, renderer, Box::new(KubeSecrets(self.secrets.clone())));
+                // Staged rollouts: their records come back from the Mesh status.
+                ctl.enable_rollouts();
+                let rollouts = super::rollstate::load(&mut ctl, &self.meshes.state());
                 if let Err(e) = self.credentials.apply(&ctl.credential_snapshot()) {
                     tracing::error!("broker credentials: {e}");
                 }
@@ -222,6 +229,8 @@ impl Ctx {
                     namespaces: BTreeMap::new(),
                     warned: BTreeSet::new(),
                     phases_at: None,
+                    synced: false,
+                    rollouts,
                 }))
             })
             .await

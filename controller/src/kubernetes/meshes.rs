@@ -7,18 +7,21 @@ use std::time::{Duration, Instant};
 
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use sidenet_crds::{HardwareProfile, Mesh};
 use sidenet_wire::topics::{self};
 
-use super::engine::{Ctx, FINALIZER, finalizer_err, key_of, ns_of, succeeded};
+use super::engine::{Ctx, Engine, FINALIZER, finalizer_err, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::publish::{clear_node, persist_and_publish, update_phases};
+use super::rollstate::{self, ANNOTATION};
 use super::status::{self, MeshFacts};
 use super::sync::sync;
 use crate::reconcile::model::Publish;
+use crate::reconcile::rollout::{Phase, Status};
 use crate::spec::manifest::network_name;
 
 /// Reconciles one Mesh: its Secrets, status and, on deletion, every node's retained config.
@@ -95,12 +98,48 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
                 .await;
         }
     }
+    eng.rollouts
+        .problems
+        .insert(key_of("Mesh", &ns, &name), problems.clone());
+    let again = if problems.is_empty() {
+        ctx.opts.refresh
+    } else {
+        ctx.opts.refresh.min(Duration::from_secs(10))
+    };
+    write_mesh_status(ctx, &mut eng, mesh, problems).await?;
+    update_phases(ctx, &mut eng);
+    // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
+    Ok(Action::requeue(again))
+}
+
+/// Writes the status of `mesh` when it changed: `problems` (from its last reconcile), its key,
+/// nodes and revisions, and its rollout with the conditions `RolloutProgressing` and
+/// `RolloutHalted`; tells rollout changes by Events (kubernetes::rollouts).
+pub(crate) async fn write_mesh_status(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    mesh: &Mesh,
+    problems: Vec<(String, String)>,
+) -> Result<(), KubeError> {
+    let ns = ns_of(mesh);
+    let name = mesh.name_any();
+    let net = network_name(mesh).to_string();
+    let owner = eng.claims.owns_mesh(&ns, &name);
     let public_key = ctx
         .secrets
         .lock()
         .ok()
         .and_then(|c| c.public_key(&net))
         .filter(|_| owner);
+    let rollout = if owner {
+        eng.ctl
+            .rollout_status(crate::now())
+            .into_iter()
+            .find(|r| r.mesh == name)
+    } else {
+        None
+    };
+    let names = rollstate::node_names(&eng.claims);
     let facts = MeshFacts {
         public_key,
         problems,
@@ -123,6 +162,15 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
         } else {
             0
         },
+        rollout: if owner {
+            rollstate::field_of(&eng.ctl, &name)
+        } else {
+            None
+        },
+        rollout_conditions: rollout
+            .as_ref()
+            .map(|r| status::rollout_conditions(r, &names, mesh.metadata.generation))
+            .unwrap_or_default(),
     };
     let mut new = status::mesh_status(mesh, &facts);
     let old = ctx.mesh_obj(&ns, &name).and_then(|m| m.status.clone());
@@ -143,14 +191,8 @@ pub(crate) async fn apply_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeErr
         )
         .await?;
     }
-    update_phases(ctx, &mut eng);
-    // A broken Secret is re-read soon (Secrets are not watched: the RBAC grants no watch).
-    let again = if facts.problems.is_empty() {
-        ctx.opts.refresh
-    } else {
-        ctx.opts.refresh.min(Duration::from_secs(10))
-    };
-    Ok(Action::requeue(again))
+    announce_rollout(ctx, eng, mesh, rollout.as_ref()).await;
+    Ok(())
 }
 
 pub(crate) async fn cleanup_mesh(ctx: &Ctx, mesh: &Mesh) -> Result<Action, KubeError> {
@@ -216,4 +258,99 @@ pub(crate) async fn reconcile_profile(
     sync(&ctx, &mut eng).await?;
     persist_and_publish(&ctx, &mut eng, Instant::now()).await?;
     Ok(Action::await_change())
+}
+
+/// An Event on the Mesh for every new rollout, wave and phase since the last one told.
+pub(crate) async fn announce_rollout(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    mesh: &Mesh,
+    status: Option<&Status>,
+) {
+    let name = mesh.name_any();
+    let Some(s) = status else {
+        return;
+    };
+    let now = (s.id.clone(), s.phase, s.wave);
+    let before = eng.rollouts.reported.get(&name).cloned();
+    if before.as_ref() == Some(&now) {
+        return;
+    }
+    eng.rollouts.reported.insert(name.clone(), now);
+    let names = rollstate::node_names(&eng.claims);
+    let id = rollstate::short(&s.id);
+    let n = s.waves.len();
+    let nodes_of = |w: usize| s.waves.get(w).map_or(0, |w| w.nodes.len());
+    let same_rollout = before.as_ref().is_some_and(|b| b.0 == s.id);
+    let (kind, reason, note) = match s.phase {
+        Phase::Progressing if !same_rollout => (
+            EventType::Normal,
+            "RolloutStarted",
+            format!(
+                "rollout {id} of the Mesh spec started: the canary ({} nodes) gets it first; {n} waves, failure budget {}",
+                nodes_of(0),
+                s.failure_budget
+            ),
+        ),
+        Phase::Progressing if before.as_ref().is_some_and(|b| b.1 == Phase::Paused) => (
+            EventType::Normal,
+            "RolloutResumed",
+            format!("rollout {id} resumed at wave {} of {n}", s.wave),
+        ),
+        Phase::Progressing => (
+            EventType::Normal,
+            "RolloutWaveStarted",
+            format!(
+                "rollout {id}: wave {} of {n} started ({} nodes); the waves before it are healthy and baked",
+                s.wave,
+                nodes_of(s.wave)
+            ),
+        ),
+        Phase::Paused => (
+            EventType::Normal,
+            "RolloutPaused",
+            format!(
+                "rollout {id} paused at wave {} of {n}: no new wave starts (annotate {ANNOTATION}=resume to go on)",
+                s.wave
+            ),
+        ),
+        Phase::Halted => (
+            EventType::Warning,
+            "RolloutHalted",
+            format!(
+                "rollout {id} halted at wave {} of {n}: {} failed nodes (budget {}): {}; the nodes that got it are sent the last good content again, the others never get it",
+                s.wave,
+                s.failed.len(),
+                s.failure_budget,
+                rollstate::failed_text(s, &names)
+            ),
+        ),
+        Phase::Aborted => (
+            EventType::Warning,
+            "RolloutAborted",
+            format!(
+                "rollout {id} aborted at wave {} of {n}: the nodes that got it are sent the last good content again",
+                s.wave
+            ),
+        ),
+        Phase::Complete => (
+            EventType::Normal,
+            "RolloutComplete",
+            format!(
+                "rollout {id} complete: every wave healthy ({}); its spec is the last good one",
+                s.waves
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| format!(
+                        "wave {i}: {} nodes{}",
+                        w.nodes.len(),
+                        w.seconds.map(|t| format!(" in {t} s")).unwrap_or_default()
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    };
+    tracing::info!(mesh = %name, "{reason}: {note}");
+    ctx.event(&mesh.object_ref(&()), kind, reason, note).await;
 }

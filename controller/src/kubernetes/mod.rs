@@ -23,6 +23,8 @@
 //!   Mesh.
 //! - [`provisions`]: the NodeProvision reconciler (the provisioning code of standalone mode).
 //! - [`status`]: conditions and status (pure functions).
+//! - [`rollouts`]: staged rollouts: the once-a-second step and the `sidenet.io/rollout`
+//!   annotation; [`rollstate`]: their records in the Mesh status.
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
@@ -40,6 +42,8 @@ pub mod nodes;
 pub mod options;
 pub mod provisions;
 pub mod publish;
+pub mod rollouts;
+pub mod rollstate;
 pub mod state;
 pub mod status;
 pub mod sync;
@@ -454,6 +458,7 @@ async fn lead(
         *w = Arc::downgrade(&ctx);
     }
     let _events = TaskGuard(tokio::spawn(mqtt::mqtt_loop(ctx.clone(), ev_rx)));
+    let _rollouts = TaskGuard(tokio::spawn(rollouts::ticker(ctx.clone())));
 
     let (s1, s2) = (node_store.clone(), node_store);
     let nodes = node_ctl

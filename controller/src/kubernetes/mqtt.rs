@@ -126,6 +126,10 @@ pub(crate) async fn handle_mqtt(
             };
             let before = eng.ctl.counters;
             eng.ctl.on_message(&topic, &payload, crate::now())?;
+            if eng.synced {
+                // A report may finish or fail a wave (kubernetes::rollouts).
+                eng.ctl.rollout_tick(crate::now())?;
+            }
             super::tokens::after_enrol(ctx, eng, &mesh, &unused).await?;
             let after = eng.ctl.counters;
             ctx.metrics

@@ -11,6 +11,7 @@ use sidenet_crds::{Mesh, MeshNode};
 
 use super::engine::{Ctx, Engine, config_node, key_of, ns_of};
 use super::options::KubeError;
+use super::rollstate;
 use super::status::{self, NodeFacts};
 use crate::reconcile::model::Publish;
 use crate::spec::manifest::network_name;
@@ -59,7 +60,9 @@ pub(crate) async fn persist_and_publish(
             *e = (*e).max(p.revision.rev);
         }
     }
-    let mut blocked_meshes = BTreeSet::new();
+    // The rollouts' progress first (kubernetes::rollouts): a mesh whose record could not be
+    // written keeps its configs held.
+    let mut blocked_meshes = persist_rollouts(ctx, eng).await;
     for (net, rev) in per_mesh {
         if eng.high_water.get(&net).is_some_and(|h| *h >= rev) {
             continue;
@@ -267,4 +270,46 @@ pub(crate) async fn clear_node(
     eng.held.remove(id);
     eng.seeded.remove(id);
     Ok(())
+}
+
+/// Writes every rollout record that changed to its Mesh status (`status.rollout`,
+/// kubernetes::rollstate). Returns the network names whose
+/// record could not be written: their configs are held (a rollout's progress is durable
+/// before the configs it causes are published).
+pub(crate) async fn persist_rollouts(ctx: &Ctx, eng: &mut Engine) -> BTreeSet<String> {
+    let store = &eng.ctl.store.rollouts;
+    eng.rollouts.written.retain(|m, _| store.contains_key(m));
+    let store = &eng.ctl.store.rollouts;
+    let changed: Vec<(String, rollstate::Version, sidenet_crds::MeshRolloutStatus)> = store
+        .iter()
+        .filter(|(m, r)| {
+            rollstate::kept(&eng.ctl, m, r)
+                && eng.rollouts.written.get(*m) != Some(&rollstate::version(r))
+        })
+        .map(|(m, r)| (m.clone(), rollstate::version(r), rollstate::field(r)))
+        .collect();
+    let mut blocked = BTreeSet::new();
+    for (mesh, v, f) in changed {
+        // A Mesh refused by the merge publishes nothing.
+        let Some(ns) = eng.claims.mesh_names.get(&mesh).cloned() else {
+            continue;
+        };
+        let api: Api<Mesh> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"status": {"rollout": f}});
+        match api
+            .patch_status(&mesh, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                eng.rollouts.written.insert(mesh, v);
+            }
+            Err(e) => {
+                tracing::warn!(mesh = %mesh, "cannot record the rollout in Mesh {ns}/{mesh} status: {e}; holding its configs");
+                if let Some(m) = eng.ctl.set.meshes.get(&mesh) {
+                    blocked.insert(network_name(m).to_string());
+                }
+            }
+        }
+    }
+    blocked
 }

@@ -357,6 +357,96 @@ pub struct MeshFacts {
     pub epoch: u64,
     /// Highest revision counter published in this mesh (in `epoch`).
     pub highest_revision: u64,
+    /// The staged rollout's record, when the core has one.
+    pub rollout: Option<sidenet_crds::MeshRolloutStatus>,
+    /// `RolloutProgressing` and `RolloutHalted` ([`rollout_conditions`]), once a rollout
+    /// started.
+    pub rollout_conditions: Vec<Condition>,
+}
+
+/// The conditions of a Mesh with a rollout (docs/rollouts.md, "Kubernetes mode"):
+///
+/// | Phase | `RolloutProgressing` | `RolloutHalted` |
+/// | --- | --- | --- |
+/// | Progressing | True, `Progressing` | False, `Progressing` |
+/// | Paused | False, `Paused` | False, `Paused` |
+/// | Halted | False, `Halted` | True, `FailureBudgetExceeded`, naming the failed nodes |
+/// | Aborted | False, `Aborted` | True, `Aborted` |
+/// | Complete | False, `Complete` | False, `Complete` |
+///
+/// `names` maps node ids to MeshNode names. Messages are cut to 1024 bytes.
+pub fn rollout_conditions(
+    s: &crate::reconcile::rollout::Status,
+    names: &std::collections::BTreeMap<String, String>,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    use crate::reconcile::rollout::Phase;
+    let id = &s.id[..s.id.len().min(12)];
+    let n = s.waves.len();
+    let nodes = s.waves.get(s.wave).map_or(0, |w| w.nodes.len());
+    let stopped = |what: &str| {
+        format!(
+            "rollout {id} {what} at wave {} of {n} (see RolloutHalted)",
+            s.wave
+        )
+    };
+    let (progressing, p_msg) = match s.phase {
+        Phase::Progressing => (
+            true,
+            format!(
+                "rollout {id}: wave {} of {n} ({nodes} nodes) handed out",
+                s.wave
+            ),
+        ),
+        Phase::Paused => (
+            false,
+            format!(
+                "rollout {id} paused at wave {} of {n}: no new wave starts (annotate sidenet.io/rollout=resume)",
+                s.wave
+            ),
+        ),
+        Phase::Halted => (false, stopped("halted")),
+        Phase::Aborted => (false, stopped("aborted")),
+        Phase::Complete => (false, format!("rollout {id} complete: every wave healthy")),
+    };
+    let phase = format!("{:?}", s.phase);
+    let (halted, h_reason, h_msg) = match s.phase {
+        Phase::Halted => (
+            true,
+            "FailureBudgetExceeded".to_string(),
+            format!(
+                "rollout {id} halted at wave {}: {} failed nodes (budget {}): {}; the nodes that got it are sent the last good content again",
+                s.wave,
+                s.failed.len(),
+                s.failure_budget,
+                super::rollstate::failed_text(s, names)
+            ),
+        ),
+        Phase::Aborted => (
+            true,
+            "Aborted".to_string(),
+            format!(
+                "rollout {id} aborted at wave {}: the nodes that got it are sent the last good content again",
+                s.wave
+            ),
+        ),
+        _ => (
+            false,
+            phase.clone(),
+            format!("rollout {id} is {phase}: not halted"),
+        ),
+    };
+    let cut = super::engine::truncate_note;
+    vec![
+        cond(
+            "RolloutProgressing",
+            progressing,
+            &phase,
+            cut(&p_msg),
+            generation,
+        ),
+        cond("RolloutHalted", halted, &h_reason, cut(&h_msg), generation),
+    ]
 }
 
 /// The status a Mesh should have.
@@ -391,6 +481,7 @@ pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
             ));
         }
     }
+    conditions.extend(f.rollout_conditions.iter().cloned());
     MeshStatus {
         conditions,
         observed_generation: g,
@@ -398,6 +489,7 @@ pub fn mesh_status(mesh: &Mesh, f: &MeshFacts) -> MeshStatus {
         nodes: f.nodes,
         state_epoch: Some(f.epoch),
         highest_revision: Some(f.highest_revision),
+        rollout: f.rollout.clone(),
     }
 }
 
@@ -448,6 +540,88 @@ mod tests {
             .iter()
             .find(|c| c.type_ == t)
             .unwrap_or_else(|| unreachable!())
+    }
+
+    fn rollout(
+        phase: crate::reconcile::rollout::Phase,
+        failed: &[&str],
+    ) -> crate::reconcile::rollout::Status {
+        use crate::reconcile::rollout::{Status, WaveStatus};
+        let wave = |n: usize| WaveStatus {
+            nodes: (0..n).map(|i| format!("node{i}")).collect(),
+            healthy: 0,
+            started: None,
+            seconds: None,
+        };
+        Status {
+            mesh: "riverside".into(),
+            id: "0123456789abcdef".into(),
+            phase,
+            wave: 1,
+            waves: vec![wave(2), wave(5), wave(10)],
+            failed: failed
+                .iter()
+                .map(|n| (n.to_string(), "revision 7: rolled back".to_string()))
+                .collect(),
+            failure_budget: 0,
+            bake_remaining: None,
+            completed: None,
+        }
+    }
+
+    #[test]
+    fn rollout_conditions_follow_the_phase_and_name_the_failed_nodes() {
+        use crate::reconcile::rollout::Phase;
+        let names = std::collections::BTreeMap::from([(
+            "qi4chuluc3u2giv7".to_string(),
+            "kitchen".to_string(),
+        )]);
+        let get = |p: Phase, failed: &[&str]| {
+            let c = rollout_conditions(&rollout(p, failed), &names, Some(4));
+            assert_eq!(c.len(), 2);
+            assert!(c.iter().all(|c| c.observed_generation == Some(4)));
+            (
+                (c[0].type_.clone(), c[0].status.clone(), c[0].reason.clone()),
+                (
+                    c[1].type_.clone(),
+                    c[1].status.clone(),
+                    c[1].reason.clone(),
+                    c[1].message.clone(),
+                ),
+            )
+        };
+        let t = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        let (p, h) = get(Phase::Progressing, &[]);
+        assert_eq!(p, t("RolloutProgressing", "True", "Progressing"));
+        assert_eq!((h.0, h.1, h.2), t("RolloutHalted", "False", "Progressing"));
+        let (p, h) = get(Phase::Paused, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Paused"));
+        assert_eq!((h.1, h.2), ("False".to_string(), "Paused".to_string()));
+        let (p, h) = get(Phase::Halted, &["qi4chuluc3u2giv7", "bhctvmiyz6ovk27g"]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Halted"));
+        assert_eq!(
+            (h.1.as_str(), h.2.as_str()),
+            ("True", "FailureBudgetExceeded")
+        );
+        assert!(
+            h.3.contains("rollout 0123456789ab halted at wave 1: 2 failed nodes (budget 0)")
+                && h.3
+                    .contains("kitchen (qi4chuluc3u2giv7): revision 7: rolled back")
+                && h.3.contains("bhctvmiyz6ovk27g: revision 7: rolled back"),
+            "{}",
+            h.3
+        );
+        let (p, h) = get(Phase::Aborted, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Aborted"));
+        assert_eq!((h.1.as_str(), h.2.as_str()), ("True", "Aborted"));
+        let (p, h) = get(Phase::Complete, &[]);
+        assert_eq!(p, t("RolloutProgressing", "False", "Complete"));
+        assert_eq!((h.1.as_str(), h.2.as_str()), ("False", "Complete"));
+        // Many failed nodes: the message is cut to the Event limit.
+        let many: Vec<String> = (0..200).map(|i| format!("node{i:012}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let (_, h) = get(Phase::Halted, &many);
+        assert!(h.3.len() <= 1024 && h.3.ends_with('…'), "{}", h.3.len());
     }
 
     #[test]

@@ -326,6 +326,7 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         eng.force = true;
         return Err(e.into());
     }
+    eng.synced = true;
     Ok(())
 }
 

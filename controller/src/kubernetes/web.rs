@@ -38,6 +38,6 @@ async fn view(slot: &Slot) -> Result<View, String> {
             .collect(),
         counters: eng.ctl.counters,
         epoch: eng.ctl.store.epoch,
-        rollouts: Vec::new(),
+        rollouts: crate::web::rollout_views(&eng.ctl.rollout_status(crate::now())),
     })
 }

@@ -380,6 +380,44 @@ pub struct Status {
 }
 
 impl Status {
+    /// Whether nodes are still held back or handed the change (every phase but `Complete`).
+    pub fn in_progress(&self) -> bool {
+        self.phase != Phase::Complete
+    }
+
+    /// One line for the map (docs/web.md): `rollout ID12 PHASE, wave W of N (T nodes, H
+    /// healthy)[, baking S s more], F failed (budget B)[: NODE_ID: WHY; ...]`.
+    pub fn summary(&self) -> String {
+        let (t, h) = self
+            .waves
+            .get(self.wave)
+            .map_or((0, 0), |w| (w.nodes.len(), w.healthy));
+        let mut s = format!(
+            "rollout {} {:?}, wave {} of {} ({t} nodes, {h} healthy)",
+            &self.id[..self.id.len().min(12)],
+            self.phase,
+            self.wave,
+            self.waves.len()
+        );
+        if let Some(b) = self.bake_remaining {
+            s.push_str(&format!(", baking {b} s more"));
+        }
+        s.push_str(&format!(
+            ", {} failed (budget {})",
+            self.failed.len(),
+            self.failure_budget
+        ));
+        if !self.failed.is_empty() {
+            let failed: Vec<String> = self
+                .failed
+                .iter()
+                .map(|(n, why)| format!("{n}: {why}"))
+                .collect();
+            s.push_str(&format!(": {}", failed.join("; ")));
+        }
+        s
+    }
+
     /// The text `sidenetctl rollout status` prints (docs/rollouts.md):
     ///
     /// ```text

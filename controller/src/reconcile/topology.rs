@@ -149,9 +149,9 @@ pub struct TopoLink {
 /// read), so the list is empty.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutView {
-    /// Mesh network name.
+    /// Mesh name (`metadata.name`).
     pub mesh: String,
-    /// One line: wave, state, failing nodes.
+    /// One line: wave, state, failing nodes ([`crate::reconcile::rollout::Status::summary`]).
     pub summary: String,
 }
 

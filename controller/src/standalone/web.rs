@@ -40,15 +40,32 @@ impl Source for AdminSource {
     }
 }
 
-/// The status table, asked of the engine task like the admin socket's `status`.
-async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
+/// Asks the engine task, as the admin socket does.
+async fn ask(engine: &mpsc::Sender<AdminCall>, req: Request) -> Result<Response, String> {
     let stopping = || "the controller is stopping".to_string();
     let (tx, rx) = oneshot::channel();
-    engine
-        .send((Request::Status, tx))
-        .await
-        .map_err(|_| stopping())?;
-    match rx.await {
+    engine.send((req, tx)).await.map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())
+}
+
+/// The status table and the rollouts, asked of the engine task like the admin socket's
+/// `status` and `rollout status`.
+async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
+    let mut view = table(engine).await?;
+    let req = Request::Rollout {
+        action: "status".into(),
+        mesh: None,
+    };
+    match ask(engine, req).await? {
+        Response::Rollouts { rollouts } => view.rollouts = crate::web::rollout_views(&rollouts),
+        Response::Error { message } => return Err(message),
+        _ => return Err("unexpected answer to a rollout status request".to_string()),
+    }
+    Ok(view)
+}
+
+async fn table(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
+    match ask(engine, Request::Status).await {
         Ok(Response::Status {
             nodes,
             manifest_errors,
@@ -64,7 +81,7 @@ async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
         }),
         Ok(Response::Error { message }) => Err(message),
         Ok(_) => Err("unexpected answer to a status request".to_string()),
-        Err(_) => Err(stopping()),
+        Err(e) => Err(e),
     }
 }
 

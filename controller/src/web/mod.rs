@@ -40,9 +40,20 @@ pub struct View {
     pub counters: Counters,
     /// State epoch.
     pub epoch: u64,
-    /// Rollouts in progress, for the map. The hook for the rollout engine: no adapter fills it
-    /// yet, so it is empty.
+    /// Rollouts in progress, for the map ([`rollout_views`]).
     pub rollouts: Vec<topology::RolloutView>,
+}
+
+/// The map's rollout lines: every rollout not complete (progressing, paused, halted, aborted),
+/// from the same status as `sidenetctl rollout status`.
+pub fn rollout_views(list: &[crate::reconcile::rollout::Status]) -> Vec<topology::RolloutView> {
+    list.iter()
+        .filter(|r| r.in_progress())
+        .map(|r| topology::RolloutView {
+            mesh: r.mesh.clone(),
+            summary: r.summary(),
+        })
+        .collect()
 }
 
 /// A future the [`Source`] returns.

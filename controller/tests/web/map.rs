@@ -1,5 +1,5 @@
 //! The map in headless Chromium (Debian `chromium`) against a standalone controller with 50
-//! real agents. The screenshot is kept at `target/web-map/map.png` (CI keeps it as an artifact).
+//! real agents, and a staged rollout held at its canary listed above the map. The screenshot is kept at `target/web-map/map.png` (CI keeps it as an artifact).
 
 use super::*;
 
@@ -211,6 +211,37 @@ fn the_map_in_headless_chromium_shows_a_fleet_of_50_agents() {
         },
         || ctl.log_text(),
     );
+    // A staged rollout of a channel change, held at its canary (a node off the ring) by a long
+    // bake: the map lists it above the map, as `sidenetctl rollout status` has it.
+    let canary = &rows[FLEET - 1];
+    let mesh = std::fs::read_to_string(s.path("manifests/mesh.yaml")).unwrap();
+    let staged = format!(
+        "{}  rollout:\n    canary:\n      nodes: [{}]\n    waves: [100]\n    bakeSeconds: 3600\n    progressDeadlineSeconds: 3600\n",
+        mesh.replace("        channel: 36\n", "        channel: 44\n"),
+        canary.node
+    );
+    std::fs::write(s.path("manifests/mesh.yaml.new"), staged).unwrap();
+    std::fs::rename(
+        s.path("manifests/mesh.yaml.new"),
+        s.path("manifests/mesh.yaml"),
+    )
+    .unwrap();
+    let rollout = wait_for(
+        "the rollout to start",
+        WAIT,
+        || {
+            let req = Request::Rollout {
+                action: "status".into(),
+                mesh: None,
+            };
+            match admin::call(&s.state(), &req).ok()? {
+                Response::Rollouts { rollouts } => rollouts.into_iter().find(|r| r.mesh == MESH),
+                _ => None,
+            }
+        },
+        || ctl.log_text(),
+    );
+    assert_eq!(rollout.waves[0].nodes, vec![canary.node.clone()]);
     // A broken manifest: listed above the map (the controller keeps the last good ones).
     std::fs::write(
         s.path("manifests/broken.yaml"),
@@ -244,6 +275,19 @@ fn the_map_in_headless_chromium_shows_a_fleet_of_50_agents() {
     assert!(
         listed >= 1 && summary.ends_with(&format!("· {listed} manifest errors")),
         "{summary}"
+    );
+    let listed = &dom[dom.find("<ul id=\"rollouts\"").unwrap()..];
+    let listed = &listed[..listed.find("</ul>").unwrap()];
+    let line = format!(
+        "<li>rollout in progress on {MESH}: rollout {} Progressing, wave 0 of 2 (1 nodes, ",
+        &rollout.id[..12]
+    );
+    assert!(
+        listed.contains(&line)
+            && !tag_with(listed, "id=\"rollouts\"")
+                .unwrap()
+                .contains("hidden"),
+        "{listed}"
     );
     let bad = tag_with(&dom, &pair(ring[0], ring[1])).unwrap();
     assert_eq!(attr(bad, "stroke"), Some("#d62728"), "{bad}");
