@@ -843,6 +843,7 @@ impl Backend for Linux {
                 leaf: s.leaf().to_string(),
                 windows: s.windows().to_vec(),
             }),
+            services: Vec::new(),
         }
     }
 

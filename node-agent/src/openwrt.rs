@@ -355,6 +355,7 @@ impl Backend for Openwrt {
             links,
             probes: Vec::new(),
             shaping: None,
+            services: Vec::new(),
         }
     }
 
