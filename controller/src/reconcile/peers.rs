@@ -92,6 +92,8 @@ pub struct ServiceCtx {
     pub address: String,
     /// The service's prefixes.
     pub prefixes: Vec<ServicePrefix>,
+    /// Its prefixes, space-separated (for one-line formats).
+    pub prefix_list: String,
     /// Its ports (empty: all).
     pub ports: Vec<u16>,
     /// `tcp`, `udp` or `any`.
@@ -601,6 +603,11 @@ pub fn services(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<ServiceCtx
                 continue;
             }
             out.push(ServiceCtx {
+                prefix_list: prefixes
+                    .iter()
+                    .map(|p| p.prefix.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 name: s.name.clone(),
                 node: node.clone(),
                 owner: name_of(store, set, node),

@@ -7,8 +7,9 @@ use std::net::Ipv6Addr;
 use crate::spec::set::ManifestSet;
 
 /// Routing table the agents' babeld installs the routes to published services in (never the
-/// main table: the agent's rule decides whether traffic looks there).
-pub const SERVICE_TABLE: u32 = 2121;
+/// main table: the agent's rule decides whether traffic looks there). Below 256: babeld 1.12
+/// passes the table in the 8-bit field of its netlink messages only (2121 became 73).
+pub const SERVICE_TABLE: u32 = 121;
 /// Priority of the agents' `ip -6 rule`s that send a service's traffic to [`SERVICE_TABLE`]
 /// (before the main table's 32766).
 pub const SERVICE_RULE_PRIORITY: u32 = 2121;
