@@ -32,10 +32,10 @@ mod rollout;
 mod services;
 pub mod yaml;
 pub use cache::*;
-pub use services::*;
 pub use policy::*;
 pub use provision::*;
 pub use rollout::*;
+pub use services::*;
 
 /// API group of every sidenet kind.
 pub const GROUP: &str = "sidenet.io";

@@ -110,9 +110,7 @@ fn judge(h: &Handover, probe: Option<&Probe>) -> (bool, String) {
             false,
             format!("loss {loss}% > {}% of {} probes", h.loss, p.sent),
         ),
-        Some(r) if r > f64::from(h.latency) => {
-            (false, format!("rtt {r:.1} ms > {} ms", h.latency))
-        }
+        Some(r) if r > f64::from(h.latency) => (false, format!("rtt {r:.1} ms > {} ms", h.latency)),
         Some(r) => (
             true,
             format!(
@@ -167,7 +165,12 @@ fn set_rules(h: &Handover, s: &Service, on: bool) -> bool {
 
 /// Runs handover for the services of `plan` until it is closed, one round per `interval`,
 /// publishing the states to `states`.
-pub async fn run(mut plan: watch::Receiver<Option<ProbePlan>>, probes: crate::probe::Results, states: States, interval: Duration) {
+pub async fn run(
+    mut plan: watch::Receiver<Option<ProbePlan>>,
+    probes: crate::probe::Results,
+    states: States,
+    interval: Duration,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<(Handover, Vec<Service>)> = None;
@@ -182,7 +185,9 @@ pub async fn run(mut plan: watch::Receiver<Option<ProbePlan>>, probes: crate::pr
             // A new plan: start over from the internet for every service (rules of the old
             // priority removed); services that stay keep their state and rules.
             if let Some((old, _)) = &current
-                && want.as_ref().is_none_or(|(h, _)| h.priority != old.priority || h.table != old.table)
+                && want
+                    .as_ref()
+                    .is_none_or(|(h, _)| h.priority != old.priority || h.table != old.table)
             {
                 flush(old.priority);
                 mine.clear();
@@ -194,9 +199,11 @@ pub async fn run(mut plan: watch::Receiver<Option<ProbePlan>>, probes: crate::pr
                     mine.clear();
                 }
                 for st in &mine {
-                    let kept = services
-                        .iter()
-                        .any(|s| s.name == st.route.name && s.node == st.route.node && s.prefixes == st.route.prefixes);
+                    let kept = services.iter().any(|s| {
+                        s.name == st.route.name
+                            && s.node == st.route.node
+                            && s.prefixes == st.route.prefixes
+                    });
                     if !kept && st.on_side_net() {
                         let s = Service {
                             name: st.route.name.clone(),
@@ -211,7 +218,11 @@ pub async fn run(mut plan: watch::Receiver<Option<ProbePlan>>, probes: crate::pr
                     .iter()
                     .map(|s| {
                         mine.iter()
-                            .find(|st| st.route.name == s.name && st.route.node == s.node && st.route.prefixes == s.prefixes)
+                            .find(|st| {
+                                st.route.name == s.name
+                                    && st.route.node == s.node
+                                    && st.route.prefixes == s.prefixes
+                            })
                             .cloned()
                             .unwrap_or_else(|| State::new(s, t))
                     })

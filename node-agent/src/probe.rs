@@ -97,7 +97,21 @@ impl ProbePlan {
                         .parse()
                         .map_err(|_| format!("probes line {}: bad port {p:?}", n + 1))?;
                 }
-                ["handover", "loss", l, "latency", m, "good", g, "bad", b, "table", t, "priority", p] => {
+                [
+                    "handover",
+                    "loss",
+                    l,
+                    "latency",
+                    m,
+                    "good",
+                    g,
+                    "bad",
+                    b,
+                    "table",
+                    t,
+                    "priority",
+                    p,
+                ] => {
                     let n = |s: &str| {
                         s.parse::<u32>()
                             .map_err(|_| format!("probes line {}: bad number {s:?}", n + 1))
@@ -113,9 +127,9 @@ impl ProbePlan {
                 }
                 ["service", name, node, prefixes @ ..] if !prefixes.is_empty() => {
                     for p in prefixes {
-                        let ok = p
-                            .split_once('/')
-                            .is_some_and(|(a, l)| a.parse::<Ipv6Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 128));
+                        let ok = p.split_once('/').is_some_and(|(a, l)| {
+                            a.parse::<Ipv6Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 128)
+                        });
                         if !ok {
                             return Err(format!("probes line {}: bad prefix {p:?}", n + 1));
                         }
