@@ -317,6 +317,7 @@ mod status_tests {
             agent_epoch: None,
             missing: vec![],
             shaping: None,
+            services: Vec::new(),
         }
     }
 

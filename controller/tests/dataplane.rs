@@ -126,6 +126,7 @@ fn report(
         mqtt_auth: false,
         missing: Vec::new(),
         shaping: None,
+        services: Vec::new(),
     }
 }
 

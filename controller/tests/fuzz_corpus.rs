@@ -190,6 +190,7 @@ fn status_report() -> StatusReport {
         mqtt_auth: false,
         missing: Vec::new(),
         shaping: None,
+        services: Vec::new(),
     }
 }
 

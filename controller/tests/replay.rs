@@ -51,6 +51,7 @@ fn status(key: &KeyPair, epoch: u64, seq: u64, iat: u64) -> Vec<u8> {
         mqtt_auth: false,
         missing: Vec::new(),
         shaping: None,
+        services: Vec::new(),
     };
     seal(
         Kind::Status,

@@ -217,6 +217,7 @@ fn reported_failures_are_bounded() {
             mqtt_auth: false,
             missing: Vec::new(),
             shaping: None,
+            services: Vec::new(),
         };
         let header = Header {
             mesh: "riverside".into(),

@@ -351,6 +351,7 @@ fn report_as_node(
         mqtt_auth: true,
         missing: vec![],
         shaping: None,
+        services: Vec::new(),
     };
     let now = sidenet_controller::now();
     let header = Header {

@@ -29,11 +29,13 @@ mod cache;
 mod policy;
 mod provision;
 mod rollout;
+mod services;
 pub mod yaml;
 pub use cache::*;
 pub use policy::*;
 pub use provision::*;
 pub use rollout::*;
+pub use services::*;
 
 /// API group of every sidenet kind.
 pub const GROUP: &str = "sidenet.io";
@@ -119,6 +121,10 @@ pub struct MeshSpec {
     /// The neighbourhood web cache (`docs/content.md`). Off when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<MeshCache>,
+    /// When the side-net path to a published service counts as good (`docs/dataplane.md`,
+    /// "Handover"); defaults when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandoverSpec>,
 }
 
 /// Radio settings of a mesh.
@@ -460,6 +466,12 @@ pub struct MeshNodeSpec {
     /// content, give its LAN addresses (`docs/content.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<NodeCache>,
+    /// Services this node publishes: its own internet addresses that the other nodes reach over
+    /// the side-net while the path is good, else over the internet (`docs/dataplane.md`,
+    /// "Handover").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub services: Vec<PublishedService>,
 }
 
 /// Role of a node.
@@ -565,6 +577,26 @@ pub struct MeshNodeStatus {
     /// probes' latency and loss.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkStatus>,
+    /// Handover: the path this node uses for each service another node publishes, as it last
+    /// reported (`docs/dataplane.md`, "Handover").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServicePathStatus>,
+}
+
+/// The path a node uses for one published service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePathStatus {
+    /// The service's name.
+    pub name: String,
+    /// Node id of its owner.
+    pub owner: String,
+    /// `side-net` or `internet`.
+    pub via: String,
+    /// When the path last changed (RFC 3339).
+    pub since: String,
+    /// The probe figures that decided it.
+    pub why: String,
 }
 
 /// One WireGuard link of a node.

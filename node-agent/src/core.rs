@@ -51,6 +51,8 @@ pub struct Observation {
     pub probes: Vec<Probe>,
     /// The policy shaping running now.
     pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
+    /// The handover state of each published service (filled in by the shell).
+    pub services: Vec<sidenet_wire::messages::ServiceRoute>,
 }
 
 /// Something that happened.
@@ -591,6 +593,7 @@ impl Agent {
             Event::Observed(obs) => {
                 let changed = obs.neighbours != self.observed.neighbours
                     || obs.shaping != self.observed.shaping
+                    || obs.services != self.observed.services
                     || (obs.wireguard.is_some() && obs.wireguard != self.observed.wireguard);
                 let obs = *obs;
                 self.observed = Observation {
@@ -816,6 +819,7 @@ impl Agent {
             mqtt_auth: self.mqtt_auth,
             missing: self.missing.clone(),
             shaping: self.observed.shaping.clone(),
+            services: self.observed.services.clone(),
         };
         let header = self.next_header();
         let body = serde_json::to_vec(&report).unwrap_or_default();

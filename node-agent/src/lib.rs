@@ -17,6 +17,8 @@
 //! - [`linux`], [`openwrt`]: the two data-plane backends.
 //! - [`babel`]: babeld's local interface (neighbours, routes).
 //! - [`probe`]: the pathfinder probes (UDP echo over the side-net).
+//! - [`handover`]: published services over the side-net while the probes to their owner are
+//!   good, else over the internet (one `ip -6 rule` per prefix).
 //! - [`discovery`]: neighbours over the air (signed beacons on the underlay's link-local addresses).
 //! - [`radio`]: radio bring-up on Linux (`iw`: the mesh point on the profile's phy).
 //! - [`shaping`]: the policy shaping table (HTB classes, rates per stretch of the week, switched
@@ -38,7 +40,7 @@
 //! Modules use only modules of lower layers ([`LAYERS`]), so there are no import loops:
 //! 0. [`core`] (sans-IO: it knows only the wire format), [`cli`], [`logs`], [`files`], [`babel`],
 //!    [`probe`], [`ca`], [`discovery`], [`uapi`];
-//! 1. [`wgkey`], `tls`;
+//! 1. [`wgkey`], `tls`, [`handover`] (reads the prober's results);
 //! 2. [`state`], [`backend`] (the trait and the command runner, no implementation);
 //! 3. [`uci`], [`requires`], [`radio`], [`shaping`], [`squid`] (the web cache's daemon, for both
 //!    backends);
@@ -61,6 +63,7 @@ pub const LAYERS: &[(&str, u8)] = &[
     ("uapi", 0),
     ("wgkey", 1),
     ("tls", 1),
+    ("handover", 1),
     ("state", 2),
     ("backend", 2),
     ("uci", 3),
@@ -82,6 +85,7 @@ pub mod cli;
 pub mod core;
 pub mod discovery;
 pub mod files;
+pub mod handover;
 pub mod linux;
 pub mod logs;
 pub mod openwrt;

@@ -831,6 +831,7 @@ impl Backend for Linux {
             links: self.peers.len(),
             probes: Vec::new(),
             shaping,
+            services: Vec::new(),
         }
     }
 

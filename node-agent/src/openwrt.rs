@@ -403,6 +403,7 @@ impl Backend for Openwrt {
             links,
             probes: Vec::new(),
             shaping,
+            services: Vec::new(),
         }
     }
 

@@ -43,14 +43,47 @@ pub struct ProbePlan {
     pub port: u16,
     /// Targets.
     pub targets: Vec<Target>,
+    /// Handover thresholds (`handover` line), when the node routes to published services.
+    pub handover: Option<Handover>,
+    /// Services other nodes publish (`service` lines), for [`crate::handover`].
+    pub services: Vec<Service>,
+}
+
+/// `handover loss PERCENT latency MS good ROUNDS bad ROUNDS table TABLE priority PRIORITY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handover {
+    /// Highest loss of a good round, percent.
+    pub loss: u32,
+    /// Highest median round-trip time of a good round, ms.
+    pub latency: u32,
+    /// Good rounds in a row before a service moves to the side-net.
+    pub good: u32,
+    /// Bad rounds in a row before it moves back to the internet.
+    pub bad: u32,
+    /// The table babeld installs the service routes in.
+    pub table: u32,
+    /// The priority of the rules into it.
+    pub priority: u32,
+}
+
+/// `service NAME OWNER PREFIX...`: a service another node publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Its name.
+    pub name: String,
+    /// Its owner's node id (probed through an `owner` target).
+    pub node: String,
+    /// Its IPv6 prefixes.
+    pub prefixes: Vec<String>,
 }
 
 impl ProbePlan {
-    /// Parses the probes file: `port N`, `neighbour NODE ADDR%IFACE`, `gateway NODE ADDR`.
+    /// Parses the probes file: `port N`, `neighbour NODE ADDR%IFACE`, `gateway NODE ADDR`,
+    /// `owner NODE ADDR`, `handover ...`, `service NAME NODE PREFIX...`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut plan = ProbePlan {
             port: 6699,
-            targets: Vec::new(),
+            ..Default::default()
         };
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -64,7 +97,50 @@ impl ProbePlan {
                         .parse()
                         .map_err(|_| format!("probes line {}: bad port {p:?}", n + 1))?;
                 }
-                [kind @ ("neighbour" | "gateway"), node, addr] => {
+                [
+                    "handover",
+                    "loss",
+                    l,
+                    "latency",
+                    m,
+                    "good",
+                    g,
+                    "bad",
+                    b,
+                    "table",
+                    t,
+                    "priority",
+                    p,
+                ] => {
+                    let n = |s: &str| {
+                        s.parse::<u32>()
+                            .map_err(|_| format!("probes line {}: bad number {s:?}", n + 1))
+                    };
+                    plan.handover = Some(Handover {
+                        loss: n(l)?,
+                        latency: n(m)?,
+                        good: n(g)?.max(1),
+                        bad: n(b)?.max(1),
+                        table: n(t)?,
+                        priority: n(p)?,
+                    });
+                }
+                ["service", name, node, prefixes @ ..] if !prefixes.is_empty() => {
+                    for p in prefixes {
+                        let ok = p.split_once('/').is_some_and(|(a, l)| {
+                            a.parse::<Ipv6Addr>().is_ok() && l.parse::<u8>().is_ok_and(|l| l <= 128)
+                        });
+                        if !ok {
+                            return Err(format!("probes line {}: bad prefix {p:?}", n + 1));
+                        }
+                    }
+                    plan.services.push(Service {
+                        name: name.to_string(),
+                        node: node.to_string(),
+                        prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+                    });
+                }
+                [kind @ ("neighbour" | "gateway" | "owner"), node, addr] => {
                     resolve(addr, 1)
                         .ok_or_else(|| format!("probes line {}: bad address {addr:?}", n + 1))?;
                     plan.targets.push(Target {

@@ -334,6 +334,15 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     // The prober answers and sends pathfinder probes along the converged config's plan.
     let (plan_tx, plan_rx) = watch::channel(lock(&backend).probe_plan());
     let probes: crate::probe::Results = Arc::default();
+    let services: crate::handover::States = Arc::default();
+    let handover = needs_trial.then(|| {
+        tokio::spawn(crate::handover::run(
+            plan_rx.clone(),
+            probes.clone(),
+            services.clone(),
+            Duration::from_secs(opts.dataplane.probe_interval.max(1)),
+        ))
+    });
     let prober = needs_trial.then(|| {
         tokio::spawn(crate::probe::run(
             plan_rx,
@@ -398,6 +407,7 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                     let b = backend.clone();
                     if let Ok(mut obs) = blocking(move || Ok(lock(&b).observe())).await {
                         obs.probes = probes.lock().map(|p| p.clone()).unwrap_or_default();
+                        obs.services = services.lock().map(|s| s.clone()).unwrap_or_default();
                         if let (Some(wg), Ok(mut t)) = (obs.wireguard.as_mut(), heard.lock()) {
                             wg.heard = t.heard(std::time::Instant::now(), hold);
                         }
@@ -656,6 +666,9 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
     }
     if let Some(p) = prober {
         p.abort();
+    }
+    if let Some(h) = handover {
+        h.abort();
     }
     if let Some(d) = discovery {
         d.abort();

@@ -284,6 +284,27 @@ pub struct StatusReport {
     /// What the node's policy shaping runs now (`docs/policies.md`); none: no shaping table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<ShapingStatus>,
+    /// Handover: where the node sends the traffic for each service another node publishes
+    /// (`docs/dataplane.md`, "Handover"), in the order of its config.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceRoute>,
+}
+
+/// The path a node uses for one published service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRoute {
+    /// The service's name.
+    pub name: String,
+    /// Node id of its owner.
+    pub node: String,
+    /// Its prefixes.
+    pub prefixes: Vec<String>,
+    /// `side-net` or `internet`.
+    pub via: String,
+    /// Since when, Unix seconds.
+    pub since: u64,
+    /// Why: the probe figures that decided it.
+    pub why: String,
 }
 
 /// The shaping a node runs: its leaf qdisc and the windows open now.

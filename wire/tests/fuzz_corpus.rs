@@ -197,6 +197,7 @@ fn bodies() -> Vec<(Kind, Vec<u8>)> {
         mqtt_auth: true,
         missing: vec!["wpad-mesh-mbedtls".into()],
         shaping: None,
+        services: Vec::new(),
     };
     let ack = Ack {
         revision: Revision { epoch: 5, rev: 5 },

@@ -903,6 +903,9 @@ fn print_table(rows: &[StatusRow]) {
         for line in sidenet_controller::reconcile::health::link_lines(r) {
             outln!("  {}: {line}", r.node);
         }
+        for line in sidenet_controller::reconcile::health::service_lines(r) {
+            outln!("  {}: {line}", r.node);
+        }
     }
 }
 

@@ -97,6 +97,7 @@ pub(crate) async fn create_meshnode(
             approved: false,
             overrides: NodeOverrides::default(),
             cache: None,
+            services: Vec::new(),
         },
     );
     node.metadata.namespace = Some(ns.clone());

@@ -278,6 +278,24 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
                 .map(|s| s.links.clone())
                 .unwrap_or_default()
         }),
+        services: match row.filter(|r| r.last_seen.is_some()) {
+            Some(r) => r
+                .services
+                .iter()
+                .map(|s| sidenet_crds::ServicePathStatus {
+                    name: s.name.clone(),
+                    owner: s.node.clone(),
+                    via: s.via.clone(),
+                    since: rfc3339(s.since),
+                    why: s.why.clone(),
+                })
+                .collect(),
+            None => node
+                .status
+                .as_ref()
+                .map(|s| s.services.clone())
+                .unwrap_or_default(),
+        },
         observed_generation: g,
         desired_epoch: f.published.map(|p| p.revision.epoch),
         config_sha256: f.published.map(|p| p.sha256.clone()),
@@ -532,6 +550,7 @@ mod tests {
             agent_epoch: Some(1_700_000_000),
             missing: vec![],
             shaping: None,
+            services: Vec::new(),
         }
     }
 

@@ -257,7 +257,66 @@ pub fn prometheus(rows: &[StatusRow]) -> String {
             );
         }
     }
+    metric(
+        &mut out,
+        "sidenet_service_via_sidenet",
+        "1 while the node sends a published service's traffic over the side-net, 0 while over the internet (handover).",
+        "gauge",
+    );
+    let service_labels = |r: &StatusRow, s: &sidenet_wire::messages::ServiceRoute| {
+        format!(
+            "{},service=\"{}\",owner=\"{}\"",
+            node_labels(r),
+            label(&s.name),
+            label(&s.node)
+        )
+    };
+    for r in rows {
+        for s in &r.services {
+            let _ = writeln!(
+                out,
+                "sidenet_service_via_sidenet{{{}}} {}",
+                service_labels(r, s),
+                u8::from(s.via == "side-net")
+            );
+        }
+    }
+    metric(
+        &mut out,
+        "sidenet_service_path_since_seconds",
+        "Unix time the node's path for a published service last changed (or handover started).",
+        "gauge",
+    );
+    for r in rows {
+        for s in &r.services {
+            let _ = writeln!(
+                out,
+                "sidenet_service_path_since_seconds{{{}}} {}",
+                service_labels(r, s),
+                s.since
+            );
+        }
+    }
     out
+}
+
+/// The lines `sidenetctl status` prints for a node's published-service paths (handover):
+/// `service NAME of OWNER: via side-net since TIME (WHY)`.
+pub fn service_lines(r: &StatusRow) -> Vec<String> {
+    r.services
+        .iter()
+        .map(|s| {
+            format!(
+                "service {} of {} ({}): via {} since {} ({})",
+                s.name,
+                s.node,
+                s.prefixes.join(" "),
+                s.via,
+                crate::time::rfc3339(s.since),
+                s.why
+            )
+        })
+        .collect()
 }
 
 /// The per-link part of a node's `MeshNode` status: one entry per WireGuard neighbour it probes
@@ -471,6 +530,7 @@ mod tests {
             agent_epoch: None,
             missing: vec![],
             shaping: None,
+            services: Vec::new(),
         };
         let l = links(&row);
         assert_eq!(l.len(), 2, "{l:?}");
@@ -514,6 +574,7 @@ mod tests {
             agent_version: Some("0.1.0".into()),
             agent_epoch: Some(7),
             shaping: None,
+            services: Vec::new(),
             missing: vec!["babeld".into()],
         };
         let text = prometheus(&[row]);

@@ -140,6 +140,10 @@ pub struct StatusRow {
     /// The policy shaping the node runs (leaf qdisc, windows open), as it last reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
+    /// Handover: the path the node uses for each service another node publishes (`side-net` or
+    /// `internet`, since when, why), as it last reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<sidenet_wire::messages::ServiceRoute>,
 }
 
 /// A node message the core refused.

@@ -69,6 +69,72 @@ pub struct Dataplane {
     /// the cache keeps its fingerprint.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<crate::reconcile::cache::CacheCtx>,
+    /// The services other nodes of the mesh publish, each with its owner's side-net address
+    /// (`docs/dataplane.md`, "Handover").
+    pub services: Vec<ServiceCtx>,
+    /// The services this node publishes (its babeld announces them, its firewall admits them
+    /// from the side-net).
+    pub own_services: Vec<ServiceCtx>,
+    /// The Mesh's handover thresholds, when the node routes to any service of another node.
+    pub handover: Option<HandoverCtx>,
+}
+
+/// A published service (`spec.services[]` of a MeshNode).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceCtx {
+    /// The service's name.
+    pub name: String,
+    /// The owner's node id.
+    pub node: String,
+    /// The owner's MeshNode name.
+    pub owner: String,
+    /// The owner's side-net address (what the agents probe).
+    pub address: String,
+    /// The service's prefixes.
+    pub prefixes: Vec<ServicePrefix>,
+    /// Its prefixes, space-separated (for one-line formats).
+    pub prefix_list: String,
+    /// Its ports (empty: all).
+    pub ports: Vec<u16>,
+    /// `tcp`, `udp` or `any`.
+    pub protocol: String,
+}
+
+/// One prefix of a service.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServicePrefix {
+    /// Canonical, with its length: `2001:db8:5::80/128`.
+    pub prefix: String,
+    /// Its length.
+    pub len: u8,
+}
+
+/// An owner of services, to probe.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OwnerCtx {
+    /// Node id.
+    pub node: String,
+    /// Its side-net address.
+    pub address: String,
+}
+
+/// The thresholds and kernel numbers of handover.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HandoverCtx {
+    /// Highest loss of a good round, percent.
+    pub loss_percent: u32,
+    /// Highest median round-trip time of a good round, ms.
+    pub latency_ms: u32,
+    /// Good rounds in a row before a service moves to the side-net.
+    pub good_rounds: u32,
+    /// Bad rounds in a row before it moves back to the internet.
+    pub bad_rounds: u32,
+    /// The routing table babeld installs service routes in.
+    pub table: u32,
+    /// The priority of the agent's rules into that table.
+    pub priority: u32,
+    /// The owners of [`Dataplane::services`], each once, in node-id order.
+    pub owners: Vec<OwnerCtx>,
 }
 
 /// One WireGuard neighbour.
@@ -120,6 +186,9 @@ impl Dataplane {
             gateways: Vec::new(),
             policy: Default::default(),
             cache: None,
+            services: Vec::new(),
+            own_services: Vec::new(),
+            handover: None,
         }
     }
 }
@@ -503,6 +572,83 @@ pub fn gateways(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<GatewayCtx
             })
         })
         .collect()
+}
+
+/// The services the nodes of `mesh` publish (those with a /64), in node-id order. Computed once
+/// per mesh and reconcile, then handed to [`with_services`].
+pub fn services(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<ServiceCtx> {
+    let net = network_name(mesh);
+    let Ok(base) = crate::spec::manifest::parse_ula48(&mesh.spec.prefix) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (node, m) in &set.nodes {
+        if m.spec.services.is_empty() || set.mesh_of(m).map(network_name) != Some(net) {
+            continue;
+        }
+        let Some(sid) = store.subnets.get(&(net.to_string(), node.clone())) else {
+            continue;
+        };
+        for s in &m.spec.services {
+            let prefixes: Vec<ServicePrefix> = s
+                .addresses
+                .iter()
+                .filter_map(|a| crate::spec::services::parse_service_prefix(a).ok())
+                .map(|(a, l)| ServicePrefix {
+                    prefix: format!("{a}/{l}"),
+                    len: l,
+                })
+                .collect();
+            if prefixes.is_empty() {
+                continue;
+            }
+            out.push(ServiceCtx {
+                prefix_list: prefixes
+                    .iter()
+                    .map(|p| p.prefix.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                name: s.name.clone(),
+                node: node.clone(),
+                owner: name_of(store, set, node),
+                address: crate::spec::ipam::node_address(base, *sid).to_string(),
+                prefixes,
+                ports: s.ports.clone(),
+                protocol: s.protocol.as_str().to_string(),
+            });
+        }
+    }
+    out
+}
+
+/// Gives node `id` of `mesh` the services of the other nodes (to route to) and its own (to
+/// announce), with the Mesh's thresholds.
+pub fn with_services(dp: &mut Dataplane, all: &[ServiceCtx], mesh: &Mesh, id: &str) {
+    dp.services = all.iter().filter(|s| s.node != id).cloned().collect();
+    dp.own_services = all.iter().filter(|s| s.node == id).cloned().collect();
+    dp.handover = (!dp.services.is_empty()).then(|| {
+        let h = mesh.spec.handover.clone().unwrap_or_default();
+        HandoverCtx {
+            loss_percent: h.loss_percent.unwrap_or(sidenet_crds::DEFAULT_LOSS_PERCENT),
+            latency_ms: h.latency_ms.unwrap_or(sidenet_crds::DEFAULT_LATENCY_MS),
+            good_rounds: h.good_rounds.unwrap_or(sidenet_crds::DEFAULT_GOOD_ROUNDS),
+            bad_rounds: h.bad_rounds.unwrap_or(sidenet_crds::DEFAULT_BAD_ROUNDS),
+            table: crate::spec::services::SERVICE_TABLE,
+            priority: crate::spec::services::SERVICE_RULE_PRIORITY,
+            owners: {
+                let mut o: Vec<OwnerCtx> = dp
+                    .services
+                    .iter()
+                    .map(|s| OwnerCtx {
+                        node: s.node.clone(),
+                        address: s.address.clone(),
+                    })
+                    .collect();
+                o.dedup();
+                o
+            },
+        }
+    });
 }
 
 /// The mesh's nodes that have a /64, as the policy compiler selects them (MeshNode name and

@@ -122,6 +122,9 @@ pub struct NodeRecord {
     /// The policy shaping the last status report says runs (leaf qdisc, open windows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shaping: Option<sidenet_wire::messages::ShapingStatus>,
+    /// Handover: the path the node's last status report gives for each published service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<sidenet_wire::messages::ServiceRoute>,
 }
 
 /// The last config published to a node.

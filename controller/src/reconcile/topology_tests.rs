@@ -23,6 +23,7 @@ fn row(id: &str, mesh: &str, phase: &str, sid: u16) -> StatusRow {
         agent_epoch: Some(1),
         missing: vec![],
         shaping: None,
+        services: Vec::new(),
     }
 }
 

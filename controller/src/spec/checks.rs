@@ -339,6 +339,10 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
     for (key, field, message) in crate::spec::cache::check(set) {
         errors.push(err(&key, &field, message));
     }
+    // Published services and the handover thresholds (docs/dataplane.md, "Handover").
+    for (key, field, message) in crate::spec::services::check(set) {
+        errors.push(err(&key, &field, message));
+    }
 
     for (name, np) in &set.provisions {
         let key = format!("NodeProvision/{name}");

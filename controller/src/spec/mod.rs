@@ -12,4 +12,5 @@ pub mod parse;
 pub mod policy;
 pub mod regdb;
 pub mod rollout;
+pub mod services;
 pub mod set;

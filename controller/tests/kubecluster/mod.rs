@@ -794,6 +794,7 @@ impl Agent {
             mqtt_auth,
             missing: Vec::new(),
             shaping: None,
+            services: Vec::new(),
         };
         let h = self.header();
         let payload = seal(

@@ -197,6 +197,7 @@ impl Controller {
         rec.agent_version = Some(report.agent_version.clone());
         rec.missing = report.missing.clone();
         rec.shaping = report.shaping.clone();
+        rec.services = report.services.clone();
         rec.probes = report.probes.clone();
         rec.neighbours = report.neighbours.clone();
         let moved = report.wireguard.is_some() && report.wireguard != rec.wireguard;

@@ -242,6 +242,11 @@ impl Controller {
             .or_insert_with(|| crate::reconcile::peers::gateways(&self.store, set, mesh));
         let mut dataplane =
             crate::reconcile::peers::dataplane(&self.peers, &self.store, set, mesh, id, gateways);
+        let services = cache
+            .services
+            .entry(mesh_name.clone())
+            .or_insert_with(|| crate::reconcile::peers::services(&self.store, set, mesh));
+        crate::reconcile::peers::with_services(&mut dataplane, services, mesh, id);
         let located = cache
             .located
             .entry(mesh_name.clone())
@@ -591,6 +596,8 @@ pub(super) struct PlanCache {
     profiles: BTreeMap<String, String>,
     /// Mesh name → its gateways.
     gateways: BTreeMap<String, Vec<crate::reconcile::peers::GatewayCtx>>,
+    /// Mesh name → the services its nodes publish.
+    services: BTreeMap<String, Vec<crate::reconcile::peers::ServiceCtx>>,
     /// Mesh name → its nodes with their /64s (the policy compiler's input).
     located: BTreeMap<String, Vec<crate::spec::policy::compile::Located>>,
 }

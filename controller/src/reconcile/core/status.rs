@@ -32,7 +32,7 @@ impl Controller {
             Desired::Config { mut inputs, .. } => {
                 inputs.passphrase_next = next.as_deref();
                 let gw = crate::reconcile::peers::gateways(&self.store, &self.set, &mesh);
-                let dp = crate::reconcile::peers::dataplane(
+                let mut dp = crate::reconcile::peers::dataplane(
                     &self.peers,
                     &self.store,
                     &self.set,
@@ -40,6 +40,8 @@ impl Controller {
                     &id,
                     &gw,
                 );
+                let services = crate::reconcile::peers::services(&self.store, &self.set, &mesh);
+                crate::reconcile::peers::with_services(&mut dp, &services, &mesh, &id);
                 build_config_with(&self.renderer, &inputs, Some(dp)).map_err(CoreError::Request)
             }
             Desired::Pending(r) | Desired::Blocked(r) => Err(CoreError::Request(r)),
@@ -141,6 +143,7 @@ impl Controller {
             agent_epoch: rec.and_then(|r| r.last_seq.map(|s| s.epoch)),
             missing: rec.map(|r| r.missing.clone()).unwrap_or_default(),
             shaping: rec.and_then(|r| r.shaping.clone()),
+            services: rec.map(|r| r.services.clone()).unwrap_or_default(),
             node: id,
         }
     }
