@@ -268,6 +268,56 @@ async fn bench_enrolment_storm() {
     };
     let calls = controller_calls(&c)[mark..].to_vec();
     let by = summary(&calls);
+
+    // Steady state: every node reports that it runs its config, twice, 10 s apart (a real
+    // agent reports every minute). The first round moves each node to Ready (a write each);
+    // the second changes nothing but `lastSeen`.
+    let key = c.mesh_key().unwrap();
+    let last: BTreeMap<String, Vec<u8>> = {
+        let seen = obs.seen.lock().unwrap();
+        seen.iter()
+            .filter(|(t, p)| t.ends_with("/config") && !p.is_empty())
+            .filter_map(|(t, p)| Some((t.split('/').nth(4)?.to_string(), p.clone())))
+            .collect()
+    };
+    let applied: Vec<Option<(sidenet_wire::Revision, String)>> = agents
+        .iter()
+        .map(|a| {
+            let env = sidenet_wire::Envelope::parse(last.get(&a.id())?, 1 << 20).ok()?;
+            let v = env.verify(sidenet_wire::Kind::Config, &key).ok()?;
+            Some((v.header.revision(), v.header.sha256.clone()))
+        })
+        .collect();
+    let status_writes = |from: usize| {
+        controller_calls(&c)[from..]
+            .iter()
+            .filter(|r| {
+                r.starts_with("PATCH ") && r.contains("/meshnodes/") && r.contains("/status")
+            })
+            .count()
+    };
+    let mut rounds = Vec::new();
+    for round in 0..2 {
+        let from = controller_calls(&c).len();
+        for (a, got) in agents.iter_mut().zip(&applied) {
+            if let Some((rev, sha)) = got {
+                a.report(&mqtt, *rev, sha).await;
+            }
+        }
+        if round == 0 {
+            until("every node Ready", limit, || {
+                c.api
+                    .list(NODES)
+                    .iter()
+                    .filter(|m| m["status"]["phase"] == "Ready")
+                    .count()
+                    == n
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        rounds.push(status_writes(from));
+    }
     let (rss, hwm) = rss_kib();
     println!("== Kubernetes mode, enrolment storm of {n} nodes (debug build unless --release)");
     println!(
@@ -284,6 +334,14 @@ async fn bench_enrolment_storm() {
     for (k, v) in &by {
         println!("  {k}: {v}");
     }
+    println!(
+        "steady state: MeshNode status writes for a round of {n} reports: {} (first: nodes become Ready), then {} (lastSeen only; it is written every {} s: {:.2} writes per node per 5 minutes at one report a minute)",
+        rounds[0],
+        rounds[1],
+        sidenet_controller::kubernetes::status::LAST_SEEN_STEP,
+        rounds[1] as f64 / n as f64 * 5.0
+            + 300.0 / sidenet_controller::kubernetes::status::LAST_SEEN_STEP as f64
+    );
     println!(
         "RSS of the test process (controller + in-memory API server + observer): {} MiB, peak {} MiB",
         rss / 1024,

@@ -219,6 +219,52 @@ async fn sidenetctl_works_against_a_cluster_through_a_kubeconfig() {
         "a used token admitted a second node"
     );
 
+    // Expired entries, used or not, are removed at the next read of the Secret (a node asking
+    // to enrol); the valid ones, used or not, stay.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(c.client.clone(), "default");
+    let past = sidenet_controller::now() - 10;
+    let (old_unused, old_used) = ("a".repeat(64), "b".repeat(64));
+    let entry = |used: Option<&str>| {
+        k8s_openapi::ByteString(
+            serde_json::to_vec(&json!({"created": past - 100, "expires": past, "usedBy": used}))
+                .unwrap(),
+        )
+    };
+    secrets
+        .patch(
+            "riverside-enrolment-tokens",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {
+                &old_unused: entry(None),
+                &old_used: entry(Some("zzzzzzzzzzzzzzzz")),
+            }})),
+        )
+        .await
+        .unwrap();
+    let keys = || -> Option<std::collections::BTreeSet<String>> {
+        let s = c
+            .api
+            .get("v1/secrets", "default", "riverside-enrolment-tokens")?;
+        Some(s["data"].as_object()?.keys().cloned().collect())
+    };
+    assert!(keys().unwrap().contains(&old_used), "{:?}", keys());
+    let valid: std::collections::BTreeSet<String> = [&token, &fresh]
+        .iter()
+        .map(|t| sidenet_wire::codec::sha256_hex(t.as_bytes()))
+        .collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    while keys().is_none_or(|k| k != valid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired tokens not pruned: {:?}\n{}",
+            keys(),
+            c.dump()
+        );
+        loft.enroll_token(&mqtt, "loft", "not-a-token").await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
     // remove: the MeshNode goes, the controller clears the node's retained config.
     let (ok, out, err) = ctl(&kc, &["remove", &name]).await;
     assert!(ok, "{err}");

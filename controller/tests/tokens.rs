@@ -246,3 +246,75 @@ fn reported_failures_are_bounded() {
     );
     assert_eq!(failed.last().unwrap().rev, 500, "the newest is kept");
 }
+
+/// Expired token records go, used or not, from memory and from the state database (a reopened
+/// store no longer holds them); tokens still valid, used or not, stay.
+#[test]
+fn expired_tokens_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = now();
+    let db = dir.path().join("sidenet.redb");
+    let store = Store::open(&db, t0).unwrap();
+    let renderer = Renderer::load(&repo().join("templates")).unwrap();
+    let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(dir.path())));
+    let mesh_text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml"))
+        .unwrap()
+        .replace("mode: auto", "mode: token");
+    let mut texts = vec![(PathBuf::from("mesh.yaml"), mesh_text)];
+    for f in manifest::collect_files(&[repo().join("hardware-profiles")]).unwrap() {
+        let t = std::fs::read_to_string(&f).unwrap();
+        texts.push((f, t));
+    }
+    ctl.set_manifests(manifest::load_texts(&texts).unwrap(), t0)
+        .unwrap();
+    ctl.flush().unwrap();
+    let hash = |t: &str| sidenet_wire::codec::sha256_hex(t.as_bytes());
+    // Used and short-lived; unused and short-lived; used and long-lived; unused and long-lived.
+    let tokens = [
+        ("used-short", 60),
+        ("unused-short", 60),
+        ("used-long", 3600),
+        ("unused-long", 3600),
+    ];
+    for (t, ttl) in tokens {
+        ctl.create_token("riverside", t, ttl, t0).unwrap();
+    }
+    ctl.flush().unwrap();
+    for (i, t) in [(0, "used-short"), (1, "used-long")] {
+        let k = key(20_000 + i);
+        let (topic, payload) = enrol(&k, &k.public().node_id(), Some(t), t0);
+        ctl.on_message(&topic, &payload, t0).unwrap();
+        ctl.flush().unwrap();
+        assert!(
+            ctl.store.tokens[&hash(t)].used_by.is_some(),
+            "{t} was not used"
+        );
+    }
+    // Nothing has expired yet.
+    assert!(ctl.prune_tokens(t0 + 59).is_empty());
+    let mut gone = ctl.prune_tokens(t0 + 60);
+    gone.sort();
+    let mut want = vec![hash("used-short"), hash("unused-short")];
+    want.sort();
+    assert_eq!(gone, want);
+    ctl.flush().unwrap();
+    let kept: BTreeSet<String> = ctl.store.tokens.keys().cloned().collect();
+    let long: BTreeSet<String> = [hash("used-long"), hash("unused-long")].into();
+    assert_eq!(kept, long);
+    drop(ctl);
+    let reopened = Store::open(&db, t0).unwrap();
+    let on_disk: BTreeSet<String> = reopened.tokens.keys().cloned().collect();
+    assert_eq!(on_disk, long, "the database still holds expired tokens");
+    // Creating a token prunes too.
+    drop(reopened);
+    let store = Store::open(&db, t0).unwrap();
+    let renderer = Renderer::load(&repo().join("templates")).unwrap();
+    let mut ctl = Controller::new(store, renderer, Box::new(FsSecrets::new(dir.path())));
+    ctl.set_manifests(manifest::load_texts(&texts).unwrap(), t0)
+        .unwrap();
+    ctl.create_token("riverside", "fresh", 3600, t0 + 4000)
+        .unwrap();
+    ctl.flush().unwrap();
+    let kept: BTreeSet<String> = ctl.store.tokens.keys().cloned().collect();
+    assert_eq!(kept, [hash("fresh")].into());
+}

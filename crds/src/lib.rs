@@ -557,6 +557,13 @@ pub struct MeshNodeStatus {
     /// Expiry time (Unix seconds) in the header of the desired config's envelope.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_expires_at: Option<u64>,
+    /// Kubernetes mode with the embedded broker only: the exact signed envelope of the desired
+    /// config (standard base64), written with `desiredRevision` before the config is published.
+    /// The embedded broker's retained configs die with the controller's process; a restarted
+    /// controller republishes these bytes unchanged (same revision, no new signature) when the
+    /// node's config has not changed. Its secrets are sealed to the node's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_envelope: Option<String>,
     /// The node's /64 within the mesh prefix (its subnet id), kept so it survives controller
     /// restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -516,6 +516,32 @@ def first_difference(a, b, path: str = "") -> str | None:
     return None if a == b else f"{path} ({a!r} vs {b!r})"
 
 
+def check_ssh_egress(where: str, docs: list[dict], values: dict) -> None:
+    """The NetworkPolicy's SSH egress for NodeProvision (docs/helm.md): exactly one rule with
+    the ports of networkPolicy.provisioning, to its CIDRs (any address when none), when it is
+    enabled; none otherwise."""
+    prov = values.get("networkPolicy", {}).get("provisioning", {})
+    want_ports = sorted(prov.get("ports", [22]))
+    for np in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        rules = [
+            r for r in np["spec"].get("egress", [])
+            if sorted(p.get("port") for p in r.get("ports", [])) == want_ports
+        ]
+        if not prov.get("enabled"):
+            if rules:
+                fail(where, f"SSH egress rendered with networkPolicy.provisioning.enabled false: {rules}")
+            continue
+        if len(rules) != 1:
+            fail(where, f"expected one SSH egress rule on ports {want_ports}, rendered {len(rules)}")
+            continue
+        r = rules[0]
+        if any(p.get("protocol") != "TCP" for p in r["ports"]):
+            fail(where, f"the SSH egress rule is not TCP only: {r}")
+        cidrs = [t.get("ipBlock", {}).get("cidr") for t in r.get("to", [])]
+        if cidrs != list(prov.get("cidrs", [])):
+            fail(where, f"the SSH egress rule goes to {cidrs}, networkPolicy.provisioning.cidrs says {prov.get('cidrs')}")
+
+
 def check_variant(
     name: str, path: str, expect: str, custom_kinds: dict, profiles: dict, work: str, seen: set,
     values: dict,
@@ -561,6 +587,7 @@ def check_variant(
         fail(where, f"ServiceAccount {[s['metadata']['name'] for s in sas]} is not the pods' {sa}")
     check_rbac(where, docs, release_ns, sa, facts, values)
     check_hardening(where, docs, dep, facts, pod_labels, release_ns)
+    check_ssh_egress(where, docs, values)
 
     services = [d for d in docs if d["kind"] == "Service"]
     for s in services:

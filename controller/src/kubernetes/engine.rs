@@ -116,6 +116,9 @@ pub struct Engine {
     pub(crate) claims: Claims,
     /// The validated set of each namespace.
     pub(crate) namespaces: BTreeMap<String, Validated>,
+    /// Each namespace's objects as last parsed and schema-checked, one by one (only a changed
+    /// object is parsed again).
+    pub(crate) parse_cache: BTreeMap<String, crate::spec::manifest::ParseCache>,
     pub(crate) warned: BTreeSet<String>,
     pub(crate) phases_at: Option<Instant>,
     /// Whether the set was handed to the core at least once (rollouts step only then).
@@ -227,6 +230,7 @@ impl Ctx {
                     topics: BTreeMap::new(),
                     claims: Claims::default(),
                     namespaces: BTreeMap::new(),
+                    parse_cache: BTreeMap::new(),
                     warned: BTreeSet::new(),
                     phases_at: None,
                     synced: false,

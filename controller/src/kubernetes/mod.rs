@@ -87,15 +87,16 @@ impl Drop for TaskGuard {
 
 /// Starts the embedded MQTT broker. One function, so replacing the broker touches one place.
 /// The broker applies the topic ACLs of [`crate::transport::acl`]; the controller connects with
-/// `controller_password`.
+/// `controller_password`. It stops (its retained messages with it) when the returned guard is
+/// dropped: when this pod stops reconciling.
 pub fn start_embedded_broker(
     listen: SocketAddr,
     tls: Option<&crate::transport::broker::TlsListen>,
     max_connections: usize,
     controller_password: String,
     book: crate::transport::acl::CredentialBook,
-) -> Result<(), KubeError> {
-    crate::transport::broker::start(
+) -> Result<crate::transport::broker::Running, KubeError> {
+    let (_, running) = crate::transport::broker::start_stoppable(
         listen,
         tls,
         max_connections,
@@ -106,7 +107,7 @@ pub fn start_embedded_broker(
     if let Some(t) = tls {
         tracing::info!("embedded MQTT broker listening for TLS on {}", t.addr);
     }
-    Ok(())
+    Ok(running)
 }
 
 /// Runs Kubernetes mode until `shutdown` completes (or the Lease is lost).
@@ -255,18 +256,21 @@ async fn lead(
 ) -> Result<(), KubeError> {
     let mut mqtt_opts = mqtt_options(opts)?;
     let book = crate::transport::acl::CredentialBook::default();
+    // Dropped last (declared first): the embedded broker stops once everything else did.
+    let mut _broker = None;
     if opts.broker.is_none() {
-        // A password for this run only: the embedded broker lives and dies with this process.
+        // A password for this run only: the embedded broker lives and dies with this run (its
+        // retained configs too: a new run republishes them from MeshNode status).
         let password = crate::random::random32()
             .map(|b| sidenet_wire::codec::base32(&b))
             .map_err(|e| KubeError::Other(format!("broker password: {e}")))?;
-        start_embedded_broker(
+        _broker = Some(start_embedded_broker(
             opts.listen,
             opts.tls.as_ref(),
             opts.max_connections,
             password.clone(),
             book.clone(),
-        )?;
+        )?);
         mqtt_opts.set_credentials(crate::transport::acl::CONTROLLER_USER, password);
     }
     let (mqtt, mut eventloop) = AsyncClient::new(mqtt_opts, 512);

@@ -1,5 +1,6 @@
 //! The MQTT task's side of the engine: broker (re)connections, enrolments and status reports.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -21,9 +22,21 @@ pub(crate) enum MqttEvent {
     Message(String, Vec<u8>),
 }
 
-/// Handles broker (re)connections, enrolments and status reports.
+/// The most node messages handled under one hold of the engine lock.
+const BATCH: usize = 512;
+
+/// Handles broker (re)connections, enrolments and status reports. The node messages queued
+/// at a time are handled together (at most [`BATCH`]): one sync of the objects, one commit and
+/// publish, one status write per node that changed, and one record of the mesh's highest
+/// revision for the whole batch, instead of one of each per message.
 pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::transport::inbox::Receiver<MqttEvent>) {
-    while let Some(ev) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH
+            && let Some(ev) = rx.try_recv()
+        {
+            batch.push(ev);
+        }
         let engine = match ctx.engine().await {
             Ok(e) => e,
             Err(e) => {
@@ -32,10 +45,126 @@ pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::transport::inbox::Re
             }
         };
         let mut eng = engine.lock().await;
-        if let Err(e) = handle_mqtt(&ctx, &mut eng, ev).await {
-            tracing::error!("{e}");
+        handle_batch(&ctx, &mut eng, batch).await;
+    }
+}
+
+/// Handles `events` in order: node messages together, the others one by one.
+pub(crate) async fn handle_batch(ctx: &Ctx, eng: &mut Engine, events: Vec<MqttEvent>) {
+    let started = Instant::now();
+    let mut touched: BTreeSet<String> = BTreeSet::new();
+    let mut synced = false;
+    let mut dirty = false;
+    for ev in events {
+        match ev {
+            MqttEvent::Message(topic, payload)
+                if topic != crate::transport::dynsec::RESPONSE_TOPIC =>
+            {
+                match on_node_message(ctx, eng, &topic, &payload, &mut synced).await {
+                    Ok(Some(node)) => {
+                        touched.insert(node);
+                        dirty = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("{e}"),
+                }
+            }
+            other => {
+                if std::mem::take(&mut dirty)
+                    && let Err(e) = flush(ctx, eng, started, &mut touched).await
+                {
+                    tracing::error!("{e}");
+                }
+                if let Err(e) = handle_mqtt(ctx, eng, other).await {
+                    tracing::error!("{e}");
+                }
+                synced = false;
+            }
         }
     }
+    if dirty && let Err(e) = flush(ctx, eng, started, &mut touched).await {
+        tracing::error!("{e}");
+    }
+}
+
+/// After a batch of node messages: waiting-list evictions, commit and publish, then the status
+/// of each node the batch concerned (once per node).
+async fn flush(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    started: Instant,
+    touched: &mut BTreeSet<String>,
+) -> Result<(), KubeError> {
+    delete_evicted(ctx, eng).await;
+    persist_and_publish(ctx, eng, started).await?;
+    for node in std::mem::take(touched) {
+        if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
+            && let Some(obj) = ctx.node_obj(&ns, &name)
+            && let Err(e) = write_status(ctx, eng, &obj).await
+        {
+            tracing::warn!(node = %node, "cannot write the status of MeshNode {ns}/{name}: {e}");
+        }
+    }
+    update_phases(ctx, eng);
+    Ok(())
+}
+
+/// One enrolment, status report or online message, into the core (the caller flushes): the
+/// node it concerns.
+async fn on_node_message(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    topic: &str,
+    payload: &[u8],
+    synced: &mut bool,
+) -> Result<Option<String>, KubeError> {
+    let (mesh, node, enroll) = match topics::parse(topic) {
+        Some(Incoming::Enroll { mesh, node }) => (mesh.to_string(), node.to_string(), true),
+        Some(Incoming::Status { mesh, node }) | Some(Incoming::Online { mesh, node }) => {
+            (mesh.to_string(), node.to_string(), false)
+        }
+        None => return Ok(None),
+    };
+    if enroll {
+        // Once per batch: the MeshNodes created for the batch's earlier enrolments are not in
+        // the watch cache yet anyway.
+        if !*synced {
+            sync(ctx, eng).await?;
+            *synced = true;
+        }
+        if !eng.seeded.contains(&node) && !eng.ctl.store.published.contains_key(&node) {
+            let hw = eng.high_water.get(&mesh).copied().unwrap_or(0);
+            seed_revision(eng, &node, &mesh, hw);
+            eng.seeded.insert(node.clone());
+        }
+    }
+    let unused = if enroll {
+        super::tokens::before_enrol(ctx, eng, &mesh).await?
+    } else {
+        Default::default()
+    };
+    let before = eng.ctl.counters;
+    eng.ctl.on_message(topic, payload, crate::now())?;
+    if eng.synced {
+        // A report may finish or fail a wave (kubernetes::rollouts).
+        eng.ctl.rollout_tick(crate::now())?;
+    }
+    super::tokens::after_enrol(ctx, eng, &mesh, &unused).await?;
+    let after = eng.ctl.counters;
+    ctx.metrics
+        .enrolled
+        .fetch_add(after.enrolled - before.enrolled, Ordering::Relaxed);
+    ctx.metrics.rejected.fetch_add(
+        after.rejected_messages - before.rejected_messages,
+        Ordering::Relaxed,
+    );
+    if enroll
+        && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
+        && !eng.claims.nodes.contains_key(&node)
+    {
+        create_meshnode(ctx, eng, &node).await?;
+    }
+    Ok(Some(node))
 }
 
 pub(crate) async fn handle_mqtt(
@@ -103,56 +232,10 @@ pub(crate) async fn handle_mqtt(
             }
         }
         MqttEvent::Message(topic, payload) => {
-            let parsed = topics::parse(&topic);
-            let (mesh, node, enroll) = match parsed {
-                Some(Incoming::Enroll { mesh, node }) => (mesh.to_string(), node.to_string(), true),
-                Some(Incoming::Status { mesh, node }) | Some(Incoming::Online { mesh, node }) => {
-                    (mesh.to_string(), node.to_string(), false)
-                }
-                None => return Ok(()),
-            };
-            if enroll {
-                sync(ctx, eng).await?;
-                if !eng.seeded.contains(&node) && !eng.ctl.store.published.contains_key(&node) {
-                    let hw = eng.high_water.get(&mesh).copied().unwrap_or(0);
-                    seed_revision(eng, &node, &mesh, hw);
-                    eng.seeded.insert(node.clone());
-                }
+            let mut synced = false;
+            if let Some(node) = on_node_message(ctx, eng, &topic, &payload, &mut synced).await? {
+                flush(ctx, eng, started, &mut BTreeSet::from([node])).await?;
             }
-            let unused = if enroll {
-                super::tokens::before_enrol(ctx, eng, &mesh).await?
-            } else {
-                Default::default()
-            };
-            let before = eng.ctl.counters;
-            eng.ctl.on_message(&topic, &payload, crate::now())?;
-            if eng.synced {
-                // A report may finish or fail a wave (kubernetes::rollouts).
-                eng.ctl.rollout_tick(crate::now())?;
-            }
-            super::tokens::after_enrol(ctx, eng, &mesh, &unused).await?;
-            let after = eng.ctl.counters;
-            ctx.metrics
-                .enrolled
-                .fetch_add(after.enrolled - before.enrolled, Ordering::Relaxed);
-            ctx.metrics.rejected.fetch_add(
-                after.rejected_messages - before.rejected_messages,
-                Ordering::Relaxed,
-            );
-            if enroll
-                && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
-                && !eng.claims.nodes.contains_key(&node)
-            {
-                create_meshnode(ctx, eng, &node).await?;
-            }
-            delete_evicted(ctx, eng).await;
-            persist_and_publish(ctx, eng, started).await?;
-            if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
-                && let Some(obj) = ctx.node_obj(&ns, &name)
-            {
-                write_status(ctx, eng, &obj).await?;
-            }
-            update_phases(ctx, eng);
         }
     }
     Ok(())

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -14,6 +15,7 @@ use super::options::KubeError;
 use super::rollstate;
 use super::status::{self, NodeFacts};
 use crate::reconcile::model::Publish;
+use crate::reconcile::store::Published;
 use crate::spec::manifest::network_name;
 
 /// Commits the core's state, writes the durable facts of every new config to the cluster, then
@@ -159,14 +161,28 @@ pub(crate) async fn write_status(
         .filter(|_| eng.claims.owns_mesh(&ns, &node.spec.mesh));
     let rec = eng.ctl.store.nodes.get(id).filter(|_| owner);
     let net = mesh.map(|m| network_name(m).to_string());
+    let published = eng
+        .ctl
+        .store
+        .published
+        .get(id)
+        .filter(|p| owner && !p.sha256.is_empty());
+    let envelope = match published.filter(|_| ctx.opts.broker.is_none()) {
+        Some(p) => kept_envelope(node.status.as_ref(), p)
+            .map(Ok)
+            .or_else(|| {
+                eng.ctl
+                    .store
+                    .envelope(id)
+                    .map(|e| e.map(|b| base64::engine::general_purpose::STANDARD.encode(b)))
+                    .transpose()
+            })
+            .transpose()?,
+        None => None,
+    };
     let facts = NodeFacts {
         mesh,
-        published: eng
-            .ctl
-            .store
-            .published
-            .get(id)
-            .filter(|p| owner && !p.sha256.is_empty()),
+        published,
         subnet_id: net
             .filter(|_| owner)
             .and_then(|n| eng.ctl.store.subnets.get(&(n, id.clone())).copied()),
@@ -183,6 +199,7 @@ pub(crate) async fn write_status(
         links: rec
             .filter(|r| r.last_seen.is_some() && !r.neighbours.is_empty())
             .map(status::links),
+        envelope,
     };
     let row = if owner { eng.ctl.status_of(id) } else { None };
     let mut new = status::node_status(node, row.as_ref(), &facts);
@@ -202,8 +219,9 @@ pub(crate) async fn write_status(
         new.config_sha256 = new.config_sha256.or(o.config_sha256.clone());
         new.config_issued_at = new.config_issued_at.or(o.config_issued_at);
         new.config_expires_at = new.config_expires_at.or(o.config_expires_at);
+        new.config_envelope = new.config_envelope.or(o.config_envelope.clone());
     }
-    if !status::worth_writing(old, &new, 60) {
+    if !status::worth_writing(old, &new, status::LAST_SEEN_STEP) {
         return Ok(());
     }
     // Only what changed, with explicit nulls: a field the new status leaves out is cleared.
@@ -219,6 +237,18 @@ pub(crate) async fn write_status(
     )
     .await?;
     Ok(())
+}
+
+/// The envelope the status already holds, when it is the one of `p` (same epoch, revision,
+/// digest and issue time): not read from the cache again.
+fn kept_envelope(old: Option<&sidenet_crds::MeshNodeStatus>, p: &Published) -> Option<String> {
+    old.filter(|o| {
+        o.desired_epoch == Some(p.revision.epoch)
+            && o.desired_revision == Some(p.revision.rev)
+            && o.config_sha256.as_deref() == Some(p.sha256.as_str())
+            && o.config_issued_at == Some(p.iat)
+    })
+    .and_then(|o| o.config_envelope.clone())
 }
 
 /// Refreshes the nodes-by-phase gauge, at most every 2 s (it walks every node).

@@ -78,6 +78,9 @@ pub struct NodeFacts<'a> {
     pub invalid: Option<String>,
     /// The node's links as it last reported them (`None`: keep what the status has).
     pub links: Option<Vec<LinkStatus>>,
+    /// The signed envelope of `published` (base64), kept in status with the embedded broker
+    /// (`status.configEnvelope`, docs/helm.md "Restarts").
+    pub envelope: Option<String>,
 }
 
 /// A node's WireGuard links from its last status report: babel's neighbours, with the
@@ -301,6 +304,7 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
         config_sha256: f.published.map(|p| p.sha256.clone()),
         config_issued_at: f.published.map(|p| p.iat).filter(|t| *t > 0),
         config_expires_at: f.published.map(|p| p.exp).filter(|t| *t > 0),
+        config_envelope: f.envelope.clone(),
         subnet_id: f.subnet_id,
         reported_hostname: f.reported_hostname.clone(),
         enrolled_key: f.enrolled_key.clone(),
@@ -308,8 +312,14 @@ pub fn node_status(node: &MeshNode, row: Option<&StatusRow>, f: &NodeFacts<'_>) 
     }
 }
 
+/// How far `lastSeen` may lag before it alone is worth a status write, in seconds: a node
+/// that only keeps reporting costs at most one write per 10 minutes (the phase, `Offline`
+/// included, is written as soon as it changes).
+pub const LAST_SEEN_STEP: i64 = 600;
+
 /// Whether writing `new` over `old` is worth an API call: not when only `lastSeen` moved by
-/// less than `min_seen_step` seconds (a node reports every few seconds).
+/// less than `min_seen_step` seconds (a node reports every few seconds) and the links changed
+/// at most in their measurements (`rttMs`, `loss`), which move with every report.
 pub fn worth_writing(
     old: Option<&MeshNodeStatus>,
     new: &MeshNodeStatus,
@@ -321,12 +331,20 @@ pub fn worth_writing(
     }
     let mut a = old.clone();
     a.last_seen = new.last_seen.clone();
+    let same_links = a.links.len() == new.links.len()
+        && a.links.iter().zip(&new.links).all(|(x, y)| {
+            (&x.peer, &x.interface, x.up, x.cost) == (&y.peer, &y.interface, y.up, y.cost)
+        });
+    if same_links {
+        a.links = new.links.clone();
+    }
     if a != *new {
         return true;
     }
     let parse = |s: &Option<String>| s.as_deref().and_then(|t| t.parse::<Timestamp>().ok());
     match (parse(&old.last_seen), parse(&new.last_seen)) {
         (Some(o), Some(n)) => n.as_second() - o.as_second() >= min_seen_step,
+        (None, None) => false,
         _ => true,
     }
 }
@@ -760,5 +778,21 @@ mod tests {
         let mut c2 = c.clone();
         carry_transitions(&mut c2.conditions, &a.conditions, 300);
         assert!(worth_writing(Some(&a), &c2, 60));
+        assert!(!worth_writing(Some(&a), &c2, LAST_SEEN_STEP));
+        // New link measurements alone wait for lastSeen; a link going down does not.
+        let link = |up: bool, rtt: f64| LinkStatus {
+            peer: "bhctvmiyz6ovk27g".into(),
+            interface: "wg0".into(),
+            up,
+            cost: Some(96),
+            rtt_ms: Some(rtt),
+            loss: Some(0.0),
+        };
+        let (mut d, mut e) = (b.clone(), b.clone());
+        d.links = vec![link(true, 3.0)];
+        e.links = vec![link(true, 9.5)];
+        assert!(!worth_writing(Some(&d), &e, LAST_SEEN_STEP));
+        e.links = vec![link(false, 9.5)];
+        assert!(worth_writing(Some(&d), &e, LAST_SEEN_STEP));
     }
 }

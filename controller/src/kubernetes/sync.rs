@@ -23,13 +23,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 use sidenet_crds::{API_VERSION, MeshNode};
-use sidenet_wire::Revision;
 use sidenet_wire::topics::{self};
+use sidenet_wire::{Envelope, Kind, Revision};
 
 use super::engine::{Ctx, Engine, deleting, key_of, ns_of};
 use super::options::KubeError;
 use super::tenancy::{self, Claims, Validated};
-use crate::reconcile::store::{NodeRecord, Published};
+use crate::reconcile::store::{Batch, NodeRecord, Published};
 use crate::spec::manifest::{self, ManifestSet, network_name};
 
 /// The manifest form of an object: what the standalone loader validates.
@@ -52,6 +52,7 @@ pub(crate) fn spec_value<T: serde::Serialize>(spec: &T) -> Value {
 fn validate(
     objs: &BTreeMap<String, Value>,
     last_good: &mut BTreeMap<String, Value>,
+    cache: &mut manifest::ParseCache,
 ) -> Option<Validated> {
     let mut current = objs.clone();
     let mut fallback = BTreeSet::new();
@@ -62,7 +63,7 @@ fn validate(
             .iter()
             .map(|(k, v)| (PathBuf::from(k), v.to_string()))
             .collect();
-        match manifest::load_texts(&texts) {
+        match manifest::load_texts_cached(&texts, cache) {
             Ok(s) => {
                 set = Some(s);
                 break;
@@ -207,6 +208,7 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         by_ns.insert(String::new(), BTreeMap::new());
     }
     eng.namespaces.retain(|ns, _| by_ns.contains_key(ns));
+    eng.parse_cache.retain(|ns, _| by_ns.contains_key(ns));
     let mut all_keys: BTreeSet<String> = profiles.keys().cloned().collect();
     for (ns, objs) in &by_ns {
         all_keys.extend(objs.keys().cloned());
@@ -220,7 +222,8 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         }
         let mut texts = objs.clone();
         texts.extend(profiles.iter().map(|(k, v)| (k.clone(), v.clone())));
-        match validate(&texts, &mut eng.last_good) {
+        let cache = eng.parse_cache.entry(ns.clone()).or_default();
+        match validate(&texts, &mut eng.last_good, cache) {
             Some(mut v) => {
                 v.signature = Some(sig);
                 eng.namespaces.insert(ns.clone(), v);
@@ -305,15 +308,17 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
             eng.claims.nodes.insert(id.clone(), (ns, name));
         }
     }
+    let mut batch = Batch::default();
     for n in ctx.nodes.state() {
         let (ns, name) = (ns_of(&*n), n.name_any());
         if set.nodes.contains_key(&n.spec.node_id)
             && eng.claims.owns_node(&n.spec.node_id, &ns, &name)
             && !deleting(&*n)
         {
-            seed(eng, &set, &n, now, ctx.opts.broker.is_some());
+            seed(eng, &mut batch, &set, &n, now, ctx.opts.broker.is_some());
         }
     }
+    eng.ctl.store.commit(batch)?;
     tracing::info!(
         meshes = set.meshes.len(),
         nodes = set.nodes.len(),
@@ -335,7 +340,14 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
 /// external broker (`external`), whose retained configs outlive this process, also the last
 /// config's digest and validity ([`restored`]), so that an unchanged config is not published
 /// again; the embedded broker starts empty with the process, so every config is signed anew.
-pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u64, external: bool) {
+pub(crate) fn seed(
+    eng: &mut Engine,
+    batch: &mut Batch,
+    set: &ManifestSet,
+    node: &MeshNode,
+    now: u64,
+    external: bool,
+) {
     let id = node.spec.node_id.clone();
     if eng.seeded.contains(&id) {
         return;
@@ -348,9 +360,21 @@ pub(crate) fn seed(eng: &mut Engine, set: &ManifestSet, node: &MeshNode, now: u6
     let epoch = eng.ctl.store.epoch;
     let st = node.status.clone().unwrap_or_default();
     if !eng.ctl.store.published.contains_key(&id) {
-        match restored(&st, epoch).filter(|_| external) {
-            Some(p) => {
+        // With the embedded broker, only with the envelope's exact bytes (republished at once).
+        let found = restored(&st, epoch).and_then(|p| match external {
+            true => Some((p, None)),
+            false => {
+                let mut p = p;
+                kept_envelope(&st, &mut p, &net, &id).map(|e| (p, Some(e)))
+            }
+        });
+        match found {
+            Some((p, None)) => {
                 eng.ctl.store.published.insert(id.clone(), p);
+                eng.topics.insert(id.clone(), topics::config(&net, &id));
+            }
+            Some((p, Some(envelope))) => {
+                eng.ctl.store.put_published(batch, &id, p, envelope);
                 eng.topics.insert(id.clone(), topics::config(&net, &id));
             }
             None => {
@@ -433,6 +457,32 @@ pub(crate) fn restored(st: &sidenet_crds::MeshNodeStatus, epoch: u64) -> Option<
         // Signed by the mesh's key as the Secret holds it; after a rotation the core re-signs.
         signer: None,
     })
+}
+
+/// The envelope `status.configEnvelope` holds, when it is the one of `p` for node `id` of
+/// network `net`: a config, signed (by the key it names: `p.signer` is set to it, so a mesh
+/// key rotated since is noticed and the config re-signed), with the recorded header and body.
+fn kept_envelope(
+    st: &sidenet_crds::MeshNodeStatus,
+    p: &mut Published,
+    net: &str,
+    id: &str,
+) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(st.config_envelope.as_deref()?)
+        .ok()?;
+    let env = Envelope::parse(&bytes, crate::transport::broker::MAX_PACKET).ok()?;
+    let v = env.verify_self_signed(Kind::Config).ok()?;
+    let h = &v.header;
+    let matches = h.mesh == net
+        && h.node.as_deref() == Some(id)
+        && h.revision() == p.revision
+        && h.iat == p.iat
+        && h.exp == p.exp
+        && h.sha256 == p.sha256;
+    p.signer = Some(v.signer.to_base64());
+    matches.then_some(bytes)
 }
 
 /// Records revision `counter` as the node's last one, without its envelope: the core then

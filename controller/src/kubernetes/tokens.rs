@@ -13,7 +13,9 @@
 //!
 //! The controller reads the Secret (one `get`) when a node asks to enrol into a mesh in token
 //! mode, before the core checks the token, and writes `usedBy` before the node's config is
-//! published: a used token stays used across restarts and leader changes.
+//! published: a used token stays used across restarts and leader changes. Entries whose
+//! `expires` has passed (used or not: an expired token admits no one) are removed then, with
+//! one merge patch setting their keys to null.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -110,6 +112,34 @@ pub async fn put(
         .map(|_| ())
 }
 
+/// Removes the entries `hashes` from the token Secret of Mesh `mesh_name` in `ns` (one JSON
+/// merge patch setting each key to null; a Secret that is gone has nothing to remove).
+pub async fn prune(
+    client: &Client,
+    ns: &str,
+    mesh_name: &str,
+    hashes: &[String],
+) -> Result<(), kube::Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let data: serde_json::Map<String, serde_json::Value> = hashes
+        .iter()
+        .map(|h| (h.clone(), serde_json::Value::Null))
+        .collect();
+    let patch = json!({ "data": data });
+    match api
+        .patch(
+            &tokens_secret(mesh_name),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The tokens of the Secret of Mesh `mesh_name` in `ns` (none when it is missing). Entries that
 /// do not decode are skipped with a log line naming the Secret and key.
 pub async fn load(
@@ -164,8 +194,29 @@ pub(crate) async fn before_enrol(
         return Ok(BTreeSet::new());
     };
     let entries = load(&ctx.client, &ns, &mesh_name).await?;
+    let now = crate::now();
+    let expired: Vec<String> = entries
+        .iter()
+        .filter(|(_, e)| e.expires <= now)
+        .map(|(h, _)| h.clone())
+        .collect();
+    if !expired.is_empty() {
+        match prune(&ctx.client, &ns, &mesh_name, &expired).await {
+            Ok(()) => tracing::info!(
+                mesh = %net,
+                "removed {} expired enrolment tokens from Secret {ns}/{}",
+                expired.len(),
+                tokens_secret(&mesh_name)
+            ),
+            Err(e) => tracing::warn!(
+                "cannot remove expired enrolment tokens from Secret {ns}/{}: {e}",
+                tokens_secret(&mesh_name)
+            ),
+        }
+    }
+    eng.ctl.prune_tokens(now);
     let mut unused = BTreeSet::new();
-    for (hash, e) in entries {
+    for (hash, e) in entries.into_iter().filter(|(_, e)| e.expires > now) {
         let known = eng.ctl.store.tokens.get(&hash);
         // A token used here but not yet in the Secret stays used.
         if known.is_some_and(|t| t.used_by.is_some()) {

@@ -43,6 +43,7 @@ fn row(id: &str, sid: u16, links: &[(&str, u32, Option<f64>)]) -> StatusRow {
         agent_epoch: Some(1),
         missing: vec![],
         shaping: None,
+        services: Vec::new(),
     }
 }
 

@@ -11,7 +11,8 @@
 //! - `published`: node id → [`Published`] (revision, body hash, input fingerprint, times).
 //! - `envelopes`: node id → the exact signed bytes last published (raw).
 //! - `subnets`: `mesh/node` → subnet id (u16 as decimal text).
-//! - `tokens`: SHA-256 of an enrolment token → [`TokenRecord`].
+//! - `tokens`: SHA-256 of an enrolment token → [`TokenRecord`]; removed once expired
+//!   ([`Store::prune_tokens`]).
 //! - `approvals`: node id → Unix seconds: nodes an admin approved before they asked to join
 //!   (`sidenetctl approve NODE_ID`); consumed when the node enrols.
 //! - `rollouts`: Mesh name → [`crate::reconcile::rollout::Record`] (the last good spec and the
@@ -187,7 +188,8 @@ pub struct Batch {
     nodes: BTreeMap<String, Vec<u8>>,
     published: BTreeMap<String, (Vec<u8>, Option<Vec<u8>>)>,
     subnets: BTreeMap<String, String>,
-    tokens: BTreeMap<String, Vec<u8>>,
+    /// Tokens to write (`Some`) or delete (`None`).
+    tokens: BTreeMap<String, Option<Vec<u8>>>,
     /// Node records to delete.
     removed: std::collections::BTreeSet<String>,
     /// Approvals to write (`Some`) or delete (`None`).
@@ -534,9 +536,25 @@ impl Store {
     pub fn put_token(&mut self, batch: &mut Batch, hash: &str, rec: TokenRecord) {
         batch.tokens.insert(
             hash.to_string(),
-            serde_json::to_vec(&rec).unwrap_or_default(),
+            Some(serde_json::to_vec(&rec).unwrap_or_default()),
         );
         self.tokens.insert(hash.to_string(), rec);
+    }
+
+    /// Deletes the tokens that expired at or before `now`, used or not (an expired token admits
+    /// no one, so its record has nothing left to refuse): their hashes.
+    pub fn prune_tokens(&mut self, batch: &mut Batch, now: u64) -> Vec<String> {
+        let gone: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|(_, t)| t.expires <= now)
+            .map(|(h, _)| h.clone())
+            .collect();
+        for h in &gone {
+            self.tokens.remove(h);
+            batch.tokens.insert(h.clone(), None);
+        }
+        gone
     }
 
     /// Commits a batch in one durable transaction.
@@ -598,7 +616,14 @@ impl Store {
             }
             let mut tokens = txn.open_table(TOKENS).map_err(db_err)?;
             for (k, v) in &batch.tokens {
-                tokens.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
+                match v {
+                    Some(v) => {
+                        tokens.insert(k.as_str(), v.as_slice()).map_err(db_err)?;
+                    }
+                    None => {
+                        tokens.remove(k.as_str()).map_err(db_err)?;
+                    }
+                }
             }
         }
         txn.commit().map_err(db_err)

@@ -507,6 +507,10 @@ pub async fn run(opts: Options, shutdown: impl Future<Output = ()>) -> Result<()
                 jobs.finished(done, &ctl.set, &mut |mesh| keys.get(mesh).cloned());
             }
             _ = refresh.tick() => {
+                let pruned = ctl.prune_tokens(crate::now());
+                if !pruned.is_empty() {
+                    tracing::info!("forgot {} expired enrolment tokens", pruned.len());
+                }
                 if let Err(e) = ctl.reconcile_all(crate::now()) {
                     tracing::error!("reconcile: {e}");
                 }

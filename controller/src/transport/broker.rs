@@ -177,6 +177,73 @@ pub fn start(
     controller_password: Option<String>,
     book: crate::transport::acl::CredentialBook,
 ) -> Result<BrokerHandle, BrokerError> {
+    start_until(
+        listen,
+        tls,
+        max_connections,
+        controller_password,
+        book,
+        std::future::pending(),
+    )
+    .map(|(h, _)| h)
+}
+
+/// Stops a broker of [`start_stoppable`] when dropped: it closes its listeners and every
+/// connection (no wills, and its retained messages are gone), and the drop returns once the
+/// broker's thread ended, so its port is free again.
+pub struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// [`start`], for a broker that lives as long as the returned [`Running`] (Kubernetes mode:
+/// the broker of the pod that reconciles ends when it stops reconciling).
+pub fn start_stoppable(
+    listen: SocketAddr,
+    tls: Option<&TlsListen>,
+    max_connections: usize,
+    controller_password: Option<String>,
+    book: crate::transport::acl::CredentialBook,
+) -> Result<(BrokerHandle, Running), BrokerError> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (handle, thread) = start_until(
+        listen,
+        tls,
+        max_connections,
+        controller_password,
+        book,
+        async move {
+            let _ = rx.await;
+        },
+    )?;
+    Ok((
+        handle,
+        Running {
+            stop: Some(tx),
+            thread: Some(thread),
+        },
+    ))
+}
+
+fn start_until(
+    listen: SocketAddr,
+    tls: Option<&TlsListen>,
+    max_connections: usize,
+    controller_password: Option<String>,
+    book: crate::transport::acl::CredentialBook,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(BrokerHandle, std::thread::JoinHandle<()>), BrokerError> {
     let err = |message: String| BrokerError {
         addr: listen,
         message,
@@ -209,12 +276,14 @@ pub fn start(
             listeners,
             listen,
             Broker::with_authorizer(config(max_connections), MeshAuthorizer::new(p, book)),
+            shutdown,
         ),
         None => run_on(
             rt,
             listeners,
             listen,
             Broker::with_authorizer(config(max_connections), AllowAll),
+            shutdown,
         ),
     }
     .map_err(err)
@@ -230,9 +299,10 @@ fn run_on<A: sidenet_broker::Authorizer>(
     listeners: StdListeners,
     listen: SocketAddr,
     broker: Broker<A>,
-) -> Result<BrokerHandle, String> {
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(BrokerHandle, std::thread::JoinHandle<()>), String> {
     let handle = broker.handle();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
             rt.block_on(async move {
@@ -247,9 +317,9 @@ fn run_on<A: sidenet_broker::Authorizer>(
                         }
                     }
                 }
-                broker.run_listeners(ls, std::future::pending()).await;
+                broker.run_listeners(ls, shutdown).await;
             });
         })
         .map_err(|e| e.to_string())?;
-    Ok(handle)
+    Ok((handle, thread))
 }

@@ -238,8 +238,17 @@ impl Controller {
         Ok(())
     }
 
+    /// Forgets the enrolment tokens that expired at or before `now` (used or not), in memory
+    /// now and in the state database at the next commit: their hashes.
+    pub fn prune_tokens(&mut self, now: u64) -> Vec<String> {
+        let mut batch = Batch::default();
+        let gone = self.store.prune_tokens(&mut batch, now);
+        self.batch.merge(batch);
+        gone
+    }
+
     /// Creates a single-use enrolment token for a mesh, valid for `ttl` seconds. Only its hash
-    /// is stored.
+    /// is stored (expired ones go at the same time: [`Controller::prune_tokens`]).
     pub fn create_token(
         &mut self,
         mesh: &str,
@@ -255,6 +264,7 @@ impl Controller {
             return Err(CoreError::Request(format!("no mesh named {mesh}")));
         };
         let mut batch = Batch::default();
+        self.store.prune_tokens(&mut batch, now);
         self.store.put_token(
             &mut batch,
             &sha256_hex(token.as_bytes()),
