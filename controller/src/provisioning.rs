@@ -342,6 +342,9 @@ impl Runner {
                 sidenet_provision::resource::DEFAULT_ENROL_TIMEOUT_S,
             ),
             wait_for_enrolment: true,
+            shaping: set
+                .mesh_by_network(&mesh)
+                .is_some_and(|m| crate::spec::policy::shapes(&m.spec)),
         };
         let secrets = set.secrets.clone();
         let profiles: Vec<_> = set.profiles.values().cloned().collect();

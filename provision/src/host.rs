@@ -85,6 +85,7 @@ impl Run<'_> {
 
         // Refuse before anything is uploaded when the configs' packages cannot be installed.
         let packages = match &spec.packages {
+            Some(p) if s.shaping => self.packages(&p.with_shaping(), &facts, desc_path)?,
             Some(p) => self.packages(p, &facts, desc_path)?,
             None => Vec::new(),
         };

@@ -526,6 +526,33 @@ mod tests {
             ("wpa_supplicant", &["-vmesh".to_string()][..])
         );
         assert!(wpad.replaces.contains(&"wpad-basic-mbedtls".to_string()));
+        // The policy shaping's packages: carried only by configs that shape, installed for a
+        // mesh with rateLimit policies, after the others.
+        let shaping: Vec<&str> = ow.shaping.iter().map(|p| p.package.as_str()).collect();
+        assert_eq!(
+            shaping,
+            ["tc-tiny", "ip-tiny", "kmod-ifb", "kmod-sched-core"]
+        );
+        assert_eq!(ow.shaping_requirements()[0].program, "tc");
+        let all: Vec<String> = ow
+            .with_shaping()
+            .require
+            .into_iter()
+            .map(|p| p.package)
+            .collect();
+        assert_eq!(
+            all,
+            [
+                "babeld",
+                "wireguard-tools",
+                "wpad-mesh-mbedtls",
+                "iw",
+                "tc-tiny",
+                "ip-tiny",
+                "kmod-ifb",
+                "kmod-sched-core"
+            ]
+        );
         let lx = load_packages(&repo_templates().join("linux/install.yaml"))
             .unwrap()
             .unwrap();
@@ -542,6 +569,8 @@ mod tests {
                 "babeld"
             ]
         );
+        // Linux nodes shape with what `require` already installs (iproute2's tc).
+        assert!(lx.shaping.is_empty());
         // A descriptor without packages: none.
         let d = tempfile::tempdir().unwrap();
         assert_eq!(load_packages(&d.path().join("install.yaml")).unwrap(), None);
@@ -555,6 +584,20 @@ mod tests {
             .to_string();
         assert!(
             e.ends_with("install.yaml: packages.managers: at least one rule is needed"),
+            "{e}"
+        );
+        std::fs::write(
+            d.path().join("install.yaml"),
+            "packages:\n  managers: [{manager: opkg}]\n  require: []\n  shaping: [{package: 'tc;x', program: tc}]\n",
+        )
+        .unwrap();
+        let e = load_packages(&d.path().join("install.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with(
+                "install.yaml: packages.shaping[0].package: \"tc;x\" is not a package name (letters, digits, - _ . +)"
+            ),
             "{e}"
         );
     }

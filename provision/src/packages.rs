@@ -44,6 +44,11 @@ pub struct PackagesSpec {
     pub managers: Vec<ManagerRule>,
     /// What the rendered configs need, in the order the agent reports them.
     pub require: Vec<PackageSpec>,
+    /// What configs with a policy shaping table need besides `require` (`docs/policies.md`):
+    /// only those configs carry them, and provisioning installs them for a mesh with
+    /// `rateLimit` policies ([`crate::Settings::shaping`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shaping: Vec<PackageSpec>,
 }
 
 /// Which package manager hosts of some firmware versions use.
@@ -116,6 +121,33 @@ impl PackageSpec {
     }
 }
 
+/// One package's names, program and arguments: the error names the field.
+fn check_package(p: &PackageSpec) -> Result<(), String> {
+    if !plain(&p.package) {
+        return Err(format!(
+            "package: {:?} is not a package name (letters, digits, - _ . +)",
+            p.package
+        ));
+    }
+    let ok = match p.program.strip_prefix('/') {
+        Some(abs) => abs.split('/').all(|s| plain(s) && s != "." && s != ".."),
+        None => plain(&p.program) && p.program != "." && p.program != "..",
+    };
+    if !ok {
+        return Err(format!(
+            "program: {:?} must be a program name or an absolute path",
+            p.program
+        ));
+    }
+    if let Some(r) = p.replaces.iter().find(|r| !plain(r)) {
+        return Err(format!("replaces: {r:?} is not a package name"));
+    }
+    if p.args.iter().any(|a| a.chars().any(char::is_control)) {
+        return Err("args: control characters are not allowed".into());
+    }
+    Ok(())
+}
+
 fn plain(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
@@ -135,32 +167,10 @@ impl PackagesSpec {
                 ));
             }
         }
-        for (i, p) in self.require.iter().enumerate() {
-            if !plain(&p.package) {
-                return Err(format!(
-                    "packages.require[{i}].package: {:?} is not a package name (letters, digits, - _ . +)",
-                    p.package
-                ));
-            }
-            let ok = match p.program.strip_prefix('/') {
-                Some(abs) => abs.split('/').all(|s| plain(s) && s != "." && s != ".."),
-                None => plain(&p.program) && p.program != "." && p.program != "..",
-            };
-            if !ok {
-                return Err(format!(
-                    "packages.require[{i}].program: {:?} must be a program name or an absolute path",
-                    p.program
-                ));
-            }
-            if let Some(r) = p.replaces.iter().find(|r| !plain(r)) {
-                return Err(format!(
-                    "packages.require[{i}].replaces: {r:?} is not a package name"
-                ));
-            }
-            if p.args.iter().any(|a| a.chars().any(char::is_control)) {
-                return Err(format!(
-                    "packages.require[{i}].args: control characters are not allowed"
-                ));
+        let lists = [("require", &self.require), ("shaping", &self.shaping)];
+        for (list, specs) in lists {
+            for (i, p) in specs.iter().enumerate() {
+                check_package(p).map_err(|e| format!("packages.{list}[{i}].{e}"))?;
             }
         }
         Ok(())
@@ -169,6 +179,20 @@ impl PackagesSpec {
     /// The requirements every config of the family carries.
     pub fn requirements(&self) -> Vec<Requirement> {
         self.require.iter().map(PackageSpec::requirement).collect()
+    }
+
+    /// What a config with a shaping table carries besides [`Self::requirements`].
+    pub fn shaping_requirements(&self) -> Vec<Requirement> {
+        self.shaping.iter().map(PackageSpec::requirement).collect()
+    }
+
+    /// The spec provisioning installs for a mesh with `rateLimit` policies: `require`, then
+    /// `shaping`.
+    pub fn with_shaping(&self) -> PackagesSpec {
+        let mut all = self.clone();
+        all.require.extend(self.shaping.iter().cloned());
+        all.shaping.clear();
+        all
     }
 
     /// The package manager for a firmware version.

@@ -71,6 +71,10 @@ pub struct Settings {
     pub enrol_timeout: Duration,
     /// Whether to wait for enrolment at all.
     pub wait_for_enrolment: bool,
+    /// Install the policy shaping's packages too (`packages.shaping` of the install
+    /// descriptor): the mesh has `rateLimit` policies, so its nodes' configs may carry a
+    /// shaping table that needs them.
+    pub shaping: bool,
 }
 
 /// A problem with an inventory file.

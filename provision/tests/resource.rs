@@ -111,6 +111,7 @@ spec:
         ssh_timeout: Duration::from_secs(30),
         enrol_timeout: Duration::from_secs(1),
         wait_for_enrolment: false,
+        shaping: false,
     };
     let profiles: Vec<_> =
         sidenet_controller::spec::manifest::load(&[common::repo().join("hardware-profiles")])

@@ -341,6 +341,10 @@ struct ProvisionArgs {
     /// Do not ask the controller whether nodes enrolled (it runs elsewhere).
     #[arg(long)]
     no_wait: bool,
+    /// Also install the policy shaping's packages (the install descriptor's
+    /// `packages.shaping`): for a mesh with rateLimit policies (docs/policies.md).
+    #[arg(long)]
+    shaping: bool,
     /// SSH connect and per-operation timeout, in seconds.
     #[arg(long, default_value_t = 30)]
     ssh_timeout: u64,
@@ -1091,6 +1095,7 @@ fn provision(a: ProvisionArgs) -> Result<ExitCode, String> {
         ssh_timeout: std::time::Duration::from_secs(a.ssh_timeout.max(1)),
         enrol_timeout: std::time::Duration::from_secs(a.enrol_timeout),
         wait_for_enrolment: !a.no_wait,
+        shaping: a.shaping,
     };
     let state = a.state.clone();
     let control = Arc::new(sidenet_controller::provisioning::AdminControlPlane::new(

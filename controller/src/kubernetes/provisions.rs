@@ -149,7 +149,7 @@ pub(crate) async fn reconcile_provision(
         return Ok(Action::await_change());
     }
     let engine = ctx.engine().await?;
-    let (mesh_key, tokens) = {
+    let (mesh_key, tokens, shaping) = {
         let eng = engine.lock().await;
         let mesh = ctx.meshes.state().into_iter().find(|m| {
             ns_of(&**m) == ns
@@ -163,7 +163,11 @@ pub(crate) async fn reconcile_provision(
                 .and_then(|s| s.public_key(&np.spec.mesh))
         });
         match (mesh, pk) {
-            (Some(m), Some(pk)) => (pk, m.spec.enrollment.mode == EnrollmentMode::Token),
+            (Some(m), Some(pk)) => (
+                pk,
+                m.spec.enrollment.mode == EnrollmentMode::Token,
+                crate::spec::policy::shapes(&m.spec),
+            ),
             (m, _) => {
                 let message = match m {
                     None => format!(
@@ -216,6 +220,7 @@ pub(crate) async fn reconcile_provision(
         ssh_timeout: Duration::from_secs(10),
         enrol_timeout: Duration::from_secs(sidenet_provision::resource::DEFAULT_ENROL_TIMEOUT_S),
         wait_for_enrolment: true,
+        shaping,
     };
     let profiles: Vec<_> = ctx.profiles.state().iter().map(|p| (**p).clone()).collect();
     let control = Arc::new(KubeControlPlane {

@@ -73,6 +73,8 @@ pub struct Renderer {
     families: BTreeMap<String, Vec<FileEntry>>,
     /// Per family: the packages its configs need (`packages` of `FAMILY/install.yaml`).
     requires: BTreeMap<String, Vec<sidenet_wire::messages::Requirement>>,
+    /// Per family: what configs with a shaping table need besides `requires`.
+    shaping_requires: BTreeMap<String, Vec<sidenet_wire::messages::Requirement>>,
     /// SHA-256 over every template and index, so a template change re-renders everything.
     pub fingerprint: String,
 }
@@ -101,6 +103,7 @@ impl Renderer {
         env.add_filter("uci", |v: String| crate::spec::openwrt::uci_quote(&v));
         let mut families = BTreeMap::new();
         let mut requires = BTreeMap::new();
+        let mut shaping_requires = BTreeMap::new();
         let mut all = Vec::new();
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| io(dir, e))?
@@ -159,6 +162,9 @@ impl Renderer {
                 let reqs = p.requirements();
                 all.extend_from_slice(&serde_json::to_vec(&reqs).unwrap_or_default());
                 requires.insert(family.clone(), reqs);
+                let shaping = p.shaping_requirements();
+                all.extend_from_slice(&serde_json::to_vec(&shaping).unwrap_or_default());
+                shaping_requires.insert(family.clone(), shaping);
             }
             families.insert(family, files);
         }
@@ -166,6 +172,7 @@ impl Renderer {
             env,
             families,
             requires,
+            shaping_requires,
             fingerprint: sidenet_wire::codec::sha256_hex(&all),
         })
     }
@@ -173,6 +180,15 @@ impl Renderer {
     /// The packages configs of `family` need (empty when its descriptor declares none).
     pub fn requirements(&self, family: &str) -> Vec<sidenet_wire::messages::Requirement> {
         self.requires.get(family).cloned().unwrap_or_default()
+    }
+
+    /// What configs of `family` with a policy shaping table need besides
+    /// [`Self::requirements`] (`packages.shaping` of its install descriptor).
+    pub fn shaping_requirements(&self, family: &str) -> Vec<sidenet_wire::messages::Requirement> {
+        self.shaping_requires
+            .get(family)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Renders every file of `family` with `ctx`.
@@ -221,32 +237,6 @@ impl Renderer {
             .filter_map(Result::transpose)
             .collect()
     }
-}
-
-/// What an OpenWrt config with a shaping table needs besides its family's packages
-/// (`docs/policies.md`, "OpenWrt"): `tc` and `ip` (stock images have neither), and the kernel
-/// modules for ifb devices and HTB, fq_codel, u32 and mirred, checked by their files (OpenWrt
-/// installs modules flat in `/lib/modules/VERSION`) without loading them.
-pub fn openwrt_shaping_requirements() -> Vec<sidenet_wire::messages::Requirement> {
-    let req = |package: &str, program: &str, args: &[&str]| sidenet_wire::messages::Requirement {
-        package: package.into(),
-        program: program.into(),
-        args: args.iter().map(|a| a.to_string()).collect(),
-    };
-    vec![
-        req("tc-tiny", "tc", &[]),
-        req("ip-tiny", "ip", &[]),
-        req(
-            "kmod-ifb",
-            "/bin/sh",
-            &["-c", "test -e /lib/modules/$(uname -r)/ifb.ko"],
-        ),
-        req(
-            "kmod-sched-core",
-            "/bin/sh",
-            &["-c", "test -e /lib/modules/$(uname -r)/sch_htb.ko"],
-        ),
-    ]
 }
 
 /// A rendered file with the actions it triggers.

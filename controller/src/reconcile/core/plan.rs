@@ -537,10 +537,8 @@ pub fn build_config_with(
         }
     }
     let mut requires = crate::reconcile::cache::requires(renderer.requirements(family), &ctx.cache);
-    if family == sidenet_crds::FirmwareFamily::Openwrt.as_str()
-        && !ctx.dataplane.policy.shaping.is_empty()
-    {
-        requires.extend(crate::reconcile::render::openwrt_shaping_requirements());
+    if !ctx.dataplane.policy.shaping.is_empty() {
+        requires.extend(renderer.shaping_requirements(family));
     }
     Ok(NodeConfig {
         mesh: ctx.mesh.network_name.clone(),
