@@ -42,28 +42,6 @@ const LINUX: &str = "raspberrypi-4b-awus036acm";
 const NEXT_FILE: &str = "etc/sidenet/wpa_supplicant-mesh-next.conf";
 const MESH_CONF: &str = "etc/sidenet/wpa_supplicant-mesh.conf";
 
-/// Polls `f` every 100 ms until it returns `Some`; fails after `timeout` with `context()`.
-async fn until<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
-    context: impl Fn() -> String,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                context()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 struct Fleet {
     c: Cluster,
     roots: Vec<PathBuf>,
@@ -162,7 +140,7 @@ impl Fleet {
     /// Every node runs its desired revision, unchanged for 5 s: the desired revisions.
     async fn settle(&self) -> BTreeMap<String, u64> {
         let mut stable: Option<(BTreeMap<String, u64>, Instant)> = None;
-        until(
+        eventually_within(
             "every node to run its desired revision for 5 s",
             LONG,
             || {
@@ -299,7 +277,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     let mut ids = Vec::new();
     for root in &roots {
         ids.push(
-            until(
+            eventually_within(
                 "the agent's node key",
                 LONG,
                 || {
@@ -338,7 +316,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
             "switchAt": "2036-01-01T00:00:00Z",
         }}}}))
         .await;
-    let (_, _, halted_msg) = until(
+    let (_, _, halted_msg) = eventually_within(
         "RolloutHalted True",
         LONG,
         || {
@@ -372,7 +350,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     }
     let (s, r, _) = fleet.mesh_condition("RolloutProgressing").unwrap();
     assert_eq!((s.as_str(), r.as_str()), ("False", "Halted"));
-    let ev = until(
+    let ev = eventually_within(
         "the RolloutHalted Event",
         LONG,
         || fleet.events("RolloutHalted").pop(),
@@ -384,7 +362,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         "{ev}"
     );
     // The canary runs its last good content again, as a new revision.
-    until(
+    eventually_within(
         "the canary to run its last good content again",
         LONG,
         || {
@@ -405,7 +383,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     .await;
     // Three status rounds later, nobody else got anything.
     let hold = Instant::now();
-    until(
+    eventually_within(
         "6 s with the rollout halted",
         LONG,
         || (hold.elapsed() > Duration::from_secs(6)).then_some(()),
@@ -438,7 +416,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
             "radio": {"channels": {"5g": {"channel": 44}}},
         }}))
         .await;
-    let rec = until(
+    let rec = eventually_within(
         "the new rollout to start",
         LONG,
         || {
@@ -451,7 +429,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     )
     .await;
     fleet.annotate("pause").await;
-    until(
+    eventually_within(
         "RolloutProgressing False/Paused and the annotation removed",
         LONG,
         || {
@@ -465,7 +443,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         || fleet.context(),
     )
     .await;
-    until(
+    eventually_within(
         "the RolloutAnnotation Event",
         LONG,
         || fleet.events("RolloutAnnotation").pop(),
@@ -481,7 +459,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     let wave = waves_of(&rec, &fleet);
     assert_eq!((0..AGENTS).filter(|i| wave[*i] == 0).count(), 2);
     let reached: Vec<usize> = (0..AGENTS).filter(|i| wave[*i] <= paused_wave).collect();
-    until(
+    eventually_within(
         "the handed-out waves to run channel 44",
         LONG,
         || {
@@ -492,7 +470,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     )
     .await;
     let paused_at = Instant::now();
-    until(
+    eventually_within(
         "5 s paused (more than twice the bake time)",
         LONG,
         || {
@@ -519,7 +497,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         reached.len()
     );
     fleet.annotate("resume").await;
-    let (_, _, done_msg) = until(
+    let (_, _, done_msg) = eventually_within(
         "RolloutProgressing False/Complete and every node on channel 44",
         LONG,
         || {
@@ -569,7 +547,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         );
     }
     // The Event follows the status write.
-    until(
+    eventually_within(
         "the RolloutComplete Event",
         LONG,
         || fleet.events("RolloutComplete").pop(),
@@ -588,7 +566,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
             "rollout": {"bakeSeconds": 600},
         }}))
         .await;
-    let rec = until(
+    let rec = eventually_within(
         "the third rollout to start",
         LONG,
         || {
@@ -601,7 +579,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     .await;
     let wave = waves_of(&rec, &fleet);
     let canary: Vec<usize> = (0..AGENTS).filter(|i| wave[*i] == 0).collect();
-    until(
+    eventually_within(
         "the canary to run channel 48",
         LONG,
         || canary.iter().all(|i| fleet.runs(*i, "5240")).then_some(()),
@@ -618,7 +596,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     // The new controller knows the rollout: it acts on the abort (without the record it would
     // take the current spec as the last good one and refuse).
     fleet.annotate("abort").await;
-    until(
+    eventually_within(
         "RolloutHalted True/Aborted",
         LONG,
         || {
@@ -634,7 +612,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     assert_eq!(p.id, before_restart.id);
     assert_eq!(p.wave, 0);
     assert_eq!(p.started, before_restart.started);
-    until(
+    eventually_within(
         "every node on channel 44, running its desired revision",
         LONG,
         || {
@@ -650,7 +628,7 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     )
     .await;
     // The Event follows the status write.
-    until(
+    eventually_within(
         "the RolloutAborted Event",
         LONG,
         || fleet.events("RolloutAborted").pop(),

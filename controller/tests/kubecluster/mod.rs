@@ -32,16 +32,29 @@ pub const ATTIC: &str = "bhctvmiyz6ovk27g";
 /// Polls `f` until it returns `Some`, failing after `WAIT` with `what` and `context()`.
 pub async fn eventually<T>(
     what: &str,
+    f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    eventually_within(what, WAIT, f, context).await
+}
+
+/// Polls `f` until it returns `Some`, failing after `timeout` with `what` and `context()`.
+pub async fn eventually_within<T>(
+    what: &str,
+    timeout: Duration,
     mut f: impl FnMut() -> Option<T>,
     context: impl Fn() -> String,
 ) -> T {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {WAIT:?} waiting for {what}\n{}", context());
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
