@@ -11,6 +11,8 @@
 //!   revokes its broker login).
 //! - `token --mesh NET`: adds a token's hash to the Mesh's token Secret; prints the token.
 //! - `join-code --mesh NET`: the join code of the Mesh's public key (`status.publicKey`).
+//! - `plan -f DIR`: what putting the folder in force in the namespace would publish
+//!   ([`crate::kubernetes::plan`]; reads only).
 
 use std::path::Path;
 
@@ -237,4 +239,15 @@ pub async fn join_code(
     let key = sidenet_wire::PublicKey::from_base64(&pk)
         .map_err(|e| format!("Mesh {ns}/{}: status.publicKey: {e}", mesh.name_any()))?;
     Ok((key, sidenet_wire::join::JoinCode::new(net, &key)))
+}
+
+/// `plan -f FILES`: the plan of the manifests in `files` for namespace `ns`, rendered with the
+/// templates of `templates` ([`crate::kubernetes::plan::plan`]).
+pub async fn plan(
+    client: &Client,
+    ns: &str,
+    files: &[std::path::PathBuf],
+    templates: &Path,
+) -> Result<crate::reconcile::diff::PlanReport, String> {
+    crate::kubernetes::plan::plan(client, ns, files, templates).await
 }

@@ -21,7 +21,8 @@ struct Args {
     cmd: Cmd,
     /// Work against a cluster in Kubernetes mode through this kubeconfig (its current
     /// context) instead of a standalone controller's state folder: status, approve, remove,
-    /// token and join-code read and write the custom resources (docs/helm.md).
+    /// token and join-code read and write the custom resources (docs/helm.md); plan reads
+    /// them (docs/rollouts.md).
     #[arg(long, global = true, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
     /// With --kubeconfig: the namespace of the Mesh and MeshNode objects [default: the
@@ -131,13 +132,17 @@ enum Cmd {
     /// Show what putting these manifests in force would publish: each node that would get a
     /// new revision, with a unified diff of each changed file (secrets masked), and counts.
     /// Asks the running controller, or with --offline reads the state folder of a stopped one.
+    /// With --kubeconfig: against the namespace's objects and the revisions their status
+    /// records; the folder replaces the namespace's Meshes and MeshNodes (nodes whose MeshNode
+    /// goes are listed as removed), nothing in the cluster is written (docs/rollouts.md).
     /// Exit status: 0 nothing changes, 2 something changes, 1 error.
     Plan {
         /// Manifest files or folders.
         #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         /// Hardware profile folder(s) to load with them [default: hardware-profiles, when the
-        /// working directory has it].
+        /// working directory has it; with --kubeconfig none: the cluster's HardwareProfiles,
+        /// replaced by name by those given].
         #[arg(long, value_delimiter = ',')]
         profiles: Option<Vec<PathBuf>>,
         /// State folder of the controller.
@@ -146,7 +151,7 @@ enum Cmd {
         /// Plan against the state folder directly (the controller must be stopped).
         #[arg(long)]
         offline: bool,
-        /// Template folder, for --offline.
+        /// Template folder, for --offline and --kubeconfig (the controller's version of them).
         #[arg(long, default_value = "templates")]
         templates: PathBuf,
         /// Output format.
@@ -512,17 +517,7 @@ fn run(args: Args) -> Result<ExitCode, String> {
                     other => return Err(format!("unexpected answer: {other:?}")),
                 }
             };
-            if json || matches!(output, Output::Json) {
-                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-                outln!("{text}");
-            } else {
-                out!("{}", report.to_text());
-            }
-            Ok(if report.changes_anything() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            })
+            print_plan(&report, json || matches!(output, Output::Json))
         }
         Cmd::Rollout { action } => {
             let (name, a) = match action {
@@ -1226,10 +1221,52 @@ fn cluster(kubeconfig: &Path, namespace: Option<&str>, cmd: Cmd) -> Result<ExitC
                 let (key, code) = clusterctl::join_code(&client, &ns, &mesh).await?;
                 print_join_code(&mesh, &key, &code, &output)
             }
+            Cmd::Plan {
+                files,
+                profiles,
+                offline,
+                templates,
+                output,
+                json,
+                ..
+            } => {
+                if offline {
+                    return Err(
+                        "--offline plans against a stopped standalone controller's state folder; with --kubeconfig the plan is made against the cluster's objects".into(),
+                    );
+                }
+                // Profiles come from the cluster; --profiles adds (and replaces by name) only
+                // when given.
+                let mut files = files;
+                if let Some(p) = profiles {
+                    files.extend(sidenet_controller::cli::profile_folders(Some(p))?);
+                }
+                let report = clusterctl::plan(&client, &ns, &files, &templates).await?;
+                print_plan(&report, json || matches!(output, Output::Json))
+            }
             _ => Err(
-                "--kubeconfig works with status, approve, remove, token and join-code; run the other commands against a standalone controller".into(),
+                "--kubeconfig works with status, approve, remove, token, join-code and plan; run the other commands against a standalone controller".into(),
             ),
         }
+    })
+}
+
+/// `plan`'s output and exit status (0 nothing changes, 2 something does), the same in both
+/// modes.
+fn print_plan(
+    report: &sidenet_controller::reconcile::diff::PlanReport,
+    json: bool,
+) -> Result<ExitCode, String> {
+    if json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        outln!("{text}");
+    } else {
+        out!("{}", report.to_text());
+    }
+    Ok(if report.changes_anything() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

@@ -30,6 +30,8 @@
 //! - [`leader`]: Lease-based leader election (get/create/update only).
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics` (the shared [`crate::web`] service).
 //! - [`web`]: the node table of the pod that reconciles, for the map's data routes.
+//! - [`plan`]: `sidenetctl plan --kubeconfig`: a manifest folder planned against a namespace's
+//!   objects and the revisions their status records, by the core of a throwaway engine.
 
 pub mod credentials;
 pub mod engine;
@@ -40,6 +42,7 @@ pub mod meshes;
 pub mod mqtt;
 pub mod nodes;
 pub mod options;
+pub mod plan;
 pub mod provisions;
 pub mod publish;
 pub mod rollouts;

@@ -206,7 +206,7 @@ fn value(s: &Secret, key: &str) -> Option<Vec<u8>> {
 
 /// The passphrase under `r.key` of Secret `s` (namespace `ns`), which `field` of Mesh `mesh`
 /// names.
-fn passphrase_in(
+pub(crate) fn passphrase_in(
     s: &Secret,
     ns: &str,
     r: &SecretKeyRef,
@@ -223,6 +223,19 @@ fn passphrase_in(
             "the passphrase in Secret {ns}/{} key {:?} must be 8 to 63 characters without quotes or newlines",
             r.name, r.key
         )),
+    }
+}
+
+/// The signing key Secret `s` (`ns/key_name`) holds.
+pub(crate) fn signing_key_in(s: &Secret, ns: &str, key_name: &str) -> Result<KeyPair, String> {
+    match value(s, SIGNING_KEY) {
+        None => Err(format!(
+            "Secret {ns}/{key_name} has no key {SIGNING_KEY:?} (expected the base64 ed25519 seed); fix or delete the Secret"
+        )),
+        Some(bytes) => String::from_utf8(bytes)
+            .map_err(|_| "not UTF-8".to_string())
+            .and_then(|t| KeyPair::from_file_text(&t).map_err(|e| e.to_string()))
+            .map_err(|e| format!("Secret {ns}/{key_name} key {SIGNING_KEY:?}: {e}")),
     }
 }
 
@@ -243,20 +256,11 @@ pub async fn load_mesh_secrets(client: &Client, mesh: &Mesh) -> Loaded {
     .await
     {
         Err(e) => Err(e),
-        Ok((s, created)) => match value(&s, SIGNING_KEY) {
-            None => Err(format!(
-                "Secret {ns}/{key_name} has no key {SIGNING_KEY:?} (expected the base64 ed25519 seed); fix or delete the Secret"
-            )),
-            Some(bytes) => String::from_utf8(bytes)
-                .map_err(|_| "not UTF-8".to_string())
-                .and_then(|t| KeyPair::from_file_text(&t).map_err(|e| e.to_string()))
-                .map_err(|e| format!("Secret {ns}/{key_name} key {SIGNING_KEY:?}: {e}"))
-                .inspect(|k| {
-                    if created {
-                        tracing::info!(mesh = %name, key = %k.public(), "created mesh signing key Secret {ns}/{key_name}");
-                    }
-                }),
-        },
+        Ok((s, created)) => signing_key_in(&s, &ns, &key_name).inspect(|k| {
+            if created {
+                tracing::info!(mesh = %name, key = %k.public(), "created mesh signing key Secret {ns}/{key_name}");
+            }
+        }),
     };
 
     let r = &mesh.spec.encryption.passphrase_secret_ref;

@@ -49,7 +49,7 @@ pub(crate) fn spec_value<T: serde::Serialize>(spec: &T) -> Value {
 /// Validates `objs` (one namespace's Meshes and MeshNodes, and every HardwareProfile) with the
 /// standalone loader. An object with an error is replaced by its last good version, or left
 /// out when it has none, until what is left validates.
-fn validate(
+pub(crate) fn validate(
     objs: &BTreeMap<String, Value>,
     last_good: &mut BTreeMap<String, Value>,
     cache: &mut manifest::ParseCache,

@@ -136,6 +136,26 @@ pub struct Summary {
     /// Nodes whose published config stays as it is (including nodes whose new content is
     /// withheld because it failed on them).
     pub unchanged: usize,
+    /// Nodes whose MeshNode the manifests delete (Kubernetes mode only: listed in
+    /// [`PlanReport::removed`]); `None` (and left out of the JSON) in standalone mode, where
+    /// a node leaves only by `sidenetctl remove`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove: Option<usize>,
+}
+
+/// A node whose MeshNode the manifests delete (Kubernetes mode): its finalizer clears its
+/// retained config and revokes its broker login, and the controller forgets it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedNode {
+    /// Node id.
+    pub node: String,
+    /// MeshNode name.
+    pub name: String,
+    /// Mesh network name.
+    pub mesh: String,
+    /// The revision published now, if any (cleared).
+    pub published: Option<Revision>,
 }
 
 /// A plan: every node that changes, and the counts.
@@ -145,6 +165,10 @@ pub struct PlanReport {
     pub changes: Vec<NodeChange>,
     /// Nodes that would get no config, by node id.
     pub blocked: Vec<BlockedNode>,
+    /// Nodes whose MeshNode is deleted, by node id (Kubernetes mode; left out of the JSON
+    /// when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedNode>,
     /// Counts.
     pub summary: Summary,
 }
@@ -152,7 +176,7 @@ pub struct PlanReport {
 impl PlanReport {
     /// Whether any node would get a new revision (the `sidenetctl plan` exit code 2).
     pub fn changes_anything(&self) -> bool {
-        !self.changes.is_empty()
+        !self.changes.is_empty() || !self.removed.is_empty()
     }
 
     /// The plan as `sidenetctl plan` prints it (docs/rollouts.md, "Text output").
@@ -234,12 +258,24 @@ impl PlanReport {
                 b.mesh, b.reason
             ));
         }
-        if !self.changes.is_empty() || !self.blocked.is_empty() {
+        for r in &self.removed {
+            let rev = r
+                .published
+                .map_or(String::new(), |p| format!(", rev {} cleared", p.rev));
+            out.push_str(&format!(
+                "- remove {} ({}) in mesh {}{rev}: its MeshNode is deleted\n",
+                r.node, r.name, r.mesh
+            ));
+        }
+        if !self.changes.is_empty() || !self.blocked.is_empty() || !self.removed.is_empty() {
             out.push('\n');
         }
         let s = &self.summary;
+        let remove = s
+            .remove
+            .map_or(String::new(), |r| format!("{r} to remove, "));
         out.push_str(&format!(
-            "Plan: {} to create, {} to update, {} blocked, {} unchanged.\n",
+            "Plan: {} to create, {} to update, {remove}{} blocked, {} unchanged.\n",
             s.create, s.update, s.blocked, s.unchanged
         ));
         out

@@ -49,7 +49,7 @@ impl Controller {
                         node: id.clone(),
                         name: self.name_of(&id),
                         mesh: self.network_of(&id),
-                        published: self.store.published.get(&id).map(|p| p.revision),
+                        published: self.published_revision(&id),
                         reason,
                         new,
                     });
@@ -67,7 +67,7 @@ impl Controller {
                         node: plan.id.clone(),
                         name: self.name_of(&plan.id),
                         mesh: plan.net.clone(),
-                        published: plan.prev.as_ref().map(|p| p.revision),
+                        published: self.published_revision(&plan.id),
                         new: old_blocked.get(&plan.id) != Some(&e),
                         reason: e,
                     });
@@ -90,8 +90,15 @@ impl Controller {
                 continue;
             }
             let new = config_of(&envelope)?;
+            // A record without a digest only carries a revision counter (Kubernetes mode's
+            // seed of a node that never had a config): the node gets its first config.
+            let previous = plan
+                .prev
+                .as_ref()
+                .filter(|p| !p.sha256.is_empty())
+                .map(|p| p.revision);
             let old = match self.store.envelope(&plan.id)? {
-                Some(bytes) if plan.prev.is_some() => Some(config_of(&bytes)?),
+                Some(bytes) if previous.is_some() => Some(config_of(&bytes)?),
                 _ => None,
             };
             let mut secrets = plan.inputs.secrets();
@@ -104,7 +111,7 @@ impl Controller {
             } else {
                 None
             };
-            let action = if plan.prev.is_some() {
+            let action = if previous.is_some() {
                 report.summary.update += 1;
                 Action::Update
             } else {
@@ -116,7 +123,7 @@ impl Controller {
                 name: self.name_of(&plan.id),
                 mesh: plan.net.clone(),
                 action,
-                previous: plan.prev.as_ref().map(|p| p.revision),
+                previous,
                 revision: plan.revision,
                 reason,
                 fields,
@@ -127,6 +134,66 @@ impl Controller {
         report.changes.sort_by(|a, b| a.node.cmp(&b.node));
         report.blocked.sort_by(|a, b| a.node.cmp(&b.node));
         Ok(report)
+    }
+
+    /// The revision published to node `id`, if a config was (a record without a digest only
+    /// carries a revision counter).
+    fn published_revision(&self, id: &str) -> Option<sidenet_wire::Revision> {
+        self.store
+            .published
+            .get(id)
+            .filter(|p| !p.sha256.is_empty())
+            .map(|p| p.revision)
+    }
+
+    /// Kubernetes mode with an external broker keeps only the digest of each node's published
+    /// config (MeshNode `status.configSha256`), not the config. For every node with such a
+    /// record and no stored envelope, this renders the config of the manifests in force
+    /// (`self.set`) with the same code as a publish; when its body has the recorded digest, that
+    /// body is the published one, and it is stored as the node's envelope (signed anew; the
+    /// record, revision included, stays) for [`Controller::plan_changes`] to compare with.
+    /// Returns the nodes whose render has another digest: their published content is unknown.
+    /// Nothing else changes.
+    pub fn adopt_published(&mut self, now: u64) -> Result<Vec<String>, CoreError> {
+        let old_blocked = self.blocked.clone();
+        let old_subnets = (self.store.subnets.clone(), self.store.taken.clone());
+        let mut batch = Batch::default();
+        let mut cache = super::plan::PlanCache::default();
+        let mut plans = Vec::new();
+        let mut unknown = Vec::new();
+        for id in self.candidates() {
+            let Some(p) = self.store.published.get(&id) else {
+                continue;
+            };
+            if p.sha256.is_empty() || self.store.envelope(&id)?.is_some() {
+                continue;
+            }
+            match self.plan(&id, now, &mut batch, &mut cache)? {
+                Some(mut plan) => {
+                    // Signed whatever the content: the body is what is compared.
+                    plan.prev = None;
+                    plans.push(plan);
+                }
+                None => unknown.push(id),
+            }
+        }
+        let results = self.render_plans(&plans, now);
+        let mut keep = Batch::default();
+        for (plan, result) in plans.into_iter().zip(results) {
+            let record = self.store.published.get(&plan.id).cloned();
+            match (result, record) {
+                (Ok(r), Some(rec)) if r.sha256 == rec.sha256 => match r.envelope {
+                    Some(envelope) => self.store.put_published(&mut keep, &plan.id, rec, envelope),
+                    None => unknown.push(plan.id),
+                },
+                _ => unknown.push(plan.id),
+            }
+        }
+        self.store.commit(keep)?;
+        self.blocked = old_blocked;
+        (self.store.subnets, self.store.taken) = old_subnets;
+        unknown.sort();
+        Ok(unknown)
     }
 
     /// The MeshNode name of node `id`, if a manifest names it.

@@ -339,6 +339,6 @@ impl Controller {
 }
 
 /// Why a waiting node has no config.
-pub(super) fn pending_reason(id: &str) -> String {
+pub fn pending_reason(id: &str) -> String {
     format!("waiting for approval: `sidenetctl approve {id}` or a MeshNode with approved: true")
 }

@@ -62,6 +62,14 @@ impl Controller {
     /// neighbours are reconciled without it. The state database is not changed (Kubernetes
     /// mode's database is a cache rebuilt from the cluster at every start).
     pub fn forget(&mut self, id: &str, now: u64) -> Result<(), CoreError> {
+        let affected = self.drop_node(id);
+        self.reconcile(&affected, now)
+    }
+
+    /// [`Controller::forget`] without reconciling: returns the nodes whose WireGuard
+    /// neighbours change (the caller reconciles them, or plans them: `sidenetctl plan` in
+    /// Kubernetes mode).
+    pub fn drop_node(&mut self, id: &str) -> Vec<String> {
         if let Some(rec) = self.store.nodes.get(id) {
             self.credentials
                 .push(crate::reconcile::credentials::Credential::Revoke {
@@ -91,7 +99,7 @@ impl Controller {
         self.online.remove(id);
         let mut affected = self.peers.replace(id, None);
         affected.remove(id);
-        self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
+        affected.into_iter().collect()
     }
 
     /// Removes an enrolled node (standalone `sidenetctl remove`): its record is deleted, its

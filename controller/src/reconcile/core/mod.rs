@@ -18,7 +18,7 @@ mod staged;
 mod state;
 mod status;
 
-pub use enrol::Approval;
+pub use enrol::{Approval, pending_reason};
 pub use plan::{build_config, build_config_with, config_body};
 pub use staged::RolloutAction;
 pub use state::{Controller, CoreError, NODE_MESSAGE_CAP};
