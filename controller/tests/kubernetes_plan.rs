@@ -112,7 +112,10 @@ impl Names {
         let mut epoch = 0;
         for n in c.api.list(NODES) {
             let id = n["spec"]["nodeId"].as_str().unwrap().to_string();
-            ids.push((id.clone(), n["metadata"]["name"].as_str().unwrap().to_string()));
+            ids.push((
+                id.clone(),
+                n["metadata"]["name"].as_str().unwrap().to_string(),
+            ));
             if let Some(r) = n["status"]["desiredRevision"].as_u64() {
                 desired.push((id, r));
             }
@@ -150,7 +153,11 @@ impl Names {
         for line in report.to_text().lines() {
             let mut l = line.to_string();
             let node = [
-                report.changes.iter().map(|c| c.node.clone()).collect::<Vec<_>>(),
+                report
+                    .changes
+                    .iter()
+                    .map(|c| c.node.clone())
+                    .collect::<Vec<_>>(),
                 report.blocked.iter().map(|b| b.node.clone()).collect(),
                 report.removed.iter().map(|r| r.node.clone()).collect(),
             ]
@@ -297,13 +304,12 @@ async fn plans_against_the_cluster_match_what_the_controller_publishes() {
                 if since.elapsed() >= std::time::Duration::from_secs(3) {
                     assert_eq!(
                         out.lines().last(),
-                        Some("Plan: 0 to create, 0 to update, 0 to remove, 1 blocked, 2 unchanged."),
+                        Some(
+                            "Plan: 0 to create, 0 to update, 0 to remove, 1 blocked, 2 unchanged."
+                        ),
                         "{out}"
                     );
-                    assert!(
-                        out.starts_with(&format!("! blocked {porch_id} (")),
-                        "{out}"
-                    );
+                    assert!(out.starts_with(&format!("! blocked {porch_id} (")), "{out}");
                     assert!(out.contains("(as now)"), "{out}");
                     break;
                 }
@@ -342,6 +348,18 @@ async fn plans_against_the_cluster_match_what_the_controller_publishes() {
         ("new-node", approved),
         ("removed-node", removed),
     ];
+    let passphrase = {
+        use base64::Engine as _;
+        let s = c
+            .api
+            .get("v1/secrets", "default", "riverside-mesh")
+            .unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(s["data"]["passphrase"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert!(passphrase.len() >= 8);
     let mut mismatches = Vec::new();
     for (name, docs) in &cases {
         let folder = write_folder(&dir.join(name), docs);
@@ -349,9 +367,22 @@ async fn plans_against_the_cluster_match_what_the_controller_publishes() {
         assert_eq!(code, 2, "{name}: {out}\n{err}");
         let (code, report) = plan_json(&kc, &folder).await;
         assert_eq!(code, 2, "{name}");
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(
+            !out.contains(&passphrase) && !json.contains(&passphrase),
+            "{name}: the mesh passphrase is shown"
+        );
         assert_eq!(out, report.to_text(), "{name}: text and JSON disagree");
-        check_golden(&format!("{name}.txt"), &names.text(&report), &mut mismatches);
-        check_golden(&format!("{name}.json"), &names.json(&report), &mut mismatches);
+        check_golden(
+            &format!("{name}.txt"),
+            &names.text(&report),
+            &mut mismatches,
+        );
+        check_golden(
+            &format!("{name}.json"),
+            &names.json(&report),
+            &mut mismatches,
+        );
     }
     assert!(
         mismatches.is_empty(),
@@ -359,7 +390,10 @@ async fn plans_against_the_cluster_match_what_the_controller_publishes() {
         mismatches.join("\n")
     );
     // Planning wrote nothing: the objects are as they were.
-    assert_eq!(desired(&c), names.desired.iter().cloned().collect::<Vec<_>>());
+    assert_eq!(
+        desired(&c),
+        names.desired.iter().cloned().collect::<Vec<_>>()
+    );
 
     // Errors: a broken manifest (named by file and field); --offline has no meaning here.
     let mut broken = base_docs.clone();
@@ -436,4 +470,139 @@ async fn eventually_plan_zero(c: &Cluster, kc: &Path, folder: &Path) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
+}
+
+/// An MQTT client with client id `id` (a node's: the embedded broker lets a node that is
+/// still enrolling in without a password, confined to its own topics).
+async fn node_client(port: u16, id: &str) -> rumqttc::AsyncClient {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    });
+    client
+}
+
+/// With the embedded broker the MeshNode status keeps each node's signed envelope
+/// (`configEnvelope`), and the plan diffs against it: with the controller stopped and the Mesh
+/// changed in the cluster behind its back, the plan of the changed folder still shows the
+/// change against what was published (a render of the cluster's objects could not: they
+/// already hold the change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_embedded_broker_the_plan_diffs_against_the_kept_envelope() {
+    let c = Cluster::new();
+    let (mut kitchen, attic) = test_keys();
+    let keys = with_keys(&kitchen, &attic);
+    c.riverside(true, &keys).await;
+    let mqtt_port = common::free_port();
+    let mut o = c.opts("ctl-embedded");
+    o.broker = None;
+    o.listen = format!("127.0.0.1:{mqtt_port}").parse().unwrap();
+    let run = c.start(o);
+    let port = kubefake::serve::serve(c.api.tagged("sidenetctl")).await;
+    let kc = c.dir.path().join("kubeconfig");
+    kubefake::serve::kubeconfig(&kc, port, "default");
+    eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mqtt = node_client(mqtt_port, &kitchen.id()).await;
+    c.enrol(
+        &mqtt,
+        &mut kitchen,
+        ("default", "kitchen"),
+        "kitchen",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    let st = eventually(
+        "kitchen's envelope in its status",
+        || {
+            let st = c.node("kitchen")?["status"].clone();
+            st["configEnvelope"].is_string().then_some(st)
+        },
+        || c.dump(),
+    )
+    .await;
+    let rev = st["desiredRevision"].as_u64().unwrap();
+    let dir = c.dir.path();
+    let base_docs = example_docs(&keys);
+    let same = write_folder(&dir.join("same"), &base_docs);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, out, err) = plan(&kc, &same, &[]).await;
+        if code == 0 {
+            assert_eq!(
+                out.lines().last(),
+                Some("Plan: 0 to create, 0 to update, 0 to remove, 1 blocked, 1 unchanged."),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plan of the cluster's own objects never exited 0: {code}\n{out}\n{err}\n{}",
+            c.dump()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    run.stop().await;
+
+    // The channel changes in the cluster while no controller runs.
+    let mut channel = base_docs.clone();
+    channel44(&mut channel);
+    let mut spec = channel[0]["spec"].clone();
+    spec.as_object_mut().unwrap().retain(|k, _| k == "radio");
+    Api::<Mesh>::namespaced(c.client.clone(), "default")
+        .patch(
+            "riverside",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+    let folder = write_folder(&dir.join("channel"), &channel);
+    let (code, report) = plan_json(&kc, &folder).await;
+    assert_eq!(code, 2, "{}", report.to_text());
+    assert_eq!(report.changes.len(), 1, "{}", report.to_text());
+    let ch = &report.changes[0];
+    assert_eq!(ch.node, kitchen.id());
+    assert_eq!(ch.reason, None, "{}", report.to_text());
+    assert_eq!(ch.previous.map(|p| p.rev), Some(rev));
+    assert_eq!(ch.revision.rev, rev + 1);
+    let wireless = ch
+        .files
+        .iter()
+        .find(|f| f.path == "etc/sidenet/uci/wireless")
+        .unwrap_or_else(|| panic!("{}", report.to_text()));
+    assert!(
+        wireless
+            .diff
+            .contains("-require wireless.radio0.channel='36'")
+            && wireless
+                .diff
+                .contains("+require wireless.radio0.channel='44'"),
+        "{}",
+        wireless.diff
+    );
+    // The same folder without the envelope (as with an external broker) cannot be compared:
+    // the status's digest is not that of what the objects give now.
+    Api::<sidenet_crds::MeshNode>::namespaced(c.client.clone(), "default")
+        .patch_status(
+            "kitchen",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"configEnvelope": null}})),
+        )
+        .await
+        .unwrap();
+    let (code, report) = plan_json(&kc, &folder).await;
+    assert_eq!(code, 2, "{}", report.to_text());
+    assert_eq!(
+        report.changes[0].reason.as_deref(),
+        Some(sidenet_controller::kubernetes::plan::UNKNOWN_CONTENT),
+        "{}",
+        report.to_text()
+    );
 }

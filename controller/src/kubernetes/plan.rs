@@ -60,7 +60,10 @@ impl Declared {
         let mut d = Declared::default();
         for (_, text) in texts {
             for doc in sidenet_crds::yaml::documents(text).into_iter().flatten() {
-                let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let name = doc["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 match doc["kind"].as_str() {
                     Some("Mesh") => {
                         d.meshes.insert(name);
@@ -306,10 +309,7 @@ pub async fn plan(
     if let Ok(mut c) = cache.lock() {
         *c = next_cache;
     }
-    let mut report = eng
-        .ctl
-        .plan_changes(next, now)
-        .map_err(|e| e.to_string())?;
+    let mut report = eng.ctl.plan_changes(next, now).map_err(|e| e.to_string())?;
     for c in &mut report.changes {
         if c.previous.is_some() && unknown.contains(&c.node) {
             c.reason = Some(UNKNOWN_CONTENT.to_string());
