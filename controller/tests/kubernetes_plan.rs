@@ -390,10 +390,7 @@ async fn plans_against_the_cluster_match_what_the_controller_publishes() {
         mismatches.join("\n")
     );
     // Planning wrote nothing: the objects are as they were.
-    assert_eq!(
-        desired(&c),
-        names.desired.iter().cloned().collect::<Vec<_>>()
-    );
+    assert_eq!(desired(&c), names.desired.to_vec());
 
     // Errors: a broken manifest (named by file and field); --offline has no meaning here.
     let mut broken = base_docs.clone();
