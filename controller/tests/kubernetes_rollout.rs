@@ -8,9 +8,11 @@
 //! - a good change, paused at the canary with `sidenet.io/rollout=pause` (the annotation is
 //!   removed once acted on) and resumed with `=resume`, reaches every node wave by wave
 //!   (per-wave timings printed);
-//! - a third change survives a controller crash (its task aborted, as by kill -9) and restart
-//!   (its record is in the Mesh status) and is aborted by `sidenet.io/rollout=abort` on the new
-//!   controller: the canary runs the last good content again.
+//! - a third change survives a controller crash and restart (its record is in the Mesh status)
+//!   and is aborted by `sidenet.io/rollout=abort` on the new controller: the canary runs the
+//!   last good content again. The first controller is the real `sidenet-controller kubernetes`
+//!   binary, a process of its own that reaches the in-memory API server over HTTP through a
+//!   kubeconfig (`kubefake::serve`, watches streamed), and the crash is a SIGKILL of it.
 //!
 //! The failing config, as in `rollout.rs`: a passphrase rotation adds the file
 //! `etc/sidenet/wpa_supplicant-mesh-next.conf`, and every agent's root has a folder there.
@@ -209,6 +211,35 @@ impl Fleet {
     }
 }
 
+/// Starts `sidenet-controller kubernetes` as a process of its own, with the options of
+/// [`Cluster::opts`] as the chart passes them (environment), the chart's RBAC, and a kubeconfig
+/// that reaches the in-memory API server over HTTP as the controller's service account.
+async fn controller_process(c: &Cluster, name: &str) -> Proc {
+    let opts = c.opts(name);
+    c.api
+        .set_policy("system:serviceaccount:default:sidenet", chart_rbac(&opts));
+    let port = kubefake::serve::serve(c.api.clone()).await;
+    let kc = c.dir.path().join(format!("kubeconfig-{name}"));
+    kubefake::serve::kubeconfig(&kc, port, "default");
+    let mut cmd = Command::new(bin("sidenet-controller"));
+    cmd.arg("kubernetes")
+        .env("KUBECONFIG", &kc)
+        .env("SIDENET_NAMESPACE", opts.namespace.as_deref().unwrap_or(""))
+        .env("SIDENET_BROKER", opts.broker.as_deref().unwrap_or(""))
+        .env("SIDENET_LISTEN", "127.0.0.1:0")
+        .env(
+            "SIDENET_METRICS_LISTEN",
+            format!("127.0.0.1:{}", common::free_port()),
+        )
+        .env("SIDENET_LEADER_ELECTION", "false")
+        .env("POD_NAME", name)
+        .env("POD_NAMESPACE", &opts.pod_namespace)
+        .env("SIDENET_TEMPLATES", &opts.templates)
+        .env("SIDENET_CACHE_DIR", &opts.cache_dir)
+        .env("SIDENET_AGENTS", &opts.agents);
+    Proc::spawn(name, &mut cmd, &c.dir.path().join(format!("{name}.log")))
+}
+
 /// Records when the test first sees each agent run `frequency`.
 fn observe(fleet: &Fleet, frequency: &str, t0: Instant, at: &mut BTreeMap<usize, Duration>) {
     for i in 0..AGENTS {
@@ -241,8 +272,13 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
         "stringData": {"passphrase": "the next passphrase of riverside"},
     }))
     .await;
-    let ctl = c.start(c.opts("ctl-a"));
-    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mut ctl_a = controller_process(&c, "ctl-a").await;
+    let key = eventually(
+        "the Mesh public key",
+        || c.mesh_key(),
+        || format!("{}\n--- ctl-a\n{}", c.dump(), ctl_a.log_text()),
+    )
+    .await;
     let join = sidenet_wire::join::JoinCode::new("riverside", &key).to_string();
     let mut roots = Vec::new();
     let mut agents = Vec::new();
@@ -587,11 +623,13 @@ async fn rollouts_halt_pause_resume_survive_a_restart_and_abort() {
     )
     .await;
     let before_restart = fleet.record().unwrap().progress.unwrap();
-    // As a crash (kill -9): the controller's task is aborted, nothing is released or flushed.
-    let Running { stop, task } = ctl;
-    task.abort();
-    let _ = task.await;
-    drop(stop);
+    // A crash: kill -9 of the controller process, nothing is released or flushed.
+    assert!(
+        ctl_a.alive(),
+        "ctl-a died before the crash:\n{}",
+        ctl_a.log_text()
+    );
+    ctl_a.kill();
     let ctl = fleet.c.start(fleet.c.opts("ctl-b"));
     // The new controller knows the rollout: it acts on the abort (without the record it would
     // take the current spec as the last good one and refuse).

@@ -1,6 +1,7 @@
 //! The in-memory API server over HTTP/1.1 on loopback, for programs that reach a cluster
-//! through a kubeconfig (`sidenetctl --kubeconfig`). Requests and answers with a
-//! `content-length` body, keep-alive; no watches (a watch answers once its stream ends).
+//! through a kubeconfig (`sidenetctl --kubeconfig`, a `sidenet-controller kubernetes` process).
+//! Requests and answers with a `content-length` body, keep-alive; a watch is answered with a
+//! chunked body, one chunk per event as it happens, until the client goes away.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -58,8 +59,41 @@ pub async fn serve(api: FakeApi) -> u16 {
                     }
                     let method = Method::from_bytes(method.as_bytes()).unwrap();
                     let uri: Uri = target.parse().unwrap();
+                    let watch = uri.query().is_some_and(|q| {
+                        q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1")
+                    });
                     let resp = api.handle(method, uri, ct, Bytes::from(body));
                     let status = resp.status();
+                    if watch && status.is_success() {
+                        let head = format!(
+                            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+                            status.as_u16(),
+                            status.canonical_reason().unwrap_or(""),
+                        );
+                        if w.write_all(head.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        let mut events = resp.into_body();
+                        while let Some(Ok(frame)) = events.frame().await {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            if data.is_empty() {
+                                continue;
+                            }
+                            let size = format!("{:x}\r\n", data.len());
+                            if w.write_all(size.as_bytes()).await.is_err()
+                                || w.write_all(&data).await.is_err()
+                                || w.write_all(b"\r\n").await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        if w.write_all(b"0\r\n\r\n").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let bytes = resp
                         .into_body()
                         .collect()
