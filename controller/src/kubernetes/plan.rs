@@ -33,7 +33,7 @@ use sidenet_wire::keys::KeyPair;
 
 use super::engine::{Engine, key_of};
 use super::state::{KubeSecrets, Loaded, SecretCache, passphrase_in, signing_key_secret};
-use super::sync::{manifest_value, seed, spec_value, validate};
+use super::sync::{kept_envelope, manifest_value, restored, seed, spec_value, validate};
 use crate::reconcile::core::{Controller, pending_reason};
 use crate::reconcile::diff::{PlanReport, RemovedNode};
 use crate::reconcile::render::Renderer;
@@ -244,13 +244,19 @@ pub async fn plan(
     let mut batch = Batch::default();
     for n in &nodes {
         if current.nodes.contains_key(&n.spec.node_id) {
-            // With the envelope when the status keeps one (the embedded broker), else with the
-            // digest alone (an external broker).
-            let external = n
-                .status
-                .as_ref()
-                .is_none_or(|s| s.config_envelope.is_none());
-            seed(&mut eng, &mut batch, &current, n, now, external);
+            // With the envelope when the status keeps a usable one (the embedded broker), else
+            // with the digest alone (an external broker; an envelope that is not the recorded
+            // revision's).
+            let net = current
+                .meshes
+                .get(&n.spec.mesh)
+                .map(|m| network_name(m).to_string())
+                .unwrap_or_default();
+            let kept = n.status.as_ref().is_some_and(|st| {
+                restored(st, epoch)
+                    .is_some_and(|mut p| kept_envelope(st, &mut p, &net, &n.spec.node_id).is_some())
+            });
+            seed(&mut eng, &mut batch, &current, n, now, !kept);
         }
     }
     // A node new in the folder starts above its mesh's highest revision, as when its MeshNode

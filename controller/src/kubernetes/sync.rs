@@ -462,7 +462,7 @@ pub(crate) fn restored(st: &sidenet_crds::MeshNodeStatus, epoch: u64) -> Option<
 /// The envelope `status.configEnvelope` holds, when it is the one of `p` for node `id` of
 /// network `net`: a config, signed (by the key it names: `p.signer` is set to it, so a mesh
 /// key rotated since is noticed and the config re-signed), with the recorded header and body.
-fn kept_envelope(
+pub(crate) fn kept_envelope(
     st: &sidenet_crds::MeshNodeStatus,
     p: &mut Published,
     net: &str,
