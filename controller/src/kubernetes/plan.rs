@@ -44,7 +44,7 @@ use crate::spec::manifest::{self, ManifestSet, network_name};
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 /// The reason given to a node whose published content could not be rebuilt.
-pub const UNKNOWN_CONTENT: &str = "the published config is not known here (its digest, MeshNode status.configSha256, is not that of the config the cluster's objects give now, and the status keeps no configEnvelope): the whole new config is shown";
+pub const UNKNOWN_CONTENT: &str = "the published config is not known here (its digest, MeshNode status.configSha256, is not that of the config the cluster's objects give now, and the status keeps no usable configEnvelope): the whole new config is shown";
 
 /// What the folder declares, by kind: names, and the node ids of its MeshNodes.
 #[derive(Debug, Default)]
