@@ -2,7 +2,7 @@
 //! a cluster that runs Kubernetes mode would publish (docs/rollouts.md, "Kubernetes mode").
 //!
 //! The running controller's state is rebuilt the way a starting controller rebuilds it, by the
-//! same code ([`super::sync::validate`], [`super::sync::seed`], the core's [`Controller`]):
+//! same code (`sync::validate`, `sync::seed`, the core's [`Controller`]):
 //! the namespace's Meshes and MeshNodes and every HardwareProfile validated into the set in
 //! force, each node's published revision, digest, envelope (`status.configEnvelope`), subnet
 //! and enrolment from its MeshNode status, the state epoch and each mesh's highest revision from
