@@ -107,7 +107,7 @@ impl Controller {
             let reason = if plan.refresh_due && fields.is_empty() && files.is_empty() {
                 Some("signature renewal: half the config's validity has passed, or its signing key was rotated".to_string())
             } else if fields.is_empty() && files.is_empty() && !sealed.is_empty() {
-                Some("secrets sealed again: the inputs changed, and this controller has not sealed this node's secrets since it started".to_string())
+                Some("secrets sealed again: a secret's value changed (mesh passphrase or broker password)".to_string())
             } else {
                 None
             };
