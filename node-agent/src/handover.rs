@@ -17,13 +17,12 @@
 //! keeps [`lan_default`]: babel's `default from MESH`, which only the node's side-net address
 //! can use, copied without the source into a table of its own for the LAN.
 
+use std::net::Ipv6Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sidenet_wire::messages::{Probe, ServiceRoute};
 use tokio::sync::watch;
-
-use std::net::Ipv6Addr;
 
 use crate::probe::{Handover, Internet, ProbePlan, Service};
 
