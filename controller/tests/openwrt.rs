@@ -261,8 +261,10 @@ fn babeld_conf(export: &str) -> String {
                 if get("local").as_deref() == Some("true") {
                     l.push_str(" local");
                 }
+                // In the init script's order.
                 for k in [
-                    "ip", "eq", "le", "ge", "src_ip", "neigh", "id", "proto", "if",
+                    "ip", "eq", "le", "ge", "src_ip", "src_eq", "src_le", "src_ge", "neigh", "id",
+                    "proto", "if",
                 ] {
                     if let Some(v) = get(k) {
                         l.push_str(&format!(" {} {v}", k.replace('_', "-")));
@@ -280,11 +282,10 @@ fn babeld_conf(export: &str) -> String {
     out.join("\n") + "\n"
 }
 
-#[test]
-fn babeld_keeps_running_on_a_node_without_neighbours() {
-    let set = set();
-    let files = render(&set, "tplink-archer-c7-v2", Vec::new(), false);
-    let batch = file(&files, "etc/sidenet/uci/babeld");
+/// Applies a babeld batch with the real `uci` to an empty config, makes babeld.conf of it as the
+/// init script does, and starts a real babeld on it in a network namespace of its own: the
+/// config and babeld's log once it runs (panics when it exits or does not start).
+fn run_babeld(batch: &str) -> (String, String) {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("config");
     std::fs::create_dir_all(&conf).unwrap();
@@ -356,7 +357,85 @@ fn babeld_keeps_running_on_a_node_without_neighbours() {
     let _ = babeld.kill();
     let _ = babeld.wait();
     let out = outcome.unwrap_or_else(|e| panic!("{e}\nconfig:\n{text}"));
+    (text, out)
+}
+
+#[test]
+fn babeld_keeps_running_on_a_node_without_neighbours() {
+    let set = set();
+    let files = render(&set, "tplink-archer-c7-v2", Vec::new(), false);
+    let (_, out) = run_babeld(file(&files, "etc/sidenet/uci/babeld"));
     assert!(!out.contains("no interfaces"), "{out}");
+}
+
+/// Gateways that route (docs/dataplane.md): a gateway announces its default routes for the
+/// mesh prefix only (also those of protocol boot), every node of a mesh with `allowInternet`
+/// accepts and relays exactly that route, and a mesh without it renders none of it. The uci
+/// batches go through the real `uci` and the init script's conversion into a running babeld.
+#[test]
+fn gateways_announce_and_nodes_accept_the_default_route_for_the_mesh_prefix_only() {
+    let set = set();
+    let base = set.meshes.get("riverside").unwrap().clone();
+    let with = |nodes: &[&str]| {
+        let mut m = base.clone();
+        m.spec
+            .policies
+            .retain(|p| p.type_ != PolicyType::NoInternet);
+        m.spec.policies.push(Policy {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            ..Policy::new(PolicyType::AllowInternet)
+        });
+        m
+    };
+    let mesh = "fdfc:b395:f348::/48";
+    let announce = [
+        format!("redistribute ip ::/0 eq 0 src-prefix {mesh}"),
+        format!("redistribute ip ::/0 eq 0 proto 3 src-prefix {mesh}"),
+    ];
+    let accept = [
+        format!("in ip ::/0 eq 0 src-ip {mesh} src-eq 48 allow"),
+        format!("out ip ::/0 eq 0 src-ip {mesh} src-eq 48 allow"),
+    ];
+    let peers = vec![peer("peerbbbbbbbbbbbb", "kitchen")];
+    let cases = [
+        ("gateway", with(&["golden"]), true, true),
+        (
+            "node of a mesh with gateways",
+            with(&["kitchen"]),
+            false,
+            true,
+        ),
+        (
+            "node of a mesh without allowInternet",
+            base.clone(),
+            false,
+            false,
+        ),
+    ];
+    for (what, m, gateway, accepts) in cases {
+        let files = render_with(&set, "tplink-archer-c7-v2", &m, peers.clone(), None);
+        let (text, _) = run_babeld(file(&files, "etc/sidenet/uci/babeld"));
+        let lines: Vec<&str> = text.lines().collect();
+        let at = |l: &str| lines.iter().position(|x| *x == l);
+        for l in &announce {
+            assert_eq!(at(l).is_some(), gateway, "{what}: {l}\n{text}");
+            if gateway {
+                assert!(at(l) < at("redistribute local deny"), "{what}: {l}\n{text}");
+            }
+        }
+        for (l, last) in accept.iter().zip(["in deny", "out deny"]) {
+            assert_eq!(at(l).is_some(), accepts, "{what}: {l}\n{text}");
+            if accepts {
+                assert!(at(l) < at(last), "{what}: {l} after {last}\n{text}");
+            }
+        }
+        if !accepts {
+            assert!(!text.contains("::/0"), "{what}:\n{text}");
+        }
+        let probes = file(&files, "etc/sidenet/probes");
+        let line = format!("internet from {mesh} table 122 priority 32800");
+        assert_eq!(probes.contains(&line), accepts, "{what}:\n{probes}");
+    }
 }
 
 /// Every ethernet name a stock OpenWrt network config uses (devices and bridge ports).

@@ -12,14 +12,19 @@
 //! [`crate::probe::WINDOW`] probes) is good when its loss is at most the threshold and its
 //! median round-trip time at most the latency threshold. A service moves to the side-net after
 //! `good` good rounds in a row and back to the internet after `bad` bad rounds in a row.
+//!
+//! In a mesh with internet gateways (`docs/dataplane.md`, "Gateways that route") the same loop
+//! keeps [`lan_default`]: babel's `default from MESH`, which only the node's side-net address
+//! can use, copied without the source into a table of its own for the LAN.
 
+use std::net::Ipv6Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sidenet_wire::messages::{Probe, ServiceRoute};
 use tokio::sync::watch;
 
-use crate::probe::{Handover, ProbePlan, Service};
+use crate::probe::{Handover, Internet, ProbePlan, Service};
 
 /// `side-net`.
 pub const SIDE_NET: &str = "side-net";
@@ -163,6 +168,75 @@ fn set_rules(h: &Handover, s: &Service, on: bool) -> bool {
     ok
 }
 
+/// `ip -6 ARGS...`'s output (empty when it failed).
+fn ip6(args: &[&str]) -> String {
+    std::process::Command::new("ip")
+        .arg("-6")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The next hop (`via`, `dev`) of the first `default` route in `ip -6 route show` output whose
+/// source prefix is `from` (`None`: a route without one).
+fn default_hop(text: &str, from: Option<(Ipv6Addr, u8)>) -> Option<(String, String)> {
+    text.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let get = |k: &str| w.windows(2).find(|p| p[0] == k).map(|p| p[1]);
+        let src = get("from").map(|s| {
+            s.split_once('/')
+                .and_then(|(a, l)| Some((a.parse().ok()?, l.parse().ok()?)))
+        });
+        let same = match (src, from) {
+            (None, None) => true,
+            (Some(s), Some(f)) => s == Some(f),
+            _ => false,
+        };
+        (w.first() == Some(&"default") && same)
+            .then(|| Some((get("via")?.to_string(), get("dev")?.to_string())))
+            .flatten()
+    })
+}
+
+/// Copies babel's route `default from MESH` (through the nearest gateway) into the table of
+/// `i` without the source, or removes the copy when babel has none. Traffic from the LAN (not
+/// from a mesh address, so the main table has no route for it when the node has no default
+/// route of its own) finds it there through the rule of [`lan_rule`] and leaves over the
+/// side-net with the node's address (NAT66).
+pub fn lan_default(i: &Internet) {
+    let t = i.table.to_string();
+    let want = default_hop(&ip6(&["route", "show", "proto", "babel"]), Some(i.from));
+    let have = default_hop(&ip6(&["route", "show", "table", &t]), None);
+    if want == have {
+        return;
+    }
+    match &want {
+        Some((via, dev)) => {
+            ip6(&[
+                "route", "replace", "default", "via", via, "dev", dev, "table", &t,
+            ]);
+        }
+        None => {
+            ip6(&["route", "flush", "table", &t]);
+        }
+    }
+    tracing::info!("LAN default route over the side-net: {want:?}");
+}
+
+/// Sets (or removes) the rule of `i`: after the main table, look in its table.
+fn lan_rule(i: &Internet, on: bool) {
+    flush(i.priority);
+    let (t, p) = (i.table.to_string(), i.priority.to_string());
+    if on {
+        ip_rule(&["add", "lookup", &t, "priority", &p]);
+        lan_default(i);
+    } else {
+        ip6(&["route", "flush", "table", &t]);
+    }
+}
+
 /// Runs handover for the services of `plan` until it is closed, one round per `interval`,
 /// publishing the states to `states`.
 pub async fn run(
@@ -176,7 +250,18 @@ pub async fn run(
     let mut current: Option<(Handover, Vec<Service>)> = None;
     let mut flushed: Option<u32> = None;
     let mut mine: Vec<State> = Vec::new();
+    let mut lan: Option<Internet> = None;
     loop {
+        let want_lan = plan.borrow().as_ref().and_then(|p| p.internet.clone());
+        if want_lan != lan {
+            if let Some(old) = &lan {
+                lan_rule(old, false);
+            }
+            if let Some(new) = &want_lan {
+                lan_rule(new, true);
+            }
+            lan = want_lan;
+        }
         let want = plan
             .borrow()
             .as_ref()
@@ -241,6 +326,9 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                if let Some(i) = &lan {
+                    lan_default(i);
+                }
                 let Some((h, services)) = &current else { continue };
                 let results = probes.lock().map(|p| p.clone()).unwrap_or_default();
                 let t = now();
@@ -289,6 +377,24 @@ mod tests {
             kind: Some("owner".into()),
             sent: 10,
         }
+    }
+
+    #[test]
+    fn finds_the_default_route_of_a_source() {
+        let main = "fd23:1:1:1::/64 via fe80::1 dev sn-a proto babel metric 1024 onlink pref medium\n\
+                    default from fd23:1::/48 via fe80::2 dev sn-b proto babel metric 1024 onlink pref medium\n";
+        let mesh = ("fd23:1:0::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED), 48);
+        assert_eq!(
+            default_hop(main, Some(mesh)),
+            Some(("fe80::2".to_string(), "sn-b".to_string()))
+        );
+        assert_eq!(default_hop(main, None), None);
+        assert_eq!(default_hop(main, Some((mesh.0, 56))), None);
+        let table = "default via fe80::2 dev sn-b metric 1024 pref medium\n";
+        assert_eq!(
+            default_hop(table, None),
+            Some(("fe80::2".to_string(), "sn-b".to_string()))
+        );
     }
 
     #[test]

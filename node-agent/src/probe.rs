@@ -47,6 +47,22 @@ pub struct ProbePlan {
     pub handover: Option<Handover>,
     /// Services other nodes publish (`service` lines), for [`crate::handover`].
     pub services: Vec<Service>,
+    /// The mesh has internet gateways (`internet` line), for [`crate::handover::lan_default`].
+    pub internet: Option<Internet>,
+}
+
+/// `internet from PREFIX table TABLE priority PRIORITY`: babel may install the gateways'
+/// `default from PREFIX`; the agent copies its next hop into table TABLE (without the source),
+/// which a rule of PRIORITY, after the main table's, lets the LAN use (`docs/dataplane.md`,
+/// "Gateways that route").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Internet {
+    /// The mesh prefix (the source prefix of the gateways' route).
+    pub from: (Ipv6Addr, u8),
+    /// The table of the copy.
+    pub table: u32,
+    /// The priority of the rule into it.
+    pub priority: u32,
 }
 
 /// `handover loss PERCENT latency MS good ROUNDS bad ROUNDS table TABLE priority PRIORITY`.
@@ -79,7 +95,7 @@ pub struct Service {
 
 impl ProbePlan {
     /// Parses the probes file: `port N`, `neighbour NODE ADDR%IFACE`, `gateway NODE ADDR`,
-    /// `owner NODE ADDR`, `handover ...`, `service NAME NODE PREFIX...`.
+    /// `owner NODE ADDR`, `handover ...`, `service NAME NODE PREFIX...`, `internet ...`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut plan = ProbePlan {
             port: 6699,
@@ -123,6 +139,18 @@ impl ProbePlan {
                         bad: n(b)?.max(1),
                         table: n(t)?,
                         priority: n(p)?,
+                    });
+                }
+                ["internet", "from", prefix, "table", t, "priority", p] => {
+                    let bad = || format!("probes line {}: cannot read {line:?}", n + 1);
+                    let (a, l) = prefix.split_once('/').ok_or_else(bad)?;
+                    plan.internet = Some(Internet {
+                        from: (
+                            a.parse().map_err(|_| bad())?,
+                            l.parse().ok().filter(|l| *l <= 128).ok_or_else(bad)?,
+                        ),
+                        table: t.parse().map_err(|_| bad())?,
+                        priority: p.parse().map_err(|_| bad())?,
                     });
                 }
                 ["service", name, node, prefixes @ ..] if !prefixes.is_empty() => {
@@ -364,6 +392,21 @@ mod tests {
         assert!(ProbePlan::parse("neighbour x not-an-address").is_err());
         assert!(ProbePlan::parse("port many").is_err());
         assert!(ProbePlan::parse("gossip x y").is_err());
+        let p = ProbePlan::parse("internet from fdfc:b395:f348::/48 table 122 priority 32800")
+            .unwrap_or_default();
+        assert_eq!(
+            p.internet,
+            Some(Internet {
+                from: (
+                    "fdfc:b395:f348::".parse().unwrap_or(Ipv6Addr::UNSPECIFIED),
+                    48
+                ),
+                table: 122,
+                priority: 32800,
+            })
+        );
+        assert!(ProbePlan::parse("internet from fdfc::/129 table 122 priority 1").is_err());
+        assert!(ProbePlan::parse("internet from fdfc::/48 table x priority 1").is_err());
     }
 
     #[test]

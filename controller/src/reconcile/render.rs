@@ -289,8 +289,15 @@ pub struct MeshCtx {
     /// rateLimit policies without schedule, `toward` or `direction: ingress` and with scope own
     /// (the default) that apply to it ([`crate::spec::policy::compile::node_budget`]).
     pub rate_kbit: Option<u64>,
-    /// Whether this node may forward side-net traffic to its uplink.
+    /// Whether this node may forward side-net traffic to its uplink (an `allowInternet` policy
+    /// names it): it is a gateway and announces a source-specific default route for the mesh
+    /// prefix over babel (`docs/dataplane.md`, "Gateways that route").
     pub internet: bool,
+    /// Whether the mesh has gateways (an `allowInternet` policy, and no `noInternet`): every
+    /// node then accepts and relays the gateways' default route `::/0 from PREFIX`, and its
+    /// agent lets the LAN use it when the node has no default route of its own. False for
+    /// every mesh that did not opt in: nothing of it is rendered.
+    pub internet_gateways: bool,
 }
 
 /// The node as templates see it.
@@ -483,14 +490,21 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         }],
         inp.id,
     );
+    let no_internet = |node_only: bool| {
+        spec.policies
+            .iter()
+            .any(|p| p.type_ == PolicyType::NoInternet && (!node_only || applies(&p.nodes)))
+    };
     let internet = spec
         .policies
         .iter()
         .any(|p| p.type_ == PolicyType::AllowInternet && applies(&p.nodes))
-        && !spec
-            .policies
-            .iter()
-            .any(|p| p.type_ == PolicyType::NoInternet && applies(&p.nodes));
+        && !no_internet(true);
+    let internet_gateways = spec
+        .policies
+        .iter()
+        .any(|p| p.type_ == PolicyType::AllowInternet)
+        && !no_internet(false);
     let hostname = inp
         .hostname
         .map(str::to_string)
@@ -515,6 +529,7 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             }),
             rate_kbit,
             internet,
+            internet_gateways,
         },
         node: NodeCtx {
             id: inp.id.to_string(),
