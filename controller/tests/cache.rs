@@ -99,6 +99,7 @@ fn render(
         channel: None,
         tx_power: None,
         hostname: None,
+        uplinks: &[],
         subnet_id: SUBNET,
         passphrase: "cache passphrase 1",
         passphrase_next: None,

@@ -231,6 +231,7 @@ fn render_cached(
         // OpenWrt keeps the transmit power on the owner's radio, which sidenet never changes.
         tx_power: (p.spec.firmware == sidenet_crds::FirmwareFamily::Linux).then_some(17),
         hostname: None,
+        uplinks: &[],
         subnet_id: SUBNET,
         passphrase: PASSPHRASE,
         passphrase_next: None,

@@ -110,6 +110,7 @@ fn render_mesh(
         channel: None,
         tx_power: None,
         hostname: None,
+        uplinks: &[],
         subnet_id: 0x1c2d,
         passphrase: "golden passphrase 1",
         passphrase_next: rotating.then_some("golden passphrase 2"),

@@ -339,6 +339,7 @@ fn explain_and_both_backends_agree_on_every_connection() {
                 channel: None,
                 tx_power: None,
                 hostname: None,
+                uplinks: &[],
                 subnet_id: (di + 1) as u16,
                 passphrase: "agreement passphrase",
                 passphrase_next: None,

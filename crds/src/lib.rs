@@ -514,6 +514,16 @@ pub struct NodeOverrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = patterns::LABEL), length(min = 1, max = 63))]
     pub hostname: Option<String>,
+    /// The node's internet uplink interfaces (Linux interface names, e.g. `eth0` or `wlan0`).
+    /// Used only by the `linux` backend of a gateway (an `allowInternet` policy naming the
+    /// node): side-net traffic is forwarded and masqueraded only out of these. Defaults to the
+    /// HardwareProfile's ethernet ports with role `wan`. OpenWrt uses its `wan` zone instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        inner(regex(pattern = patterns::IFNAME), length(min = 1, max = 15))
+    )]
+    pub uplinks: Vec<String>,
 }
 
 /// Observed state of a node.
@@ -816,6 +826,8 @@ pub mod patterns {
     pub const ULA48: &str = "^[fF][cdCD][0-9a-fA-F]{2}(:[0-9a-fA-F]{0,4}){1,7}/48$";
     /// An ISO 3166-1 alpha-2 country code in capitals, or wireless-regdb's world domain `00`.
     pub const COUNTRY: &str = "^([A-Z]{2}|00)$";
+    /// A Linux network interface name (at most 15 bytes; no '/', ':', whitespace or quotes).
+    pub const IFNAME: &str = "^[A-Za-z0-9][-A-Za-z0-9_.]*$";
 }
 
 /// The largest integer every JSON implementation reads exactly (2^53 - 1): the bound of the

@@ -354,6 +354,8 @@ impl Testbed {
                     "  overrides:\n    hostname: e-{v}\n    channel: {}\n",
                     if v % 2 == 0 { 36 } else { 44 }
                 ),
+                // A's uplink, out of which it forwards with allowInternet (check 5).
+                ("a", _) => "  overrides:\n    uplinks: [up0]\n".to_string(),
                 _ => String::new(),
             };
             out.push_str(&format!(

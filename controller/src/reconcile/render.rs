@@ -317,6 +317,10 @@ pub struct NodeCtx {
     pub address: String,
     /// Prefix length of `address`.
     pub prefix_len: u8,
+    /// The internet uplink interfaces: `spec.overrides.uplinks`, else the profile's ethernet
+    /// ports with role `wan` (the `linux` firewall forwards a gateway's side-net traffic only
+    /// out of these).
+    pub uplinks: Vec<String>,
 }
 
 /// The device as templates see it.
@@ -387,6 +391,8 @@ pub struct NodeInputs<'a> {
     pub tx_power: Option<u32>,
     /// Hostname override.
     pub hostname: Option<&'a str>,
+    /// Uplinks override (`spec.overrides.uplinks`); empty: the profile's `wan` ports.
+    pub uplinks: &'a [String],
     /// Allocated subnet id.
     pub subnet_id: u16,
     /// Mesh passphrase.
@@ -505,6 +511,28 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
         .iter()
         .any(|p| p.type_ == PolicyType::AllowInternet)
         && !no_internet(false);
+    let uplinks: Vec<String> = if inp.uplinks.is_empty() {
+        inp.profile
+            .spec
+            .ethernet
+            .iter()
+            .filter(|p| p.role == sidenet_crds::PortRole::Wan)
+            .map(|p| p.name.clone())
+            .collect()
+    } else {
+        inp.uplinks.to_vec()
+    };
+    if internet
+        && uplinks.is_empty()
+        && inp.profile.spec.firmware == sidenet_crds::FirmwareFamily::Linux
+    {
+        return Err(RenderError::Input(format!(
+            "an allowInternet policy makes node {} a gateway, but it has no uplink: \
+             HardwareProfile/{pname} has no ethernet port with role wan and the MeshNode sets \
+             no spec.overrides.uplinks",
+            inp.name.unwrap_or(inp.id)
+        )));
+    }
     let hostname = inp
         .hostname
         .map(str::to_string)
@@ -539,6 +567,7 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             subnet: format!("{}/64", crate::spec::ipam::subnet(base, inp.subnet_id)),
             address: crate::spec::ipam::node_address(base, inp.subnet_id).to_string(),
             prefix_len: 64,
+            uplinks,
         },
         profile: ProfileCtx {
             name: pname,

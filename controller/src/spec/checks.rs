@@ -289,6 +289,20 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
         {
             errors.push(err(&key, "spec.overrides.hostname", format!("{h:?} is not a valid hostname: lowercase letters, digits and '-', at most 63 characters")));
         }
+        for (i, u) in node.spec.overrides.uplinks.iter().enumerate() {
+            let valid = !u.is_empty()
+                && u.len() <= 15
+                && u.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && u.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !valid {
+                errors.push(err(
+                    &key,
+                    &format!("spec.overrides.uplinks[{i}]"),
+                    format!("{u:?} is not a Linux interface name: 1 to 15 letters, digits, '-', '_' or '.', starting with a letter or digit"),
+                ));
+            }
+        }
         let Some(mesh) = set.mesh_of(node) else {
             let known: Vec<&str> = set.meshes.keys().map(String::as_str).collect();
             errors.push(err(
