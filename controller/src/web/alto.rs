@@ -4,8 +4,9 @@
 //! ("The topology guru") describes them.
 
 use std::future::Future;
+use std::sync::Arc;
 
-use crate::reconcile::alto::{self, Metric};
+use crate::reconcile::alto::{self, Metric, Policies};
 use crate::reconcile::topology::Snapshot;
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -87,12 +88,12 @@ fn document(media_type: &'static str, v: &serde_json::Value) -> Answer {
     }
 }
 
-/// `GET`/`HEAD` of an ALTO route (the caller checked the token); `snapshot` is asked only when
-/// the answer needs the topology.
+/// `GET`/`HEAD` of an ALTO route (the caller checked the token); `snapshot` (the topology and
+/// the policies) is asked only when the answer needs the topology.
 pub async fn get<F, Fut>(path: &str, head: &str, snapshot: F) -> Answer
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Snapshot, String>>,
+    Fut: Future<Output = Result<(Snapshot, Arc<Policies>), String>>,
 {
     if path == alto::PATH_FILTER {
         let mut r = reply(405, TEXT, "the filtered cost map takes POST\n");
@@ -112,12 +113,12 @@ where
     if path == alto::PATH_DIRECTORY {
         return document(media_type, &alto::directory());
     }
-    let s = match snapshot().await {
+    let (s, policies) = match snapshot().await {
         Ok(s) => s,
         Err(e) => return reply(503, TEXT, format!("{e}\n")),
     };
     match Metric::ALL.into_iter().find(|m| m.path() == path) {
-        Some(m) => document(media_type, &alto::cost_map(&s, m, None)),
+        Some(m) => document(media_type, &alto::cost_map(&s, &policies, m, None)),
         None => document(media_type, &alto::network_map(&s)),
     }
 }
@@ -126,7 +127,7 @@ where
 pub async fn post<F, Fut>(head: &str, body: &[u8], snapshot: F) -> Answer
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Snapshot, String>>,
+    Fut: Future<Output = Result<(Snapshot, Arc<Policies>), String>>,
 {
     let ct = header(head, "content-type")
         .and_then(|v| v.split(';').next())
@@ -149,9 +150,9 @@ where
         Err(e) => return document_code(400, alto::MT_ERROR, &e.body()),
     };
     match snapshot().await {
-        Ok(s) => document(
+        Ok((s, policies)) => document(
             alto::MT_COSTMAP,
-            &alto::cost_map(&s, filter.metric, Some(&filter)),
+            &alto::cost_map(&s, &policies, filter.metric, Some(&filter)),
         ),
         Err(e) => reply(503, TEXT, format!("{e}\n")),
     }

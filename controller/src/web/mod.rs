@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::reconcile::alto::Policies;
 use crate::reconcile::model::{Counters, StatusRow};
 use crate::reconcile::topology::{self, Snapshot, Thresholds};
 
@@ -42,6 +43,8 @@ pub struct View {
     pub epoch: u64,
     /// Rollouts in progress, for the map ([`rollout_views`]).
     pub rollouts: Vec<topology::RolloutView>,
+    /// The meshes' policies, for the ALTO rate cost (`priv:sidenet-rate`).
+    pub policies: Arc<Policies>,
 }
 
 /// The map's rollout lines: every rollout not complete (progressing, paused, halted, aborted),
@@ -122,6 +125,16 @@ impl Service {
 
     async fn snapshot(&self) -> Result<Snapshot, String> {
         let v = self.view().await?;
+        Ok(self.snapshot_of(&v))
+    }
+
+    /// What the ALTO routes read: the snapshot and the policies, of one view.
+    async fn topology(&self) -> Result<(Snapshot, Arc<Policies>), String> {
+        let v = self.view().await?;
+        Ok((self.snapshot_of(&v), v.policies.clone()))
+    }
+
+    fn snapshot_of(&self, v: &View) -> Snapshot {
         let mut s = topology::snapshot(
             &v.rows,
             &v.manifest_errors,
@@ -130,7 +143,7 @@ impl Service {
             &self.thresholds,
         );
         s.rollouts = v.rollouts.clone();
-        Ok(s)
+        s
     }
 
     fn authorized(&self, head: &str) -> bool {
@@ -268,7 +281,7 @@ async fn handle(mut stream: TcpStream, svc: &Service) -> std::io::Result<()> {
             return respond(&mut stream, unauthorized(svc), false).await;
         }
         let r = match read_body(&mut stream, &buf, end, &head).await? {
-            Ok(body) => from(alto::post(&head, &body, || svc.snapshot()).await),
+            Ok(body) => from(alto::post(&head, &body, || svc.topology()).await),
             Err(r) => r,
         };
         return respond(&mut stream, r, false).await;
@@ -375,7 +388,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
         return unauthorized(svc);
     }
     if alto::is_route(path) {
-        return from(alto::get(path, head, || svc.snapshot()).await);
+        return from(alto::get(path, head, || svc.topology()).await);
     }
     match path {
         "/metrics" => {
