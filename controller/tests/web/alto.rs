@@ -243,6 +243,18 @@ fn alto_maps_validate_and_follow_the_links() {
     };
     rate_until("rate alpha→bravo 50000 in the window", a, b, 50_000);
     assert_eq!(rate(a, c), Some(8000));
+    // The schema holds the rate to whole kbit/s, delay-rt to non-negative numbers, and a
+    // cost-source to those RFC 9439 registers.
+    let mut bad = get(&s, "/alto/costmap/sidenet-rate", COSTMAP, "costmap");
+    bad["cost-map"][&a.node][&b.node] = serde_json::json!(12.5);
+    assert!(!schema("costmap").is_valid(&bad));
+    let mut bad = get(&s, "/alto/costmap/delay-rt", COSTMAP, "costmap");
+    bad["cost-map"][&a.node][&b.node] = serde_json::json!(-1);
+    assert!(!schema("costmap").is_valid(&bad));
+    let mut bad = dir.clone();
+    bad["meta"]["cost-types"]["num-delay-rt"]["cost-context"]["cost-source"] =
+        serde_json::json!("import");
+    assert!(!schema("directory").is_valid(&bad));
     let rate_body = format!(
         r#"{{"cost-type": {{"cost-mode": "numerical", "cost-metric": "priv:sidenet-rate"}}, "pids": {{"srcs": ["{}"], "dsts": []}}, "constraints": ["gt 10000"]}}"#,
         a.node
