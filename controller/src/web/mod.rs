@@ -14,6 +14,7 @@ pub mod alto;
 pub mod assets;
 pub mod metrics;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -230,7 +231,7 @@ struct Reply {
     code: u16,
     content_type: &'static str,
     body: Vec<u8>,
-    extra: &'static str,
+    extra: Cow<'static, str>,
 }
 
 fn from(a: alto::Answer) -> Reply {
@@ -247,7 +248,7 @@ fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Rep
         code,
         content_type,
         body: body.into(),
-        extra: "",
+        extra: Cow::Borrowed(""),
     }
 }
 
@@ -288,7 +289,7 @@ async fn handle(mut stream: TcpStream, svc: &Service) -> std::io::Result<()> {
     }
     if method != "GET" && !head_only {
         let mut r = reply(405, TEXT, "only GET\n");
-        r.extra = "Allow: GET, HEAD\r\n";
+        r.extra = "Allow: GET, HEAD\r\n".into();
         return respond(&mut stream, r, false).await;
     }
     let r = route(svc, target, &head).await;
@@ -341,7 +342,7 @@ fn unauthorized(svc: &Service) -> Reply {
         "no token is configured for this non-loopback address: every data request is refused (docs/web.md)\n"
     };
     let mut r = reply(401, TEXT, why);
-    r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n";
+    r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n".into();
     r
 }
 
@@ -375,7 +376,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
     if let Some((content_type, body)) = assets::get(path) {
         let mut r = reply(200, content_type, body);
         if content_type.starts_with("text/html") {
-            r.extra = CSP;
+            r.extra = CSP.into();
         }
         return r;
     }

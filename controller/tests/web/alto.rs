@@ -265,6 +265,26 @@ fn alto_maps_validate_and_follow_the_links() {
         doc["cost-map"],
         serde_json::json!({ &a.node: { &b.node: 50_000 } })
     );
+    // RFC 9439 §6.2: the maps say how fresh their data is (the newest report; for the rate, the
+    // moment the windows were read).
+    for path in [
+        "/alto/costmap/delay-rt",
+        "/alto/costmap/sidenet-rate",
+        "/alto/networkmap",
+    ] {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-D", "-", &s.url(path)])
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_string();
+        let date = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Last-Modified: "))
+            .unwrap_or_else(|| panic!("{path}: no Last-Modified in {head}"));
+        let t = jiff::fmt::rfc2822::parse(date.trim()).unwrap().timestamp();
+        let age = sidenet_controller::now() as i64 - t.as_second();
+        assert!((0..300).contains(&age), "{path}: Last-Modified {date}");
+    }
     // The window moves to later in the day: the budget holds again.
     write_mesh(&s, &utc_hhmm(180), &utc_hhmm(240));
     rate_until("rate alpha→bravo 20000 outside the window", a, b, 20_000);
