@@ -387,6 +387,19 @@ pub fn rates(
         let mp = MeshPolicies::new(&mesh, members);
         let minute = week_minute(t.as_second(), mp.tz.to_offset(t).seconds());
         let member = |id: &str| mp.members.iter().find(|m| m.id == id);
+        // What each node holds the traffic it relays to, both directions: the same for every
+        // pair it relays for.
+        let relay: BTreeMap<&str, Option<u64>> = mp
+            .members
+            .iter()
+            .map(|m| {
+                let (mut limits, mut idle) = (Vec::new(), Vec::new());
+                for d in [Direction::Egress, Direction::Ingress] {
+                    mp.relay_limits(m, d, minute, &mut limits, &mut idle);
+                }
+                (m.id.as_str(), limits.iter().map(|l| l.rate_kbit).min())
+            })
+            .collect();
         for (src, row) in routes {
             let Some(from) = member(src).filter(|_| in_mesh.contains(src.as_str())) else {
                 continue;
@@ -401,12 +414,12 @@ pub fn rates(
                 let (mut limits, mut idle) = (Vec::new(), Vec::new());
                 mp.node_limits(from, to, Direction::Egress, minute, &mut limits, &mut idle);
                 mp.node_limits(to, from, Direction::Ingress, minute, &mut limits, &mut idle);
-                for hop in route.via.iter().filter_map(|h| member(h)) {
-                    for d in [Direction::Egress, Direction::Ingress] {
-                        mp.relay_limits(hop, d, minute, &mut limits, &mut idle);
-                    }
-                }
-                if let Some(rate) = limits.iter().map(|l| l.rate_kbit).min() {
+                let ends = limits.iter().map(|l| l.rate_kbit);
+                let relays = route
+                    .via
+                    .iter()
+                    .filter_map(|h| relay.get(h.as_str()).copied().flatten());
+                if let Some(rate) = ends.chain(relays).min() {
                     out.entry(src.clone())
                         .or_default()
                         .insert(dst.clone(), rate);

@@ -410,8 +410,8 @@ fn the_rate_follows_the_route() {
     let mut other = berlin();
     other.meshes = other
         .meshes
-        .into_iter()
-        .map(|(_, v)| ("elsewhere".to_string(), v))
+        .into_values()
+        .map(|v| ("elsewhere".to_string(), v))
         .collect();
     assert_eq!(
         cost_map(&s, &other, Metric::Rate, None)["cost-map"],
