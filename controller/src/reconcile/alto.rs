@@ -234,8 +234,22 @@ pub struct Route {
     pub cost: u64,
     /// The links' round-trip times in µs, summed, if every link of the path has one.
     pub rtt_us: Option<u64>,
-    /// The nodes between the two ends, in path order (empty: a direct link, or the PID itself).
-    pub via: Vec<String>,
+    /// The node before the destination on the path: the source itself over a direct link,
+    /// none from a PID to itself.
+    pub prev: Option<String>,
+}
+
+/// The nodes between `src` and `dst` on the path `row` (the routes from `src`) holds, in path
+/// order: empty over a direct link, from a PID to itself, or when `row` has no route to `dst`.
+pub fn via(row: &BTreeMap<String, Route>, src: &str, dst: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut at = row.get(dst).and_then(|r| r.prev.as_deref());
+    while let Some(n) = at.filter(|n| *n != src && v.len() < row.len()) {
+        v.push(n.to_string());
+        at = row.get(n).and_then(|r| r.prev.as_deref());
+    }
+    v.reverse();
+    v
 }
 
 /// Per source PID, per destination PID: the least-cost path. Every PID reaches itself at
@@ -291,23 +305,13 @@ pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, Route>> {
                 }
             }
         }
-        let via = |dst: &str| {
-            let mut v = Vec::new();
-            let mut at = best.get(dst).and_then(|b| b.3);
-            while let Some(n) = at.filter(|n| *n != src.as_str()) {
-                v.push(n.to_string());
-                at = best.get(n).and_then(|b| b.3);
-            }
-            v.reverse();
-            v
-        };
         let row = best
             .iter()
-            .map(|(d, &(cost, _, rtt_us, _))| {
+            .map(|(d, &(cost, _, rtt_us, prev))| {
                 let route = Route {
                     cost,
                     rtt_us,
-                    via: via(d),
+                    prev: prev.map(str::to_string),
                 };
                 (d.to_string(), route)
             })
@@ -353,7 +357,7 @@ impl Policies {
 /// limits are those of `docs/policies.md` ("Precedence"), at the minute of the week `at` falls
 /// on in the Mesh's `timeZone` (UTC without one): the source's egress slots and the
 /// destination's ingress slots that count own traffic toward the other end, and on each node
-/// [`Route::via`] names, the egress and ingress slots that count relayed traffic; the
+/// between them ([`via`]), the egress and ingress slots that count relayed traffic; the
 /// smallest in force holds.
 pub fn rates(
     s: &Snapshot,
@@ -386,7 +390,9 @@ pub fn rates(
         let mesh = Mesh::new(name, spec.clone());
         let mp = MeshPolicies::new(&mesh, members);
         let minute = week_minute(t.as_second(), mp.tz.to_offset(t).seconds());
-        let member = |id: &str| mp.members.iter().find(|m| m.id == id);
+        let by_id: BTreeMap<&str, &Member> =
+            mp.members.iter().map(|m| (m.id.as_str(), m)).collect();
+        let member = |id: &str| by_id.get(id).copied();
         // What each node holds the traffic it relays to, both directions: the same for every
         // pair it relays for.
         let relay: BTreeMap<&str, Option<u64>> = mp
@@ -404,7 +410,8 @@ pub fn rates(
             let Some(from) = member(src).filter(|_| in_mesh.contains(src.as_str())) else {
                 continue;
             };
-            for (dst, route) in row {
+            let held = relayed_on_paths(row, src, &relay);
+            for dst in row.keys() {
                 let Some(to) = member(dst).filter(|_| in_mesh.contains(dst.as_str())) else {
                     continue;
                 };
@@ -415,10 +422,7 @@ pub fn rates(
                 mp.node_limits(from, to, Direction::Egress, minute, &mut limits, &mut idle);
                 mp.node_limits(to, from, Direction::Ingress, minute, &mut limits, &mut idle);
                 let ends = limits.iter().map(|l| l.rate_kbit);
-                let relays = route
-                    .via
-                    .iter()
-                    .filter_map(|h| relay.get(h.as_str()).copied().flatten());
+                let relays = held.get(dst.as_str()).copied().flatten();
                 if let Some(rate) = ends.chain(relays).min() {
                     out.entry(src.clone())
                         .or_default()
@@ -618,6 +622,43 @@ pub fn parse_filter(body: &[u8]) -> Result<Filter, AltoError> {
         dsts,
         constraints,
     })
+}
+
+/// Per destination of `row` (the routes from `src`): the smallest of `relay` (per node, the
+/// limit on what it relays) over the nodes between `src` and it, if any holds. Each path is
+/// its predecessor's plus one node, so every destination costs one step once its predecessor
+/// is known.
+fn relayed_on_paths<'a>(
+    row: &'a BTreeMap<String, Route>,
+    src: &'a str,
+    relay: &BTreeMap<&str, Option<u64>>,
+) -> BTreeMap<&'a str, Option<u64>> {
+    let min = |a: Option<u64>, b: Option<u64>| a.into_iter().chain(b).min();
+    let mut held: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+    held.insert(src, None);
+    for dst in row.keys() {
+        let mut chain = Vec::new();
+        let mut at = dst.as_str();
+        while !held.contains_key(at) && chain.len() <= row.len() {
+            chain.push(at);
+            match row.get(at).and_then(|r| r.prev.as_deref()) {
+                Some(p) => at = p,
+                None => break,
+            }
+        }
+        let (mut acc, mut last) = match held.get(at) {
+            Some(&v) => (v, at),
+            None => (None, src),
+        };
+        for n in chain.into_iter().rev() {
+            if last != src {
+                acc = min(acc, relay.get(last).copied().flatten());
+            }
+            held.insert(n, acc);
+            last = n;
+        }
+    }
+    held
 }
 
 /// A cost map (§11.2.3.6) of `metric`; with `filter`, only its PIDs (unknown ones are ignored,

@@ -272,12 +272,7 @@ fn the_directory_lists_every_resource() {
 /// slot), b's traffic toward c held to 4000, and b's relayed traffic to 8000. c and d carry no
 /// limit of their own.
 fn berlin() -> Policies {
-    let mut mesh: Mesh =
-        sidenet_crds::yaml::from_str(include_str!("../../../examples/riverside/mesh.yaml"))
-            .unwrap();
-    mesh.spec.network_name = Some("m".into());
-    mesh.spec.time_zone = Some("Europe/Berlin".into());
-    mesh.spec.policies = sidenet_crds::yaml::from_str(
+    with_policies(
         r#"
 - type: noInternet
 - type: rateLimit
@@ -310,7 +305,16 @@ fn berlin() -> Policies {
   scope: relayed
 "#,
     )
-    .unwrap();
+}
+
+/// Mesh `m` (the fleet's) on Berlin time with `policies` (YAML); a has a MeshNode named "a".
+fn with_policies(policies: &str) -> Policies {
+    let mut mesh: Mesh =
+        sidenet_crds::yaml::from_str(include_str!("../../../examples/riverside/mesh.yaml"))
+            .unwrap();
+    mesh.spec.network_name = Some("m".into());
+    mesh.spec.time_zone = Some("Europe/Berlin".into());
+    mesh.spec.policies = sidenet_crds::yaml::from_str(policies).unwrap();
     let mut p = Policies::default();
     // a has a MeshNode (named "a"); the others are enrolled without one (named by node id).
     p.insert(
@@ -400,8 +404,8 @@ fn the_rate_follows_the_route() {
     let night = cost_map(&s, &berlin(), Metric::Rate, None);
     assert_eq!(night["cost-map"]["a"], json!({"b": 50_000, "c": 50_000}));
     let r = &paths(&s)["a"];
-    assert_eq!(r["b"].via, ["c"]);
-    assert!(r["c"].via.is_empty());
+    assert_eq!(via(r, "a", "b"), ["c"]);
+    assert!(via(r, "a", "c").is_empty());
     // No policies for the mesh (or another mesh's): no entries at all.
     assert_eq!(
         cost_map(&s, &Policies::default(), Metric::Rate, None)["cost-map"],
@@ -438,9 +442,59 @@ fn the_rate_filters_like_any_cost() {
 #[test]
 fn routes_name_the_nodes_between() {
     let r = paths(&fleet(10.0));
-    assert_eq!(r["a"]["c"].via, ["b"]);
+    assert_eq!(via(&r["a"], "a", "c"), ["b"]);
     assert_eq!((r["a"]["c"].cost, r["a"]["c"].rtt_us), (192, Some(30_000)));
-    assert!(r["a"]["b"].via.is_empty());
-    assert!(r["a"]["a"].via.is_empty());
-    assert_eq!(r["c"]["a"].via, ["b"]);
+    assert_eq!(r["a"]["c"].prev.as_deref(), Some("b"));
+    assert_eq!(r["a"]["b"].prev.as_deref(), Some("a"));
+    assert!(via(&r["a"], "a", "b").is_empty());
+    assert!(via(&r["a"], "a", "a").is_empty());
+    assert_eq!(r["a"]["a"].prev, None);
+    assert_eq!(via(&r["c"], "c", "a"), ["b"]);
+    assert!(via(&r["d"], "d", "a").is_empty());
+}
+
+#[test]
+fn every_relay_of_a_long_path_counts() {
+    // A line n0—n1—n2—n3—n4: n1 relays at most 9000 (egress), n2 receives at most 7000
+    // (ingress, scope all: what it relays and what it receives itself), n3 has no limit.
+    let ids = ["n0", "n1", "n2", "n3", "n4"];
+    let rows: Vec<StatusRow> = (0..ids.len())
+        .map(|i| {
+            let mut links = Vec::new();
+            if i > 0 {
+                links.push((ids[i - 1], 96, Some(1.0)));
+            }
+            if i + 1 < ids.len() {
+                links.push((ids[i + 1], 96, Some(1.0)));
+            }
+            row(ids[i], i as u16 + 1, &links)
+        })
+        .collect();
+    let mut s = snapshot(&rows, &[], 1, 100, &Thresholds::default());
+    s.generated = TUE_NOON;
+    let p = with_policies(
+        r#"
+- {type: rateLimit, rateKbit: 9000, nodes: [n1], scope: relayed}
+- {type: rateLimit, rateKbit: 7000, nodes: [n2], scope: all, direction: ingress}
+"#,
+    );
+    let m = cost_map(&s, &p, Metric::Rate, None);
+    assert_eq!(
+        m["cost-map"]["n0"],
+        json!({"n2": 7000, "n3": 7000, "n4": 7000})
+    );
+    assert_eq!(
+        m["cost-map"]["n1"],
+        json!({"n2": 7000, "n3": 7000, "n4": 7000})
+    );
+    assert_eq!(
+        m["cost-map"]["n4"],
+        json!({"n0": 7000, "n1": 7000, "n2": 7000})
+    );
+    assert_eq!(
+        m["cost-map"]["n3"],
+        json!({"n0": 7000, "n1": 7000, "n2": 7000})
+    );
+    // From n2: its own egress is not limited; toward n0 only n1 relays.
+    assert_eq!(m["cost-map"]["n2"], json!({"n0": 9000}));
 }
