@@ -70,6 +70,10 @@ pub enum Request {
         #[serde(default)]
         mesh: Option<String>,
     },
+    /// The meshes' policies, for the HTTP service's ALTO rate cost. In-process only (the
+    /// engine task's channel): never read from or written to the socket.
+    #[serde(skip)]
+    Policies,
 }
 
 /// A response.
@@ -151,6 +155,12 @@ pub enum Response {
     Error {
         /// Why.
         message: String,
+    },
+    /// The meshes' policies ([`Request::Policies`]; in-process only).
+    #[serde(skip)]
+    Policies {
+        /// The policies.
+        policies: std::sync::Arc<crate::reconcile::alto::Policies>,
     },
 }
 

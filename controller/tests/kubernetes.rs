@@ -826,6 +826,17 @@ async fn only_the_lease_holder_publishes_and_a_standby_takes_over() {
         None => assert!(map["network-map"].get(&kitchen_id).is_none(), "{body}"),
     }
     assert_eq!(scrape(ports[lead], "/alto/directory").await.unwrap().0, 200);
+    // The rate cost reads the engine's policies: one node, so no pair and no entry.
+    let (code, body) = scrape(ports[lead], "/alto/costmap/sidenet-rate")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let rates: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rates["meta"]["cost-type"]["cost-metric"], "priv:sidenet-rate",
+        "{body}"
+    );
+    assert_eq!(rates["cost-map"], serde_json::json!({}), "{body}");
     let (code, body) = scrape(ports[standby], "/alto/costmap/routingcost")
         .await
         .unwrap();

@@ -257,6 +257,7 @@ fn exposed_service_needs_the_bearer_token() {
         "/alto/networkmap",
         "/alto/costmap/routingcost",
         "/alto/costmap/delay-rt",
+        "/alto/costmap/sidenet-rate",
     ] {
         let (code, body) = curl(&s.url(path), None);
         assert_eq!(code, 401, "{path}: {body}");

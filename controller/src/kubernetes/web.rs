@@ -39,5 +39,6 @@ async fn view(slot: &Slot) -> Result<View, String> {
         counters: eng.ctl.counters,
         epoch: eng.ctl.store.epoch,
         rollouts: crate::web::rollout_views(&eng.ctl.rollout_status(crate::now())),
+        policies: Arc::new(crate::reconcile::alto::Policies::of(&eng.ctl.set)),
     })
 }

@@ -11,13 +11,24 @@
 //!   microseconds) the sum of the links' median probe round-trip times along the same path,
 //!   absent when a link of the path has no probe result. A PID's cost to itself is 0; a pair
 //!   with no path has no entry.
+//! - `priv:sidenet-rate` (a private metric, RFC 7285 §10.6) is the rate limit of the mesh's
+//!   policies that holds traffic between two PIDs at the moment of the snapshot, in kbit/s:
+//!   the smallest limit in force, in the Mesh's time zone, among the source's egress limits,
+//!   the destination's ingress limits and the relayed-traffic limits of the nodes between them
+//!   on the same path ([`Policies`], [`rates`]). A pair no limit holds (a PID and itself
+//!   included) has no entry.
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+use jiff::Timestamp;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use sidenet_crds::{Direction, Mesh, MeshSpec};
 
 use crate::reconcile::topology::{BABEL_INFINITY, Snapshot};
+use crate::spec::policy::eval::{Member, MeshPolicies};
+use crate::spec::policy::schedule::week_minute;
+use crate::spec::set::{ManifestSet, network_name};
 
 /// Media type of the information resource directory (RFC 7285 §9).
 pub const MT_DIRECTORY: &str = "application/alto-directory+json";
@@ -49,17 +60,20 @@ pub enum Metric {
     RoutingCost,
     /// RFC 9439 §4.2: round-trip delay in microseconds, summed along the path.
     DelayRt,
+    /// `priv:sidenet-rate`: the policies' rate limit in force on the path, kbit/s.
+    Rate,
 }
 
 impl Metric {
     /// Every metric, in directory order.
-    pub const ALL: [Metric; 2] = [Metric::RoutingCost, Metric::DelayRt];
+    pub const ALL: [Metric; 3] = [Metric::RoutingCost, Metric::DelayRt, Metric::Rate];
 
     /// The metric's registered name.
     pub fn name(self) -> &'static str {
         match self {
             Metric::RoutingCost => "routingcost",
             Metric::DelayRt => "delay-rt",
+            Metric::Rate => "priv:sidenet-rate",
         }
     }
 
@@ -68,6 +82,7 @@ impl Metric {
         match self {
             Metric::RoutingCost => "num-routingcost",
             Metric::DelayRt => "num-delay-rt",
+            Metric::Rate => "num-sidenet-rate",
         }
     }
 
@@ -76,6 +91,7 @@ impl Metric {
         match self {
             Metric::RoutingCost => "costmap-routingcost",
             Metric::DelayRt => "costmap-delay-rt",
+            Metric::Rate => "costmap-sidenet-rate",
         }
     }
 
@@ -84,6 +100,7 @@ impl Metric {
         match self {
             Metric::RoutingCost => "/alto/costmap/routingcost",
             Metric::DelayRt => "/alto/costmap/delay-rt",
+            Metric::Rate => "/alto/costmap/sidenet-rate",
         }
     }
 
@@ -104,6 +121,12 @@ impl Metric {
                 t["cost-context"] = json!({"cost-source": "estimation"});
                 t["description"] = json!(
                     "median probe round-trip times of the links along the route babel takes, summed, in microseconds"
+                );
+            }
+            Metric::Rate => {
+                t["cost-context"] = json!({"cost-source": "nominal"});
+                t["description"] = json!(
+                    "the smallest rate limit of the mesh's policies in force at the time of the request (windows in the Mesh's timeZone), in kbit/s: the source's egress, the destination's ingress and the relayed-traffic limits of the nodes between them on the route babel takes; pairs no limit holds are left out"
                 );
             }
         }
@@ -204,9 +227,34 @@ pub fn network_map(s: &Snapshot) -> Value {
 /// A usable link from a node: (target, babel cost, round-trip time in µs).
 type Hop<'a> = (&'a str, u64, Option<u64>);
 
-/// Per source PID, per destination PID: (babel cost, round-trip time in µs if every link of
-/// the path has one) along the least-cost path. Every PID reaches itself at (0, 0).
-pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, (u64, Option<u64>)>> {
+/// The path from one PID to another that the costs follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// babel's link costs, summed.
+    pub cost: u64,
+    /// The links' round-trip times in µs, summed, if every link of the path has one.
+    pub rtt_us: Option<u64>,
+    /// The node before the destination on the path: the source itself over a direct link,
+    /// none from a PID to itself.
+    pub prev: Option<String>,
+}
+
+/// The nodes between `src` and `dst` on the path `row` (the routes from `src`) holds, in path
+/// order: empty over a direct link, from a PID to itself, or when `row` has no route to `dst`.
+pub fn via(row: &BTreeMap<String, Route>, src: &str, dst: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut at = row.get(dst).and_then(|r| r.prev.as_deref());
+    while let Some(n) = at.filter(|n| *n != src && v.len() < row.len()) {
+        v.push(n.to_string());
+        at = row.get(n).and_then(|r| r.prev.as_deref());
+    }
+    v.reverse();
+    v
+}
+
+/// Per source PID, per destination PID: the least-cost path. Every PID reaches itself at
+/// cost 0, round trip 0.
+pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, Route>> {
     let pids = pids(s);
     // Adjacency: source → [(target, cost, rtt µs)], usable links only.
     let mut adj: BTreeMap<&str, Vec<Hop<'_>>> = BTreeMap::new();
@@ -228,11 +276,13 @@ pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, (u64, Option<u64
     let mut out = BTreeMap::new();
     for src in pids.keys() {
         // Dijkstra on (cost, hops, name): ties go to fewer hops, then to the smaller id, so
-        // the answer does not depend on the order of the links.
-        let mut best: BTreeMap<&str, (u64, usize, Option<u64>)> = BTreeMap::new();
+        // the answer does not depend on the order of the links. Per node: (cost, hops, rtt,
+        // the node before it).
+        type Best<'a> = (u64, usize, Option<u64>, Option<&'a str>);
+        let mut best: BTreeMap<&str, Best<'_>> = BTreeMap::new();
         let mut done: BTreeSet<&str> = BTreeSet::new();
         let mut heap = BinaryHeap::new();
-        best.insert(src.as_str(), (0, 0, Some(0)));
+        best.insert(src.as_str(), (0, 0, Some(0), None));
         heap.push(std::cmp::Reverse((0u64, 0usize, src.as_str())));
         while let Some(std::cmp::Reverse((cost, hops, node))) = heap.pop() {
             if !done.insert(node) {
@@ -243,24 +293,143 @@ pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, (u64, Option<u64
                 let cand = (cost + c, hops + 1);
                 let better = match best.get(next) {
                     None => true,
-                    Some(&(bc, bh, _)) => cand < (bc, bh),
+                    Some(&(bc, bh, _, _)) => cand < (bc, bh),
                 };
                 if better && !done.contains(next) {
                     let rt = match (rtt, r) {
                         (Some(a), Some(b)) => Some(a + b),
                         _ => None,
                     };
-                    best.insert(next, (cand.0, cand.1, rt));
+                    best.insert(next, (cand.0, cand.1, rt, Some(node)));
                     heap.push(std::cmp::Reverse((cand.0, cand.1, next)));
                 }
             }
         }
-        out.insert(
-            src.clone(),
-            best.into_iter()
-                .map(|(d, (c, _, r))| (d.to_string(), (c, r)))
-                .collect(),
+        let row = best
+            .iter()
+            .map(|(d, &(cost, _, rtt_us, prev))| {
+                let route = Route {
+                    cost,
+                    rtt_us,
+                    prev: prev.map(str::to_string),
+                };
+                (d.to_string(), route)
+            })
+            .collect();
+        out.insert(src.clone(), row);
+    }
+    out
+}
+
+/// What the `priv:sidenet-rate` cost reads: each mesh's policies and the nodes they name, by
+/// mesh network name (what a PID's node carries as its mesh).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policies {
+    meshes: BTreeMap<String, (String, MeshSpec, Vec<Member>)>,
+}
+
+impl Policies {
+    /// The policies of every Mesh in `set`, with its MeshNodes.
+    pub fn of(set: &ManifestSet) -> Self {
+        let mut p = Policies::default();
+        for (name, mesh) in &set.meshes {
+            p.insert(mesh, crate::spec::policy::check::members(set, name));
+        }
+        p
+    }
+
+    /// Adds `mesh` and its MeshNodes `members`. A PID of the mesh no member names is a node
+    /// enrolled without a MeshNode: its policies name it by its node id and it has no labels.
+    pub fn insert(&mut self, mesh: &Mesh, members: Vec<Member>) {
+        self.meshes.insert(
+            network_name(mesh).to_string(),
+            (
+                mesh.metadata.name.clone().unwrap_or_default(),
+                mesh.spec.clone(),
+                members,
+            ),
         );
+    }
+}
+
+/// Per source PID, per destination PID (another PID of the same mesh that `routes` reaches):
+/// the rate limit that holds the traffic at Unix time `at`, kbit/s, when some limit does. The
+/// limits are those of `docs/policies.md` ("Precedence"), at the minute of the week `at` falls
+/// on in the Mesh's `timeZone` (UTC without one): the source's egress slots and the
+/// destination's ingress slots that count own traffic toward the other end, and on each node
+/// between them ([`via`]), the egress and ingress slots that count relayed traffic; the
+/// smallest in force holds.
+pub fn rates(
+    s: &Snapshot,
+    routes: &BTreeMap<String, BTreeMap<String, Route>>,
+    policies: &Policies,
+    at: u64,
+) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let t = i64::try_from(at)
+        .ok()
+        .and_then(|a| Timestamp::from_second(a).ok())
+        .unwrap_or(Timestamp::UNIX_EPOCH);
+    let mut out: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for (network, (name, spec, members)) in &policies.meshes {
+        let in_mesh: BTreeSet<&str> = s
+            .nodes
+            .iter()
+            .filter(|n| &n.mesh == network)
+            .map(|n| n.id.as_str())
+            .collect();
+        let mut members = members.clone();
+        for id in &in_mesh {
+            if !members.iter().any(|m| m.id == *id) {
+                members.push(Member {
+                    id: id.to_string(),
+                    name: id.to_string(),
+                    labels: BTreeMap::new(),
+                });
+            }
+        }
+        let mesh = Mesh::new(name, spec.clone());
+        let mp = MeshPolicies::new(&mesh, members);
+        let minute = week_minute(t.as_second(), mp.tz.to_offset(t).seconds());
+        let by_id: BTreeMap<&str, &Member> =
+            mp.members.iter().map(|m| (m.id.as_str(), m)).collect();
+        let member = |id: &str| by_id.get(id).copied();
+        // What each node holds the traffic it relays to, both directions: the same for every
+        // pair it relays for.
+        let relay: BTreeMap<&str, Option<u64>> = mp
+            .members
+            .iter()
+            .map(|m| {
+                let (mut limits, mut idle) = (Vec::new(), Vec::new());
+                for d in [Direction::Egress, Direction::Ingress] {
+                    mp.relay_limits(m, d, minute, &mut limits, &mut idle);
+                }
+                (m.id.as_str(), limits.iter().map(|l| l.rate_kbit).min())
+            })
+            .collect();
+        for (src, row) in routes {
+            let Some(from) = member(src).filter(|_| in_mesh.contains(src.as_str())) else {
+                continue;
+            };
+            let held = relayed_on_paths(row, src, &relay);
+            for dst in row.keys() {
+                let Some(to) = member(dst).filter(|_| in_mesh.contains(dst.as_str())) else {
+                    continue;
+                };
+                if dst == src {
+                    continue;
+                }
+                let (mut limits, mut idle) = (Vec::new(), Vec::new());
+                mp.node_limits(from, to, Direction::Egress, minute, &mut limits, &mut idle);
+                mp.node_limits(to, from, Direction::Ingress, minute, &mut limits, &mut idle);
+                let ends = limits.iter().map(|l| l.rate_kbit);
+                let relays = held.get(dst.as_str()).copied().flatten();
+                if let Some(rate) = ends.chain(relays).min() {
+                    out.entry(src.clone())
+                        .or_default()
+                        .insert(dst.clone(), rate);
+                }
+            }
+        }
     }
     out
 }
@@ -455,11 +624,58 @@ pub fn parse_filter(body: &[u8]) -> Result<Filter, AltoError> {
     })
 }
 
+/// Per destination of `row` (the routes from `src`): the smallest of `relay` (per node, the
+/// limit on what it relays) over the nodes between `src` and it, if any holds. Each path is
+/// its predecessor's plus one node, so every destination costs one step once its predecessor
+/// is known.
+fn relayed_on_paths<'a>(
+    row: &'a BTreeMap<String, Route>,
+    src: &'a str,
+    relay: &BTreeMap<&str, Option<u64>>,
+) -> BTreeMap<&'a str, Option<u64>> {
+    let min = |a: Option<u64>, b: Option<u64>| a.into_iter().chain(b).min();
+    let mut held: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+    held.insert(src, None);
+    for dst in row.keys() {
+        let mut chain = Vec::new();
+        let mut at = dst.as_str();
+        while !held.contains_key(at) && chain.len() <= row.len() {
+            chain.push(at);
+            match row.get(at).and_then(|r| r.prev.as_deref()) {
+                Some(p) => at = p,
+                None => break,
+            }
+        }
+        let (mut acc, mut last) = match held.get(at) {
+            Some(&v) => (v, at),
+            None => (None, src),
+        };
+        for n in chain.into_iter().rev() {
+            if last != src {
+                acc = min(acc, relay.get(last).copied().flatten());
+            }
+            held.insert(n, acc);
+            last = n;
+        }
+    }
+    held
+}
+
 /// A cost map (§11.2.3.6) of `metric`; with `filter`, only its PIDs (unknown ones are ignored,
-/// an empty list is every PID) and the costs meeting every constraint (§11.3.2).
-pub fn cost_map(s: &Snapshot, metric: Metric, filter: Option<&Filter>) -> Value {
+/// an empty list is every PID) and the costs meeting every constraint (§11.3.2). The rate cost
+/// reads `policies` at the snapshot's time ([`Snapshot::generated`]).
+pub fn cost_map(
+    s: &Snapshot,
+    policies: &Policies,
+    metric: Metric,
+    filter: Option<&Filter>,
+) -> Value {
     let pids = pids(s);
     let all = paths(s);
+    let rates = match metric {
+        Metric::Rate => rates(s, &all, policies, s.generated),
+        _ => BTreeMap::new(),
+    };
     let wanted = |list: Option<&Vec<String>>, pid: &str| {
         list.is_none_or(|l| l.is_empty() || l.iter().any(|p| p == pid))
     };
@@ -469,13 +685,14 @@ pub fn cost_map(s: &Snapshot, metric: Metric, filter: Option<&Filter>) -> Value 
             continue;
         }
         let mut costs = serde_json::Map::new();
-        for (dst, (cost, rtt)) in row {
+        for (dst, route) in row {
             if !wanted(filter.map(|f| &f.dsts), dst) {
                 continue;
             }
             let value = match metric {
-                Metric::RoutingCost => Some(*cost),
-                Metric::DelayRt => *rtt,
+                Metric::RoutingCost => Some(route.cost),
+                Metric::DelayRt => route.rtt_us,
+                Metric::Rate => rates.get(src).and_then(|r| r.get(dst)).copied(),
             };
             let Some(value) = value else { continue };
             let ok = filter.is_none_or(|f| {

@@ -777,6 +777,9 @@ fn handle_admin(ctl: &mut Controller, jobs: &Runner, req: Request, errors: &[Str
             Err(errs) => fail(&errs),
         },
         Request::Rollout { action, mesh } => rollout::admin(ctl, &action, mesh.as_deref(), now),
+        Request::Policies => Response::Policies {
+            policies: std::sync::Arc::new(crate::reconcile::alto::Policies::of(&ctl.set)),
+        },
         Request::Render { node } => match ctl.preview(&node) {
             Ok(config) => Response::Render {
                 config: Box::new(config),

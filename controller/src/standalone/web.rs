@@ -1,6 +1,7 @@
 //! The HTTP service in standalone mode ([`crate::web`], docs/web.md): the map, its JSON and
 //! NetJSON, `/metrics`, `/healthz`, `/readyz`. The data comes from the engine task through the
-//! same channel as the admin socket's `status` request.
+//! same channel as the admin socket's `status` request (and the in-process `policies` one, for
+//! the ALTO rate cost).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,11 @@ async fn status(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
         Response::Error { message } => return Err(message),
         _ => return Err("unexpected answer to a rollout status request".to_string()),
     }
+    match ask(engine, Request::Policies).await? {
+        Response::Policies { policies } => view.policies = policies,
+        Response::Error { message } => return Err(message),
+        _ => return Err("unexpected answer to a policies request".to_string()),
+    }
     Ok(view)
 }
 
@@ -78,6 +84,7 @@ async fn table(engine: &mpsc::Sender<AdminCall>) -> Result<View, String> {
             counters,
             epoch,
             rollouts: Vec::new(),
+            policies: Default::default(),
         }),
         Ok(Response::Error { message }) => Err(message),
         Ok(_) => Err("unexpected answer to a status request".to_string()),

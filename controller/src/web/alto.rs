@@ -3,9 +3,11 @@
 //! [`crate::reconcile::alto`] from the same topology snapshot as the map; docs/content.md
 //! ("The topology guru") describes them.
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::sync::Arc;
 
-use crate::reconcile::alto::{self, Metric};
+use crate::reconcile::alto::{self, Metric, Policies};
 use crate::reconcile::topology::Snapshot;
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -20,7 +22,7 @@ pub struct Answer {
     /// Body.
     pub body: Vec<u8>,
     /// Extra header lines, each ending in CRLF.
-    pub extra: &'static str,
+    pub extra: Cow<'static, str>,
 }
 
 fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
@@ -28,7 +30,7 @@ fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Ans
         code,
         content_type,
         body: body.into(),
-        extra: "",
+        extra: Cow::Borrowed(""),
     }
 }
 
@@ -87,16 +89,16 @@ fn document(media_type: &'static str, v: &serde_json::Value) -> Answer {
     }
 }
 
-/// `GET`/`HEAD` of an ALTO route (the caller checked the token); `snapshot` is asked only when
-/// the answer needs the topology.
+/// `GET`/`HEAD` of an ALTO route (the caller checked the token); `snapshot` (the topology and
+/// the policies) is asked only when the answer needs the topology.
 pub async fn get<F, Fut>(path: &str, head: &str, snapshot: F) -> Answer
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Snapshot, String>>,
+    Fut: Future<Output = Result<(Snapshot, Arc<Policies>), String>>,
 {
     if path == alto::PATH_FILTER {
         let mut r = reply(405, TEXT, "the filtered cost map takes POST\n");
-        r.extra = "Allow: POST\r\n";
+        r.extra = "Allow: POST\r\n".into();
         return r;
     }
     let media_type = if path == alto::PATH_DIRECTORY {
@@ -112,21 +114,44 @@ where
     if path == alto::PATH_DIRECTORY {
         return document(media_type, &alto::directory());
     }
-    let s = match snapshot().await {
+    let (s, policies) = match snapshot().await {
         Ok(s) => s,
         Err(e) => return reply(503, TEXT, format!("{e}\n")),
     };
-    match Metric::ALL.into_iter().find(|m| m.path() == path) {
-        Some(m) => document(media_type, &alto::cost_map(&s, m, None)),
+    let metric = Metric::ALL.into_iter().find(|m| m.path() == path);
+    let mut r = match metric {
+        Some(m) => document(media_type, &alto::cost_map(&s, &policies, m, None)),
         None => document(media_type, &alto::network_map(&s)),
-    }
+    };
+    r.extra = last_modified(&s, metric).into();
+    r
+}
+
+/// The `Last-Modified` header line of a network or cost map (RFC 9439 §6.2: the freshness of
+/// the data the metrics come from): the newest status report of the snapshot's nodes; for the
+/// rate cost, the snapshot's own time, at which the policies' windows were read. Empty when
+/// there is no such time.
+pub fn last_modified(s: &Snapshot, metric: Option<Metric>) -> String {
+    let t = match metric {
+        Some(Metric::Rate) => Some(s.generated),
+        _ => s.nodes.iter().filter_map(|n| n.last_seen).max(),
+    };
+    t.and_then(|t| i64::try_from(t).ok())
+        .and_then(|t| jiff::Timestamp::from_second(t).ok())
+        .and_then(|t| {
+            jiff::fmt::rfc2822::DateTimePrinter::new()
+                .timestamp_to_rfc9110_string(&t)
+                .ok()
+        })
+        .map(|d| format!("Last-Modified: {d}\r\n"))
+        .unwrap_or_default()
 }
 
 /// `POST` of the filtered cost map with its `body` (the caller checked the token).
 pub async fn post<F, Fut>(head: &str, body: &[u8], snapshot: F) -> Answer
 where
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<Snapshot, String>>,
+    Fut: Future<Output = Result<(Snapshot, Arc<Policies>), String>>,
 {
     let ct = header(head, "content-type")
         .and_then(|v| v.split(';').next())
@@ -149,10 +174,14 @@ where
         Err(e) => return document_code(400, alto::MT_ERROR, &e.body()),
     };
     match snapshot().await {
-        Ok(s) => document(
-            alto::MT_COSTMAP,
-            &alto::cost_map(&s, filter.metric, Some(&filter)),
-        ),
+        Ok((s, policies)) => {
+            let mut r = document(
+                alto::MT_COSTMAP,
+                &alto::cost_map(&s, &policies, filter.metric, Some(&filter)),
+            );
+            r.extra = last_modified(&s, Some(filter.metric)).into();
+            r
+        }
         Err(e) => reply(503, TEXT, format!("{e}\n")),
     }
 }

@@ -14,6 +14,7 @@ pub mod alto;
 pub mod assets;
 pub mod metrics;
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::reconcile::alto::Policies;
 use crate::reconcile::model::{Counters, StatusRow};
 use crate::reconcile::topology::{self, Snapshot, Thresholds};
 
@@ -42,6 +44,8 @@ pub struct View {
     pub epoch: u64,
     /// Rollouts in progress, for the map ([`rollout_views`]).
     pub rollouts: Vec<topology::RolloutView>,
+    /// The meshes' policies, for the ALTO rate cost (`priv:sidenet-rate`).
+    pub policies: Arc<Policies>,
 }
 
 /// The map's rollout lines: every rollout not complete (progressing, paused, halted, aborted),
@@ -122,6 +126,16 @@ impl Service {
 
     async fn snapshot(&self) -> Result<Snapshot, String> {
         let v = self.view().await?;
+        Ok(self.snapshot_of(&v))
+    }
+
+    /// What the ALTO routes read: the snapshot and the policies, of one view.
+    async fn topology(&self) -> Result<(Snapshot, Arc<Policies>), String> {
+        let v = self.view().await?;
+        Ok((self.snapshot_of(&v), v.policies.clone()))
+    }
+
+    fn snapshot_of(&self, v: &View) -> Snapshot {
         let mut s = topology::snapshot(
             &v.rows,
             &v.manifest_errors,
@@ -130,7 +144,7 @@ impl Service {
             &self.thresholds,
         );
         s.rollouts = v.rollouts.clone();
-        Ok(s)
+        s
     }
 
     fn authorized(&self, head: &str) -> bool {
@@ -217,7 +231,7 @@ struct Reply {
     code: u16,
     content_type: &'static str,
     body: Vec<u8>,
-    extra: &'static str,
+    extra: Cow<'static, str>,
 }
 
 fn from(a: alto::Answer) -> Reply {
@@ -234,7 +248,7 @@ fn reply(code: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Rep
         code,
         content_type,
         body: body.into(),
-        extra: "",
+        extra: Cow::Borrowed(""),
     }
 }
 
@@ -268,14 +282,14 @@ async fn handle(mut stream: TcpStream, svc: &Service) -> std::io::Result<()> {
             return respond(&mut stream, unauthorized(svc), false).await;
         }
         let r = match read_body(&mut stream, &buf, end, &head).await? {
-            Ok(body) => from(alto::post(&head, &body, || svc.snapshot()).await),
+            Ok(body) => from(alto::post(&head, &body, || svc.topology()).await),
             Err(r) => r,
         };
         return respond(&mut stream, r, false).await;
     }
     if method != "GET" && !head_only {
         let mut r = reply(405, TEXT, "only GET\n");
-        r.extra = "Allow: GET, HEAD\r\n";
+        r.extra = "Allow: GET, HEAD\r\n".into();
         return respond(&mut stream, r, false).await;
     }
     let r = route(svc, target, &head).await;
@@ -328,7 +342,7 @@ fn unauthorized(svc: &Service) -> Reply {
         "no token is configured for this non-loopback address: every data request is refused (docs/web.md)\n"
     };
     let mut r = reply(401, TEXT, why);
-    r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n";
+    r.extra = "WWW-Authenticate: Bearer realm=\"sidenet\"\r\n".into();
     r
 }
 
@@ -362,7 +376,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
     if let Some((content_type, body)) = assets::get(path) {
         let mut r = reply(200, content_type, body);
         if content_type.starts_with("text/html") {
-            r.extra = CSP;
+            r.extra = CSP.into();
         }
         return r;
     }
@@ -375,7 +389,7 @@ async fn route(svc: &Service, target: &str, head: &str) -> Reply {
         return unauthorized(svc);
     }
     if alto::is_route(path) {
-        return from(alto::get(path, head, || svc.snapshot()).await);
+        return from(alto::get(path, head, || svc.topology()).await);
     }
     match path {
         "/metrics" => {

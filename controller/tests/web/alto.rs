@@ -1,7 +1,8 @@
 //! The ALTO service (RFC 7285, docs/content.md "The topology guru") of a standalone controller
 //! with three real agents: every answer validates against the schemas in docs/schemas/alto/,
-//! bad filters answer alto-error with the right code and field, and the cost maps follow the
-//! links' metrics as the nodes report them (a slower link, then a costlier one).
+//! bad filters answer alto-error with the right code and field, the cost maps follow the
+//! links' metrics as the nodes report them (a slower link, then a costlier one), and the rate
+//! cost follows the policies' windows and the route.
 
 use super::*;
 
@@ -76,9 +77,45 @@ fn filter(s: &Setup, body: &str, request_valid: bool) -> (u16, String, serde_jso
     (code, ct, doc)
 }
 
+/// `hh:mm` (UTC) of the current time plus `minutes`, on the 24-hour clock.
+fn utc_hhmm(minutes: i64) -> String {
+    let now = sidenet_controller::now() as i64 / 60 + minutes;
+    let m = now.rem_euclid(1440);
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+/// The example mesh on UTC, with its budget (20000 kbit/s on every node), a window `now` of
+/// 50000 kbit/s from `start` to `end` (same slot: it overrides the budget while open) and a
+/// relayed-traffic limit of 8000 on every node.
+fn write_mesh(s: &Setup, start: &str, end: &str) {
+    let text = std::fs::read_to_string(repo().join("examples/riverside/mesh.yaml")).unwrap();
+    let text = text.replacen("spec:\n", "spec:\n  timeZone: UTC\n", 1);
+    assert!(text.trim_end().ends_with("rateKbit: 20000"), "{text}");
+    let extra = format!(
+        r#"
+    - type: rateLimit
+      name: now
+      rateKbit: 50000
+      schedule:
+        - start: "{start}"
+          end: "{end}"
+    - type: rateLimit
+      name: relays
+      rateKbit: 8000
+      scope: relayed
+"#
+    );
+    let path = s.path("manifests/mesh.yaml");
+    let tmp = s.path("mesh.yaml.tmp");
+    std::fs::write(&tmp, text.trim_end().to_string() + &extra).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+}
+
 #[test]
 fn alto_maps_validate_and_follow_the_links() {
     let s = Setup::new();
+    // A window open now (an hour either side), so the rate cost has something to show.
+    write_mesh(&s, &utc_hhmm(-60), &utc_hhmm(60));
     let ctl = s.controller(&format!("127.0.0.1:{}", s.http), &[]);
     let names = ["alpha", "bravo", "charlie"];
     let agents: Vec<Proc> = names.iter().map(|n| s.agent(n)).collect();
@@ -134,6 +171,18 @@ fn alto_maps_validate_and_follow_the_links() {
         dir["meta"]["cost-types"]["num-delay-rt"]["cost-metric"],
         "delay-rt"
     );
+    assert_eq!(
+        dir["meta"]["cost-types"]["num-sidenet-rate"]["cost-metric"],
+        "priv:sidenet-rate"
+    );
+    assert_eq!(
+        res["costmap-sidenet-rate"]["uri"],
+        "/alto/costmap/sidenet-rate"
+    );
+    assert_eq!(
+        res["filtered-costmap"]["capabilities"]["cost-type-names"],
+        serde_json::json!(["num-routingcost", "num-delay-rt", "num-sidenet-rate"])
+    );
 
     // The network map: one PID per node, its /64.
     let map = get(
@@ -174,6 +223,72 @@ fn alto_maps_validate_and_follow_the_links() {
     until("delay-rt alpha→charlie 30 ms", "delay-rt", 30_000);
     assert_eq!(cost("routingcost", a, a), Some(0));
     assert_eq!(cost("delay-rt", c, a), Some(30_000));
+
+    // The rate cost: the window `now` is open (50000 overrides the budget); alpha→charlie goes
+    // through bravo, whose relayed-traffic limit (8000) holds it. A PID and itself: no entry.
+    let rate = |from: &StatusRow, to: &StatusRow| {
+        let m = get(&s, "/alto/costmap/sidenet-rate", COSTMAP, "costmap");
+        assert_eq!(m["meta"]["dependent-vtags"][0], vtag);
+        assert_eq!(m["meta"]["cost-type"]["cost-metric"], "priv:sidenet-rate");
+        assert!(m["cost-map"][&from.node].get(&from.node).is_none(), "{m:#}");
+        m["cost-map"][&from.node][&to.node].as_u64()
+    };
+    let rate_until = |what: &str, from: &StatusRow, to: &StatusRow, want: u64| {
+        wait_for(
+            what,
+            WAIT,
+            || (rate(from, to) == Some(want)).then_some(()),
+            || ctl.log_text(),
+        )
+    };
+    rate_until("rate alpha→bravo 50000 in the window", a, b, 50_000);
+    assert_eq!(rate(a, c), Some(8000));
+    // The schema holds the rate to whole kbit/s, delay-rt to non-negative numbers, and a
+    // cost-source to those RFC 9439 registers.
+    let mut bad = get(&s, "/alto/costmap/sidenet-rate", COSTMAP, "costmap");
+    bad["cost-map"][&a.node][&b.node] = serde_json::json!(12.5);
+    assert!(!schema("costmap").is_valid(&bad));
+    let mut bad = get(&s, "/alto/costmap/delay-rt", COSTMAP, "costmap");
+    bad["cost-map"][&a.node][&b.node] = serde_json::json!(-1);
+    assert!(!schema("costmap").is_valid(&bad));
+    let mut bad = dir.clone();
+    bad["meta"]["cost-types"]["num-delay-rt"]["cost-context"]["cost-source"] =
+        serde_json::json!("import");
+    assert!(!schema("directory").is_valid(&bad));
+    let rate_body = format!(
+        r#"{{"cost-type": {{"cost-mode": "numerical", "cost-metric": "priv:sidenet-rate"}}, "pids": {{"srcs": ["{}"], "dsts": []}}, "constraints": ["gt 10000"]}}"#,
+        a.node
+    );
+    let (code, _, doc) = filter(&s, &rate_body, true);
+    assert_eq!(code, 200, "{doc}");
+    assert_eq!(
+        doc["cost-map"],
+        serde_json::json!({ &a.node: { &b.node: 50_000 } })
+    );
+    // RFC 9439 §6.2: the maps say how fresh their data is (the newest report; for the rate, the
+    // moment the windows were read).
+    for path in [
+        "/alto/costmap/delay-rt",
+        "/alto/costmap/sidenet-rate",
+        "/alto/networkmap",
+    ] {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-D", "-", &s.url(path)])
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_string();
+        let date = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Last-Modified: "))
+            .unwrap_or_else(|| panic!("{path}: no Last-Modified in {head}"));
+        let t = jiff::fmt::rfc2822::parse(date.trim()).unwrap().timestamp();
+        let age = sidenet_controller::now() as i64 - t.as_second();
+        assert!((0..300).contains(&age), "{path}: Last-Modified {date}");
+    }
+    // The window moves to later in the day: the budget holds again.
+    write_mesh(&s, &utc_hhmm(180), &utc_hhmm(240));
+    rate_until("rate alpha→bravo 20000 outside the window", a, b, 20_000);
+    assert_eq!(rate(a, c), Some(8000));
 
     // Filtered: one pair, then a constraint it does not meet.
     let body = |metric: &str, extra: &str| {
@@ -262,6 +377,10 @@ fn alto_maps_validate_and_follow_the_links() {
     until("routingcost alpha→charlie 500", "routingcost", 500);
     assert_eq!(cost("delay-rt", a, c), Some(5_000));
     assert_eq!(cost("routingcost", a, b), Some(596));
+    // Direct now: no relay between them, alpha's budget holds; alpha→bravo goes through
+    // charlie, whose relayed-traffic limit holds it.
+    assert_eq!(rate(a, c), Some(20_000));
+    assert_eq!(rate(a, b), Some(8000));
     // The network map did not change: same tag.
     let again = get(
         &s,

@@ -211,13 +211,50 @@ impl<'a> MeshPolicies<'a> {
         limits: &mut Vec<Limit>,
         idle: &mut Vec<Idle>,
     ) {
+        let own = |p: &Policy| {
+            p.scope.unwrap_or(Scope::Own) != Scope::Relayed && self.selects(p.toward.as_ref(), peer)
+        };
+        self.slot_limits(node, direction, minute, own, limits, idle);
+    }
+
+    /// The rate policies on `node` for traffic it only relays between two other nodes, in
+    /// `direction` (relayed traffic both comes in and goes out, so both directions hold it),
+    /// and which are in force at `minute`: scope `relayed`, and scope `all` without `toward`
+    /// (the classes relayed traffic passes through on the node: `docs/policies.md`, "Linux:
+    /// the classes"), in slots as in [`Self::node_limits`].
+    pub fn relay_limits(
+        &self,
+        node: &Member,
+        direction: Direction,
+        minute: u32,
+        limits: &mut Vec<Limit>,
+        idle: &mut Vec<Idle>,
+    ) {
+        let relayed = |p: &Policy| match p.scope.unwrap_or(Scope::Own) {
+            Scope::Relayed => true,
+            Scope::All => p.toward.is_none(),
+            Scope::Own => false,
+        };
+        self.slot_limits(node, direction, minute, relayed, limits, idle);
+    }
+
+    /// The rate policies of `direction` that apply to `node` and that `counts` takes, by slot,
+    /// sorted into those in force at `minute` and those not.
+    fn slot_limits(
+        &self,
+        node: &Member,
+        direction: Direction,
+        minute: u32,
+        counts: impl Fn(&Policy) -> bool,
+        limits: &mut Vec<Limit>,
+        idle: &mut Vec<Idle>,
+    ) {
         let mut slots: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, p) in self.mesh.spec.policies.iter().enumerate() {
             if p.type_ != PolicyType::RateLimit
                 || p.direction.unwrap_or(Direction::Egress) != direction
-                || p.scope.unwrap_or(Scope::Own) == Scope::Relayed
                 || !self.applies(p, node)
-                || !self.selects(p.toward.as_ref(), peer)
+                || !counts(p)
             {
                 continue;
             }
