@@ -291,6 +291,8 @@ pub struct MeshCtx {
     pub rate_kbit: Option<u64>,
     /// Whether this node may forward side-net traffic to its uplink.
     pub internet: bool,
+    /// The mesh's DNS zone, `MESH.sidenet.arpa` (`docs/dataplane.md`, "Names").
+    pub dns_zone: String,
 }
 
 /// The node as templates see it.
@@ -515,6 +517,9 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             }),
             rate_kbit,
             internet,
+            dns_zone: crate::spec::names::zone(
+                inp.mesh.metadata.name.as_deref().unwrap_or_default(),
+            ),
         },
         node: NodeCtx {
             id: inp.id.to_string(),

@@ -247,6 +247,11 @@ impl Controller {
             .entry(mesh_name.clone())
             .or_insert_with(|| crate::reconcile::peers::services(&self.store, set, mesh));
         crate::reconcile::peers::with_services(&mut dataplane, services, mesh, id);
+        dataplane.names = cache
+            .names
+            .entry(mesh_name.clone())
+            .or_insert_with(|| crate::reconcile::peers::names(&self.store, set, mesh))
+            .clone();
         let located = cache
             .located
             .entry(mesh_name.clone())
@@ -596,6 +601,8 @@ pub(super) struct PlanCache {
     gateways: BTreeMap<String, Vec<crate::reconcile::peers::GatewayCtx>>,
     /// Mesh name → the services its nodes publish.
     services: BTreeMap<String, Vec<crate::reconcile::peers::ServiceCtx>>,
+    /// Mesh name → its names in DNS.
+    names: BTreeMap<String, Vec<crate::reconcile::peers::HostName>>,
     /// Mesh name → its nodes with their /64s (the policy compiler's input).
     located: BTreeMap<String, Vec<crate::spec::policy::compile::Located>>,
 }
