@@ -29,11 +29,15 @@ pub fn zone(mesh: &str) -> String {
     format!("{mesh}.{ZONE}")
 }
 
+/// What a DNS label is, for error messages.
+const LABEL_RULE: &str = "1 to 63 lowercase letters, digits and '-', not starting or ending with '-'";
+
 /// The label that names MeshNode `node` in DNS: `spec.dnsName`, else `metadata.name` when that
-/// is one label; `None` for a node named with dots and without `spec.dnsName`.
+/// is one label; `None` for a node named with dots and without `spec.dnsName` (and for an
+/// invalid `spec.dnsName`, which [`check`] refuses).
 pub fn node_label(node: &sidenet_crds::MeshNode) -> Option<String> {
     match &node.spec.dns_name {
-        Some(n) => Some(n.clone()),
+        Some(n) => Some(n.clone()).filter(|n| is_label(n)),
         None => node.metadata.name.clone().filter(|n| is_label(n)),
     }
 }
@@ -43,7 +47,7 @@ fn zone_error(mesh: &str) -> Option<String> {
     let z = zone(mesh);
     if let Some(bad) = mesh.split('.').find(|l| !is_label(l)) {
         return Some(format!(
-            "{mesh:?} cannot name the mesh's DNS zone {z}: {bad:?} is not a DNS label (1 to 63 lowercase letters, digits and '-')"
+            "{mesh:?} cannot name the mesh's DNS zone {z}: {bad:?} is not a DNS label ({LABEL_RULE})"
         ));
     }
     // Room for NODE. and SERVICE. of one character each.
@@ -69,6 +73,25 @@ pub fn check(set: &ManifestSet) -> Vec<(String, String, String)> {
             "MeshNode/{}",
             node.metadata.name.as_deref().unwrap_or(id.as_str())
         );
+        // The CRD's patterns are admission-only: the same rules, with file, document and field.
+        if let Some(n) = &node.spec.dns_name
+            && !is_label(n)
+        {
+            out.push((
+                key.clone(),
+                "spec.dnsName".to_string(),
+                format!("{n:?} is not a DNS label ({LABEL_RULE})"),
+            ));
+        }
+        for (i, s) in node.spec.services.iter().enumerate() {
+            if !is_label(&s.name) {
+                out.push((
+                    key.clone(),
+                    format!("spec.services[{i}].name"),
+                    format!("{:?} is not a DNS label ({LABEL_RULE})", s.name),
+                ));
+            }
+        }
         let Some(label) = node_label(node) else {
             continue;
         };
