@@ -30,7 +30,8 @@ pub fn zone(mesh: &str) -> String {
 }
 
 /// What a DNS label is, for error messages.
-const LABEL_RULE: &str = "1 to 63 lowercase letters, digits and '-', not starting or ending with '-'";
+const LABEL_RULE: &str =
+    "1 to 63 lowercase letters, digits and '-', not starting or ending with '-'";
 
 /// The label that names MeshNode `node` in DNS: `spec.dnsName`, else `metadata.name` when that
 /// is one label; `None` for a node named with dots and without `spec.dnsName` (and for an
