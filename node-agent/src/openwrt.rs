@@ -22,7 +22,7 @@
 //! | `wireless` | `/sbin/wifi reload` (the mesh point on the owner's radio) |
 //! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/shaping.nft` changed) |
 //! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
-//! | `dhcp` | `/etc/init.d/dnsmasq reload` (the mesh's names: `domain` sections) |
+//! | `dhcp` | `/etc/init.d/dnsmasq reload` (the mesh's names: `domain` sections); skipped on a router without it |
 //!
 //! (Paths are under `--root`, `/` on a router.) `restart:squid` runs sidenet's own Squid with
 //! `etc/sidenet/squid.conf` ([`crate::squid`]; the squid package's own service and config stay
@@ -190,6 +190,10 @@ impl Openwrt {
                 }
             }
             let program = self.root.join(program);
+            // A router whose owner replaced dnsmasq has no resolver to tell about the names.
+            if package == "dhcp" && !program.exists() {
+                continue;
+            }
             self.runner
                 .run(&[&program.to_string_lossy(), action])
                 .map_err(BackendError)?;
