@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::repo;
-use sidenet_controller::reconcile::peers::{self, Dataplane, GatewayCtx, PeerCtx};
+use sidenet_controller::reconcile::peers::{self, Dataplane, GatewayCtx, HostName, PeerCtx};
 use sidenet_controller::reconcile::render::{self, NodeInputs, Renderer};
 use sidenet_controller::spec::manifest::{self, ManifestSet};
 use sidenet_controller::spec::policy::compile;
@@ -87,6 +87,17 @@ fn sample_dataplane() -> Dataplane {
         name: "corner-shop".into(),
         address: "fdfc:b395:f348:1::1".into(),
     }];
+    // The mesh's names (docs/dataplane.md, "Names"): the nodes and attic's service `web`.
+    let name = |name: &str, address: &str| HostName {
+        name: format!("{name}.riverside.sidenet.arpa"),
+        address: address.into(),
+    };
+    dp.names = vec![
+        name("attic", "fdfc:b395:f348:3::1"),
+        name("golden", "fdfc:b395:f348:1c2d::1"),
+        name("kitchen", "fdfc:b395:f348:2::1"),
+        name("web.attic", "2001:db8:5::80"),
+    ];
     dp
 }
 
@@ -478,6 +489,34 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
                     .collect()
             };
             assert_eq!(owner(&now), owner(was), "{name}: the owner's {p} changed");
+        }
+        if peers {
+            // The mesh's names, as OpenWrt's dnsmasq init script reads `domain` sections (one
+            // "IP NAME" line of its hosts file each): exactly the data plane's names.
+            let dhcp: String =
+                String::from_utf8_lossy(&uci(&conf, &["export", "dhcp"], None).stdout).into();
+            let hosts: Vec<String> = sections(&dhcp)
+                .into_iter()
+                .filter(|(n, t)| {
+                    n.as_deref().is_some_and(|n| n.starts_with("sidenet_name_"))
+                        && t.starts_with("config domain ")
+                })
+                .map(|(_, t)| {
+                    let opt = |o: &str| {
+                        t.lines()
+                            .find_map(|l| l.strip_prefix(&format!("\toption {o} ")))
+                            .map(|v| v.trim_matches('\'').to_string())
+                            .unwrap_or_default()
+                    };
+                    format!("{} {}", opt("ip"), opt("name"))
+                })
+                .collect();
+            let want: Vec<String> = sample_dataplane()
+                .names
+                .iter()
+                .map(|n| format!("{} {}", n.address, n.name))
+                .collect();
+            assert_eq!(hosts, want, "{name}: the names in uci export dhcp:\n{dhcp}");
         }
         if cache {
             let fw: String =

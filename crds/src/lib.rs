@@ -472,6 +472,12 @@ pub struct MeshNodeSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub services: Vec<PublishedService>,
+    /// The node's name in DNS, one label: the node is `DNSNAME.MESH.sidenet.arpa` and its
+    /// services `SERVICE.DNSNAME.MESH.sidenet.arpa` (`docs/dataplane.md`, "Names"). Default:
+    /// `metadata.name`, when that is one DNS label (no dots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = patterns::LABEL), length(min = 1, max = 63))]
+    pub dns_name: Option<String>,
 }
 
 /// Role of a node.

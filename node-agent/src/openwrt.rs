@@ -1,5 +1,5 @@
 //! The `openwrt` backend: sidenet as a guest on a household router. It owns only its own named
-//! `sidenet_*` sections in the `network`, `wireless`, `firewall` and `babeld` UCI packages and
+//! `sidenet_*` sections in the `network`, `wireless`, `firewall`, `babeld` and `dhcp` UCI packages and
 //! changes them only through OpenWrt's `uci` command ([`crate::uci`]); the owner's access points,
 //! LAN, WAN, DHCP and firewall rules are never written. A config carries one sidenet batch per
 //! package (`etc/sidenet/uci/<package>`) and sidenet's own files (`etc/sidenet/shaping.nft`,
@@ -22,6 +22,7 @@
 //! | `wireless` | `/sbin/wifi reload` (the mesh point on the owner's radio) |
 //! | `firewall` | `/etc/init.d/firewall reload` (fw4; also when `etc/sidenet/shaping.nft` changed) |
 //! | `babeld` | `/etc/init.d/babeld restart`, or `stop` when no babeld interface is left |
+//! | `dhcp` | `/etc/init.d/dnsmasq reload` (the mesh's names: `domain` sections); skipped on a router without it |
 //!
 //! (Paths are under `--root`, `/` on a router.) `restart:squid` runs sidenet's own Squid with
 //! `etc/sidenet/squid.conf` ([`crate::squid`]; the squid package's own service and config stay
@@ -61,12 +62,13 @@ pub const SHAPING_NFT: &str = "etc/sidenet/shaping.nft";
 /// The shaping table (`apply:shaping`).
 pub const SHAPING: &str = "etc/sidenet/shaping";
 /// The actions an OpenWrt config may carry.
-pub const ACTIONS: [&str; 7] = [
+pub const ACTIONS: [&str; 8] = [
     "apply:shaping",
     "reload:network",
     "reload:wireless",
     "reload:firewall",
     "restart:babeld",
+    "reload:dhcp",
     crate::squid::ACTION,
     "apply:probes",
 ];
@@ -79,6 +81,7 @@ fn reload_command(package: &str) -> (&'static str, &'static str) {
         "network" => ("etc/init.d/network", "reload"),
         "wireless" => ("sbin/wifi", "reload"),
         "firewall" => ("etc/init.d/firewall", "reload"),
+        "dhcp" => ("etc/init.d/dnsmasq", "reload"),
         _ => ("etc/init.d/babeld", "restart"),
     }
 }
@@ -187,6 +190,10 @@ impl Openwrt {
                 }
             }
             let program = self.root.join(program);
+            // A router whose owner replaced dnsmasq has no resolver to tell about the names.
+            if package == "dhcp" && !program.exists() {
+                continue;
+            }
             self.runner
                 .run(&[&program.to_string_lossy(), action])
                 .map_err(BackendError)?;

@@ -35,7 +35,7 @@ use crate::backend::Runner;
 use crate::files::write_atomic;
 
 /// The UCI packages sidenet adds sections to, in the order they are synced and reloaded.
-pub const PACKAGES: [&str; 4] = ["network", "wireless", "firewall", "babeld"];
+pub const PACKAGES: [&str; 5] = ["network", "wireless", "firewall", "babeld", "dhcp"];
 /// Every section sidenet owns is named with this prefix.
 pub const PREFIX: &str = "sidenet_";
 

@@ -98,6 +98,7 @@ pub(crate) async fn create_meshnode(
             overrides: NodeOverrides::default(),
             cache: None,
             services: Vec::new(),
+            dns_name: None,
         },
     );
     node.metadata.namespace = Some(ns.clone());

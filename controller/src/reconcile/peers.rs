@@ -77,6 +77,18 @@ pub struct Dataplane {
     pub own_services: Vec<ServiceCtx>,
     /// The Mesh's handover thresholds, when the node routes to any service of another node.
     pub handover: Option<HandoverCtx>,
+    /// The mesh's names in DNS, by name (`docs/dataplane.md`, "Names"): every MeshNode's side-net
+    /// address and its services' addresses.
+    pub names: Vec<HostName>,
+}
+
+/// One name of the mesh and its address.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct HostName {
+    /// Fully qualified, without the final dot: `a.riverside.sidenet.arpa`.
+    pub name: String,
+    /// The IPv6 address it stands for.
+    pub address: String,
 }
 
 /// A published service (`spec.services[]` of a MeshNode).
@@ -189,6 +201,7 @@ impl Dataplane {
             services: Vec::new(),
             own_services: Vec::new(),
             handover: None,
+            names: Vec::new(),
         }
     }
 }
@@ -618,6 +631,52 @@ pub fn services(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<ServiceCtx
             });
         }
     }
+    out
+}
+
+/// The names of `mesh` (`docs/dataplane.md`, "Names"), sorted: `NODE.MESH.sidenet.arpa` for
+/// every MeshNode with a /64 and a DNS label ([`crate::spec::names::node_label`]), and
+/// `SERVICE.NODE.MESH.sidenet.arpa` for each single address (/128) of its services. Computed
+/// once per mesh and reconcile; every node of the mesh gets the same list.
+pub fn names(store: &Store, set: &ManifestSet, mesh: &Mesh) -> Vec<HostName> {
+    let net = network_name(mesh);
+    let Ok(base) = crate::spec::manifest::parse_ula48(&mesh.spec.prefix) else {
+        return Vec::new();
+    };
+    let zone = crate::spec::names::zone(mesh.metadata.name.as_deref().unwrap_or_default());
+    let mut out = Vec::new();
+    for (node, m) in &set.nodes {
+        if set.mesh_of(m).map(network_name) != Some(net) {
+            continue;
+        }
+        let Some(sid) = store.subnets.get(&(net.to_string(), node.clone())) else {
+            continue;
+        };
+        let Some(label) = crate::spec::names::node_label(m) else {
+            continue;
+        };
+        let fqdn = format!("{label}.{zone}");
+        for s in &m.spec.services {
+            for (a, l) in s
+                .addresses
+                .iter()
+                .filter_map(|a| crate::spec::services::parse_service_prefix(a).ok())
+            {
+                if l == 128 {
+                    out.push(HostName {
+                        name: format!("{}.{fqdn}", s.name),
+                        address: a.to_string(),
+                    });
+                }
+            }
+        }
+        out.push(HostName {
+            name: fqdn,
+            address: crate::spec::ipam::node_address(base, *sid).to_string(),
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.address.cmp(&b.address)));
+    out.dedup();
     out
 }
 

@@ -298,6 +298,8 @@ pub struct MeshCtx {
     /// agent lets the LAN use it when the node has no default route of its own. False for
     /// every mesh that did not opt in: nothing of it is rendered.
     pub internet_gateways: bool,
+    /// The mesh's DNS zone, `MESH.sidenet.arpa` (`docs/dataplane.md`, "Names").
+    pub dns_zone: String,
 }
 
 /// The node as templates see it.
@@ -558,6 +560,9 @@ pub fn context(inp: &NodeInputs<'_>) -> Result<Context, RenderError> {
             rate_kbit,
             internet,
             internet_gateways,
+            dns_zone: crate::spec::names::zone(
+                inp.mesh.metadata.name.as_deref().unwrap_or_default(),
+            ),
         },
         node: NodeCtx {
             id: inp.id.to_string(),

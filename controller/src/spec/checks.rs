@@ -357,6 +357,10 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
     for (key, field, message) in crate::spec::services::check(set) {
         errors.push(err(&key, &field, message));
     }
+    // Names in DNS (docs/dataplane.md, "Names").
+    for (key, field, message) in crate::spec::names::check(set) {
+        errors.push(err(&key, &field, message));
+    }
 
     for (name, np) in &set.provisions {
         let key = format!("NodeProvision/{name}");

@@ -7,6 +7,7 @@ pub mod hints;
 pub mod ipam;
 pub mod loader;
 pub mod manifest;
+pub mod names;
 pub mod openwrt;
 pub mod parse;
 pub mod policy;

@@ -284,7 +284,7 @@ pub fn openwrt_image(root: &Path, fixture: &str, version: &str, pm: Pm) {
         )
     });
     std::fs::create_dir_all(root.join("usr/sbin")).unwrap();
-    for s in ["network", "firewall"] {
+    for s in ["network", "firewall", "dnsmasq"] {
         write_exec(
             &root.join("etc/init.d").join(s),
             "#!/bin/sh\n# stock init script (test image; OpenWrt's run through /etc/rc.common)\nexit 0\n",

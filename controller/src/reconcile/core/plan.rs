@@ -184,6 +184,28 @@ impl Controller {
             );
             return Ok(None);
         };
+        if !cache.names.contains_key(&mesh_name)
+            && let Some(mesh) = self.set.meshes.get(&mesh_name)
+        {
+            // Every admitted MeshNode of the mesh gets its /64 now, as its own plan would: the
+            // names must not depend on the order nodes are planned in, nor change when a
+            // declared node enrols.
+            let admitted: Vec<String> = self
+                .set
+                .nodes
+                .iter()
+                .filter(|(nid, m)| {
+                    self.set.mesh_of(m).map(network_name) == Some(net.as_str())
+                        && approved(mesh, Some(m), self.store.nodes.get(*nid))
+                })
+                .map(|(nid, _)| nid.clone())
+                .collect();
+            for nid in &admitted {
+                let _ = self.store.subnet(batch, &net, nid);
+            }
+            let names = crate::reconcile::peers::names(&self.store, &self.set, mesh);
+            cache.names.insert(mesh_name.clone(), names);
+        }
         let set = &self.set;
         let Some(mesh) = set.meshes.get(&mesh_name) else {
             return Ok(None);
@@ -247,6 +269,7 @@ impl Controller {
             .entry(mesh_name.clone())
             .or_insert_with(|| crate::reconcile::peers::services(&self.store, set, mesh));
         crate::reconcile::peers::with_services(&mut dataplane, services, mesh, id);
+        dataplane.names = cache.names.get(&mesh_name).cloned().unwrap_or_default();
         let located = cache
             .located
             .entry(mesh_name.clone())
@@ -597,6 +620,8 @@ pub(super) struct PlanCache {
     gateways: BTreeMap<String, Vec<crate::reconcile::peers::GatewayCtx>>,
     /// Mesh name → the services its nodes publish.
     services: BTreeMap<String, Vec<crate::reconcile::peers::ServiceCtx>>,
+    /// Mesh name → its names in DNS.
+    names: BTreeMap<String, Vec<crate::reconcile::peers::HostName>>,
     /// Mesh name → its nodes with their /64s (the policy compiler's input).
     located: BTreeMap<String, Vec<crate::spec::policy::compile::Located>>,
 }

@@ -42,6 +42,7 @@ impl Controller {
                 );
                 let services = crate::reconcile::peers::services(&self.store, &self.set, &mesh);
                 crate::reconcile::peers::with_services(&mut dp, &services, &mesh, &id);
+                dp.names = crate::reconcile::peers::names(&self.store, &self.set, &mesh);
                 build_config_with(&self.renderer, &inputs, Some(dp)).map_err(CoreError::Request)
             }
             Desired::Pending(r) | Desired::Blocked(r) => Err(CoreError::Request(r)),
