@@ -624,3 +624,80 @@ fn openwrt_renders_apply_with_uci_and_parse_back_with_netjsonconfig() {
         "only {cache_checked} cache renders checked"
     );
 }
+
+/// A Linux gateway forwards and masquerades side-net traffic out of its uplinks only: the
+/// MeshNode's `spec.overrides.uplinks`, else the profile's `wan` ports; with neither, its
+/// config is refused with the reason (docs/dataplane.md, "Gateways that route").
+#[test]
+fn a_linux_gateway_forwards_only_out_of_its_uplinks() {
+    let set = set();
+    let profile = "raspberrypi-4b-awus036acm";
+    let mut mesh = mesh_for(&set, profile);
+    mesh.spec
+        .policies
+        .retain(|p| p.type_ != PolicyType::NoInternet);
+    mesh.spec.policies.push(Policy {
+        nodes: vec!["golden".into()],
+        ..Policy::new(PolicyType::AllowInternet)
+    });
+    let mut p = set.profiles.get(profile).unwrap().clone();
+    let renderer = Renderer::load(&repo().join("templates")).unwrap();
+    let firewall = |p: &sidenet_crds::HardwareProfile, uplinks: &[String]| {
+        let inputs = NodeInputs {
+            mesh: &mesh,
+            profile: p,
+            id: NODE,
+            name: Some("golden"),
+            reported_hostname: None,
+            role: NodeRole::Gateway,
+            channel: None,
+            tx_power: None,
+            hostname: None,
+            uplinks,
+            subnet_id: SUBNET,
+            passphrase: PASSPHRASE,
+            passphrase_next: None,
+            labels: None,
+        };
+        render::context(&inputs).map(|ctx| {
+            renderer
+                .render("linux", &ctx)
+                .unwrap()
+                .into_iter()
+                .find(|f| f.file.path == "etc/sidenet/firewall.nft")
+                .unwrap()
+                .file
+                .content
+        })
+    };
+    let prefix = &mesh.spec.prefix;
+    let fw = firewall(&p, &[]).unwrap();
+    assert!(
+        fw.contains(&format!(
+            "oifname {{ \"eth0\" }} ip6 saddr {prefix} counter name \"internet_out\" accept"
+        )),
+        "{fw}"
+    );
+    assert!(
+        fw.contains(&format!(
+            "oifname {{ \"eth0\" }} ip6 saddr {prefix} masquerade"
+        )),
+        "{fw}"
+    );
+    let fw = firewall(&p, &["wlan0".to_string(), "usb0".to_string()]).unwrap();
+    assert!(
+        fw.contains(&format!(
+            "oifname {{ \"wlan0\", \"usb0\" }} ip6 saddr {prefix} masquerade"
+        )),
+        "{fw}"
+    );
+    assert!(!fw.contains("\"eth0\""), "{fw}");
+    p.spec
+        .ethernet
+        .retain(|e| e.role != sidenet_crds::PortRole::Wan);
+    let e = firewall(&p, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("node golden a gateway, but it has no uplink: HardwareProfile/raspberrypi-4b-awus036acm has no ethernet port with role wan and the MeshNode sets no spec.overrides.uplinks"),
+        "{e}"
+    );
+}
