@@ -35,10 +35,20 @@ const LABEL_RULE: &str =
 
 /// The label that names MeshNode `node` in DNS: `spec.dnsName`, else `metadata.name` when that
 /// is one label; `None` for a node named with dots and without `spec.dnsName` (and for an
-/// invalid `spec.dnsName`, which [`check`] refuses).
+/// invalid `spec.dnsName`, which [`check`] refuses), and for a MeshNode the Kubernetes
+/// controller created for an enrolled node (label `app.kubernetes.io/managed-by:
+/// sidenet-controller`) without `spec.dnsName`: every name is in every node's config, so a name
+/// per enrolment would re-render the whole mesh at each one.
 pub fn node_label(node: &sidenet_crds::MeshNode) -> Option<String> {
+    let created_by_controller = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .is_some_and(|v| v == "sidenet-controller");
     match &node.spec.dns_name {
         Some(n) => Some(n.clone()).filter(|n| is_label(n)),
+        None if created_by_controller => None,
         None => node.metadata.name.clone().filter(|n| is_label(n)),
     }
 }
@@ -159,5 +169,25 @@ mod tests {
             zone_error(&"x".repeat(64)).is_some_and(|e| e.contains("is not a DNS label")),
             "a 64-character label"
         );
+    }
+
+    #[test]
+    fn a_node_the_controller_created_is_named_only_with_its_dns_name() {
+        let mut node = sidenet_crds::MeshNode::new(
+            "porch",
+            serde_json::from_value(serde_json::json!({"mesh": "riverside", "nodeId": "abc"}))
+                .unwrap(),
+        );
+        assert_eq!(node_label(&node).as_deref(), Some("porch"));
+        node.metadata.labels = Some(
+            [(
+                "app.kubernetes.io/managed-by".to_string(),
+                "sidenet-controller".to_string(),
+            )]
+            .into(),
+        );
+        assert_eq!(node_label(&node), None);
+        node.spec.dns_name = Some("porch-pi".into());
+        assert_eq!(node_label(&node).as_deref(), Some("porch-pi"));
     }
 }
