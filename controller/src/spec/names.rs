@@ -152,6 +152,7 @@ pub fn check(set: &ManifestSet) -> Vec<(String, String, String)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
