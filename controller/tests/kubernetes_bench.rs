@@ -105,6 +105,47 @@ fn with_status(c: &Cluster, field: &str) -> usize {
         .count()
 }
 
+/// The configs the agents received so far: each message is verified once, as an agent does.
+#[derive(Default)]
+struct Configs {
+    /// Messages of the observer already read.
+    cursor: usize,
+    /// Node id → revision of the last config it received.
+    rev: std::collections::HashMap<String, u64>,
+    /// Configs received (every revision of every node).
+    received: usize,
+}
+
+impl Configs {
+    fn update(&mut self, obs: &Observer, key: &sidenet_wire::PublicKey) {
+        let new: Vec<(String, Vec<u8>)> = {
+            let seen = obs.seen.lock().unwrap();
+            let new = seen[self.cursor..].to_vec();
+            self.cursor = seen.len();
+            new
+        };
+        for (t, p) in new {
+            if !t.ends_with("/config") {
+                continue;
+            }
+            let Some(id) = t.split('/').nth(4) else {
+                continue;
+            };
+            if p.is_empty() {
+                self.rev.remove(id);
+                continue;
+            }
+            let Ok(env) = sidenet_wire::Envelope::parse(&p, 1 << 20) else {
+                continue;
+            };
+            if let Ok(v) = env.verify(sidenet_wire::Kind::Config, key) {
+                self.rev.insert(id.to_string(), v.header.rev);
+                self.received += 1;
+            }
+        }
+    }
+}
+
 /// N declared MeshNodes (not enrolled): time to the first status of every node, API calls per
 /// node, status writes while idle, and the cost of one spec change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,8 +243,13 @@ async fn bench_enrolment_storm() {
     let t0 = Instant::now();
     let mark = controller_calls(&c).len();
     // Like real agents, a node sends its request again (every 10 s here) until it has a
-    // config: a broker drops QoS 1 messages beyond a client's queue.
-    let enrolled_ids = || -> std::collections::BTreeSet<String> {
+    // config: a broker drops QoS 1 messages beyond a client's queue. A node is done when its
+    // MeshNode shows it `Enrolled` and the config it was sent is the one its status records
+    // (the status is written before the config is published, so `Enrolled` alone comes a
+    // moment before the node has its config).
+    let key = c.mesh_key().unwrap();
+    let mut configs = Configs::default();
+    let enrolled_ids = |configs: &Configs| -> std::collections::BTreeSet<String> {
         c.api
             .list(NODES)
             .iter()
@@ -213,30 +259,28 @@ async fn bench_enrolment_storm() {
                         .any(|c| c["type"] == "Enrolled" && c["status"] == "True")
                 })
             })
-            .filter_map(|m| m["spec"]["nodeId"].as_str().map(String::from))
+            .filter_map(|m| {
+                let id = m["spec"]["nodeId"].as_str()?;
+                let desired = m["status"]["desiredRevision"].as_u64()?;
+                (configs.rev.get(id) == Some(&desired)).then(|| id.to_string())
+            })
             .collect()
     };
     let mut sent = 0usize;
     let mut published = None;
     loop {
-        let done = enrolled_ids();
+        configs.update(&obs, &key);
+        let done = enrolled_ids(&configs);
         if done.len() == n {
             break;
         }
         assert!(
             t0.elapsed() < limit,
-            "timed out: {} of {n} enrolled",
+            "timed out: {} of {n} enrolled with the config their status records",
             done.len()
         );
         // An agent stops asking once it has a config.
-        let configured: std::collections::BTreeSet<String> = obs
-            .seen
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(t, p)| t.ends_with("/config") && !p.is_empty())
-            .filter_map(|(t, _)| t.split('/').nth(4).map(String::from))
-            .collect();
+        let configured: std::collections::BTreeSet<String> = configs.rev.keys().cloned().collect();
         for (i, a) in agents.iter_mut().enumerate() {
             if done.contains(&a.id()) || configured.contains(&a.id()) {
                 continue;
@@ -249,30 +293,24 @@ async fn bench_enrolment_storm() {
         }
         published.get_or_insert(t0.elapsed());
         let again = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < again && enrolled_ids().len() < n {
+        while Instant::now() < again {
+            configs.update(&obs, &key);
+            if enrolled_ids(&configs).len() == n {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
     let published = published.unwrap_or_default();
     let enrolled = t0.elapsed();
-    let configs = {
-        let seen = obs.seen.lock().unwrap();
-        let mut topics: Vec<&String> = seen
-            .iter()
-            .filter(|(t, p)| t.ends_with("/config") && !p.is_empty())
-            .map(|(t, _)| t)
-            .collect();
-        topics.sort();
-        topics.dedup();
-        topics.len()
-    };
+    let signed = configs.received;
+    let configs = configs.rev.len();
     let calls = controller_calls(&c)[mark..].to_vec();
     let by = summary(&calls);
 
     // Steady state: every node reports that it runs its config, twice, 10 s apart (a real
     // agent reports every minute). The first round moves each node to Ready (a write each);
     // the second changes nothing but `lastSeen`.
-    let key = c.mesh_key().unwrap();
     let last: BTreeMap<String, Vec<u8>> = {
         let seen = obs.seen.lock().unwrap();
         seen.iter()
@@ -321,7 +359,7 @@ async fn bench_enrolment_storm() {
     let (rss, hwm) = rss_kib();
     println!("== Kubernetes mode, enrolment storm of {n} nodes (debug build unless --release)");
     println!(
-        "{sent} requests sent (first round in {:.2} s); every node enrolled with a MeshNode and a status after {:.2} s ({:.0} nodes/s); {configs} configs published",
+        "{sent} requests sent (first round in {:.2} s); every node enrolled with a MeshNode, a status and the config it records after {:.2} s ({:.0} nodes/s); {signed} configs received by {configs} nodes",
         published.as_secs_f64(),
         enrolled.as_secs_f64(),
         n as f64 / enrolled.as_secs_f64()

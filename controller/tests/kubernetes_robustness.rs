@@ -251,3 +251,113 @@ async fn an_out_of_range_object_is_refused_at_admission() {
     );
     assert_eq!(c.node("porch").unwrap()["metadata"]["resourceVersion"], rv);
 }
+
+/// A key of its own for each node of a storm (seeds outside the test keys' `[21; 32]`, ...).
+fn storm_agent(i: usize) -> Agent {
+    let mut seed = [9u8; 32];
+    seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    Agent {
+        key: sidenet_wire::keys::KeyPair::from_seed(&seed),
+        seq: 0,
+    }
+}
+
+/// Per MeshNode: name, finalizers, phase and the `Enrolled` condition (for failure messages).
+fn storm_summary(c: &Cluster) -> String {
+    c.api
+        .list(NODES)
+        .iter()
+        .map(|n| {
+            let enrolled = n["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Enrolled"))
+                .map(|c| c["status"].clone());
+            format!(
+                "{} finalizers={} phase={} enrolled={:?} desired={}",
+                n["metadata"]["name"],
+                n["metadata"]["finalizers"],
+                n["status"]["phase"],
+                enrolled,
+                n["status"]["desiredRevision"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Enrolments arriving at once (the MQTT task handles them as one batch, and each MeshNode it
+/// creates reaches the watch cache only after that batch): every node gets its MeshNode, a
+/// status that shows it `Enrolled` with the revision it was sent, and exactly one config,
+/// named by its MeshNode. Each used to be signed twice (named by its node id at enrolment,
+/// again by its MeshNode's name a moment later); the first was published when the MeshNode
+/// was in the cache by the end of the batch, so an agent applied two configs and a status
+/// could show an `Enrolled` node whose config was about to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolments_arriving_at_once_are_each_signed_once() {
+    const N: usize = 30;
+    let c = Cluster::new();
+    c.riverside(false, |_| {}).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mut agents: Vec<Agent> = (0..N).map(storm_agent).collect();
+    // One node first (the controller is then subscribed), then the others at once.
+    c.enrol(
+        &mqtt,
+        &mut agents[0],
+        ("default", "host-0"),
+        "host-0",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    for (i, a) in agents.iter_mut().enumerate().skip(1) {
+        let (topic, payload) = a.enroll_message(&format!("host-{i}"), "tplink-archer-c7-v2");
+        mqtt.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    // Done: Enrolled, and the config the node got is the one its status records.
+    let done = |i: usize, a: &Agent| {
+        let name = format!("host-{i}");
+        let got = config_of(&obs, &key, &a.id())?;
+        let node = c.node(&name)?;
+        (c.condition(&name, "Enrolled")?.0 == "True"
+            && node["status"]["desiredRevision"] == json!(got.0.rev))
+        .then_some(())
+    };
+    eventually(
+        "every node of the storm Enrolled, with the config its status records",
+        || {
+            agents
+                .iter()
+                .enumerate()
+                .all(|(i, a)| done(i, a).is_some())
+                .then_some(())
+        },
+        || storm_summary(&c),
+    )
+    .await;
+    for (i, a) in agents.iter().enumerate() {
+        let configs: Vec<Vec<u8>> = obs
+            .on(&topics::config("riverside", &a.id()))
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect();
+        let revisions = obs.revisions(&a.id());
+        assert_eq!(
+            configs.len(),
+            1,
+            "host-{i} ({}) was sent {} configs (revisions {revisions:?}), not one",
+            a.id(),
+            configs.len()
+        );
+        let env = sidenet_wire::Envelope::parse(&configs[0], 1 << 20).unwrap();
+        let body = env.verify(sidenet_wire::Kind::Config, &key).unwrap().body;
+        let text = String::from_utf8_lossy(body);
+        assert!(
+            text.contains(&format!("for node 'host-{i}' ({})", a.id())),
+            "host-{i}'s config is not named by its MeshNode"
+        );
+    }
+    ctl.stop().await;
+}

@@ -52,25 +52,27 @@ pub(crate) async fn delete_evicted(ctx: &Ctx, eng: &mut Engine) {
 }
 
 /// A node enrolled without a MeshNode: create one, owned by its Mesh (pending in approval
-/// mode until `spec.approved` is set).
+/// mode until `spec.approved` is set). Returns whether a MeshNode for it is on its way: made
+/// now, or already there under the chosen name (409: made by an earlier enrolment message
+/// of the node, not yet in the watch cache).
 pub(crate) async fn create_meshnode(
     ctx: &Ctx,
     eng: &mut Engine,
     id: &str,
-) -> Result<(), KubeError> {
+) -> Result<bool, KubeError> {
     // A node waiting for approval has no record: its MeshNode is made from its request.
     let waiting = eng.ctl.pending.get(id).map(|p| NodeRecord {
         approved: false,
         ..p.approved_record()
     });
     let Some(rec) = eng.ctl.store.nodes.get(id).cloned().or(waiting) else {
-        return Ok(());
+        return Ok(false);
     };
     let Some((ns, mesh_name)) = eng.claims.networks.get(&rec.mesh).cloned() else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(mesh) = ctx.mesh_obj(&ns, &mesh_name) else {
-        return Ok(());
+        return Ok(false);
     };
     let host = rec.hostname.to_ascii_lowercase();
     let taken = |n: &str| ctx.node_obj(&ns, n).is_some();
@@ -138,9 +140,9 @@ pub(crate) async fn create_meshnode(
             )
             .await;
             eng.claims.nodes.insert(id.to_string(), (ns, name));
+            Ok(true)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => return Err(e.into()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(true),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }

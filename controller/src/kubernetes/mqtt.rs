@@ -98,6 +98,10 @@ async fn flush(
     delete_evicted(ctx, eng).await;
     persist_and_publish(ctx, eng, started).await?;
     for node in std::mem::take(touched) {
+        // A node whose MeshNode was just made: its status is written with its first config.
+        if eng.ctl.awaits_manifest(&node) {
+            continue;
+        }
         if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
             && let Some(obj) = ctx.node_obj(&ns, &name)
             && let Err(e) = write_status(ctx, eng, &obj).await
@@ -138,6 +142,15 @@ async fn on_node_message(
             eng.seeded.insert(node.clone());
         }
     }
+    // A node that enrols without a MeshNode gets one below; its config is rendered once that
+    // MeshNode is in the set (named by it), not now by its id and again a moment later.
+    let hold = enroll
+        && !eng.claims.nodes.contains_key(&node)
+        && !eng.ctl.set.nodes.contains_key(&node)
+        && !eng.ctl.awaits_manifest(&node);
+    if hold {
+        eng.ctl.await_manifest(&node);
+    }
     let unused = if enroll {
         super::tokens::before_enrol(ctx, eng, &mesh).await?
     } else {
@@ -158,13 +171,28 @@ async fn on_node_message(
         after.rejected_messages - before.rejected_messages,
         Ordering::Relaxed,
     );
-    if enroll
+    let coming = if enroll
         && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
         && !eng.claims.nodes.contains_key(&node)
     {
-        create_meshnode(ctx, eng, &node).await?;
+        create_meshnode(ctx, eng, &node).await
+    } else {
+        Ok(false)
+    };
+    if hold && !matches!(coming, Ok(true)) {
+        // Refused, or no MeshNode made: the node is rendered from its enrolment record.
+        release(eng, &node)?;
     }
+    coming?;
     Ok(Some(node))
+}
+
+/// Renders node `id` without a MeshNode after all (see [`on_node_message`]).
+fn release(eng: &mut Engine, id: &str) -> Result<(), KubeError> {
+    if eng.ctl.manifest_not_coming(id) && eng.ctl.store.nodes.contains_key(id) {
+        eng.ctl.reconcile(&[id.to_string()], crate::now())?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn handle_mqtt(

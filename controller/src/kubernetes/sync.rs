@@ -319,6 +319,15 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
         }
     }
     eng.ctl.store.commit(batch)?;
+    // A node held for the MeshNode made at its enrolment (kubernetes::mqtt) whose MeshNode is
+    // here but left out of the set (refused by the merge): rendered from its record, as
+    // before it had one.
+    for n in ctx.nodes.state() {
+        let id = &n.spec.node_id;
+        if eng.ctl.awaits_manifest(id) && !set.nodes.contains_key(id) {
+            eng.ctl.manifest_not_coming(id);
+        }
+    }
     tracing::info!(
         meshes = set.meshes.len(),
         nodes = set.nodes.len(),

@@ -79,6 +79,7 @@ impl Controller {
         }
         self.issued.remove(id);
         self.sealed.remove(id);
+        self.awaiting_manifest.remove(id);
         self.store.nodes.remove(id);
         self.store.published.remove(id);
         let subnets: Vec<(String, String)> = self

@@ -211,6 +211,11 @@ impl Controller {
             return Ok(None);
         };
         let manifest = set.nodes.get(id);
+        if manifest.is_none() && self.awaiting_manifest.contains(id) {
+            // Its manifest is being created: rendered once, when it is in the set.
+            self.blocked.remove(id);
+            return Ok(None);
+        }
         let rec = self.store.nodes.get(id);
         // Secrets are sealed to the node's own key: no config before the node enrolled.
         let recipient = match rec.map(|r| PublicKey::from_base64(&r.public_key)) {

@@ -71,6 +71,11 @@ pub struct Controller {
     pub pending: crate::reconcile::pending::Pending,
     /// Whether `Mesh.spec.rollout` stages changes ([`Controller::enable_rollouts`]).
     pub(super) staging: bool,
+    /// Enrolled nodes whose manifest is on its way (Kubernetes mode creates a MeshNode for a
+    /// node that enrols without one): no config is rendered for them until the manifest is in
+    /// the set, or [`Controller::manifest_not_coming`]. Without this, each such node was
+    /// signed twice: once named by its id, and again a moment later by its MeshNode's name.
+    pub(super) awaiting_manifest: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -110,6 +115,7 @@ impl Controller {
             deferred: std::collections::VecDeque::new(),
             pending: crate::reconcile::pending::Pending::new(Default::default()),
             staging: false,
+            awaiting_manifest: Default::default(),
         }
     }
 
@@ -131,8 +137,29 @@ impl Controller {
         self.keys.clear();
     }
 
+    /// Holds node `id` back from rendering until a manifest for it is in the set (see
+    /// `awaiting_manifest`): the driver is about to create it.
+    pub fn await_manifest(&mut self, id: &str) {
+        if !self.set.nodes.contains_key(id) {
+            self.awaiting_manifest.insert(id.to_string());
+        }
+    }
+
+    /// Whether node `id` is held back for its manifest ([`Controller::await_manifest`]).
+    pub fn awaits_manifest(&self, id: &str) -> bool {
+        self.awaiting_manifest.contains(id)
+    }
+
+    /// No manifest is coming for node `id` after all (or it came but could not be used): it is
+    /// rendered without one again, from its enrolment record. Returns whether it was held.
+    pub fn manifest_not_coming(&mut self, id: &str) -> bool {
+        self.awaiting_manifest.remove(id)
+    }
+
     /// Replaces the manifests (already validated) and reconciles every node.
     pub fn set_manifests(&mut self, set: ManifestSet, now: u64) -> Result<(), CoreError> {
+        self.awaiting_manifest
+            .retain(|id| !set.nodes.contains_key(id));
         self.set = set;
         let announcements = self.announcements(now)?;
         self.outbox.extend(announcements);
