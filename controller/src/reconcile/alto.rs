@@ -17,6 +17,11 @@
 //!   the destination's ingress limits and the relayed-traffic limits of the nodes between them
 //!   on the same path ([`Policies`], [`rates`]). A pair no limit holds (a PID and itself
 //!   included) has no entry.
+//! - `priv:sidenet-loss-rt` (a private metric) is the pathfinder probes' round-trip loss along
+//!   the same path, in percent with one decimal: `100 × (1 − Π(1 − loss of each link))`, each
+//!   link's loss being that of its source's last 10 probes ([`loss_percent`]); absent when a
+//!   link of the path has no probe result. RFC 9439's `lossrate` is one-way loss, which the
+//!   probes do not measure, so it is not offered under that name.
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
@@ -62,11 +67,18 @@ pub enum Metric {
     DelayRt,
     /// `priv:sidenet-rate`: the policies' rate limit in force on the path, kbit/s.
     Rate,
+    /// `priv:sidenet-loss-rt`: the probes' round-trip loss along the path, percent.
+    LossRt,
 }
 
 impl Metric {
     /// Every metric, in directory order.
-    pub const ALL: [Metric; 3] = [Metric::RoutingCost, Metric::DelayRt, Metric::Rate];
+    pub const ALL: [Metric; 4] = [
+        Metric::RoutingCost,
+        Metric::DelayRt,
+        Metric::Rate,
+        Metric::LossRt,
+    ];
 
     /// The metric's registered name.
     pub fn name(self) -> &'static str {
@@ -74,6 +86,7 @@ impl Metric {
             Metric::RoutingCost => "routingcost",
             Metric::DelayRt => "delay-rt",
             Metric::Rate => "priv:sidenet-rate",
+            Metric::LossRt => "priv:sidenet-loss-rt",
         }
     }
 
@@ -83,6 +96,7 @@ impl Metric {
             Metric::RoutingCost => "num-routingcost",
             Metric::DelayRt => "num-delay-rt",
             Metric::Rate => "num-sidenet-rate",
+            Metric::LossRt => "num-sidenet-loss-rt",
         }
     }
 
@@ -92,6 +106,7 @@ impl Metric {
             Metric::RoutingCost => "costmap-routingcost",
             Metric::DelayRt => "costmap-delay-rt",
             Metric::Rate => "costmap-sidenet-rate",
+            Metric::LossRt => "costmap-sidenet-loss-rt",
         }
     }
 
@@ -101,6 +116,7 @@ impl Metric {
             Metric::RoutingCost => "/alto/costmap/routingcost",
             Metric::DelayRt => "/alto/costmap/delay-rt",
             Metric::Rate => "/alto/costmap/sidenet-rate",
+            Metric::LossRt => "/alto/costmap/sidenet-loss-rt",
         }
     }
 
@@ -127,6 +143,12 @@ impl Metric {
                 t["cost-context"] = json!({"cost-source": "nominal"});
                 t["description"] = json!(
                     "the smallest rate limit of the mesh's policies in force at the time of the request (windows in the Mesh's timeZone), in kbit/s: the source's egress, the destination's ingress and the relayed-traffic limits of the nodes between them on the route babel takes; pairs no limit holds are left out"
+                );
+            }
+            Metric::LossRt => {
+                t["cost-context"] = json!({"cost-source": "estimation"});
+                t["description"] = json!(
+                    "round-trip loss of the pathfinder probes along the route babel takes, in percent (0 to 100, one decimal): 100 x (1 - the product of (1 - each link's loss over its last 10 probes)); pairs with a link without probe results are left out"
                 );
             }
         }
@@ -225,15 +247,18 @@ pub fn network_map(s: &Snapshot) -> Value {
 }
 
 /// A usable link from a node: (target, babel cost, round-trip time in µs).
-type Hop<'a> = (&'a str, u64, Option<u64>);
+type Hop<'a> = (&'a str, u64, Option<u64>, Option<f64>);
 
 /// The path from one PID to another that the costs follow.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     /// babel's link costs, summed.
     pub cost: u64,
     /// The links' round-trip times in µs, summed, if every link of the path has one.
     pub rtt_us: Option<u64>,
+    /// The fraction of probes that cross every link of the path (the product of each link's
+    /// `1 - loss`), if every link of the path has probe results.
+    pub kept: Option<f64>,
     /// The node before the destination on the path: the source itself over a direct link,
     /// none from a PID to itself.
     pub prev: Option<String>,
@@ -269,48 +294,55 @@ pub fn paths(s: &Snapshot) -> BTreeMap<String, BTreeMap<String, Route>> {
             .rtt_ms
             .filter(|r| r.is_finite() && *r >= 0.0)
             .map(|r| (r * 1000.0).round() as u64);
-        adj.entry(l.source.as_str())
-            .or_default()
-            .push((l.target.as_str(), u64::from(cost), rtt));
+        let loss = l.loss.filter(|x| x.is_finite() && (0.0..=1.0).contains(x));
+        adj.entry(l.source.as_str()).or_default().push((
+            l.target.as_str(),
+            u64::from(cost),
+            rtt,
+            loss,
+        ));
     }
     let mut out = BTreeMap::new();
     for src in pids.keys() {
         // Dijkstra on (cost, hops, name): ties go to fewer hops, then to the smaller id, so
         // the answer does not depend on the order of the links. Per node: (cost, hops, rtt,
         // the node before it).
-        type Best<'a> = (u64, usize, Option<u64>, Option<&'a str>);
+        type Best<'a> = (u64, usize, Option<u64>, Option<f64>, Option<&'a str>);
         let mut best: BTreeMap<&str, Best<'_>> = BTreeMap::new();
         let mut done: BTreeSet<&str> = BTreeSet::new();
         let mut heap = BinaryHeap::new();
-        best.insert(src.as_str(), (0, 0, Some(0), None));
+        best.insert(src.as_str(), (0, 0, Some(0), Some(1.0), None));
         heap.push(std::cmp::Reverse((0u64, 0usize, src.as_str())));
         while let Some(std::cmp::Reverse((cost, hops, node))) = heap.pop() {
             if !done.insert(node) {
                 continue;
             }
             let rtt = best.get(node).and_then(|b| b.2);
-            for &(next, c, r) in adj.get(node).map(Vec::as_slice).unwrap_or(&[]) {
+            let kept = best.get(node).and_then(|b| b.3);
+            for &(next, c, r, loss) in adj.get(node).map(Vec::as_slice).unwrap_or(&[]) {
                 let cand = (cost + c, hops + 1);
                 let better = match best.get(next) {
                     None => true,
-                    Some(&(bc, bh, _, _)) => cand < (bc, bh),
+                    Some(&(bc, bh, _, _, _)) => cand < (bc, bh),
                 };
                 if better && !done.contains(next) {
                     let rt = match (rtt, r) {
                         (Some(a), Some(b)) => Some(a + b),
                         _ => None,
                     };
-                    best.insert(next, (cand.0, cand.1, rt, Some(node)));
+                    let k = kept.zip(loss).map(|(k, l)| k * (1.0 - l));
+                    best.insert(next, (cand.0, cand.1, rt, k, Some(node)));
                     heap.push(std::cmp::Reverse((cand.0, cand.1, next)));
                 }
             }
         }
         let row = best
             .iter()
-            .map(|(d, &(cost, _, rtt_us, prev))| {
+            .map(|(d, &(cost, _, rtt_us, kept, prev))| {
                 let route = Route {
                     cost,
                     rtt_us,
+                    kept,
                     prev: prev.map(str::to_string),
                 };
                 (d.to_string(), route)
@@ -690,18 +722,20 @@ pub fn cost_map(
                 continue;
             }
             let value = match metric {
-                Metric::RoutingCost => Some(route.cost),
-                Metric::DelayRt => route.rtt_us,
-                Metric::Rate => rates.get(src).and_then(|r| r.get(dst)).copied(),
+                Metric::RoutingCost => Some(route.cost as f64),
+                Metric::DelayRt => route.rtt_us.map(|v| v as f64),
+                Metric::Rate => rates.get(src).and_then(|r| r.get(dst)).map(|&v| v as f64),
+                Metric::LossRt => route.kept.map(loss_percent),
             };
             let Some(value) = value else { continue };
-            let ok = filter.is_none_or(|f| {
-                f.constraints
-                    .iter()
-                    .all(|(op, v)| op.holds(value as f64, *v))
-            });
+            let ok = filter.is_none_or(|f| f.constraints.iter().all(|(op, v)| op.holds(value, *v)));
             if ok {
-                costs.insert(dst.clone(), json!(value));
+                let v = match metric {
+                    Metric::LossRt => json!(value),
+                    // Whole numbers: printed without a fraction.
+                    _ => json!(value as u64),
+                };
+                costs.insert(dst.clone(), v);
             }
         }
         if !costs.is_empty() {
@@ -715,6 +749,11 @@ pub fn cost_map(
         },
         "cost-map": map,
     })
+}
+
+/// The round-trip loss in percent, one decimal, of a path that keeps `kept` of the probes.
+pub fn loss_percent(kept: f64) -> f64 {
+    ((1.0 - kept) * 1000.0).round().clamp(0.0, 1000.0) / 10.0
 }
 
 #[cfg(test)]

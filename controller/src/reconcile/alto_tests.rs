@@ -233,6 +233,7 @@ fn the_directory_lists_every_resource() {
         [
             "costmap-delay-rt",
             "costmap-routingcost",
+            "costmap-sidenet-loss-rt",
             "costmap-sidenet-rate",
             "filtered-costmap",
             "networkmap"
@@ -252,8 +253,17 @@ fn the_directory_lists_every_resource() {
     );
     assert_eq!(
         r["filtered-costmap"]["capabilities"]["cost-type-names"],
-        json!(["num-routingcost", "num-delay-rt", "num-sidenet-rate"])
+        json!([
+            "num-routingcost",
+            "num-delay-rt",
+            "num-sidenet-rate",
+            "num-sidenet-loss-rt"
+        ])
     );
+    let loss = &d["meta"]["cost-types"]["num-sidenet-loss-rt"];
+    assert_eq!(loss["cost-metric"], "priv:sidenet-loss-rt");
+    assert_eq!(loss["cost-context"], json!({"cost-source": "estimation"}));
+    assert!(Metric::LossRt.name().len() <= 32);
     // RFC 7285 §10.6: a private metric is `priv:` and something, 32 characters at most.
     let name = Metric::Rate.name();
     assert!(name.starts_with("priv:") && name.len() > 5 && name.len() <= 32);
@@ -497,4 +507,57 @@ fn every_relay_of_a_long_path_counts() {
     );
     // From n2: its own egress is not limited; toward n0 only n1 relays.
     assert_eq!(m["cost-map"]["n2"], json!({"n0": 9000}));
+}
+
+/// The loss cost: the probes' round-trip loss of each link along babel's route, combined.
+#[test]
+fn the_loss_cost_combines_the_links_of_the_path() {
+    let with_loss = |id: &str, sid: u16, links: &[(&str, u32, Option<f64>, f64)]| {
+        let plain: Vec<(&str, u32, Option<f64>)> =
+            links.iter().map(|&(t, c, r, _)| (t, c, r)).collect();
+        let mut r = row(id, sid, &plain);
+        for (p, l) in r.probes.iter_mut().zip(links) {
+            p.loss = l.3;
+        }
+        r
+    };
+    let rows = vec![
+        with_loss(
+            "a",
+            1,
+            &[("b", 96, Some(10.0), 0.1), ("c", 500, Some(5.0), 0.0)],
+        ),
+        with_loss(
+            "b",
+            2,
+            &[("a", 96, Some(10.0), 0.1), ("c", 96, Some(20.0), 0.2)],
+        ),
+        with_loss(
+            "c",
+            3,
+            &[("b", 96, Some(20.0), 0.2), ("a", 500, Some(5.0), 0.0)],
+        ),
+        row("d", 4, &[]),
+    ];
+    let s = snapshot(&rows, &[], 1, 100, &Thresholds::default());
+    let m = cost_map(&s, &Policies::default(), Metric::LossRt, None);
+    assert_eq!(
+        m["meta"]["cost-type"]["cost-metric"],
+        "priv:sidenet-loss-rt"
+    );
+    let c = &m["cost-map"];
+    // a→c goes through b (cost 192 < 500): 1 - 0.9 × 0.8 = 28 %.
+    assert_eq!(c["a"]["c"], json!(28.0));
+    assert_eq!(c["a"]["b"], json!(10.0));
+    assert_eq!(c["c"]["a"], json!(28.0));
+    assert_eq!(c["a"]["a"], json!(0.0));
+    assert!(c.get("d").is_none_or(|r| r.get("a").is_none()), "{c}");
+    let f = parse_filter(
+        br#"{"cost-type": {"cost-mode": "numerical", "cost-metric": "priv:sidenet-loss-rt"}, "pids": {"srcs": ["a"], "dsts": []}, "constraints": ["le 15"]}"#,
+    )
+    .unwrap();
+    let m = cost_map(&s, &Policies::default(), Metric::LossRt, Some(&f));
+    assert_eq!(m["cost-map"], json!({"a": {"a": 0.0, "b": 10.0}}));
+    assert_eq!(loss_percent(1.0 - 1e-9), 0.0);
+    assert_eq!(loss_percent(0.0), 100.0);
 }

@@ -181,7 +181,12 @@ fn alto_maps_validate_and_follow_the_links() {
     );
     assert_eq!(
         res["filtered-costmap"]["capabilities"]["cost-type-names"],
-        serde_json::json!(["num-routingcost", "num-delay-rt", "num-sidenet-rate"])
+        serde_json::json!([
+            "num-routingcost",
+            "num-delay-rt",
+            "num-sidenet-rate",
+            "num-sidenet-loss-rt"
+        ])
     );
 
     // The network map: one PID per node, its /64.
@@ -223,6 +228,14 @@ fn alto_maps_validate_and_follow_the_links() {
     until("delay-rt alpha→charlie 30 ms", "delay-rt", 30_000);
     assert_eq!(cost("routingcost", a, a), Some(0));
     assert_eq!(cost("delay-rt", c, a), Some(30_000));
+    // The loss cost (the agents here report no probe loss): 0 % along the path, as a number.
+    let loss = get(&s, "/alto/costmap/sidenet-loss-rt", COSTMAP, "costmap");
+    assert_eq!(
+        loss["meta"]["cost-type"]["cost-metric"],
+        "priv:sidenet-loss-rt"
+    );
+    assert_eq!(loss["cost-map"][&a.node][&c.node], serde_json::json!(0.0));
+    assert_eq!(loss["cost-map"][&a.node][&a.node], serde_json::json!(0.0));
 
     // The rate cost: the window `now` is open (50000 overrides the budget); alpha→charlie goes
     // through bravo, whose relayed-traffic limit (8000) holds it. A PID and itself: no entry.
