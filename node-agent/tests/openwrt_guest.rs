@@ -161,6 +161,11 @@ fn router(profile: &str) -> Router {
         std::fs::copy(e.path(), &dst).unwrap();
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(stock_mode(&name))).unwrap();
     }
+    // A stock router has dnsmasq's init script; the agent reloads it only where it exists (the
+    // recorder logs the call, nothing runs it).
+    let init = root.join("etc/init.d");
+    std::fs::create_dir_all(&init).unwrap();
+    std::fs::write(init.join("dnsmasq"), "#!/bin/sh\n").unwrap();
     // The agent's identity (--uninstall checks it is a state folder).
     sidenet_agent::state::State::open(&state)
         .unwrap()
