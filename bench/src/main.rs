@@ -671,14 +671,25 @@ async fn rollout_in(
     let controller_rss = rss_bytes(ctl.pid())?;
     let (mut inc_pub, mut inc_ren) = (None, None);
     if incremental {
+        let node = fleet.ids[0].clone();
+        let manifest = |overrides: &str| {
+            format!(
+                "apiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: bench-one\nspec:\n  mesh: riverside\n  nodeId: {node}\n  hardwareProfile: raspberrypi-4b-awus036acm\n{overrides}"
+            )
+        };
+        // First the node is declared: its name (bench-one.riverside.sidenet.arpa) goes into
+        // every node's list of names (docs/dataplane.md, "Names"), so every node gets a new
+        // config. The fleet settles, then the one-node change is measured.
+        let snap = fleet.snapshot();
+        std::fs::write(ctl.manifests.join("override.yaml"), manifest(""))?;
+        let start = Instant::now();
+        fleet.wait_past(&snap, start, timeout).await?;
+        fleet.wait_logged_in(timeout).await?;
         let before = ctl.counters()?;
         let snap = fleet.snapshot();
-        let node = fleet.ids[0].clone();
         std::fs::write(
             ctl.manifests.join("override.yaml"),
-            format!(
-                "apiVersion: sidenet.io/v1alpha1\nkind: MeshNode\nmetadata:\n  name: bench-one\nspec:\n  mesh: riverside\n  nodeId: {node}\n  hardwareProfile: raspberrypi-4b-awus036acm\n  overrides:\n    hostname: renamed-by-bench\n"
-            ),
+            manifest("  overrides:\n    hostname: renamed-by-bench\n"),
         )?;
         let deadline = Instant::now() + timeout;
         while fleet.revision(0) <= snap[0] {
