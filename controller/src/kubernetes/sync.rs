@@ -32,12 +32,19 @@ use super::tenancy::{self, Claims, Validated};
 use crate::reconcile::store::{Batch, NodeRecord, Published};
 use crate::spec::manifest::{self, ManifestSet, network_name};
 
-/// The manifest form of an object: what the standalone loader validates.
+/// The manifest form of an object: what the standalone loader validates. Its labels come
+/// along: policies select nodes by them, and a MeshNode the controller created for an enrolled
+/// node is told apart by `app.kubernetes.io/managed-by` (it gets no DNS name of its own,
+/// `crate::spec::names::node_label`).
 pub(crate) fn manifest_value(kind: &str, meta: &ObjectMeta, spec: Value) -> Value {
+    let mut metadata = json!({"name": meta.name.clone().unwrap_or_default()});
+    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
+        metadata["labels"] = json!(labels);
+    }
     json!({
         "apiVersion": API_VERSION,
         "kind": kind,
-        "metadata": {"name": meta.name.clone().unwrap_or_default()},
+        "metadata": metadata,
         "spec": spec,
     })
 }
