@@ -145,6 +145,34 @@ pub(crate) fn config_node(topic: &str) -> Option<String> {
     (parts.len() == 6 && parts[3] == "nodes" && parts[5] == "config").then(|| parts[4].to_string())
 }
 
+impl Engine {
+    /// An engine over `ctl` that has synced nothing yet.
+    pub(crate) fn new(
+        ctl: Controller,
+        high_water: BTreeMap<String, u64>,
+        rollouts: super::rollstate::Persisted,
+    ) -> Self {
+        Engine {
+            ctl,
+            signature: 0,
+            force: false,
+            last_good: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+            held: BTreeSet::new(),
+            high_water,
+            seeded: BTreeSet::new(),
+            topics: BTreeMap::new(),
+            claims: Claims::default(),
+            namespaces: BTreeMap::new(),
+            parse_cache: BTreeMap::new(),
+            warned: BTreeSet::new(),
+            phases_at: None,
+            synced: false,
+            rollouts,
+        }
+    }
+}
+
 impl Ctx {
     /// The engine, created on first use once every watch cache has its initial list: the
     /// state epoch and each node's revision, subnet and enrolment are read back from the
@@ -218,24 +246,9 @@ impl Ctx {
                     from_cluster = persisted.is_some(),
                     "state epoch; revisions continue from the MeshNode status"
                 );
-                Ok::<_, KubeError>(Mutex::new(Engine {
-                    ctl,
-                    signature: 0,
-                    force: true,
-                    last_good: BTreeMap::new(),
-                    invalid: BTreeMap::new(),
-                    held: BTreeSet::new(),
-                    high_water,
-                    seeded: BTreeSet::new(),
-                    topics: BTreeMap::new(),
-                    claims: Claims::default(),
-                    namespaces: BTreeMap::new(),
-                    parse_cache: BTreeMap::new(),
-                    warned: BTreeSet::new(),
-                    phases_at: None,
-                    synced: false,
-                    rollouts,
-                }))
+                let mut eng = Engine::new(ctl, high_water, rollouts);
+                eng.force = true;
+                Ok::<_, KubeError>(Mutex::new(eng))
             })
             .await
     }

@@ -223,24 +223,7 @@ pub async fn plan(
     let dir = tempfile::tempdir().map_err(|e| format!("a temporary folder: {e}"))?;
     let store = Store::open(&dir.path().join("plan.redb"), epoch).map_err(|e| e.to_string())?;
     let ctl = Controller::new(store, renderer, Box::new(KubeSecrets(cache.clone())));
-    let mut eng = Engine {
-        ctl,
-        signature: 0,
-        force: false,
-        last_good: BTreeMap::new(),
-        invalid: BTreeMap::new(),
-        held: BTreeSet::new(),
-        high_water,
-        seeded: BTreeSet::new(),
-        topics: BTreeMap::new(),
-        claims: Default::default(),
-        namespaces: BTreeMap::new(),
-        parse_cache: BTreeMap::new(),
-        warned: BTreeSet::new(),
-        phases_at: None,
-        synced: false,
-        rollouts: Default::default(),
-    };
+    let mut eng = Engine::new(ctl, high_water, Default::default());
     let mut batch = Batch::default();
     for n in &nodes {
         if current.nodes.contains_key(&n.spec.node_id) {
