@@ -49,11 +49,11 @@ pub fn http_ok(url: &str, timeout: Duration) -> Result<(), String> {
     }
     let mut s = connect(authority, timeout)?;
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("{url}: cannot send the request: {e}"))?;
+    // One write: `write!` on the bare stream would send each piece of the format on its own,
+    // and a server that answers after the first piece and closes makes the rest fail.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("{url}: cannot send the request: {e}"))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 512];
     while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 4096 {
@@ -116,15 +116,32 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    /// A one-shot HTTP server answering `status_line`; returns its address.
+    /// An HTTP server answering `status_line` to every connection, after reading the request
+    /// head, for as long as the test process runs; returns its address.
     fn serve_once(status_line: &'static str) -> String {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf);
-            let _ = write!(s, "{status_line}\r\nContent-Length: 0\r\n\r\n");
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                // The whole request head first, as a server does (anything but a GET, such
+                // as an MQTT CONNECT, is answered at once).
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                let http = |h: &[u8]| h.len() < 4 || h.starts_with(b"GET ");
+                while http(&head)
+                    && !head.windows(4).any(|w| w == b"\r\n\r\n")
+                    && head.len() < 4096
+                {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    format!("{status_line}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                );
+            }
         });
         addr
     }
