@@ -129,18 +129,15 @@ mod tests {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
                 let http = |h: &[u8]| h.len() < 4 || h.starts_with(b"GET ");
-                while http(&head)
-                    && !head.windows(4).any(|w| w == b"\r\n\r\n")
-                    && head.len() < 4096
+                while http(&head) && !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 4096
                 {
                     match s.read(&mut buf) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = s.write_all(
-                    format!("{status_line}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-                );
+                let _ =
+                    s.write_all(format!("{status_line}\r\nContent-Length: 0\r\n\r\n").as_bytes());
             }
         });
         addr

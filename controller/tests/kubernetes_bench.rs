@@ -76,7 +76,34 @@ fn summary(calls: &[String]) -> BTreeMap<String, usize> {
 }
 
 fn rss_kib() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status_kib("/proc/self/status")
+}
+
+/// `text` without its terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// VmRSS and VmHWM of process `pid`, in KiB.
+fn rss_of(pid: u32) -> (u64, u64) {
+    status_kib(&format!("/proc/{pid}/status"))
+}
+
+fn status_kib(path: &str) -> (u64, u64) {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
     let field = |k: &str| {
         s.lines()
             .find(|l| l.starts_with(k))
@@ -233,9 +260,15 @@ async fn bench_declared_meshnodes() {
 #[ignore]
 async fn bench_enrolment_storm() {
     let n = nodes_wanted();
-    let c = Cluster::new();
+    // The broker queues as many messages per client as the standalone benchmark's does
+    // (bench/src/main.rs): Mosquitto's default of 1,000 would drop most of a storm's
+    // enrolment requests on their way to the controller, and the storm's time would be that
+    // of the agents' 10 s retries.
+    let c = Cluster::with_broker(|dir| common::mosquitto_with(dir, "max_queued_messages 10000\n"));
     c.riverside(false, |_| {}).await;
-    let ctl = c.start(c.opts("ctl-a"));
+    // The controller runs as a process of its own, as in a pod: its RSS is its own, and it
+    // reaches the API server over HTTP.
+    let mut ctl = controller_process(&c, "ctl-a").await;
     let (obs, mqtt) = Observer::start(c.port).await;
     eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
     let mut agents: Vec<Agent> = (0..n).map(agent).collect();
@@ -268,9 +301,16 @@ async fn bench_enrolment_storm() {
     };
     let mut sent = 0usize;
     let mut published = None;
+    // Listing every MeshNode of the API server is O(n) in this process: only once every node
+    // has a config.
+    let all_done = |configs: &Configs| configs.rev.len() == n && enrolled_ids(configs).len() == n;
     loop {
         configs.update(&obs, &key);
-        let done = enrolled_ids(&configs);
+        let done = if configs.rev.len() == n {
+            enrolled_ids(&configs)
+        } else {
+            Default::default()
+        };
         if done.len() == n {
             break;
         }
@@ -295,7 +335,7 @@ async fn bench_enrolment_storm() {
         let again = Instant::now() + Duration::from_secs(10);
         while Instant::now() < again {
             configs.update(&obs, &key);
-            if enrolled_ids(&configs).len() == n {
+            if all_done(&configs) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -357,6 +397,27 @@ async fn bench_enrolment_storm() {
         rounds.push(status_writes(from));
     }
     let (rss, hwm) = rss_kib();
+    let (ctl_rss, ctl_hwm) = rss_of(ctl.child.id());
+    // Each rebuild of the object set logs "objects loaded" with its durations.
+    let log = strip_ansi(&std::fs::read_to_string(&ctl.log).unwrap_or_default());
+    // SIDENET_BENCH_LOG=FILE keeps the controller's log.
+    if let Ok(keep) = std::env::var("SIDENET_BENCH_LOG") {
+        std::fs::write(&keep, &log).unwrap();
+    }
+    let syncs: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("objects loaded"))
+        .map(|l| {
+            let field = |k: &str| {
+                l.split(k)
+                    .nth(1)
+                    .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            (field("load_ms="), field("reconcile_ms="))
+        })
+        .collect();
     println!("== Kubernetes mode, enrolment storm of {n} nodes (debug build unless --release)");
     println!(
         "{sent} requests sent (first round in {:.2} s); every node enrolled with a MeshNode, a status and the config it records after {:.2} s ({:.0} nodes/s); {signed} configs received by {configs} nodes",
@@ -381,9 +442,22 @@ async fn bench_enrolment_storm() {
             + 300.0 / sidenet_controller::kubernetes::status::LAST_SEEN_STEP as f64
     );
     println!(
-        "RSS of the test process (controller + in-memory API server + observer): {} MiB, peak {} MiB",
+        "rebuilds of the object set: {} (load {} ms, reconcile of every node {} ms in all; the longest {} + {} ms)",
+        syncs.len(),
+        syncs.iter().map(|s| s.0).sum::<u64>(),
+        syncs.iter().map(|s| s.1).sum::<u64>(),
+        syncs.iter().map(|s| s.0).max().unwrap_or(0),
+        syncs.iter().map(|s| s.1).max().unwrap_or(0),
+    );
+    println!(
+        "RSS of the controller process: {} MiB, peak {} MiB (the chart's limit: 512 MiB)",
+        ctl_rss / 1024,
+        ctl_hwm / 1024
+    );
+    println!(
+        "RSS of the test process (in-memory API server + observer): {} MiB, peak {} MiB",
         rss / 1024,
         hwm / 1024
     );
-    ctl.stop().await;
+    ctl.kill();
 }

@@ -361,3 +361,76 @@ async fn enrolments_arriving_at_once_are_each_signed_once() {
     }
     ctl.stop().await;
 }
+
+/// Two nodes with one hostname enrol in one batch: the MeshNodes of a batch are created
+/// together, so the second cannot see the first's in the watch cache. Each still gets a
+/// MeshNode of its own (the hostname, and the hostname with the start of its id) and a config
+/// named by it; neither is left waiting for a MeshNode that was never made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_enrolling_at_once_with_one_hostname_each_get_a_meshnode() {
+    let c = Cluster::new();
+    c.riverside(false, |_| {}).await;
+    let ctl = c.start(c.opts("ctl-a"));
+    let (obs, mqtt) = Observer::start(c.port).await;
+    let key = eventually("the Mesh public key", || c.mesh_key(), || c.dump()).await;
+    let mut first = storm_agent(100);
+    // One node first (the controller is then subscribed), then the twins at once.
+    c.enrol(
+        &mqtt,
+        &mut first,
+        ("default", "porch"),
+        "porch",
+        "tplink-archer-c7-v2",
+    )
+    .await;
+    let mut twins = [storm_agent(101), storm_agent(102)];
+    for a in twins.iter_mut() {
+        let (topic, payload) = a.enroll_message("twin", "tplink-archer-c7-v2");
+        mqtt.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    for a in &twins {
+        let id = a.id();
+        let name = eventually(
+            "a MeshNode for each twin",
+            || {
+                c.api
+                    .list(NODES)
+                    .iter()
+                    .find(|n| n["spec"]["nodeId"] == json!(id))
+                    .and_then(|n| n["metadata"]["name"].as_str().map(str::to_string))
+            },
+            || storm_summary(&c),
+        )
+        .await;
+        names.push(name);
+    }
+    let short = |a: &Agent| a.id()[..6].to_string();
+    assert!(
+        names.contains(&"twin".to_string())
+            && (names.contains(&format!("twin-{}", short(&twins[0])))
+                || names.contains(&format!("twin-{}", short(&twins[1])))),
+        "the twins' MeshNodes are {names:?}"
+    );
+    for (a, name) in twins.iter().zip(&names) {
+        let topic = topics::config("riverside", &a.id());
+        let text = eventually(
+            "each twin's config",
+            || {
+                let last = obs.on(&topic).into_iter().rfind(|p| !p.is_empty())?;
+                let env = sidenet_wire::Envelope::parse(&last, 1 << 20).ok()?;
+                let v = env.verify(sidenet_wire::Kind::Config, &key).ok()?;
+                Some(String::from_utf8_lossy(v.body).to_string())
+            },
+            || storm_summary(&c),
+        )
+        .await;
+        assert!(
+            text.contains(&format!("for node '{name}' ({})", a.id())),
+            "{name}'s config is not named by its MeshNode"
+        );
+    }
+    ctl.stop().await;
+}

@@ -211,35 +211,6 @@ impl Fleet {
     }
 }
 
-/// Starts `sidenet-controller kubernetes` as a process of its own, with the options of
-/// [`Cluster::opts`] as the chart passes them (environment), the chart's RBAC, and a kubeconfig
-/// that reaches the in-memory API server over HTTP as the controller's service account.
-async fn controller_process(c: &Cluster, name: &str) -> Proc {
-    let opts = c.opts(name);
-    c.api
-        .set_policy("system:serviceaccount:default:sidenet", chart_rbac(&opts));
-    let port = kubefake::serve::serve(c.api.clone()).await;
-    let kc = c.dir.path().join(format!("kubeconfig-{name}"));
-    kubefake::serve::kubeconfig(&kc, port, "default");
-    let mut cmd = Command::new(bin("sidenet-controller"));
-    cmd.arg("kubernetes")
-        .env("KUBECONFIG", &kc)
-        .env("SIDENET_NAMESPACE", opts.namespace.as_deref().unwrap_or(""))
-        .env("SIDENET_BROKER", opts.broker.as_deref().unwrap_or(""))
-        .env("SIDENET_LISTEN", "127.0.0.1:0")
-        .env(
-            "SIDENET_METRICS_LISTEN",
-            format!("127.0.0.1:{}", common::free_port()),
-        )
-        .env("SIDENET_LEADER_ELECTION", "false")
-        .env("POD_NAME", name)
-        .env("POD_NAMESPACE", &opts.pod_namespace)
-        .env("SIDENET_TEMPLATES", &opts.templates)
-        .env("SIDENET_CACHE_DIR", &opts.cache_dir)
-        .env("SIDENET_AGENTS", &opts.agents);
-    Proc::spawn(name, &mut cmd, &c.dir.path().join(format!("{name}.log")))
-}
-
 /// Records when the test first sees each agent run `frequency`.
 fn observe(fleet: &Fleet, frequency: &str, t0: Instant, at: &mut BTreeMap<usize, Duration>) {
     for i in 0..AGENTS {

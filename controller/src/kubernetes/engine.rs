@@ -2,13 +2,11 @@
 //! what the adapter remembers about it ([`Engine`]), Events, and the error policy.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{self};
@@ -22,6 +20,7 @@ use tokio::sync::{Mutex, OnceCell};
 use super::credentials::BrokerCredentials;
 use super::http::Metrics;
 use super::options::{KubeError, Options};
+use super::sigbook::{SigBook, Signatures};
 use super::state::{KubeSecrets, SecretCache};
 use super::tenancy::{Claims, Validated};
 use crate::reconcile::core::Controller;
@@ -29,22 +28,6 @@ use crate::reconcile::model::Publish;
 use crate::reconcile::render::Renderer;
 use crate::reconcile::store::Store as StateStore;
 use crate::spec::manifest::network_name;
-
-/// See [`Ctx::signatures`].
-pub(crate) struct Signatures {
-    pub(crate) total: u64,
-    per_ns: BTreeMap<String, u64>,
-    profiles: u64,
-}
-
-impl Signatures {
-    /// What one namespace's validation depends on: its objects and the profiles.
-    pub(crate) fn namespace(&self, ns: &str) -> u64 {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (ns, self.per_ns.get(ns), self.profiles).hash(&mut h);
-        h.finish()
-    }
-}
 
 /// The longest Event note `events.k8s.io/v1` accepts, in bytes.
 pub const MAX_NOTE: usize = 1024;
@@ -98,6 +81,8 @@ pub struct Ctx {
     pub(crate) nodeprovisions: Store<NodeProvision>,
     /// The running NodeProvision jobs, by `NodeProvision/NS/NAME`.
     pub(crate) provisions: std::sync::Mutex<BTreeMap<String, RunningJob>>,
+    /// The signatures of the Mesh, MeshNode and HardwareProfile caches, fed by their watches.
+    pub(crate) sigs: Arc<SigBook>,
 }
 
 /// The core and what the adapter remembers about it. Behind one async mutex: one reconcile
@@ -125,6 +110,11 @@ pub struct Engine {
     pub(crate) synced: bool,
     /// Staged rollouts (kubernetes::rollouts): what the Mesh status holds, per Mesh name.
     pub(crate) rollouts: super::rollstate::Persisted,
+    /// The row ([`super::sigbook::row`]) of each object as the last sync read it, by
+    /// `KIND/NS/NAME`: a reconcile whose object is already in the set need not sync again.
+    pub(crate) synced_rows: HashMap<String, u64>,
+    /// When the last sync ran.
+    pub(crate) synced_at: Option<Instant>,
 }
 
 pub(crate) fn ns_of<K: Resource>(o: &K) -> String {
@@ -169,6 +159,8 @@ impl Engine {
             phases_at: None,
             synced: false,
             rollouts,
+            synced_rows: HashMap::new(),
+            synced_at: None,
         }
     }
 }
@@ -253,45 +245,11 @@ impl Ctx {
             .await
     }
 
-    /// Signatures of the objects' specs, identities and deletions (not of status writes):
-    /// one per namespace, one of the HardwareProfiles, and one of everything.
+    /// Signatures of the objects' specs, identities, labels and deletions (not of status
+    /// writes): one per namespace, one of the HardwareProfiles, and one of everything. Kept up
+    /// to date from the watch events ([`super::sigbook`]), so asking costs nothing per object.
     pub(crate) fn signatures(&self) -> Signatures {
-        fn row(kind: &str, m: &ObjectMeta) -> u64 {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (
-                kind,
-                m.name.as_deref().unwrap_or(""),
-                m.uid.as_deref().unwrap_or(""),
-                m.generation,
-                m.deletion_timestamp.is_some(),
-            )
-                .hash(&mut h);
-            h.finish()
-        }
-        // Order-independent sums: the caches' order is not stable.
-        let mut per_ns: BTreeMap<String, u64> = BTreeMap::new();
-        let mut add = |kind: &str, m: &ObjectMeta| {
-            let ns = m.namespace.clone().unwrap_or_default();
-            let e = per_ns.entry(ns).or_default();
-            *e = e.wrapping_add(row(kind, m));
-        };
-        for o in self.meshes.state() {
-            add("Mesh", &o.metadata);
-        }
-        for o in self.nodes.state() {
-            add("MeshNode", &o.metadata);
-        }
-        let mut profiles = 0u64;
-        for o in self.profiles.state() {
-            profiles = profiles.wrapping_add(row("HardwareProfile", &o.metadata));
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&per_ns, profiles).hash(&mut h);
-        Signatures {
-            total: h.finish(),
-            per_ns,
-            profiles,
-        }
+        self.sigs.snapshot()
     }
 
     pub(crate) async fn event(

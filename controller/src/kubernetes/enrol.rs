@@ -1,6 +1,6 @@
 //! Enrolment → MeshNode: a node that enrolled without one gets one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::PostParams;
@@ -51,31 +51,134 @@ pub(crate) async fn delete_evicted(ctx: &Ctx, eng: &mut Engine) {
     }
 }
 
-/// A node enrolled without a MeshNode: create one, owned by its Mesh (pending in approval
-/// mode until `spec.approved` is set). Returns whether a MeshNode for it is on its way: made
-/// now, or already there under the chosen name (409: made by an earlier enrolment message
-/// of the node, not yet in the watch cache).
-pub(crate) async fn create_meshnode(
+/// The most MeshNode creations in flight at once ([`create_meshnodes`]).
+const CREATES: usize = 32;
+
+/// Nodes that enrolled without a MeshNode: create one each, owned by its Mesh (pending in
+/// approval mode until `spec.approved` is set). The creations of a batch of enrolments are
+/// sent together, at most [`CREATES`] at a time, each followed by its `Enrolled` Event.
+/// Returns the nodes whose MeshNode is on its way: made now, or already there (409 for a
+/// name the watch cache does not hold yet, or holds for the same node id: made by an earlier
+/// enrolment message of the node). A name the cache shows another node's MeshNode holding is
+/// given up for the node id itself.
+pub(crate) async fn create_meshnodes(
     ctx: &Ctx,
     eng: &mut Engine,
+    ids: &[String],
+) -> BTreeSet<String> {
+    use futures::StreamExt;
+    let mut chosen: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut made = Vec::new();
+    for id in ids {
+        if made.iter().any(|m: &Made| m.id == *id) {
+            continue;
+        }
+        if let Some(m) = meshnode_for(ctx, eng, id, &chosen) {
+            chosen.insert((m.ns.clone(), m.node.name_any()));
+            made.push(m);
+        }
+    }
+    let results: Vec<(Made, Result<String, KubeError>)> = futures::stream::iter(made)
+        .map(|m| async move {
+            let r = create(ctx, &m).await;
+            (m, r)
+        })
+        .buffer_unordered(CREATES)
+        .collect()
+        .await;
+    let mut coming = BTreeSet::new();
+    for (m, r) in results {
+        match r {
+            Ok(name) => {
+                eng.claims.nodes.insert(m.id.clone(), (m.ns, name));
+                coming.insert(m.id);
+            }
+            Err(e) => {
+                tracing::error!(node = %m.id, "cannot create a MeshNode in namespace {} for the enrolled node: {e}", m.ns);
+            }
+        }
+    }
+    coming
+}
+
+/// A MeshNode to create for an enrolled node.
+struct Made {
+    id: String,
+    ns: String,
+    node: MeshNode,
+    /// Its record's hostname, and whether it waits for approval (for the Event).
+    hostname: String,
+    pending: bool,
+}
+
+/// Creates `m.node` (under its node id when its name is another node's), then its Event.
+/// Returns the name it has.
+async fn create(ctx: &Ctx, m: &Made) -> Result<String, KubeError> {
+    let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &m.ns);
+    let mut node = m.node.clone();
+    loop {
+        let name = node.name_any();
+        match api.create(&PostParams::default(), &node).await {
+            Ok(created) => {
+                tracing::info!(node = %m.id, "created MeshNode {}/{name} for the enrolled node", m.ns);
+                let note = if m.pending {
+                    format!(
+                        "node {} ({}) enrolled and waits for approval: kubectl patch meshnode {name} -n {} --type merge -p '{{\"spec\":{{\"approved\":true}}}}'",
+                        m.id, m.hostname, m.ns
+                    )
+                } else {
+                    format!("node {} ({}) enrolled", m.id, m.hostname)
+                };
+                ctx.event(
+                    &created.object_ref(&()),
+                    EventType::Normal,
+                    "Enrolled",
+                    note,
+                )
+                .await;
+                return Ok(name);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Whose it is, as far as the watch cache knows (the RBAC has no `get`): one
+                // not there yet is taken for ours, made by an earlier enrolment message.
+                let theirs = ctx.node_obj(&m.ns, &name);
+                if theirs.as_ref().is_none_or(|t| t.spec.node_id == m.id) {
+                    return Ok(name);
+                }
+                if name == m.id {
+                    return Err(KubeError::Other(format!(
+                        "MeshNode {}/{name} exists for node {}",
+                        m.ns,
+                        theirs.map(|t| t.spec.node_id.clone()).unwrap_or_default()
+                    )));
+                }
+                node.metadata.name = Some(m.id.clone());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The MeshNode for node `id`, named after its hostname when that name is free in the watch
+/// cache and in `chosen` (names given to this batch's other nodes), else hostname and id, else
+/// the id.
+fn meshnode_for(
+    ctx: &Ctx,
+    eng: &Engine,
     id: &str,
-) -> Result<bool, KubeError> {
+    chosen: &BTreeSet<(String, String)>,
+) -> Option<Made> {
     // A node waiting for approval has no record: its MeshNode is made from its request.
     let waiting = eng.ctl.pending.get(id).map(|p| NodeRecord {
         approved: false,
         ..p.approved_record()
     });
-    let Some(rec) = eng.ctl.store.nodes.get(id).cloned().or(waiting) else {
-        return Ok(false);
-    };
-    let Some((ns, mesh_name)) = eng.claims.networks.get(&rec.mesh).cloned() else {
-        return Ok(false);
-    };
-    let Some(mesh) = ctx.mesh_obj(&ns, &mesh_name) else {
-        return Ok(false);
-    };
+    let rec = eng.ctl.store.nodes.get(id).cloned().or(waiting)?;
+    let (ns, mesh_name) = eng.claims.networks.get(&rec.mesh).cloned()?;
+    let mesh = ctx.mesh_obj(&ns, &mesh_name)?;
     let host = rec.hostname.to_ascii_lowercase();
-    let taken = |n: &str| ctx.node_obj(&ns, n).is_some();
+    let taken =
+        |n: &str| ctx.node_obj(&ns, n).is_some() || chosen.contains(&(ns.clone(), n.to_string()));
     let short = &id[..id.len().min(6)];
     let name = if valid_name(&host) && !taken(&host) {
         host
@@ -119,30 +222,11 @@ pub(crate) async fn create_meshnode(
         controller: Some(true),
         block_owner_deletion: Some(true),
     }]);
-    let api: Api<MeshNode> = Api::namespaced(ctx.client.clone(), &ns);
-    match api.create(&PostParams::default(), &node).await {
-        Ok(created) => {
-            tracing::info!(node = %id, "created MeshNode {ns}/{name} for the enrolled node");
-            let pending = !crate::reconcile::admission::approved(&mesh, None, Some(&rec));
-            let note = if pending {
-                format!(
-                    "node {id} ({}) enrolled and waits for approval: kubectl patch meshnode {name} -n {ns} --type merge -p '{{\"spec\":{{\"approved\":true}}}}'",
-                    rec.hostname
-                )
-            } else {
-                format!("node {id} ({}) enrolled", rec.hostname)
-            };
-            ctx.event(
-                &created.object_ref(&()),
-                EventType::Normal,
-                "Enrolled",
-                note,
-            )
-            .await;
-            eng.claims.nodes.insert(id.to_string(), (ns, name));
-            Ok(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(true),
-        Err(e) => Err(e.into()),
-    }
+    Some(Made {
+        id: id.to_string(),
+        ns,
+        node,
+        pending: !crate::reconcile::admission::approved(&mesh, None, Some(&rec)),
+        hostname: rec.hostname,
+    })
 }

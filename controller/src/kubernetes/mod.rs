@@ -25,6 +25,7 @@
 //! - [`status`]: conditions and status (pure functions).
 //! - [`rollouts`]: staged rollouts: the once-a-second step and the `sidenet.io/rollout`
 //!   annotation; [`rollstate`]: their records in the Mesh status.
+//! - [`sigbook`]: the signatures of the watched objects, kept from the watch events.
 //! - [`state`]: Secrets (signing key, passphrase).
 //! - [`options`]: the options of Kubernetes mode and its error type.
 //! - [`leader`]: Lease-based leader election (get/create/update only).
@@ -47,6 +48,7 @@ pub mod provisions;
 pub mod publish;
 pub mod rollouts;
 pub mod rollstate;
+pub mod sigbook;
 pub mod state;
 pub mod status;
 pub mod sync;
@@ -365,6 +367,7 @@ async fn lead(
     let np_writer = reflector::store::Writer::<NodeProvision>::default();
     let np_store = np_writer.as_reader();
     let cfg = PredicateConfig::default;
+    let sigs = Arc::new(sigbook::SigBook::default());
     let mesh_stream = reflector::reflector(
         mesh_writer,
         watch::typed(
@@ -374,6 +377,14 @@ async fn lead(
             report.clone(),
         ),
     )
+    .inspect({
+        let b = sigs.clone();
+        move |ev| {
+            if let Ok(ev) = ev {
+                b.apply(ev)
+            }
+        }
+    })
     .applied_objects()
     .predicate_filter(watch::spec_changes::<Mesh>, cfg());
     let node_stream = reflector::reflector(
@@ -385,6 +396,14 @@ async fn lead(
             report.clone(),
         ),
     )
+    .inspect({
+        let b = sigs.clone();
+        move |ev| {
+            if let Ok(ev) = ev {
+                b.apply(ev)
+            }
+        }
+    })
     .applied_objects()
     .predicate_filter(watch::spec_changes::<MeshNode>, cfg());
     let profile_stream = reflector::reflector(
@@ -396,6 +415,14 @@ async fn lead(
             report.clone(),
         ),
     )
+    .inspect({
+        let b = sigs.clone();
+        move |ev| {
+            if let Ok(ev) = ev {
+                b.apply(ev)
+            }
+        }
+    })
     .applied_objects()
     .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
     let np_stream = reflector::reflector(
@@ -460,6 +487,7 @@ async fn lead(
         credentials,
         nodeprovisions: np_store,
         provisions: Default::default(),
+        sigs,
     });
     if let Ok(mut w) = slot.lock() {
         *w = Arc::downgrade(&ctx);

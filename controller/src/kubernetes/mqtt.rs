@@ -9,9 +9,11 @@ use rumqttc::QoS;
 use sidenet_wire::topics::{self, Incoming};
 
 use super::engine::{Ctx, Engine, config_node};
-use super::enrol::{create_meshnode, delete_evicted};
+use super::enrol::{create_meshnodes, delete_evicted};
 use super::options::KubeError;
-use super::publish::{persist_and_publish, update_phases, write_status};
+use super::publish::{
+    StatusWrite, persist_and_publish, send_statuses, status_patch, update_phases,
+};
 use super::sync::{seed_revision, sync};
 
 /// What the MQTT task hands over.
@@ -49,20 +51,31 @@ pub(crate) async fn mqtt_loop(ctx: Arc<Ctx>, mut rx: crate::transport::inbox::Re
     }
 }
 
+/// What a batch of node messages leaves for its [`flush`].
+#[derive(Default)]
+struct Pending {
+    /// The nodes whose status to write.
+    touched: BTreeSet<String>,
+    /// Enrolled nodes without a MeshNode: one to create for each, and whether the node is held
+    /// for it (rendered from its record after all when none is made).
+    creates: Vec<(String, bool)>,
+    /// Whether the objects were synced for this batch.
+    synced: bool,
+}
+
 /// Handles `events` in order: node messages together, the others one by one.
 pub(crate) async fn handle_batch(ctx: &Ctx, eng: &mut Engine, events: Vec<MqttEvent>) {
     let started = Instant::now();
-    let mut touched: BTreeSet<String> = BTreeSet::new();
-    let mut synced = false;
+    let mut pending = Pending::default();
     let mut dirty = false;
     for ev in events {
         match ev {
             MqttEvent::Message(topic, payload)
                 if topic != crate::transport::dynsec::RESPONSE_TOPIC =>
             {
-                match on_node_message(ctx, eng, &topic, &payload, &mut synced).await {
+                match on_node_message(ctx, eng, &topic, &payload, &mut pending).await {
                     Ok(Some(node)) => {
-                        touched.insert(node);
+                        pending.touched.insert(node);
                         dirty = true;
                     }
                     Ok(None) => {}
@@ -71,43 +84,72 @@ pub(crate) async fn handle_batch(ctx: &Ctx, eng: &mut Engine, events: Vec<MqttEv
             }
             other => {
                 if std::mem::take(&mut dirty)
-                    && let Err(e) = flush(ctx, eng, started, &mut touched).await
+                    && let Err(e) = flush(ctx, eng, started, &mut pending).await
                 {
                     tracing::error!("{e}");
                 }
                 if let Err(e) = handle_mqtt(ctx, eng, other).await {
                     tracing::error!("{e}");
                 }
-                synced = false;
+                pending.synced = false;
             }
         }
     }
-    if dirty && let Err(e) = flush(ctx, eng, started, &mut touched).await {
+    if dirty && let Err(e) = flush(ctx, eng, started, &mut pending).await {
         tracing::error!("{e}");
     }
 }
 
-/// After a batch of node messages: waiting-list evictions, commit and publish, then the status
-/// of each node the batch concerned (once per node).
+/// After a batch of node messages: the MeshNodes of the nodes that enrolled without one,
+/// waiting-list evictions, commit and publish, then the status of each node the batch
+/// concerned (once per node).
 async fn flush(
     ctx: &Ctx,
     eng: &mut Engine,
     started: Instant,
-    touched: &mut BTreeSet<String>,
+    pending: &mut Pending,
 ) -> Result<(), KubeError> {
+    let creates = std::mem::take(&mut pending.creates);
+    if !creates.is_empty() {
+        let ids: Vec<String> = creates.iter().map(|(id, _)| id.clone()).collect();
+        let coming = create_meshnodes(ctx, eng, &ids).await;
+        for (id, hold) in creates {
+            if hold && !coming.contains(&id) {
+                // Refused, or no MeshNode made: the node is rendered from its enrolment record.
+                release(eng, &id)?;
+            }
+        }
+    }
     delete_evicted(ctx, eng).await;
     persist_and_publish(ctx, eng, started).await?;
-    for node in std::mem::take(touched) {
+    // The status of each node the batch concerned, sent together (publish::send_statuses).
+    let mut writes = Vec::new();
+    for node in std::mem::take(&mut pending.touched) {
         // A node whose MeshNode was just made: its status is written with its first config.
         if eng.ctl.awaits_manifest(&node) {
             continue;
         }
-        if let Some((ns, name)) = eng.claims.nodes.get(&node).cloned()
-            && let Some(obj) = ctx.node_obj(&ns, &name)
-            && let Err(e) = write_status(ctx, eng, &obj).await
-        {
-            tracing::warn!(node = %node, "cannot write the status of MeshNode {ns}/{name}: {e}");
+        let Some((ns, name)) = eng.claims.nodes.get(&node).cloned() else {
+            continue;
+        };
+        let Some(obj) = ctx.node_obj(&ns, &name) else {
+            continue;
+        };
+        match status_patch(ctx, eng, &obj) {
+            Ok(Some(patch)) => writes.push(StatusWrite {
+                id: node,
+                ns,
+                name,
+                patch,
+            }),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(node = %node, "cannot write the status of MeshNode {ns}/{name}: {e}")
+            }
         }
+    }
+    for (w, e) in send_statuses(ctx, writes).await {
+        tracing::warn!(node = %w.id, "cannot write the status of MeshNode {}/{}: {e}", w.ns, w.name);
     }
     update_phases(ctx, eng);
     Ok(())
@@ -120,7 +162,7 @@ async fn on_node_message(
     eng: &mut Engine,
     topic: &str,
     payload: &[u8],
-    synced: &mut bool,
+    pending: &mut Pending,
 ) -> Result<Option<String>, KubeError> {
     let (mesh, node, enroll) = match topics::parse(topic) {
         Some(Incoming::Enroll { mesh, node }) => (mesh.to_string(), node.to_string(), true),
@@ -132,9 +174,9 @@ async fn on_node_message(
     if enroll {
         // Once per batch: the MeshNodes created for the batch's earlier enrolments are not in
         // the watch cache yet anyway.
-        if !*synced {
+        if !pending.synced {
             sync(ctx, eng).await?;
-            *synced = true;
+            pending.synced = true;
         }
         if !eng.seeded.contains(&node) && !eng.ctl.store.published.contains_key(&node) {
             let hw = eng.high_water.get(&mesh).copied().unwrap_or(0);
@@ -142,9 +184,12 @@ async fn on_node_message(
             eng.seeded.insert(node.clone());
         }
     }
-    // A node that enrols without a MeshNode gets one below; its config is rendered once that
-    // MeshNode is in the set (named by it), not now by its id and again a moment later.
+    // A node that enrols without a MeshNode gets one (at the flush); its config is rendered
+    // once that MeshNode is in the set (named by it), not now by its id and again a moment
+    // later.
+    let creating = pending.creates.iter().any(|(id, _)| *id == node);
     let hold = enroll
+        && !creating
         && !eng.claims.nodes.contains_key(&node)
         && !eng.ctl.set.nodes.contains_key(&node)
         && !eng.ctl.awaits_manifest(&node);
@@ -171,19 +216,16 @@ async fn on_node_message(
         after.rejected_messages - before.rejected_messages,
         Ordering::Relaxed,
     );
-    let coming = if enroll
+    let create = enroll
+        && !creating
         && (eng.ctl.store.nodes.contains_key(&node) || eng.ctl.pending.get(&node).is_some())
-        && !eng.claims.nodes.contains_key(&node)
-    {
-        create_meshnode(ctx, eng, &node).await
-    } else {
-        Ok(false)
-    };
-    if hold && !matches!(coming, Ok(true)) {
-        // Refused, or no MeshNode made: the node is rendered from its enrolment record.
+        && !eng.claims.nodes.contains_key(&node);
+    if create {
+        pending.creates.push((node.clone(), hold));
+    } else if hold {
+        // Refused: the node is rendered from its enrolment record.
         release(eng, &node)?;
     }
-    coming?;
     Ok(Some(node))
 }
 
@@ -260,9 +302,10 @@ pub(crate) async fn handle_mqtt(
             }
         }
         MqttEvent::Message(topic, payload) => {
-            let mut synced = false;
-            if let Some(node) = on_node_message(ctx, eng, &topic, &payload, &mut synced).await? {
-                flush(ctx, eng, started, &mut BTreeSet::from([node])).await?;
+            let mut pending = Pending::default();
+            if let Some(node) = on_node_message(ctx, eng, &topic, &payload, &mut pending).await? {
+                pending.touched.insert(node);
+                flush(ctx, eng, started, &mut pending).await?;
             }
         }
     }

@@ -13,7 +13,7 @@ use sidenet_wire::topics::{self};
 use super::engine::{Ctx, FINALIZER, deleting, finalizer_err, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::publish::{clear_node, persist_and_publish, update_phases, write_status};
-use super::sync::sync;
+use super::sync::{SYNC_LAG, sync_for};
 use crate::spec::manifest::network_name;
 
 /// Reconciles one MeshNode.
@@ -41,9 +41,14 @@ pub(crate) async fn apply_node(ctx: &Ctx, node: &MeshNode) -> Result<Action, Kub
     let started = Instant::now();
     let engine = ctx.engine().await?;
     let mut eng = engine.lock().await;
-    sync(ctx, &mut eng).await?;
+    let key = key_of("MeshNode", &ns_of(node), &node.name_any());
+    sync_for(ctx, &mut eng, &key, &node.metadata).await?;
     let id = node.spec.node_id.clone();
-    if eng.ctl.set.nodes.contains_key(&id) || eng.ctl.store.nodes.contains_key(&id) {
+    // A sync reconciles every node (the core's `set_manifests`): after one a moment ago, this
+    // node's own reconcile (its periodic re-check: a config due for re-signing) would only
+    // repeat it, at a cost that grows with the mesh (docs/benchmarks.md, Kubernetes mode).
+    let recent = eng.synced_at.is_some_and(|t| t.elapsed() < SYNC_LAG);
+    if !recent && (eng.ctl.set.nodes.contains_key(&id) || eng.ctl.store.nodes.contains_key(&id)) {
         eng.ctl.reconcile(std::slice::from_ref(&id), crate::now())?;
     }
     persist_and_publish(ctx, &mut eng, started).await?;
@@ -58,6 +63,16 @@ pub(crate) async fn cleanup_node(ctx: &Ctx, node: &MeshNode) -> Result<Action, K
     let mut eng = engine.lock().await;
     let id = node.spec.node_id.clone();
     let (ns, name) = (ns_of(node), node.name_any());
+    // The set drops a node on its way out (sync): without this sync it would stay there until
+    // another object's reconcile, and a render of the whole mesh meanwhile would publish its
+    // config again onto the topic cleared below.
+    sync_for(
+        ctx,
+        &mut eng,
+        &key_of("MeshNode", &ns, &name),
+        &node.metadata,
+    )
+    .await?;
     // The node's config is this object's to clear only when it owns the node id (another
     // namespace's MeshNode naming the same id takes nothing with it), and no other live
     // MeshNode claims the id.

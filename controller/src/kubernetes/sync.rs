@@ -28,6 +28,7 @@ use sidenet_wire::{Envelope, Kind, Revision};
 
 use super::engine::{Ctx, Engine, deleting, key_of, ns_of};
 use super::options::KubeError;
+use super::sigbook::{self, Signatures};
 use super::tenancy::{self, Claims, Validated};
 use crate::reconcile::store::{Batch, NodeRecord, Published};
 use crate::spec::manifest::{self, ManifestSet, network_name};
@@ -140,9 +141,49 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
     if sigs.total == eng.signature && !eng.force {
         return Ok(());
     }
+    resync(ctx, eng, sigs).await
+}
+
+/// How long a change whose own object's reconcile did not sync (a MeshNode deleted before it
+/// had a finalizer, a label the predicates do not watch) may wait for the next sync.
+pub(crate) const SYNC_LAG: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`sync`] for the reconcile of one object (`KIND/NS/NAME` and its metadata): when the set
+/// already holds that object as it is now, the sync is skipped unless something must be
+/// taken in anyway (`force`), or another object changed and the last sync is older than
+/// [`SYNC_LAG`].
+///
+/// This is what keeps an enrolment storm O(n): the reconciles of the MeshNodes that arrived
+/// while one sync ran find themselves in the set that sync built, so n arrivals cost as many
+/// syncs as there are batches, not n (docs/benchmarks.md, Kubernetes mode).
+pub(crate) async fn sync_for(
+    ctx: &Ctx,
+    eng: &mut Engine,
+    key: &str,
+    meta: &ObjectMeta,
+) -> Result<(), KubeError> {
+    let kind = key.split('/').next().unwrap_or_default();
+    let reflected = eng.synced_rows.get(key) == Some(&sigbook::row(kind, meta));
+    if reflected && !eng.force {
+        let lagging = eng.synced_at.is_none_or(|t| t.elapsed() >= SYNC_LAG);
+        let sigs = ctx.signatures();
+        if sigs.total == eng.signature || !lagging {
+            return Ok(());
+        }
+        return resync(ctx, eng, sigs).await;
+    }
+    sync(ctx, eng).await
+}
+
+async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), KubeError> {
     eng.signature = sigs.total;
     eng.force = false;
+    let started = std::time::Instant::now();
+    eng.synced_at = Some(started);
+    // Until this sync completes, no object counts as in the set.
+    eng.synced_rows.clear();
     let now = crate::now();
+    let mut rows: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
 
     let mut profiles: BTreeMap<String, Value> = BTreeMap::new();
     let mut by_ns: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
@@ -152,6 +193,10 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
     let mut deleting_meshes = BTreeSet::new();
     for m in ctx.meshes.state() {
         let (ns, name) = (ns_of(&*m), m.name_any());
+        rows.insert(
+            key_of("Mesh", &ns, &name),
+            sigbook::row("Mesh", &m.metadata),
+        );
         if deleting(&*m) {
             if eng.claims.owns_mesh(&ns, &name) {
                 leaving.mesh_names.insert(name.clone(), ns.clone());
@@ -174,6 +219,7 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
     }
     for p in ctx.profiles.state() {
         let key = key_of("HardwareProfile", "", &p.name_any());
+        rows.insert(key.clone(), sigbook::row("HardwareProfile", &p.metadata));
         profiles.insert(
             key.clone(),
             manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
@@ -183,6 +229,10 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
     let mut going = Vec::new();
     for n in ctx.nodes.state() {
         let (ns, name) = (ns_of(&*n), n.name_any());
+        rows.insert(
+            key_of("MeshNode", &ns, &name),
+            sigbook::row("MeshNode", &n.metadata),
+        );
         let id = &n.spec.node_id;
         if deleting(&*n) || deleting_meshes.contains(&(ns.clone(), n.spec.mesh.clone())) {
             // Only the owner of a node id takes the node with it.
@@ -335,19 +385,24 @@ pub(crate) async fn sync(ctx: &Ctx, eng: &mut Engine) -> Result<(), KubeError> {
             eng.ctl.manifest_not_coming(id);
         }
     }
-    tracing::info!(
-        meshes = set.meshes.len(),
-        nodes = set.nodes.len(),
-        profiles = set.profiles.len(),
-        invalid = eng.invalid.len(),
-        "objects loaded"
-    );
+    let (meshes, nodes, profiles) = (set.meshes.len(), set.nodes.len(), set.profiles.len());
+    let loaded = started.elapsed();
     if let Err(e) = eng.ctl.set_manifests(set, now) {
         // Try again at the next reconcile instead of waiting for another change.
         eng.force = true;
         return Err(e.into());
     }
+    tracing::info!(
+        meshes,
+        nodes,
+        profiles,
+        invalid = eng.invalid.len(),
+        load_ms = loaded.as_millis() as u64,
+        reconcile_ms = (started.elapsed() - loaded).as_millis() as u64,
+        "objects loaded"
+    );
     eng.synced = true;
+    eng.synced_rows = rows;
     Ok(())
 }
 

@@ -11,8 +11,8 @@
 //! cache (the last good spec, as for an invalid one) until it is deleted.
 //!
 //! `spec_changes` and `mesh_changes` are the predicates of the triggers: a reconcile runs
-//! for a change of spec (generation), deletion or finalizers, not for the controller's own
-//! status writes.
+//! for a change of spec (generation), labels, deletion or finalizers, not for the
+//! controller's own status writes.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
@@ -154,13 +154,15 @@ where
     }
 }
 
-/// A change worth a reconcile of the object itself: its spec (generation), its deletion or its
-/// finalizers. Status writes change none of them.
+/// A change worth a reconcile of the object itself: its spec (generation), its labels
+/// (policies select nodes by them), its deletion or its finalizers. Status writes change none
+/// of them.
 pub(crate) fn spec_changes<K: Resource>(o: &K) -> Option<u64> {
     let m = o.meta();
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (
         m.generation,
+        &m.labels,
         m.deletion_timestamp.is_some(),
         &m.finalizers,
         &m.uid,

@@ -20,6 +20,10 @@ pub async fn serve(api: FakeApi) -> u16 {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            // As a real API server (Go sets it on every connection): without it, Nagle's
+            // algorithm holds each answer back for the client's delayed acknowledgement
+            // (about 40 ms a request).
+            let _ = stream.set_nodelay(true);
             let api = api.clone();
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
@@ -81,11 +85,10 @@ pub async fn serve(api: FakeApi) -> u16 {
                             if data.is_empty() {
                                 continue;
                             }
-                            let size = format!("{:x}\r\n", data.len());
-                            if w.write_all(size.as_bytes()).await.is_err()
-                                || w.write_all(&data).await.is_err()
-                                || w.write_all(b"\r\n").await.is_err()
-                            {
+                            let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+                            chunk.extend_from_slice(&data);
+                            chunk.extend_from_slice(b"\r\n");
+                            if w.write_all(&chunk).await.is_err() {
                                 return;
                             }
                         }
@@ -106,9 +109,9 @@ pub async fn serve(api: FakeApi) -> u16 {
                         status.canonical_reason().unwrap_or(""),
                         bytes.len()
                     );
-                    if w.write_all(head.as_bytes()).await.is_err()
-                        || w.write_all(&bytes).await.is_err()
-                    {
+                    let mut answer = head.into_bytes();
+                    answer.extend_from_slice(&bytes);
+                    if w.write_all(&answer).await.is_err() {
                         return;
                     }
                 }

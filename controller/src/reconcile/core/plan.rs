@@ -184,6 +184,12 @@ impl Controller {
             );
             return Ok(None);
         };
+        if !self.set.nodes.contains_key(id) && self.awaiting_manifest.contains(id) {
+            // Its manifest is being created: rendered once, when it is in the set. (Before
+            // the mesh-wide work below, which would cost O(nodes) for each such enrolment.)
+            self.blocked.remove(id);
+            return Ok(None);
+        }
         if !cache.names.contains_key(&mesh_name)
             && let Some(mesh) = self.set.meshes.get(&mesh_name)
         {
@@ -211,11 +217,6 @@ impl Controller {
             return Ok(None);
         };
         let manifest = set.nodes.get(id);
-        if manifest.is_none() && self.awaiting_manifest.contains(id) {
-            // Its manifest is being created: rendered once, when it is in the set.
-            self.blocked.remove(id);
-            return Ok(None);
-        }
         let rec = self.store.nodes.get(id);
         // Secrets are sealed to the node's own key: no config before the node enrolled.
         let recipient = match rec.map(|r| PublicKey::from_base64(&r.public_key)) {

@@ -323,9 +323,23 @@ fn marks(eg: &[Class], eg_paths: &[(String, Vec<String>)], links: &str) -> Vec<S
 /// Compiles what node `node_id` enforces: its shaping table and classification rules, and the
 /// allow/deny rules for connections to it. `members` are the mesh's nodes with their /64s (the
 /// node itself among them); nodes without one cannot be matched and are left out.
+///
+/// The reconciler compiles this for every node of a mesh, so the work that does not depend on
+/// the policies is kept below O(members) per node: a mesh without policies costs nothing, and
+/// `members` sorted by node id (as [`crate::reconcile::peers::located`] gives them) are searched
+/// by bisection.
 pub fn node_policy(mesh: &Mesh, members: &[Located], node_id: &str) -> NodePolicy {
-    let mp = MeshPolicies::new(mesh, members.iter().map(|m| m.member.clone()).collect());
-    let Some(me) = members.iter().find(|m| m.member.id == node_id) else {
+    if mesh.spec.policies.is_empty() {
+        return NodePolicy::default();
+    }
+    // The evaluator's member list serves only name lookups (`MeshPolicies::find`), which
+    // nothing here does: it is left empty rather than copied once per node.
+    let mp = MeshPolicies::new(mesh, Vec::new());
+    let me = match members.binary_search_by(|m| m.member.id.as_str().cmp(node_id)) {
+        Ok(i) => members.get(i),
+        Err(_) => members.iter().find(|m| m.member.id == node_id),
+    };
+    let Some(me) = me else {
         return NodePolicy::default();
     };
     let node = &me.member;
