@@ -8,7 +8,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use sidenet_crds::{API_VERSION, MeshNode, MeshNodeSpec, NodeOverrides};
 
-use super::engine::{Ctx, Engine};
+use super::engine::{Ctx, Engine, FINALIZER};
 use super::options::KubeError;
 use crate::reconcile::store::NodeRecord;
 
@@ -69,13 +69,24 @@ pub(crate) async fn create_meshnodes(
     use futures::StreamExt;
     let mut chosen: BTreeSet<(String, String)> = BTreeSet::new();
     let mut made = Vec::new();
+    let mut there = BTreeSet::new();
     for id in ids {
         if made.iter().any(|m: &Made| m.id == *id) {
             continue;
         }
-        if let Some(m) = meshnode_for(ctx, eng, id, &chosen) {
-            chosen.insert((m.ns.clone(), m.node.name_any()));
-            made.push(m);
+        match meshnode_for(ctx, eng, id, &chosen) {
+            Some(Found::New(m)) => {
+                chosen.insert((m.ns.clone(), m.node.name_any()));
+                made.push(*m);
+            }
+            Some(Found::There(ns, name)) => {
+                // Made for an earlier enrolment message of the node, and in the watch cache
+                // already (a sync since may have left it out of the claims: its snapshot of
+                // the cache was older).
+                eng.claims.nodes.insert(id.clone(), (ns, name));
+                there.insert(id.clone());
+            }
+            None => {}
         }
     }
     let results: Vec<(Made, Result<String, KubeError>)> = futures::stream::iter(made)
@@ -86,7 +97,7 @@ pub(crate) async fn create_meshnodes(
         .buffer_unordered(CREATES)
         .collect()
         .await;
-    let mut coming = BTreeSet::new();
+    let mut coming = there;
     for (m, r) in results {
         match r {
             Ok(name) => {
@@ -159,15 +170,24 @@ async fn create(ctx: &Ctx, m: &Made) -> Result<String, KubeError> {
     }
 }
 
+/// What [`meshnode_for`] found to do for a node.
+enum Found {
+    /// Create this MeshNode.
+    New(Box<Made>),
+    /// The node's MeshNode is in the watch cache already, under one of the names it would be
+    /// given: its namespace and name.
+    There(String, String),
+}
+
 /// The MeshNode for node `id`, named after its hostname when that name is free in the watch
 /// cache and in `chosen` (names given to this batch's other nodes), else hostname and id, else
-/// the id.
+/// the id; or the one of those the cache shows already made for the node.
 fn meshnode_for(
     ctx: &Ctx,
     eng: &Engine,
     id: &str,
     chosen: &BTreeSet<(String, String)>,
-) -> Option<Made> {
+) -> Option<Found> {
     // A node waiting for approval has no record: its MeshNode is made from its request.
     let waiting = eng.ctl.pending.get(id).map(|p| NodeRecord {
         approved: false,
@@ -180,6 +200,13 @@ fn meshnode_for(
     let taken =
         |n: &str| ctx.node_obj(&ns, n).is_some() || chosen.contains(&(ns.clone(), n.to_string()));
     let short = &id[..id.len().min(6)];
+    let names = [host.clone(), format!("{host}-{short}"), id.to_string()];
+    if let Some(name) = names.iter().find(|n| {
+        ctx.node_obj(&ns, n)
+            .is_some_and(|o| o.spec.node_id == id && o.metadata.deletion_timestamp.is_none())
+    }) {
+        return Some(Found::There(ns, name.clone()));
+    }
     let name = if valid_name(&host) && !taken(&host) {
         host
     } else if valid_name(&format!("{host}-{short}")) && !taken(&format!("{host}-{short}")) {
@@ -214,6 +241,9 @@ fn meshnode_for(
         ),
         ("sidenet.io/mesh".to_string(), mesh_name.clone()),
     ]));
+    // With the controller's finalizer from the start: no second write to add it at the first
+    // reconcile.
+    node.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
     node.metadata.owner_references = Some(vec![OwnerReference {
         api_version: API_VERSION.into(),
         kind: "Mesh".into(),
@@ -222,11 +252,11 @@ fn meshnode_for(
         controller: Some(true),
         block_owner_deletion: Some(true),
     }]);
-    Some(Made {
+    Some(Found::New(Box::new(Made {
         id: id.to_string(),
         ns,
         node,
         pending: !crate::reconcile::admission::approved(&mesh, None, Some(&rec)),
         hostname: rec.hostname,
-    })
+    })))
 }

@@ -227,7 +227,11 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
         refs.insert(key, p.object_ref(&()));
     }
     let mut going = Vec::new();
-    for n in ctx.nodes.state() {
+    // One snapshot of the MeshNodes for the whole sync: the reflector goes on filling the
+    // cache meanwhile, and a node that arrived after the set was built must not look refused
+    // by the merge (below), nor be seeded from an object the set does not hold.
+    let nodes = ctx.nodes.state();
+    for n in nodes.iter().cloned() {
         let (ns, name) = (ns_of(&*n), n.name_any());
         rows.insert(
             key_of("MeshNode", &ns, &name),
@@ -348,7 +352,7 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
     eng.claims = merged.claims;
     // A MeshNode the merge left out (an invalid spec) still shows its node's state when it is
     // in the namespace the node enrolled into.
-    for n in ctx.nodes.state() {
+    for n in nodes.iter().cloned() {
         let (ns, name) = (ns_of(&*n), n.name_any());
         let id = &n.spec.node_id;
         if deleting(&*n) || eng.claims.nodes.contains_key(id) {
@@ -366,7 +370,7 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
         }
     }
     let mut batch = Batch::default();
-    for n in ctx.nodes.state() {
+    for n in nodes.iter().cloned() {
         let (ns, name) = (ns_of(&*n), n.name_any());
         if set.nodes.contains_key(&n.spec.node_id)
             && eng.claims.owns_node(&n.spec.node_id, &ns, &name)
@@ -379,7 +383,7 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
     // A node held for the MeshNode made at its enrolment (kubernetes::mqtt) whose MeshNode is
     // here but left out of the set (refused by the merge): rendered from its record, as
     // before it had one.
-    for n in ctx.nodes.state() {
+    for n in nodes.iter().cloned() {
         let id = &n.spec.node_id;
         if eng.ctl.awaits_manifest(id) && !set.nodes.contains_key(id) {
             eng.ctl.manifest_not_coming(id);
