@@ -403,6 +403,11 @@ async fn bench_enrolment_storm() {
     // SIDENET_BENCH_LOG=FILE keeps the controller's log.
     if let Ok(keep) = std::env::var("SIDENET_BENCH_LOG") {
         std::fs::write(&keep, &log).unwrap();
+        // And Mosquitto's, beside it (it notes the messages it drops for a slow client).
+        let _ = std::fs::copy(
+            c.dir.path().join("mosquitto.log"),
+            format!("{keep}.mosquitto"),
+        );
     }
     let syncs: Vec<(u64, u64)> = log
         .lines()

@@ -13,7 +13,7 @@ use sidenet_wire::topics::{self};
 use super::engine::{Ctx, FINALIZER, deleting, finalizer_err, key_of, ns_of, succeeded};
 use super::options::KubeError;
 use super::publish::{clear_node, persist_and_publish, update_phases, write_status};
-use super::sync::{SYNC_LAG, sync_for};
+use super::sync::sync_for;
 use crate::spec::manifest::network_name;
 
 /// Reconciles one MeshNode.
@@ -44,10 +44,14 @@ pub(crate) async fn apply_node(ctx: &Ctx, node: &MeshNode) -> Result<Action, Kub
     let key = key_of("MeshNode", &ns_of(node), &node.name_any());
     sync_for(ctx, &mut eng, &key, &node.metadata).await?;
     let id = node.spec.node_id.clone();
-    // A sync reconciles every node (the core's `set_manifests`): after one a moment ago, this
-    // node's own reconcile (its periodic re-check: a config due for re-signing) would only
-    // repeat it, at a cost that grows with the mesh (docs/benchmarks.md, Kubernetes mode).
-    let recent = eng.synced_at.is_some_and(|t| t.elapsed() < SYNC_LAG);
+    // A sync reconciles every node (the core's `set_manifests`), and any change of the
+    // node's spec, labels or deletion makes one (sync_for). What is left for the node's own
+    // reconcile is its periodic re-check (a config due for re-signing): after a sync within
+    // the requeue interval it would only repeat that sync's, at a cost that grows with the
+    // mesh (each plan works out mesh-wide names and policies; docs/benchmarks.md).
+    let recent = eng
+        .synced_at
+        .is_some_and(|t| t.elapsed() < ctx.opts.refresh);
     if !recent && (eng.ctl.set.nodes.contains_key(&id) || eng.ctl.store.nodes.contains_key(&id)) {
         eng.ctl.reconcile(std::slice::from_ref(&id), crate::now())?;
     }

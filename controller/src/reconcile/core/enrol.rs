@@ -188,6 +188,24 @@ impl Controller {
                 .or_else(|| existing.as_ref().and_then(|r| r.wireguard.clone())),
             ..existing.clone().unwrap_or_default()
         };
+        // Asked again with nothing changed but the time and sequence, while online and with a
+        // config of this epoch published (retained on the broker): the node's inputs and its
+        // neighbours' are what the last reconcile saw, so reconciling would publish nothing,
+        // at a cost that grows with the mesh (each plan works out mesh-wide names and
+        // policies). Agents repeat an enrolment until their config arrives, so in a storm
+        // most requests are such repeats.
+        let unchanged = existing.as_ref().is_some_and(|old| {
+            *old == NodeRecord {
+                last_seen: old.last_seen,
+                last_seq: old.last_seq,
+                ..rec.clone()
+            }
+        }) && self.online.get(node) == Some(&true)
+            && self
+                .store
+                .published
+                .get(node)
+                .is_some_and(|p| p.revision.epoch == self.store.epoch && !p.sha256.is_empty());
         self.online.insert(node.to_string(), true);
         if existing.is_none() {
             self.counters.enrolled += 1;
@@ -195,6 +213,9 @@ impl Controller {
         }
         self.store.put_node(&mut batch, node, rec);
         self.batch.merge(batch);
+        if unchanged {
+            return Ok(());
+        }
         let affected = self.peers.replace(node, self.store.nodes.get(node));
         self.reconcile(&affected.into_iter().collect::<Vec<_>>(), now)
     }
