@@ -377,14 +377,7 @@ async fn lead(
             report.clone(),
         ),
     )
-    .inspect({
-        let b = sigs.clone();
-        move |ev| {
-            if let Ok(ev) = ev {
-                b.apply(ev)
-            }
-        }
-    })
+    .inspect(sigbook::SigBook::feeder(&sigs))
     .applied_objects()
     .predicate_filter(watch::spec_changes::<Mesh>, cfg());
     let node_stream = reflector::reflector(
@@ -396,14 +389,7 @@ async fn lead(
             report.clone(),
         ),
     )
-    .inspect({
-        let b = sigs.clone();
-        move |ev| {
-            if let Ok(ev) = ev {
-                b.apply(ev)
-            }
-        }
-    })
+    .inspect(sigbook::SigBook::feeder(&sigs))
     .applied_objects()
     .predicate_filter(watch::spec_changes::<MeshNode>, cfg());
     let profile_stream = reflector::reflector(
@@ -415,14 +401,7 @@ async fn lead(
             report.clone(),
         ),
     )
-    .inspect({
-        let b = sigs.clone();
-        move |ev| {
-            if let Ok(ev) = ev {
-                b.apply(ev)
-            }
-        }
-    })
+    .inspect(sigbook::SigBook::feeder(&sigs))
     .applied_objects()
     .predicate_filter(watch::spec_changes::<HardwareProfile>, cfg());
     let np_stream = reflector::reflector(

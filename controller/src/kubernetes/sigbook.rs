@@ -165,6 +165,19 @@ impl SigBook {
         }
     }
 
+    /// The step of a reflector's event stream (its `inspect`) that applies each event to
+    /// `book`, after the reflector applied it to the cache.
+    pub(crate) fn feeder<K: Resource<DynamicType = ()>, E>(
+        book: &std::sync::Arc<Self>,
+    ) -> impl FnMut(&Result<Event<K>, E>) + use<K, E> {
+        let book = book.clone();
+        move |ev| {
+            if let Ok(ev) = ev {
+                book.apply(ev)
+            }
+        }
+    }
+
     /// The signatures now.
     pub(crate) fn snapshot(&self) -> Signatures {
         match self.book.lock() {
