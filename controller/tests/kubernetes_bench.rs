@@ -8,6 +8,9 @@
 //! ```text
 //! SIDENET_BENCH_NODES=1000 cargo test -p sidenet-controller --test kubernetes_bench -- --ignored --nocapture --test-threads=1
 //! ```
+//!
+//! `SIDENET_BENCH_LOG=FILE` keeps the controller's log; `SIDENET_BENCH_WRAP="heaptrack -o FILE"`
+//! runs the controller under that command (its RSS is then the wrapper's).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

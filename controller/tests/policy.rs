@@ -312,7 +312,7 @@ fn explain_and_both_backends_agree_on_every_connection() {
     ])
     .unwrap_or_else(|e| panic!("{e}"));
     let mesh = set.meshes.get("riverside").unwrap();
-    let members: Vec<Member> = set.nodes.values().map(Member::of).collect();
+    let members: Vec<Member> = set.nodes.values().map(|n| Member::of(n)).collect();
     assert_eq!(members.len(), 3);
     let located: Vec<Located> = members
         .iter()

@@ -140,7 +140,7 @@ async fn create(ctx: &Ctx, m: &Made) -> Result<String, KubeError> {
                 } else {
                     format!("node {} ({}) enrolled", m.id, m.hostname)
                 };
-                ctx.event(
+                ctx.event_once(
                     &created.object_ref(&()),
                     EventType::Normal,
                     "Enrolled",

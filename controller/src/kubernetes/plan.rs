@@ -33,7 +33,7 @@ use sidenet_wire::keys::KeyPair;
 
 use super::engine::{Engine, key_of};
 use super::state::{KubeSecrets, Loaded, SecretCache, passphrase_in, signing_key_secret};
-use super::sync::{kept_envelope, manifest_value, restored, seed, spec_value, validate};
+use super::sync::{kept_envelope, manifest_text, restored, seed, validate};
 use crate::reconcile::core::{Controller, pending_reason};
 use crate::reconcile::diff::{PlanReport, RemovedNode};
 use crate::reconcile::render::Renderer;
@@ -134,20 +134,20 @@ pub async fn plan(
     for m in &meshes {
         objs.insert(
             key_of("Mesh", ns, &m.name_any()),
-            manifest_value("Mesh", &m.metadata, spec_value(&m.spec)),
+            manifest_text("Mesh", &m.metadata, &m.spec),
         );
     }
     for n in &nodes {
         objs.insert(
             key_of("MeshNode", ns, &n.name_any()),
-            manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)),
+            manifest_text("MeshNode", &n.metadata, &n.spec),
         );
     }
     let mut profile_objs = BTreeMap::new();
     for p in &profiles {
         profile_objs.insert(
             p.name_any(),
-            manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
+            manifest_text("HardwareProfile", &p.metadata, &p.spec),
         );
     }
     for (name, v) in &profile_objs {
@@ -163,7 +163,7 @@ pub async fn plan(
         if !declared.profiles.contains(name) {
             texts.push((
                 PathBuf::from(key_of("HardwareProfile", "", name)),
-                v.to_string(),
+                v.clone(),
             ));
         }
     }
@@ -179,7 +179,7 @@ pub async fn plan(
         {
             texts.push((
                 PathBuf::from(key_of("MeshNode", ns, &n.name_any())),
-                manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)).to_string(),
+                manifest_text("MeshNode", &n.metadata, &n.spec),
             ));
         }
     }

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
-use serde_json::{Value, json};
+
 use sidenet_crds::{API_VERSION, MeshNode};
 use sidenet_wire::topics::{self};
 use sidenet_wire::{Envelope, Kind, Revision};
@@ -37,29 +37,45 @@ use crate::spec::manifest::{self, ManifestSet, network_name};
 /// along: policies select nodes by them, and a MeshNode the controller created for an enrolled
 /// node is told apart by `app.kubernetes.io/managed-by` (it gets no DNS name of its own,
 /// `crate::spec::names::node_label`).
-pub(crate) fn manifest_value(kind: &str, meta: &ObjectMeta, spec: Value) -> Value {
-    let mut metadata = json!({"name": meta.name.clone().unwrap_or_default()});
-    if let Some(labels) = meta.labels.as_ref().filter(|l| !l.is_empty()) {
-        metadata["labels"] = json!(labels);
+pub(crate) fn manifest_text<S: serde::Serialize>(
+    kind: &str,
+    meta: &ObjectMeta,
+    spec: &S,
+) -> String {
+    /// Written straight to text, without a `serde_json::Value` in between: at 10,000
+    /// MeshNodes the values of one sync took more memory than the objects themselves.
+    #[derive(serde::Serialize)]
+    struct Doc<'a, S> {
+        #[serde(rename = "apiVersion")]
+        api_version: &'a str,
+        kind: &'a str,
+        metadata: Meta<'a>,
+        spec: &'a S,
     }
-    json!({
-        "apiVersion": API_VERSION,
-        "kind": kind,
-        "metadata": metadata,
-        "spec": spec,
-    })
-}
-
-pub(crate) fn spec_value<T: serde::Serialize>(spec: &T) -> Value {
-    serde_json::to_value(spec).unwrap_or(Value::Null)
+    #[derive(serde::Serialize)]
+    struct Meta<'a> {
+        name: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        labels: Option<&'a BTreeMap<String, String>>,
+    }
+    let doc = Doc {
+        api_version: API_VERSION,
+        kind,
+        metadata: Meta {
+            name: meta.name.as_deref().unwrap_or_default(),
+            labels: meta.labels.as_ref().filter(|l| !l.is_empty()),
+        },
+        spec,
+    };
+    serde_json::to_string(&doc).unwrap_or_default()
 }
 
 /// Validates `objs` (one namespace's Meshes and MeshNodes, and every HardwareProfile) with the
 /// standalone loader. An object with an error is replaced by its last good version, or left
 /// out when it has none, until what is left validates.
 pub(crate) fn validate(
-    objs: &BTreeMap<String, Value>,
-    last_good: &mut BTreeMap<String, Value>,
+    objs: &BTreeMap<String, String>,
+    last_good: &mut BTreeMap<String, String>,
     cache: &mut manifest::ParseCache,
 ) -> Option<Validated> {
     let mut current = objs.clone();
@@ -69,7 +85,7 @@ pub(crate) fn validate(
     for _ in 0..12 {
         let texts: Vec<(PathBuf, String)> = current
             .iter()
-            .map(|(k, v)| (PathBuf::from(k), v.to_string()))
+            .map(|(k, v)| (PathBuf::from(k), v.clone()))
             .collect();
         match manifest::load_texts_cached(&texts, cache) {
             Ok(s) => {
@@ -185,8 +201,8 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
     let now = crate::now();
     let mut rows: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
 
-    let mut profiles: BTreeMap<String, Value> = BTreeMap::new();
-    let mut by_ns: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    let mut profiles: BTreeMap<String, String> = BTreeMap::new();
+    let mut by_ns: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
     let mut created: BTreeMap<String, Timestamp> = BTreeMap::new();
     let mut leaving = Claims::default();
@@ -211,10 +227,10 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
         if let Some(t) = &m.metadata.creation_timestamp {
             created.insert(key.clone(), t.0);
         }
-        by_ns.entry(ns).or_default().insert(
-            key.clone(),
-            manifest_value("Mesh", &m.metadata, spec_value(&m.spec)),
-        );
+        by_ns
+            .entry(ns)
+            .or_default()
+            .insert(key.clone(), manifest_text("Mesh", &m.metadata, &m.spec));
         refs.insert(key, m.object_ref(&()));
     }
     for p in ctx.profiles.state() {
@@ -222,7 +238,7 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
         rows.insert(key.clone(), sigbook::row("HardwareProfile", &p.metadata));
         profiles.insert(
             key.clone(),
-            manifest_value("HardwareProfile", &p.metadata, spec_value(&p.spec)),
+            manifest_text("HardwareProfile", &p.metadata, &p.spec),
         );
         refs.insert(key, p.object_ref(&()));
     }
@@ -250,10 +266,10 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
         if let Some(t) = &n.metadata.creation_timestamp {
             created.insert(key.clone(), t.0);
         }
-        by_ns.entry(ns).or_default().insert(
-            key.clone(),
-            manifest_value("MeshNode", &n.metadata, spec_value(&n.spec)),
-        );
+        by_ns
+            .entry(ns)
+            .or_default()
+            .insert(key.clone(), manifest_text("MeshNode", &n.metadata, &n.spec));
         refs.insert(key, n.object_ref(&()));
     }
     // Nodes on their way out are not reconciled again; their finalizer clears their topic.
@@ -304,10 +320,11 @@ async fn resync(ctx: &Ctx, eng: &mut Engine, sigs: Signatures) -> Result<(), Kub
     }
     eng.last_good.retain(|k, _| all_keys.contains(k));
 
-    let sets: BTreeMap<String, ManifestSet> = eng
+    // Borrowed, not cloned: a copy of every namespace's set was one more copy of every object.
+    let sets: BTreeMap<String, &ManifestSet> = eng
         .namespaces
         .iter()
-        .map(|(ns, v)| (ns.clone(), v.set.clone()))
+        .map(|(ns, v)| (ns.clone(), &v.set))
         .collect();
     let enrolled = eng
         .ctl

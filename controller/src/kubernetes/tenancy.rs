@@ -92,7 +92,10 @@ fn key(kind: &str, ns: &str, name: &str) -> String {
 
 /// Merges the validated set of each namespace into one, refusing newcomers that clash with an
 /// object of another namespace (see the module docs).
-pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
+pub fn merge<S: std::borrow::Borrow<ManifestSet>>(
+    sets: &BTreeMap<String, S>,
+    cx: &Context<'_>,
+) -> Merged {
     let mut out = Merged {
         claims: cx.leaving.clone(),
         ..Default::default()
@@ -101,6 +104,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
     let age = |k: &str| cx.created.get(k).copied().unwrap_or(Timestamp::MAX);
 
     for set in sets.values() {
+        let set = set.borrow();
         for (name, p) in &set.profiles {
             out.set.profiles.entry(name.clone()).or_insert(p.clone());
         }
@@ -112,7 +116,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
     // Meshes: holders first, then the oldest.
     let mut meshes: Vec<(bool, Timestamp, &str, &str)> = Vec::new();
     for (ns, set) in sets {
-        for (name, mesh) in &set.meshes {
+        for (name, mesh) in &set.borrow().meshes {
             let net = network_name(mesh);
             let holds = held.owns_mesh(ns, name)
                 && held
@@ -125,7 +129,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
     meshes.sort();
     let mut refused_meshes: BTreeSet<(String, String)> = BTreeSet::new();
     for (_, _, ns, name) in meshes {
-        let Some(mesh) = sets.get(ns).and_then(|s| s.meshes.get(name)) else {
+        let Some(mesh) = sets.get(ns).and_then(|s| s.borrow().meshes.get(name)) else {
             continue;
         };
         let net = network_name(mesh).to_string();
@@ -165,7 +169,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
     // Nodes: the enrolment's namespace first, then holders, then the oldest.
     let mut by_id: BTreeMap<&str, Vec<NodeRank<'_>>> = BTreeMap::new();
     for (ns, set) in sets {
-        for (id, node) in &set.nodes {
+        for (id, node) in &set.borrow().nodes {
             let name = node.metadata.name.as_deref().unwrap_or_default();
             let k = key("MeshNode", ns, name);
             if refused_meshes.contains(&(ns.clone(), node.spec.mesh.clone())) {
@@ -210,7 +214,7 @@ pub fn merge(sets: &BTreeMap<String, ManifestSet>, cx: &Context<'_>) -> Merged {
                 }
                 Some(_) => {}
                 None => {
-                    if let Some(node) = sets.get(ns).and_then(|s| s.nodes.get(id)) {
+                    if let Some(node) = sets.get(ns).and_then(|s| s.borrow().nodes.get(id)) {
                         out.set.nodes.insert(id.to_string(), node.clone());
                         winner = Some((ns.to_string(), name.to_string()));
                     }

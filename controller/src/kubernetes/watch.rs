@@ -143,6 +143,8 @@ fn decode<K>(
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone,
 {
+    let mut o = o;
+    trim(&mut o);
     let stale = stale(&o, cache);
     let shown = o.clone();
     match o.try_parse::<K>() {
@@ -150,6 +152,21 @@ where
         Err(e) => {
             report.report(&shown, ar, &e.to_string());
             stale
+        }
+    }
+}
+
+/// Leaves out of the cache what the controller never reads and a real API server adds to
+/// every object: `metadata.managedFields` (one entry per field manager: kubectl, the
+/// controller's status writes…) and kubectl's copy of the whole object in the annotation
+/// `kubectl.kubernetes.io/last-applied-configuration`. With 10,000 MeshNodes each is
+/// megabytes held for nothing.
+fn trim(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if a.is_empty() {
+            o.metadata.annotations = None;
         }
     }
 }

@@ -242,7 +242,7 @@ pub(crate) fn check_set(set: &ManifestSet, errors: &mut Vec<ManifestError>) {
                     "MeshNode/{}",
                     n.metadata.name.as_deref().unwrap_or_default()
                 ),
-                n,
+                &**n,
             )
         })
         .collect();

@@ -64,10 +64,16 @@ pub fn load_texts(texts: &[(PathBuf, String)]) -> Result<ManifestSet, ManifestEr
     }
 }
 
-/// What [`load_texts_cached`] keeps of each text: the text, and what parsing it alone gave.
+/// What [`load_texts_cached`] keeps of each text: the SHA-256 of the text, and what parsing it
+/// alone gave.
+///
+/// Kubernetes mode hands over one text per object, so a cache of n objects holds n parts of
+/// one object each. A part is kept in vectors, not in a [`ManifestSet`] of its own: a map of
+/// one entry allocates room for eleven, and at 10,000 MeshNodes that was 100 MB of empty slots
+/// (docs/benchmarks.md, "Controller memory").
 #[derive(Debug, Default)]
 pub struct ParseCache {
-    entries: HashMap<PathBuf, (String, ManifestSet, Vec<ManifestError>)>,
+    entries: HashMap<PathBuf, ([u8; 32], Part, Vec<ManifestError>)>,
 }
 
 impl ParseCache {
@@ -82,11 +88,36 @@ impl ParseCache {
     }
 }
 
+/// The objects of one text, as [`ManifestSet`]'s maps hold them.
+#[derive(Debug, Default)]
+struct Part {
+    meshes: Vec<(String, sidenet_crds::Mesh)>,
+    nodes: Vec<(String, std::sync::Arc<sidenet_crds::MeshNode>)>,
+    profiles: Vec<(String, sidenet_crds::HardwareProfile)>,
+    provisions: Vec<(String, sidenet_crds::NodeProvision)>,
+    secrets: Vec<(String, std::collections::BTreeMap<String, String>)>,
+    sources: Vec<(String, Source)>,
+}
+
+impl From<ManifestSet> for Part {
+    fn from(s: ManifestSet) -> Self {
+        // Collected from exact-size iterators: no spare capacity.
+        Part {
+            meshes: s.meshes.into_iter().collect(),
+            nodes: s.nodes.into_iter().collect(),
+            profiles: s.profiles.into_iter().collect(),
+            provisions: s.provisions.into_iter().collect(),
+            secrets: s.secrets.into_iter().collect(),
+            sources: s.sources.into_iter().collect(),
+        }
+    }
+}
+
 /// [`load_texts`], with each text (one file) parsed, schema-checked and decoded only when it
-/// is not the one `cache` saw at that path; the set is then put together from the cached parts
-/// and checked as a whole. The result is the one [`load_texts`] gives: a case where parts
-/// interact (two objects with one key or node id, more documents than a mesh's /48 has room
-/// for) is left to [`load_texts`] itself.
+/// is not the one `cache` saw at that path (by SHA-256); the set is then put together from the
+/// cached parts and checked as a whole. The result is the one [`load_texts`] gives: a case
+/// where parts interact (two objects with one key or node id, more documents than a mesh's
+/// /48 has room for) is left to [`load_texts`] itself.
 pub fn load_texts_cached(
     texts: &[(PathBuf, String)],
     cache: &mut ParseCache,
@@ -99,15 +130,17 @@ pub fn load_texts_cached(
     let mut set = ManifestSet::default();
     let mut errors = Vec::new();
     for (file, text) in texts {
-        let fresh = cache.entries.get(file).is_none_or(|(t, _, _)| t != text);
+        let digest = sidenet_wire::codec::sha256(text.as_bytes());
+        let fresh = cache.entries.get(file).is_none_or(|(d, _, _)| *d != digest);
         if fresh {
             let mut part = ManifestSet::default();
             let mut errs = Vec::new();
             let docs = sidenet_crds::yaml::documents(text);
             parse_file(file, text, docs, &VALIDATORS, &mut part, &mut errs);
+            errs.shrink_to_fit();
             cache
                 .entries
-                .insert(file.clone(), (text.clone(), part, errs));
+                .insert(file.clone(), (digest, Part::from(part), errs));
         }
         let Some((_, part, errs)) = cache.entries.get(file) else {
             return load_texts(texts);
@@ -129,10 +162,10 @@ pub fn load_texts_cached(
 
 /// Adds the objects of `part` to `set`; false (and `set` left partly filled) when one of them
 /// collides with an object already there.
-fn add_part(set: &mut ManifestSet, part: &ManifestSet) -> bool {
+fn add_part(set: &mut ManifestSet, part: &Part) -> bool {
     fn add<K: Ord + Clone, V: Clone>(
         to: &mut std::collections::BTreeMap<K, V>,
-        from: &std::collections::BTreeMap<K, V>,
+        from: &[(K, V)],
     ) -> bool {
         for (k, v) in from {
             if to.insert(k.clone(), v.clone()).is_some() {

@@ -318,7 +318,7 @@ pub(crate) fn parse_file(
             }),
             "MeshNode" => decode::<MeshNode>(value).map(|n| {
                 let id = n.spec.node_id.clone();
-                if let Some(prev) = set.nodes.insert(id.clone(), n)
+                if let Some(prev) = set.nodes.insert(id.clone(), std::sync::Arc::new(n))
                     && prev.metadata.name.as_deref() != Some(name.as_str())
                 {
                     errors.push(err(
@@ -326,7 +326,7 @@ pub(crate) fn parse_file(
                         Some("spec.nodeId".into()),
                         format!(
                             "node id {id:?} is already used by MeshNode/{}",
-                            prev.metadata.name.unwrap_or_default()
+                            prev.metadata.name.clone().unwrap_or_default()
                         ),
                     ));
                 }

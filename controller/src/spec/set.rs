@@ -76,8 +76,10 @@ impl std::error::Error for ManifestErrors {}
 pub struct ManifestSet {
     /// Meshes by `metadata.name`.
     pub meshes: BTreeMap<String, Mesh>,
-    /// Mesh nodes by node id.
-    pub nodes: BTreeMap<String, MeshNode>,
+    /// Mesh nodes by node id. Shared, not copied, between the sets made from one object
+    /// (Kubernetes mode's parse cache, each namespace's set and the merged set hold one node
+    /// each: docs/benchmarks.md, "Controller memory").
+    pub nodes: BTreeMap<String, std::sync::Arc<MeshNode>>,
     /// Hardware profiles by name.
     pub profiles: BTreeMap<String, HardwareProfile>,
     /// Provisioning jobs by `metadata.name`.

@@ -896,7 +896,17 @@ pub async fn controller_process(c: &Cluster, name: &str) -> common::Proc {
     let port = crate::kubefake::serve::serve(c.api.clone()).await;
     let kc = c.dir.path().join(format!("kubeconfig-{name}"));
     crate::kubefake::serve::kubeconfig(&kc, port, "default");
-    let mut cmd = std::process::Command::new(common::bin("sidenet-controller"));
+    // SIDENET_BENCH_WRAP="heaptrack -o FILE" (any command and its arguments) runs the
+    // controller under that command, to profile it (docs/benchmarks.md, "Controller memory").
+    let mut cmd = match std::env::var("SIDENET_BENCH_WRAP") {
+        Ok(w) if !w.is_empty() => {
+            let mut words = w.split_whitespace();
+            let mut cmd = std::process::Command::new(words.next().unwrap_or_default());
+            cmd.args(words).arg(common::bin("sidenet-controller"));
+            cmd
+        }
+        _ => std::process::Command::new(common::bin("sidenet-controller")),
+    };
     cmd.arg("kubernetes")
         .env("KUBECONFIG", &kc)
         .env("SIDENET_NAMESPACE", opts.namespace.as_deref().unwrap_or(""))

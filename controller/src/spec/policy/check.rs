@@ -15,7 +15,7 @@ pub fn members(set: &ManifestSet, mesh: &str) -> Vec<Member> {
     set.nodes
         .values()
         .filter(|n| n.spec.mesh == mesh)
-        .map(Member::of)
+        .map(|n| Member::of(n))
         .collect()
 }
 
