@@ -61,14 +61,24 @@ impl RunningJob {
     }
 }
 
-/// An Event of a reconcile, its note cut to the API's limit.
-fn reconcile_event(type_: EventType, reason: &str, note: &str) -> Event {
-    Event {
+/// Writes an Event of a reconcile with `recorder`, its note cut to the API's limit; a failure
+/// is logged.
+async fn publish_event(
+    recorder: &Recorder,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let ev = Event {
         type_,
         reason: reason.to_string(),
         note: Some(truncate_note(note)),
         action: "Reconcile".into(),
         secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, reference).await {
+        tracing::warn!("cannot record Event {reason}: {e}");
     }
 }
 
@@ -274,10 +284,7 @@ impl Ctx {
         // An Event is written in its object's namespace; one about a cluster-scoped object
         // (a HardwareProfile: `regarding` without a namespace) in `default`, the only
         // namespace besides `kube-system` the API accepts for it (docs/helm.md, RBAC).
-        let ev = reconcile_event(type_, reason, &note);
-        if let Err(e) = self.recorder.publish(&ev, reference).await {
-            tracing::warn!("cannot record Event {reason}: {e}");
-        }
+        publish_event(&self.recorder, reference, type_, reason, &note).await;
     }
 
     /// [`Ctx::event`] for an Event its object gets once (a node's `Enrolled`): written without
@@ -291,11 +298,8 @@ impl Ctx {
         reason: &str,
         note: String,
     ) {
-        let ev = reconcile_event(type_, reason, &note);
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        if let Err(e) = recorder.publish(&ev, reference).await {
-            tracing::warn!("cannot record Event {reason}: {e}");
-        }
+        publish_event(&recorder, reference, type_, reason, &note).await;
     }
 
     /// A Warning Event, once per object and message.

@@ -160,7 +160,7 @@ pub fn for_node<'a>(
     id: &str,
     neighbours: impl Iterator<Item = (&'a str, &'a str)>,
 ) -> Option<CacheCtx> {
-    let manifest = set.nodes.get(id).map(|n| &**n);
+    let manifest = set.node(id);
     let mut ctx = node_cache(mesh, manifest, profile_of(set, manifest, nodes.get(id)))?;
     let net = network_name(mesh);
     let base = mesh
@@ -169,7 +169,7 @@ pub fn for_node<'a>(
         .split_once('/')
         .and_then(|(a, _)| a.parse::<std::net::Ipv6Addr>().ok())?;
     for (peer, name) in neighbours {
-        let m = set.nodes.get(peer).map(|n| &**n);
+        let m = set.node(peer);
         if storage(mesh, m, profile_of(set, m, nodes.get(peer))).is_none() {
             continue;
         }

@@ -758,7 +758,7 @@ pub fn dataplane(
     let admitted = |node: &str| {
         let rec = store.nodes.get(node);
         rec.is_some_and(|r| r.mesh == net)
-            && crate::reconcile::admission::approved(mesh, set.nodes.get(node).map(|n| &**n), rec)
+            && crate::reconcile::admission::approved(mesh, set.node(node), rec)
     };
     if admitted(id) {
         let mine: Vec<(String, Via)> = index

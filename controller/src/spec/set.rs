@@ -101,6 +101,11 @@ pub fn network_name(mesh: &Mesh) -> &str {
 }
 
 impl ManifestSet {
+    /// The MeshNode of node id `id`, if the set declares one.
+    pub fn node(&self, id: &str) -> Option<&MeshNode> {
+        self.nodes.get(id).map(|n| &**n)
+    }
+
     /// The Mesh whose network name is `net`.
     pub fn mesh_by_network(&self, net: &str) -> Option<&Mesh> {
         self.meshes.values().find(|m| network_name(m) == net)

@@ -171,11 +171,7 @@ impl Controller {
         let mesh_fp = mesh_fp.clone();
         // No subnet for a node nobody admitted (docs/security.md, "Enrolment floods").
         if let Some(m) = self.set.meshes.get(&mesh_name)
-            && !approved(
-                m,
-                self.set.nodes.get(id).map(|n| &**n),
-                self.store.nodes.get(id),
-            )
+            && !approved(m, self.set.node(id), self.store.nodes.get(id))
         {
             self.blocked
                 .insert(id.to_string(), super::enrol::pending_reason(id));
@@ -220,7 +216,7 @@ impl Controller {
         let Some(mesh) = set.meshes.get(&mesh_name) else {
             return Ok(None);
         };
-        let manifest = set.nodes.get(id).map(|n| &**n);
+        let manifest = set.node(id);
         let rec = self.store.nodes.get(id);
         // Secrets are sealed to the node's own key: no config before the node enrolled.
         let recipient = match rec.map(|r| PublicKey::from_base64(&r.public_key)) {

@@ -26,7 +26,7 @@ impl Controller {
             .get(&(net.clone(), id.clone()))
             .copied()
             .unwrap_or_else(|| crate::spec::ipam::preferred(&net, &id).max(1));
-        let manifest = self.set.nodes.get(&id).map(|n| &**n);
+        let manifest = self.set.node(&id);
         let rec = self.store.nodes.get(&id);
         match decide(&self.set, &mesh, &id, manifest, rec, subnet, &pass) {
             Desired::Config { mut inputs, .. } => {
@@ -84,7 +84,7 @@ impl Controller {
 
     pub(super) fn status_row(&self, id: String) -> StatusRow {
         let rec = self.store.nodes.get(&id);
-        let manifest = self.set.nodes.get(&id).map(|n| &**n);
+        let manifest = self.set.node(&id);
         let published = self.store.published.get(&id);
         let mesh = rec.map(|r| r.mesh.clone()).or_else(|| {
             manifest
