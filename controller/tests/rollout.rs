@@ -423,8 +423,11 @@ fn a_good_change_reaches_every_node_wave_by_wave_across_a_kill_9() {
     assert_eq!(waves.iter().map(Vec::len).sum::<usize>(), AGENTS);
     let ids = fleet.ids.clone();
     let wave_of = |i: usize| waves.iter().position(|w| w.contains(&ids[i])).unwrap();
-    // A node of wave 1 goes offline before its wave starts.
-    let late = fleet.index(&waves[1][0]);
+    // A node of the first non-empty wave after the canary goes offline before its wave starts.
+    // (Places are hashes of the rollout id and random node ids, so with 28 nodes a wave may
+    // be empty: wave 1 is, about one run in a hundred.)
+    let late_wave = (1..waves.len()).find(|w| !waves[*w].is_empty()).unwrap();
+    let late = fleet.index(&waves[late_wave][0]);
     fleet.agents[late].take().unwrap().kill();
     // Wave 1 starts; the controller is killed while it runs.
     let mut before_kill = None;
@@ -477,10 +480,11 @@ fn a_good_change_reaches_every_node_wave_by_wave_across_a_kill_9() {
         || fleet.logs(),
     );
     // Wave by wave: no node of a later wave ran the change before every online node of the
-    // earlier ones did (the late node joined wave 1 when it came back).
+    // earlier ones did (the late node joined its wave when it came back; an empty wave is
+    // skipped over, so each wave is compared with every wave before it).
     for w in 1..waves.len() {
         let prev_last = (0..AGENTS)
-            .filter(|i| wave_of(*i) == w - 1 && *i != late)
+            .filter(|i| wave_of(*i) < w && *i != late)
             .map(|i| applied_at[&i])
             .max()
             .unwrap();
@@ -491,8 +495,7 @@ fn a_good_change_reaches_every_node_wave_by_wave_across_a_kill_9() {
         if let Some(first) = first {
             assert!(
                 first > prev_last,
-                "wave {w} ran the change at {first:?}, before wave {} was done at {prev_last:?}",
-                w - 1
+                "wave {w} ran the change at {first:?}, before the waves before it were done at {prev_last:?}"
             );
         }
     }
@@ -507,10 +510,15 @@ fn a_good_change_reaches_every_node_wave_by_wave_across_a_kill_9() {
             .filter(|i| wave_of(*i) == w)
             .map(|i| applied_at[&i].as_secs_f64())
             .collect();
-        let first = times.iter().cloned().fold(f64::MAX, f64::min);
-        let last = times.iter().cloned().fold(0.0, f64::max);
+        let applied = if times.is_empty() {
+            "none to apply".to_string()
+        } else {
+            let first = times.iter().cloned().fold(f64::MAX, f64::min);
+            let last = times.iter().cloned().fold(0.0, f64::max);
+            format!("first applied at {first:.1} s, last at {last:.1} s")
+        };
         println!(
-            "  wave {w}: {} nodes, first applied at {first:.1} s, last at {last:.1} s; controller: started {:?}, took {:?} s",
+            "  wave {w}: {} nodes, {applied}; controller: started {:?}, took {:?} s",
             nodes.len(),
             done.waves[w].started,
             done.waves[w].seconds
