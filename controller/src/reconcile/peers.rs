@@ -725,22 +725,49 @@ pub fn located(
         .subnets
         .iter()
         .filter(|((n, _), _)| n == net)
-        .map(|((_, id), sid)| {
-            let m = set.nodes.get(id);
-            crate::spec::policy::compile::Located {
-                member: crate::spec::policy::eval::Member {
-                    id: id.clone(),
-                    name: m
-                        .and_then(|m| m.metadata.name.clone())
-                        .unwrap_or_else(|| id.clone()),
-                    labels: m
-                        .and_then(|m| m.metadata.labels.clone())
-                        .unwrap_or_default(),
-                },
-                subnet: format!("{}/64", crate::spec::ipam::subnet(base, *sid)),
-            }
-        })
+        .map(|((_, id), sid)| locate(set, base, id, *sid))
         .collect()
+}
+
+/// [`located`] for node `id` alone (empty when it has no /64 in `mesh`): what the policy
+/// compiler needs when no policy of the mesh looks at other members
+/// ([`crate::spec::policy::compile::needs_members`]).
+pub fn located_node(
+    store: &Store,
+    set: &ManifestSet,
+    mesh: &Mesh,
+    id: &str,
+) -> Vec<crate::spec::policy::compile::Located> {
+    let Ok(base) = crate::spec::manifest::parse_ula48(&mesh.spec.prefix) else {
+        return Vec::new();
+    };
+    store
+        .subnets
+        .get(&(network_name(mesh).to_string(), id.to_string()))
+        .map(|sid| locate(set, base, id, *sid))
+        .into_iter()
+        .collect()
+}
+
+fn locate(
+    set: &ManifestSet,
+    base: std::net::Ipv6Addr,
+    id: &str,
+    sid: u16,
+) -> crate::spec::policy::compile::Located {
+    let m = set.nodes.get(id);
+    crate::spec::policy::compile::Located {
+        member: crate::spec::policy::eval::Member {
+            id: id.to_string(),
+            name: m
+                .and_then(|m| m.metadata.name.clone())
+                .unwrap_or_else(|| id.to_string()),
+            labels: m
+                .and_then(|m| m.metadata.labels.clone())
+                .unwrap_or_default(),
+        },
+        subnet: format!("{}/64", crate::spec::ipam::subnet(base, sid)),
+    }
 }
 
 /// The data plane of node `id` in `mesh`: its WireGuard peers among admitted nodes, and the

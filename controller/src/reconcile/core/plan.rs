@@ -276,11 +276,18 @@ impl Controller {
             .or_insert_with(|| crate::reconcile::peers::services(&self.store, set, mesh));
         crate::reconcile::peers::with_services(&mut dataplane, services, mesh, id);
         dataplane.names = cache.names.get(&mesh_name).cloned().unwrap_or_default();
-        let located = cache
-            .located
-            .entry(mesh_name.clone())
-            .or_insert_with(|| crate::reconcile::peers::located(&self.store, set, mesh));
-        dataplane.policy = crate::spec::policy::compile::node_policy(mesh, located, id);
+        dataplane.policy = if crate::spec::policy::compile::needs_members(mesh) {
+            let located = cache
+                .located
+                .entry(mesh_name.clone())
+                .or_insert_with(|| crate::reconcile::peers::located(&self.store, set, mesh));
+            crate::spec::policy::compile::node_policy(mesh, located, id)
+        } else {
+            // The node alone: every member of the mesh, built for each reconcile of one node
+            // (each enrolment), made a standalone storm O(nodes^2).
+            let me = crate::reconcile::peers::located_node(&self.store, set, mesh, id);
+            crate::spec::policy::compile::node_policy(mesh, &me, id)
+        };
         let fingerprint = crate::reconcile::peers::fingerprint(
             fingerprint(
                 &self.renderer.fingerprint,

@@ -323,6 +323,19 @@ fn marks(eg: &[Class], eg_paths: &[(String, Vec<String>)], links: &str) -> Vec<S
     out
 }
 
+/// Whether [`node_policy`] reads mesh members other than the node itself: only for an
+/// allow/deny policy with `from` (its source addresses) or a rate limit with `toward` (its
+/// per-path leaves). When it does not, the reconciler hands it the node alone instead of every
+/// member of the mesh, which it would otherwise build for each reconcile: in a standalone
+/// enrolment storm (one reconcile per enrolment) that was O(nodes) per enrolment.
+pub fn needs_members(mesh: &Mesh) -> bool {
+    mesh.spec.policies.iter().any(|p| match p.type_ {
+        PolicyType::Allow | PolicyType::Deny => p.from.is_some(),
+        PolicyType::RateLimit => p.toward.is_some(),
+        _ => false,
+    })
+}
+
 /// Compiles what node `node_id` enforces: its shaping table and classification rules, and the
 /// allow/deny rules for connections to it. `members` are the mesh's nodes with their /64s (the
 /// node itself among them); nodes without one cannot be matched and are left out.
@@ -657,5 +670,75 @@ mod tests {
             node_policy(&mesh(vec![]), &members, "a-id"),
             NodePolicy::default()
         );
+        assert!(needs_members(&m));
+    }
+
+    /// Without `from` or `toward`, a node's policy is the same whether the compiler sees every
+    /// member or the node alone (what the reconciler then passes, [`needs_members`]).
+    #[test]
+    fn without_from_or_toward_the_node_alone_compiles_the_same() {
+        let rate = |r| Policy {
+            rate_kbit: Some(r),
+            ..Policy::new(PolicyType::RateLimit)
+        };
+        let mut m = mesh(vec![
+            Policy::new(PolicyType::NoInternet),
+            rate(20000),
+            Policy {
+                name: Some("off-peak".into()),
+                schedule: vec![Window {
+                    days: vec![],
+                    start: "23:00".into(),
+                    end: "07:00".into(),
+                }],
+                ..rate(50000)
+            },
+            Policy {
+                scope: Some(Scope::Relayed),
+                ..rate(1000)
+            },
+            Policy {
+                direction: Some(Direction::Ingress),
+                groups: vec!["upstairs".into()],
+                ..rate(3000)
+            },
+            Policy {
+                name: Some("no-ssh".into()),
+                to: Some(NodeSelector {
+                    groups: vec!["upstairs".into()],
+                    ..Default::default()
+                }),
+                protocol: Some(Protocol::Tcp),
+                ports: vec![sidenet_crds::PortSpec::Number(22)],
+                ..Policy::new(PolicyType::Deny)
+            },
+        ]);
+        m.spec.time_zone = Some("Europe/Berlin".into());
+        assert!(!needs_members(&m));
+        let members = vec![
+            located("a", "0", 1),
+            located("b", "1", 2),
+            located("c", "0", 3),
+        ];
+        for (i, id) in ["a-id", "b-id", "c-id"].iter().enumerate() {
+            let all = node_policy(&m, &members, id);
+            let alone = node_policy(&m, &members[i..=i], id);
+            assert_eq!(all, alone, "{id}");
+            assert!(!all.shaping.is_empty(), "{id}");
+        }
+        assert!(!node_policy(&m, &members, "b-id").access.is_empty());
+        // Either one makes the other members matter.
+        let mut from = m.clone();
+        from.spec.policies[5].from = Some(NodeSelector {
+            nodes: vec!["a".into()],
+            ..Default::default()
+        });
+        assert!(needs_members(&from));
+        let mut toward = m.clone();
+        toward.spec.policies[1].toward = Some(NodeSelector {
+            nodes: vec!["b".into()],
+            ..Default::default()
+        });
+        assert!(needs_members(&toward));
     }
 }
