@@ -520,6 +520,27 @@ mod tests {
         m
     }
 
+    /// A rate limit of `r` kbit/s, with every other field at its default.
+    fn rate(r: u64) -> Policy {
+        Policy {
+            rate_kbit: Some(r),
+            ..Policy::new(PolicyType::RateLimit)
+        }
+    }
+
+    /// `off-peak`: 50,000 kbit/s from 23:00 to 07:00 every day.
+    fn off_peak() -> Policy {
+        Policy {
+            name: Some("off-peak".into()),
+            schedule: vec![Window {
+                days: vec![],
+                start: "23:00".into(),
+                end: "07:00".into(),
+            }],
+            ..rate(50000)
+        }
+    }
+
     fn member(name: &str, floor: &str) -> Member {
         Member {
             id: format!("{name}-id"),
@@ -530,10 +551,6 @@ mod tests {
 
     #[test]
     fn budget_counts_only_plain_own_egress_policies_of_the_node() {
-        let rate = |r| Policy {
-            rate_kbit: Some(r),
-            ..Policy::new(PolicyType::RateLimit)
-        };
         let m = mesh(vec![
             rate(20000),
             Policy {
@@ -584,21 +601,9 @@ mod tests {
 
     #[test]
     fn off_peak_budget_per_path_limit_and_access_rules() {
-        let rate = |r| Policy {
-            rate_kbit: Some(r),
-            ..Policy::new(PolicyType::RateLimit)
-        };
         let mut m = mesh(vec![
             rate(5000),
-            Policy {
-                name: Some("off-peak".into()),
-                schedule: vec![Window {
-                    days: vec![],
-                    start: "23:00".into(),
-                    end: "07:00".into(),
-                }],
-                ..rate(50000)
-            },
+            off_peak(),
             Policy {
                 name: Some("to-upstairs".into()),
                 toward: Some(NodeSelector {
@@ -677,22 +682,10 @@ mod tests {
     /// member or the node alone (what the reconciler then passes, [`needs_members`]).
     #[test]
     fn without_from_or_toward_the_node_alone_compiles_the_same() {
-        let rate = |r| Policy {
-            rate_kbit: Some(r),
-            ..Policy::new(PolicyType::RateLimit)
-        };
         let mut m = mesh(vec![
             Policy::new(PolicyType::NoInternet),
             rate(20000),
-            Policy {
-                name: Some("off-peak".into()),
-                schedule: vec![Window {
-                    days: vec![],
-                    start: "23:00".into(),
-                    end: "07:00".into(),
-                }],
-                ..rate(50000)
-            },
+            off_peak(),
             Policy {
                 scope: Some(Scope::Relayed),
                 ..rate(1000)
